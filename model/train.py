@@ -1,0 +1,445 @@
+"""Mini-batch training with momentum, learning-rate schedules and evaluation points.
+
+``fit(net, splits, config, on_evaluate=...)`` trains ``net`` on ``splits.train``,
+evaluates on the training and validation sets at regular points, and calls
+``on_evaluate(step, metrics)`` at each one (the search package prunes through
+it). The test set is never touched here.
+
+Run ``python -m model.train --help`` to train one network from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.network import Network
+from model.schedules import Constant, Cyclical, StepDecay
+
+SCHEDULES = ("constant", "step", "cyclical")
+METRICS = (
+    "train_loss",
+    "train_cost",
+    "train_acc",
+    "val_loss",
+    "val_cost",
+    "val_acc",
+)
+
+OnEvaluate = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became non-finite; raised at once, with where it happened."""
+
+    def __init__(self, *, step: int, eta: float, loss: float, history: History) -> None:
+        super().__init__(
+            f"training diverged at step {step} (eta={eta:.3g}, loss={loss}); "
+            "try a smaller learning rate or stronger regularisation"
+        )
+        self.step = step
+        self.eta = eta
+        self.loss = loss
+        self.history = history
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: regularisation, batches, schedule, momentum, evaluation points.
+
+    The field names are the names of the search parameters (``l2_lambda``,
+    ``eta_max``, ...), so a trial's params build a config directly.
+
+    - ``schedule="cyclical"``: triangular between ``eta_min`` and ``eta_max`` with
+      half-cycle ``n_s`` steps (None: 2 * floor(N / batch_size)) for ``n_cycles``
+      cycles; ``evals_per_cycle`` evaluation points per cycle.
+    - ``schedule="constant"`` / ``"step"``: ``eta`` for ``n_epochs`` epochs, multiplied
+      by ``decay`` after each epoch for "step"; one evaluation point per epoch.
+    - ``eval_every`` (steps) overrides the evaluation rate of either.
+    - ``rho``: momentum (0 = plain gradient descent).
+    - ``train_eval_size``: evaluate training metrics on the first this-many
+      training samples instead of all of them (None: all).
+    """
+
+    l2_lambda: float = 0.0
+    batch_size: int = 100
+    schedule: str = "cyclical"
+    eta: float = 0.01
+    eta_min: float = 1e-5
+    eta_max: float = 1e-1
+    n_s: int | None = None
+    n_cycles: int = 2
+    n_epochs: int = 10
+    decay: float = 1.0
+    rho: float = 0.0
+    evals_per_cycle: int = 10
+    eval_every: int | None = None
+    train_eval_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.l2_lambda >= 0 and math.isfinite(self.l2_lambda)):
+            raise ValueError(f"l2_lambda must be >= 0, got l2_lambda={self.l2_lambda!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got batch_size={self.batch_size!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.rho < 1:
+            raise ValueError(f"rho must be in [0, 1), got rho={self.rho!r}")
+        if self.n_s is not None and self.n_s < 1:
+            raise ValueError(f"n_s must be >= 1 or None, got n_s={self.n_s!r}")
+        if self.n_cycles < 1 or self.n_epochs < 1:
+            raise ValueError(
+                f"n_cycles and n_epochs must be >= 1, got {self.n_cycles=}, {self.n_epochs=}"
+            )
+        if self.evals_per_cycle < 1:
+            raise ValueError(f"evals_per_cycle must be >= 1, got {self.evals_per_cycle!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 or None, got {self.eval_every!r}")
+        # Build the schedule once to validate its numbers (eta > 0, eta_max > eta_min...).
+        self.make_schedule(n_train=max(self.batch_size, 1))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Full batches per epoch; the remainder is dropped (reshuffled next epoch)."""
+        steps = n_train // self.batch_size
+        if steps < 1:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the training set ({n_train})"
+            )
+        return steps
+
+    def resolved_n_s(self, n_train: int) -> int:
+        return self.n_s if self.n_s is not None else 2 * self.steps_per_epoch(n_train)
+
+    def total_steps(self, n_train: int) -> int:
+        if self.schedule == "cyclical":
+            return 2 * self.resolved_n_s(n_train) * self.n_cycles
+        return self.n_epochs * self.steps_per_epoch(n_train)
+
+    def eval_interval(self, n_train: int) -> int:
+        if self.eval_every is not None:
+            return self.eval_every
+        if self.schedule == "cyclical":
+            return max(1, (2 * self.resolved_n_s(n_train)) // self.evals_per_cycle)
+        return self.steps_per_epoch(n_train)
+
+    def make_schedule(self, n_train: int) -> Constant | StepDecay | Cyclical:
+        if self.schedule == "cyclical":
+            return Cyclical(self.eta_min, self.eta_max, self.resolved_n_s(n_train))
+        if self.schedule == "step":
+            return StepDecay(self.eta, self.decay, self.steps_per_epoch(n_train))
+        return Constant(self.eta)
+
+
+@dataclass
+class History:
+    """Metrics at every evaluation point: ``step``, ``epoch``, ``eta`` and METRICS."""
+
+    step: list[int] = field(default_factory=list)
+    epoch: list[float] = field(default_factory=list)
+    eta: list[float] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    wall_time: float = 0.0
+    epochs_run: float = 0.0
+
+    def append(self, step: int, epoch: float, eta: float, values: dict[str, float]) -> None:
+        self.step.append(step)
+        self.epoch.append(epoch)
+        self.eta.append(eta)
+        for m in METRICS:
+            self.metrics[m].append(values[m])
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    @property
+    def best_val_acc(self) -> float:
+        return max(self.metrics["val_acc"], default=float("nan"))
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Metrics at the last evaluation point."""
+        return {m: v[-1] for m, v in self.metrics.items() if v}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "eta": self.eta,
+            **self.metrics,
+            "wall_time": self.wall_time,
+            "epochs_run": self.epochs_run,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        h = cls(step=list(d["step"]), epoch=list(d["epoch"]), eta=list(d["eta"]))
+        h.metrics = {m: list(d[m]) for m in METRICS}
+        h.wall_time = float(d.get("wall_time", 0.0))
+        h.epochs_run = float(d.get("epochs_run", 0.0))
+        return h
+
+
+@np.errstate(over="ignore", invalid="ignore")  # a diverging run raises TrainingDiverged
+def fit(
+    net: Network,
+    splits: Any,
+    config: TrainConfig,
+    *,
+    on_evaluate: OnEvaluate | None = None,
+    log: Callable[[str], None] | None = None,
+) -> History:
+    """Train ``net`` in place on ``splits.train``; evaluate on train and ``splits.val``.
+
+    ``splits`` needs ``.train`` and ``.val`` with ``X (N, d)`` and ``y (N,)``.
+    Batches are drawn from a fresh permutation each epoch (seeded by
+    ``config.seed``); the remainder of N / batch_size is dropped each epoch.
+    ``on_evaluate(step, metrics)`` is called at each evaluation point and may raise
+    to stop training (the exception propagates). A non-finite batch loss raises
+    :class:`TrainingDiverged` at once. ``log`` receives one line per evaluation.
+    """
+    X, y = splits.train.X, splits.train.y
+    Xv, yv = splits.val.X, splits.val.y
+    if X.dtype != net.dtype:
+        raise ValueError(
+            f"training data is {X.dtype} but the network is {net.dtype}; "
+            "load the data with the network's dtype"
+        )
+    n = X.shape[0]
+    B = config.batch_size
+    steps_per_epoch = config.steps_per_epoch(n)
+    total = config.total_steps(n)
+    interval = config.eval_interval(n)
+    schedule = config.make_schedule(n)
+    rng = np.random.default_rng(config.seed)
+    m_train = n if config.train_eval_size is None else min(n, config.train_eval_size)
+    lam = config.l2_lambda
+
+    history = History()
+    velocity = {k: np.zeros_like(v) for k, v in net.params.items()} if config.rho else None
+    Xb = np.empty((B, X.shape[1]), dtype=X.dtype)
+    t0 = time.perf_counter()
+    step = 0
+    order = np.empty(0, dtype=np.intp)
+    while step < total:
+        pos = step % steps_per_epoch
+        if pos == 0:
+            order = rng.permutation(n)
+        idx = order[pos * B : (pos + 1) * B]
+        np.take(X, idx, axis=0, out=Xb)
+        eta = schedule.lr_at(step)
+        loss, grads = net.train_step(Xb, y[idx], l2_lambda=lam)
+        if not math.isfinite(loss):
+            history.wall_time = time.perf_counter() - t0
+            history.epochs_run = step / steps_per_epoch
+            raise TrainingDiverged(step=step, eta=eta, loss=loss, history=history)
+        _apply_update(net.params, grads, velocity, eta=eta, rho=config.rho)
+        step += 1
+        if step % interval == 0 or step == total:
+            tr = net.evaluate(X[:m_train], y[:m_train], l2_lambda=lam)
+            va = net.evaluate(Xv, yv, l2_lambda=lam)
+            values = {
+                "train_loss": tr["loss"],
+                "train_cost": tr["cost"],
+                "train_acc": tr["accuracy"],
+                "val_loss": va["loss"],
+                "val_cost": va["cost"],
+                "val_acc": va["accuracy"],
+            }
+            if not math.isfinite(tr["loss"]):
+                raise TrainingDiverged(step=step, eta=eta, loss=tr["loss"], history=history)
+            epoch = step / steps_per_epoch
+            history.append(step, epoch, eta, values)
+            history.wall_time = time.perf_counter() - t0
+            history.epochs_run = epoch
+            if log is not None:
+                log(
+                    f"step {step:>6}/{total} epoch {epoch:6.2f} eta {eta:.2e} "
+                    f"loss {values['train_loss']:.4f} cost {values['train_cost']:.4f} "
+                    f"train acc {values['train_acc']:.4f} val acc {values['val_acc']:.4f}"
+                )
+            if on_evaluate is not None:
+                on_evaluate(step, values)
+    return history
+
+
+def _apply_update(
+    params: dict[str, np.ndarray],
+    grads: dict[str, np.ndarray],
+    velocity: dict[str, np.ndarray] | None,
+    *,
+    eta: float,
+    rho: float,
+) -> None:
+    """Gradient step in place; grads are scratch buffers and get overwritten."""
+    for key, P in params.items():
+        g = grads["d" + key]
+        if velocity is None:
+            g *= eta
+            P -= g
+        else:
+            v = velocity[key]
+            v *= rho
+            g *= eta
+            v -= g
+            P += v
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _parse_hidden(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--hidden takes sizes separated by commas, like 50,50; got {text!r}"
+        ) from None
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model.train",
+        description="Train one k-layer network and plot its learning curves.",
+    )
+    p.add_argument("--dataset", default="digits", help="cifar10, digits or fashion_mnist")
+    p.add_argument("--data-dir", default=None, help="directory of the dataset files")
+    p.add_argument("--split", default="batch1", help="cifar10: batch1 or all")
+    p.add_argument("--n-val", type=int, default=None, help="validation images held out")
+    p.add_argument("--hidden", type=_parse_hidden, default=[50], help="e.g. 50 or 50,50")
+    p.add_argument("--bn", action="store_true", help="batch normalisation before each ReLU")
+    p.add_argument("--init", default="he", choices=["he", "xavier", "sigma"])
+    p.add_argument("--sigma", type=float, default=None, help="std of init='sigma'")
+    p.add_argument("--lambda", dest="l2_lambda", type=float, default=0.0)
+    p.add_argument("--schedule", default="cyclical", choices=list(SCHEDULES))
+    p.add_argument("--eta", type=float, default=0.01, help="constant/step learning rate")
+    p.add_argument("--eta-min", type=float, default=1e-5)
+    p.add_argument("--eta-max", type=float, default=1e-1)
+    p.add_argument("--n-s", type=int, default=None, help="half-cycle steps (default 2N/B)")
+    p.add_argument("--cycles", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=10, help="constant/step schedules")
+    p.add_argument("--decay", type=float, default=1.0, help="step decay factor per epoch")
+    p.add_argument("--rho", type=float, default=0.0, help="momentum")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--evals-per-cycle", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train", help="directory for the PNG, npz and json")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model import data as data_mod
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = TrainConfig(
+            l2_lambda=args.l2_lambda,
+            batch_size=args.batch_size,
+            schedule=args.schedule,
+            eta=args.eta,
+            eta_min=args.eta_min,
+            eta_max=args.eta_max,
+            n_s=args.n_s,
+            n_cycles=args.cycles,
+            n_epochs=args.epochs,
+            decay=args.decay,
+            rho=args.rho,
+            evals_per_cycle=args.evals_per_cycle,
+            seed=args.seed,
+        )
+        splits = data_mod.load(
+            args.dataset, args.data_dir, split=args.split, n_val=args.n_val, seed=args.seed
+        )
+        net = Network(
+            splits.train.d,
+            args.hidden,
+            splits.train.n_classes,
+            batch_norm=args.bn,
+            init=args.init,
+            sigma=args.sigma,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log = None if args.quiet else (lambda line: print(line, flush=True))
+    print(
+        f"training {args.dataset}: {splits.train.n} train / {splits.val.n} val, "
+        f"network {net.d_in}-{'-'.join(map(str, net.hidden))}-{net.n_classes}"
+        f"{' with BN' if net.batch_norm else ''}, "
+        f"{config.total_steps(splits.train.n)} steps",
+        flush=True,
+    )
+    try:
+        history = fit(net, splits, config, log=log)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    val = net.evaluate(splits.val.X, splits.val.y, l2_lambda=config.l2_lambda)
+    test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=config.l2_lambda)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    net.save(out / "network.npz", config=asdict(config))
+    (out / "history.json").write_text(json.dumps(history.to_dict()))
+    png = plot_history(history, out / "curves.png", title=f"{args.dataset} {list(net.hidden)}")
+    print(f"validation accuracy {val['accuracy']:.4f}")
+    print(f"test accuracy {test['accuracy']:.4f}")
+    print(f"wrote {png}, {out / 'network.npz'}, {out / 'history.json'}")
+    return 0
+
+
+def plot_history(history: History, path: str | Path, *, title: str = "") -> Path:
+    """Loss, cost and accuracy curves (train and validation) side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, what, label in zip(
+        axes,
+        ("loss", "cost", "acc"),
+        ("cross-entropy loss", "cost (loss + L2)", "accuracy"),
+        strict=True,
+    ):
+        ax.plot(history.step, history.metrics[f"train_{what}"], label="training")
+        ax.plot(history.step, history.metrics[f"val_{what}"], label="validation")
+        ax.set_xlabel("update step")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

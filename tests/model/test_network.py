@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from model import layers
+from model.gradcheck import check_network, format_table
+from model.gradcheck import main as gradcheck_main
+from model.network import Network
+
+HIDDEN = {2: [50], 3: [50, 50], 4: [50, 30, 20], 9: [50, 30, 20, 20, 10, 10, 10, 10]}
+
+
+@pytest.mark.parametrize("k", sorted(HIDDEN))
+@pytest.mark.parametrize("bn", [False, True])
+def test_gradients_match_numerical(k, bn):
+    errors = check_network(HIDDEN[k], batch_norm=bn, l2_lambda=0.01)
+    # Every parameter is checked: W everywhere, b without BN or on the last layer.
+    assert f"W{k}" in errors and f"b{k}" in errors
+    assert ("gamma1" in errors) == bn
+    assert max(errors.values()) < 1e-6, format_table(errors)
+
+
+def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
+    real = layers.relu_backward
+    monkeypatch.setattr(layers, "relu_backward", lambda dH, c, inplace=False: real(dH, c) * 1.01)
+    assert max(check_network([20], batch_norm=False).values()) > 1e-3
+
+
+def test_gradcheck_cli_prints_table(capsys):
+    assert gradcheck_main(["--hidden", "10,10", "--bn"]) == 0
+    out = capsys.readouterr().out
+    assert "gamma" in out and "max relative error" in out
+
+
+def test_cost_is_loss_plus_l2_on_weights_only(rng):
+    net = Network(5, [4], 3, batch_norm=True, dtype=np.float64, seed=rng)
+    X, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+    loss, cost, _ = net.loss(X, y, l2_lambda=0.5)
+    w2 = sum((net.params[k] ** 2).sum() for k in net.params if k.startswith("W"))
+    assert cost == pytest.approx(loss + 0.5 * w2)
+    assert "b1" not in net.params and "b2" in net.params  # BN layers carry no bias
+
+
+def test_init_schemes_set_weight_scale():
+    for init, sigma, std in (
+        ("he", None, np.sqrt(2 / 1000)),
+        ("xavier", None, np.sqrt(1 / 1000)),
+        ("sigma", 1e-3, 1e-3),
+    ):
+        net = Network(1000, [200], 10, init=init, sigma=sigma, seed=0)
+        assert net.params["W1"].std() == pytest.approx(std, rel=0.05)
+    a, b = Network(30, [5], seed=7), Network(30, [5], seed=7)
+    assert np.array_equal(a.params["W1"], b.params["W1"])
+    assert Network(30, [5]).params["W1"].dtype == np.float32
+    assert Network(30, [5], dtype=np.float64).params["W1"].dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        ({"init": "magic"}, "init"),
+        ({"init": "sigma"}, "sigma"),
+        ({"hidden": [0]}, "hidden"),
+        ({"bn_alpha": 1.0}, "bn_alpha"),
+        ({"dtype": np.int32}, "dtype"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs, word):
+    args = {"d_in": 10, "hidden": [5], **kwargs}
+    with pytest.raises(ValueError, match=word):
+        Network(**args)
+
+
+def test_running_stats_are_moving_averages(rng):
+    net = Network(6, [4], 3, batch_norm=True, bn_alpha=0.9, dtype=np.float64, seed=rng)
+    X1, X2 = rng.standard_normal((50, 6)), rng.standard_normal((50, 6)) + 3
+    y = rng.integers(0, 3, 50)
+    net.train_step(X1, y, l2_lambda=0)
+    mu1 = (X1 @ net.params["W1"]).mean(0)
+    assert np.allclose(net.bn_state["mean1"], mu1)  # first update takes the batch stats
+    net.train_step(X2, y, l2_lambda=0)
+    mu2 = (X2 @ net.params["W1"]).mean(0)
+    assert np.allclose(net.bn_state["mean1"], 0.9 * mu1 + 0.1 * mu2)
+    # Evaluation uses the running averages, not the batch: one sample gives finite scores.
+    assert np.isfinite(net.predict_scores(X1[:1])).all()
+
+
+def test_save_and_load_roundtrip(tmp_path, rng):
+    net = Network(6, [4, 3], 3, batch_norm=True, seed=rng)
+    X, y = rng.standard_normal((20, 6)).astype(np.float32), rng.integers(0, 3, 20)
+    net.train_step(X, y, l2_lambda=0.1)
+    path = net.save(tmp_path / "n.npz", config={"l2_lambda": 0.1})
+    net2, config = Network.load(path)
+    assert config == {"l2_lambda": 0.1}
+    assert np.array_equal(net.predict_scores(X), net2.predict_scores(X))
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="bad.npz"):
+        Network.load(tmp_path / "bad.npz")
+
+
+def test_softmax_is_stable_for_huge_scores():
+    loss, d, pred = layers.softmax_cross_entropy(np.array([[1e4, 0.0, -1e4]]), np.array([2]))
+    assert np.isfinite(loss) and loss == pytest.approx(2e4)
+    assert np.isfinite(d).all() and pred[0] == 0
