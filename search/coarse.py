@@ -1,0 +1,26 @@
+"""``python -m search.coarse``: the coarse log-uniform search over the study's ranges."""
+
+from __future__ import annotations
+
+from search import cli
+
+
+@cli.guarded
+def main(argv: list[str] | None = None) -> int:
+    p = cli.base_parser("python -m search.coarse", "Coarse search: log-uniform lambda (and eta).")
+    args = p.parse_args(argv)
+    spec = cli.load(args)
+    if not spec.search:
+        raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
+    target = args.trials or spec.coarse_trials
+    study = cli.run_stage(spec, "coarse", target=target, ranges=dict(spec.search))
+    cli.finish(spec, study, list(spec.search))
+    print(
+        "next: python -m search.fine"
+        + ("" if args.study == cli.DEFAULT_STUDY else f" --study {args.study}")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

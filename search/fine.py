@@ -1,0 +1,84 @@
+"""``python -m search.fine``: narrow the ranges around the best coarse trials and search again.
+
+Each log range becomes [min / 10**margin, max * 10**margin] over the top-k coarse
+trials' values, clipped to the coarse range. The chosen ranges are recorded on
+the fine study (user attr ``ranges``), and the top-k coarse trials are queued
+first (``enqueue_trial``) so the fine study starts from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+
+from search import cli
+from search import study as st
+
+
+def narrow(
+    trials: list[optuna.trial.FrozenTrial],
+    coarse: dict[str, tuple[float, float]],
+    *,
+    margin: float,
+) -> dict[str, tuple[float, float]]:
+    """Fine ranges: the span of the trials' values widened by ``margin`` decades each side."""
+    if not trials:
+        raise ValueError("no completed coarse trials to narrow around; run search.coarse first")
+    ranges = {}
+    for name, (lo, hi) in coarse.items():
+        values = [t.params[name] for t in trials if name in t.params]
+        f = 10.0**margin
+        new_lo, new_hi = max(lo, min(values) / f), min(hi, max(values) * f)
+        if new_hi <= new_lo:  # one value at a bound with margin 0
+            new_lo, new_hi = max(lo, new_lo / 1.01), min(hi, new_hi * 1.01)
+        ranges[name] = (new_lo, new_hi)
+    return ranges
+
+
+@cli.guarded
+def main(argv: list[str] | None = None) -> int:
+    p = cli.base_parser("python -m search.fine", "Fine search around the best coarse trials.")
+    p.add_argument("--top-k", type=int, default=None, help="coarse trials to narrow around")
+    p.add_argument("--margin", type=float, default=None, help="decades added on each side")
+    args = p.parse_args(argv)
+    spec = cli.load(args)
+    top_k = args.top_k or spec.fine.top_k
+    margin = spec.fine.margin if args.margin is None else args.margin
+    coarse = st.open_study(spec, "coarse")
+    existing = st.open_study(spec, "fine")
+    recorded = existing.user_attrs.get("ranges")
+    if recorded and existing.get_trials(deepcopy=False):
+        # Resuming: keep the ranges the fine study was started with.
+        ranges = {k: (float(v[0]), float(v[1])) for k, v in recorded.items()}
+        starts: list[dict[str, float]] = []
+    else:
+        best = st.top_trials(coarse, top_k)
+        ranges = narrow(best, dict(spec.search), margin=margin)
+        starts = [dict(t.params) for t in best]
+    print("fine ranges (log-uniform):")
+    for name, (lo, hi) in ranges.items():
+        clo, chi = spec.search[name]
+        print(
+            f"  {name:>10}: [{lo:.3e}, {hi:.3e}]  (coarse [{clo:.1e}, {chi:.1e}], "
+            f"{math.log10(hi / lo):.2f} decades)"
+        )
+    target = args.trials or spec.fine.trials
+    study = cli.run_stage(
+        spec,
+        "fine",
+        target=target,
+        ranges=ranges,
+        enqueue=starts,
+        attrs={"top_k": top_k, "margin": margin, "coarse_study": coarse.study_name},
+    )
+    cli.finish(spec, study, list(ranges))
+    print(
+        "next: python -m search.final"
+        + ("" if args.study == cli.DEFAULT_STUDY else f" --study {args.study}")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

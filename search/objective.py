@@ -1,0 +1,110 @@
+"""Turn an Optuna trial into a trained network and a validation accuracy.
+
+The trainer knows nothing of Optuna: it calls ``on_evaluate(step, metrics)``,
+and here that becomes ``trial.report`` / ``should_prune``. Each trial keeps its
+learning curves, wall time, epochs run and whether it diverged as user attrs,
+pruned ones included, so the dashboard and the report can draw them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import optuna
+
+from model.data import Splits
+from model.network import Network
+from model.train import History, TrainingDiverged, fit
+from search.spec import StudySpec
+
+
+def suggest(trial: optuna.Trial, ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Log-uniform suggestions for each range (``log=True``: the dashboard draws log axes)."""
+    return {name: trial.suggest_float(name, lo, hi, log=True) for name, (lo, hi) in ranges.items()}
+
+
+def build_network(spec: StudySpec, splits: Splits, seed: int) -> Network:
+    n = spec.network
+    return Network(
+        splits.train.d,
+        n.hidden,
+        splits.train.n_classes,
+        batch_norm=n.batch_norm,
+        init=n.init,
+        sigma=n.sigma,
+        bn_alpha=n.bn_alpha,
+        seed=seed,
+    )
+
+
+def _record(trial: optuna.Trial, history: History, *, diverged: bool, reason: str = "") -> None:
+    trial.set_user_attr("curves", history.to_dict())
+    trial.set_user_attr("wall_time", round(history.wall_time, 3))
+    trial.set_user_attr("epochs_run", round(history.epochs_run, 4))
+    trial.set_user_attr("diverged", diverged)
+    if reason:
+        trial.set_user_attr("reason", reason)
+
+
+class Objective:
+    """``Objective(spec, stage, splits, ranges)(trial) -> final validation accuracy``."""
+
+    def __init__(
+        self, spec: StudySpec, stage: str, splits: Splits, ranges: dict[str, tuple[float, float]]
+    ) -> None:
+        self.spec = spec
+        self.stage = stage
+        self.splits = splits
+        self.ranges = ranges
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.ranges)
+        seed = self.spec.optuna.seed + trial.number
+        config = self.spec.train_config(self.stage, {**params, "seed": seed})
+        net = build_network(self.spec, self.splits, seed)
+        n_train = self.splits.train.n
+        per_epoch = config.steps_per_epoch(n_train)
+        schedule = config.make_schedule(n_train)
+        per_cycle = (
+            2 * config.resolved_n_s(n_train) if config.schedule == "cyclical" else per_epoch
+        )
+        warmup = self.spec.optuna.warmup_cycles * per_cycle
+        # The curves so far, kept here too: a pruned trial keeps them.
+        seen = History()
+
+        def on_evaluate(step: int, metrics: dict[str, float]) -> None:
+            seen.append(step, step / per_epoch, schedule.lr_at(step - 1), metrics)
+            seen.epochs_run = step / per_epoch
+            trial.report(metrics["val_acc"], step)
+            if step >= warmup and trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"pruned at step {step}: val_acc {metrics['val_acc']:.4f}"
+                )
+
+        t0 = time.perf_counter()
+        try:
+            history = fit(net, self.splits, config, on_evaluate=on_evaluate)
+        except TrainingDiverged as exc:
+            exc.history.wall_time = time.perf_counter() - t0
+            _record(trial, exc.history, diverged=True, reason=str(exc))
+            raise optuna.TrialPruned(f"diverged: {exc}") from None
+        except optuna.TrialPruned as exc:
+            seen.wall_time = time.perf_counter() - t0
+            _record(trial, seen, diverged=False, reason=str(exc))
+            raise
+        _record(trial, history, diverged=False)
+        value = history.final["val_acc"]
+        return value if math.isfinite(value) else 0.0
+
+
+def trial_summary(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        **t.params,
+        "epochs_run": t.user_attrs.get("epochs_run"),
+        "wall_time": t.user_attrs.get("wall_time"),
+    }

@@ -1,0 +1,120 @@
+"""The prepared dataset: loaded, split and normalised once, cached as float32 ``.npy``.
+
+Workers open the arrays memory-mapped and read-only, so N workers share one copy
+of the data in the page cache instead of holding N. Normalisation happens here,
+before any worker starts: a worker that normalised its own view would make a
+private full-size copy.
+
+The cache directory is named by a checksum of the source files and the
+preparation settings, so a worker never trains on stale or different data; the
+checksum is recorded on each study and compared by every worker that joins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model import data as data_mod
+from search.spec import DataSpec
+
+PARTS = ("train", "val", "test")
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Where a prepared dataset lives and the checksum that names it."""
+
+    path: Path
+    checksum: str
+
+    def open(self) -> data_mod.Splits:
+        """The splits as read-only memory maps (X float32 (N, d), y int64 (N,))."""
+        meta = json.loads((self.path / "meta.json").read_text())
+        parts = []
+        for part in PARTS:
+            X = np.load(self.path / f"{part}_X.npy", mmap_mode="r")
+            y = np.load(self.path / f"{part}_y.npy")
+            parts.append(
+                data_mod.Dataset(
+                    X, y, n_classes=meta["n_classes"], label_names=tuple(meta["label_names"])
+                )
+            )
+        return data_mod.Splits(*parts)
+
+
+def _source_files(spec: DataSpec, data_dir: str | None) -> list[Path]:
+    if spec.name == "digits":
+        return []
+    if data_dir is None:
+        if spec.name == "fashion_mnist":
+            data_dir = "/usr/share/datasets/fashion-mnist"
+        else:
+            # Let the loader raise its own error, which says how to get the data.
+            data_mod.load(spec.name, None)
+    root = Path(data_dir)  # type: ignore[arg-type]
+    if not root.is_dir():
+        data_mod.load(spec.name, str(root))  # raises DataError naming the directory
+    return sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def checksum(spec: DataSpec, data_dir: str | None, *, seed: int = 0) -> str:
+    """SHA-256 over the source files' bytes and the preparation settings."""
+    h = hashlib.sha256()
+    settings = {**asdict(spec), "dir": None, "seed": seed, "version": CACHE_VERSION}
+    if spec.name == "digits":
+        import sklearn
+
+        settings["sklearn"] = sklearn.__version__
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for path in _source_files(spec, data_dir):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def prepare(
+    spec: DataSpec, data_dir: str | None, cache_root: Path, *, seed: int = 0, log=print
+) -> Prepared:
+    """Load, split and normalise once; reuse the cache when the checksum matches."""
+    digest = checksum(spec, data_dir, seed=seed)
+    target = Path(cache_root) / digest[:16]
+    if (target / "meta.json").exists():
+        return Prepared(target, digest)
+    log(f"preparing {spec.name} data (once) into {target}")
+    splits = data_mod.load(spec.name, data_dir, split=spec.split, n_val=spec.n_val, seed=seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary directory and renamed, so a killed run leaves no half cache.
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        for part in PARTS:
+            ds = getattr(splits, part)
+            np.save(tmp / f"{part}_X.npy", np.ascontiguousarray(ds.X, dtype=np.float32))
+            np.save(tmp / f"{part}_y.npy", ds.y.astype(np.int64))
+        meta = {
+            "checksum": digest,
+            "dataset": spec.name,
+            "n_classes": splits.train.n_classes,
+            "label_names": list(splits.train.label_names),
+            "sizes": {p: getattr(splits, p).n for p in PARTS},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "meta.json").exists():  # not a concurrent identical writer
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Prepared(target, digest)

@@ -1,0 +1,334 @@
+"""Creating, filling and running studies; the worker loop shared by every command.
+
+A sweep's target is a number of trials, not "N more": the command that creates
+or resumes a study tops its queue up with WAITING trials until finished +
+running + waiting trials reach the target. Workers only ever pop WAITING trials
+(an atomic state change in the storage), so any number of workers on any
+number of machines run exactly the target between them. A trial whose worker
+was killed stops sending heartbeats; it is failed and re-queued with the same
+parameters by the storage's retry callback, and the next worker runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import TrialState
+
+from search.objective import Objective
+from search.prepared import Prepared, prepare
+from search.spec import StudySpec
+from search.storage import make_storage, with_retries
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+LIVE = (TrialState.RUNNING, TrialState.WAITING)
+STAGES = ("coarse", "fine")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class DataMismatchError(RuntimeError):
+    """A worker's prepared data differs from the data the study was created with."""
+
+
+def study_name(spec: StudySpec, stage: str) -> str:
+    return f"{spec.name}-{stage}"
+
+
+def storage_for(spec: StudySpec) -> optuna.storages.BaseStorage:
+    return make_storage(
+        spec.storage_url(),
+        heartbeat_interval=spec.optuna.heartbeat_interval,
+        grace_period=spec.optuna.grace_period,
+    )
+
+
+def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    # Each worker its own seed: with one seed, parallel workers would draw the same values.
+    seed = spec.optuna.seed + 1000 * worker
+    if spec.optuna.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The pruner named in the spec. Warm-up is handled by the objective (in cycles)."""
+    name, startup = spec.optuna.pruner, spec.optuna.n_startup_trials
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(33.0, n_startup_trials=startup)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def open_study(spec: StudySpec, stage: str, storage=None, *, worker: int = 0) -> optuna.Study:
+    """Create the stage's study, or load it if it exists (``load_if_exists``)."""
+    storage = storage if storage is not None else storage_for(spec)
+    return with_retries(
+        lambda: optuna.create_study(
+            storage=storage,
+            study_name=study_name(spec, stage),
+            direction="maximize",
+            sampler=make_sampler(spec, worker),
+            pruner=make_pruner(spec),
+            load_if_exists=True,
+        )
+    )
+
+
+def counts(study: optuna.Study) -> Counter:
+    """Trials per state name."""
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def top_up(study: optuna.Study, target: int, *, enqueue: list[dict[str, float]] = ()) -> int:
+    """Queue WAITING trials until finished + live trials reach ``target``; returns how many.
+
+    ``enqueue`` gives parameters for the first queued trials (starting points);
+    the rest are blank and get their parameters from the sampler when popped.
+    """
+    trials = study.get_trials(deepcopy=False)
+    have = sum(t.state in FINISHED + LIVE for t in trials)
+    missing = max(0, target - have)
+    already = {tuple(sorted(t.params.items())) for t in trials}
+    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already]
+    for i in range(missing):
+        params = starts[i] if i < len(starts) else {}
+        study.enqueue_trial(params, skip_if_exists=bool(params))
+    study.set_user_attr("target", target)
+    return missing
+
+
+def record_data(study: optuna.Study, prepared: Prepared) -> None:
+    """Record the data checksum on the study, or refuse if it differs."""
+    recorded = study.user_attrs.get("data_checksum")
+    if recorded is None:
+        study.set_user_attr("data_checksum", prepared.checksum)
+    elif recorded != prepared.checksum:
+        raise DataMismatchError(
+            f"study {study.study_name} was created with data {recorded[:16]} but this "
+            f"machine prepared {prepared.checksum[:16]}: the source files or the [data] "
+            "settings differ; give every machine the same data and study file"
+        )
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    poll: float = 1.0,
+    max_trials: int | None = None,
+    on_trial_end: Callable[[], None] | None = None,
+) -> int:
+    """Pop WAITING trials and run them until none is waiting or running; returns how many ran.
+
+    While other workers still run trials and none is waiting, wait: a killed
+    worker's trial is re-queued once its heartbeat is stale. Ctrl-C fails the
+    current trial and re-queues its parameters, so nothing is lost.
+    """
+    storage = study._storage
+    ran = 0
+    while max_trials is None or ran < max_trials:
+        fail_stale_trials(study)
+        trial_id = study._pop_waiting_trial_id()
+        if trial_id is None:
+            live = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not live:
+                return ran
+            time.sleep(poll)
+            continue
+        trial = optuna.Trial(study, trial_id)
+        state, value = None, None
+        with get_heartbeat_thread(trial_id, storage):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except KeyboardInterrupt:
+                _requeue(study, trial, "interrupted (Ctrl-C)")
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
+                trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
+                state = TrialState.FAIL
+        with_retries(lambda: study.tell(trial, value, state=state, skip_if_finished=True))
+        ran += 1
+        if on_trial_end is not None:
+            on_trial_end()
+    return ran
+
+
+def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    frozen = study._storage.get_trial(trial._trial_id)
+    trial.set_user_attr("reason", reason)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=frozen.params,
+            distributions=frozen.distributions,
+            system_attrs={"requeued_from": frozen.number},
+        )
+    )
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What one worker process needs (picklable: it crosses to joblib processes)."""
+
+    spec: StudySpec
+    stage: str
+    prepared_path: str
+    checksum: str
+    ranges: dict[str, tuple[float, float]]
+    threads: int
+    worker: int = 0
+
+
+def worker_main(job: WorkerJob) -> int:
+    """Entry of a worker process: limit BLAS threads, open the data mmap'd, run trials."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=job.threads):
+        splits = Prepared(Path(job.prepared_path), job.checksum).open()
+        study = open_study(job.spec, job.stage, worker=job.worker)
+        record_data(study, Prepared(Path(job.prepared_path), job.checksum))
+        objective = Objective(job.spec, job.stage, splits, job.ranges)
+        return run_trials(study, objective)
+
+
+def prepare_for(spec: StudySpec, *, log=print) -> Prepared:
+    return prepare(
+        spec.data, spec.data_dir(), spec.base_dir / "cache", seed=spec.optuna.seed, log=log
+    )
+
+
+def run_workers(
+    spec: StudySpec,
+    stage: str,
+    ranges: dict[str, tuple[float, float]],
+    prepared: Prepared,
+    *,
+    workers: int,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Run ``workers`` processes (joblib/loky) on the study until its queue is empty.
+
+    Each worker gets cores // workers BLAS threads (at least one), so workers x
+    threads never oversubscribes the machine. One worker runs in this process.
+    """
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // workers)
+    jobs = [
+        WorkerJob(spec, stage, str(prepared.path), prepared.checksum, ranges, threads, i)
+        for i in range(workers)
+    ]
+    if workers == 1:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=threads):
+            study = open_study(spec, stage)
+            objective = Objective(spec, stage, prepared.open(), ranges)
+            run_trials(study, objective, on_trial_end=progress)
+        return
+    import threading
+
+    from joblib import Parallel, delayed
+
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            Parallel(n_jobs=workers, backend="loky")(delayed(worker_main)(j) for j in jobs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while not done.wait(1.0):
+        if progress is not None:
+            progress()
+    if errors:
+        raise errors[0]
+
+
+class Progress:
+    """A one-line progress report: trials finished of the target, best so far."""
+
+    def __init__(self, study: optuna.Study, target: int, *, stream=sys.stdout) -> None:
+        self.study = study
+        self.target = target
+        self.stream = stream
+        self.last = ""
+        self.tty = getattr(stream, "isatty", lambda: False)()
+
+    def __call__(self) -> None:
+        c = counts(self.study)
+        done = c["COMPLETE"] + c["PRUNED"]
+        best = "-"
+        if c["COMPLETE"]:
+            best = f"{self.study.best_value:.4f}"
+        width = 30
+        filled = int(width * min(done, self.target) / max(self.target, 1))
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.target} finished "
+            f"({c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, "
+            f"{c['RUNNING']} running)  best val acc {best}"
+        )
+        if line == self.last:
+            return
+        self.last = line
+        if self.tty:
+            self.stream.write("\r" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return sorted(done, key=lambda t: t.value, reverse=True)[:k]
+
+
+def format_table(trials: list[optuna.trial.FrozenTrial], names: list[str]) -> str:
+    header = f"{'trial':>5}  {'val acc':>7}  " + "  ".join(f"{n:>10}" for n in names)
+    header += f"  {'epochs':>6}  {'time s':>6}"
+    lines = [header]
+    for t in trials:
+        cells = "  ".join(f"{t.params.get(n, float('nan')):10.3e}" for n in names)
+        lines.append(
+            f"{t.number:>5}  {t.value:7.4f}  {cells}  "
+            f"{t.user_attrs.get('epochs_run', 0):6.2f}  {t.user_attrs.get('wall_time', 0):6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def dashboard_hint(spec: StudySpec) -> str:
+    return f"optuna-dashboard {spec.storage_url()}"
+
+
+def describe_ranges(ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    return {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()}
