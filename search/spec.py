@@ -148,27 +148,16 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
         )
     values = {}
     for key, value in raw.items():
-        f = allowed[key]
-        expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if "int" in expected and "float" not in expected and isinstance(value, bool):
+        kind = str(allowed[key].type).split(" ")[0].split("[")[0]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+        }.get(kind, True)
+        if not ok:
             raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be an integer, got {value!r}"
-            )
-        if expected.startswith("int") and not isinstance(value, int):
-            raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be an integer, got {value!r}"
-            )
-        if expected.startswith("float") and not isinstance(value, int | float):
-            raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be a number, got {value!r}"
-            )
-        if expected.startswith("str") and not isinstance(value, str):
-            raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be a string, got {value!r}"
-            )
-        if expected.startswith("bool") and not isinstance(value, bool):
-            raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be true or false, got {value!r}"
+                path, f"{section}.{key}", f"must be of type {kind}, got {value!r}"
             )
         values[key] = value
     return cls(**values)

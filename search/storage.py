@@ -68,7 +68,7 @@ def make_storage(
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs = {"pool_pre_ping": True}
-    return with_retries(
+    storage = with_retries(
         lambda: RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
@@ -77,6 +77,33 @@ def make_storage(
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
     )
+    if db is not None:
+        _serialise_sqlite_writes(storage)
+    return storage
+
+
+def _serialise_sqlite_writes(storage: RDBStorage) -> None:
+    """Make every SQLite transaction take the write lock when it begins.
+
+    Optuna pops a queued trial with SELECT ... FOR UPDATE then UPDATE; SQLite has
+    no row locks, and pysqlite only opens a transaction at the UPDATE, so two
+    processes could both pop the same WAITING trial. ``BEGIN IMMEDIATE`` makes
+    the read and the write one atomic step; WAL still lets readers (the
+    dashboard) in while a writer holds the lock.
+    """
+    from sqlalchemy import event
+
+    engine = storage.engine
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed are dropped
 
 
 def with_retries(fn: Callable[[], T], *, tries: int = MAX_RETRIES, what: str = "storage") -> T:

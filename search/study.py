@@ -55,9 +55,11 @@ def storage_for(spec: StudySpec) -> optuna.storages.BaseStorage:
     )
 
 
-def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    spec: StudySpec, worker: int = 0, *, offset: int = 0
+) -> optuna.samplers.BaseSampler:
     # Each worker its own seed: with one seed, parallel workers would draw the same values.
-    seed = spec.optuna.seed + 1000 * worker
+    seed = spec.optuna.seed + 1000 * worker + 7919 * offset
     if spec.optuna.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
@@ -80,7 +82,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 def open_study(spec: StudySpec, stage: str, storage=None, *, worker: int = 0) -> optuna.Study:
     """Create the stage's study, or load it if it exists (``load_if_exists``)."""
     storage = storage if storage is not None else storage_for(spec)
-    return with_retries(
+    study = with_retries(
         lambda: optuna.create_study(
             storage=storage,
             study_name=study_name(spec, stage),
@@ -90,6 +92,12 @@ def open_study(spec: StudySpec, stage: str, storage=None, *, worker: int = 0) ->
             load_if_exists=True,
         )
     )
+    # A resumed sweep must not replay the random draws of the first run: offset the
+    # seed by the trials already sampled (still reproducible for one worker).
+    n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
+    if n_sampled:
+        study.sampler = make_sampler(spec, worker, offset=n_sampled)
+    return study
 
 
 def counts(study: optuna.Study) -> Counter:
@@ -166,7 +174,9 @@ def run_trials(
             except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
                 trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
                 state = TrialState.FAIL
-        with_retries(lambda: study.tell(trial, value, state=state, skip_if_finished=True))
+        with_retries(
+            lambda t=trial, v=value, s=state: study.tell(t, v, state=s, skip_if_finished=True)
+        )
         ran += 1
         if on_trial_end is not None:
             on_trial_end()
@@ -273,10 +283,10 @@ def run_workers(
 class Progress:
     """A one-line progress report: trials finished of the target, best so far."""
 
-    def __init__(self, study: optuna.Study, target: int, *, stream=sys.stdout) -> None:
+    def __init__(self, study: optuna.Study, target: int, *, stream=None) -> None:
         self.study = study
         self.target = target
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stdout
         self.last = ""
         self.tty = getattr(stream, "isatty", lambda: False)()
 

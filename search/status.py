@@ -1,0 +1,225 @@
+"""``python -m search.status``: every study in a storage, its trials per state and whether it runs.
+
+A study is
+
+- ``running`` if a RUNNING trial's heartbeat is newer than the grace period (or,
+  for a trial without any heartbeat yet, if it started less than the grace period
+  ago: a worker writes its first heartbeat when it takes the trial);
+- ``stale`` if RUNNING trials have no live worker: their workers were killed.
+  Running the stage's command again fails them and retries their parameters;
+- ``done`` when its finished trials (complete + pruned) reach the target;
+- ``incomplete`` otherwise, with the command that resumes it.
+
+Exit codes: 0 listed, 1 no study in the storage, 2 bad arguments or storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import cli
+from search.spec import StudySpec, load_spec
+from search.storage import make_storage, sqlite_path
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+COMMANDS = {"coarse": "search.coarse", "fine": "search.fine"}
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    name: str
+    counts: dict[str, int]
+    target: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    alive: int
+    stale: int
+    verdict: str
+
+
+def _heartbeat_trial_ids(storage: optuna.storages.BaseStorage, trial_ids: list[int]) -> set[int]:
+    """The RUNNING trials that have recorded at least one heartbeat (RDB storages only)."""
+    if not trial_ids or not hasattr(storage, "scoped_session"):
+        return set()
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        rows = (
+            session.query(models.TrialHeartbeatModel.trial_id)
+            .filter(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
+            .all()
+        )
+    return {r[0] for r in rows}
+
+
+def liveness(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    running: list[optuna.trial.FrozenTrial],
+    *,
+    grace_period: float,
+    now: dt.datetime | None = None,
+) -> tuple[int, int]:
+    """(alive, stale) counts among the RUNNING trials of a study."""
+    if not running:
+        return 0, 0
+    now = now or dt.datetime.now()
+    has_stale_lookup = (
+        hasattr(storage, "_get_stale_trial_ids")
+        and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
+    )
+    stale_ids = set(storage._get_stale_trial_ids(study_id)) if has_stale_lookup else set()
+    try:
+        beating = _heartbeat_trial_ids(storage, [t._trial_id for t in running])
+    except Exception:  # noqa: BLE001 - a private API: without it, fall back to start times
+        beating = set()
+    alive = stale = 0
+    for t in running:
+        if t._trial_id in stale_ids:
+            stale += 1
+        elif t._trial_id in beating:
+            alive += 1
+        elif t.datetime_start is not None and (now - t.datetime_start).total_seconds() <= max(
+            grace_period, 60
+        ):
+            alive += 1  # just taken: its first heartbeat is on its way
+        else:
+            stale += 1  # a worker that never beat, long ago
+    return alive, stale
+
+
+def resume_command(name: str, *, study_path: str | None, storage_flag: str | None) -> str:
+    stage = name.rsplit("-", 1)[-1] if "-" in name else ""
+    command = COMMANDS.get(stage)
+    if command is None:
+        return "the command that created it"
+    spec_name = name.rsplit("-", 1)[0]
+    flags = f" --study {study_path}" if study_path else f" --study studies/{spec_name}.toml"
+    if storage_flag:
+        flags += f" --storage {storage_flag}"
+    return f"python -m {command}{flags}"
+
+
+def study_status(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    *,
+    grace_period: float,
+    study_path: str | None = None,
+    storage_flag: str | None = None,
+) -> StudyStatus:
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s: sum(t.state.name == s for t in trials) for s in STATES}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = max(complete, key=lambda t: t.value, default=None)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    alive, stale = liveness(storage, study._study_id, running, grace_period=grace_period)
+    target = study.user_attrs.get("target")
+    finished = counts["COMPLETE"] + counts["PRUNED"]
+    if alive:
+        verdict = f"running ({alive} trial(s) with live workers)"
+    elif stale:
+        verdict = (
+            f"stale ({stale} RUNNING trial(s) without a live worker: run "
+            f"{resume_command(name, study_path=study_path, storage_flag=storage_flag)} "
+            "again to retry them)"
+        )
+    elif target is not None and finished >= target:
+        verdict = "done"
+    else:
+        how = resume_command(name, study_path=study_path, storage_flag=storage_flag)
+        verdict = f"incomplete (resume with {how})"
+    return StudyStatus(
+        name=name,
+        counts=counts,
+        target=target,
+        best_value=None if best is None else best.value,
+        best_params={} if best is None else dict(best.params),
+        alive=alive,
+        stale=stale,
+        verdict=verdict,
+    )
+
+
+def format_status(s: StudyStatus) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
+    finished = s.counts["COMPLETE"] + s.counts["PRUNED"]
+    target = "?" if s.target is None else str(s.target)
+    best = "-"
+    if s.best_value is not None:
+        params = ", ".join(f"{k}={v:.3e}" for k, v in s.best_params.items())
+        best = f"{s.best_value:.4f} ({params})"
+    return "\n".join(
+        [
+            f"{s.name}: {s.verdict}",
+            f"  trials   {finished}/{target} finished; {counts}",
+            f"  best     {best}",
+        ]
+    )
+
+
+def _spec_or_none(path: str) -> StudySpec | None:
+    try:
+        return load_spec(path)
+    except ValueError:
+        return None
+
+
+@cli.guarded
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m search.status",
+        description="Studies in a storage: trials per state, best, running or not.",
+    )
+    p.add_argument(
+        "--study",
+        default=cli.DEFAULT_STUDY,
+        help=f"study file whose storage to read (default {cli.DEFAULT_STUDY})",
+    )
+    p.add_argument("--storage", default=None, help="Optuna storage URL (overrides --study)")
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=None,
+        help="seconds without a heartbeat before a trial is stale (default: the study file's)",
+    )
+    args = p.parse_args(argv)
+    spec = _spec_or_none(args.study)
+    if args.storage is None and spec is None:
+        spec = load_spec(args.study)  # raises the StudyDefinitionError with its message
+    url = args.storage or spec.storage_url()
+    grace = args.grace_period
+    if grace is None:
+        grace = spec.optuna.grace_period if spec is not None else 30
+    if grace <= 0:
+        raise ValueError(f"--grace-period must be > 0, got {grace}")
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        print(f"no database at {db}: no study has run yet (run python -m search.coarse first)")
+        return 1
+    heartbeat = spec.optuna.heartbeat_interval if spec is not None else 10
+    storage = make_storage(url, heartbeat_interval=heartbeat, grace_period=max(1, int(grace)))
+    names = sorted(optuna.get_all_study_names(storage))
+    if not names:
+        print(f"no studies in {url} (run python -m search.coarse first)")
+        return 1
+    print(f"storage {url}")
+    for name in names:
+        path = args.study if spec is not None and name.startswith(spec.name + "-") else None
+        status = study_status(
+            storage, name, grace_period=grace, study_path=path, storage_flag=args.storage
+        )
+        print(format_status(status))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

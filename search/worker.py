@@ -1,0 +1,330 @@
+"""``python -m search.worker``: one more machine joins an existing study and runs its queue.
+
+Start it on as many machines as you like, at any time, against a shared storage
+(PostgreSQL for many machines)::
+
+    python -m search.worker --storage postgresql+psycopg2://user@host/db \\
+        --study-name quickstart-coarse --study studies/quickstart.toml
+
+The worker never creates a study: the target (a queue of WAITING trials) is set
+up once, by ``search.coarse`` / ``search.fine`` or by ``--create``. Each worker
+pops WAITING trials until none is waiting or running, so any number of workers
+run exactly the target between them; a killed worker's trial is re-queued with
+the same parameters once its heartbeat is stale and another worker runs it.
+
+The stage comes from the study name's suffix (``-coarse`` or ``-fine``): coarse
+ranges are the study file's ``[search]``, fine ranges the ones recorded on the
+study (user attr ``ranges``). The study file may be omitted when the study
+records one (user attr ``study_file``, written by ``--create``).
+
+Every flag can also be given as an environment variable ``C2F_<FLAG>``
+(``C2F_STORAGE``, ``C2F_STUDY_NAME``, ``C2F_THREADS``, ...), which is how the
+containers in ``docker/compose.yaml`` are configured; a flag wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage
+
+from search import cli
+from search import study as st
+from search.objective import Objective
+from search.prepared import Prepared, prepare
+from search.spec import StudySpec, load_spec
+from search.storage import make_storage, sqlite_path, with_retries
+
+ENV_PREFIX = "C2F_"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's flags; defaults come from ``C2F_*`` environment variables."""
+    p = argparse.ArgumentParser(
+        prog="python -m search.worker",
+        description=(
+            "Join an existing study on a shared storage and run its queued trials until "
+            "none is left. Every flag can also be set as C2F_<FLAG> in the environment."
+        ),
+    )
+    p.add_argument(
+        "--storage",
+        default=_env("storage"),
+        help="Optuna storage URL, e.g. postgresql+psycopg2://user@host/db (C2F_STORAGE)",
+    )
+    p.add_argument(
+        "--study-name",
+        default=_env("study_name"),
+        help="the study to join, NAME-coarse or NAME-fine (default with --create: NAME-coarse)",
+    )
+    p.add_argument(
+        "--study",
+        default=_env("study"),
+        help="study file (default: the one recorded on the study by --create)",
+    )
+    p.add_argument(
+        "--data-dir", default=_env("data_dir"), help="dataset directory on this machine"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=_env("cache_dir"),
+        help="where prepared data is cached (default: cache/ beside the study file)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("threads", "0") or 0) or (os.cpu_count() or 1),
+        help="BLAS threads for this worker (default: all cores)",
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=float(_env("poll", "1.0") or 1.0),
+        help="seconds between looks at the queue while others finish (default 1)",
+    )
+    p.add_argument(
+        "--create",
+        action="store_true",
+        default=(_env("create", "") or "").lower() in ("1", "true", "yes"),
+        help="create the coarse study and queue its target, then exit (no training)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=int(_env("trials", "0") or 0) or None,
+        help="with --create: target number of trials (default: the study file's [coarse])",
+    )
+    return p
+
+
+def worker_label() -> str:
+    """Which machine and process ran a trial (user attr ``worker``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_number(label: str) -> int:
+    # The sampler's seed offset: one seed per worker, or parallel workers draw the same values.
+    return int(hashlib.sha256(label.encode()).hexdigest()[:4], 16)
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password hidden, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (journal file): nothing to hide
+        return url
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Treat SIGTERM (``docker stop``, scaling down) like Ctrl-C: the running trial is
+    re-queued at once instead of waiting for its heartbeat to go stale."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"quickstart-coarse"`` -> ``("quickstart", "coarse")``."""
+    for stage in st.STAGES:
+        if name.endswith(f"-{stage}") and len(name) > len(stage) + 1:
+            return name[: -len(stage) - 1], stage
+    raise ValueError(
+        f"study name {name!r} must end in "
+        + " or ".join(f"-{s}" for s in st.STAGES)
+        + " (e.g. quickstart-coarse)"
+    )
+
+
+def load_worker_spec(args: argparse.Namespace, path: str) -> StudySpec:
+    spec = load_spec(path)
+    if args.data_dir:
+        spec = dataclasses.replace(
+            spec, data=dataclasses.replace(spec.data, dir=str(Path(args.data_dir).resolve()))
+        )
+    return spec.with_overrides(storage=args.storage)
+
+
+def prepare_data(spec: StudySpec, cache_dir: str | None) -> Prepared:
+    if cache_dir is None:
+        return st.prepare_for(spec)
+    return prepare(spec.data, spec.data_dir(), Path(cache_dir), seed=spec.optuna.seed)
+
+
+def ranges_for(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, tuple[float, float]]:
+    if stage == "coarse":
+        if not spec.search:
+            raise ValueError(f"{spec.path}: [search] is empty; nothing to search")
+        return dict(spec.search)
+    recorded = study.user_attrs.get("ranges")
+    if not recorded:
+        raise ValueError(
+            f"study {study.study_name} records no search ranges (user attr 'ranges'); "
+            "it must be set up by python -m search.fine"
+        )
+    return {k: (float(lo), float(hi)) for k, (lo, hi) in recorded.items()}
+
+
+def create(args: argparse.Namespace) -> int:
+    """Create the coarse study (or load it), record data and ranges, queue its target."""
+    if not args.study:
+        raise ValueError("--create needs --study PATH (the study file to create the study from)")
+    spec = load_worker_spec(args, args.study)
+    name = args.study_name or st.study_name(spec, "coarse")
+    prefix, stage = split_name(name)
+    if stage != "coarse" or prefix != spec.name:
+        raise ValueError(
+            f"--create makes the coarse study of {spec.path}, named "
+            f"{st.study_name(spec, 'coarse')!r}, got --study-name {name!r}; "
+            "a fine study is set up by python -m search.fine"
+        )
+    if not spec.search:
+        raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
+    if args.trials is not None and args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    prepared = prepare_data(spec, args.cache_dir)
+    study = st.open_study(spec, "coarse")
+    st.record_data(study, prepared)
+    study.set_user_attr("ranges", st.describe_ranges(spec.search))
+    study.set_user_attr("study_file", str(Path(spec.path).resolve()))
+    target = args.trials or spec.coarse_trials
+    queued = st.top_up(study, target)
+    c = st.counts(study)
+    print(
+        f"study {name} in {safe_url(spec.storage_url())}: target {target} trials, "
+        f"{c['COMPLETE'] + c['PRUNED']} finished, {queued} newly queued, "
+        f"{c['WAITING']} waiting; start workers with: python -m search.worker "
+        f"--storage URL --study-name {name}",
+        flush=True,
+    )
+    return 0
+
+
+def join(args: argparse.Namespace) -> int:
+    """Load the existing study, check the data, run its queue until it is empty."""
+    if not args.study_name:
+        raise ValueError("--study-name is required (the study to join, e.g. quickstart-coarse)")
+    prefix, stage = split_name(args.study_name)
+    db = sqlite_path(args.storage)
+    if db is not None and not db.is_file():
+        raise ValueError(f"no database file {db}; a worker only joins an existing study")
+    probe = make_storage(args.storage, heartbeat_interval=None, grace_period=None)
+    names = sorted(s.study_name for s in with_retries(lambda: probe.get_all_studies()))
+    if args.study_name not in names:
+        raise ValueError(
+            f"no study {args.study_name!r} in {safe_url(args.storage)}; it holds "
+            f"{names or 'no studies'}. A worker only joins a study; create it first with "
+            f"python -m search.worker --create --study PATH --storage URL "
+            f"(or python -m search.coarse --storage URL)"
+        )
+    probe_study = optuna.load_study(study_name=args.study_name, storage=probe)
+    recorded_file = probe_study.user_attrs.get("study_file")
+    if isinstance(probe, RDBStorage):
+        probe.engine.dispose()
+    path = args.study or recorded_file
+    if not path:
+        raise ValueError(
+            f"study {args.study_name!r} records no study file; pass --study PATH "
+            "(the same study file it was created from)"
+        )
+    spec = load_worker_spec(args, path)
+    if spec.name != prefix:
+        raise ValueError(
+            f"study file {spec.path} defines study {spec.name!r}, but {args.study_name!r} "
+            f"belongs to {prefix!r}; pass the study file it was created from"
+        )
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    label = worker_label()
+    storage = make_storage(
+        args.storage,
+        heartbeat_interval=spec.optuna.heartbeat_interval,
+        grace_period=spec.optuna.grace_period,
+    )
+    study = with_retries(
+        lambda: optuna.load_study(
+            study_name=args.study_name,
+            storage=storage,
+            sampler=st.make_sampler(spec, worker_number(label)),
+            pruner=st.make_pruner(spec),
+        )
+    )
+    prepared = prepare_data(spec, args.cache_dir)
+    st.record_data(study, prepared)
+    ranges = ranges_for(spec, stage, study)
+    target = study.user_attrs.get("target")
+    c = st.counts(study)
+    print(
+        f"worker {label} joined {args.study_name} in {safe_url(args.storage)} "
+        f"({stage} stage, {args.threads} thread(s)): {c['COMPLETE'] + c['PRUNED']} finished, "
+        f"{c['RUNNING']} running, {c['WAITING']} waiting, target {target}",
+        flush=True,
+    )
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=args.threads):
+        objective = Objective(spec, stage, prepared.open(), ranges)
+
+        def labelled(trial: optuna.Trial) -> float:
+            trial.set_user_attr("worker", label)
+            return objective(trial)
+
+        progress = st.Progress(study, int(target or 0))
+        with stop_on_sigterm():
+            ran = st.run_trials(study, labelled, poll=args.poll, on_trial_end=progress)
+    c = st.counts(study)
+    print(
+        f"worker {label}: queue empty after {ran} trial(s) here; {args.study_name} has "
+        f"{c['COMPLETE'] + c['PRUNED']} finished ({c['FAIL']} failed) of target {target}",
+        flush=True,
+    )
+    return 0
+
+
+@cli.guarded
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.storage:
+        raise ValueError("--storage is required (or C2F_STORAGE), e.g. postgresql+psycopg2://...")
+    try:
+        return create(args) if args.create else join(args)
+    except Exception as exc:
+        # An unreachable or misconfigured database: one line, not a traceback.
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, OperationalError):
+            print(
+                f"error: cannot use storage {safe_url(args.storage)}: {exc.orig}".rstrip(),
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Fixtures for the search tests: small copies of the quick-start study in tmp_path."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "studies" / "quickstart.toml"
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def dump_toml(doc: dict) -> str:
+    """A minimal TOML writer for study files (tables of scalars and lists, one level deep)."""
+    lines = [f"{k} = {_toml(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+
+    def table(prefix: str, d: dict) -> None:
+        lines.append(f"\n[{prefix}]")
+        lines.extend(f"{k} = {_toml(v)}" for k, v in d.items() if not isinstance(v, dict))
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            table(k, v)
+    return "\n".join(lines) + "\n"
+
+
+def write_study(directory: Path, name: str = "qs", **sections) -> Path:
+    """The quick-start study with sections updated (``training={"n_cycles": 1}``...)."""
+    doc = tomllib.loads(QUICKSTART.read_text())
+    doc["name"] = name
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    path = Path(directory) / f"{name}.toml"
+    path.write_text(dump_toml(doc))
+    return path
+
+
+@pytest.fixture
+def quick_study(tmp_path):
+    """Factory: a small, fast quick-start study file in tmp_path."""
+
+    def make(name: str = "qs", **sections) -> Path:
+        sections.setdefault("coarse", {"trials": 6})
+        sections.setdefault("fine", {"trials": 4, "top_k": 2})
+        sections.setdefault("optuna", {})
+        sections["optuna"] = {"workers": 1, **sections["optuna"]}
+        return write_study(tmp_path, name, **sections)
+
+    return make

@@ -1,0 +1,238 @@
+"""End to end: coarse -> fine -> final on the quick-start data, parallel workers, resumption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import coarse, final, fine
+from search import study as st
+from search.fine import narrow
+from search.spec import load_spec
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load(spec, stage):
+    return optuna.load_study(study_name=f"{spec.name}-{stage}", storage=spec.storage_url())
+
+
+def test_coarse_fine_final_end_to_end(quick_study, capsys):
+    path = quick_study()
+    assert coarse.main(["--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "top" in out and "optuna-dashboard sqlite:///" in out and "6/6 finished" in out
+    spec = load_spec(path)
+    c = load(spec, "coarse")
+    trials = c.get_trials()
+    assert len(trials) == 6 and all(t.state in st.FINISHED for t in trials)
+    for t in trials:
+        # log-uniform params, learning curves and bookkeeping on every trial
+        assert all(d.log for d in t.distributions.values())
+        assert set(t.params) == {"l2_lambda", "eta_max"}
+        curves = t.user_attrs["curves"]
+        assert len(curves["val_acc"]) == len(t.intermediate_values) > 0
+        assert t.user_attrs["epochs_run"] > 0 and "wall_time" in t.user_attrs
+        assert t.user_attrs["diverged"] in (True, False)
+    assert c.user_attrs["data_checksum"] and c.user_attrs["target"] == 6
+
+    assert fine.main(["--study", str(path)]) == 0
+    f = load(spec, "fine")
+    ranges = f.user_attrs["ranges"]
+    top = st.top_trials(c, 2)
+    for name, (lo, hi) in ranges.items():
+        clo, chi = spec.search[name]
+        assert clo <= lo < hi <= chi
+        assert all(lo <= t.params[name] <= hi for t in top)
+    fine_params = [t.params for t in f.get_trials()]
+    for t in top:  # the fine study started from the best coarse trials, once each
+        assert sum(p == t.params for p in fine_params) == 1
+    assert len(f.get_trials()) == 4
+    assert max(len(t.intermediate_values) for t in f.get_trials()) > max(
+        len(t.intermediate_values) for t in trials
+    )  # fine trains longer (3 cycles)
+
+    assert final.main(["--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
+    assert result["test_acc"] > 0.85 and f"test accuracy {result['test_acc']:.4f}" in out
+    assert (spec.out_dir() / "final" / "curves.png").stat().st_size > 10_000
+    assert load(spec, "fine").user_attrs["final"]["test_acc"] == result["test_acc"]
+    # Running it again does not retrain.
+    assert final.main(["--study", str(path)]) == 0
+    assert "already recorded" in capsys.readouterr().out
+
+
+def test_target_is_total_not_more(quick_study):
+    path = quick_study()
+    assert coarse.main(["--study", str(path), "--trials", "3"]) == 0
+    assert coarse.main(["--study", str(path), "--trials", "3"]) == 0
+    spec = load_spec(path)
+    assert len(load(spec, "coarse").get_trials()) == 3
+    assert coarse.main(["--study", str(path), "--trials", "5"]) == 0
+    trials = load(spec, "coarse").get_trials()
+    assert len(trials) == 5 and all(t.state in st.FINISHED for t in trials)
+
+
+def test_diverging_trial_is_recorded_and_study_goes_on(quick_study):
+    path = quick_study(
+        search={"l2_lambda": [1e-5, 1e-4], "eta_max": [1e3, 1e4]}, coarse={"trials": 3}
+    )
+    assert coarse.main(["--study", str(path)]) == 0
+    trials = load(load_spec(path), "coarse").get_trials()
+    assert len(trials) == 3
+    diverged = [t for t in trials if t.user_attrs.get("diverged")]
+    assert diverged and all(t.state == TrialState.PRUNED for t in diverged)
+    assert all("diverged" in t.user_attrs["reason"] for t in diverged)
+
+
+def test_narrow_clips_to_coarse_range():
+    t = [
+        optuna.trial.create_trial(
+            params={"l2_lambda": v},
+            value=0.5,
+            distributions={
+                "l2_lambda": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
+            },
+        )
+        for v in (1e-4, 1e-3)
+    ]
+    r = narrow(t, {"l2_lambda": (1e-5, 1e-1)}, margin=0.5)
+    assert r["l2_lambda"] == pytest.approx((1e-4 / 10**0.5, 1e-3 * 10**0.5))
+    r = narrow(t, {"l2_lambda": (2e-4, 2e-3)}, margin=1)
+    assert r["l2_lambda"] == (2e-4, 2e-3)
+    with pytest.raises(ValueError, match="search.coarse first"):
+        narrow([], {"l2_lambda": (1e-5, 1e-1)}, margin=0.5)
+
+
+def test_bad_study_file_gives_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[search]\nl2_lambda = [1.0, 0.1]\n')
+    assert coarse.main(["--study", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "search.l2_lambda" in err and "Traceback" not in err
+
+
+def test_prepared_data_is_mmapped_and_checksum_guards_the_study(quick_study):
+    spec = load_spec(quick_study())
+    prepared = st.prepare_for(spec)
+    splits = prepared.open()
+    assert isinstance(splits.train.X, np.memmap) and splits.train.X.dtype == np.float32
+    assert abs(float(splits.train.X.mean())) < 1e-3  # normalised before writing
+    assert st.prepare_for(spec).path == prepared.path  # cached
+    study = st.open_study(spec, "coarse")
+    st.record_data(study, prepared)
+    study.set_user_attr("data_checksum", "0" * 64)
+    with pytest.raises(st.DataMismatchError, match="differ"):
+        st.record_data(study, prepared)
+
+
+def test_four_workers_on_sqlite_with_a_reader(quick_study):
+    """4 workers x 40 short trials on one SQLite file, read concurrently: none FAIL."""
+    path = quick_study(
+        coarse={"trials": 40},
+        training={"n_cycles": 1, "evals_per_cycle": 4},
+        optuna={"workers": 4},
+    )
+    spec = load_spec(path)
+    stop = threading.Event()
+    reads = []
+
+    def reader():
+        # Reads the file the way optuna-dashboard does, as fast as it can.
+        while not stop.is_set():
+            try:
+                storage = optuna.storages.RDBStorage(
+                    spec.storage_url(), skip_compatibility_check=True, skip_table_creation=True
+                )
+                for s in optuna.get_all_study_summaries(storage):
+                    reads.append(s.n_trials)
+                storage.remove_session()
+            except Exception as exc:  # noqa: BLE001
+                reads.append(repr(exc))
+            time.sleep(0.05)
+
+    st.open_study(spec, "coarse")  # the dashboard is pointed at an existing database
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert coarse.main(["--study", str(path)]) == 0
+    finally:
+        stop.set()
+        thread.join()
+    trials = load(spec, "coarse").get_trials()
+    states = {t.state for t in trials}
+    assert len(trials) == 40 and states <= set(st.FINISHED), states
+    assert reads and not [r for r in reads if isinstance(r, str)]
+
+
+def _run_until(cmd, cond, timeout=120):
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode())
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("condition not reached")
+
+
+def test_sigkill_mid_trial_then_resume(quick_study):
+    path = quick_study(
+        coarse={"trials": 6},
+        training={"n_cycles": 6},
+        optuna={"heartbeat_interval": 1, "grace_period": 3, "pruner": "none"},
+    )
+    spec = load_spec(path)
+
+    def state():
+        try:
+            trials = load(spec, "coarse").get_trials()
+        except KeyError:
+            return []
+        return trials
+
+    def two_done_one_running():
+        t = state()
+        return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
+            x.state == TrialState.RUNNING for x in t
+        )
+
+    proc = _run_until(
+        [sys.executable, "-m", "search.coarse", "--study", str(path)], two_done_one_running
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.value for t in state() if t.state == TrialState.COMPLETE}
+    killed = [t for t in state() if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+    rerun = subprocess.run(
+        [sys.executable, "-m", "search.coarse", "--study", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    after = state()
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sum(t.state in st.FINISHED for t in after) == 6
+    for number, value in before.items():  # earlier results intact
+        assert after[number].state == TrialState.COMPLETE and after[number].value == value
+    assert after[killed[0].number].state == TrialState.FAIL
+    retried = [t for t in after if t.params == killed[0].params and t.state in st.FINISHED]
+    assert len(retried) == 1, "\n".join(
+        f"{t.number} {t.state.name} {sorted(t.params.values())} {t.system_attrs}" for t in after
+    )

@@ -1,0 +1,74 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from search.spec import StudyDefinitionError, load_spec, parse_spec
+
+STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_shipped_studies_are_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    assert "l2_lambda" in spec.search
+    assert spec.storage_url().endswith(f"studies/{spec.name}.db")
+
+
+def test_shipped_studies_include_the_dd2424_settings():
+    names = {p.stem for p in STUDIES}
+    assert {"quickstart", "cifar10_2layer", "cifar10_3layer_bn", "cifar10_9layer_bn"} <= names
+    nine = load_spec(STUDIES[[p.stem for p in STUDIES].index("cifar10_9layer_bn")])
+    assert nine.network.hidden == (50, 30, 20, 20, 10, 10, 10, 10) and nine.network.batch_norm
+    assert nine.search["l2_lambda"] == (1e-5, 1e-1)
+    assert nine.train_config("coarse", {"l2_lambda": 1e-3}).batch_size == 100
+
+
+BASE = {"name": "t", "search": {"l2_lambda": [1e-5, 1e-1]}}
+
+
+@pytest.mark.parametrize(
+    "change,field,words",
+    [
+        ({"colour": 1}, "top level", "unknown keys ['colour']"),
+        ({"search": {"l2_lambda": [1e-1, 1e-5]}}, "search.l2_lambda", "low must be < high"),
+        ({"search": {"l2_lambda": [0, 1e-1]}}, "search.l2_lambda", "bounds > 0"),
+        ({"search": {"l2_lambda": [1e-5]}}, "search.l2_lambda", "[low, high]"),
+        ({"search": {"batch_size": [1, 2]}}, "search.batch_size", "searchable"),
+        ({"data": {"name": "mnist"}}, "data.name", "must be one of"),
+        ({"data": {"nme": "digits"}}, "data", "unknown keys ['nme']"),
+        ({"network": {"hidden": [50, -1]}}, "network.hidden", "positive integers"),
+        ({"network": {"batch_norm": "yes"}}, "network.batch_norm", "bool"),
+        ({"training": {"eta_mn": 1}}, "training", "unknown keys ['eta_mn']"),
+        ({"training": {"l2_lambda": 0.1}}, "search", "both searched and fixed"),
+        ({"training": {"schedule": "cosine"}}, "training", "schedule must be one of"),
+        ({"optuna": {"pruner": "early"}}, "optuna.pruner", "must be one of"),
+        ({"coarse": {"trials": 0}}, "coarse.trials", ">= 1"),
+        ({"name": "a b"}, "name", "letters, digits"),
+    ],
+)
+def test_bad_files_name_the_field(change, field, words):
+    raw = {**BASE, **change}
+    with pytest.raises(StudyDefinitionError) as info:
+        parse_spec(raw, "studies/bad.toml")
+    msg = str(info.value)
+    assert "studies/bad.toml" in msg and f"[{field}]" in msg and words in msg
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(StudyDefinitionError, match="no such study file"):
+        load_spec(tmp_path / "nope.toml")
+    bad = tmp_path / "b.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(StudyDefinitionError, match="not valid TOML"):
+        load_spec(bad)
+
+
+def test_stage_overrides_and_storage_default(quick_study):
+    spec = load_spec(quick_study())
+    assert spec.train_config("fine", {"l2_lambda": 1e-3}).n_cycles == 3
+    assert spec.train_config("final", {"l2_lambda": 1e-3}).n_cycles == 4
+    assert spec.storage_url() == f"sqlite:///{spec.base_dir / 'qs.db'}"
+    assert spec.with_overrides(storage="sqlite:///x.db").storage_url() == "sqlite:///x.db"
+    assert tomllib.loads(Path(spec.path).read_text())["name"] == "qs"
