@@ -236,3 +236,29 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     assert len(retried) == 1, "\n".join(
         f"{t.number} {t.state.name} {sorted(t.params.values())} {t.system_attrs}" for t in after
     )
+
+
+def test_ctrl_c_stops_cleanly_and_requeues(quick_study):
+    path = quick_study(coarse={"trials": 4}, training={"n_cycles": 8}, optuna={"pruner": "none"})
+    spec = load_spec(path)
+
+    def running():
+        try:
+            return any(t.state == TrialState.RUNNING for t in load(spec, "coarse").get_trials())
+        except KeyError:
+            return False
+
+    proc = _run_until([sys.executable, "-m", "search.coarse", "--study", str(path)], running)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Run the same command again to resume" in err.decode()
+    trials = load(spec, "coarse").get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "interrupted" in failed[0].user_attrs["reason"]
+    requeued = [t for t in trials if t.system_attrs.get("requeued_from") == failed[0].number]
+    assert requeued and requeued[0].state == TrialState.WAITING
+    assert coarse.main(["--study", str(path)]) == 0
+    trials = load(spec, "coarse").get_trials()
+    assert sum(t.state in st.FINISHED for t in trials) == 4
