@@ -1,0 +1,170 @@
+"""search.report: figures and report.md from a tiny quick-start coarse -> fine -> final."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from search import coarse, final, fine, report
+from search.spec import load_spec
+from tests.search.conftest import write_study
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STAGE_FIGURES = ("val_acc_vs_l2_lambda", "val_acc_vs_eta_max", "history", "curves_coarse")
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory) -> types.SimpleNamespace:
+    """A tiny study: report after coarse only, then after coarse, fine and final."""
+    root = tmp_path_factory.mktemp("report")
+    path = write_study(
+        root,
+        "qs",
+        coarse={"trials": 8},
+        fine={"trials": 4, "top_k": 2},
+        optuna={"workers": 1, "n_startup_trials": 2},
+    )
+    assert coarse.main(["--study", str(path)]) == 0
+    coarse_out = root / "coarse_only"
+    assert report.main(["--study", str(path), "--out", str(coarse_out)]) == 0
+    assert fine.main(["--study", str(path)]) == 0
+    assert final.main(["--study", str(path)]) == 0
+    assert report.main(["--study", str(path)]) == 0  # default --out
+    spec = load_spec(path)
+    return types.SimpleNamespace(
+        path=path, spec=spec, coarse_out=coarse_out, out=spec.out_dir() / "report"
+    )
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figures_are_real_pngs(ran):
+    names = [*STAGE_FIGURES, "curves_fine", "final_curves"]
+    for name in names:
+        png = ran.out / f"qs_{name}.png"
+        assert png.exists(), png
+        assert _is_png(png) and png.stat().st_size > 10_000, png
+    # Before fine and final ran: coarse figures only.
+    for name in STAGE_FIGURES:
+        assert (ran.coarse_out / f"qs_{name}.png").stat().st_size > 10_000
+    assert not (ran.coarse_out / "qs_curves_fine.png").exists()
+
+
+def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
+    md = (ran.out / "report.md").read_text()
+    result = json.loads((ran.spec.out_dir() / "final" / "result.json").read_text())
+    coarse_study = optuna.load_study(study_name="qs-coarse", storage=ran.spec.storage_url())
+    fine_study = optuna.load_study(study_name="qs-fine", storage=ran.spec.storage_url())
+    assert md.startswith("# Report: qs")
+    assert "## Coarse search (`qs-coarse`)" in md and "## Fine search (`qs-fine`)" in md
+    # ranges of each stage, as recorded on the studies
+    for study in (coarse_study, fine_study):
+        for lo, hi in study.user_attrs["ranges"].values():
+            assert f"| {lo:.3e} | {hi:.3e} |" in md
+    # top-10 tables with the best trial first
+    assert md.count("| trial | val acc | lambda | eta_max | epochs run | wall time (s) |") == 2
+    best = coarse_study.best_trial
+    assert f"| {best.number} | {best.value:.4f} | {best.params['l2_lambda']:.3e} |" in md
+    # counts per state and epochs
+    c = {s: 0 for s in report.STATES}
+    for t in coarse_study.trials:
+        c[t.state.name] += 1
+    assert "| " + " | ".join(str(c[s]) for s in report.STATES) + " |" in md
+    assert sum(c.values()) == 8
+    epochs = report.epochs_trained(coarse_study)
+    assert epochs > 0 and f"Epochs trained: {epochs:.1f} over 8 trials" in md
+    # the final result
+    assert f"test accuracy **{result['test_acc']:.4f}**" in md
+    for name in ("history", "curves_coarse", "curves_fine", "final_curves"):
+        assert f"(qs_{name}.png)" in md
+    coarse_md = (ran.coarse_out / "report.md").read_text()
+    assert "Not run yet: `python -m search.final" in coarse_md and "Fine search" not in coarse_md
+
+
+def test_pruned_trials_are_placed_at_their_last_report():
+    dist = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
+    pruned = optuna.trial.create_trial(
+        state=TrialState.PRUNED,
+        params={"l2_lambda": 1e-3},
+        distributions=dist,
+        intermediate_values={10: 0.5, 30: 0.7, 20: 0.6},
+    )
+    complete = optuna.trial.create_trial(value=0.9, params={"l2_lambda": 1e-3}, distributions=dist)
+    failed = optuna.trial.create_trial(state=TrialState.FAIL)
+    assert report.last_value(pruned) == 0.7
+    assert report.last_value(complete) == 0.9
+    assert report.last_value(failed) is None
+
+
+def test_no_study_is_a_clear_error(tmp_path, capsys):
+    path = write_study(tmp_path, "empty")
+    assert report.main(["--study", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "run python -m search.coarse" in err
+    assert not (tmp_path / "empty.db").exists()  # reading never creates a database
+
+
+def _fake_experiment(tmp_path: Path, calls: list) -> types.ModuleType:
+    fake = types.ModuleType("search.experiment")
+    done, pending = tmp_path / "lr_range.toml", tmp_path / "bn_depth.toml"
+
+    def draw(spec_path, out_dir, *, storage=None):
+        calls.append((Path(spec_path), Path(out_dir), storage))
+        if Path(spec_path) == pending:
+            raise LookupError("run python -m search.experiment --study bn_depth.toml first")
+        png = Path(out_dir) / f"{Path(spec_path).stem}.png"
+        png.write_bytes(PNG_MAGIC)
+        return f"## Experiment {Path(spec_path).stem}\n\nresult table\n", [png]
+
+    fake.draw = draw
+    fake.list_experiments = lambda root: [done, pending]
+    fake.gradcheck_section = lambda: "## Gradient check\n\n| W1 | 1e-9 |\n"
+    return fake
+
+
+def test_experiment_flag_writes_its_markdown(tmp_path, monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, calls))
+    out = tmp_path / "out"
+    spec_path = tmp_path / "lr_range.toml"
+    argv = ["--experiment", str(spec_path), "--out", str(out), "--storage", "sqlite:///x.db"]
+    assert report.main(argv) == 0
+    assert calls == [(spec_path, out, "sqlite:///x.db")]
+    assert (out / "lr_range.md").read_text().startswith("## Experiment lr_range")
+    assert f"wrote {out / 'lr_range.png'}" in capsys.readouterr().out
+
+
+def test_all_flag_combines_gradcheck_experiments_and_study(ran, tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, calls))
+    out = tmp_path / "all"
+    assert report.main(["--study", str(ran.path), "--all", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    order = [
+        "## Gradient check",
+        "## Experiment lr_range",
+        "## Experiment `bn_depth`",
+        "## Coarse search (`qs-coarse`)",
+        "## Final result",
+    ]
+    positions = [md.index(h) for h in order]
+    assert positions == sorted(positions)
+    assert "Not run yet: run python -m search.experiment --study bn_depth.toml first" in md
+    assert (out / "qs_history.png").stat().st_size > 10_000
+
+
+def test_all_flag_without_a_study_still_writes_the_experiments(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, []))
+    path = write_study(tmp_path, "notrun")
+    assert report.main(["--study", str(path), "--all", "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "## Gradient check" in md and "Not run yet" in md and "search.coarse" in md

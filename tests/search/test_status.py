@@ -1,0 +1,143 @@
+"""search.status: counts per state, best trial, running / stale / done / incomplete, exit codes."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from search import status
+from search.storage import make_storage
+from tests.search.conftest import write_study
+
+DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
+
+
+@pytest.fixture
+def storage_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'status.db'}"
+
+
+def _study(storage, name: str, target: int | None) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    if target is not None:
+        study.set_user_attr("target", target)
+    return study
+
+
+def _add(study: optuna.Study, state: TrialState, value: float | None = None, lam: float = 1e-3):
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=state,
+            value=value,
+            params={"l2_lambda": lam},
+            distributions=DIST,
+            intermediate_values={10: 0.5} if state == TrialState.PRUNED else None,
+        )
+    )
+
+
+def _running(storage, study: optuna.Study, *, started_ago: float = 0.0) -> int:
+    """A RUNNING trial (as a worker's popped trial), started ``started_ago`` seconds ago."""
+    template = optuna.trial.create_trial(state=TrialState.RUNNING)
+    template.datetime_start = dt.datetime.now() - dt.timedelta(seconds=started_ago)
+    return storage.create_new_trial(study._study_id, template_trial=template)
+
+
+def _age_heartbeat(storage, trial_id: int, seconds: float) -> None:
+    old = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=seconds)
+    with storage.engine.begin() as con:
+        con.execute(
+            sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t WHERE trial_id = :i"),
+            {"t": old, "i": trial_id},
+        )
+
+
+def _line(out: str, name: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith(name + ":"))
+
+
+def test_counts_best_done_and_incomplete(storage_url, capsys):
+    storage = make_storage(storage_url)
+    c = _study(storage, "toy-coarse", target=6)
+    _add(c, TrialState.COMPLETE, 0.8, lam=1e-4)
+    _add(c, TrialState.COMPLETE, 0.9, lam=2e-3)
+    _add(c, TrialState.PRUNED)
+    _add(c, TrialState.FAIL)
+    _add(c, TrialState.WAITING)
+    f = _study(storage, "toy-fine", target=2)
+    _add(f, TrialState.COMPLETE, 0.95)
+    _add(f, TrialState.PRUNED)
+
+    assert status.main(["--storage", storage_url]) == 0
+    out = capsys.readouterr().out
+    assert "COMPLETE 2, PRUNED 1, FAIL 1, RUNNING 0, WAITING 1" in out
+    assert "3/6 finished" in out and "0.9000 (l2_lambda=2.000e-03)" in out
+    coarse_line = _line(out, "toy-coarse")
+    assert "incomplete (resume with python -m search.coarse --study studies/toy.toml" in (
+        coarse_line
+    )
+    assert f"--storage {storage_url}" in coarse_line
+    assert _line(out, "toy-fine") == "toy-fine: done"
+
+    s = status.study_status(storage, "toy-coarse", grace_period=30)
+    assert s.counts == {"COMPLETE": 2, "PRUNED": 1, "FAIL": 1, "RUNNING": 0, "WAITING": 1}
+    assert s.best_value == 0.9 and s.best_params == {"l2_lambda": 2e-3} and s.target == 6
+
+
+def test_running_and_stale_trials(storage_url, capsys):
+    storage = make_storage(storage_url, heartbeat_interval=1, grace_period=5)
+    live = _study(storage, "live-coarse", target=3)
+    trial_id = _running(storage, live)
+    storage.record_heartbeat(trial_id)
+    killed = _study(storage, "killed-coarse", target=3)
+    _running(storage, killed)
+    storage.record_heartbeat(dead := _running(storage, killed, started_ago=600))
+    _age_heartbeat(storage, dead, 600)
+    silent = _study(storage, "silent-fine", target=3)
+    _running(storage, silent, started_ago=600)  # a RUNNING trial that never sent a heartbeat
+    fresh = _study(storage, "fresh-fine", target=3)
+    _running(storage, fresh)  # just popped: its first heartbeat is on its way
+
+    assert status.main(["--storage", storage_url, "--grace-period", "5"]) == 0
+    out = capsys.readouterr().out
+    assert _line(out, "live-coarse").startswith("live-coarse: running")
+    # killed-coarse has one trial just popped (alive) and one stale: still running
+    assert _line(out, "killed-coarse").startswith("killed-coarse: running (1 trial")
+    silent_line = _line(out, "silent-fine")
+    assert silent_line.startswith("silent-fine: stale (1 RUNNING trial(s)")
+    assert "run python -m search.fine --study studies/silent.toml" in silent_line
+    assert "again to retry them" in silent_line
+    assert _line(out, "fresh-fine").startswith("fresh-fine: running")
+
+    killed_only = _study(storage, "gone-coarse", target=3)
+    storage.record_heartbeat(gone := _running(storage, killed_only, started_ago=600))
+    _age_heartbeat(storage, gone, 600)
+    assert storage._get_stale_trial_ids(killed_only._study_id) == [gone]
+    s = status.study_status(storage, "gone-coarse", grace_period=5)
+    assert (s.alive, s.stale) == (0, 1) and s.verdict.startswith("stale")
+
+
+def test_study_flag_reads_the_study_files_storage(tmp_path, capsys):
+    path = write_study(tmp_path, "qs")
+    assert status.main(["--study", str(path)]) == 1  # nothing has run: no database
+    assert "run python -m search.coarse first" in capsys.readouterr().out
+    assert not (tmp_path / "qs.db").exists()
+    storage = make_storage(f"sqlite:///{tmp_path / 'qs.db'}")
+    _add(_study(storage, "qs-coarse", target=1), TrialState.COMPLETE, 0.5)
+    assert status.main(["--study", str(path)]) == 0
+    assert "qs-coarse: done" in capsys.readouterr().out
+
+
+def test_exit_codes(tmp_path, storage_url, capsys):
+    make_storage(storage_url)  # an empty database
+    assert status.main(["--storage", storage_url]) == 1
+    assert "no studies in" in capsys.readouterr().out
+    assert status.main(["--study", str(tmp_path / "missing.toml")]) == 2
+    assert "no such study file" in capsys.readouterr().err
+    assert status.main(["--storage", "not-a-url"]) == 2
+    assert status.main(["--storage", storage_url, "--grace-period", "0"]) == 2
