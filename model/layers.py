@@ -57,10 +57,8 @@ def relu_forward(S: np.ndarray, *, out: np.ndarray | None = None) -> tuple[np.nd
 def relu_backward(dH: np.ndarray, cache: np.ndarray, *, inplace: bool = False) -> np.ndarray:
     """dS = dH where the unit was active, else 0. ``inplace`` overwrites dH."""
     H = cache
-    if inplace:
-        dH[H <= 0] = 0
-        return dH
-    return dH * (H > 0)
+    # A multiply by the mask is several times faster than dH[H <= 0] = 0 on small arrays.
+    return np.multiply(dH, H > 0, out=dH if inplace else None)
 
 
 def batchnorm_forward(
@@ -72,6 +70,8 @@ def batchnorm_forward(
     running_mean: np.ndarray,
     running_var: np.ndarray,
     eps: float = BN_EPS,
+    out: np.ndarray | None = None,
+    S_hat_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple]:
     """Batch normalisation of S (N, m) followed by the scale gamma (m,) and shift beta (m,).
 
@@ -79,36 +79,52 @@ def batchnorm_forward(
     the cache as ``cache[-2:]`` so the caller can update its running averages;
     at evaluation time ``running_mean`` and ``running_var`` are used. Nothing here
     mutates state, so the same forward pass can be repeated for a gradient check.
+    ``out`` (N, m) receives the result and may be S itself; ``S_hat_out`` (N, m)
+    receives the normalised S (kept in the cache) and must not be S.
     """
+    n = S.shape[0]
     if train:
-        mu = S.mean(axis=0)
-        var = S.var(axis=0)
+        mu = S.sum(axis=0)
+        mu /= n
     else:
-        mu, var = running_mean, running_var
-    inv_std = 1.0 / np.sqrt(var + eps)
-    S_hat = (S - mu) * inv_std
-    out = S_hat * gamma + beta
-    return out, (S_hat, gamma, inv_std, mu, var)
+        mu = running_mean
+    S_hat = np.subtract(S, mu, out=S_hat_out)
+    if train:
+        var = np.einsum("ij,ij->j", S_hat, S_hat)
+        var /= n
+    else:
+        var = running_var
+    inv_std = np.add(var, eps)
+    np.sqrt(inv_std, out=inv_std)
+    np.divide(1.0, inv_std, out=inv_std)
+    S_hat *= inv_std
+    res = np.multiply(S_hat, gamma, out=out)
+    res += beta
+    return res, (S_hat, gamma, inv_std, mu, var)
 
 
 def batchnorm_backward(
-    dout: np.ndarray, cache: tuple
+    dout: np.ndarray, cache: tuple, *, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of batch norm in training mode: dS (N, m), dgamma (m,), dbeta (m,).
 
-    With S_hat = (S - mu) / sigma over a batch of N and g = dL/dS_hat,
+    With S_hat = (S - mu) / sigma over a batch of N and g = dL/dS_hat = dout * gamma,
     dL/dS = (1 / (N sigma)) (N g - sum_i g_i - S_hat sum_i g_i * S_hat_i),
-    the closed form of DD2424's BatchNormBackPass.
+    the closed form of DD2424's BatchNormBackPass. Since sum_i g_i = gamma * dbeta and
+    sum_i g_i S_hat_i = gamma * dgamma, this is
+    dL/dS = (gamma / (N sigma)) (N dout - dbeta - S_hat dgamma), computed in place in
+    ``out`` (which may be dout itself).
     """
     S_hat, gamma, inv_std = cache[0], cache[1], cache[2]
     n = dout.shape[0]
     dgamma = np.einsum("ij,ij->j", dout, S_hat)
     dbeta = dout.sum(axis=0)
-    g = dout * gamma
-    dS = g * n
-    dS -= g.sum(axis=0)
-    dS -= S_hat * np.einsum("ij,ij->j", g, S_hat)
-    dS *= inv_std / n
+    scale = gamma * inv_std
+    scale /= n
+    dS = np.multiply(dout, n, out=out)
+    dS -= dbeta
+    dS -= S_hat * dgamma
+    dS *= scale
     return dS, dgamma, dbeta
 
 
@@ -123,15 +139,17 @@ def softmax_cross_entropy(
     n = scores.shape[0]
     rows = np.arange(n)
     pred = scores.argmax(axis=1)
-    shifted = scores - scores.max(axis=1, keepdims=True)
+    top = scores.max(axis=1)
+    shifted = scores - top[:, None]
+    # log p_y = s_y - max - log(sum exp): stable even when p_y underflows to 0.
+    log_p = shifted[rows, y]
     np.exp(shifted, out=shifted)
     sums = shifted.sum(axis=1)
-    # log p_y = s_y - max - log(sum exp): stable even when p_y underflows to 0.
-    log_p = scores[rows, y] - scores.max(axis=1) - np.log(sums)
-    loss = float(-log_p.mean(dtype=np.float64))
+    log_p -= np.log(sums)
+    loss = float(-log_p.sum(dtype=np.float64) / n)
     if not need_grad:
         return loss, None, pred
+    sums *= n
     shifted /= sums[:, None]
-    shifted[rows, y] -= 1
-    shifted /= n
+    shifted[rows, y] -= 1.0 / n
     return loss, shifted, pred

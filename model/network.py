@@ -150,6 +150,7 @@ class Network:
                 return S, caches
             bn_cache = None
             if self._has_bn(l):
+                # In place over S: batch norm keeps S_hat, not its input.
                 S, bn_cache = layers.batchnorm_forward(
                     S,
                     p[f"gamma{l}"],
@@ -157,6 +158,8 @@ class Network:
                     train=train,
                     running_mean=self.bn_state[f"mean{l}"],
                     running_var=self.bn_state[f"var{l}"],
+                    out=S if reuse_buffers else None,
+                    S_hat_out=self._buf(f"S_hat{l}", S.shape) if reuse_buffers else None,
                 )
             # ReLU in place over S: its pre-activation is not needed by backward.
             H, relu_cache = layers.relu_forward(S, out=S)
@@ -190,7 +193,7 @@ class Network:
                 dS = layers.relu_backward(dH, relu_cache, inplace=reuse_buffers)
                 if bn_cache is not None:
                     dS, grads[f"dgamma{l}"], grads[f"dbeta{l}"] = layers.batchnorm_backward(
-                        dS, bn_cache
+                        dS, bn_cache, out=dS if reuse_buffers else None
                     )
             else:
                 dS = dH
@@ -254,15 +257,20 @@ class Network:
         return loss, loss + l2_lambda * self.l2_penalty(), grads
 
     def train_step(
-        self, X: np.ndarray, y: np.ndarray, *, l2_lambda: float
+        self, X: np.ndarray, y: np.ndarray, *, l2_lambda: float, grad_scale: float = 1.0
     ) -> tuple[float, dict[str, np.ndarray]]:
         """Forward and backward on one batch in training mode, updating ``bn_state``.
 
-        Returns the batch's mean cross-entropy and the gradients; the gradient
-        arrays are reused by the next call, so apply them before calling again.
+        Returns the batch's mean cross-entropy and the gradients times
+        ``grad_scale``; the gradient arrays are reused by the next call, so apply
+        them before calling again. Every gradient is linear in dscores, so the
+        trainer passes the learning rate as ``grad_scale`` and scales a (N, K)
+        array instead of every (d_in, d_out) one.
         """
         scores, caches = self.forward(X, train=True, reuse_buffers=True)
         loss, dscores, _ = layers.softmax_cross_entropy(scores, y)
+        if grad_scale != 1.0:
+            dscores *= grad_scale
         grads = self.backward(dscores, caches, l2_lambda=l2_lambda, reuse_buffers=True)
         self.update_running_stats(caches)
         return loss, grads

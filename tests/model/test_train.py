@@ -83,7 +83,7 @@ def test_overfits_100_images(cifar_dir):
     s = load("cifar10", cifar_dir)
     small = Splits(Dataset(s.train.X[:100], s.train.y[:100]), s.val, s.test)
     net = Network(small.train.d, [50], 10, init="xavier", seed=0)
-    cfg = TrainConfig(schedule="constant", eta=0.05, n_epochs=200, batch_size=10)
+    cfg = TrainConfig(schedule="constant", eta=0.05, n_epochs=200, batch_size=10, eval_every=500)
     h = fit(net, small, cfg)
     assert h.metrics["train_acc"][-1] > 0.95
     assert h.metrics["train_loss"][-1] < 0.1
@@ -131,3 +131,32 @@ def test_two_layer_cifar_subset_matches_reference_accuracy(cifar_dir):
         fit(net, s, cfg)
         accs.append(net.evaluate(s.test.X, s.test.y)["accuracy"])
     assert 0.385 < float(np.mean(accs)) < 0.44, accs
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+@pytest.mark.parametrize("bn", [False, True])
+def test_fit_takes_the_textbook_step(tiny_splits, rho, bn):
+    """The fused update (eta folded into dscores, L2 as weight decay) is plain SGD on the cost."""
+    as64 = Splits(
+        *(
+            Dataset(d.X.astype(np.float64), d.y, n_classes=3)
+            for d in (tiny_splits.train, tiny_splits.val, tiny_splits.test)
+        )
+    )
+    X, y = as64.train.X, as64.train.y
+    lam, eta = 0.05, 0.1
+    cfg = TrainConfig(
+        schedule="constant", eta=eta, n_epochs=3, batch_size=300, l2_lambda=lam, rho=rho
+    )
+    net = Network(20, [16, 8], 3, batch_norm=bn, dtype=np.float64, seed=3)
+    ref = Network(20, [16, 8], 3, batch_norm=bn, dtype=np.float64, seed=3)
+    fit(net, as64, cfg)
+    # One batch of all 300 samples per epoch: the shuffle changes nothing in the step.
+    v = {k: np.zeros_like(P) for k, P in ref.params.items()}
+    for _ in range(3):
+        _, _, grads = ref.loss(X, y, l2_lambda=lam)
+        for k, P in ref.params.items():
+            v[k] = rho * v[k] - eta * grads["d" + k]
+            P += v[k]
+    for k in ref.params:
+        np.testing.assert_allclose(net.params[k], ref.params[k], rtol=1e-10, atol=1e-12)
