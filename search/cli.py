@@ -56,6 +56,9 @@ def run_stage(
     study = st.open_study(spec, stage)
     st.record_data(study, prepared)
     study.set_user_attr("ranges", st.describe_ranges(ranges))
+    if spec.path:
+        # Lets `python -m search.worker --study-name ...` join without --study.
+        study.set_user_attr("study_file", str(Path(spec.path).resolve()))
     for k, v in (attrs or {}).items():
         study.set_user_attr(k, v)
     queued = st.top_up(study, target, enqueue=list(enqueue))

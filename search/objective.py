@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 
 from model.data import Splits
 from model.network import Network
-from model.train import History, TrainingDiverged, fit
+from model.train import History, TrainConfig, TrainingDiverged, fit
 from search.spec import StudySpec
 
 
@@ -39,13 +40,46 @@ def build_network(spec: StudySpec, splits: Splits, seed: int) -> Network:
     )
 
 
-def _record(trial: optuna.Trial, history: History, *, diverged: bool, reason: str = "") -> None:
+def record_trial(
+    trial: optuna.Trial, history: History, *, diverged: bool, reason: str = ""
+) -> None:
+    """Store a trial's curves, wall time, epochs run and whether (and why) it stopped early."""
     trial.set_user_attr("curves", history.to_dict())
     trial.set_user_attr("wall_time", round(history.wall_time, 3))
     trial.set_user_attr("epochs_run", round(history.epochs_run, 4))
     trial.set_user_attr("diverged", diverged)
     if reason:
         trial.set_user_attr("reason", reason)
+
+
+def fit_and_record(
+    trial: optuna.Trial,
+    net: Network,
+    splits: Splits,
+    config: TrainConfig,
+    *,
+    on_evaluate: Callable[[int, dict[str, float]], None],
+    seen: History | None = None,
+) -> History:
+    """Train, reporting through ``on_evaluate``, and record the curves on the trial.
+
+    A diverged run is recorded and ends the trial as PRUNED with the reason. If
+    ``on_evaluate`` prunes, ``seen`` (the curves it collected) is recorded.
+    """
+    t0 = time.perf_counter()
+    try:
+        history = fit(net, splits, config, on_evaluate=on_evaluate)
+    except TrainingDiverged as exc:
+        exc.history.wall_time = time.perf_counter() - t0
+        record_trial(trial, exc.history, diverged=True, reason=str(exc))
+        raise optuna.TrialPruned(f"diverged: {exc}") from None
+    except optuna.TrialPruned as exc:
+        if seen is not None:
+            seen.wall_time = time.perf_counter() - t0
+            record_trial(trial, seen, diverged=False, reason=str(exc))
+        raise
+    record_trial(trial, history, diverged=False)
+    return history
 
 
 class Objective:
@@ -71,6 +105,8 @@ class Objective:
             2 * config.resolved_n_s(n_train) if config.schedule == "cyclical" else per_epoch
         )
         warmup = self.spec.optuna.warmup_cycles * per_cycle
+        # should_prune reads every finished trial from the storage: skip it when it can't prune.
+        prunes = self.spec.optuna.pruner != "none"
         # The curves so far, kept here too: a pruned trial keeps them.
         seen = History()
 
@@ -78,23 +114,14 @@ class Objective:
             seen.append(step, step / per_epoch, schedule.lr_at(step - 1), metrics)
             seen.epochs_run = step / per_epoch
             trial.report(metrics["val_acc"], step)
-            if step >= warmup and trial.should_prune():
+            if prunes and step >= warmup and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned at step {step}: val_acc {metrics['val_acc']:.4f}"
                 )
 
-        t0 = time.perf_counter()
-        try:
-            history = fit(net, self.splits, config, on_evaluate=on_evaluate)
-        except TrainingDiverged as exc:
-            exc.history.wall_time = time.perf_counter() - t0
-            _record(trial, exc.history, diverged=True, reason=str(exc))
-            raise optuna.TrialPruned(f"diverged: {exc}") from None
-        except optuna.TrialPruned as exc:
-            seen.wall_time = time.perf_counter() - t0
-            _record(trial, seen, diverged=False, reason=str(exc))
-            raise
-        _record(trial, history, diverged=False)
+        history = fit_and_record(
+            trial, net, self.splits, config, on_evaluate=on_evaluate, seen=seen
+        )
         value = history.final["val_acc"]
         return value if math.isfinite(value) else 0.0
 

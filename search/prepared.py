@@ -13,6 +13,7 @@ checksum is recorded on each study and compared by every worker that joins.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -71,9 +72,7 @@ def checksum(spec: DataSpec, data_dir: str | None, *, seed: int = 0) -> str:
     h = hashlib.sha256()
     settings = {**asdict(spec), "dir": None, "seed": seed, "version": CACHE_VERSION}
     if spec.name == "digits":
-        import sklearn
-
-        settings["sklearn"] = sklearn.__version__
+        settings["sklearn"] = importlib.metadata.version("scikit-learn")
     h.update(json.dumps(settings, sort_keys=True).encode())
     for path in _source_files(spec, data_dir):
         h.update(path.name.encode())

@@ -76,7 +76,7 @@ class FinalSpec:
 
 @dataclass(frozen=True)
 class OptunaSpec:
-    pruner: str = "median"
+    pruner: str = "percentile"
     sampler: str = "tpe"
     seed: int = 0
     workers: int = 1

@@ -151,16 +151,23 @@ def run_trials(
     current trial and re-queues its parameters, so nothing is lost.
     """
     storage = study._storage
-    ran = 0
+    ran = idle = 0
     while max_trials is None or ran < max_trials:
-        fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
         trial_id = study._pop_waiting_trial_id()
         if trial_id is None:
             live = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not live:
                 return ran
-            time.sleep(poll)
+            # The others' last trials usually end within a second: look again soon,
+            # then every ``poll`` seconds (a killed worker's trial comes back only
+            # after its heartbeat's grace period).
+            time.sleep(min(poll, 0.05 * 1.5**idle))
+            idle += 1
             continue
+        idle = 0
         trial = optuna.Trial(study, trial_id)
         state, value = None, None
         with get_heartbeat_thread(trial_id, storage):
@@ -240,7 +247,8 @@ def run_workers(
     """Run ``workers`` processes (joblib/loky) on the study until its queue is empty.
 
     Each worker gets cores // workers BLAS threads (at least one), so workers x
-    threads never oversubscribes the machine. One worker runs in this process.
+    threads never oversubscribes the machine. One worker runs in this process
+    (it starts at once; the others take a moment to start), the rest in processes.
     """
     cores = os.cpu_count() or 1
     threads = max(1, cores // workers)
@@ -248,36 +256,39 @@ def run_workers(
         WorkerJob(spec, stage, str(prepared.path), prepared.checksum, ranges, threads, i)
         for i in range(workers)
     ]
-    if workers == 1:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=threads):
-            study = open_study(spec, stage)
-            objective = Objective(spec, stage, prepared.open(), ranges)
-            run_trials(study, objective, on_trial_end=progress)
-        return
     import threading
 
-    from joblib import Parallel, delayed
+    from joblib.externals.loky import get_reusable_executor
+    from threadpoolctl import threadpool_limits
 
     done = threading.Event()
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def run_others() -> None:
         try:
-            Parallel(n_jobs=workers, backend="loky")(delayed(worker_main)(j) for j in jobs)
+            # loky's executor, not Parallel: Parallel(n_jobs=1) would run in this process.
+            executor = get_reusable_executor(max_workers=workers - 1)
+            for future in [executor.submit(worker_main, j) for j in jobs[1:]]:
+                future.result()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)
         finally:
             done.set()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    while not done.wait(1.0):
-        if progress is not None:
-            progress()
-    if errors:
-        raise errors[0]
+    if workers > 1:
+        # The other workers start in processes while this one starts training at once.
+        threading.Thread(target=run_others, daemon=True).start()
+    with threadpool_limits(limits=threads):
+        study = open_study(spec, stage, worker=0)
+        objective = Objective(spec, stage, prepared.open(), ranges)
+        run_trials(study, objective, on_trial_end=progress)
+    if workers > 1:
+        # This worker found the queue empty; the others finish their last trials.
+        while not done.wait(1.0):
+            if progress is not None:
+                progress()
+        if errors:
+            raise errors[0]
 
 
 class Progress:
