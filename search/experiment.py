@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import os
-import time
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,10 +45,10 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from model.data import Dataset, Splits
-from model.train import TrainConfig, TrainingDiverged, fit
+from model.train import TrainConfig
 from search import study as st
 from search.cli import guarded
-from search.objective import _record, build_network
+from search.objective import build_network, fit_and_record
 from search.prepared import Prepared
 from search.spec import NetworkSpec, StudyDefinitionError, StudySpec, parse_spec
 from search.storage import sqlite_path, with_retries
@@ -389,14 +388,7 @@ class GridObjective:
         def on_evaluate(step: int, metrics: dict[str, float]) -> None:
             trial.report(metrics["val_acc"], step)
 
-        t0 = time.perf_counter()
-        try:
-            history = fit(net, self.splits, config, on_evaluate=on_evaluate)
-        except TrainingDiverged as exc:
-            exc.history.wall_time = time.perf_counter() - t0
-            _record(trial, exc.history, diverged=True, reason=str(exc))
-            raise optuna.TrialPruned(f"diverged: {exc}") from None
-        _record(trial, history, diverged=False)
+        history = fit_and_record(trial, net, self.splits, config, on_evaluate=on_evaluate)
         test = net.evaluate(self.splits.test.X, self.splits.test.y, l2_lambda=config.l2_lambda)
         if math.isfinite(test["accuracy"]):
             trial.set_user_attr("test_acc", float(test["accuracy"]))
@@ -527,6 +519,18 @@ class Row:
     trial: optuna.trial.FrozenTrial | None
 
 
+def results(
+    spec_path: str | Path, *, storage: str | None = None
+) -> tuple[Experiment, optuna.Study, list[Row]]:
+    """The experiment, its study and its grid points with their finished trials.
+
+    Raises LookupError if the study is missing or has no finished trial.
+    """
+    experiment = load_experiment(spec_path, storage=storage)
+    study = _finished_study(experiment, spec_path)
+    return experiment, study, rows(experiment, study)
+
+
 def _finished_study(experiment: Experiment, spec_path: str | Path) -> optuna.Study:
     hint = (
         f"experiment {experiment.name} has not been run; "
@@ -621,9 +625,7 @@ def draw(
 
     Raises LookupError if the experiment's study is missing or has no finished trial.
     """
-    experiment = load_experiment(spec_path, storage=storage)
-    study = _finished_study(experiment, spec_path)
-    table_rows = rows(experiment, study)
+    experiment, study, table_rows = results(spec_path, storage=storage)
     info = study.user_attrs.get("experiment", {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -714,7 +716,7 @@ def _draw_curves(
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if ax.lines:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=7, ncol=2 if len(ax.lines) > 4 else 1)
     fig.suptitle(f"{title}\n{note}" if note else title)
     path = out_dir / f"{experiment.name}_curves.png"
     fig.savefig(path, dpi=90)

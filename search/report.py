@@ -431,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument(
         "--all", action="store_true", help="gradient checks, every experiment and the study"
     )
+    p.add_argument(
+        "--experiments-dir",
+        default=None,
+        help="with --all: where the experiment files are (default: experiments/ beside the "
+        "study file)",
+    )
     args = p.parse_args(argv)
     spec = cli.load(args)
     out = Path(args.out) if args.out else spec.out_dir() / "report"
@@ -442,7 +448,18 @@ def main(argv: list[str] | None = None) -> int:
         md.write_text(section if section.endswith("\n") else section + "\n")
     elif args.all:
         md, figures = out / "report.md", []
-        md.write_text(_all_report(spec, out, storage=args.storage, figures=figures))
+        if args.experiments_dir:
+            exp_dir = Path(args.experiments_dir)
+            if not exp_dir.is_dir():
+                raise ValueError(
+                    f"--experiments-dir {exp_dir} is not a directory; pass the folder that "
+                    "holds the experiment files (studies/experiments in this repository)"
+                )
+        else:
+            exp_dir = Path(spec.path).resolve().parent / "experiments"
+        md.write_text(
+            _all_report(spec, out, storage=args.storage, figures=figures, exp_dir=exp_dir)
+        )
     else:
         section, figures = build(spec, out)
         md = out / "report.md"
@@ -458,10 +475,15 @@ def _experiment_module():
     return importlib.import_module("search.experiment")
 
 
-def _all_report(spec: StudySpec, out: Path, *, storage: str | None, figures: list[Path]) -> str:
+def _all_report(
+    spec: StudySpec, out: Path, *, storage: str | None, figures: list[Path], exp_dir: Path
+) -> str:
     experiment = _experiment_module()
-    parts = ["# Report", "", experiment.gradcheck_section().rstrip(), ""]
-    for path in experiment.list_experiments(Path("studies/experiments")):
+    parts = ["# Report", "", experiment.gradcheck_section(out).rstrip(), ""]
+    found = experiment.list_experiments(exp_dir) if exp_dir.is_dir() else []
+    if not found:
+        parts += ["## Experiments", "", f"No experiment files (*.toml) in `{exp_dir}`.", ""]
+    for path in found:
         try:
             section, pngs = experiment.draw(path, out, storage=storage)
         except LookupError as exc:

@@ -127,7 +127,7 @@ def _fake_experiment(tmp_path: Path, calls: list) -> types.ModuleType:
 
     fake.draw = draw
     fake.list_experiments = lambda root: [done, pending]
-    fake.gradcheck_section = lambda: "## Gradient check\n\n| W1 | 1e-9 |\n"
+    fake.gradcheck_section = lambda out_dir=None: "## Gradient check\n\n| W1 | 1e-9 |\n"
     return fake
 
 
@@ -147,7 +147,20 @@ def test_all_flag_combines_gradcheck_experiments_and_study(ran, tmp_path, monkey
     calls: list = []
     monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, calls))
     out = tmp_path / "all"
-    assert report.main(["--study", str(ran.path), "--all", "--out", str(out)]) == 0
+    assert (
+        report.main(
+            [
+                "--study",
+                str(ran.path),
+                "--all",
+                "--experiments-dir",
+                str(tmp_path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     md = (out / "report.md").read_text()
     order = [
         "## Gradient check",
@@ -165,6 +178,19 @@ def test_all_flag_combines_gradcheck_experiments_and_study(ran, tmp_path, monkey
 def test_all_flag_without_a_study_still_writes_the_experiments(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, []))
     path = write_study(tmp_path, "notrun")
-    assert report.main(["--study", str(path), "--all", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        report.main(
+            [
+                "--study",
+                str(path),
+                "--all",
+                "--experiments-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     md = (tmp_path / "o" / "report.md").read_text()
     assert "## Gradient check" in md and "Not run yet" in md and "search.coarse" in md

@@ -1,0 +1,259 @@
+"""The DD2424 experiments as grid studies: every file runs, resumes, covers its grid, draws."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import experiment as ex
+from search.spec import StudyDefinitionError
+from tests.search.conftest import dump_toml
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = REPO / "studies" / "experiments"
+FILES = ex.list_experiments(EXPERIMENTS)
+
+
+def tiny_copy(source: Path, directory: Path, **sections) -> Path:
+    """The experiment file in ``directory`` with a tiny training budget (and its DB there)."""
+    doc = tomllib.loads(source.read_text())
+    training = doc.setdefault("training", {})
+    if training.get("schedule", "cyclical") == "cyclical":
+        training |= {"n_cycles": 1, "evals_per_cycle": 2}
+        if "n_s_epochs" in doc.get("experiment", {}):
+            doc["experiment"]["n_s_epochs"] = 1
+    else:
+        training["n_epochs"] = 2
+    training["train_eval_size"] = 200
+    doc.setdefault("optuna", {})["workers"] = 1
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    path = directory / source.name
+    path.write_text(dump_toml(doc))
+    return path
+
+
+def finished_trials(path: Path) -> tuple[ex.Experiment, list[optuna.trial.FrozenTrial]]:
+    experiment = ex.load_experiment(path)
+    study = optuna.load_study(
+        study_name=experiment.study_name, storage=experiment.spec.storage_url()
+    )
+    return experiment, study.get_trials(deepcopy=False)
+
+
+def test_the_five_experiments_are_shipped():
+    names = {p.stem for p in FILES}
+    assert {"bn_vs_none", "sensitivity_init", "lambda_bn", "momentum_decay", "overfit"} <= names
+    for path in FILES:
+        experiment = ex.load_experiment(path)
+        assert experiment.spec.data.name == "digits", f"{path.name} must run offline by default"
+        assert len(experiment.points()) >= 2
+
+
+def test_bn_vs_none_has_the_assignment_grid_and_n_s():
+    experiment = ex.load_experiment(EXPERIMENTS / "bn_vs_none.toml")
+    hidden = {tuple(p["hidden"]) for p in experiment.points()}
+    assert hidden == {(50, 50), (50, 30, 20, 20, 10, 10, 10, 10)}
+    assert {p["batch_norm"] for p in experiment.points()} == {True, False}
+    point = experiment.points()[0]
+    # n_s = 5 * 45000 / 100 on full CIFAR-10, whatever the file's default data.
+    assert experiment.train_config(point, 45000, seed=0).n_s == 2250
+    assert experiment.train_config(point, 45000, seed=0).l2_lambda == 0.005
+
+
+@pytest.mark.parametrize("source", FILES, ids=[p.stem for p in FILES])
+def test_every_experiment_runs_covers_its_grid_and_draws(source, tmp_path, capsys):
+    path = tiny_copy(source, tmp_path)
+    assert ex.main([str(path)]) == 0
+    experiment, trials = finished_trials(path)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    keys = Counter(ex._key(t.params) for t in trials)
+    expected = {ex._key(experiment.params(p)) for p in experiment.points()}
+    assert set(keys) == expected and set(keys.values()) == {1}, "one trial per grid point"
+    for t in trials:
+        assert {"curves", "wall_time", "epochs_run", "diverged"} <= set(t.user_attrs)
+        if t.state == TrialState.COMPLETE:
+            assert 0.0 <= t.user_attrs["test_acc"] <= 1.0
+    section, paths = ex.draw(path, tmp_path / "out")
+    assert section.startswith("### ") and "test acc" in section
+    assert section.count("\n| ") == len(expected) + 1  # header + one row per point
+    assert paths and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in paths)
+    assert "| " in capsys.readouterr().out
+
+
+def test_rerun_trains_nothing_and_a_larger_grid_only_the_new_points(tmp_path, capsys):
+    path = tiny_copy(EXPERIMENTS / "momentum_decay.toml", tmp_path, grid={"rho": [0.0, 0.9]})
+    assert ex.main([str(path)]) == 0
+    _, first = finished_trials(path)
+    assert len(first) == 2
+    capsys.readouterr()
+    assert ex.main([str(path)]) == 0
+    assert "0 newly queued" in capsys.readouterr().out
+    _, second = finished_trials(path)
+    assert [(t.number, t.datetime_complete) for t in second] == [
+        (t.number, t.datetime_complete) for t in first
+    ]
+    tiny_copy(EXPERIMENTS / "momentum_decay.toml", tmp_path, grid={"rho": [0.0, 0.5, 0.9]})
+    assert ex.main([str(path)]) == 0
+    assert "1 newly queued" in capsys.readouterr().out
+    _, third = finished_trials(path)
+    assert sorted(t.params["rho"] for t in third) == [0.0, 0.5, 0.9]
+
+
+def test_a_failed_point_is_queued_again(tmp_path):
+    path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False]})
+    experiment = ex.load_experiment(path)
+    study = ex.open_study(experiment)
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.FAIL,
+            params={"batch_norm": False},
+            distributions=experiment.distributions(),
+        )
+    )
+    assert ex.queue_grid(study, experiment) == 1
+    assert ex.queue_grid(study, experiment) == 0  # queued once, not twice
+
+
+def test_two_workers_share_the_grid_without_duplicates(tmp_path):
+    path = tiny_copy(EXPERIMENTS / "sensitivity_init.toml", tmp_path, grid={"sigma": [0.1, 1e-3]})
+    assert ex.main([str(path), "--workers", "2"]) == 0
+    experiment, trials = finished_trials(path)
+    assert len(trials) == len(experiment.points()) == 4
+    assert len({ex._key(t.params) for t in trials}) == 4
+
+
+def test_overfit_reaches_high_training_accuracy_on_100_digits(tmp_path):
+    path = tmp_path / "overfit.toml"
+    shutil.copy(EXPERIMENTS / "overfit.toml", path)
+    assert ex.main([str(path)]) == 0
+    _, trials = finished_trials(path)
+    assert trials and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        assert t.user_attrs["n_train"] == 100
+        assert t.user_attrs["curves"]["train_acc"][-1] > 0.95, t.params
+
+
+def test_a_diverged_run_is_recorded_and_drawn(tmp_path):
+    path = tiny_copy(
+        EXPERIMENTS / "momentum_decay.toml",
+        tmp_path,
+        grid={"rho": [0.0, 0.99]},
+        training={"eta": 50.0, "decay": 1.0},
+    )
+    assert ex.main([str(path)]) == 0
+    _, trials = finished_trials(path)
+    assert [t.user_attrs["diverged"] for t in trials] == [True, True]
+    assert all(t.state == TrialState.PRUNED for t in trials)
+    section, paths = ex.draw(path, tmp_path / "out")
+    assert "**yes**" in section and paths[0].exists()
+
+
+def test_draw_before_running_raises_and_creates_no_database(tmp_path):
+    path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
+    with pytest.raises(LookupError, match="has not been run; run: python -m search.experiment"):
+        ex.draw(path, tmp_path / "out")
+    assert not list(tmp_path.glob("*.db"))
+    # A study that exists but has no finished trial is not drawn either.
+    experiment = ex.load_experiment(path)
+    ex.queue_grid(ex.open_study(experiment), experiment)
+    with pytest.raises(LookupError):
+        ex.draw(path, tmp_path / "out")
+
+
+def test_data_and_n_s_overrides(tmp_path, capsys):
+    path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False]})
+    assert ex.main([str(path), "--n-val", "200", "--n-s", "7"]) == 0
+    assert "(100 train / 200 val / 300 test)" in capsys.readouterr().out
+    experiment = ex.load_experiment(path, data={"n_val": 200}, n_s=7)
+    assert experiment.spec.data.n_val == 200
+    assert experiment.train_config(experiment.points()[0], 100, seed=0).n_s == 7
+    # A study refuses other data: runs on other data need their own database.
+    assert ex.main([str(path), "--n-val", "250"]) == 2
+    assert "--storage" in capsys.readouterr().err
+
+
+def test_the_same_file_runs_on_the_cifar_subset(tmp_path, cifar_dir, capsys):
+    path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path, grid={"batch_norm": [True]})
+    argv = [str(path), "--cifar", str(cifar_dir), "--n-val", "1017", "--n-s", "5"]
+    assert ex.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "data cifar10 (4068 train / 1017 val" in out
+    _, trials = finished_trials(path)
+    assert {t.user_attrs["config"]["n_s"] for t in trials} == {5}
+
+
+@pytest.mark.parametrize(
+    ("grid", "field"),
+    [
+        ({"momentum": [0.1]}, "grid.momentum"),
+        ({"rho": []}, "grid.rho"),
+        ({"rho": [0.5, 0.5]}, "grid.rho"),
+        ({"hidden": [50, 50]}, "grid.hidden"),
+        ({"rho": [0.5, 1.5]}, "grid"),  # rho must be < 1: checked per point
+    ],
+)
+def test_bad_grids_name_the_field(tmp_path, grid, field):
+    path = tiny_copy(EXPERIMENTS / "momentum_decay.toml", tmp_path)
+    doc = tomllib.loads(path.read_text())
+    doc["grid"] = grid
+    path.write_text(dump_toml(doc))
+    with pytest.raises(StudyDefinitionError) as info:
+        ex.load_experiment(path)
+    assert info.value.field == field
+    assert ex.main([str(path)]) == 2
+
+
+def test_bad_experiment_table(tmp_path):
+    path = tiny_copy(EXPERIMENTS / "lambda_bn.toml", tmp_path, experiment={"kind": "bars"})
+    with pytest.raises(StudyDefinitionError, match="experiment.kind"):
+        ex.load_experiment(path)
+
+
+def test_gradcheck_section_is_a_table_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "GRADCHECK_HIDDEN", {2: [6], 3: [6, 5]})
+    section = ex.gradcheck_section(tmp_path)
+    assert "| network | BN | layer | W | b | gamma | beta |" in section
+    assert section.count("\n| ") == 1 + (2 + 3) * 2  # header + a row per layer and BN
+    assert (tmp_path / "gradcheck.json").exists()
+    largest = float(section.rsplit("Largest relative error: ", 1)[1].split(".\n")[0])
+    assert largest < 1e-5
+    calls = []
+    monkeypatch.setattr("model.gradcheck.check_network", lambda *a, **k: calls.append(1))
+    assert ex.gradcheck_section(tmp_path) == section
+    assert not calls, "the cached errors are reused"
+
+
+def test_report_all_draws_the_experiments_beside_the_study(tmp_path, capsys, monkeypatch):
+    """``search.report --all`` for real: gradient checks, a run experiment, one not run yet."""
+    from search import report
+
+    monkeypatch.setattr(ex, "GRADCHECK_HIDDEN", {2: [6], 3: [6, 5]})
+    from tests.search.conftest import write_study
+
+    exp_dir = tmp_path / "experiments"
+    exp_dir.mkdir()
+    ran = tiny_copy(EXPERIMENTS / "momentum_decay.toml", exp_dir, grid={"rho": [0.0, 0.9]})
+    tiny_copy(EXPERIMENTS / "overfit.toml", exp_dir)
+    assert ex.main([str(ran)]) == 0
+    study = write_study(tmp_path, "qs")  # experiments/ beside it; its own study never ran
+    out = tmp_path / "report"
+    assert report.main(["--study", str(study), "--all", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert md.index("Gradient check") < md.index("momentum_decay") < md.index("overfit")
+    assert "| network | BN | layer | W | b | gamma | beta |" in md
+    assert (out / "gradcheck.json").exists(), "the gradient check is cached beside the report"
+    assert "Not run yet" in md and "search.experiment" in md
+    pngs = [p for p in out.glob("momentum_decay*.png")]
+    assert pngs and all(p.stat().st_size > 10_000 for p in pngs)
+    for p in pngs:
+        assert f"]({p.name})" in md, f"{p.name} is not linked from the report"
+    missing_dir = ["--study", str(study), "--all", "--experiments-dir", str(tmp_path / "nope")]
+    assert report.main([*missing_dir, "--out", str(out)]) == 2
+    assert "--experiments-dir" in capsys.readouterr().err
