@@ -1,0 +1,223 @@
+"""Many machines on one PostgreSQL study: separate ``search.worker`` processes share a queue.
+
+Each test gets its own database on the local server (tests/search/pg_util.py).
+The workers are real subprocesses, as three machines would start them.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import study as st
+from search import worker
+from search.spec import load_spec
+from tests.search import pg_util
+from tests.search.test_dashboard import get_json, run_dashboard
+
+pytestmark = pytest.mark.postgres
+
+# Starting points queued first: each must run exactly once however many workers pop.
+STARTS = [
+    {"l2_lambda": 1e-3, "eta_max": 0.05},
+    {"l2_lambda": 1e-4, "eta_max": 0.1},
+    {"l2_lambda": 1e-2, "eta_max": 0.02},
+]
+# Heartbeats every second, stale after 3 s: a killed worker's trial comes back quickly.
+FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 3}
+
+
+@pytest.fixture
+def pg_url():
+    with pg_util.temporary_database() as url:
+        yield url
+
+
+def create_study(path, *, target: int, enqueue=()) -> optuna.Study:
+    """What search.coarse does before training: create, record the data, queue the target."""
+    spec = load_spec(path)
+    study = st.open_study(spec, "coarse")
+    st.record_data(study, st.prepare_for(spec, log=lambda *_: None))
+    study.set_user_attr("ranges", st.describe_ranges(spec.search))
+    st.top_up(study, target, enqueue=list(enqueue))
+    return study
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    return dict(st.counts(study))
+
+
+def test_three_workers_run_exactly_the_target(quick_study, pg_url):
+    path = quick_study(
+        "pg",
+        coarse={"trials": 12},
+        training={"n_cycles": 1, "evals_per_cycle": 4},
+        optuna={"storage": pg_url, **FAST_HEARTBEAT},
+    )
+    study = create_study(path, target=12, enqueue=STARTS)
+    args = ["--storage", pg_url, "--study-name", "pg-coarse", "--study", str(path)]
+    procs = [pg_util.start_worker(*args, "--threads", "1", "--poll", "0.2") for _ in range(3)]
+    outputs = pg_util.finish(procs)
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out
+        assert "joined pg-coarse" in out and "queue empty" in out, out
+
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in st.FINISHED]
+    assert len(finished) == 12 == len(trials), states(study)
+    for start in STARTS:
+        assert sum(t.params == start for t in finished) == 1, start
+    # Blank trials got distinct parameters: the workers' samplers are seeded apart.
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 12
+    labels = {t.user_attrs["worker"] for t in finished}
+    assert labels <= {f"{worker.socket.gethostname()}:{p.pid}" for p in procs}
+    assert all("curves" in t.user_attrs for t in finished)
+
+
+def test_killed_worker_trial_is_retried_by_the_others(quick_study, pg_url):
+    # Slower trials (more cycles, no pruning) so one is certainly running when we kill.
+    path = quick_study(
+        "pgkill",
+        coarse={"trials": 6},
+        training={"n_cycles": 6},
+        optuna={"storage": pg_url, "pruner": "none", **FAST_HEARTBEAT},
+    )
+    study = create_study(path, target=6)
+    args = ["--storage", pg_url, "--study-name", "pgkill-coarse", "--study", str(path)]
+    # Three machines; the first one started will be killed in the middle of a trial.
+    procs = [pg_util.start_worker(*args, "--threads", "1", "--poll", "0.2") for _ in range(3)]
+    victim = procs[0]
+    label = f"{worker.socket.gethostname()}:{victim.pid}"
+    killed = None
+    deadline = time.monotonic() + 60
+    try:
+        while killed is None and time.monotonic() < deadline:
+            running = study.get_trials(states=(TrialState.RUNNING,))
+            mine = [t for t in running if t.user_attrs.get("worker") == label]
+            mine = [t for t in mine if len(t.params) == 2]  # both suggested: training
+            if mine:
+                victim.send_signal(signal.SIGKILL)
+                killed = mine[0]
+            time.sleep(0.05)
+        assert killed is not None, f"never caught the victim mid-trial: {states(study)}"
+    finally:
+        outputs = pg_util.finish(procs)
+    assert victim.returncode == -signal.SIGKILL
+    for p, out in zip(procs[1:], outputs[1:], strict=True):
+        assert p.returncode == 0, out
+
+    trials = study.get_trials()
+    c = states(study)
+    assert c.get("COMPLETE", 0) + c.get("PRUNED", 0) == 6, c
+    assert c.get("RUNNING", 0) == c.get("WAITING", 0) == 0, c
+    failed = trials[killed.number]
+    assert failed.state == TrialState.FAIL and failed.params == killed.params
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1, c
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    assert retry.system_attrs["retry_history"] == [killed.number]
+    assert retry.user_attrs["worker"] != label  # run again by a survivor
+
+
+def test_worker_refuses_a_study_that_does_not_exist(quick_study, pg_url, capsys):
+    path = quick_study("pgmiss", optuna={"storage": pg_url})
+    create_study(path, target=2)
+    code = worker.main(["--storage", pg_url, "--study-name", "nope-coarse", "--study", str(path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no study 'nope-coarse'" in err and "pgmiss-coarse" in err  # lists what exists
+    assert optuna.get_all_study_names(pg_url) == ["pgmiss-coarse"]  # and created nothing
+
+
+def test_worker_refuses_different_data(quick_study, pg_url, capsys):
+    path = quick_study("pgdata", optuna={"storage": pg_url})
+    study = create_study(path, target=2)
+    study.set_user_attr("data_checksum", "f" * 64)  # as if created from other source files
+    code = worker.main(
+        ["--storage", pg_url, "--study-name", "pgdata-coarse", "--study", str(path)]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: study pgdata-coarse was created with data ffffffffffffffff" in err
+    assert states(study) == {"WAITING": 2}  # nothing ran
+
+
+def test_create_then_join_fine_stage_uses_recorded_ranges(quick_study, pg_url, capsys):
+    path = quick_study("pgfine", optuna={"storage": pg_url})
+    # --create records the study file, so a worker needs only the storage and the name.
+    assert (
+        worker.main(["--create", "--study", str(path), "--storage", pg_url, "--trials", "3"]) == 0
+    )
+    assert "target 3 trials" in capsys.readouterr().out
+    spec = load_spec(path)
+    coarse = optuna.load_study(study_name="pgfine-coarse", storage=pg_url)
+    assert coarse.user_attrs["study_file"] == str(path.resolve())
+    assert states(coarse) == {"WAITING": 3}
+    # A fine study as search.fine leaves it: narrowed ranges recorded, trials queued.
+    fine = st.open_study(spec, "fine")
+    narrow = {"l2_lambda": [1e-4, 2e-4], "eta_max": [0.01, 0.02]}
+    fine.set_user_attr("ranges", narrow)
+    fine.set_user_attr("study_file", str(path))
+    st.top_up(fine, 2)
+    assert worker.main(["--storage", pg_url, "--study-name", "pgfine-fine", "--threads", "1"]) == 0
+    done = fine.get_trials()
+    assert [t.state in st.FINISHED for t in done] == [True, True]
+    for t in done:
+        for name, (lo, hi) in narrow.items():
+            assert lo <= t.params[name] <= hi
+    assert states(coarse) == {"WAITING": 3}  # the fine worker left the coarse study alone
+
+
+def test_dashboard_reads_the_postgres_study(quick_study, pg_url):
+    path = quick_study("pgdash", optuna={"storage": pg_url})
+    study = create_study(path, target=2)
+    args = ["--storage", pg_url, "--study-name", "pgdash-coarse", "--study", str(path)]
+    assert worker.main([*args, "--threads", "1"]) == 0
+    with run_dashboard(pg_url) as base:
+        summaries = get_json(base + "/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in summaries] == ["pgdash-coarse"]
+        detail = get_json(f"{base}/api/studies/{summaries[0]['study_id']}")
+    assert len(detail["trials"]) == len(study.get_trials()) == 2
+    assert {p["name"] for p in detail["union_search_space"]} == {"l2_lambda", "eta_max"}
+    assert all(t["state"] in ("Complete", "Pruned") for t in detail["trials"])
+
+
+def test_sigterm_requeues_the_running_trial_at_once(quick_study, pg_url):
+    # docker stop / scaling down sends SIGTERM: the trial goes back to the queue now,
+    # not after the heartbeat's grace period.
+    path = quick_study(
+        "pgterm",
+        training={"n_cycles": 6},
+        optuna={"storage": pg_url, "pruner": "none", "grace_period": 600},
+    )
+    study = create_study(path, target=2)
+    proc = pg_util.start_worker("--storage", pg_url, "--study-name", "pgterm-coarse",
+                                "--study", str(path), "--threads", "1")  # fmt: skip
+    running = None
+    deadline = time.monotonic() + 60
+    try:
+        while running is None and time.monotonic() < deadline:
+            # Both params drawn: a trial caught between its two suggests has only one.
+            live = [
+                t
+                for t in study.get_trials(states=(TrialState.RUNNING,))
+                if set(t.params) == {"l2_lambda", "eta_max"}
+            ]
+            running = live[0] if live else None
+            time.sleep(0.05)
+        assert running is not None, "the worker never started a trial"
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        [out] = pg_util.finish([proc])
+    assert proc.returncode == 130, out
+    assert "re-queued" in out
+    trials = study.get_trials()
+    assert trials[running.number].state == TrialState.FAIL
+    requeued = [t for t in trials if t.system_attrs.get("requeued_from") == running.number]
+    assert [t.state for t in requeued] == [TrialState.WAITING]
+    assert requeued[0].params == running.params
