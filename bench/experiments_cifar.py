@@ -1,0 +1,115 @@
+"""Run every experiment of studies/experiments on the real CIFAR-10 subset, then draw them.
+
+    python -m bench.experiments_cifar [--data-dir DIR] [--out runs/experiments_cifar]
+                                      [--workers 2] [--fresh]
+
+Each experiment file is copied into ``--out`` and run there with ``--cifar DIR
+--n-val 1017`` (data_batch_1..5 of the subset: 4068 training / 1017 validation
+images, test_batch for the test accuracy), so its database, data cache and
+figures stay out of the repository; n_s follows each file's ``n_s_epochs``
+(bn_vs_none: 5 * floor(4068 / 100) = 200 steps). Runs resume: a second call only
+draws. Prints the markdown section of each experiment and the key figures: the
+test accuracies of the 3- and 9-layer networks with and without batch norm and
+the final training loss for each initial sigma with and without batch norm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from search import experiment as ex  # noqa: E402
+
+CIFAR = REPO.parent / "shared" / "data" / "cifar-10-batches-py"
+N_VAL = 1017
+
+
+def key_figures(scratch: Path) -> str:
+    lines = ["key figures (CIFAR-10 subset):"]
+    bn = scratch / "bn_vs_none.toml"
+    if bn.exists():
+        lines.append("  test accuracy, bn_vs_none:")
+        for r in ex.results(bn)[2]:
+            if r.trial is None:
+                continue
+            test = r.trial.user_attrs.get("test_acc")
+            lines.append(
+                f"    {ex.label('hidden', r.point['hidden']):<32} "
+                f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
+                f"test acc {test if test is None else format(test, '.4f')}"
+                + ("  (diverged)" if r.trial.user_attrs.get("diverged") else "")
+            )
+    sens = scratch / "sensitivity_init.toml"
+    if sens.exists():
+        lines.append("  final training loss, sensitivity_init:")
+        for r in ex.results(sens)[2]:
+            if r.trial is None:
+                continue
+            curves = r.trial.user_attrs.get("curves") or {}
+            loss = (curves.get("train_loss") or [float("nan")])[-1]
+            test = r.trial.user_attrs.get("test_acc")
+            lines.append(
+                f"    sigma {r.point['sigma']:<7g} "
+                f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
+                f"train loss {loss:.4f}  test acc "
+                f"{test if test is None else format(test, '.4f')}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.experiments_cifar", description=__doc__)
+    p.add_argument("--data-dir", default=str(CIFAR), help=f"CIFAR-10 batches (default {CIFAR})")
+    p.add_argument("--out", default=str(REPO / "runs" / "experiments_cifar"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--n-val", type=int, default=N_VAL)
+    p.add_argument("--fresh", action="store_true", help="delete --out first")
+    args = p.parse_args(argv)
+    scratch = Path(args.out).resolve()
+    if args.fresh and scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    copies = []
+    for source in ex.list_experiments(REPO / "studies" / "experiments"):
+        copy = scratch / source.name
+        shutil.copy(source, copy)
+        copies.append(copy)
+        t0 = time.perf_counter()
+        code = ex.main(
+            [
+                str(copy),
+                "--cifar",
+                args.data_dir,
+                "--n-val",
+                str(args.n_val),
+                "--workers",
+                str(args.workers),
+            ]
+        )
+        if code:
+            return code
+        print(f"{source.stem}: {time.perf_counter() - t0:.0f} s\n", flush=True)
+    sections = []
+    for copy in copies:
+        section, paths = ex.draw(copy, scratch / "figures")
+        sections.append(section)
+        print(section)
+        for path in paths:
+            print(f"figure: {path}")
+        print()
+    (scratch / "experiments.md").write_text("\n".join(sections))
+    print(key_figures(scratch))
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s; sections in {scratch / 'experiments.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
