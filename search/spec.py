@@ -19,19 +19,21 @@ Errors are :class:`StudyDefinitionError` naming the file, the field and what is 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from model.data import DATASETS
+from model.data import CIFAR10_SPLITS, DATASETS
 from model.network import INITS
 from model.train import TrainConfig
 
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
-SAMPLERS = ("tpe", "random", "grid")
+SAMPLERS = ("tpe", "random")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
+STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
 
 
 class StudyDefinitionError(ValueError):
@@ -217,14 +219,30 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         raise StudyDefinitionError(
             path, "data.name", f"must be one of {list(DATASETS)}, got {data.name!r}"
         )
+    if data.split not in CIFAR10_SPLITS:
+        raise StudyDefinitionError(
+            path, "data.split", f"must be one of {list(CIFAR10_SPLITS)}, got {data.split!r}"
+        )
+    if data.name != "cifar10" and data.split != "batch1":
+        raise StudyDefinitionError(
+            path, "data.split", f"applies to cifar10 only; leave it out for {data.name!r}"
+        )
+    if data.n_val is not None and data.n_val < 1:
+        raise StudyDefinitionError(
+            path, "data.n_val", f"must be an integer >= 1 (or left out), got {data.n_val!r}"
+        )
     net_raw = dict(raw.get("network", {}))
     if "hidden" in net_raw:
         hidden = net_raw["hidden"]
-        if not isinstance(hidden, list) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden
+        if (
+            not isinstance(hidden, list)
+            or not hidden
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)
         ):
             raise StudyDefinitionError(
-                path, "network.hidden", f"must be a list of positive integers, got {hidden!r}"
+                path,
+                "network.hidden",
+                f"must be a non-empty list of positive integers, got {hidden!r}",
             )
         net_raw["hidden"] = tuple(hidden)
     network = _build(
@@ -238,6 +256,12 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         )
     if network.init == "sigma" and not (network.sigma or 0) > 0:
         raise StudyDefinitionError(path, "network.sigma", "init = 'sigma' needs sigma > 0")
+    if network.sigma is not None and not network.sigma > 0:
+        raise StudyDefinitionError(path, "network.sigma", f"must be > 0, got {network.sigma!r}")
+    if not 0 <= network.bn_alpha < 1:
+        raise StudyDefinitionError(
+            path, "network.bn_alpha", f"must be in [0, 1), got {network.bn_alpha!r}"
+        )
 
     training = dict(raw.get("training", {}))
     _check_training(path, "training", training)
@@ -253,7 +277,7 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
     if unknown:
         raise StudyDefinitionError(path, "coarse", f"unknown keys {unknown}; allowed: ['trials']")
     coarse_trials = coarse_raw.get("trials", 40)
-    if not isinstance(coarse_trials, int) or coarse_trials < 1:
+    if not isinstance(coarse_trials, int) or isinstance(coarse_trials, bool) or coarse_trials < 1:
         raise StudyDefinitionError(
             path, "coarse.trials", f"must be an integer >= 1, got {coarse_trials!r}"
         )
@@ -275,7 +299,38 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         _build(FinalSpec, path, "final", final_raw), training=final_training
     )
 
+    if final.holdout < 0:
+        raise StudyDefinitionError(
+            path, "final.holdout", f"must be >= 0 (0: no holdout), got {final.holdout!r}"
+        )
+
     optuna_spec = _build(OptunaSpec, path, "optuna", raw.get("optuna", {}))
+    for key in ("heartbeat_interval", "grace_period"):
+        if getattr(optuna_spec, key) < 1:
+            raise StudyDefinitionError(
+                path, f"optuna.{key}", f"must be >= 1 second, got {getattr(optuna_spec, key)!r}"
+            )
+    if optuna_spec.grace_period <= optuna_spec.heartbeat_interval:
+        raise StudyDefinitionError(
+            path,
+            "optuna.grace_period",
+            f"must be longer than heartbeat_interval ({optuna_spec.heartbeat_interval}), "
+            f"got {optuna_spec.grace_period}; a live trial would be taken for a dead one",
+        )
+    if optuna_spec.warmup_cycles < 0 or optuna_spec.n_startup_trials < 0:
+        raise StudyDefinitionError(
+            path,
+            "optuna",
+            "warmup_cycles and n_startup_trials must be >= 0, got "
+            f"{optuna_spec.warmup_cycles!r} and {optuna_spec.n_startup_trials!r}",
+        )
+    if optuna_spec.storage and not optuna_spec.storage.startswith(STORAGE_SCHEMES):
+        raise StudyDefinitionError(
+            path,
+            "optuna.storage",
+            f"must be an Optuna storage URL starting with one of {list(STORAGE_SCHEMES)}, "
+            f"got {optuna_spec.storage!r}",
+        )
     if optuna_spec.pruner not in PRUNERS:
         raise StudyDefinitionError(
             path, "optuna.pruner", f"must be one of {list(PRUNERS)}, got {optuna_spec.pruner!r}"
@@ -301,15 +356,37 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         final=final,
         optuna=optuna_spec,
     )
-    # Every stage's TrainConfig must be valid with the ranges' midpoints filled in.
-    mid = {k: math.sqrt(lo * hi) for k, (lo, hi) in search.items()}
+    # Every stage's TrainConfig must be valid at the ranges' midpoints and at their
+    # corners: a range that is only partly valid would fail trials at random.
+    names = sorted(search)
+    points = [{k: math.sqrt(lo * hi) for k, (lo, hi) in search.items()}]
+    for corner in itertools.product(*(search[k] for k in names)):
+        points.append(dict(zip(names, corner, strict=True)))
     for stage in ("coarse", "fine", "final"):
-        try:
-            spec.train_config(stage, mid)
-        except (ValueError, TypeError) as exc:
-            section = {"coarse": "training"}.get(stage, f"{stage}.training")
-            raise StudyDefinitionError(path, section, str(exc)) from None
+        for point in points:
+            try:
+                spec.train_config(stage, point)
+            except (ValueError, TypeError) as exc:
+                section = {"coarse": "training"}.get(stage, f"{stage}.training")
+                at = ", ".join(f"{k}={v:g}" for k, v in point.items())
+                where = f" (with {at} from [search])" if point else ""
+                raise StudyDefinitionError(path, section, f"{exc}{where}") from None
+    unused = _unused_search(spec)
+    if unused:
+        raise StudyDefinitionError(path, f"search.{unused[0]}", unused[1])
     return spec
+
+
+def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
+    """A searched parameter the schedule never reads, with the reason."""
+    schedule = spec.train_config("coarse", {k: lo for k, (lo, _) in spec.search.items()}).schedule
+    if schedule == "cyclical" and "eta" in spec.search:
+        return "eta", "the cyclical schedule does not use eta; search eta_min or eta_max"
+    if schedule != "cyclical":
+        for name in ("eta_min", "eta_max"):
+            if name in spec.search:
+                return name, f"the {schedule} schedule uses eta, not {name}; search eta"
+    return None
 
 
 def load_spec(path: str | Path) -> StudySpec:

@@ -46,6 +46,36 @@ BASE = {"name": "t", "search": {"l2_lambda": [1e-5, 1e-1]}}
         ({"optuna": {"pruner": "early"}}, "optuna.pruner", "must be one of"),
         ({"coarse": {"trials": 0}}, "coarse.trials", ">= 1"),
         ({"name": "a b"}, "name", "letters, digits"),
+        ({"coarse": {"trials": True}}, "coarse.trials", ">= 1"),
+        ({"data": {"n_val": 0}}, "data.n_val", ">= 1"),
+        ({"data": {"name": "cifar10", "split": "batch9"}}, "data.split", "must be one of"),
+        ({"data": {"split": "all"}}, "data.split", "cifar10 only"),
+        ({"network": {"hidden": []}}, "network.hidden", "non-empty"),
+        ({"network": {"sigma": -1.0}}, "network.sigma", "> 0"),
+        ({"network": {"bn_alpha": 2.0}}, "network.bn_alpha", "[0, 1)"),
+        ({"final": {"holdout": -5}}, "final.holdout", ">= 0"),
+        ({"optuna": {"sampler": "grid"}}, "optuna.sampler", "must be one of"),
+        ({"optuna": {"heartbeat_interval": 0}}, "optuna.heartbeat_interval", ">= 1"),
+        (
+            {"optuna": {"grace_period": 5, "heartbeat_interval": 5}},
+            "optuna.grace_period",
+            "longer",
+        ),
+        ({"optuna": {"warmup_cycles": -1.0}}, "optuna", ">= 0"),
+        ({"optuna": {"n_startup_trials": -1}}, "optuna", ">= 0"),
+        ({"optuna": {"storage": "nonsense"}}, "optuna.storage", "storage URL"),
+        # A range only partly valid: eta_max below the fixed eta_min would fail trials.
+        (
+            {"training": {"eta_min": 0.01}, "search": {"eta_max": [1e-3, 1.0]}},
+            "training",
+            "eta_max=0.001",
+        ),
+        ({"search": {"eta": [1e-3, 1e-1]}}, "search.eta", "cyclical schedule does not use eta"),
+        (
+            {"training": {"schedule": "step", "eta": 0.1}, "search": {"eta_max": [1e-3, 1e-1]}},
+            "search.eta_max",
+            "uses eta, not eta_max",
+        ),
     ],
 )
 def test_bad_files_name_the_field(change, field, words):
