@@ -61,6 +61,8 @@ def run_stage(
         study.set_user_attr("study_file", str(Path(spec.path).resolve()))
     for k, v in (attrs or {}).items():
         study.set_user_attr(k, v)
+    # Trials left RUNNING by a killed run are failed and re-queued before counting.
+    st.reap_lost_trials(study)
     queued = st.top_up(study, target, enqueue=list(enqueue))
     c = st.counts(study)
     finished = c["COMPLETE"] + c["PRUNED"]
@@ -78,6 +80,20 @@ def run_stage(
         progress()
         progress.close()
     return study
+
+
+def same_flags(args: argparse.Namespace) -> str:
+    """The flags that name this study's file, data and storage, to print in a next command."""
+    import shlex
+
+    flags = []
+    if args.study != DEFAULT_STUDY:
+        flags += ["--study", args.study]
+    if args.data_dir:
+        flags += ["--data-dir", args.data_dir]
+    if args.storage:
+        flags += ["--storage", args.storage]
+    return "".join(" " + shlex.quote(f) for f in flags)
 
 
 def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) -> None:

@@ -15,10 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.trials or spec.coarse_trials
     study = cli.run_stage(spec, "coarse", target=target, ranges=dict(spec.search))
     cli.finish(spec, study, list(spec.search))
-    print(
-        "next: python -m search.fine"
-        + ("" if args.study == cli.DEFAULT_STUDY else f" --study {args.study}")
-    )
+    print("next: python -m search.fine" + cli.same_flags(args))
     return 0
 
 

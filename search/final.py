@@ -45,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = cli.load(args)
     source = None
     for stage in ("fine", "coarse"):
-        study = st.open_study(spec, stage)
-        if st.top_trials(study, 1):
+        study = st.load_existing(spec, stage)
+        if study is not None and st.top_trials(study, 1):
             source = study
             break
     if source is None:
         raise ValueError(
-            "no completed trials in the fine or coarse study; run search.coarse first"
+            f"no completed trials of {spec.name} in the fine or coarse study of "
+            f"{spec.storage_url()}; run python -m search.coarse{cli.same_flags(args)} first"
         )
     best = st.top_trials(source, 1)[0]
     config = spec.train_config("final", {**best.params, "seed": spec.optuna.seed})

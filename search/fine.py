@@ -43,13 +43,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=None, help="decades added on each side")
     args = p.parse_args(argv)
     spec = cli.load(args)
-    top_k = args.top_k or spec.fine.top_k
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.margin is not None and not args.margin >= 0:
+        raise ValueError(f"--margin must be >= 0 decades, got {args.margin}")
+    top_k = spec.fine.top_k if args.top_k is None else args.top_k
     margin = spec.fine.margin if args.margin is None else args.margin
-    coarse = st.open_study(spec, "coarse")
-    existing = st.open_study(spec, "fine")
-    recorded = existing.user_attrs.get("ranges")
-    if recorded and existing.get_trials(deepcopy=False):
+    coarse = st.load_existing(spec, "coarse")
+    if coarse is None or not st.top_trials(coarse, 1):
+        raise ValueError(
+            f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
+            "run python -m search.coarse" + cli.same_flags(args) + " first"
+        )
+    existing = st.load_existing(spec, "fine")
+    recorded = existing.user_attrs.get("ranges") if existing is not None else None
+    if recorded and existing is not None and existing.get_trials(deepcopy=False):
         # Resuming: keep the ranges the fine study was started with.
+        was = (existing.user_attrs.get("top_k"), existing.user_attrs.get("margin"))
+        asked = (
+            was[0] if args.top_k is None else args.top_k,
+            was[1] if args.margin is None else args.margin,
+        )
+        if asked != was:
+            raise ValueError(
+                f"study {existing.study_name} was started with top_k={was[0]}, "
+                f"margin={was[1]}; got top_k={asked[0]}, margin={asked[1]}. Its ranges are "
+                "fixed once it has trials: drop --top-k/--margin to resume it, or use "
+                "another --storage for a new fine search"
+            )
+        top_k, margin = was
         ranges = {k: (float(v[0]), float(v[1])) for k, v in recorded.items()}
         starts: list[dict[str, float]] = []
     else:
@@ -73,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         attrs={"top_k": top_k, "margin": margin, "coarse_study": coarse.study_name},
     )
     cli.finish(spec, study, list(ranges))
-    print(
-        "next: python -m search.final"
-        + ("" if args.study == cli.DEFAULT_STUDY else f" --study {args.study}")
-    )
+    print("next: python -m search.final" + cli.same_flags(args))
     return 0
 
 

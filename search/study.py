@@ -12,24 +12,26 @@ parameters by the storage's retry callback, and the next worker runs it.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import fail_stale_trials
+from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 from search.objective import Objective
 from search.prepared import Prepared, prepare
 from search.spec import StudySpec
-from search.storage import make_storage, with_retries
+from search.storage import make_storage, sqlite_path, with_retries
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -136,6 +138,151 @@ def record_data(study: optuna.Study, prepared: Prepared) -> None:
         )
 
 
+OWNER = "c2f_owner"
+
+
+def _this_machine() -> str:
+    """Names this host, boot and PID namespace: a PID means one process only within it.
+
+    ``C2F_MACHINE`` overrides it (a process that should count as another machine).
+    """
+    if os.environ.get("C2F_MACHINE"):
+        return os.environ["C2F_MACHINE"]
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:  # not Linux: the host name must do
+        pass
+    return "/".join(parts)
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot), or None if it is gone.
+
+    With the PID it identifies one process even when the PID is reused later.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"machine": _this_machine(), "pid": pid, "start": _process_start(pid) or ""}
+
+
+def _owner_gone(owner: dict[str, Any]) -> bool:
+    """True if ``owner`` (a trial's worker) ran on this machine and has exited."""
+    if owner.get("machine") != _this_machine():
+        return False  # another machine's: only its heartbeat can tell
+    start = _process_start(int(owner["pid"]))
+    if start is None:
+        return True
+    return bool(owner.get("start")) and bool(start) and start != owner["start"]
+
+
+def _without_heartbeat(storage: optuna.storages.BaseStorage, trial_ids: list[int]) -> set[int]:
+    """The trials among ``trial_ids`` that never recorded a heartbeat (RDB storages only)."""
+    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+        return set()
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    beat = models.TrialHeartbeatModel
+    with storage.engine.connect() as conn:
+        rows = conn.execute(sa.select(beat.trial_id).where(beat.trial_id.in_(trial_ids)))
+        beating = {row[0] for row in rows}
+    return set(trial_ids) - beating
+
+
+def reap_lost_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker is gone and re-queue their parameters.
+
+    Three ways to tell: Optuna's heartbeat check (a trial whose last heartbeat is
+    older than the grace period, any machine); a worker process of this machine
+    that has exited (also for storages without heartbeats, such as a journal
+    file); a trial that never recorded a heartbeat although it started more than
+    a grace period ago (its worker died between taking it and its first
+    heartbeat, which Optuna's check skips). Returns the numbers of the trials failed
+    here; another worker may fail the same trial at the same moment, but the
+    state change is atomic, so each is re-queued once.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)
+    storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    backend = getattr(storage, "_backend", storage)  # under Optuna's cache
+    grace = None
+    if isinstance(backend, RDBStorage) and backend.heartbeat_interval:
+        grace = backend.grace_period or 2 * backend.heartbeat_interval
+    old = [
+        t
+        for t in running
+        if grace is not None
+        and t.datetime_start is not None
+        and (datetime.now() - t.datetime_start).total_seconds() > grace
+    ]
+    silent = _without_heartbeat(backend, [t._trial_id for t in old]) if old else set()
+    reaped = []
+    for t in running:
+        owner = t.system_attrs.get(OWNER)
+        if owner and _owner_gone(owner):
+            reason = f"its worker (pid {owner['pid']} on this machine) exited mid-trial"
+        elif t._trial_id in silent:
+            reason = f"no heartbeat {grace} s after it started: its worker died before the first"
+        else:
+            continue
+        try:
+            # The reason first: a finished trial takes no more attributes.
+            storage.set_trial_user_attr(t._trial_id, "reason", f"worker lost: {reason}")
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        _add_retry(study, t)
+        reaped.append(t.number)
+    return reaped
+
+
+def _add_retry(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> None:
+    """Queue ``failed`` again with the same parameters.
+
+    Its system attrs go along: ``fixed_params`` holds the parameters of an
+    enqueued trial that died before it suggested them (its ``params`` are empty).
+    """
+    system_attrs = {k: v for k, v in failed.system_attrs.items() if k != OWNER}
+    system_attrs["requeued_from"] = failed.number
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            system_attrs=system_attrs,
+        )
+    )
+
+
+def _target_reached(study: optuna.Study) -> bool:
+    """Finished + running trials already make the study's recorded target.
+
+    The queue may hold more WAITING trials than that when a command ran again
+    with a lower ``--trials``; they stay queued for a later, larger target.
+    """
+    target = study.user_attrs.get("target")
+    if target is None:
+        return False
+    c = counts(study)
+    return c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= int(target)
+
+
 def run_trials(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float],
@@ -151,12 +298,13 @@ def run_trials(
     current trial and re-queues its parameters, so nothing is lost.
     """
     storage = study._storage
+    owner = _owner()
     ran = idle = 0
     while max_trials is None or ran < max_trials:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            fail_stale_trials(study)
-        trial_id = study._pop_waiting_trial_id()
+        reap_lost_trials(study)
+        # At the target, take nothing more, but wait for the running trials: one of
+        # them may belong to a dead worker and come back to the queue.
+        trial_id = None if _target_reached(study) else study._pop_waiting_trial_id()
         if trial_id is None:
             live = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not live:
@@ -168,6 +316,7 @@ def run_trials(
             idle += 1
             continue
         idle = 0
+        storage.set_trial_system_attr(trial_id, OWNER, owner)
         trial = optuna.Trial(study, trial_id)
         state, value = None, None
         with get_heartbeat_thread(trial_id, storage):
@@ -194,14 +343,7 @@ def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     frozen = study._storage.get_trial(trial._trial_id)
     trial.set_user_attr("reason", reason)
     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-    study.add_trial(
-        optuna.create_trial(
-            state=TrialState.WAITING,
-            params=frozen.params,
-            distributions=frozen.distributions,
-            system_attrs={"requeued_from": frozen.number},
-        )
-    )
+    _add_retry(study, frozen)
 
 
 @dataclass(frozen=True)
@@ -299,7 +441,7 @@ class Progress:
         self.target = target
         self.stream = stream if stream is not None else sys.stdout
         self.last = ""
-        self.tty = getattr(stream, "isatty", lambda: False)()
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
 
     def __call__(self) -> None:
         c = counts(self.study)
@@ -348,7 +490,23 @@ def format_table(trials: list[optuna.trial.FrozenTrial], names: list[str]) -> st
 
 
 def dashboard_hint(spec: StudySpec) -> str:
-    return f"optuna-dashboard {spec.storage_url()}"
+    url = spec.storage_url()
+    if url.startswith("journal:///"):
+        # optuna-dashboard opens a journal file by its path, not by a URL.
+        return f"optuna-dashboard {url[len('journal:///') :]}"
+    return f"optuna-dashboard {url}"
+
+
+def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:
+    """The stage's study if it exists in the storage, else None (nothing is created)."""
+    db = sqlite_path(spec.storage_url())
+    if db is not None and not db.is_file():
+        return None
+    storage = storage_for(spec)
+    names = {s.study_name for s in with_retries(storage.get_all_studies)}
+    if study_name(spec, stage) not in names:
+        return None
+    return open_study(spec, stage, storage)
 
 
 def describe_ranges(ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:

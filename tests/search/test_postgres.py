@@ -89,8 +89,14 @@ def test_killed_worker_trial_is_retried_by_the_others(quick_study, pg_url):
     study = create_study(path, target=6)
     args = ["--storage", pg_url, "--study-name", "pgkill-coarse", "--study", str(path)]
     # Three machines; the first one started will be killed in the middle of a trial.
-    procs = [pg_util.start_worker(*args, "--threads", "1", "--poll", "0.2") for _ in range(3)]
-    victim = procs[0]
+    # It counts as another machine (C2F_MACHINE), so the survivors cannot see that its
+    # process is gone: only its heartbeat going stale can bring its trial back.
+    victim = pg_util.start_worker(
+        *args, "--threads", "1", "--poll", "0.2", env={"C2F_MACHINE": "machine-b"}
+    )
+    procs = [victim] + [
+        pg_util.start_worker(*args, "--threads", "1", "--poll", "0.2") for _ in range(2)
+    ]
     label = f"{worker.socket.gethostname()}:{victim.pid}"
     killed = None
     deadline = time.monotonic() + 60
