@@ -1,8 +1,9 @@
 """Memory of N search workers sharing one memory-mapped CIFAR-sized dataset.
 
-A prepared cache in the layout ``search.prepared`` writes (``{train,val,test}_X.npy``
-float32, ``*_y.npy`` int64, ``meta.json``) is filled with synthetic values of
-CIFAR-10's size (45,000 + 5,000 training/validation samples of 3072 features), then
+Synthetic CIFAR-10 batches in the official python format (random uint8 pixels,
+50,000 training and 10,000 test images of 3072 values) go through the real
+preparation (``search.study.prepare_for``: load, split 45,000/5,000, normalise once
+in this process, write the float32 cache), then
 a short coarse search ([50] network, one epoch per trial so every worker reads
 every training row, ``train_eval_size`` keeping evaluation cheap) runs on it with
 ``--workers`` workers: this process runs one, loky processes the others. While
@@ -26,9 +27,8 @@ is about one copy per worker even when nothing is copied. The goal is total Pss
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
+import pickle
 import tempfile
 import threading
 import time
@@ -38,42 +38,34 @@ from pathlib import Path
 import numpy as np
 
 from search import study as st
-from search.prepared import PARTS, Prepared
+from search.prepared import PARTS
 from search.spec import load_spec
 from tests.search.conftest import write_study
 
-SIZES = {"train": 45_000, "val": 5_000, "test": 1_000}
+BATCH = 10_000
+N_VAL = 5_000
 D = 3072
 N_CLASSES = 10
 MB = 1 << 20
 ALLOWANCE_MB = 150
 
 
-def write_cache(path: Path, *, seed: int = 0) -> Prepared:
-    """Synthetic standard-normal float32 data in the prepared-cache layout."""
-    path.mkdir(parents=True)
+def write_cifar_batches(root: Path, *, seed: int = 0) -> None:
+    """Synthetic CIFAR-10 in the official python format: 5 x 10,000 training and
+    10,000 test images of random uint8 pixels, with ``batches.meta``."""
+    root.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    digest = hashlib.sha256(f"synthetic-cifar {SIZES} {D} {seed}".encode()).hexdigest()
-    for part in PARTS:
-        n = SIZES[part]
-        # Written in blocks through a memmap: this process never holds a full copy.
-        X = np.lib.format.open_memmap(
-            path / f"{part}_X.npy", mode="w+", dtype=np.float32, shape=(n, D)
-        )
-        for lo in range(0, n, 5_000):
-            X[lo : lo + 5_000] = rng.standard_normal((min(5_000, n - lo), D), dtype=np.float32)
-        X.flush()
-        del X
-        np.save(path / f"{part}_y.npy", rng.integers(0, N_CLASSES, size=n).astype(np.int64))
-    meta = {
-        "checksum": digest,
-        "dataset": "synthetic-cifar",
-        "n_classes": N_CLASSES,
-        "label_names": [f"class{i}" for i in range(N_CLASSES)],
-        "sizes": dict(SIZES),
-    }
-    (path / "meta.json").write_text(json.dumps(meta, indent=2))
-    return Prepared(path, digest)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {
+            b"batch_label": name.encode(),
+            b"data": rng.integers(0, 256, size=(BATCH, D), dtype=np.uint8),
+            b"labels": rng.integers(0, N_CLASSES, size=BATCH).tolist(),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(BATCH)],
+        }
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"label_names": [f"class{i}".encode() for i in range(N_CLASSES)]}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
 
 
 def descendants(root: int) -> list[int]:
@@ -175,14 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        t0 = time.perf_counter()
-        prepared = write_cache(Path(tmp) / "cache" / "synthetic")
-        t_write = time.perf_counter() - t0
+        write_cifar_batches(Path(tmp) / "cifar")
         batch = 100
-        steps_per_epoch = SIZES["train"] // batch
+        n_train = 5 * BATCH - N_VAL
+        steps_per_epoch = n_train // batch
         study_file = write_study(
             Path(tmp),
             "memory",
+            data={
+                "name": "cifar10",
+                "split": "all",
+                "n_val": N_VAL,
+                "dir": str(Path(tmp) / "cifar"),
+            },
             network={"hidden": [50]},
             training={
                 "batch_size": batch,
@@ -195,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             optuna={"pruner": "none", "workers": args.workers},
         )
         spec = load_spec(study_file)
+        # The real path: load the batches, normalise once in this process, write the
+        # float32 cache that every worker then maps.
+        t0 = time.perf_counter()
+        prepared = st.prepare_for(spec, log=lambda *a: None)
+        t_write = time.perf_counter() - t0
         study = st.open_study(spec, "coarse")
         st.record_data(study, prepared)
         st.top_up(study, args.trials)
@@ -211,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = sampler.samples
     print(
-        f"{args.workers} workers, synthetic CIFAR-sized data ({SIZES['train']} + {SIZES['val']} "
-        f"+ {SIZES['test']} x {D} float32, written in {t_write:.1f} s), [50] network, "
+        f"{args.workers} workers, synthetic CIFAR-10 batches ({n_train} + {N_VAL} + {BATCH} "
+        f"x {D}, prepared as float32 in {t_write:.1f} s), [50] network, "
         f"{args.epochs} epoch(s)/trial, train_eval_size {args.train_eval_size}"
     )
     print(
