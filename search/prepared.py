@@ -64,7 +64,23 @@ def _source_files(spec: DataSpec, data_dir: str | None) -> list[Path]:
     root = Path(data_dir)  # type: ignore[arg-type]
     if not root.is_dir():
         data_mod.load(spec.name, str(root))  # raises DataError naming the directory
-    return sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    # Only the files a loader reads: a README or the downloaded archive beside them
+    # must not make two machines' data look different.
+    return sorted(p for p in root.iterdir() if p.is_file() and _is_source(spec.name, p.name))
+
+
+_CIFAR_STEMS = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"}
+_FASHION_STEMS = {
+    f"{prefix}-{kind}"
+    for prefix in ("train", "t10k")
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+}
+
+
+def _is_source(dataset: str, name: str) -> bool:
+    if dataset == "cifar10":
+        return name.removesuffix(".mat") in _CIFAR_STEMS
+    return name.removesuffix(".gz") in _FASHION_STEMS
 
 
 def checksum(spec: DataSpec, data_dir: str | None, *, seed: int = 0) -> str:
