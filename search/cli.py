@@ -10,6 +10,7 @@ import optuna
 
 from search import study as st
 from search.spec import StudyDefinitionError, StudySpec, load_spec
+from search.storage import safe_url
 
 DEFAULT_STUDY = "studies/quickstart.toml"
 
@@ -67,7 +68,7 @@ def run_stage(
     c = st.counts(study)
     finished = c["COMPLETE"] + c["PRUNED"]
     print(
-        f"study {study.study_name} in {spec.storage_url()}: target {target} trials, "
+        f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials, "
         f"{finished} finished, {queued} newly queued, {spec.optuna.workers} worker(s)",
         flush=True,
     )

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from search import cli
 from search.spec import StudySpec, load_spec
-from search.storage import make_storage, sqlite_path
+from search.storage import make_storage, safe_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 COMMANDS = {"coarse": "search.coarse", "fine": "search.fine"}
@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     storage = make_storage(url, heartbeat_interval=heartbeat, grace_period=max(1, int(grace)))
     names = sorted(optuna.get_all_study_names(storage))
     if not names:
-        print(f"no studies in {url} (run python -m search.coarse first)")
+        print(f"no studies in {safe_url(url)} (run python -m search.coarse first)")
         return 1
-    print(f"storage {url}")
+    print(f"storage {safe_url(url)}")
     for name in names:
         path = args.study if spec is not None and name.startswith(spec.name + "-") else None
         status = study_status(

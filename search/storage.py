@@ -29,6 +29,16 @@ SQLITE_TIMEOUT_S = 120
 MAX_RETRIES = 3
 
 
+def safe_url(url: str) -> str:
+    """The storage URL with any password hidden, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (journal file): nothing to hide
+        return url
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///`` URL, else None."""
     prefix = "sqlite:///"

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from search.objective import Objective
 from search.prepared import Prepared, prepare
 from search.spec import StudySpec
-from search.storage import make_storage, sqlite_path, with_retries
+from search.storage import make_storage, safe_url, sqlite_path, with_retries
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -494,7 +494,7 @@ def dashboard_hint(spec: StudySpec) -> str:
     if url.startswith("journal:///"):
         # optuna-dashboard opens a journal file by its path, not by a URL.
         return f"optuna-dashboard {url[len('journal:///') :]}"
-    return f"optuna-dashboard {url}"
+    return f"optuna-dashboard {safe_url(url)}"
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:

@@ -43,7 +43,7 @@ from search import study as st
 from search.objective import Objective
 from search.prepared import Prepared, prepare
 from search.spec import StudySpec, load_spec
-from search.storage import make_storage, sqlite_path, with_retries
+from search.storage import make_storage, safe_url, sqlite_path, with_retries
 
 ENV_PREFIX = "C2F_"
 
@@ -119,16 +119,6 @@ def worker_label() -> str:
 def worker_number(label: str) -> int:
     # The sampler's seed offset: one seed per worker, or parallel workers draw the same values.
     return int(hashlib.sha256(label.encode()).hexdigest()[:4], 16)
-
-
-def safe_url(url: str) -> str:
-    """The storage URL with any password hidden, for messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (journal file): nothing to hide
-        return url
 
 
 @contextlib.contextmanager

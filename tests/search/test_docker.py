@@ -18,13 +18,12 @@ import sys
 
 import optuna
 import pytest
+import yaml  # PyYAML: a dependency of optuna
 
 from search import study as st
 from search import worker
 from tests.search import pg_util
 from tests.search.test_dashboard import get_json, run_dashboard
-
-yaml = pytest.importorskip("yaml")  # PyYAML comes with optuna
 
 REPO = pg_util.REPO
 DOCKER = REPO / "docker"

@@ -227,3 +227,38 @@ def test_sigterm_requeues_the_running_trial_at_once(quick_study, pg_url):
     requeued = [t for t in trials if t.system_attrs.get("requeued_from") == running.number]
     assert [t.state for t in requeued] == [TrialState.WAITING]
     assert requeued[0].params == running.params
+
+
+def test_every_command_takes_a_postgresql_url(quick_study, pg_url, capsys):
+    """coarse -> fine -> final -> report -> status, all on --storage postgresql+psycopg2://."""
+    from search import coarse, final, fine, report, status
+
+    path = quick_study("pgcli", coarse={"trials": 4}, fine={"trials": 3, "top_k": 2})
+    flags = ["--study", str(path), "--storage", pg_url]
+    assert coarse.main(flags) == 0
+    out = capsys.readouterr().out
+    assert f"next: python -m search.fine --study {path} --storage {pg_url}" in out
+    assert fine.main(flags) == 0
+    assert final.main(flags) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert report.main([*flags, "--out", str(path.parent / "rep")]) == 0
+    assert (path.parent / "rep" / "report.md").is_file()
+    capsys.readouterr()
+    assert status.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "pgcli-coarse" in out and "pgcli-fine" in out and "4/4 finished" in out
+    # Nothing went to the default SQLite file beside the study file.
+    assert not (path.parent / "pgcli.db").exists()
+    storage = optuna.storages.RDBStorage(pg_url)
+    names = {s.study_name for s in storage.get_all_studies()}
+    assert names == {"pgcli-coarse", "pgcli-fine"}
+    fine_study = optuna.load_study(study_name="pgcli-fine", storage=storage)
+    assert fine_study.user_attrs["final"]["test_acc"] > 0.8
+    storage.engine.dispose()
+
+
+def test_messages_hide_the_password():
+    from search.storage import safe_url
+
+    url = "postgresql+psycopg2://c2f:s3cret@db.example/optuna"
+    assert "s3cret" not in safe_url(url) and "db.example/optuna" in safe_url(url)
