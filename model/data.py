@@ -460,6 +460,21 @@ def load_cifar10(
     return Splits(train=train, val=val, test=batch("test_batch"))
 
 
+def cifar10_train_size(data_dir: str | os.PathLike[str]) -> int:
+    """The number of images in data_batch_1..5 of a CIFAR-10 directory (50,000 in the
+    official set; a subset has fewer). Reads the batches; raises DataError as the loader."""
+    data_dir = Path(data_dir)
+    suffix = _cifar_format(data_dir)
+    read = _read_mat_batch if suffix == ".mat" else _read_pickle_batch
+    total = 0
+    for i in range(1, 6):
+        path = data_dir / f"data_batch_{i}{suffix}"
+        if not path.is_file():
+            raise DataError(f"{data_dir}: missing {path.name}; {_CIFAR_HOWTO}")
+        total += len(read(path)[1])
+    return total
+
+
 # --------------------------------------------------------------------------- digits
 
 

@@ -18,7 +18,8 @@ accuracy ("test_acc") of the trained network.
   one file keeps the assignment's n_s on whatever data it runs on.
 
 The same file runs on other data without editing: ``--cifar DIR`` (CIFAR-10,
-split "all", 5,000 validation images unless ``--n-val``), or ``--dataset``,
+split "all", a tenth of the images, at most 5,000, for validation unless
+``--n-val``), or ``--dataset``,
 ``--data-dir``, ``--split``, ``--n-val``; ``--n-s`` fixes n_s. Runs on other data
 belong in another database (``--storage``): a study refuses data it was not
 created with.
@@ -36,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -43,8 +45,9 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
 
-from model.data import Dataset, Splits
+from model.data import Dataset, Splits, cifar10_train_size
 from model.train import TrainConfig
 from search import study as st
 from search.cli import guarded
@@ -897,8 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help=(
-            "run on CIFAR-10 in DIR: dataset cifar10, split all, 5000 validation images "
-            "(unless --n-val)"
+            "run on CIFAR-10 in DIR: dataset cifar10, split all, a tenth of data_batch_1..5 "
+            "(at most 5000 images) for validation unless --n-val"
         ),
     )
     p.add_argument("--dataset", default=None, help="override [data] name")
@@ -913,7 +916,10 @@ def build_parser() -> argparse.ArgumentParser:
 def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if args.cifar:
-        data |= {"name": "cifar10", "split": "all", "dir": args.cifar, "n_val": 5000}
+        data |= {"name": "cifar10", "split": "all", "dir": args.cifar}
+        if args.n_val is None:
+            # DD2424 holds out 5,000 of 50,000: a tenth, at most 5,000 (a subset has fewer).
+            data["n_val"] = min(5000, cifar10_train_size(args.cifar) // 10)
     if args.dataset:
         data["name"] = args.dataset
     if args.data_dir:
@@ -943,7 +949,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     study = run(experiment)
     print()
-    print(table(experiment, rows(experiment, study)))
+    grid = rows(experiment, study)
+    print(table(experiment, grid))
+    missing = [r.point for r in grid if r.trial is None]
+    if missing:
+        print(
+            f"\nerror: {len(missing)} of {len(grid)} grid points have no finished run:",
+            file=sys.stderr,
+        )
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        for point in missing:
+            key = _key(experiment.params(point))
+            reasons = [t.user_attrs.get("reason", "?") for t in failed if _key(t.params) == key]
+            why = reasons[-1] if reasons else "not run"
+            print(f"  {point}: {why}", file=sys.stderr)
+        print(
+            "fix the cause and run the same command again: finished points are kept",
+            file=sys.stderr,
+        )
+        return 1
     if args.out:
         _, paths = draw(args.path, Path(args.out), storage=experiment.spec.storage_url())
         for path in paths:

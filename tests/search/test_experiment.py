@@ -7,6 +7,7 @@ import tomllib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -257,3 +258,64 @@ def test_report_all_draws_the_experiments_beside_the_study(tmp_path, capsys, mon
     missing_dir = ["--study", str(study), "--all", "--experiments-dir", str(tmp_path / "nope")]
     assert report.main([*missing_dir, "--out", str(out)]) == 2
     assert "--experiments-dir" in capsys.readouterr().err
+
+
+def _settings(name: str):
+    experiment = ex.load_experiment(EXPERIMENTS / f"{name}.toml")
+    points = experiment.points()
+    configs = [experiment.train_config(p, 45000, seed=0) for p in points]
+    nets = [experiment.spec_for(p).network for p in points]
+    return experiment, points, configs, nets
+
+
+def test_every_experiment_has_the_assignment_settings():
+    # 2. batch norm vs none: cyclical 1e-5..1e-1, lambda 0.005, n_s 2250, 2 cycles.
+    _, points, configs, nets = _settings("bn_vs_none")
+    assert len(points) == 4
+    for c in configs:
+        assert (c.schedule, c.eta_min, c.eta_max) == ("cyclical", 1e-5, 1e-1)
+        assert (c.l2_lambda, c.n_s, c.n_cycles, c.batch_size) == (0.005, 2250, 2, 100)
+    # 3. sensitivity to initialisation: sigma in {1e-1, 1e-3, 1e-4} x batch norm, 2 cycles.
+    _, points, configs, nets = _settings("sensitivity_init")
+    assert sorted((n.sigma, n.batch_norm) for n in nets) == sorted(
+        (s, bn) for s in (1e-1, 1e-3, 1e-4) for bn in (False, True)
+    )
+    assert all(n.init == "sigma" and n.hidden == (50, 50) for n in nets)
+    assert all(c.n_cycles == 2 and c.l2_lambda == 0.005 and c.eta_max == 1e-1 for c in configs)
+    # 4. lambda with and without batch norm: the same 8 log-spaced values in 1e-5..1e-1.
+    _, points, configs, nets = _settings("lambda_bn")
+    pairs = list(zip(configs, nets, strict=True))
+    by_bn = {bn: sorted(c.l2_lambda for c, n in pairs if n.batch_norm == bn) for bn in (0, 1)}
+    assert by_bn[0] == by_bn[1] and len(by_bn[1]) == 8
+    assert by_bn[1] == pytest.approx(np.logspace(-5, -1, 8), rel=5e-3)
+    # 5. momentum and decay: 2-layer, rho in {0, .5, .9, .99}, step decay 0.95 per epoch.
+    _, points, configs, nets = _settings("momentum_decay")
+    assert sorted(c.rho for c in configs) == [0.0, 0.5, 0.9, 0.99]
+    assert all(len(n.hidden) == 1 for n in nets)
+    for c in configs:
+        assert (c.schedule, c.decay) == ("step", 0.95)
+        schedule = c.make_schedule(45000)
+        per_epoch = c.steps_per_epoch(45000)
+        assert schedule.lr_at(per_epoch) == pytest.approx(c.eta * 0.95)
+        assert schedule.lr_at(per_epoch - 1) == pytest.approx(c.eta)
+    # 6. overfitting: 100 training images, no regularisation.
+    experiment, points, configs, nets = _settings("overfit")
+    assert experiment.n_train == 100 and all(c.l2_lambda == 0.0 for c in configs)
+
+
+def test_cifar_holds_out_a_tenth_and_a_grid_that_cannot_run_fails_loudly(tmp_path, capsys):
+    from tests.model.test_data import SIZES, _make_cifar_dir
+
+    cifar = tmp_path / "cifar"
+    _make_cifar_dir(cifar, "py")
+    n_images = sum(n for name, n in SIZES.items() if name.startswith("data_batch"))
+    args = ex.build_parser().parse_args(["x.toml", "--cifar", str(cifar)])
+    assert ex.data_overrides(args)["n_val"] == n_images // 10
+    args = ex.build_parser().parse_args(["x.toml", "--cifar", str(cifar), "--n-val", "5"])
+    assert ex.data_overrides(args)["n_val"] == 5
+    # Batches of 100 from 27 training images: every point fails, and the command says so.
+    path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
+    assert ex.main([str(path), "--cifar", str(cifar)]) == 1
+    err = capsys.readouterr().err
+    assert "4 of 4 grid points have no finished run" in err
+    assert "batch_size=100 is larger than the training set" in err
