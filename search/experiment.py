@@ -588,6 +588,8 @@ def _cell(name: str, value: Any) -> str:
 def _fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
+    if isinstance(value, float) and abs(value) >= 1e4:
+        return format(value, ".3g")  # a diverged loss: 6.7e+22, not 23 digits
     return format(value, spec)
 
 
@@ -674,6 +676,43 @@ def _line_label(experiment: Experiment, row: Row, names: list[str]) -> str:
     return text
 
 
+# A cross-entropy above this many nats (p_y < 2e-9) means training blew up, even
+# when the numbers stayed finite and the run was not stopped as diverged.
+BLOWN_UP_LOSS = 20.0
+
+
+def _diverged(row: Row) -> bool:
+    return row.trial is not None and bool(row.trial.user_attrs.get("diverged"))
+
+
+def _blown_up(row: Row) -> bool:
+    """Diverged, or a finite loss so large that it would squash every other curve."""
+    c = _curves(row)
+    if _diverged(row) or c is None:
+        return _diverged(row)
+    losses = [v for v in list(c["train_loss"]) + list(c["val_loss"]) if math.isfinite(v)]
+    return len(losses) < len(c["train_loss"]) + len(c["val_loss"]) or max(losses) > BLOWN_UP_LOSS
+
+
+def _clip_to_sound_runs(ax, sound: list[float], everything: list[float]) -> None:  # noqa: ANN001
+    """Keep the y axis on the runs that did not diverge.
+
+    A diverged run's loss reaches 1e15 and would flatten every other curve to a
+    line at zero; its points above the axis are cut off (its marker says where it
+    stopped) and the axis says so.
+    """
+    finite = [v for v in sound if math.isfinite(v)]
+    if not finite:
+        return
+    top = max(finite) * 1.15
+    if any(not math.isfinite(v) or v > top for v in everything):
+        ax.set_ylim(bottom=min(0.0, min(finite)), top=top)
+        ax.text(
+            0.99, 0.98, "blown-up runs cut off (x: last point)", transform=ax.transAxes,
+            ha="right", va="top", fontsize=7, color="0.35",
+        )  # fmt: skip
+
+
 def _draw_curves(
     experiment: Experiment, table_rows: list[Row], out_dir: Path, title: str, note: str
 ) -> Path:
@@ -696,7 +735,7 @@ def _draw_curves(
     panels = [
         ("loss", "train_loss", "val_loss", "cross-entropy loss"),
         ("cost", "train_cost", "val_cost", "cost (loss + λ ΣW²)"),
-        ("accuracy", "train_acc", "val_acc", "accuracy"),
+        ("accuracy", "train_acc", "val_acc", "accuracy (fraction correct)"),
     ]
     fig, axes = plt.subplots(
         len(groups), 3, figsize=(15, 3.8 * len(groups)), squeeze=False, constrained_layout=True
@@ -706,14 +745,33 @@ def _draw_curves(
         prefix = ", ".join(label(n, v) for n, v in zip(row_params, key, strict=True))
         for j, (what, train_key, val_key, ylabel) in enumerate(panels):
             ax = axes[i, j]
+            sound: list[float] = []
+            everything: list[float] = []
             for k, r in enumerate(group):
                 c = _curves(r)
                 if c is None:
                     continue
                 color = colors[k % len(colors)]
                 text = _line_label(experiment, r, [line_param] if line_param else [])
-                ax.plot(c["step"], c[train_key], "-", color=color, label=f"{text} train")
-                ax.plot(c["step"], c[val_key], "--", color=color, label=f"{text} val")
+                # Markers: a run that diverged after one evaluation is one point, not a line.
+                style = {"color": color, "marker": ".", "markersize": 4}
+                ax.plot(c["step"], c[train_key], "-", label=f"{text} train", **style)
+                ax.plot(c["step"], c[val_key], "--", label=f"{text} val", **style)
+                values = list(c[train_key]) + list(c[val_key])
+                everything += values
+                if _blown_up(r):
+                    finite = [
+                        (s_, v) for s_, v in zip(c["step"], c[train_key], strict=True)
+                        if math.isfinite(v)
+                    ]  # fmt: skip
+                    if finite:
+                        ax.plot(*finite[-1], "x", color=color, markersize=10, mew=2)
+                else:
+                    sound += values
+            if what != "accuracy":
+                _clip_to_sound_runs(ax, sound, everything)
+            else:
+                ax.set_ylim(0.0, 1.02)
             ax.set_title(f"{prefix}: {what}" if prefix else what)
             ax.set_xlabel("update step")
             ax.set_ylabel(ylabel)
@@ -742,10 +800,26 @@ def _draw_lambda(
         series.setdefault(tuple(r.point[n] for n in others), []).append(r)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sound: list[float] = []
+    everything: list[float] = []
     for k, (key, group) in enumerate(series.items()):
         color = colors[k % len(colors)]
         text = ", ".join(label(n, v) for n, v in zip(others, key, strict=True)) or experiment.name
         done = [r for r in group if _curves(r) is not None]
+        for r in done:
+            losses = [_curves(r)["train_loss"][-1], _curves(r)["val_loss"][-1]]
+            everything += losses
+            if not _blown_up(r):
+                sound += losses
+        # Diverged runs at their last validation accuracy, or at 0 if they diverged
+        # before the first evaluation: a gap in the line would hide them.
+        bad = [r for r in group if _diverged(r)]
+        if bad:
+            ax_acc.plot(
+                [r.point["l2_lambda"] for r in bad],
+                [(_curves(r) or {"val_acc": [0.0]})["val_acc"][-1] for r in bad],
+                "x", color=color, markersize=11, mew=2, label=f"{text} diverged",
+            )  # fmt: skip
         lam = [r.point["l2_lambda"] for r in done]
         val = [_curves(r)["val_acc"][-1] for r in done]
         test = [r.trial.user_attrs.get("test_acc", float("nan")) for r in done]
@@ -765,8 +839,9 @@ def _draw_lambda(
             color=color,
             label=f"{text} validation",
         )
+    _clip_to_sound_runs(ax_loss, sound, everything)
     for ax, ylabel, what in (
-        (ax_acc, "accuracy at the end of training", "accuracy"),
+        (ax_acc, "accuracy at the end of training (fraction)", "accuracy"),
         (ax_loss, "cross-entropy loss at the end of training", "loss"),
     ):
         ax.set_xscale("log")
@@ -806,7 +881,7 @@ def _draw_overfit(
             ax.plot(c["step"], c[f"val_{metric}"], "--", color=color, label=f"{text} val")
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("cross-entropy loss (log scale)")
-    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylabel("accuracy (fraction correct)")
     for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("update step")
         ax.set_title(f"{what} on the {experiment.n_train or 'all'} training images and validation")

@@ -45,3 +45,40 @@ def cifar_dir() -> Path:
     if not (SHARED_CIFAR / "data_batch_1").exists():
         missing(f"the CIFAR-10 subset is not at {SHARED_CIFAR}")
     return SHARED_CIFAR
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved during the test, by file name, for asserting on its axes.
+
+    The figures are still written; they are kept open until the test ends.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    figures: dict[str, Figure] = {}
+    save = Figure.savefig
+    close = plt.close
+
+    def savefig(self, fname, *args, **kwargs):
+        figures[Path(str(fname)).name] = self
+        return save(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    yield figures
+    for fig in figures.values():
+        close(fig)
+
+
+def check_axes(fig) -> None:
+    """Every panel with data has a title, labelled axes and a legend."""
+    panels = [ax for ax in fig.axes if ax.lines or ax.collections]
+    assert panels, "an empty figure"
+    for ax in panels:
+        assert ax.get_title(), "a panel without a title"
+        assert ax.get_xlabel() and ax.get_ylabel(), f"unlabelled axes in {ax.get_title()!r}"
+        assert ax.get_legend() is not None, f"no legend in {ax.get_title()!r}"

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from search import experiment as ex
 from search.spec import StudyDefinitionError
+from tests.conftest import check_axes
 from tests.search.conftest import dump_toml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def test_bn_vs_none_has_the_assignment_grid_and_n_s():
 
 
 @pytest.mark.parametrize("source", FILES, ids=[p.stem for p in FILES])
-def test_every_experiment_runs_covers_its_grid_and_draws(source, tmp_path, capsys):
+def test_every_experiment_runs_covers_its_grid_and_draws(source, tmp_path, capsys, saved_figures):
     path = tiny_copy(source, tmp_path)
     assert ex.main([str(path)]) == 0
     experiment, trials = finished_trials(path)
@@ -86,6 +87,15 @@ def test_every_experiment_runs_covers_its_grid_and_draws(source, tmp_path, capsy
     assert section.count("\n| ") == len(expected) + 1  # header + one row per point
     assert paths and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in paths)
     assert "| " in capsys.readouterr().out
+    for p in paths:
+        fig = saved_figures[p.name]
+        check_axes(fig)
+        assert fig._suptitle is not None and fig._suptitle.get_text()
+        for ax in fig.axes:
+            if "λ" in ax.get_xlabel():
+                assert ax.get_xscale() == "log", ax.get_title()
+    if experiment.kind == "lambda":
+        assert sum(ax.get_xscale() == "log" for ax in saved_figures[paths[0].name].axes) == 2
 
 
 def test_rerun_trains_nothing_and_a_larger_grid_only_the_new_points(tmp_path, capsys):
@@ -319,3 +329,36 @@ def test_cifar_holds_out_a_tenth_and_a_grid_that_cannot_run_fails_loudly(tmp_pat
     err = capsys.readouterr().err
     assert "4 of 4 grid points have no finished run" in err
     assert "batch_size=100 is larger than the training set" in err
+
+
+def test_diverged_and_blown_up_runs_stay_visible_and_do_not_squash_the_rest(
+    tmp_path, saved_figures
+):
+    # eta_max 10: the 3-layer net without batch norm blows up (loss ~1e13, finite).
+    path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path, training={"eta_max": 10.0})
+    assert ex.main([str(path)]) == 0
+    _, paths = ex.draw(path, tmp_path / "out")
+    fig = saved_figures[paths[0].name]
+    loss_axes = [ax for ax in fig.axes if ax.get_title().endswith(": loss")]
+    assert loss_axes
+    for ax in loss_axes:
+        assert ax.get_ylim()[1] <= 1.15 * ex.BLOWN_UP_LOSS  # the sound runs fill the panel
+    blown = [ax for ax in loss_axes if any(t.get_text().startswith("blown-up") for t in ax.texts)]
+    assert blown and any(line.get_marker() == "x" for ax in blown for line in ax.lines)
+
+    # eta_max 50: without batch norm the runs diverge before their first evaluation.
+    other = tmp_path / "lam"
+    other.mkdir()
+    path = tiny_copy(
+        EXPERIMENTS / "lambda_bn.toml",
+        other,
+        grid={"l2_lambda": [1e-4, 1e-2], "batch_norm": [False, True]},
+        training={"eta_max": 50.0},
+    )
+    assert ex.main([str(path)]) == 0
+    section, paths = ex.draw(path, other / "out")
+    assert "**yes**" in section and "e+" not in section.split("|")[0]
+    acc = saved_figures[paths[0].name].axes[0]
+    marks = [line for line in acc.lines if line.get_marker() == "x"]
+    assert len(marks) == 1 and "diverged" in marks[0].get_label()
+    assert sorted(marks[0].get_xdata()) == [1e-4, 1e-2]

@@ -194,3 +194,26 @@ def test_all_flag_without_a_study_still_writes_the_experiments(tmp_path, monkeyp
     )
     md = (tmp_path / "o" / "report.md").read_text()
     assert "## Gradient check" in md and "Not run yet" in md and "search.coarse" in md
+
+
+def test_figures_have_log_axes_labels_and_pruned_trials_apart(ran, tmp_path, saved_figures):
+    from tests.conftest import check_axes
+
+    assert report.main(["--study", str(ran.path), "--out", str(tmp_path)]) == 0
+    assert {f"qs_{n}.png" for n in STAGE_FIGURES} <= set(saved_figures)
+    for fig in saved_figures.values():
+        check_axes(fig)
+    for param in ("l2_lambda", "eta_max"):
+        ax = saved_figures[f"qs_val_acc_vs_{param}.png"].axes[0]
+        assert ax.get_xscale() == "log" and "log" in ax.get_xlabel()
+        by_label = {c.get_label(): c for c in ax.collections}
+        pruned = [c for label, c in by_label.items() if "pruned" in label]
+        complete = [c for label, c in by_label.items() if "complete" in label]
+        assert pruned and complete
+        # Pruned trials are grey; completed ones are in colour.
+        for c in pruned:
+            r, g, b, _ = c.get_facecolor()[0]
+            assert abs(r - g) < 0.05 and abs(g - b) < 0.05
+        for c in complete:
+            r, g, b, _ = c.get_facecolor()[0]
+            assert max(r, g, b) - min(r, g, b) > 0.2
