@@ -1,7 +1,9 @@
 """Numerical gradients by centred differences, compared with the analytic ones.
 
 ``python -m model.gradcheck --hidden 50,50 --bn`` prints, for each layer and
-parameter, the maximum relative error |a - n| / max(|a| + |n|, eps).
+parameter, the relative error ||a - n|| / max(||a|| + ||n||, eps) over the whole
+array (see :func:`relative_errors` for why not entry by entry), and exits 1 if
+the largest is above 1e-6.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -907,7 +908,15 @@ def gradcheck_section(out_dir: Path | None = None) -> str:
     """
     from model.gradcheck import check_network
 
-    settings = {"hidden": GRADCHECK_HIDDEN, "l2_lambda": GRADCHECK_LAMBDA}
+    # The code under test is part of the key: a cached table must not outlive a change.
+    code = hashlib.sha256()
+    for name in ("layers.py", "network.py", "gradcheck.py"):
+        code.update((Path(__file__).resolve().parents[1] / "model" / name).read_bytes())
+    settings = {
+        "hidden": GRADCHECK_HIDDEN,
+        "l2_lambda": GRADCHECK_LAMBDA,
+        "model_code": code.hexdigest()[:16],
+    }
     cache = Path(out_dir) / "gradcheck.json" if out_dir is not None else None
     results: dict[str, dict[str, float]] | None = None
     if cache is not None and cache.exists():
@@ -932,7 +941,9 @@ def gradcheck_section(out_dir: Path | None = None) -> str:
         "Relative error ‖a − n‖ / (‖a‖ + ‖n‖) between the analytic gradients and centred "
         "differences, per layer and parameter (float64, 10 random samples of 20 "
         f"dimensions, λ = {GRADCHECK_LAMBDA}; with batch norm the hidden layers have "
-        "γ and β and no b).",
+        "γ and β and no b). The norms are taken over each whole parameter array: "
+        "entry by entry, an entry whose true gradient is about 0 (a dead ReLU) would "
+        "compare rounding noise with rounding noise.",
         "",
         "| network | BN | layer | " + " | ".join(kinds) + " |",
         "|---|---|---|" + "---|" * len(kinds),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tomllib
 from collections import Counter
@@ -239,6 +240,16 @@ def test_gradcheck_section_is_a_table_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr("model.gradcheck.check_network", lambda *a, **k: calls.append(1))
     assert ex.gradcheck_section(tmp_path) == section
     assert not calls, "the cached errors are reused"
+    # ... but not once the model code changed: the cache names the code it checked.
+    cache = tmp_path / "gradcheck.json"
+    saved = json.loads(cache.read_text())
+    saved["settings"]["model_code"] = "0" * 16
+    cache.write_text(json.dumps(saved))
+    monkeypatch.setattr(
+        "model.gradcheck.check_network", lambda *a, **k: calls.append(1) or {"W1": 0.5}
+    )
+    assert "Largest relative error: 5.0e-01" in ex.gradcheck_section(tmp_path)
+    assert len(calls) == 4
 
 
 def test_report_all_draws_the_experiments_beside_the_study(tmp_path, capsys, monkeypatch):
