@@ -936,7 +936,7 @@ def gradcheck_section(out_dir: Path | None = None) -> str:
             cache.write_text(json.dumps({"settings": settings, "errors": results}, indent=2))
     kinds = ("W", "b", "gamma", "beta")
     lines = [
-        "### Gradient check",
+        "## Gradient check",
         "",
         "Relative error ‖a − n‖ / (‖a‖ + ‖n‖) between the analytic gradients and centred "
         "differences, per layer and parameter (float64, 10 random samples of 20 "

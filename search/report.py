@@ -438,15 +438,22 @@ def main(argv: list[str] | None = None) -> int:
         "study file)",
     )
     args = p.parse_args(argv)
+    if args.experiment:
+        # An experiment file stands alone: no study file needed; figures beside it.
+        exp_path = Path(args.experiment)
+        out = Path(args.out) if args.out else exp_path.resolve().parent / "out" / exp_path.stem
+        out.mkdir(parents=True, exist_ok=True)
+        section, figures = _experiment_module().draw(exp_path, out, storage=args.storage)
+        md = out / f"{exp_path.stem}.md"
+        md.write_text(section if section.endswith("\n") else section + "\n")
+        for path in figures:
+            print(f"wrote {path}")
+        print(f"wrote {md}")
+        return 0
     spec = cli.load(args)
     out = Path(args.out) if args.out else spec.out_dir() / "report"
     out.mkdir(parents=True, exist_ok=True)
-    if args.experiment:
-        experiment = _experiment_module()
-        section, figures = experiment.draw(args.experiment, out, storage=args.storage)
-        md = out / f"{Path(args.experiment).stem}.md"
-        md.write_text(section if section.endswith("\n") else section + "\n")
-    elif args.all:
+    if args.all:
         md, figures = out / "report.md", []
         if args.experiments_dir:
             exp_dir = Path(args.experiments_dir)
@@ -479,25 +486,28 @@ def _all_report(
     spec: StudySpec, out: Path, *, storage: str | None, figures: list[Path], exp_dir: Path
 ) -> str:
     experiment = _experiment_module()
-    parts = ["# Report", "", experiment.gradcheck_section(out).rstrip(), ""]
+    # One outline: # Report, ## part, ### experiment or stage.
+    parts = ["# Report", "", experiment.gradcheck_section(out).rstrip(), "", "## Experiments", ""]
     found = experiment.list_experiments(exp_dir) if exp_dir.is_dir() else []
     if not found:
-        parts += ["## Experiments", "", f"No experiment files (*.toml) in `{exp_dir}`.", ""]
+        parts += [f"No experiment files (*.toml) in `{exp_dir}`.", ""]
     for path in found:
         try:
             section, pngs = experiment.draw(path, out, storage=storage)
         except LookupError as exc:
             how = str(exc).strip("'\"") or f"run python -m search.experiment {path}"
-            parts += [f"## Experiment `{path.stem}`", "", f"Not run yet: {how}", ""]
+            parts += [f"### Experiment `{path.stem}`", "", f"Not run yet: {how}", ""]
             continue
         figures += pngs
         parts += [section.rstrip(), ""]
+    parts += [f"## Study `{spec.name}`: coarse and fine search, final result", ""]
     try:
         section, pngs = build(spec, out)
     except NoStudyError as exc:
-        section, pngs = f"## Study `{spec.name}`\n\nNot run yet: {exc}.\n", []
+        section, pngs = f"Not run yet: {exc}.\n", []
     figures += pngs
-    parts += [f"# Study `{spec.name}`", "", section]
+    demoted = [("#" + line) if line.startswith("## ") else line for line in section.splitlines()]
+    parts += ["\n".join(demoted), ""]
     return "\n".join(parts)
 
 

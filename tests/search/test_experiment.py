@@ -373,3 +373,15 @@ def test_diverged_and_blown_up_runs_stay_visible_and_do_not_squash_the_rest(
     marks = [line for line in acc.lines if line.get_marker() == "x"]
     assert len(marks) == 1 and "diverged" in marks[0].get_label()
     assert sorted(marks[0].get_xdata()) == [1e-4, 1e-2]
+
+
+def test_report_of_one_experiment_needs_no_study_file(tmp_path, monkeypatch):
+    from search import report
+
+    path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path)
+    assert ex.main([str(path)]) == 0
+    monkeypatch.chdir(tmp_path)  # no studies/quickstart.toml here
+    assert report.main(["--experiment", str(path)]) == 0
+    out = tmp_path / "out" / "overfit"
+    assert (out / "overfit.md").read_text().startswith("### ")
+    assert (out / "overfit_overfit.png").stat().st_size > 10_000
