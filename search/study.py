@@ -372,8 +372,15 @@ def worker_main(job: WorkerJob) -> int:
 
 
 def prepare_for(spec: StudySpec, *, log=print) -> Prepared:
+    """The study's prepared data, cached under ``cache/`` beside the study file, or
+    under ``$C2F_CACHE_DIR`` (the containers' shared volume) when that is set."""
+    root = Path(os.environ["C2F_CACHE_DIR"]) if os.environ.get("C2F_CACHE_DIR") else None
     return prepare(
-        spec.data, spec.data_dir(), spec.base_dir / "cache", seed=spec.optuna.seed, log=log
+        spec.data,
+        spec.data_dir(),
+        root or spec.base_dir / "cache",
+        seed=spec.optuna.seed,
+        log=log,
     )
 
 

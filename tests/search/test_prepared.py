@@ -76,3 +76,15 @@ def test_a_machine_with_other_data_refuses_to_run(cifar, tmp_path, capsys):
     code = coarse.main(["--study", str(path), "--data-dir", str(other), "--trials", "3"])
     err = capsys.readouterr().err
     assert code == 2 and "the source files or the [data] settings differ" in err
+
+
+def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
+    from search import study as st
+    from search.spec import load_spec
+
+    spec = load_spec(write_study(tmp_path, "env"))
+    monkeypatch.setenv("C2F_CACHE_DIR", str(tmp_path / "shared-cache"))
+    prepared = st.prepare_for(spec, log=lambda *_: None)
+    assert prepared.path.parent == tmp_path / "shared-cache"
+    monkeypatch.delenv("C2F_CACHE_DIR")
+    assert st.prepare_for(spec, log=lambda *_: None).path.parent == tmp_path / "cache"
