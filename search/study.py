@@ -316,33 +316,47 @@ def run_trials(
             idle += 1
             continue
         idle = 0
-        storage.set_trial_system_attr(trial_id, OWNER, owner)
-        trial = optuna.Trial(study, trial_id)
-        state, value = None, None
-        with get_heartbeat_thread(trial_id, storage):
-            try:
-                value = objective(trial)
-            except optuna.TrialPruned:
-                state = TrialState.PRUNED
-            except KeyboardInterrupt:
-                _requeue(study, trial, "interrupted (Ctrl-C)")
-                raise
-            except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
-                trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
-                state = TrialState.FAIL
-        with_retries(
-            lambda t=trial, v=value, s=state: study.tell(t, v, state=s, skip_if_finished=True)
-        )
+        # From here on the trial is RUNNING and ours: Ctrl-C anywhere until it is
+        # told (not only inside the objective) re-queues it.
+        try:
+            storage.set_trial_system_attr(trial_id, OWNER, owner)
+            trial = optuna.Trial(study, trial_id)
+            state, value = None, None
+            with get_heartbeat_thread(trial_id, storage):
+                try:
+                    value = objective(trial)
+                except optuna.TrialPruned:
+                    state = TrialState.PRUNED
+                except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
+                    trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
+                    state = TrialState.FAIL
+            with_retries(
+                lambda t=trial, v=value, s=state: study.tell(t, v, state=s, skip_if_finished=True)
+            )
+        except KeyboardInterrupt:
+            _requeue(study, trial_id, "interrupted (Ctrl-C)")
+            raise
         ran += 1
         if on_trial_end is not None:
             on_trial_end()
     return ran
 
 
-def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    frozen = study._storage.get_trial(trial._trial_id)
-    trial.set_user_attr("reason", reason)
-    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+def _requeue(study: optuna.Study, trial_id: int, reason: str) -> None:
+    """Fail a trial this worker was running and queue its parameters again.
+
+    Nothing to do if it already finished (the interrupt came after ``tell``).
+    """
+    storage = study._storage
+    frozen = storage.get_trial(trial_id)
+    if frozen.state.is_finished():
+        return
+    try:
+        storage.set_trial_user_attr(trial_id, "reason", reason)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return
     _add_retry(study, frozen)
 
 

@@ -161,3 +161,33 @@ def test_dashboard_hint_for_each_storage(quick_study, tmp_path):
     assert st.dashboard_hint(spec) == f"optuna-dashboard {spec.storage_url()}"
     journal = spec.with_overrides(storage=f"journal:///{tmp_path / 'j.log'}")
     assert st.dashboard_hint(journal) == f"optuna-dashboard {tmp_path / 'j.log'}"
+
+
+@pytest.mark.parametrize("where", ["after taking the trial", "while telling the result"])
+def test_ctrl_c_outside_the_objective_still_requeues(quick_study, monkeypatch, where):
+    spec = load_spec(quick_study())
+    study = st.open_study(spec, "coarse")
+    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
+    storage = study._storage
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "after taking the trial":
+        monkeypatch.setattr(storage, "set_trial_system_attr", interrupt)
+    else:
+        monkeypatch.setattr(study, "tell", interrupt)
+
+    def objective(trial):
+        return trial.suggest_float("l2_lambda", 1e-5, 1e-1, log=True) * 0 + 0.5
+
+    with pytest.raises(KeyboardInterrupt):
+        st.run_trials(study, objective)
+    monkeypatch.undo()
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and "interrupted" in trials[0].user_attrs["reason"]
+    assert trials[1].state == TrialState.WAITING
+    assert trials[1].system_attrs["requeued_from"] == 0
+    # The retry runs the enqueued parameters.
+    assert st.run_trials(study, objective) == 1
+    assert study.get_trials()[1].params["l2_lambda"] == 1e-3
