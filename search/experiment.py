@@ -39,7 +39,6 @@ import json
 import math
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from search import study as st
 from search.cli import guarded
 from search.objective import build_network, fit_and_record
 from search.prepared import Prepared
-from search.spec import NetworkSpec, StudyDefinitionError, StudySpec, parse_spec
+from search.spec import NetworkSpec, StudyDefinitionError, StudySpec, parse_spec, read_toml
 from search.storage import sqlite_path, with_retries
 
 KINDS = ("curves", "lambda", "overfit")
@@ -246,12 +245,7 @@ def load_experiment(
     half-cycle (and turns n_s_epochs off); ``storage``/``workers`` as in [optuna].
     """
     path = Path(path)
-    if not path.is_file():
-        raise StudyDefinitionError(path, "file", "no such file; see studies/experiments/")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise StudyDefinitionError(path, "file", f"not valid TOML: {exc}") from None
+    raw = read_toml(path, missing="no such file; see studies/experiments/")
     grid_raw = raw.pop("grid", {})
     options = _check_experiment(path, raw.pop("experiment", {}))
     if data:

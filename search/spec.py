@@ -389,13 +389,18 @@ def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
     return None
 
 
+def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
+    """A TOML file's contents; a missing or broken file is a StudyDefinitionError."""
+    if not path.is_file():
+        raise StudyDefinitionError(path, "file", missing)
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyDefinitionError(path, "file", f"not valid TOML: {exc}") from None
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
     path = Path(path)
-    if not path.is_file():
-        raise StudyDefinitionError(path, "file", "no such study file; see studies/*.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise StudyDefinitionError(path, "file", f"not valid TOML: {exc}") from None
+    raw = read_toml(path, missing="no such study file; see studies/*.toml")
     return parse_spec(raw, path)
