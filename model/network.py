@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -90,7 +90,11 @@ class Network:
         sizes = [self.d_in, *self.hidden, self.n_classes]
         for l in range(1, len(sizes)):
             fan_in, fan_out = sizes[l - 1], sizes[l]
-            std = {"he": np.sqrt(2.0 / fan_in), "xavier": np.sqrt(1.0 / fan_in)}.get(init, sigma)
+            # Never None: init="sigma" with sigma=None was refused above.
+            std = cast(
+                float,
+                {"he": np.sqrt(2.0 / fan_in), "xavier": np.sqrt(1.0 / fan_in)}.get(init, sigma),
+            )
             # Drawn in float64 so float32 and float64 networks of one seed match.
             W = rng.standard_normal((fan_in, fan_out)) * std
             self.params[f"W{l}"] = W.astype(self.dtype)
@@ -202,9 +206,11 @@ class Network:
             dX_out = None
             if reuse_buffers and l > 1:
                 dX_out = self._buf(f"dH{l - 1}", (dS.shape[0], W.shape[0]))
-            dH, dW, db = layers.affine_backward(
+            dX, dW, db = layers.affine_backward(
                 dS, aff_cache, need_dX=l > 1, dW_out=dW_out, dX_out=dX_out
             )
+            # None only for the first layer, after which the loop ends.
+            dH = cast(np.ndarray, dX)
             if l2_lambda:
                 tmp = self._buf(f"l2tmp{l}", W.shape) if reuse_buffers else None
                 dW += np.multiply(W, 2.0 * l2_lambda, out=tmp)
@@ -253,6 +259,7 @@ class Network:
         """
         scores, caches = self.forward(X, train=train)
         loss, dscores, _ = layers.softmax_cross_entropy(scores, y)
+        dscores = cast(np.ndarray, dscores)  # need_grad=True: never None
         grads = self.backward(dscores, caches, l2_lambda=l2_lambda)
         return loss, loss + l2_lambda * self.l2_penalty(), grads
 
@@ -269,6 +276,7 @@ class Network:
         """
         scores, caches = self.forward(X, train=True, reuse_buffers=True)
         loss, dscores, _ = layers.softmax_cross_entropy(scores, y)
+        dscores = cast(np.ndarray, dscores)  # need_grad=True: never None
         if grad_scale != 1.0:
             dscores *= grad_scale
         grads = self.backward(dscores, caches, l2_lambda=l2_lambda, reuse_buffers=True)
@@ -312,7 +320,8 @@ class Network:
         arrays.update({f"bn/{k}": v for k, v in self.bn_state.items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            # The stub reads **arrays as possibly allow_pickle (bool); the keys never clash.
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
         return path
 
     @classmethod

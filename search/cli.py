@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -49,7 +50,7 @@ def run_stage(
     *,
     target: int,
     ranges: dict[str, tuple[float, float]],
-    enqueue: list[dict[str, float]] = (),
+    enqueue: Sequence[dict[str, float]] = (),
     attrs: dict | None = None,
 ) -> optuna.Study:
     """Create or resume the stage's study, top it up to ``target``, run the workers."""

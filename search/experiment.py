@@ -41,7 +41,7 @@ import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
@@ -368,12 +368,14 @@ class GridObjective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         exp = self.experiment
-        params = {}
+        params: dict[str, Any] = {}
         for name, dist in exp.distributions().items():
             if isinstance(dist, FloatDistribution):
                 params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
             else:
-                params[name] = trial.suggest_categorical(name, dist.choices)
+                # distributions() makes only float and categorical distributions.
+                choices = cast(CategoricalDistribution, dist).choices
+                params[name] = trial.suggest_categorical(name, choices)
         point = exp.point(params)
         spec = exp.spec_for(point)
         seed = exp.spec.optuna.seed
@@ -802,7 +804,8 @@ def _draw_lambda(
         text = ", ".join(label(n, v) for n, v in zip(others, key, strict=True)) or experiment.name
         done = [r for r in group if _curves(r) is not None]
         for r in done:
-            losses = [_curves(r)["train_loss"][-1], _curves(r)["val_loss"][-1]]
+            curves = cast(dict[str, list[float]], _curves(r))  # not None: filtered above
+            losses = [curves["train_loss"][-1], curves["val_loss"][-1]]
             everything += losses
             if not _blown_up(r):
                 sound += losses
@@ -816,20 +819,24 @@ def _draw_lambda(
                 "x", color=color, markersize=11, mew=2, label=f"{text} diverged",
             )  # fmt: skip
         lam = [r.point["l2_lambda"] for r in done]
-        val = [_curves(r)["val_acc"][-1] for r in done]
-        test = [r.trial.user_attrs.get("test_acc", float("nan")) for r in done]
+        # A row in done has curves, so it has a trial.
+        val = [cast(dict[str, list[float]], _curves(r))["val_acc"][-1] for r in done]
+        test = [
+            cast(optuna.trial.FrozenTrial, r.trial).user_attrs.get("test_acc", float("nan"))
+            for r in done
+        ]
         ax_acc.plot(lam, val, "o-", color=color, label=f"{text} validation")
         ax_acc.plot(lam, test, "s--", color=color, alpha=0.7, label=f"{text} test")
         ax_loss.plot(
             lam,
-            [_curves(r)["train_loss"][-1] for r in done],
+            [cast(dict[str, list[float]], _curves(r))["train_loss"][-1] for r in done],
             "o-",
             color=color,
             label=f"{text} train",
         )
         ax_loss.plot(
             lam,
-            [_curves(r)["val_loss"][-1] for r in done],
+            [cast(dict[str, list[float]], _curves(r))["val_loss"][-1] for r in done],
             "s--",
             color=color,
             label=f"{text} validation",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,10 @@ def merge_train_val(splits: Splits, holdout: int) -> Splits:
     cut = splits.val.n - holdout
     X = np.concatenate([splits.train.X, splits.val.X[:cut]])
     y = np.concatenate([splits.train.y, splits.val.y[:cut]])
-    meta = {"n_classes": splits.train.n_classes, "label_names": splits.train.label_names}
+    meta: dict[str, Any] = {
+        "n_classes": splits.train.n_classes,
+        "label_names": splits.train.label_names,
+    }
     train = Dataset(X, y, **meta)
     val = Dataset(np.ascontiguousarray(splits.val.X[cut:]), splits.val.y[cut:], **meta)
     return Splits(train, val, splits.test)

@@ -20,7 +20,7 @@ import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -106,7 +106,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
         if pruned:
             ax.scatter(
                 [t.params[param] for t in pruned],
-                [last_value(t) for t in pruned],
+                [cast(float, last_value(t)) for t in pruned],  # _finished dropped the None
                 s=14,
                 c=PRUNED_COLOUR,
                 marker=marker,
@@ -117,7 +117,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
         if complete:
             ax.scatter(
                 [t.params[param] for t in complete],
-                [t.value for t in complete],
+                [cast(float, t.value) for t in complete],  # _finished dropped the None
                 s=40,
                 c=STAGE_COLOURS[stage],
                 marker=marker,
@@ -135,7 +135,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
         stage, t = best
         ax.scatter(
             [t.params[param]],
-            [t.value],
+            [cast(float, t.value)],  # a COMPLETE trial from top_trials
             s=220,
             marker="*",
             c="gold",
@@ -157,7 +157,8 @@ def _best(studies: dict[str, optuna.Study]) -> tuple[str, FrozenTrial] | None:
     best: tuple[str, FrozenTrial] | None = None
     for stage, study in studies.items():
         for t in st.top_trials(study, 1):
-            if best is None or t.value > best[1].value:
+            # top_trials returns COMPLETE trials, which always have a value.
+            if best is None or cast(float, t.value) > cast(float, best[1].value):
                 best = (stage, t)
     return best
 
@@ -190,7 +191,7 @@ def draw_history(studies: dict[str, optuna.Study], path: Path, *, title: str) ->
             ordered = sorted(complete, key=lambda t: t.number)
             running, best = [], -math.inf
             for t in ordered:
-                best = max(best, t.value)
+                best = max(best, cast(float, t.value))  # _finished dropped the None
                 running.append(best)
             ax.step(
                 [t.number for t in ordered],
@@ -337,6 +338,8 @@ def final_section(
     else:
         lines.append(f"Not run yet: `python -m search.final --study {spec.path}`.")
         return "\n".join(lines) + "\n"
+    # The loop breaks only on a study with a recorded result, so study is not None.
+    study = cast(optuna.Study, study)
     rows = [
         ("study", f"`{final.get('study', study.study_name)}`"),
         ("trial", final.get("trial")),

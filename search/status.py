@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from search import cli
@@ -75,7 +76,11 @@ def liveness(
         hasattr(storage, "_get_stale_trial_ids")
         and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
     )
-    stale_ids = set(storage._get_stale_trial_ids(study_id)) if has_stale_lookup else set()
+    stale_ids = (
+        set(cast(BaseHeartbeat, storage)._get_stale_trial_ids(study_id))
+        if has_stale_lookup
+        else set()
+    )
     try:
         beating = _heartbeat_trial_ids(storage, [t._trial_id for t in running])
     except Exception:  # noqa: BLE001 - a private API: without it, fall back to start times
@@ -119,7 +124,7 @@ def study_status(
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state.name == s for t in trials) for s in STATES}
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = max(complete, key=lambda t: t.value, default=None)
+    best = max(complete, key=lambda t: cast(float, t.value), default=None)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     alive, stale = liveness(storage, study._study_id, running, grace_period=grace_period)
     target = study.user_attrs.get("target")
@@ -193,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     spec = _spec_or_none(args.study)
-    if args.storage is None and spec is None:
+    if not args.storage and spec is None:
         spec = load_spec(args.study)  # raises the StudyDefinitionError with its message
-    url = args.storage or spec.storage_url()
+    url = args.storage or cast(StudySpec, spec).storage_url()
     grace = args.grace_period
     if grace is None:
         grace = spec.optuna.grace_period if spec is not None else 30

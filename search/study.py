@@ -17,11 +17,12 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.storages import RDBStorage, fail_stale_trials
@@ -107,7 +108,7 @@ def counts(study: optuna.Study) -> Counter:
     return Counter(t.state.name for t in study.get_trials(deepcopy=False))
 
 
-def top_up(study: optuna.Study, target: int, *, enqueue: list[dict[str, float]] = ()) -> int:
+def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, float]] = ()) -> int:
     """Queue WAITING trials until finished + live trials reach ``target``; returns how many.
 
     ``enqueue`` gives parameters for the first queued trials (starting points);
@@ -330,9 +331,8 @@ def run_trials(
                 except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
                     trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
                     state = TrialState.FAIL
-            with_retries(
-                lambda t=trial, v=value, s=state: study.tell(t, v, state=s, skip_if_finished=True)
-            )
+            # partial, not a lambda with defaults: mypy cannot infer such a lambda's type.
+            with_retries(partial(study.tell, trial, value, state=state, skip_if_finished=True))
         except KeyboardInterrupt:
             _requeue(study, trial_id, "interrupted (Ctrl-C)")
             raise
@@ -494,7 +494,8 @@ class Progress:
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    return sorted(done, key=lambda t: t.value, reverse=True)[:k]
+    # A COMPLETE trial of a single-objective study always has a value.
+    return sorted(done, key=lambda t: cast(float, t.value), reverse=True)[:k]
 
 
 def format_table(trials: list[optuna.trial.FrozenTrial], names: list[str]) -> str:
