@@ -65,6 +65,9 @@ EXPERIMENT_KEYS = ("kind", "title", "n_train", "n_s_epochs")
 GRADCHECK_HIDDEN = {2: [50], 3: [50, 50], 4: [50, 30, 20], 9: [50, 30, 20, 20, 10, 10, 10, 10]}
 GRADCHECK_LAMBDA = 0.01
 
+# Grid parameters drawn (and given to Optuna) on a log scale.
+LOG_SCALE = ("l2_lambda", "sigma", "eta", "eta_min", "eta_max")
+
 
 # ----------------------------------------------------------------------------- the file
 
@@ -101,16 +104,18 @@ class Experiment:
     def distributions(self) -> dict[str, BaseDistribution]:
         """Optuna distributions of the encoded grid values.
 
-        Float grids become float distributions (log when all values are > 0, so the
-        dashboard draws lambda and sigma on log axes); the rest are categorical,
-        hidden sizes as strings like "50-50".
+        Float grids become float distributions (log for lambda, sigma and the
+        learning rates, so the dashboard draws them on log axes; by name, not by
+        the values, because a study refuses a parameter whose log setting changes
+        when the grid is edited); the rest are categorical, hidden sizes as strings
+        like "50-50".
         """
         out: dict[str, BaseDistribution] = {}
         for name, values in self.grid.items():
             encoded = [encode(name, v) for v in values]
             if len(encoded) > 1 and all(type(v) is float for v in encoded):
                 lo, hi = min(encoded), max(encoded)
-                out[name] = FloatDistribution(lo, hi, log=lo > 0)
+                out[name] = FloatDistribution(lo, hi, log=name in LOG_SCALE and lo > 0)
             else:
                 out[name] = CategoricalDistribution(encoded)
         return out
@@ -295,6 +300,27 @@ class _QueueGridSampler(optuna.samplers.GridSampler):
         return None
 
 
+def check_grid_change(experiment: Experiment, study: optuna.Study) -> None:
+    """Refuse a grid whose categorical choices changed since the study ran.
+
+    Optuna fixes a categorical parameter's choices in a study once a trial used
+    them; the new points would all fail. Float grids may change freely.
+    """
+    recorded = study.user_attrs.get("experiment", {}).get("grid", {})
+    used = {k for t in study.get_trials(deepcopy=False) for k in t.params}
+    for name, dist in experiment.distributions().items():
+        if not isinstance(dist, CategoricalDistribution) or name not in used:
+            continue
+        before = recorded.get(name)
+        if before is not None and list(before) != list(dist.choices):
+            raise ValueError(
+                f"{experiment.spec.path}: [grid] {name} was {before} when study "
+                f"{study.study_name} ran and is {list(dist.choices)} now; a study cannot "
+                f"change the choices of {name!r}. Run the changed grid in another database "
+                "(--storage sqlite:///path/other.db) or under another name"
+            )
+
+
 def open_study(experiment: Experiment, storage=None) -> optuna.Study:  # noqa: ANN001
     """Create the experiment's study, or load it (``load_if_exists``)."""
     storage = storage if storage is not None else st.storage_for(experiment.spec)
@@ -338,7 +364,13 @@ def queue_grid(study: optuna.Study, experiment: Experiment) -> int:
         study.enqueue_trial(params)
         have.add(_key(params))
         queued += 1
-    study.set_user_attr("target", len(experiment.points()))
+    # The target counts finished trials, and trials of points since removed from
+    # the grid stay finished: count them in, or the new points would never run.
+    grid = {_key(experiment.params(p)) for p in experiment.points()}
+    off_grid = sum(
+        _key(t.params) not in grid for t in study.get_trials(deepcopy=False, states=st.FINISHED)
+    )
+    study.set_user_attr("target", len(grid) + off_grid)
     return queued
 
 
@@ -432,6 +464,7 @@ def run(experiment: Experiment, *, log=print) -> optuna.Study:
             f"{exc}. To run this experiment on other data, give it its own database: "
             "--storage sqlite:///runs/experiments-<data>.db"
         ) from None
+    check_grid_change(experiment, study)
     splits = prepared.open()
     cut = restrict(splits, experiment.n_train)
     study.set_user_attr(
@@ -1004,7 +1037,7 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if args.cifar:
         data |= {"name": "cifar10", "split": "all", "dir": args.cifar}
-        if args.n_val is None:
+        if args.n_val is None and (args.split or "all") == "all":
             # DD2424 holds out 5,000 of 50,000: a tenth, at most 5,000 (a subset has fewer).
             data["n_val"] = min(5000, cifar10_train_size(args.cifar) // 10)
     if args.dataset:

@@ -80,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         starts = [dict(t.params) for t in best]
     print("fine ranges (log-uniform):")
     for name, (lo, hi) in ranges.items():
-        clo, chi = spec.search[name]
+        coarse_range = ""
+        if name in spec.search:  # the study file may have changed since the fine study began
+            clo, chi = spec.search[name]
+            coarse_range = f"coarse [{clo:.1e}, {chi:.1e}], "
         print(
-            f"  {name:>10}: [{lo:.3e}, {hi:.3e}]  (coarse [{clo:.1e}, {chi:.1e}], "
+            f"  {name:>10}: [{lo:.3e}, {hi:.3e}]  ({coarse_range}"
             f"{math.log10(hi / lo):.2f} decades)"
         )
     target = args.trials or spec.fine.trials

@@ -33,7 +33,6 @@ from model.train import TrainConfig
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
-STORAGE_SCHEMES = ("sqlite:", "postgresql", "mysql", "journal:")
 
 
 class StudyDefinitionError(ValueError):
@@ -310,12 +309,13 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
             raise StudyDefinitionError(
                 path, f"optuna.{key}", f"must be >= 1 second, got {getattr(optuna_spec, key)!r}"
             )
-    if optuna_spec.grace_period <= optuna_spec.heartbeat_interval:
+    if optuna_spec.grace_period < 2 * optuna_spec.heartbeat_interval:
         raise StudyDefinitionError(
             path,
             "optuna.grace_period",
-            f"must be longer than heartbeat_interval ({optuna_spec.heartbeat_interval}), "
-            f"got {optuna_spec.grace_period}; a live trial would be taken for a dead one",
+            f"must be at least twice heartbeat_interval (2 x {optuna_spec.heartbeat_interval}"
+            f" = {2 * optuna_spec.heartbeat_interval} s), got {optuna_spec.grace_period}; "
+            "with less, a live trial whose heartbeat is late would be taken for a dead one",
         )
     if optuna_spec.warmup_cycles < 0 or optuna_spec.n_startup_trials < 0:
         raise StudyDefinitionError(
@@ -324,12 +324,13 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
             "warmup_cycles and n_startup_trials must be >= 0, got "
             f"{optuna_spec.warmup_cycles!r} and {optuna_spec.n_startup_trials!r}",
         )
-    if optuna_spec.storage and not optuna_spec.storage.startswith(STORAGE_SCHEMES):
+    url = optuna_spec.storage
+    if url and "://" not in url and not url.endswith(".log"):
         raise StudyDefinitionError(
             path,
             "optuna.storage",
-            f"must be an Optuna storage URL starting with one of {list(STORAGE_SCHEMES)}, "
-            f"got {optuna_spec.storage!r}",
+            "must be an Optuna storage URL (sqlite:///x.db, postgresql+psycopg2://user@host/db"
+            f", journal:///x.log) or a journal file x.log, got {url!r}",
         )
     if optuna_spec.pruner not in PRUNERS:
         raise StudyDefinitionError(

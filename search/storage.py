@@ -4,22 +4,23 @@ SQLite is set up for many processes on one file: WAL journal (readers such as
 optuna-dashboard never block the writers) and a long busy timeout, and the
 calls Optuna makes outside a trial are retried when the file is still locked.
 Heartbeats find the trials of killed workers; they are re-queued with the same
-parameters (``RetryHeartbeatStaleTrialCallback``).
+parameters (:func:`retry_lost_trial`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
@@ -95,7 +96,7 @@ def make_storage(
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                heartbeat_stale_trial_callback=retry_lost_trial,
             )
 
     storage = with_retries(connect)
@@ -164,14 +165,61 @@ _FAST_REPORT = (
 )
 
 
+@contextlib.contextmanager
+def read_only() -> Iterator[None]:
+    """SQLite transactions begun inside are deferred (no write lock); others unaffected."""
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)
+
+
+# The system attr where a worker records which process runs a trial (search.study).
+OWNER = "c2f_owner"
+MAX_RETRIES_OF_LOST_TRIAL = 3
+
+
+def requeue(
+    study: optuna.Study, failed: optuna.trial.FrozenTrial, *, limit: int | None = None
+) -> bool:
+    """Queue a failed trial again with the same parameters; False if it ran out of retries.
+
+    Its system attrs go along (``fixed_params`` holds the parameters of an enqueued
+    trial that died before it suggested them), but not the owner of the dead run.
+    ``failed_trial`` and ``retry_history`` follow Optuna's retry callback:
+    the first trial of the series and every try so far.
+    """
+    system_attrs = {k: v for k, v in failed.system_attrs.items() if k != OWNER}
+    history = [*system_attrs.get("retry_history", []), failed.number]
+    if limit is not None and len(history) > limit:
+        return False
+    system_attrs |= {
+        "requeued_from": failed.number,
+        "failed_trial": system_attrs.get("failed_trial", failed.number),
+        "retry_history": history,
+    }
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            system_attrs=system_attrs,
+        )
+    )
+    return True
+
+
+def retry_lost_trial(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> None:
+    """The heartbeat's stale-trial callback: the same retry as every other lost trial."""
+    requeue(study, failed, limit=MAX_RETRIES_OF_LOST_TRIAL)
+
+
 def _read_only(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        token = _READ_ONLY.set(True)
-        try:
+        with read_only():
             return method(self, *args, **kwargs)
-        finally:
-            _READ_ONLY.reset(token)
 
     return wrapper
 

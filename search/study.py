@@ -19,7 +19,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +31,16 @@ from optuna.trial import TrialState
 from search.objective import Objective
 from search.prepared import Prepared, prepare
 from search.spec import StudySpec
-from search.storage import make_storage, safe_url, sqlite_path, with_retries
+from search.storage import (
+    MAX_RETRIES_OF_LOST_TRIAL,
+    OWNER,
+    make_storage,
+    read_only,
+    requeue,
+    safe_url,
+    sqlite_path,
+    with_retries,
+)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -139,23 +147,31 @@ def record_data(study: optuna.Study, prepared: Prepared) -> None:
         )
 
 
-OWNER = "c2f_owner"
-
-
 def _this_machine() -> str:
     """Names this host, boot and PID namespace: a PID means one process only within it.
 
-    ``C2F_MACHINE`` overrides it (a process that should count as another machine).
+    ``C2F_MACHINE``, when set, is added to the name: processes that should count
+    as different machines although they share all three.
     """
-    if os.environ.get("C2F_MACHINE"):
-        return os.environ["C2F_MACHINE"]
     parts = [socket.gethostname()]
     try:
         parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
         parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
     except OSError:  # not Linux: the host name must do
         pass
+    if os.environ.get("C2F_MACHINE"):
+        parts.append(os.environ["C2F_MACHINE"])
     return "/".join(parts)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _process_start(pid: int) -> str | None:
@@ -178,12 +194,17 @@ def _owner() -> dict[str, Any]:
 
 
 def _owner_gone(owner: dict[str, Any]) -> bool:
-    """True if ``owner`` (a trial's worker) ran on this machine and has exited."""
+    """True if ``owner`` (a trial's worker) ran on this machine and has exited.
+
+    The PID must be gone (``kill(pid, 0)``, which works without /proc), or be
+    another process now: a different start time, where /proc tells it.
+    """
     if owner.get("machine") != _this_machine():
         return False  # another machine's: only its heartbeat can tell
-    start = _process_start(int(owner["pid"]))
-    if start is None:
+    pid = int(owner["pid"])
+    if not _pid_alive(pid):
         return True
+    start = _process_start(pid)
     return bool(owner.get("start")) and bool(start) and start != owner["start"]
 
 
@@ -195,7 +216,7 @@ def _without_heartbeat(storage: optuna.storages.BaseStorage, trial_ids: list[int
     from optuna.storages._rdb import models
 
     beat = models.TrialHeartbeatModel
-    with storage.engine.connect() as conn:
+    with read_only(), storage.engine.connect() as conn:
         rows = conn.execute(sa.select(beat.trial_id).where(beat.trial_id.in_(trial_ids)))
         beating = {row[0] for row in rows}
     return set(trial_ids) - beating
@@ -207,11 +228,12 @@ def reap_lost_trials(study: optuna.Study) -> list[int]:
     Three ways to tell: Optuna's heartbeat check (a trial whose last heartbeat is
     older than the grace period, any machine); a worker process of this machine
     that has exited (also for storages without heartbeats, such as a journal
-    file); a trial that never recorded a heartbeat although it started more than
-    a grace period ago (its worker died between taking it and its first
-    heartbeat, which Optuna's check skips). Returns the numbers of the trials failed
-    here; another worker may fail the same trial at the same moment, but the
-    state change is atomic, so each is re-queued once.
+    file); a trial that has had no heartbeat at all for a grace period of this
+    process's own clock (its worker died between taking it and its first
+    heartbeat, which Optuna's check skips; no machine's clock is compared with
+    another's). Returns the numbers of the trials failed here; another worker may
+    fail the same trial at the same moment, but the state change is atomic, so
+    each is re-queued once, at most ``MAX_RETRIES_OF_LOST_TRIAL`` times in a row.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -224,21 +246,23 @@ def reap_lost_trials(study: optuna.Study) -> list[int]:
     grace = None
     if isinstance(backend, RDBStorage) and backend.heartbeat_interval:
         grace = backend.grace_period or 2 * backend.heartbeat_interval
-    old = [
-        t
-        for t in running
-        if grace is not None
-        and t.datetime_start is not None
-        and (datetime.now() - t.datetime_start).total_seconds() > grace
-    ]
-    silent = _without_heartbeat(backend, [t._trial_id for t in old]) if old else set()
+    silent: set[int] = set()
+    if grace is not None:
+        now = time.monotonic()
+        quiet = _without_heartbeat(backend, [t._trial_id for t in running])
+        for trial_id in list(_SILENT_SINCE):
+            if trial_id not in quiet:
+                del _SILENT_SINCE[trial_id]
+        for trial_id in quiet:
+            if now - _SILENT_SINCE.setdefault(trial_id, now) > grace:
+                silent.add(trial_id)
     reaped = []
     for t in running:
         owner = t.system_attrs.get(OWNER)
         if owner and _owner_gone(owner):
             reason = f"its worker (pid {owner['pid']} on this machine) exited mid-trial"
         elif t._trial_id in silent:
-            reason = f"no heartbeat {grace} s after it started: its worker died before the first"
+            reason = f"no heartbeat in {grace} s: its worker died before the first one"
         else:
             continue
         try:
@@ -248,27 +272,14 @@ def reap_lost_trials(study: optuna.Study) -> list[int]:
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
-        _add_retry(study, t)
+        _SILENT_SINCE.pop(t._trial_id, None)
+        requeue(study, t, limit=MAX_RETRIES_OF_LOST_TRIAL)
         reaped.append(t.number)
     return reaped
 
 
-def _add_retry(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> None:
-    """Queue ``failed`` again with the same parameters.
-
-    Its system attrs go along: ``fixed_params`` holds the parameters of an
-    enqueued trial that died before it suggested them (its ``params`` are empty).
-    """
-    system_attrs = {k: v for k, v in failed.system_attrs.items() if k != OWNER}
-    system_attrs["requeued_from"] = failed.number
-    study.add_trial(
-        optuna.create_trial(
-            state=TrialState.WAITING,
-            params=failed.params,
-            distributions=failed.distributions,
-            system_attrs=system_attrs,
-        )
-    )
+# When this process first saw each RUNNING trial without any heartbeat (monotonic s).
+_SILENT_SINCE: dict[int, float] = {}
 
 
 def _target_reached(study: optuna.Study) -> bool:
@@ -313,7 +324,7 @@ def run_trials(
             # The others' last trials usually end within a second: look again soon,
             # then every ``poll`` seconds (a killed worker's trial comes back only
             # after its heartbeat's grace period).
-            time.sleep(min(poll, 0.05 * 1.5**idle))
+            time.sleep(min(poll, 0.05 * 1.5 ** min(idle, 20)))
             idle += 1
             continue
         idle = 0
@@ -343,21 +354,22 @@ def run_trials(
 
 
 def _requeue(study: optuna.Study, trial_id: int, reason: str) -> None:
-    """Fail a trial this worker was running and queue its parameters again.
+    """Queue the parameters of a trial this worker was running again, then fail it.
 
-    Nothing to do if it already finished (the interrupt came after ``tell``).
+    In that order: a worker that looks between the two steps must not find the
+    queue empty and nothing running, and leave. Nothing to do if the trial
+    already finished (the interrupt came after ``tell``).
     """
     storage = study._storage
     frozen = storage.get_trial(trial_id)
     if frozen.state.is_finished():
         return
+    requeue(study, frozen)
     try:
         storage.set_trial_user_attr(trial_id, "reason", reason)
-        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-            return
+        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
-        return
-    _add_retry(study, frozen)
+        pass
 
 
 @dataclass(frozen=True)
@@ -520,7 +532,11 @@ def dashboard_hint(spec: StudySpec) -> str:
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:
-    """The stage's study if it exists in the storage, else None (nothing is created)."""
+    """The stage's study if it exists in the storage, else None.
+
+    No study is created (and no SQLite file); a PostgreSQL database gets Optuna's
+    empty tables, a journal storage its empty file, as any use of them would.
+    """
     db = sqlite_path(spec.storage_url())
     if db is not None and not db.is_file():
         return None

@@ -118,6 +118,21 @@ def test_rerun_trains_nothing_and_a_larger_grid_only_the_new_points(tmp_path, ca
     assert sorted(t.params["rho"] for t in third) == [0.0, 0.5, 0.9]
 
 
+def test_a_changed_grid_runs_its_new_points(tmp_path, capsys):
+    path = tiny_copy(EXPERIMENTS / "momentum_decay.toml", tmp_path, grid={"rho": [0.0, 0.9]})
+    assert ex.main([str(path)]) == 0
+    # Other values now: the two finished points are no longer in the grid.
+    tiny_copy(EXPERIMENTS / "momentum_decay.toml", tmp_path, grid={"rho": [0.5, 0.99]})
+    assert ex.main([str(path)]) == 0
+    _, trials = finished_trials(path)
+    assert sorted(t.params["rho"] for t in trials if t.state in ex.st.FINISHED) == [
+        0.0,
+        0.5,
+        0.9,
+        0.99,
+    ]
+
+
 def test_a_failed_point_is_queued_again(tmp_path):
     path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False]})
     experiment = ex.load_experiment(path)
@@ -385,3 +400,12 @@ def test_report_of_one_experiment_needs_no_study_file(tmp_path, monkeypatch):
     out = tmp_path / "out" / "overfit"
     assert (out / "overfit.md").read_text().startswith("### ")
     assert (out / "overfit_overfit.png").stat().st_size > 10_000
+
+
+def test_a_changed_categorical_grid_is_refused_with_the_fix(tmp_path, capsys):
+    path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False]})
+    assert ex.main([str(path)]) == 0
+    tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False, True]})
+    assert ex.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[grid] batch_norm was" in err and "another database" in err

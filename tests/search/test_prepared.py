@@ -88,3 +88,15 @@ def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
     assert prepared.path.parent == tmp_path / "shared-cache"
     monkeypatch.delenv("C2F_CACHE_DIR")
     assert st.prepare_for(spec, log=lambda *_: None).path.parent == tmp_path / "cache"
+
+
+def test_source_files_of_each_format():
+    from search.prepared import _is_source
+
+    for name in ("data_batch_1", "data_batch_5.mat", "test_batch", "batches.meta.mat"):
+        assert _is_source("cifar10", name), name
+    for name in ("readme.html", "cifar-10-python.tar.gz", "data_batch_6", ".DS_Store"):
+        assert not _is_source("cifar10", name), name
+    for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte"):
+        assert _is_source("fashion_mnist", name), name
+    assert not _is_source("fashion_mnist", "fashion-mnist.tar")

@@ -35,7 +35,7 @@ def _orphan(spec, storage_url: str) -> int:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_rerun_retries_a_trial_whose_worker_died_before_any_heartbeat(quick_study, tmp_path, kind):
+def test_rerun_retries_a_trial_whose_worker_process_exited(quick_study, tmp_path, kind):
     path = quick_study(coarse={"trials": 3}, optuna={"pruner": "none"})
     url = (
         f"sqlite:///{tmp_path / 'o.db'}"
@@ -191,3 +191,45 @@ def test_ctrl_c_outside_the_objective_still_requeues(quick_study, monkeypatch, w
     # The retry runs the enqueued parameters.
     assert st.run_trials(study, objective) == 1
     assert study.get_trials()[1].params["l2_lambda"] == 1e-3
+
+
+def test_owner_check_without_proc(monkeypatch):
+    """Where /proc cannot tell (another OS, hidepid), a live PID is never taken for dead."""
+    monkeypatch.setattr(st, "_process_start", lambda pid: None)
+    me = st._owner()
+    assert not st._owner_gone(me)
+    probe = subprocess.Popen([sys.executable, "-c", "pass"])
+    probe.wait()
+    assert st._owner_gone({**me, "pid": probe.pid})
+    assert not st._owner_gone({**me, "machine": "elsewhere", "pid": probe.pid})
+
+
+def test_a_reused_pid_is_not_the_old_worker():
+    me = st._owner()
+    assert st._owner_gone({**me, "start": "1"})  # this PID, but a process started earlier
+
+
+def test_retries_drop_the_dead_owner_and_stop_after_three(quick_study):
+    from search.storage import MAX_RETRIES_OF_LOST_TRIAL, OWNER, requeue, retry_lost_trial
+
+    spec = load_spec(quick_study())
+    study = st.open_study(spec, "coarse")
+    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
+    trial_id = study._pop_waiting_trial_id()
+    study._storage.set_trial_system_attr(trial_id, OWNER, {"machine": "m", "pid": 1})
+    study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    for _ in range(MAX_RETRIES_OF_LOST_TRIAL + 2):
+        failed = study.get_trials()[-1]
+        retry_lost_trial(study, failed)  # what the heartbeat check calls
+        last = study.get_trials()[-1]
+        if last.number == failed.number:
+            break  # no more retries
+        assert OWNER not in last.system_attrs
+        assert last.system_attrs["fixed_params"] == {"l2_lambda": 1e-3, "eta_max": 0.1}
+        assert last.system_attrs["failed_trial"] == 0
+        tid = study._pop_waiting_trial_id()
+        study._storage.set_trial_state_values(tid, state=TrialState.FAIL)
+    trials = study.get_trials()
+    assert len(trials) == 1 + MAX_RETRIES_OF_LOST_TRIAL
+    assert trials[-1].system_attrs["retry_history"] == list(range(MAX_RETRIES_OF_LOST_TRIAL))
+    assert requeue(study, trials[-1])  # Ctrl-C re-queues without a limit

@@ -57,13 +57,14 @@ BASE = {"name": "t", "search": {"l2_lambda": [1e-5, 1e-1]}}
         ({"optuna": {"sampler": "grid"}}, "optuna.sampler", "must be one of"),
         ({"optuna": {"heartbeat_interval": 0}}, "optuna.heartbeat_interval", ">= 1"),
         (
-            {"optuna": {"grace_period": 5, "heartbeat_interval": 5}},
+            {"optuna": {"grace_period": 9, "heartbeat_interval": 5}},
             "optuna.grace_period",
-            "longer",
+            "twice",
         ),
         ({"optuna": {"warmup_cycles": -1.0}}, "optuna", ">= 0"),
         ({"optuna": {"n_startup_trials": -1}}, "optuna", ">= 0"),
         ({"optuna": {"storage": "nonsense"}}, "optuna.storage", "storage URL"),
+        ({"optuna": {"heartbeat_interval": 60}}, "optuna.grace_period", "2 x 60 = 120 s"),
         # A range only partly valid: eta_max below the fixed eta_min would fail trials.
         (
             {"training": {"eta_min": 0.01}, "search": {"eta_max": [1e-3, 1.0]}},
@@ -102,3 +103,8 @@ def test_stage_overrides_and_storage_default(quick_study):
     assert spec.storage_url() == f"sqlite:///{spec.base_dir / 'qs.db'}"
     assert spec.with_overrides(storage="sqlite:///x.db").storage_url() == "sqlite:///x.db"
     assert tomllib.loads(Path(spec.path).read_text())["name"] == "qs"
+
+
+def test_storage_urls_and_journal_files_are_accepted():
+    for url in ("sqlite:///x.db", "mysql+pymysql://u@h/d", "journal:///x.log", "runs/x.log"):
+        assert parse_spec({**BASE, "optuna": {"storage": url}}).optuna.storage == url
