@@ -32,36 +32,30 @@ from search import experiment as ex  # noqa: E402
 CIFAR = REPO.parent / "shared" / "data" / "cifar-10-batches-py"
 
 
+def _finished(path: Path):
+    """The grid points of an experiment that ran, with their trials."""
+    return [r for r in ex.results(path)[2] if r.trial is not None] if path.exists() else []
+
+
 def key_figures(scratch: Path) -> str:
-    lines = ["key figures (CIFAR-10 subset):"]
-    bn = scratch / "bn_vs_none.toml"
-    if bn.exists():
-        lines.append("  test accuracy, bn_vs_none:")
-        for r in ex.results(bn)[2]:
-            if r.trial is None:
-                continue
-            test = r.trial.user_attrs.get("test_acc")
-            lines.append(
-                f"    {ex.label('hidden', r.point['hidden']):<32} "
-                f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
-                f"test acc {test if test is None else format(test, '.4f')}"
-                + ("  (diverged)" if r.trial.user_attrs.get("diverged") else "")
-            )
-    sens = scratch / "sensitivity_init.toml"
-    if sens.exists():
-        lines.append("  final training loss, sensitivity_init:")
-        for r in ex.results(sens)[2]:
-            if r.trial is None:
-                continue
-            curves = r.trial.user_attrs.get("curves") or {}
-            loss = (curves.get("train_loss") or [float("nan")])[-1]
-            test = r.trial.user_attrs.get("test_acc")
-            lines.append(
-                f"    sigma {r.point['sigma']:<7g} "
-                f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
-                f"train loss {loss:.4f}  test acc "
-                f"{test if test is None else format(test, '.4f')}"
-            )
+    lines = ["key figures (CIFAR-10 subset):", "  test accuracy, bn_vs_none:"]
+    for r in _finished(scratch / "bn_vs_none.toml"):
+        lines.append(
+            f"    {ex.label('hidden', r.point['hidden']):<32} "
+            f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
+            f"test acc {ex._fmt(r.trial.user_attrs.get('test_acc'), '.4f')}"
+            + ("  (diverged)" if r.trial.user_attrs.get("diverged") else "")
+        )
+    lines.append("  final training loss, sensitivity_init:")
+    for r in _finished(scratch / "sensitivity_init.toml"):
+        curves = r.trial.user_attrs.get("curves") or {}
+        loss = (curves.get("train_loss") or [float("nan")])[-1]
+        lines.append(
+            f"    sigma {r.point['sigma']:<7g} "
+            f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
+            f"train loss {loss:.4f}  test acc "
+            f"{ex._fmt(r.trial.user_attrs.get('test_acc'), '.4f')}"
+        )
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ unpickler that only resolves the few NumPy globals a real batch needs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gzip
@@ -703,7 +704,5 @@ def _return_freed_memory() -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
-        pass

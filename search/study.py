@@ -11,6 +11,8 @@ parameters by the storage's retry callback, and the next worker runs it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import socket
 import sys
@@ -147,6 +149,7 @@ def record_data(study: optuna.Study, prepared: Prepared) -> None:
         )
 
 
+@functools.cache
 def _this_machine() -> str:
     """Names this host, boot and PID namespace: a PID means one process only within it.
 
@@ -154,11 +157,9 @@ def _this_machine() -> str:
     as different machines although they share all three.
     """
     parts = [socket.gethostname()]
-    try:
+    with contextlib.suppress(OSError):  # not Linux: the host name must do
         parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
         parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:  # not Linux: the host name must do
-        pass
     if os.environ.get("C2F_MACHINE"):
         parts.append(os.environ["C2F_MACHINE"])
     return "/".join(parts)
@@ -365,11 +366,10 @@ def _requeue(study: optuna.Study, trial_id: int, reason: str) -> None:
     if frozen.state.is_finished():
         return
     requeue(study, frozen)
-    try:
+    # Only this worker finishes its own running trial: no one else can have told it.
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         storage.set_trial_user_attr(trial_id, "reason", reason)
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
 
 
 @dataclass(frozen=True)
