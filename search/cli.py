@@ -1,17 +1,24 @@
-"""What every command shares: flags, loading the spec, running a stage with progress."""
+"""What every command shares: flags, loading the spec, running a stage with progress,
+and turning errors and signals into one line and an exit code."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
 
-from search import study as st
 from search.spec import StudyDefinitionError, StudySpec, load_spec
-from search.storage import safe_url
+from search.sweep import lost
+from search.sweep import studies as st
+from search.sweep.pool import run_pool
+from search.sweep.signals import Interrupted, StopFlag, current, signals_recorded
+from search.sweep.storage import StorageUnavailable, safe_url, storage_of
 
 DEFAULT_STUDY = "studies/quickstart.toml"
 
@@ -44,6 +51,10 @@ def load(args: argparse.Namespace) -> StudySpec:
     return spec.with_overrides(storage=args.storage, workers=args.workers)
 
 
+class WorkersFailed(RuntimeError):
+    """Worker processes exited with an error (each printed its own line)."""
+
+
 def run_stage(
     spec: StudySpec,
     stage: str,
@@ -56,6 +67,7 @@ def run_stage(
     """Create or resume the stage's study, top it up to ``target``, run the workers."""
     prepared = st.prepare_for(spec)
     study = st.open_study(spec, stage)
+    storage = storage_of(study)
     st.record_data(study, prepared)
     study.set_user_attr("ranges", st.describe_ranges(ranges))
     if spec.path:
@@ -64,24 +76,60 @@ def run_stage(
     for k, v in (attrs or {}).items():
         study.set_user_attr(k, v)
     # Trials left RUNNING by a killed run are failed and re-queued before counting.
-    st.reap_lost_trials(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
     queued = st.top_up(study, target, enqueue=list(enqueue))
     c = st.counts(study)
     finished = c["COMPLETE"] + c["PRUNED"]
+    workers = spec.optuna.workers
     print(
         f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials, "
-        f"{finished} finished, {queued} newly queued, {spec.optuna.workers} worker(s)",
+        f"{finished} finished, {queued} newly queued, {workers} worker(s)",
         flush=True,
     )
-    progress = st.Progress(study, target)
+    job = st.StageJob(
+        spec, stage, str(prepared.path), prepared.checksum, ranges, threads_per(workers)
+    )
+    run_workers(
+        job,
+        workers=workers,
+        progress=Progress(study, target),
+        reap=functools.partial(st.reap_all, spec, stage),
+        release_first=[storage],
+    )
+    return study
+
+
+def threads_per(workers: int) -> int:
+    """BLAS threads for each of ``workers`` workers: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_workers(
+    job,  # noqa: ANN001 - a search.sweep.pool.WorkerJob
+    *,
+    workers: int,
+    progress: Progress | None = None,
+    reap: Callable[[], object] | None = None,
+    release_first: Sequence[object] = (),
+) -> None:
+    """Run the pool with the command's stop flag; raise what ended it early."""
     try:
-        st.run_workers(
-            spec, stage, ranges, prepared, workers=spec.optuna.workers, progress=progress
+        result = run_pool(
+            job,
+            workers=workers,
+            stop=current(),
+            progress=progress,
+            reap=reap,
+            release_first=release_first,
         )
     finally:
-        progress()
-        progress.close()
-    return study
+        if progress is not None:
+            progress.close()
+    if result.signum:
+        raise Interrupted(result.signum)
+    if result.errors:
+        raise WorkersFailed("; ".join(result.errors))
 
 
 def same_flags(args: argparse.Namespace) -> str:
@@ -102,27 +150,100 @@ def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) 
     best = st.top_trials(study, k)
     if best:
         print(f"\ntop {len(best)} trials of {study.study_name}:")
-        print(st.format_table(best, names))
+        print(format_table(best, names))
     else:
         print(f"\nno completed trials in {study.study_name}")
-    print(f"\ndashboard: {st.dashboard_hint(spec)}")
+    print(f"\ndashboard: {dashboard_hint(spec)}")
 
 
 def guarded(main_body):
-    """Turn expected errors into one line on stderr and an exit code."""
+    """Turn expected errors into one line on stderr and an exit code; own the signals.
 
+    Exit codes: 0 done; 1 the run failed (workers failed, storage lost); 2 bad
+    settings or usage; 128 + the signal's number when interrupted (130 SIGINT,
+    143 SIGTERM, 129 SIGHUP).
+    """
+
+    @functools.wraps(main_body)
     def wrapper(argv: list[str] | None = None) -> int:
-        try:
-            return main_body(argv)
-        except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(
-                "\ninterrupted: finished trials are stored; the running trial was re-queued. "
-                "Run the same command again to resume.",
-                file=sys.stderr,
-            )
-            return 130
+        # The commands' own messages say what matters; Optuna's INFO lines would bury them.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        with signals_recorded(StopFlag(interruptible=True)) as stop:
+            try:
+                return main_body(argv)
+            except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            except (WorkersFailed, StorageUnavailable) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            except (Interrupted, KeyboardInterrupt) as exc:
+                signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+                print(
+                    f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
+                    "stored, running ones re-queued. Run the same command again to resume.",
+                    file=sys.stderr,
+                )
+                return 128 + signum
 
     return wrapper
+
+
+class Progress:
+    """A one-line progress report: trials finished of the target, best so far."""
+
+    def __init__(self, study: optuna.Study, target: int, *, stream=None) -> None:
+        self.study = study
+        self.target = target
+        self.stream = stream if stream is not None else sys.stdout
+        self.last = ""
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+
+    def __call__(self) -> None:
+        c = st.counts(self.study)
+        done = c["COMPLETE"] + c["PRUNED"]
+        best = "-"
+        if c["COMPLETE"]:
+            best = f"{self.study.best_value:.4f}"
+        width = 30
+        filled = int(width * min(done, self.target) / max(self.target, 1))
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.target} finished "
+            f"({c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, "
+            f"{c['RUNNING']} running)  best val acc {best}"
+        )
+        if line == self.last:
+            return
+        self.last = line
+        if self.tty:
+            self.stream.write("\r" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self()
+        if self.tty and self.last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def format_table(trials: list[optuna.trial.FrozenTrial], names: list[str]) -> str:
+    header = f"{'trial':>5}  {'val acc':>7}  " + "  ".join(f"{n:>10}" for n in names)
+    header += f"  {'epochs':>6}  {'time s':>6}"
+    lines = [header]
+    for t in trials:
+        cells = "  ".join(f"{t.params.get(n, float('nan')):10.3e}" for n in names)
+        lines.append(
+            f"{t.number:>5}  {t.value:7.4f}  {cells}  "
+            f"{t.user_attrs.get('epochs_run', 0):6.2f}  {t.user_attrs.get('wall_time', 0):6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def dashboard_hint(spec: StudySpec) -> str:
+    url = spec.storage_url()
+    if url.startswith("journal:///"):
+        # optuna-dashboard opens a journal file by its path, not by a URL.
+        return f"optuna-dashboard {url[len('journal:///') :]}"
+    return f"optuna-dashboard {safe_url(url)}"

@@ -22,7 +22,7 @@ import numpy as np
 from model.data import Dataset, Splits
 from model.train import fit, plot_history
 from search import cli
-from search import study as st
+from search.sweep import studies as st
 from search.objective import build_network
 
 

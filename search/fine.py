@@ -13,7 +13,7 @@ import math
 import optuna
 
 from search import cli
-from search import study as st
+from search.sweep import studies as st
 
 
 def narrow(

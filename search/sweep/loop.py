@@ -1,0 +1,237 @@
+"""The worker loop: take a queued trial, run it, tell its result; the only one there is.
+
+Every command that trains (coarse, fine, experiment, ``search.worker``) runs
+this loop in worker processes started by :mod:`search.sweep.pool`.
+
+Signals (:mod:`search.sweep.signals`) raise :class:`Interrupted` only while
+the objective trains and no storage code is on the stack; between steps the
+loop looks at the flag. So a signal never interrupts a storage write, and the
+running trial is re-queued exactly once, by normal code, before the worker
+returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from search.sweep import lost
+from search.sweep.signals import Interrupted, StopFlag
+from search.sweep.storage import ResilientStorage, StorageUnavailable, trial_id
+
+
+class TrialLost(Exception):  # noqa: N818
+    """This worker's trial was finished by another process (it took this one for dead)."""
+
+
+@dataclass
+class Sweep:
+    """What one worker needs to run a study's queue."""
+
+    storage: ResilientStorage
+    study: optuna.Study
+    objective: Callable[[optuna.Trial], float]
+    heartbeat_interval: float
+    grace_period: float
+    poll: float = 1.0  # seconds between looks at the queue while others finish
+
+    @functools.cached_property
+    def study_id(self) -> int:
+        return self.storage.get_study_id_from_name(self.study.study_name)
+
+
+class Heartbeat:
+    """Renews the owner record of a running trial every ``interval`` seconds.
+
+    A beat that finds the trial finished (another worker took this one for dead,
+    after a stop or a network partition) sets ``lost``; the objective's next
+    report then ends the trial here.
+    """
+
+    def __init__(self, storage: ResilientStorage, tid: int, owner: dict, interval: float) -> None:
+        self.storage, self.tid, self.owner, self.interval = storage, tid, owner, interval
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{tid}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                self.storage.set_trial_system_attr(
+                    self.tid, lost.OWNER, {**self.owner, "t": time.time()}
+                )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self.lost = True
+                return
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+                continue
+
+
+def take(storage: ResilientStorage, study_id: int) -> int | None:
+    """Pop a WAITING trial (atomically: one worker only gets it) and claim it; its id.
+
+    The owner is written before the pop as well as after it: a worker killed
+    between the two still leaves its trial traced to a process that is gone.
+    """
+    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        tid = trial_id(t)
+        try:
+            storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
+            if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
+                # Another worker that lost this race may have written its name since.
+                storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
+                return tid
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _log(line: str) -> None:
+    print(f"worker {os.getpid()}: {line}", file=sys.stderr, flush=True)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_queue(
+    sweep: Sweep,
+    stop: StopFlag,
+    *,
+    log: Callable[[str], None] = _log,
+    on_trial_end: Callable[[], None] | None = None,
+) -> int:
+    """Take and run trials until none is waiting or running, or ``stop``; how many ran.
+
+    While other workers still run trials and none is waiting, wait: a dead
+    worker's trial comes back to the queue. A trial that fails records its
+    exception and traceback (user attrs ``reason``, ``traceback``) and the sweep
+    goes on. A trial finished meanwhile by another worker is dropped with one
+    line of log. :class:`Interrupted` (or a stop seen between steps) re-queues
+    the running trial and returns.
+    """
+    storage = sweep.storage
+    study_id = sweep.study_id
+    storage.should_stop = lambda: bool(stop)
+    ran = idle = 0
+    while not stop:
+        try:
+            lost.reap(storage, study_id, grace_period=sweep.grace_period)
+            tid = take(storage, study_id)
+            if tid is None:
+                running = storage.get_all_trials(
+                    study_id, deepcopy=False, states=(TrialState.RUNNING,)
+                )
+        except StorageUnavailable as exc:
+            if not stop:
+                log(f"{exc}; trying again")
+            continue
+        if tid is None:
+            if not running:
+                return ran
+            # The others' last trials usually end within a second: look again soon,
+            # then every ``sweep.poll`` seconds.
+            stop.wait(min(sweep.poll, 0.05 * 1.5 ** min(idle, 20)))
+            idle += 1
+            continue
+        idle = 0
+        if stop:
+            _give_back(storage, study_id, tid, stop)
+            break
+        if _run_one(sweep, tid, stop, log):
+            ran += 1
+            if on_trial_end is not None:
+                on_trial_end()
+    return ran
+
+
+def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None]) -> bool:
+    """Run and tell one trial this worker has taken; False if it was dropped or given back."""
+    storage, study, study_id = sweep.storage, sweep.study, sweep.study_id
+    trial = optuna.Trial(study, tid)
+    owner = storage.get_trial(tid).system_attrs.get(lost.OWNER) or lost.owner_record()
+    value: float | None = None
+    state: TrialState | None = None
+    with Heartbeat(storage, tid, owner, sweep.heartbeat_interval) as beat:
+        try:
+            with stop.allowed():
+                value = sweep.objective(_Watched(trial, beat))  # type: ignore[arg-type]
+        except Interrupted:
+            _give_back(storage, study_id, tid, stop)
+            return False
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
+            log(f"dropped trial {trial.number}: another worker finished it meanwhile")
+            return False
+        except StorageUnavailable as exc:
+            log(f"dropped trial {trial.number}: {exc}")
+            return False
+        except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
+            state = TrialState.FAIL
+            try:
+                storage.set_trial_user_attr(tid, "reason", _reason(exc))
+                storage.set_trial_user_attr(tid, "traceback", traceback.format_exc()[-4000:])
+            except optuna.exceptions.UpdateFinishedTrialError:
+                log(f"dropped trial {trial.number}: another worker finished it meanwhile")
+                return False
+    if stop and state is None and value is None:
+        _give_back(storage, study_id, tid, stop)
+        return False
+    try:
+        if storage.get_trial(tid).state.is_finished():
+            log(f"dropped trial {trial.number}: another worker finished it meanwhile")
+            return False
+        study.tell(trial, value, state=state, skip_if_finished=True)
+    except StorageUnavailable as exc:
+        log(f"dropped trial {trial.number}: {exc}")
+        return False
+    return True
+
+
+def _give_back(storage: ResilientStorage, study_id: int, tid: int, stop: StopFlag) -> None:
+    """Re-queue a trial this worker took, because it was asked to stop."""
+    name = signal.Signals(stop.signum).name if stop.signum else "stop"
+    with contextlib.suppress(StorageUnavailable):
+        storage.should_stop = lambda: False  # a few seconds' patience for this last write
+        storage.patience, patience = min(storage.patience, 5.0), storage.patience
+        try:
+            frozen = storage.get_trial(tid)
+            if not frozen.state.is_finished():
+                lost.requeue(storage, study_id, frozen, f"interrupted ({name})", limit=None)
+        finally:
+            storage.patience = patience
+
+
+class _Watched:
+    """The trial as the objective sees it: its reports end a trial another worker finished."""
+
+    def __init__(self, trial: optuna.Trial, beat: Heartbeat) -> None:
+        self._trial, self._beat = trial, beat
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - everything else is the trial's
+        return getattr(self._trial, name)
+
+    def report(self, value: float, step: int) -> None:
+        if self._beat.lost:
+            raise TrialLost(f"trial {self._trial.number}")
+        self._trial.report(value, step)

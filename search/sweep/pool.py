@@ -1,0 +1,175 @@
+"""Starting N workers and owning their lives: the one place that starts worker processes.
+
+The command's process supervises; every worker is a child process running
+:func:`search.sweep.loop.run_queue`. The lifecycle is owned here:
+
+- A stop signal (SIGINT, SIGTERM, SIGHUP) to the command alone or to its
+  process group reaches every worker: each re-queues its running trial and
+  exits. Workers that have not exited ``stop_timeout`` seconds later, or at a
+  second signal, are killed, and their trials re-queued by the command.
+- A worker never outlives the command: on Linux the kernel sends it SIGTERM
+  when the command dies (``PR_SET_PDEATHSIG``), and a watch thread does the same
+  wherever the parent changes, so an orphan re-queues its trial and stops
+  before it takes another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from search.sweep.loop import Sweep, run_queue
+from search.sweep.signals import STOP_SIGNALS, StopFlag
+from search.sweep.storage import release
+
+PR_SET_PDEATHSIG = 1
+STOP_TIMEOUT_S = 10.0
+
+
+class WorkerJob(Protocol):
+    """What a worker process needs; picklable (it crosses to the worker process)."""
+
+    threads: int
+
+    def open(self, worker: int) -> Sweep:
+        """In the worker process: connect, open the study and the data, build the objective."""
+        ...
+
+
+@dataclass
+class PoolResult:
+    """How the workers ended: the stop signal if any, and the workers that failed."""
+
+    signum: int | None = None
+    errors: list[str] = field(default_factory=list)
+    killed: int = 0
+
+
+def run_pool(
+    job: WorkerJob,
+    *,
+    workers: int,
+    stop: StopFlag,
+    progress: Callable[[], None] | None = None,
+    reap: Callable[[], object] | None = None,
+    release_first: Sequence[object] = (),
+    stop_timeout: float = STOP_TIMEOUT_S,
+) -> PoolResult:
+    """Run ``workers`` worker processes on ``job`` until its queue is empty or a stop signal.
+
+    ``stop`` is the command's flag (its handlers installed); it is only looked
+    at here, never raised. ``progress`` is called every half second. ``reap``
+    re-queues the trials of workers that had to be killed. The storages in
+    ``release_first`` drop their connections before the workers are forked
+    (a forked connection would be shared by two processes).
+    """
+    for storage in release_first:
+        release(storage)
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    was_interruptible, stop.interruptible = stop.interruptible, False
+    # Blocked while forking: a signal must reach a worker after it installed its handlers.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    procs = []
+    try:
+        for i in range(workers):
+            p = ctx.Process(target=_worker, args=(job, i, os.getpid()), name=f"c2f-worker-{i}")
+            p.start()
+            procs.append(p)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    result = PoolResult()
+    try:
+        _supervise(procs, stop, progress, reap, stop_timeout, result)
+    finally:
+        stop.interruptible = was_interruptible
+    for i, p in enumerate(procs):
+        code = p.exitcode
+        if code not in (0, None) and code != -signal.SIGKILL and code - 128 not in STOP_SIGNALS:
+            result.errors.append(f"worker {i} (pid {p.pid}) exited with code {code}")
+    result.signum = stop.signum
+    return result
+
+
+def _supervise(
+    procs: list,
+    stop: StopFlag,
+    progress: Callable[[], None] | None,
+    reap: Callable[[], object] | None,
+    stop_timeout: float,
+    result: PoolResult,
+) -> None:
+    deadline: float | None = None
+    while True:
+        alive = [p for p in procs if p.exitcode is None]
+        if not alive:
+            return
+        if stop and deadline is None:
+            stop.acted = True  # a second signal now means "kill the workers", handled here
+            deadline = time.monotonic() + stop_timeout
+            for p in alive:
+                # Idempotent in a worker: it may have the signal already from the group.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, stop.signum or signal.SIGTERM)
+        if deadline is not None and (stop.presses > 1 or time.monotonic() > deadline):
+            for p in alive:
+                p.kill()
+            for p in alive:
+                p.join()
+            result.killed = len(alive)
+            if reap is not None:
+                reap()  # their PIDs are gone now: their trials count as lost
+            return
+        if progress is not None and deadline is None:
+            progress()
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.5)
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM to this process when ``parent`` is gone: by the kernel where it can, else a
+    watch thread that looks once a second."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if os.getppid() != parent:  # died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker(job: WorkerJob, index: int, parent: int) -> None:
+    """A worker process: handlers first, then the data and the study, then the queue."""
+    from threadpoolctl import threadpool_limits
+
+    stop = StopFlag(hard_exit=False)
+    stop.install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _die_with_parent(parent)
+    try:
+        with threadpool_limits(limits=job.threads):
+            sweep = job.open(index)
+            if not stop:
+                run_queue(sweep, stop)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, then exit 1
+        print(f"worker {os.getpid()}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # _exit: no interpreter shutdown, whose clean-up callbacks could print or hang.
+    os._exit(stop.exit_code if stop else 0)

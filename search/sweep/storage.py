@@ -1,0 +1,426 @@
+"""Optuna storages from a URL: SQLite (default), PostgreSQL, or a journal file.
+
+SQLite is set up for many processes on one file: WAL journal (readers such as
+optuna-dashboard never block the writers) and a long busy timeout. Every
+storage is wrapped in :class:`ResilientStorage`: a call that meets a briefly
+unreachable database (a restarted server, a network cut, a locked file) is
+retried with back-off instead of killing the worker.
+
+This is also the one place that touches Optuna's private API, each use with
+the reason and a test (``tests/search/test_storage.py``) that fails if Optuna
+changes it: :func:`storage_of`, :func:`trial_id` and the upsert of
+:class:`SQLiteStorage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages._rdb import models as rdb_models
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import FrozenTrial, TrialState
+
+T = TypeVar("T")
+SQLITE_TIMEOUT_S = 120
+MAX_RETRIES = 3
+# How long a worker keeps retrying an unreachable database before it gives up.
+PATIENCE_S = 300.0
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage a study was opened with.
+
+    Private (``Study._storage``): a study has no public accessor for it, and the
+    worker loop needs the storage's atomic calls, not the study's.
+    """
+    return study._storage
+
+
+def trial_id(trial: FrozenTrial) -> int:
+    """The storage's id of a trial.
+
+    Private (``FrozenTrial._trial_id``): the storage API takes trial ids, and the
+    public way to get one (``get_trial_id_from_study_id_trial_number``) costs a
+    query per call, on every look at the queue.
+    """
+    return trial._trial_id
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password hidden, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (journal file): nothing to hide
+        return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL, else None."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url[len(prefix) :] not in ("", ":memory:"):
+        return Path(url[len(prefix) :])
+    return None
+
+
+def _prepare_sqlite(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
+    try:
+        # WAL is a property of the file: set once, every later connection uses it.
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def make_storage(
+    url: str, *, patience: float = PATIENCE_S, log: Callable[[str], None] | None = None
+) -> ResilientStorage:
+    """An Optuna storage for ``url``, retrying calls while the database is unreachable.
+
+    - ``sqlite:///path.db``: RDBStorage with WAL and a busy timeout.
+    - ``postgresql[+driver]://...``, ``mysql...``: RDBStorage (connections checked
+      before use, so a restarted server is survived).
+    - ``journal:///path.log`` or a path ending in ``.log``: a journal file.
+
+    Workers record their own heartbeats (``search.sweep.lost``), on every kind of
+    storage, so Optuna's heartbeat is not used.
+    """
+    return ResilientStorage(_open(url), patience=patience, log=log)
+
+
+def _open(url: str) -> BaseStorage:
+    if url.startswith("journal://") or (url.endswith(".log") and "://" not in url):
+        path = url.removeprefix("journal://")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
+    if "://" not in url:
+        raise ValueError(
+            f"storage must be a URL like sqlite:///studies/x.db, "
+            f"postgresql+psycopg2://user@host/db or journal:///path.log; got {url!r}"
+        )
+    engine_kwargs: dict = {}
+    db = sqlite_path(url)
+    if db is not None:
+        _prepare_sqlite(db)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    elif url.startswith(("postgresql", "mysql")):
+        engine_kwargs = {"pool_pre_ping": True}
+
+    def connect() -> RDBStorage:
+        cls = SQLiteStorage if db is not None else RDBStorage
+        return cls(url, engine_kwargs=engine_kwargs)
+
+    storage = with_retries(connect)
+    if db is not None:
+        _serialise_sqlite_writes(storage)
+    return storage
+
+
+_READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("c2f_read_only", default=False)
+
+
+class SQLiteStorage(RDBStorage):
+    """RDBStorage tuned for many worker processes on one SQLite file.
+
+    - Reads (``get_*`` and the getters Optuna's trial cache calls) run in deferred
+      transactions: in WAL mode they need no lock, so a sampler reading every
+      finished trial never holds up another worker's write. Every other
+      transaction begins with ``BEGIN IMMEDIATE`` (:func:`_serialise_sqlite_writes`).
+    - ``trial.report`` is one upsert instead of Optuna's three ORM queries: a
+      trial reports at every evaluation point, and with several workers on short
+      trials the write lock held through those queries was what limited them.
+      If the installed Optuna's tables differ from what the statement expects,
+      Optuna's own implementation is used.
+    """
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling builds a new engine: give it the same transaction rules.
+        super().__setstate__(state)
+        _serialise_sqlite_writes(self)
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        if not _FAST_REPORT:
+            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+            return
+        value, kind = _IV.intermediate_value_to_stored_repr(intermediate_value)
+        with self.engine.begin() as conn:  # BEGIN IMMEDIATE
+            state = conn.exec_driver_sql(
+                "SELECT state FROM trials WHERE trial_id = ?", (trial_id,)
+            ).scalar()
+            if state is None:
+                raise KeyError(f"No trial with trial_id {trial_id} exists.")
+            self.check_trial_is_updatable(trial_id, TrialState[state])
+            conn.exec_driver_sql(
+                "INSERT INTO trial_intermediate_values "
+                "(trial_id, step, intermediate_value, intermediate_value_type) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (trial_id, step) DO UPDATE SET "
+                "intermediate_value = excluded.intermediate_value, "
+                "intermediate_value_type = excluded.intermediate_value_type",
+                (trial_id, step, value, kind.name),
+            )
+
+
+_IV = rdb_models.TrialIntermediateValueModel
+# The upsert above names these columns and stores the enum by name, as SQLAlchemy does.
+_FAST_REPORT = (
+    set(_IV.__table__.columns.keys())
+    >= {
+        "trial_id",
+        "step",
+        "intermediate_value",
+        "intermediate_value_type",
+    }
+    and "state" in rdb_models.TrialModel.__table__.columns.keys()
+)
+
+
+@contextlib.contextmanager
+def read_only() -> Iterator[None]:
+    """SQLite transactions begun inside are deferred (no write lock); others unaffected."""
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)
+
+
+def _read_only(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        with read_only():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+# The public getters, and the private ones Optuna's trial cache calls instead.
+_READS = {"_get_trials", "_get_best_trial_id", "_get_stale_trial_ids"}
+for _name in dir(RDBStorage):
+    if (_name.startswith("get_") or _name in _READS) and callable(getattr(RDBStorage, _name)):
+        setattr(SQLiteStorage, _name, _read_only(getattr(RDBStorage, _name)))
+
+
+def _serialise_sqlite_writes(storage: RDBStorage) -> None:
+    """Make every SQLite write transaction take the write lock when it begins.
+
+    Optuna pops a queued trial with SELECT ... FOR UPDATE then UPDATE; SQLite has
+    no row locks, and pysqlite only opens a transaction at the UPDATE, so two
+    processes could both pop the same WAITING trial. ``BEGIN IMMEDIATE`` makes
+    the read and the write one atomic step; WAL still lets readers (the
+    dashboard) in while a writer holds the lock. The reads of
+    :class:`SQLiteStorage` begin a deferred transaction instead, which takes no
+    lock. ``synchronous=NORMAL`` (safe with WAL: a crash of the process loses
+    nothing, a power cut at most the last commits, never consistency) saves an
+    fsync on every report.
+    """
+    from sqlalchemy import event
+
+    engine = storage.engine
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        if _READ_ONLY.get():
+            conn.exec_driver_sql("BEGIN")
+        else:
+            _begin_immediate(conn.connection.dbapi_connection)
+
+    engine.dispose()  # connections made before the listeners existed are dropped
+
+
+def _begin_immediate(dbapi_connection: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``, retried at sub-millisecond intervals while the lock is taken.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10, ... ms between tries, which is
+    longer than most of Optuna's write transactions (a report takes ~1 ms): with
+    several workers reporting often, half their time went to sleeping on a lock
+    that was already free. The busy timeout is off only for these tries.
+    """
+    deadline = time.monotonic() + SQLITE_TIMEOUT_S
+    delay = 5e-5
+    dbapi_connection.execute("PRAGMA busy_timeout=0")
+    try:
+        while True:
+            try:
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2e-3)
+    finally:
+        dbapi_connection.execute(f"PRAGMA busy_timeout={SQLITE_TIMEOUT_S * 1000}")
+
+
+def with_retries(fn: Callable[[], T], *, tries: int = MAX_RETRIES) -> T:
+    """Call ``fn``, retrying a locked or briefly unreachable database a few times.
+
+    For the commands' one-off calls; a worker's calls go through
+    :class:`ResilientStorage`, which retries for longer.
+    """
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
+            if not is_transient(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Words of the errors a database gives while it restarts or the network is cut.
+_TRANSIENT_WORDS = (
+    "database is locked",
+    "database is busy",
+    "could not connect",
+    "connection refused",
+    "connection reset",
+    "connection timed out",
+    "server closed the connection",
+    "terminating connection",
+    "no connection to the server",
+    "connection already closed",
+    "the database system is",  # starting up, shutting down, in recovery mode
+    "ssl syscall error",
+    "eof detected",
+    "broken pipe",
+    "timeout expired",
+    "could not receive data",
+    "could not send data",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors of a database that is briefly unreachable, locked or restarting.
+
+    Looks through the chain of causes: Optuna wraps SQLAlchemy's errors in its
+    ``StorageInternalError``. A full disk, a read-only file or a bad URL is not
+    transient: retrying cannot help.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if getattr(e, "connection_invalidated", False):
+            return True
+        text = str(e).lower()
+        if any(word in text for word in _TRANSIENT_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class StorageUnavailable(RuntimeError):
+    """The database stayed unreachable for longer than the worker's patience."""
+
+
+class ResilientStorage(BaseStorage):
+    """An Optuna storage whose every call is retried while the database is unreachable.
+
+    Retries back off from 0.25 s to 5 s, for up to ``patience`` seconds, then
+    raise :class:`StorageUnavailable`. ``log`` gets one line when an outage begins
+    and one when it ends. ``should_stop`` (set by a worker) ends the retries
+    early when the worker is asked to stop. Everything that is not a storage
+    method (``engine``, ...) is the wrapped storage's.
+    """
+
+    def __init__(
+        self,
+        inner: BaseStorage,
+        *,
+        patience: float = PATIENCE_S,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.patience = patience
+        self.log = log
+        self.should_stop: Callable[[], bool] = lambda: False
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - the wrapped storage's attributes
+        if name == "inner":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def call(self, name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        method = getattr(self.inner, name)
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
+            if not is_transient(exc):
+                raise
+            first = exc
+        t0 = time.monotonic()
+        delay = 0.25
+        if self.log is not None:
+            self.log(
+                f"storage unreachable ({_one_line(first)}); retrying for up to {self.patience:g} s"
+            )
+        while True:
+            if self.should_stop() or time.monotonic() - t0 > self.patience:
+                raise StorageUnavailable(
+                    f"storage unreachable for {time.monotonic() - t0:.0f} s: {_one_line(first)}"
+                ) from first
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+            try:
+                result = method(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
+                if not is_transient(exc):
+                    raise
+                continue
+            if self.log is not None:
+                self.log(f"storage reachable again after {time.monotonic() - t0:.1f} s")
+            return result
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def _delegate(name: str) -> Callable[..., object]:
+    def method(self: ResilientStorage, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return self.call(name, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# Every method of Optuna's storage interface goes through ResilientStorage.call.
+for _name in sorted(BaseStorage.__abstractmethods__) + [
+    n for n in vars(BaseStorage) if not n.startswith("_") and callable(getattr(BaseStorage, n))
+]:
+    setattr(ResilientStorage, _name, _delegate(_name))
+ResilientStorage.__abstractmethods__ = frozenset()
+
+
+def release(storage: object) -> None:
+    """Close a storage's pooled connections (before forking: a child must not share them)."""
+    inner = getattr(storage, "inner", storage)
+    if isinstance(inner, RDBStorage):
+        inner.engine.dispose()

@@ -1,0 +1,254 @@
+"""The studies of a study file: opening them, their queue's target, and the job of a stage.
+
+A sweep's target is a number of trials, not "N more": the command that creates
+or resumes a study tops its queue up with WAITING trials until finished +
+running + waiting trials make the target (:func:`top_up`), and trims the
+queue when the target was lowered. Workers only ever take WAITING trials (an
+atomic state change in the storage), so any number of workers on any number
+of machines run exactly the target between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.objective import Objective
+from search.prepared import Prepared, prepare
+from search.spec import StudySpec
+from search.sweep import lost
+from search.sweep.loop import Sweep
+from search.sweep.storage import (
+    ResilientStorage,
+    make_storage,
+    sqlite_path,
+    storage_of,
+    trial_id,
+    with_retries,
+)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+LIVE = (TrialState.RUNNING, TrialState.WAITING)
+STAGES = ("coarse", "fine")
+
+
+class DataMismatchError(RuntimeError):
+    """A worker's prepared data differs from the data the study was created with."""
+
+
+def study_name(spec: StudySpec, stage: str) -> str:
+    return f"{spec.name}-{stage}"
+
+
+def storage_for(spec: StudySpec, url: str | None = None) -> ResilientStorage:
+    return make_storage(url or spec.storage_url())
+
+
+def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, its seed moved by ``seed_offset`` (one per worker and per resume:
+    with one seed, parallel workers would draw the same values)."""
+    seed = spec.optuna.seed + seed_offset
+    if spec.optuna.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The pruner named in the spec. Warm-up is handled by the objective (in cycles)."""
+    name, startup = spec.optuna.pruner, spec.optuna.n_startup_trials
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(33.0, n_startup_trials=startup)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def open_study(
+    spec: StudySpec,
+    stage: str,
+    storage: optuna.storages.BaseStorage | None = None,
+    *,
+    worker: int = 0,
+    create: bool = True,
+) -> optuna.Study:
+    """The stage's study, created if ``create`` and missing (``load_if_exists``).
+
+    The sampler's seed is moved by the worker's number and by the trials already
+    sampled, so a resumed sweep does not replay the draws of the first run
+    (still reproducible for one worker).
+    """
+    storage = storage if storage is not None else storage_for(spec)
+    name = study_name(spec, stage)
+    if create:
+        study = with_retries(
+            lambda: optuna.create_study(
+                storage=storage,
+                study_name=name,
+                direction="maximize",
+                pruner=make_pruner(spec),
+                load_if_exists=True,
+            )
+        )
+    else:
+        study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
+    n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(spec, 1000 * worker + 7919 * n_sampled)
+    return study
+
+
+def counts(study: optuna.Study) -> Counter:
+    """Trials per state name."""
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, float]] = ()) -> int:
+    """Make finished + running + waiting trials equal ``target``; how many were queued.
+
+    First the retries that a dying process still owed are queued
+    (:func:`search.sweep.lost.repair_owed_retries`). ``enqueue`` gives parameters
+    for the first new trials (starting points); the rest are blank and get
+    their parameters from the sampler when taken. Over the target (a command
+    run again with a lower ``--trials``), the newest WAITING trials are failed
+    with the reason; a later, larger target queues new ones.
+    """
+    storage = storage_of(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    lost.repair_owed_retries(storage, study_id)
+    trials = study.get_trials(deepcopy=False)
+    counted = [t for t in trials if t.state in FINISHED + LIVE]
+    missing = target - len(counted)
+    if missing < 0:
+        _trim(storage, counted, target)
+    already = {tuple(sorted(t.params.items())) for t in trials}
+    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already]
+    for i in range(max(0, missing)):
+        params = starts[i] if i < len(starts) else {}
+        study.enqueue_trial(params, skip_if_exists=bool(params))
+    study.set_user_attr("target", target)
+    return max(0, missing)
+
+
+def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], target: int) -> None:
+    """Fail the WAITING trials beyond ``target`` in trial order (blank ones first).
+
+    By trial number, so two commands trimming at once fail the same trials.
+    """
+    excess = len(counted) - target
+    waiting = sorted(
+        (t for t in counted if t.state == TrialState.WAITING),
+        key=lambda t: (not t.system_attrs.get("fixed_params"), t.number),
+    )
+    for t in reversed(waiting[-excess:] if excess <= len(waiting) else waiting):
+        tid = trial_id(t)
+        try:
+            storage.set_trial_user_attr(tid, "reason", f"not needed: target lowered to {target}")
+            storage.set_trial_state_values(tid, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # taken and finished meanwhile
+
+
+def record_data(study: optuna.Study, prepared: Prepared) -> None:
+    """Record the data checksum on the study, or refuse if it differs."""
+    recorded = study.user_attrs.get("data_checksum")
+    if recorded is None:
+        study.set_user_attr("data_checksum", prepared.checksum)
+    elif recorded != prepared.checksum:
+        raise DataMismatchError(
+            f"study {study.study_name} was created with data {recorded[:16]} but this "
+            f"machine prepared {prepared.checksum[:16]}: the source files or the [data] "
+            "settings differ; give every machine the same data and study file"
+        )
+
+
+def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> Prepared:
+    """The study's prepared data, cached under ``cache/`` beside the study file, or
+    under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume)."""
+    root = cache_dir or os.environ.get("C2F_CACHE_DIR") or None
+    return prepare(
+        spec.data,
+        spec.data_dir(),
+        Path(root) if root else spec.base_dir / "cache",
+        seed=spec.optuna.seed,
+        log=log,
+    )
+
+
+def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:
+    """The stage's study if it exists in the storage, else None.
+
+    No study is created (and no SQLite file); a PostgreSQL database gets Optuna's
+    empty tables, a journal storage its empty file, as any use of them would.
+    """
+    db = sqlite_path(spec.storage_url())
+    if db is not None and not db.is_file():
+        return None
+    storage = storage_for(spec)
+    names = {s.study_name for s in storage.get_all_studies()}
+    if study_name(spec, stage) not in names:
+        return None
+    return open_study(spec, stage, storage, create=False)
+
+
+def describe_ranges(ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    return {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()}
+
+
+def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # A COMPLETE trial of a single-objective study always has a value.
+    return sorted(done, key=lambda t: cast(float, t.value), reverse=True)[:k]
+
+
+def machine_seed() -> int:
+    """A seed offset of this machine and process, for workers joining from many machines."""
+    label = f"{socket.gethostname()}:{os.getpid()}"
+    return int(hashlib.sha256(label.encode()).hexdigest()[:4], 16)
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """A worker of a coarse or fine study (picklable: it may cross to a spawned process)."""
+
+    spec: StudySpec
+    stage: str
+    prepared_path: str
+    checksum: str
+    ranges: dict[str, tuple[float, float]]
+    threads: int
+    seed_offset: int = 0
+
+    def open(self, worker: int) -> Sweep:
+        storage = storage_for(self.spec)
+        study = open_study(
+            self.spec, self.stage, storage, worker=worker + self.seed_offset, create=False
+        )
+        prepared = Prepared(Path(self.prepared_path), self.checksum)
+        record_data(study, prepared)
+        objective = Objective(self.spec, self.stage, prepared.open(), self.ranges)
+        return Sweep(
+            storage,
+            study,
+            objective,
+            heartbeat_interval=self.spec.optuna.heartbeat_interval,
+            grace_period=self.spec.optuna.grace_period,
+        )
+
+
+def reap_all(spec: StudySpec, stage: str) -> list[int]:
+    """Fail and retry the stage's trials whose workers are gone; their numbers."""
+    storage = storage_for(spec)
+    study_id = storage.get_study_id_from_name(study_name(spec, stage))
+    return lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
