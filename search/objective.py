@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import optuna
 
@@ -105,6 +104,8 @@ class Objective:
             2 * config.resolved_n_s(n_train) if config.schedule == "cyclical" else per_epoch
         )
         warmup = self.spec.optuna.warmup_cycles * per_cycle
+        # The last evaluation point is the result: a run that finished is never pruned.
+        last = config.total_steps(n_train)
         # should_prune reads every finished trial from the storage: skip it when it can't prune.
         prunes = self.spec.optuna.pruner != "none"
         # The curves so far, kept here too: a pruned trial keeps them.
@@ -114,7 +115,7 @@ class Objective:
             seen.append(step, step / per_epoch, schedule.lr_at(step - 1), metrics)
             seen.epochs_run = step / per_epoch
             trial.report(metrics["val_acc"], step)
-            if prunes and step >= warmup and trial.should_prune():
+            if prunes and warmup <= step < last and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"pruned at step {step}: val_acc {metrics['val_acc']:.4f}"
                 )
@@ -124,14 +125,3 @@ class Objective:
         )
         value = history.final["val_acc"]
         return value if math.isfinite(value) else 0.0
-
-
-def trial_summary(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    return {
-        "number": t.number,
-        "state": t.state.name,
-        "value": t.value,
-        **t.params,
-        "epochs_run": t.user_attrs.get("epochs_run"),
-        "wall_time": t.user_attrs.get("wall_time"),
-    }

@@ -2,9 +2,9 @@
 
 A study is
 
-- ``running`` if a RUNNING trial's heartbeat is newer than the grace period (or,
-  for a trial without any heartbeat yet, if it started less than the grace period
-  ago: a worker writes its first heartbeat when it takes the trial);
+- ``running`` if a RUNNING trial's worker is alive, by the rule every worker's
+  reaper uses (:func:`search.sweep.lost.lost_reason`: its process on this
+  machine exists and its last heartbeat is newer than the grace period);
 - ``stale`` if RUNNING trials have no live worker: their workers were killed.
   Running the stage's command again fails them and retries their parameters;
 - ``done`` when its finished trials (complete + pruned) reach the target;
@@ -16,17 +16,17 @@ Exit codes: 0 listed, 1 no study in the storage, 2 bad arguments or storage.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search import cli
 from search.spec import StudySpec, load_spec
-from search.storage import make_storage, safe_url, sqlite_path
+from search.sweep import lost
+from search.sweep.storage import make_storage, safe_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 COMMANDS = {"coarse": "search.coarse", "fine": "search.fine"}
@@ -44,60 +44,15 @@ class StudyStatus:
     verdict: str
 
 
-def _heartbeat_trial_ids(storage: optuna.storages.BaseStorage, trial_ids: list[int]) -> set[int]:
-    """The RUNNING trials that have recorded at least one heartbeat (RDB storages only)."""
-    if not trial_ids or not hasattr(storage, "scoped_session"):
-        return set()
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(storage.scoped_session) as session:
-        rows = (
-            session.query(models.TrialHeartbeatModel.trial_id)
-            .filter(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
-            .all()
-        )
-    return {r[0] for r in rows}
-
-
 def liveness(
-    storage: optuna.storages.BaseStorage,
-    study_id: int,
-    running: list[optuna.trial.FrozenTrial],
-    *,
-    grace_period: float,
-    now: dt.datetime | None = None,
+    running: list[FrozenTrial], *, grace_period: float, now: float | None = None
 ) -> tuple[int, int]:
     """(alive, stale) counts among the RUNNING trials of a study."""
-    if not running:
-        return 0, 0
-    now = now or dt.datetime.now()
-    has_stale_lookup = (
-        hasattr(storage, "_get_stale_trial_ids")
-        and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
+    now = time.time() if now is None else now
+    stale = sum(
+        lost.lost_reason(t, grace_period=grace_period, now=now) is not None for t in running
     )
-    stale_ids = (
-        set(cast(BaseHeartbeat, storage)._get_stale_trial_ids(study_id))
-        if has_stale_lookup
-        else set()
-    )
-    try:
-        beating = _heartbeat_trial_ids(storage, [t._trial_id for t in running])
-    except Exception:  # noqa: BLE001 - a private API: without it, fall back to start times
-        beating = set()
-    alive = stale = 0
-    for t in running:
-        if t._trial_id in stale_ids:
-            stale += 1
-        elif t._trial_id in beating:
-            alive += 1
-        elif t.datetime_start is not None and (now - t.datetime_start).total_seconds() <= max(
-            grace_period, 60
-        ):
-            alive += 1  # just taken: its first heartbeat is on its way
-        else:
-            stale += 1  # a worker that never beat, long ago
-    return alive, stale
+    return len(running) - stale, stale
 
 
 def resume_command(name: str, *, study_path: str | None, storage_flag: str | None) -> str:
@@ -126,7 +81,7 @@ def study_status(
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     best = max(complete, key=lambda t: cast(float, t.value), default=None)
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    alive, stale = liveness(storage, study._study_id, running, grace_period=grace_period)
+    alive, stale = liveness(running, grace_period=grace_period)
     target = study.user_attrs.get("target")
     finished = counts["COMPLETE"] + counts["PRUNED"]
     if alive:
@@ -210,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if db is not None and not db.exists():
         print(f"no database at {db}: no study has run yet (run python -m search.coarse first)")
         return 1
-    heartbeat = spec.optuna.heartbeat_interval if spec is not None else 10
-    storage = make_storage(url, heartbeat_interval=heartbeat, grace_period=max(1, int(grace)))
+    storage = make_storage(url)
     names = sorted(optuna.get_all_study_names(storage))
     if not names:
         print(f"no studies in {safe_url(url)} (run python -m search.coarse first)")

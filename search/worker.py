@@ -25,25 +25,18 @@ containers in ``docker/compose.yaml`` are configured; a flag wins over the varia
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
 import os
-import signal
-import socket
 import sys
-import threading
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage
 
 from search import cli
-from search import study as st
-from search.objective import Objective
-from search.prepared import Prepared, prepare
+from search.prepared import Prepared
 from search.spec import StudySpec, load_spec
-from search.storage import make_storage, safe_url, sqlite_path, with_retries
+from search.sweep import studies as st
+from search.sweep.storage import make_storage, safe_url, sqlite_path
 
 ENV_PREFIX = "C2F_"
 
@@ -85,10 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where prepared data is cached (default: cache/ beside the study file)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("workers", "1") or 1),
+        help="worker processes on this machine (default 1)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
-        default=int(_env("threads", "0") or 0) or (os.cpu_count() or 1),
-        help="BLAS threads for this worker (default: all cores)",
+        default=int(_env("threads", "0") or 0) or None,
+        help="BLAS threads per worker (default: the cores shared out among the workers)",
     )
     p.add_argument(
         "--poll",
@@ -109,34 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --create: target number of trials (default: the study file's [coarse])",
     )
     return p
-
-
-def worker_label() -> str:
-    """Which machine and process ran a trial (user attr ``worker``)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def worker_number(label: str) -> int:
-    # The sampler's seed offset: one seed per worker, or parallel workers draw the same values.
-    return int(hashlib.sha256(label.encode()).hexdigest()[:4], 16)
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """Treat SIGTERM (``docker stop``, scaling down) like Ctrl-C: the running trial is
-    re-queued at once instead of waiting for its heartbeat to go stale."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -161,9 +132,7 @@ def load_worker_spec(args: argparse.Namespace, path: str) -> StudySpec:
 
 
 def prepare_data(spec: StudySpec, cache_dir: str | None) -> Prepared:
-    if cache_dir is None:
-        return st.prepare_for(spec)
-    return prepare(spec.data, spec.data_dir(), Path(cache_dir), seed=spec.optuna.seed)
+    return st.prepare_for(spec, cache_dir=cache_dir)
 
 
 def ranges_for(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, tuple[float, float]]:
@@ -220,11 +189,15 @@ def join(args: argparse.Namespace) -> int:
     if not args.study_name:
         raise ValueError("--study-name is required (the study to join, e.g. quickstart-coarse)")
     prefix, stage = split_name(args.study_name)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     db = sqlite_path(args.storage)
     if db is not None and not db.is_file():
         raise ValueError(f"no database file {db}; a worker only joins an existing study")
-    probe = make_storage(args.storage, heartbeat_interval=None, grace_period=None)
-    names = sorted(s.study_name for s in with_retries(lambda: probe.get_all_studies()))
+    storage = make_storage(args.storage)
+    names = sorted(s.study_name for s in storage.get_all_studies())
     if args.study_name not in names:
         raise ValueError(
             f"no study {args.study_name!r} in {safe_url(args.storage)}; it holds "
@@ -232,10 +205,9 @@ def join(args: argparse.Namespace) -> int:
             f"python -m search.worker --create --study PATH --storage URL "
             f"(or python -m search.coarse --storage URL)"
         )
-    probe_study = optuna.load_study(study_name=args.study_name, storage=probe)
-    recorded_file = probe_study.user_attrs.get("study_file")
-    if isinstance(probe, RDBStorage):
-        probe.engine.dispose()
+    recorded_file = optuna.load_study(study_name=args.study_name, storage=storage).user_attrs.get(
+        "study_file"
+    )
     path = args.study or recorded_file
     if not path:
         raise ValueError(
@@ -248,49 +220,40 @@ def join(args: argparse.Namespace) -> int:
             f"study file {spec.path} defines study {spec.name!r}, but {args.study_name!r} "
             f"belongs to {prefix!r}; pass the study file it was created from"
         )
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    label = worker_label()
-    storage = make_storage(
-        args.storage,
-        heartbeat_interval=spec.optuna.heartbeat_interval,
-        grace_period=spec.optuna.grace_period,
-    )
-    study = with_retries(
-        lambda: optuna.load_study(
-            study_name=args.study_name,
-            storage=storage,
-            sampler=st.make_sampler(spec, worker_number(label)),
-            pruner=st.make_pruner(spec),
-        )
-    )
+    study = st.open_study(spec, stage, storage, create=False)
     prepared = prepare_data(spec, args.cache_dir)
     st.record_data(study, prepared)
     ranges = ranges_for(spec, stage, study)
     target = study.user_attrs.get("target")
+    threads = args.threads or cli.threads_per(args.workers)
     c = st.counts(study)
     print(
-        f"worker {label} joined {args.study_name} in {safe_url(args.storage)} "
-        f"({stage} stage, {args.threads} thread(s)): {c['COMPLETE'] + c['PRUNED']} finished, "
+        f"{args.workers} worker(s) joined {args.study_name} in {safe_url(args.storage)} "
+        f"({stage} stage, {threads} thread(s) each): {c['COMPLETE'] + c['PRUNED']} finished, "
         f"{c['RUNNING']} running, {c['WAITING']} waiting, target {target}",
         flush=True,
     )
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=args.threads):
-        objective = Objective(spec, stage, prepared.open(), ranges)
-
-        def labelled(trial: optuna.Trial) -> float:
-            trial.set_user_attr("worker", label)
-            return objective(trial)
-
-        progress = st.Progress(study, int(target or 0))
-        with stop_on_sigterm():
-            ran = st.run_trials(study, labelled, poll=args.poll, on_trial_end=progress)
+    job = st.StageJob(
+        spec,
+        stage,
+        str(prepared.path),
+        prepared.checksum,
+        ranges,
+        threads,
+        seed_offset=st.machine_seed(),
+        poll=args.poll,
+    )
+    cli.run_workers(
+        job,
+        workers=args.workers,
+        progress=cli.Progress(study, int(target or 0)),
+        reap=lambda: st.reap_all(spec, stage),
+        release_first=[storage],
+    )
     c = st.counts(study)
     print(
-        f"worker {label}: queue empty after {ran} trial(s) here; {args.study_name} has "
-        f"{c['COMPLETE'] + c['PRUNED']} finished ({c['FAIL']} failed) of target {target}",
+        f"queue of {args.study_name} empty: {c['COMPLETE'] + c['PRUNED']} finished "
+        f"({c['FAIL']} failed) of target {target}",
         flush=True,
     )
     return 0

@@ -229,6 +229,7 @@ class StageJob:
     ranges: dict[str, tuple[float, float]]
     threads: int
     seed_offset: int = 0
+    poll: float = 1.0
 
     def open(self, worker: int) -> Sweep:
         storage = storage_for(self.spec)
@@ -244,6 +245,7 @@ class StageJob:
             objective,
             heartbeat_interval=self.spec.optuna.heartbeat_interval,
             grace_period=self.spec.optuna.grace_period,
+            poll=self.poll,
         )
 
 

@@ -61,3 +61,20 @@ def quick_study(tmp_path):
         return write_study(tmp_path, name, **sections)
 
     return make
+
+
+STORAGE_KINDS = ["sqlite", "journal", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=STORAGE_KINDS)
+def any_storage_url(request, tmp_path):
+    """The URL of an empty storage of each kind: SQLite, a journal file, PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'contract.db'}"
+    elif request.param == "journal":
+        yield f"journal:///{tmp_path / 'contract.log'}"
+    else:
+        from tests.search import pg_util
+
+        with pg_util.temporary_database() as url:
+            yield url
