@@ -198,7 +198,7 @@ def test_an_interrupt_requeues_the_running_trial_once(any_storage_url):
     top_up(study, 2)
 
     def interrupted(trial) -> float:
-        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.suggest_float("x", 0.0, 1.0)
         os.kill(os.getpid(), signal.SIGINT)  # arrives in pure Python code: raised at once
         raise AssertionError("not reached")
 

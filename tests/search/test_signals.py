@@ -1,0 +1,150 @@
+"""Real signals to a real sweep: every worker stops, every running trial is re-queued once.
+
+``search.coarse`` runs as a terminal would run it (its own process group); the
+signals go to the group (Ctrl-C) or to the command's PID alone (``kill``).
+``bench/signal_probe.py`` does the same at many random moments.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.search.conftest import REPO
+
+SLOW_TRIALS = {"n_cycles": 8}  # about a second a trial: signals land mid-training
+
+
+def start(path, url: str, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url, *flags],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def trials(url: str, name: str = "sig-coarse") -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
+    finally:
+        storage.engine.dispose()
+
+
+def wait_for_training(url: str, running: int = 1, timeout: float = 60.0) -> None:
+    """Until ``running`` trials train (both parameters drawn)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            live = [t for t in trials(url) if t.state == TrialState.RUNNING and len(t.params) == 2]
+        except KeyError:  # the study is not created yet
+            live = []
+        if len(live) >= running:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the sweep never started training")
+
+
+def group_left(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def check_requeued_once(url: str, reason: str) -> None:
+    """Nothing left RUNNING; each interrupted trial has one WAITING retry with its params."""
+    ts = trials(url)
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    stopped = [t for t in ts if t.state == TrialState.FAIL]
+    assert stopped, "no trial was running when the signal came"
+    for t in stopped:
+        assert t.user_attrs["reason"] == reason
+        retries = [r for r in ts if r.system_attrs.get("requeued_from") == t.number]
+        assert len(retries) == 1 and retries[0].state == TrialState.WAITING
+        assert retries[0].params == t.params
+
+
+@pytest.fixture
+def sweep(quick_study, tmp_path):
+    path = quick_study(
+        "sig",
+        coarse={"trials": 12},
+        training=SLOW_TRIALS,
+        optuna={"pruner": "none", "workers": 2},
+    )
+    return path, f"sqlite:///{tmp_path / 'sig.db'}"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_stops_every_worker_and_the_rerun_meets_the_target(sweep, workers):
+    path, url = sweep
+    proc = start(path, url, "--workers", workers)
+    wait_for_training(url, running=int(workers))
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == 130, err
+    # One line: no traceback, no "Exception ignored".
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "interrupted (SIGINT): finished trials are stored, running ones re-queued. "
+        "Run the same command again to resume."
+    ]
+    assert not group_left(proc.pid)
+    check_requeued_once(url, "interrupted (SIGINT)")
+    rerun = subprocess.run(
+        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    ts = trials(url)
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 12
+    assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)]
+)
+def test_a_signal_to_the_command_alone_reaches_its_workers(sweep, sig, code):
+    path, url = sweep
+    proc = start(path, url)
+    wait_for_training(url, running=2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == code, err
+    assert err.strip().startswith(f"interrupted ({signal.Signals(sig).name})")
+    time.sleep(0.5)
+    assert not group_left(proc.pid), "a worker outlived the command"
+    check_requeued_once(url, f"interrupted ({signal.Signals(sig).name})")
+
+
+def test_workers_die_with_a_killed_command(sweep):
+    path, url = sweep
+    proc = start(path, url)
+    wait_for_training(url, running=2)
+    proc.kill()  # SIGKILL, as the OOM killer would: the command cannot do anything
+    proc.communicate(timeout=20)
+    deadline = time.monotonic() + 5
+    while group_left(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_left(proc.pid), "orphaned workers still run 5 s after the command died"
+    # The orphans re-queued their own trials before they stopped, and took no other.
+    check_requeued_once(url, "interrupted (SIGTERM)")
+    assert sum(t.state == TrialState.WAITING for t in trials(url)) == 12 - sum(
+        t.state == TrialState.COMPLETE for t in trials(url)
+    )
