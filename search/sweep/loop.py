@@ -89,15 +89,14 @@ class Heartbeat:
 def take(storage: ResilientStorage, study_id: int) -> int | None:
     """Pop a WAITING trial (atomically: one worker only gets it) and claim it; its id.
 
-    The owner is written before the pop as well as after it: a worker killed
-    between the two still leaves its trial traced to a process that is gone.
+    A worker killed between the two steps leaves a trial that no one claims;
+    :func:`search.sweep.lost.lost_reason` takes it for lost after the grace period.
+    Signals never fall between them (the loop is not interruptible there).
     """
     for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         tid = trial_id(t)
         try:
-            storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
             if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
-                # Another worker that lost this race may have written its name since.
                 storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
                 return tid
         except optuna.exceptions.UpdateFinishedTrialError:

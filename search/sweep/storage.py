@@ -363,6 +363,13 @@ class ResilientStorage(BaseStorage):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def __getstate__(self) -> dict:
+        # A worker's stop flag and log stay in its process.
+        return {"inner": self.inner, "patience": self.patience}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["inner"], patience=state["patience"])  # type: ignore[misc]
+
     def call(self, name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         method = getattr(self.inner, name)
         try:

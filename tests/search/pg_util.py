@@ -81,7 +81,8 @@ def drop_database(admin, name: str) -> None:
 
 
 def start_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python -m search.worker ARGS`` as a separate process, as another machine would run it."""
+    """``python -m search.worker ARGS`` as another machine would run it: a separate
+    process in its own process group (a signal to the group reaches its workers too)."""
     return subprocess.Popen(
         [sys.executable, "-m", "search.worker", *args],
         cwd=REPO,
@@ -89,6 +90,7 @@ def start_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Po
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
 
 

@@ -6,6 +6,7 @@ The workers are real subprocesses, as three machines would start them.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -13,9 +14,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import study as st
 from search import worker
 from search.spec import load_spec
+from search.sweep import lost
+from search.sweep import studies as st
 from tests.search import pg_util
 from tests.search.test_dashboard import get_json, run_dashboard
 
@@ -64,7 +66,7 @@ def test_three_workers_run_exactly_the_target(quick_study, pg_url):
     outputs = pg_util.finish(procs)
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out
-        assert "joined pg-coarse" in out and "queue empty" in out, out
+        assert "joined pg-coarse" in out and "queue of pg-coarse empty" in out, out
 
     trials = study.get_trials()
     finished = [t for t in trials if t.state in st.FINISHED]
@@ -73,8 +75,9 @@ def test_three_workers_run_exactly_the_target(quick_study, pg_url):
         assert sum(t.params == start for t in finished) == 1, start
     # Blank trials got distinct parameters: the workers' samplers are seeded apart.
     assert len({tuple(sorted(t.params.items())) for t in finished}) == 12
-    labels = {t.user_attrs["worker"] for t in finished}
-    assert labels <= {f"{worker.socket.gethostname()}:{p.pid}" for p in procs}
+    # Three commands, one worker process each: three owners at most, none of them a command.
+    owners = {t.system_attrs[lost.OWNER]["pid"] for t in finished}
+    assert len(owners) <= 3 and not owners & {p.pid for p in procs}
     assert all("curves" in t.user_attrs for t in finished)
 
 
@@ -97,16 +100,15 @@ def test_killed_worker_trial_is_retried_by_the_others(quick_study, pg_url):
     procs = [victim] + [
         pg_util.start_worker(*args, "--threads", "1", "--poll", "0.2") for _ in range(2)
     ]
-    label = f"{worker.socket.gethostname()}:{victim.pid}"
     killed = None
     deadline = time.monotonic() + 60
     try:
         while killed is None and time.monotonic() < deadline:
             running = study.get_trials(states=(TrialState.RUNNING,))
-            mine = [t for t in running if t.user_attrs.get("worker") == label]
+            mine = [t for t in running if "machine-b" in t.system_attrs[lost.OWNER]["machine"]]
             mine = [t for t in mine if len(t.params) == 2]  # both suggested: training
             if mine:
-                victim.send_signal(signal.SIGKILL)
+                os.killpg(victim.pid, signal.SIGKILL)  # the whole machine dies
                 killed = mine[0]
             time.sleep(0.05)
         assert killed is not None, f"never caught the victim mid-trial: {states(study)}"
@@ -127,7 +129,7 @@ def test_killed_worker_trial_is_retried_by_the_others(quick_study, pg_url):
     retry = retries[0]
     assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     assert retry.system_attrs["retry_history"] == [killed.number]
-    assert retry.user_attrs["worker"] != label  # run again by a survivor
+    assert "machine-b" not in retry.system_attrs[lost.OWNER]["machine"]  # run by a survivor
 
 
 def test_worker_refuses_a_study_that_does_not_exist(quick_study, pg_url, capsys):
@@ -220,7 +222,7 @@ def test_sigterm_requeues_the_running_trial_at_once(quick_study, pg_url):
         proc.send_signal(signal.SIGTERM)
     finally:
         [out] = pg_util.finish([proc])
-    assert proc.returncode == 130, out
+    assert proc.returncode == 143, out
     assert "re-queued" in out
     trials = study.get_trials()
     assert trials[running.number].state == TrialState.FAIL
@@ -258,7 +260,7 @@ def test_every_command_takes_a_postgresql_url(quick_study, pg_url, capsys):
 
 
 def test_messages_hide_the_password():
-    from search.storage import safe_url
+    from search.sweep.storage import safe_url
 
     url = "postgresql+psycopg2://c2f:s3cret@db.example/optuna"
     assert "s3cret" not in safe_url(url) and "db.example/optuna" in safe_url(url)

@@ -3,35 +3,45 @@
 import io
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import coarse, final, fine
-from search import study as st
+from search import cli, coarse, final, fine
 from search.spec import load_spec
-from search.storage import make_storage
+from search.sweep import lost
+from search.sweep import studies as st
+from search.sweep.loop import take
+from search.sweep.storage import make_storage, storage_of
 from tests.search.conftest import REPO
 
 
+def _taken(study: optuna.Study, owner: dict) -> optuna.trial.FrozenTrial:
+    """Queue the quick start's first point and take it as ``owner``."""
+    storage = storage_of(study)
+    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
+    tid = take(storage, storage.get_study_id_from_name(study.study_name))
+    storage.set_trial_system_attr(tid, lost.OWNER, owner)
+    return storage.get_trial(tid)
+
+
+def _exited_pid() -> int:
+    probe = subprocess.Popen([sys.executable, "-c", "pass"])
+    probe.wait()
+    return probe.pid
+
+
 def _orphan(spec, storage_url: str) -> int:
-    """A trial left RUNNING by a process that died before its first heartbeat.
+    """A trial left RUNNING by a process that died right after taking it.
 
     The process really ran and exited: its PID and start time are those of a
     process that is gone, as after a SIGKILL between taking a trial and training.
     """
     study = st.open_study(spec.with_overrides(storage=storage_url), "coarse")
     study.set_user_attr("target", 3)
-    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
-    trial_id = study._pop_waiting_trial_id()
-    owner = st._owner()
-    probe = subprocess.Popen([sys.executable, "-c", "pass"])
-    probe.wait()
-    owner = {**owner, "pid": probe.pid, "start": "1"}  # a process that has exited
-    study._storage.set_trial_system_attr(trial_id, st.OWNER, owner)
-    return study._storage.get_trial(trial_id).number
+    owner = {**lost.owner_record(), "pid": _exited_pid(), "start": "1"}
+    return _taken(study, owner).number
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -53,7 +63,7 @@ def test_rerun_retries_a_trial_whose_worker_process_exited(quick_study, tmp_path
         timeout=120,
     )
     assert rerun.returncode == 0, rerun.stderr
-    storage = make_storage(url, heartbeat_interval=None, grace_period=None)
+    storage = make_storage(url)
     trials = optuna.load_study(study_name="qs-coarse", storage=storage).get_trials()
     lost = trials[number]
     assert lost.state == TrialState.FAIL and "worker lost" in lost.user_attrs["reason"]
@@ -66,17 +76,17 @@ def test_rerun_retries_a_trial_whose_worker_process_exited(quick_study, tmp_path
     assert not [t for t in trials if t.state in st.LIVE]
 
 
-def test_silent_trial_is_failed_after_the_grace_period(quick_study):
-    """Another machine's trial that never sent a heartbeat: failed once it is old enough."""
+def test_a_silent_worker_of_another_machine_is_lost_after_the_grace_period(quick_study):
     spec = load_spec(quick_study(optuna={"heartbeat_interval": 1, "grace_period": 2}))
     study = st.open_study(spec, "coarse")
-    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
-    trial_id = study._pop_waiting_trial_id()
-    study._storage.set_trial_system_attr(trial_id, st.OWNER, {"machine": "elsewhere", "pid": 1})
-    assert st.reap_lost_trials(study) == []  # young: it may still send its first heartbeat
-    time.sleep(2.5)
-    assert st.reap_lost_trials(study) == [0]
-    assert st.reap_lost_trials(study) == []  # once only
+    trial = _taken(study, {**lost.owner_record(), "machine": "elsewhere", "pid": 1})
+    beat = trial.system_attrs[lost.OWNER]["t"]
+    assert lost.lost_reason(trial, grace_period=2, now=beat + 1.9) is None  # may still beat
+    reason = lost.lost_reason(trial, grace_period=2, now=beat + 2.5)
+    assert reason is not None and "no heartbeat" in reason and "for 2 s" in reason
+    study_id = storage_of(study).get_study_id_from_name(study.study_name)
+    assert lost.reap(storage_of(study), study_id, grace_period=0.0) == [0]
+    assert lost.reap(storage_of(study), study_id, grace_period=0.0) == []  # once only
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL and "no heartbeat" in trials[0].user_attrs["reason"]
     assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
@@ -85,14 +95,14 @@ def test_silent_trial_is_failed_after_the_grace_period(quick_study):
 def test_a_live_worker_of_this_machine_is_left_alone(quick_study):
     spec = load_spec(quick_study())
     study = st.open_study(spec, "coarse")
-    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
-    trial_id = study._pop_waiting_trial_id()
-    study._storage.set_trial_system_attr(trial_id, st.OWNER, st._owner())  # this process
-    assert st.reap_lost_trials(study) == []
+    trial = _taken(study, lost.owner_record())  # this process
+    assert lost.lost_reason(trial, grace_period=30) is None
+    study_id = storage_of(study).get_study_id_from_name(study.study_name)
+    assert lost.reap(storage_of(study), study_id, grace_period=30) == []
     assert study.get_trials()[0].state == TrialState.RUNNING
 
 
-def test_a_lower_target_caps_the_queue(quick_study, capsys):
+def test_a_lower_target_shrinks_the_queue(quick_study, capsys):
     path = quick_study(coarse={"trials": 6})
     spec = load_spec(path)
     study = st.open_study(spec, "coarse")
@@ -100,8 +110,10 @@ def test_a_lower_target_caps_the_queue(quick_study, capsys):
     assert coarse.main(["--study", str(path), "--trials", "3"]) == 0
     assert "3/3 finished" in capsys.readouterr().out
     c = st.counts(study)
-    assert c["COMPLETE"] + c["PRUNED"] == 3 and c["WAITING"] == 3
-    assert coarse.main(["--study", str(path), "--trials", "6"]) == 0  # used later
+    assert c["COMPLETE"] + c["PRUNED"] == 3 and c["WAITING"] == 0 and c["FAIL"] == 3
+    dropped = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert all(t.user_attrs["reason"] == "not needed: target lowered to 3" for t in dropped)
+    assert coarse.main(["--study", str(path), "--trials", "6"]) == 0  # raised later
     c = st.counts(study)
     assert c["COMPLETE"] + c["PRUNED"] == 6 and c["WAITING"] == 0
 
@@ -116,13 +128,13 @@ def test_progress_redraws_one_line_on_a_terminal(quick_study):
             return True
 
     out = Tty()
-    progress = st.Progress(study, 2, stream=out)
+    progress = cli.Progress(study, 2, stream=out)
     progress()
     progress.close()
     assert out.getvalue().startswith("\r[") and out.getvalue().endswith("\n")
     assert out.getvalue().count("\n") == 1
     piped = io.StringIO()
-    st.Progress(study, 2, stream=piped)()
+    cli.Progress(study, 2, stream=piped)()
     assert piped.getvalue().startswith("[") and "\r" not in piped.getvalue()
 
 
@@ -158,78 +170,20 @@ def test_fine_checks_its_flags_and_keeps_its_ranges(quick_study, tmp_path, capsy
 
 def test_dashboard_hint_for_each_storage(quick_study, tmp_path):
     spec = load_spec(quick_study())
-    assert st.dashboard_hint(spec) == f"optuna-dashboard {spec.storage_url()}"
+    assert cli.dashboard_hint(spec) == f"optuna-dashboard {spec.storage_url()}"
     journal = spec.with_overrides(storage=f"journal:///{tmp_path / 'j.log'}")
-    assert st.dashboard_hint(journal) == f"optuna-dashboard {tmp_path / 'j.log'}"
-
-
-@pytest.mark.parametrize("where", ["after taking the trial", "while telling the result"])
-def test_ctrl_c_outside_the_objective_still_requeues(quick_study, monkeypatch, where):
-    spec = load_spec(quick_study())
-    study = st.open_study(spec, "coarse")
-    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
-    storage = study._storage
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    if where == "after taking the trial":
-        monkeypatch.setattr(storage, "set_trial_system_attr", interrupt)
-    else:
-        monkeypatch.setattr(study, "tell", interrupt)
-
-    def objective(trial):
-        return trial.suggest_float("l2_lambda", 1e-5, 1e-1, log=True) * 0 + 0.5
-
-    with pytest.raises(KeyboardInterrupt):
-        st.run_trials(study, objective)
-    monkeypatch.undo()
-    trials = study.get_trials()
-    assert trials[0].state == TrialState.FAIL and "interrupted" in trials[0].user_attrs["reason"]
-    assert trials[1].state == TrialState.WAITING
-    assert trials[1].system_attrs["requeued_from"] == 0
-    # The retry runs the enqueued parameters.
-    assert st.run_trials(study, objective) == 1
-    assert study.get_trials()[1].params["l2_lambda"] == 1e-3
+    assert cli.dashboard_hint(journal) == f"optuna-dashboard {tmp_path / 'j.log'}"
 
 
 def test_owner_check_without_proc(monkeypatch):
     """Where /proc cannot tell (another OS, hidepid), a live PID is never taken for dead."""
-    monkeypatch.setattr(st, "_process_start", lambda pid: None)
-    me = st._owner()
-    assert not st._owner_gone(me)
-    probe = subprocess.Popen([sys.executable, "-c", "pass"])
-    probe.wait()
-    assert st._owner_gone({**me, "pid": probe.pid})
-    assert not st._owner_gone({**me, "machine": "elsewhere", "pid": probe.pid})
+    monkeypatch.setattr(lost, "process_start", lambda pid: None)
+    me = lost.owner_record()
+    assert not lost.owner_gone(me)
+    assert lost.owner_gone({**me, "pid": _exited_pid()})
+    assert not lost.owner_gone({**me, "machine": "elsewhere", "pid": _exited_pid()})
 
 
 def test_a_reused_pid_is_not_the_old_worker():
-    me = st._owner()
-    assert st._owner_gone({**me, "start": "1"})  # this PID, but a process started earlier
-
-
-def test_retries_drop_the_dead_owner_and_stop_after_three(quick_study):
-    from search.storage import MAX_RETRIES_OF_LOST_TRIAL, OWNER, requeue, retry_lost_trial
-
-    spec = load_spec(quick_study())
-    study = st.open_study(spec, "coarse")
-    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1})
-    trial_id = study._pop_waiting_trial_id()
-    study._storage.set_trial_system_attr(trial_id, OWNER, {"machine": "m", "pid": 1})
-    study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-    for _ in range(MAX_RETRIES_OF_LOST_TRIAL + 2):
-        failed = study.get_trials()[-1]
-        retry_lost_trial(study, failed)  # what the heartbeat check calls
-        last = study.get_trials()[-1]
-        if last.number == failed.number:
-            break  # no more retries
-        assert OWNER not in last.system_attrs
-        assert last.system_attrs["fixed_params"] == {"l2_lambda": 1e-3, "eta_max": 0.1}
-        assert last.system_attrs["failed_trial"] == 0
-        tid = study._pop_waiting_trial_id()
-        study._storage.set_trial_state_values(tid, state=TrialState.FAIL)
-    trials = study.get_trials()
-    assert len(trials) == 1 + MAX_RETRIES_OF_LOST_TRIAL
-    assert trials[-1].system_attrs["retry_history"] == list(range(MAX_RETRIES_OF_LOST_TRIAL))
-    assert requeue(study, trials[-1])  # Ctrl-C re-queues without a limit
+    me = lost.owner_record()
+    assert lost.owner_gone({**me, "start": "1"})  # this PID, but a process started earlier

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import optuna
 import pytest
-import sqlalchemy
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from search import status
-from search.storage import make_storage
+from search.sweep import lost
+from search.sweep.storage import make_storage
 from tests.search.conftest import write_study
 
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
@@ -41,20 +42,19 @@ def _add(study: optuna.Study, state: TrialState, value: float | None = None, lam
     )
 
 
-def _running(storage, study: optuna.Study, *, started_ago: float = 0.0) -> int:
-    """A RUNNING trial (as a worker's popped trial), started ``started_ago`` seconds ago."""
+def _running(
+    storage, study: optuna.Study, *, started_ago: float = 0.0, beat_ago: float | None = None
+) -> int:
+    """A RUNNING trial started ``started_ago`` s ago; its worker beat ``beat_ago`` s ago
+    (None: no owner recorded at all)."""
     template = optuna.trial.create_trial(state=TrialState.RUNNING)
     template.datetime_start = dt.datetime.now() - dt.timedelta(seconds=started_ago)
-    return storage.create_new_trial(study._study_id, template_trial=template)
-
-
-def _age_heartbeat(storage, trial_id: int, seconds: float) -> None:
-    old = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=seconds)
-    with storage.engine.begin() as con:
-        con.execute(
-            sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t WHERE trial_id = :i"),
-            {"t": old, "i": trial_id},
-        )
+    sid = storage.get_study_id_from_name(study.study_name)
+    tid = storage.create_new_trial(sid, template_trial=template)
+    if beat_ago is not None:
+        owner = {**lost.owner_record(), "machine": "elsewhere", "t": time.time() - beat_ago}
+        storage.set_trial_system_attr(tid, lost.OWNER, owner)
+    return tid
 
 
 def _line(out: str, name: str) -> str:
@@ -90,23 +90,21 @@ def test_counts_best_done_and_incomplete(storage_url, capsys):
 
 
 def test_running_and_stale_trials(storage_url, capsys):
-    storage = make_storage(storage_url, heartbeat_interval=1, grace_period=5)
+    storage = make_storage(storage_url)
     live = _study(storage, "live-coarse", target=3)
-    trial_id = _running(storage, live)
-    storage.record_heartbeat(trial_id)
+    _running(storage, live, started_ago=600, beat_ago=1)
     killed = _study(storage, "killed-coarse", target=3)
-    _running(storage, killed)
-    storage.record_heartbeat(dead := _running(storage, killed, started_ago=600))
-    _age_heartbeat(storage, dead, 600)
+    _running(storage, killed, beat_ago=0)
+    _running(storage, killed, started_ago=600, beat_ago=600)
     silent = _study(storage, "silent-fine", target=3)
-    _running(storage, silent, started_ago=600)  # a RUNNING trial that never sent a heartbeat
+    _running(storage, silent, started_ago=600)  # taken, never claimed by a worker
     fresh = _study(storage, "fresh-fine", target=3)
-    _running(storage, fresh)  # just popped: its first heartbeat is on its way
+    _running(storage, fresh)  # just taken: its owner record is on its way
 
     assert status.main(["--storage", storage_url, "--grace-period", "5"]) == 0
     out = capsys.readouterr().out
     assert _line(out, "live-coarse").startswith("live-coarse: running")
-    # killed-coarse has one trial just popped (alive) and one stale: still running
+    # killed-coarse has one trial just taken (alive) and one stale: still running
     assert _line(out, "killed-coarse").startswith("killed-coarse: running (1 trial")
     silent_line = _line(out, "silent-fine")
     assert silent_line.startswith("silent-fine: stale (1 RUNNING trial(s)")
@@ -114,12 +112,13 @@ def test_running_and_stale_trials(storage_url, capsys):
     assert "again to retry them" in silent_line
     assert _line(out, "fresh-fine").startswith("fresh-fine: running")
 
-    killed_only = _study(storage, "gone-coarse", target=3)
-    storage.record_heartbeat(gone := _running(storage, killed_only, started_ago=600))
-    _age_heartbeat(storage, gone, 600)
-    assert storage._get_stale_trial_ids(killed_only._study_id) == [gone]
+    gone_study = _study(storage, "gone-coarse", target=3)
+    gone = _running(storage, gone_study, started_ago=600, beat_ago=600)
     s = status.study_status(storage, "gone-coarse", grace_period=5)
     assert (s.alive, s.stale) == (0, 1) and s.verdict.startswith("stale")
+    # The same rule as the workers' reaper: what status calls stale, a worker re-queues.
+    sid = storage.get_study_id_from_name("gone-coarse")
+    assert lost.reap(storage, sid, grace_period=5) == [storage.get_trial(gone).number]
 
 
 def test_study_flag_reads_the_study_files_storage(tmp_path, capsys):

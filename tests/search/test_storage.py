@@ -9,13 +9,14 @@ import time
 import optuna
 import pytest
 
-from search.storage import SQLiteStorage, make_storage
+from search.sweep.loop import take
+from search.sweep.storage import ResilientStorage, SQLiteStorage, make_storage
 
 
 @pytest.fixture
 def sqlite_study(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    storage = make_storage(url, heartbeat_interval=None, grace_period=None)
+    storage = make_storage(url)
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
     study.enqueue_trial({"x": 1.0})
     return tmp_path / "s.db", storage, study
@@ -37,7 +38,7 @@ def test_sqlite_settings(sqlite_study, pickled):
     db, storage, _ = sqlite_study
     if pickled:  # unpickling builds a new engine: it must get the same settings
         storage = pickle.loads(pickle.dumps(storage))
-    assert isinstance(storage, SQLiteStorage)
+    assert isinstance(storage, ResilientStorage) and isinstance(storage.inner, SQLiteStorage)
     with storage.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
@@ -60,7 +61,8 @@ def test_reads_do_not_wait_for_a_writer_and_writes_do(sqlite_study, pickled):
     trials = study.get_trials(deepcopy=False)  # a read: no write lock needed
     read_s = time.perf_counter() - t0
     assert len(trials) == 1 and trials[0].state == optuna.trial.TrialState.WAITING
-    trial_id = study._pop_waiting_trial_id()  # a write: waits for the holder, then succeeds
+    # A write: waits for the holder, then succeeds.
+    trial_id = take(storage, storage.get_study_id_from_name("s"))
     write_s = time.perf_counter() - t0
     holder.join()
     assert trial_id == trials[0]._trial_id
@@ -73,7 +75,7 @@ def test_fast_report_matches_optuna(sqlite_study, tmp_path):
     """The upsert behind trial.report stores what Optuna's own implementation stores."""
     import math
 
-    from search import storage as storage_mod
+    from search.sweep import storage as storage_mod
 
     assert storage_mod._FAST_REPORT, "the fast path is off: Optuna's tables changed"
     _, storage, study = sqlite_study
