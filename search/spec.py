@@ -21,18 +21,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from model.data import CIFAR10_SPLITS, DATASETS
-from model.network import INITS
+from model.network import Network
 from model.train import TrainConfig
 
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
+TABLES = ("name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna")
 
 
 class StudyDefinitionError(ValueError):
@@ -44,12 +46,77 @@ class StudyDefinitionError(ValueError):
         self.field = field_name
 
 
+def _table(path: Path, section: str, raw: Any) -> dict[str, Any]:
+    """A copy of the TOML table ``section``, which must be a table."""
+    if not isinstance(raw, dict):
+        raise StudyDefinitionError(path, section, f"must be a table, got {raw!r}")
+    return dict(raw)
+
+
+def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
+    """``cls(**raw)`` for a table of known keys whose values have the fields' types."""
+    raw = _table(path, section, raw)
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise StudyDefinitionError(
+            path, section, f"unknown keys {unknown}; allowed: {sorted(allowed)}"
+        )
+    for key, value in raw.items():
+        kind = str(allowed[key].type).split(" ")[0].split("[")[0]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+        }.get(kind, True)
+        if not ok:
+            raise StudyDefinitionError(
+                path, f"{section}.{key}", f"must be of type {kind}, got {value!r}"
+            )
+    return cls(**raw)
+
+
+def _parse_name(path: Path, name: Any) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or not name.replace("-", "").replace("_", "").isalnum()
+    ):
+        raise StudyDefinitionError(
+            path, "name", f"must be a non-empty name of letters, digits, - and _, got {name!r}"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class DataSpec:
     name: str = "digits"
     dir: str = ""
     split: str = "batch1"
     n_val: int | None = None
+
+
+def _parse_data(path: Path, raw: Any) -> DataSpec:
+    # model.data checks these only when it loads the data, too late to name the file.
+    data = _build(DataSpec, path, "data", raw)
+    if data.name not in DATASETS:
+        raise StudyDefinitionError(
+            path, "data.name", f"must be one of {list(DATASETS)}, got {data.name!r}"
+        )
+    if data.split not in CIFAR10_SPLITS:
+        raise StudyDefinitionError(
+            path, "data.split", f"must be one of {list(CIFAR10_SPLITS)}, got {data.split!r}"
+        )
+    if data.name != "cifar10" and data.split != "batch1":
+        raise StudyDefinitionError(
+            path, "data.split", f"applies to cifar10 only; leave it out for {data.name!r}"
+        )
+    if data.n_val is not None and data.n_val < 1:
+        raise StudyDefinitionError(
+            path, "data.n_val", f"must be an integer >= 1 (or left out), got {data.n_val!r}"
+        )
+    return data
 
 
 @dataclass(frozen=True)
@@ -61,6 +128,115 @@ class NetworkSpec:
     bn_alpha: float = 0.9
 
 
+NETWORK_FIELDS = tuple(f.name for f in fields(NetworkSpec))
+
+
+def _parse_network(path: Path, raw: Any) -> NetworkSpec:
+    """The [network] table; init and bn_alpha are checked by the Network it describes."""
+    net_raw = _table(path, "network", raw)
+    if "hidden" in net_raw:
+        hidden = net_raw["hidden"]
+        if (
+            not isinstance(hidden, list)
+            or not hidden
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)
+        ):
+            raise StudyDefinitionError(
+                path,
+                "network.hidden",
+                f"must be a non-empty list of positive integers, got {hidden!r}",
+            )
+        net_raw["hidden"] = tuple(hidden)
+    network = _build(NetworkSpec, path, "network", net_raw)
+    # Network reads sigma only with init = "sigma"; a wrong sigma must not pass unseen.
+    if network.sigma is not None and not network.sigma > 0:
+        raise StudyDefinitionError(path, "network.sigma", f"must be > 0, got {network.sigma!r}")
+    try:
+        Network(
+            1,
+            network.hidden,
+            2,
+            batch_norm=network.batch_norm,
+            init=network.init,
+            sigma=network.sigma,
+            bn_alpha=network.bn_alpha,
+        )
+    except ValueError as exc:
+        # Network's messages end "got <argument>=<value>": the field to name.
+        got = re.search(r"got (\w+)=", str(exc))
+        where = f"network.{got.group(1)}" if got and got.group(1) in NETWORK_FIELDS else "network"
+        raise StudyDefinitionError(path, where, str(exc)) from None
+    return network
+
+
+def _parse_training(path: Path, section: str, raw: Any) -> dict[str, Any]:
+    """A [training] table: TrainConfig fields, validated by TrainConfig in :func:`parse_spec`."""
+    values = _table(path, section, raw)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise StudyDefinitionError(
+            path, section, f"unknown keys {unknown}; allowed: {sorted(known)}"
+        )
+    return values
+
+
+def _build_with_training(cls: type, path: Path, section: str, raw: Any) -> tuple[Any, dict]:
+    """A stage's table with its ``[<section>.training]`` overrides; also the other keys given."""
+    values = _table(path, section, raw)
+    training = _parse_training(path, f"{section}.training", values.pop("training", {}))
+    return dataclasses.replace(_build(cls, path, section, values), training=training), values
+
+
+def _parse_search(
+    path: Path, raw: Any, training: dict[str, Any]
+) -> dict[str, tuple[float, float]]:
+    """The [search] table: a log range per searched parameter, none also fixed in [training]."""
+    search = {k: _parse_range(path, k, v) for k, v in _table(path, "search", raw).items()}
+    overlap = sorted(set(search) & set(training))
+    if overlap:
+        raise StudyDefinitionError(
+            path, "search", f"{overlap} are both searched and fixed in [training]; keep one"
+        )
+    return search
+
+
+def _parse_range(path: Path, name: str, value: Any) -> tuple[float, float]:
+    where = f"search.{name}"
+    if name not in SEARCHABLE:
+        raise StudyDefinitionError(
+            path, where, f"cannot be searched; searchable parameters: {list(SEARCHABLE)}"
+        )
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise StudyDefinitionError(path, where, f"must be [low, high] numbers, got {value!r}")
+    low, high = float(value[0]), float(value[1])
+    if not (low > 0 and math.isfinite(high)):
+        raise StudyDefinitionError(
+            path, where, f"a log range needs bounds > 0, got low={low!r}, high={high!r}"
+        )
+    if low >= high:
+        raise StudyDefinitionError(path, where, f"low must be < high, got [{low!r}, {high!r}]")
+    return low, high
+
+
+def _parse_coarse(path: Path, raw: Any) -> int:
+    """The [coarse] table: the number of trials."""
+    coarse_raw = _table(path, "coarse", raw)
+    unknown = sorted(set(coarse_raw) - {"trials"})
+    if unknown:
+        raise StudyDefinitionError(path, "coarse", f"unknown keys {unknown}; allowed: ['trials']")
+    trials = coarse_raw.get("trials", 40)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise StudyDefinitionError(
+            path, "coarse.trials", f"must be an integer >= 1, got {trials!r}"
+        )
+    return trials
+
+
 @dataclass(frozen=True)
 class FineSpec:
     trials: int = 20
@@ -69,10 +245,28 @@ class FineSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
+def _parse_fine(path: Path, raw: Any) -> FineSpec:
+    fine, given = _build_with_training(FineSpec, path, "fine", raw)
+    if fine.trials < 1 or fine.top_k < 1 or fine.margin < 0:
+        raise StudyDefinitionError(
+            path, "fine", f"trials and top_k must be >= 1 and margin >= 0, got {given!r}"
+        )
+    return fine
+
+
 @dataclass(frozen=True)
 class FinalSpec:
     holdout: int = 1000
     training: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_final(path: Path, raw: Any) -> FinalSpec:
+    final, _ = _build_with_training(FinalSpec, path, "final", raw)
+    if final.holdout < 0:
+        raise StudyDefinitionError(
+            path, "final.holdout", f"must be >= 0 (0: no holdout), got {final.holdout!r}"
+        )
+    return final
 
 
 @dataclass(frozen=True)
@@ -86,6 +280,49 @@ class OptunaSpec:
     grace_period: int = 30
     warmup_cycles: float = 0.5
     n_startup_trials: int = 5
+
+
+def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
+    spec = _build(OptunaSpec, path, "optuna", raw)
+    for key in ("heartbeat_interval", "grace_period"):
+        if getattr(spec, key) < 1:
+            raise StudyDefinitionError(
+                path, f"optuna.{key}", f"must be >= 1 second, got {getattr(spec, key)!r}"
+            )
+    if spec.grace_period < 2 * spec.heartbeat_interval:
+        raise StudyDefinitionError(
+            path,
+            "optuna.grace_period",
+            f"must be at least twice heartbeat_interval (2 x {spec.heartbeat_interval}"
+            f" = {2 * spec.heartbeat_interval} s), got {spec.grace_period}; "
+            "with less, a live trial whose heartbeat is late would be taken for a dead one",
+        )
+    if spec.warmup_cycles < 0 or spec.n_startup_trials < 0:
+        raise StudyDefinitionError(
+            path,
+            "optuna",
+            "warmup_cycles and n_startup_trials must be >= 0, got "
+            f"{spec.warmup_cycles!r} and {spec.n_startup_trials!r}",
+        )
+    url = spec.storage
+    if url and "://" not in url and not url.endswith(".log"):
+        raise StudyDefinitionError(
+            path,
+            "optuna.storage",
+            "must be an Optuna storage URL (sqlite:///x.db, postgresql+psycopg2://user@host/db"
+            f", journal:///x.log) or a journal file x.log, got {url!r}",
+        )
+    if spec.pruner not in PRUNERS:
+        raise StudyDefinitionError(
+            path, "optuna.pruner", f"must be one of {list(PRUNERS)}, got {spec.pruner!r}"
+        )
+    if spec.sampler not in SAMPLERS:
+        raise StudyDefinitionError(
+            path, "optuna.sampler", f"must be one of {list(SAMPLERS)}, got {spec.sampler!r}"
+        )
+    if spec.workers < 1:
+        raise StudyDefinitionError(path, "optuna.workers", f"must be >= 1, got {spec.workers}")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -138,213 +375,19 @@ class StudySpec:
         return dataclasses.replace(self, optuna=dataclasses.replace(self.optuna, **changes))
 
 
-def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise StudyDefinitionError(path, section, f"must be a table, got {raw!r}")
-    allowed = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise StudyDefinitionError(
-            path, section, f"unknown keys {unknown}; allowed: {sorted(allowed)}"
-        )
-    values = {}
-    for key, value in raw.items():
-        kind = str(allowed[key].type).split(" ")[0].split("[")[0]
-        ok = {
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, int | float) and not isinstance(value, bool),
-            "str": isinstance(value, str),
-            "bool": isinstance(value, bool),
-        }.get(kind, True)
-        if not ok:
-            raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be of type {kind}, got {value!r}"
-            )
-        values[key] = value
-    return cls(**values)
-
-
-def _check_training(path: Path, section: str, values: dict[str, Any]) -> None:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise StudyDefinitionError(
-            path, section, f"unknown keys {unknown}; allowed: {sorted(known)}"
-        )
-
-
-def _check_range(path: Path, name: str, value: Any) -> tuple[float, float]:
-    where = f"search.{name}"
-    if name not in SEARCHABLE:
-        raise StudyDefinitionError(
-            path, where, f"cannot be searched; searchable parameters: {list(SEARCHABLE)}"
-        )
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    ):
-        raise StudyDefinitionError(path, where, f"must be [low, high] numbers, got {value!r}")
-    low, high = float(value[0]), float(value[1])
-    if not (low > 0 and math.isfinite(high)):
-        raise StudyDefinitionError(
-            path, where, f"a log range needs bounds > 0, got low={low!r}, high={high!r}"
-        )
-    if low >= high:
-        raise StudyDefinitionError(path, where, f"low must be < high, got [{low!r}, {high!r}]")
-    return low, high
-
-
 def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
-    """Validate a parsed TOML document into a StudySpec."""
+    """Validate a parsed TOML document into a StudySpec, table by table."""
     path = Path(path)
-    top = {"name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna"}
-    unknown = sorted(set(raw) - top)
+    unknown = sorted(set(raw) - set(TABLES))
     if unknown:
         raise StudyDefinitionError(
-            path, "top level", f"unknown keys {unknown}; allowed: {sorted(top)}"
+            path, "top level", f"unknown keys {unknown}; allowed: {sorted(TABLES)}"
         )
-    name = raw.get("name")
-    if (
-        not isinstance(name, str)
-        or not name
-        or not name.replace("-", "").replace("_", "").isalnum()
-    ):
-        raise StudyDefinitionError(
-            path, "name", f"must be a non-empty name of letters, digits, - and _, got {name!r}"
-        )
-    data = _build(DataSpec, path, "data", raw.get("data", {}))
-    if data.name not in DATASETS:
-        raise StudyDefinitionError(
-            path, "data.name", f"must be one of {list(DATASETS)}, got {data.name!r}"
-        )
-    if data.split not in CIFAR10_SPLITS:
-        raise StudyDefinitionError(
-            path, "data.split", f"must be one of {list(CIFAR10_SPLITS)}, got {data.split!r}"
-        )
-    if data.name != "cifar10" and data.split != "batch1":
-        raise StudyDefinitionError(
-            path, "data.split", f"applies to cifar10 only; leave it out for {data.name!r}"
-        )
-    if data.n_val is not None and data.n_val < 1:
-        raise StudyDefinitionError(
-            path, "data.n_val", f"must be an integer >= 1 (or left out), got {data.n_val!r}"
-        )
-    net_raw = dict(raw.get("network", {}))
-    if "hidden" in net_raw:
-        hidden = net_raw["hidden"]
-        if (
-            not isinstance(hidden, list)
-            or not hidden
-            or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)
-        ):
-            raise StudyDefinitionError(
-                path,
-                "network.hidden",
-                f"must be a non-empty list of positive integers, got {hidden!r}",
-            )
-        net_raw["hidden"] = tuple(hidden)
-    network = _build(
-        NetworkSpec, path, "network", {k: v for k, v in net_raw.items() if k != "hidden"}
-    )
-    if "hidden" in net_raw:
-        network = dataclasses.replace(network, hidden=net_raw["hidden"])
-    if network.init not in INITS:
-        raise StudyDefinitionError(
-            path, "network.init", f"must be one of {list(INITS)}, got {network.init!r}"
-        )
-    if network.init == "sigma" and not (network.sigma or 0) > 0:
-        raise StudyDefinitionError(path, "network.sigma", "init = 'sigma' needs sigma > 0")
-    if network.sigma is not None and not network.sigma > 0:
-        raise StudyDefinitionError(path, "network.sigma", f"must be > 0, got {network.sigma!r}")
-    if not 0 <= network.bn_alpha < 1:
-        raise StudyDefinitionError(
-            path, "network.bn_alpha", f"must be in [0, 1), got {network.bn_alpha!r}"
-        )
-
-    training = dict(raw.get("training", {}))
-    _check_training(path, "training", training)
-    search = {k: _check_range(path, k, v) for k, v in dict(raw.get("search", {})).items()}
-    overlap = sorted(set(search) & set(training))
-    if overlap:
-        raise StudyDefinitionError(
-            path, "search", f"{overlap} are both searched and fixed in [training]; keep one"
-        )
-
-    coarse_raw = dict(raw.get("coarse", {}))
-    unknown = sorted(set(coarse_raw) - {"trials"})
-    if unknown:
-        raise StudyDefinitionError(path, "coarse", f"unknown keys {unknown}; allowed: ['trials']")
-    coarse_trials = coarse_raw.get("trials", 40)
-    if not isinstance(coarse_trials, int) or isinstance(coarse_trials, bool) or coarse_trials < 1:
-        raise StudyDefinitionError(
-            path, "coarse.trials", f"must be an integer >= 1, got {coarse_trials!r}"
-        )
-
-    fine_raw = dict(raw.get("fine", {}))
-    fine_training = dict(fine_raw.pop("training", {}))
-    _check_training(path, "fine.training", fine_training)
-    fine = _build(FineSpec, path, "fine", fine_raw)
-    fine = dataclasses.replace(fine, training=fine_training)
-    if fine.trials < 1 or fine.top_k < 1 or fine.margin < 0:
-        raise StudyDefinitionError(
-            path, "fine", f"trials and top_k must be >= 1 and margin >= 0, got {fine_raw!r}"
-        )
-
-    final_raw = dict(raw.get("final", {}))
-    final_training = dict(final_raw.pop("training", {}))
-    _check_training(path, "final.training", final_training)
-    final = dataclasses.replace(
-        _build(FinalSpec, path, "final", final_raw), training=final_training
-    )
-
-    if final.holdout < 0:
-        raise StudyDefinitionError(
-            path, "final.holdout", f"must be >= 0 (0: no holdout), got {final.holdout!r}"
-        )
-
-    optuna_spec = _build(OptunaSpec, path, "optuna", raw.get("optuna", {}))
-    for key in ("heartbeat_interval", "grace_period"):
-        if getattr(optuna_spec, key) < 1:
-            raise StudyDefinitionError(
-                path, f"optuna.{key}", f"must be >= 1 second, got {getattr(optuna_spec, key)!r}"
-            )
-    if optuna_spec.grace_period < 2 * optuna_spec.heartbeat_interval:
-        raise StudyDefinitionError(
-            path,
-            "optuna.grace_period",
-            f"must be at least twice heartbeat_interval (2 x {optuna_spec.heartbeat_interval}"
-            f" = {2 * optuna_spec.heartbeat_interval} s), got {optuna_spec.grace_period}; "
-            "with less, a live trial whose heartbeat is late would be taken for a dead one",
-        )
-    if optuna_spec.warmup_cycles < 0 or optuna_spec.n_startup_trials < 0:
-        raise StudyDefinitionError(
-            path,
-            "optuna",
-            "warmup_cycles and n_startup_trials must be >= 0, got "
-            f"{optuna_spec.warmup_cycles!r} and {optuna_spec.n_startup_trials!r}",
-        )
-    url = optuna_spec.storage
-    if url and "://" not in url and not url.endswith(".log"):
-        raise StudyDefinitionError(
-            path,
-            "optuna.storage",
-            "must be an Optuna storage URL (sqlite:///x.db, postgresql+psycopg2://user@host/db"
-            f", journal:///x.log) or a journal file x.log, got {url!r}",
-        )
-    if optuna_spec.pruner not in PRUNERS:
-        raise StudyDefinitionError(
-            path, "optuna.pruner", f"must be one of {list(PRUNERS)}, got {optuna_spec.pruner!r}"
-        )
-    if optuna_spec.sampler not in SAMPLERS:
-        raise StudyDefinitionError(
-            path, "optuna.sampler", f"must be one of {list(SAMPLERS)}, got {optuna_spec.sampler!r}"
-        )
-    if optuna_spec.workers < 1:
-        raise StudyDefinitionError(
-            path, "optuna.workers", f"must be >= 1, got {optuna_spec.workers}"
-        )
-
+    name = _parse_name(path, raw.get("name"))
+    data = _parse_data(path, raw.get("data", {}))
+    network = _parse_network(path, raw.get("network", {}))
+    training = _parse_training(path, "training", raw.get("training", {}))
+    search = _parse_search(path, raw.get("search", {}), training)
     spec = StudySpec(
         name=name,
         path=str(path),
@@ -352,13 +395,25 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         network=network,
         training=training,
         search=search,
-        coarse_trials=coarse_trials,
-        fine=fine,
-        final=final,
-        optuna=optuna_spec,
+        coarse_trials=_parse_coarse(path, raw.get("coarse", {})),
+        fine=_parse_fine(path, raw.get("fine", {})),
+        final=_parse_final(path, raw.get("final", {})),
+        optuna=_parse_optuna(path, raw.get("optuna", {})),
     )
-    # Every stage's TrainConfig must be valid at the ranges' midpoints and at their
-    # corners: a range that is only partly valid would fail trials at random.
+    _check_stages(spec)
+    unused = _unused_search(spec)
+    if unused:
+        raise StudyDefinitionError(path, f"search.{unused[0]}", unused[1])
+    return spec
+
+
+def _check_stages(spec: StudySpec) -> None:
+    """Every stage's TrainConfig is valid at the ranges' midpoints and at their corners.
+
+    A range that is only partly valid would fail trials at random. TrainConfig
+    checks the values; this names the file and the table.
+    """
+    search = spec.search
     names = sorted(search)
     points = [{k: math.sqrt(lo * hi) for k, (lo, hi) in search.items()}]
     for corner in itertools.product(*(search[k] for k in names)):
@@ -371,11 +426,7 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
                 section = {"coarse": "training"}.get(stage, f"{stage}.training")
                 at = ", ".join(f"{k}={v:g}" for k, v in point.items())
                 where = f" (with {at} from [search])" if point else ""
-                raise StudyDefinitionError(path, section, f"{exc}{where}") from None
-    unused = _unused_search(spec)
-    if unused:
-        raise StudyDefinitionError(path, f"search.{unused[0]}", unused[1])
-    return spec
+                raise StudyDefinitionError(spec.path, section, f"{exc}{where}") from None
 
 
 def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
