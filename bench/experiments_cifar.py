@@ -28,22 +28,26 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from search import experiment as ex  # noqa: E402
+from search.config.experiment import list_experiments  # noqa: E402
+from search.reporting.experiment_figures import draw  # noqa: E402
+from search.reporting.tables import label, metric_cell  # noqa: E402
+from search.sweep.grid import results  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar-10-batches-py"
 
 
 def _finished(path: Path):
     """The grid points of an experiment that ran, with their trials."""
-    return [r for r in ex.results(path)[2] if r.trial is not None] if path.exists() else []
+    return [r for r in results(path)[2] if r.trial is not None] if path.exists() else []
 
 
 def key_figures(scratch: Path) -> str:
     lines = ["key figures (CIFAR-10 subset):", "  test accuracy, bn_vs_none:"]
     for r in _finished(scratch / "bn_vs_none.toml"):
         lines.append(
-            f"    {ex.label('hidden', r.point['hidden']):<32} "
-            f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
-            f"test acc {ex._fmt(r.trial.user_attrs.get('test_acc'), '.4f')}"
+            f"    {label('hidden', r.point['hidden']):<32} "
+            f"{label('batch_norm', r.point['batch_norm']):<6} "
+            f"test acc {metric_cell(r.trial.user_attrs.get('test_acc'), '.4f')}"
             + ("  (diverged)" if r.trial.user_attrs.get("diverged") else "")
         )
     lines.append("  final training loss, sensitivity_init:")
@@ -52,9 +56,9 @@ def key_figures(scratch: Path) -> str:
         loss = (curves.get("train_loss") or [float("nan")])[-1]
         lines.append(
             f"    sigma {r.point['sigma']:<7g} "
-            f"{ex.label('batch_norm', r.point['batch_norm']):<6} "
+            f"{label('batch_norm', r.point['batch_norm']):<6} "
             f"train loss {loss:.4f}  test acc "
-            f"{ex._fmt(r.trial.user_attrs.get('test_acc'), '.4f')}"
+            f"{metric_cell(r.trial.user_attrs.get('test_acc'), '.4f')}"
         )
     return "\n".join(lines)
 
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     copies = []
-    for source in ex.list_experiments(REPO / "studies" / "experiments"):
+    for source in list_experiments(REPO / "studies" / "experiments"):
         copy = scratch / source.name
         shutil.copy(source, copy)
         copies.append(copy)
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{source.stem}: {time.perf_counter() - t0:.0f} s\n", flush=True)
     sections = []
     for copy in copies:
-        section, paths = ex.draw(copy, scratch / "figures")
+        section, paths = draw(copy, scratch / "figures")
         sections.append(section)
         print(section)
         for path in paths:

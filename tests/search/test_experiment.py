@@ -14,13 +14,18 @@ import pytest
 from optuna.trial import TrialState
 
 from search import experiment as ex
+from search import study as st
+from search.config import experiment as cfg
+from search.reporting import experiment_figures as figures
+from search.reporting import gradcheck
 from search.spec import StudyDefinitionError
+from search.sweep import grid as sweep
 from tests.conftest import check_axes
 from tests.search.conftest import dump_toml
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "studies" / "experiments"
-FILES = ex.list_experiments(EXPERIMENTS)
+FILES = cfg.list_experiments(EXPERIMENTS)
 
 
 def tiny_copy(source: Path, directory: Path, **sections) -> Path:
@@ -42,8 +47,8 @@ def tiny_copy(source: Path, directory: Path, **sections) -> Path:
     return path
 
 
-def finished_trials(path: Path) -> tuple[ex.Experiment, list[optuna.trial.FrozenTrial]]:
-    experiment = ex.load_experiment(path)
+def finished_trials(path: Path) -> tuple[cfg.Experiment, list[optuna.trial.FrozenTrial]]:
+    experiment = cfg.load_experiment(path)
     study = optuna.load_study(
         study_name=experiment.study_name, storage=experiment.spec.storage_url()
     )
@@ -54,13 +59,13 @@ def test_the_five_experiments_are_shipped():
     names = {p.stem for p in FILES}
     assert {"bn_vs_none", "sensitivity_init", "lambda_bn", "momentum_decay", "overfit"} <= names
     for path in FILES:
-        experiment = ex.load_experiment(path)
+        experiment = cfg.load_experiment(path)
         assert experiment.spec.data.name == "digits", f"{path.name} must run offline by default"
         assert len(experiment.points()) >= 2
 
 
 def test_bn_vs_none_has_the_assignment_grid_and_n_s():
-    experiment = ex.load_experiment(EXPERIMENTS / "bn_vs_none.toml")
+    experiment = cfg.load_experiment(EXPERIMENTS / "bn_vs_none.toml")
     hidden = {tuple(p["hidden"]) for p in experiment.points()}
     assert hidden == {(50, 50), (50, 30, 20, 20, 10, 10, 10, 10)}
     assert {p["batch_norm"] for p in experiment.points()} == {True, False}
@@ -76,14 +81,14 @@ def test_every_experiment_runs_covers_its_grid_and_draws(source, tmp_path, capsy
     assert ex.main([str(path)]) == 0
     experiment, trials = finished_trials(path)
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    keys = Counter(ex._key(t.params) for t in trials)
-    expected = {ex._key(experiment.params(p)) for p in experiment.points()}
+    keys = Counter(sweep.params_key(t.params) for t in trials)
+    expected = {sweep.params_key(experiment.params(p)) for p in experiment.points()}
     assert set(keys) == expected and set(keys.values()) == {1}, "one trial per grid point"
     for t in trials:
         assert {"curves", "wall_time", "epochs_run", "diverged"} <= set(t.user_attrs)
         if t.state == TrialState.COMPLETE:
             assert 0.0 <= t.user_attrs["test_acc"] <= 1.0
-    section, paths = ex.draw(path, tmp_path / "out")
+    section, paths = figures.draw(path, tmp_path / "out")
     assert section.startswith("### ") and "test acc" in section
     assert section.count("\n| ") == len(expected) + 1  # header + one row per point
     assert paths and all(p.suffix == ".png" and p.stat().st_size > 10_000 for p in paths)
@@ -125,7 +130,7 @@ def test_a_changed_grid_runs_its_new_points(tmp_path, capsys):
     tiny_copy(EXPERIMENTS / "momentum_decay.toml", tmp_path, grid={"rho": [0.5, 0.99]})
     assert ex.main([str(path)]) == 0
     _, trials = finished_trials(path)
-    assert sorted(t.params["rho"] for t in trials if t.state in ex.st.FINISHED) == [
+    assert sorted(t.params["rho"] for t in trials if t.state in st.FINISHED) == [
         0.0,
         0.5,
         0.9,
@@ -135,8 +140,8 @@ def test_a_changed_grid_runs_its_new_points(tmp_path, capsys):
 
 def test_a_failed_point_is_queued_again(tmp_path):
     path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False]})
-    experiment = ex.load_experiment(path)
-    study = ex.open_study(experiment)
+    experiment = cfg.load_experiment(path)
+    study = sweep.open_study(experiment)
     study.add_trial(
         optuna.create_trial(
             state=TrialState.FAIL,
@@ -144,8 +149,8 @@ def test_a_failed_point_is_queued_again(tmp_path):
             distributions=experiment.distributions(),
         )
     )
-    assert ex.queue_grid(study, experiment) == 1
-    assert ex.queue_grid(study, experiment) == 0  # queued once, not twice
+    assert sweep.queue_grid(study, experiment) == 1
+    assert sweep.queue_grid(study, experiment) == 0  # queued once, not twice
 
 
 def test_two_workers_share_the_grid_without_duplicates(tmp_path):
@@ -153,7 +158,7 @@ def test_two_workers_share_the_grid_without_duplicates(tmp_path):
     assert ex.main([str(path), "--workers", "2"]) == 0
     experiment, trials = finished_trials(path)
     assert len(trials) == len(experiment.points()) == 4
-    assert len({ex._key(t.params) for t in trials}) == 4
+    assert len({sweep.params_key(t.params) for t in trials}) == 4
 
 
 def test_overfit_reaches_high_training_accuracy_on_100_digits(tmp_path):
@@ -178,27 +183,27 @@ def test_a_diverged_run_is_recorded_and_drawn(tmp_path):
     _, trials = finished_trials(path)
     assert [t.user_attrs["diverged"] for t in trials] == [True, True]
     assert all(t.state == TrialState.PRUNED for t in trials)
-    section, paths = ex.draw(path, tmp_path / "out")
+    section, paths = figures.draw(path, tmp_path / "out")
     assert "**yes**" in section and paths[0].exists()
 
 
 def test_draw_before_running_raises_and_creates_no_database(tmp_path):
     path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
     with pytest.raises(LookupError, match="has not been run; run: python -m search.experiment"):
-        ex.draw(path, tmp_path / "out")
+        figures.draw(path, tmp_path / "out")
     assert not list(tmp_path.glob("*.db"))
     # A study that exists but has no finished trial is not drawn either.
-    experiment = ex.load_experiment(path)
-    ex.queue_grid(ex.open_study(experiment), experiment)
+    experiment = cfg.load_experiment(path)
+    sweep.queue_grid(sweep.open_study(experiment), experiment)
     with pytest.raises(LookupError):
-        ex.draw(path, tmp_path / "out")
+        figures.draw(path, tmp_path / "out")
 
 
 def test_data_and_n_s_overrides(tmp_path, capsys):
     path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False]})
     assert ex.main([str(path), "--n-val", "200", "--n-s", "7"]) == 0
     assert "(100 train / 200 val / 300 test)" in capsys.readouterr().out
-    experiment = ex.load_experiment(path, data={"n_val": 200}, n_s=7)
+    experiment = cfg.load_experiment(path, data={"n_val": 200}, n_s=7)
     assert experiment.spec.data.n_val == 200
     assert experiment.train_config(experiment.points()[0], 100, seed=0).n_s == 7
     # A study refuses other data: runs on other data need their own database.
@@ -232,7 +237,7 @@ def test_bad_grids_name_the_field(tmp_path, grid, field):
     doc["grid"] = grid
     path.write_text(dump_toml(doc))
     with pytest.raises(StudyDefinitionError) as info:
-        ex.load_experiment(path)
+        cfg.load_experiment(path)
     assert info.value.field == field
     assert ex.main([str(path)]) == 2
 
@@ -240,12 +245,12 @@ def test_bad_grids_name_the_field(tmp_path, grid, field):
 def test_bad_experiment_table(tmp_path):
     path = tiny_copy(EXPERIMENTS / "lambda_bn.toml", tmp_path, experiment={"kind": "bars"})
     with pytest.raises(StudyDefinitionError, match="experiment.kind"):
-        ex.load_experiment(path)
+        cfg.load_experiment(path)
 
 
 def test_gradcheck_section_is_a_table_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "GRADCHECK_HIDDEN", {2: [6], 3: [6, 5]})
-    section = ex.gradcheck_section(tmp_path)
+    monkeypatch.setattr(gradcheck, "GRADCHECK_HIDDEN", {2: [6], 3: [6, 5]})
+    section = gradcheck.gradcheck_section(tmp_path)
     assert "| network | BN | layer | W | b | gamma | beta |" in section
     assert section.count("\n| ") == 1 + (2 + 3) * 2  # header + a row per layer and BN
     assert (tmp_path / "gradcheck.json").exists()
@@ -253,7 +258,7 @@ def test_gradcheck_section_is_a_table_and_cached(tmp_path, monkeypatch):
     assert largest < 1e-5
     calls = []
     monkeypatch.setattr("model.gradcheck.check_network", lambda *a, **k: calls.append(1))
-    assert ex.gradcheck_section(tmp_path) == section
+    assert gradcheck.gradcheck_section(tmp_path) == section
     assert not calls, "the cached errors are reused"
     # ... but not once the model code changed: the cache names the code it checked.
     cache = tmp_path / "gradcheck.json"
@@ -263,7 +268,7 @@ def test_gradcheck_section_is_a_table_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(
         "model.gradcheck.check_network", lambda *a, **k: calls.append(1) or {"W1": 0.5}
     )
-    assert "Largest relative error: 5.0e-01" in ex.gradcheck_section(tmp_path)
+    assert "Largest relative error: 5.0e-01" in gradcheck.gradcheck_section(tmp_path)
     assert len(calls) == 4
 
 
@@ -271,7 +276,7 @@ def test_report_all_draws_the_experiments_beside_the_study(tmp_path, capsys, mon
     """``search.report --all`` for real: gradient checks, a run experiment, one not run yet."""
     from search import report
 
-    monkeypatch.setattr(ex, "GRADCHECK_HIDDEN", {2: [6], 3: [6, 5]})
+    monkeypatch.setattr(gradcheck, "GRADCHECK_HIDDEN", {2: [6], 3: [6, 5]})
     from tests.search.conftest import write_study
 
     exp_dir = tmp_path / "experiments"
@@ -297,7 +302,7 @@ def test_report_all_draws_the_experiments_beside_the_study(tmp_path, capsys, mon
 
 
 def _settings(name: str):
-    experiment = ex.load_experiment(EXPERIMENTS / f"{name}.toml")
+    experiment = cfg.load_experiment(EXPERIMENTS / f"{name}.toml")
     points = experiment.points()
     configs = [experiment.train_config(p, 45000, seed=0) for p in points]
     nets = [experiment.spec_for(p).network for p in points]
@@ -363,12 +368,12 @@ def test_diverged_and_blown_up_runs_stay_visible_and_do_not_squash_the_rest(
     # eta_max 10: the 3-layer net without batch norm blows up (loss ~1e13, finite).
     path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path, training={"eta_max": 10.0})
     assert ex.main([str(path)]) == 0
-    _, paths = ex.draw(path, tmp_path / "out")
+    _, paths = figures.draw(path, tmp_path / "out")
     fig = saved_figures[paths[0].name]
     loss_axes = [ax for ax in fig.axes if ax.get_title().endswith(": loss")]
     assert loss_axes
     for ax in loss_axes:
-        assert ax.get_ylim()[1] <= 1.15 * ex.BLOWN_UP_LOSS  # the sound runs fill the panel
+        assert ax.get_ylim()[1] <= 1.15 * figures.BLOWN_UP_LOSS  # the sound runs fill the panel
     blown = [ax for ax in loss_axes if any(t.get_text().startswith("blown-up") for t in ax.texts)]
     assert blown and any(line.get_marker() == "x" for ax in blown for line in ax.lines)
 
@@ -382,7 +387,7 @@ def test_diverged_and_blown_up_runs_stay_visible_and_do_not_squash_the_rest(
         training={"eta_max": 50.0},
     )
     assert ex.main([str(path)]) == 0
-    section, paths = ex.draw(path, other / "out")
+    section, paths = figures.draw(path, other / "out")
     assert "**yes**" in section and "e+" not in section.split("|")[0]
     acc = saved_figures[paths[0].name].axes[0]
     marks = [line for line in acc.lines if line.get_marker() == "x"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from search import coarse, final, fine, report
+from search.reporting import figures, markdown
 from search.spec import load_spec
 from tests.search.conftest import write_study
 
@@ -75,12 +75,12 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     best = coarse_study.best_trial
     assert f"| {best.number} | {best.value:.4f} | {best.params['l2_lambda']:.3e} |" in md
     # counts per state and epochs
-    c = {s: 0 for s in report.STATES}
+    c = {s: 0 for s in markdown.STATES}
     for t in coarse_study.trials:
         c[t.state.name] += 1
-    assert "| " + " | ".join(str(c[s]) for s in report.STATES) + " |" in md
+    assert "| " + " | ".join(str(c[s]) for s in markdown.STATES) + " |" in md
     assert sum(c.values()) == 8
-    epochs = report.epochs_trained(coarse_study)
+    epochs = markdown.epochs_trained(coarse_study)
     assert epochs > 0 and f"Epochs trained: {epochs:.1f} over 8 trials" in md
     # the final result
     assert f"test accuracy **{result['test_acc']:.4f}**" in md
@@ -100,9 +100,9 @@ def test_pruned_trials_are_placed_at_their_last_report():
     )
     complete = optuna.trial.create_trial(value=0.9, params={"l2_lambda": 1e-3}, distributions=dist)
     failed = optuna.trial.create_trial(state=TrialState.FAIL)
-    assert report.last_value(pruned) == 0.7
-    assert report.last_value(complete) == 0.9
-    assert report.last_value(failed) is None
+    assert figures.last_value(pruned) == 0.7
+    assert figures.last_value(complete) == 0.9
+    assert figures.last_value(failed) is None
 
 
 def test_no_study_is_a_clear_error(tmp_path, capsys):
@@ -113,8 +113,8 @@ def test_no_study_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "empty.db").exists()  # reading never creates a database
 
 
-def _fake_experiment(tmp_path: Path, calls: list) -> types.ModuleType:
-    fake = types.ModuleType("search.experiment")
+def _fake_experiments(tmp_path: Path, calls: list, monkeypatch) -> None:
+    """Two experiment files, one run and one not, and a quick gradient check, for markdown."""
     done, pending = tmp_path / "lr_range.toml", tmp_path / "bn_depth.toml"
 
     def draw(spec_path, out_dir, *, storage=None):
@@ -125,15 +125,16 @@ def _fake_experiment(tmp_path: Path, calls: list) -> types.ModuleType:
         png.write_bytes(PNG_MAGIC)
         return f"## Experiment {Path(spec_path).stem}\n\nresult table\n", [png]
 
-    fake.draw = draw
-    fake.list_experiments = lambda root: [done, pending]
-    fake.gradcheck_section = lambda out_dir=None: "## Gradient check\n\n| W1 | 1e-9 |\n"
-    return fake
+    monkeypatch.setattr(markdown, "draw_experiment", draw)
+    monkeypatch.setattr(markdown, "list_experiments", lambda root: [done, pending])
+    monkeypatch.setattr(
+        markdown, "gradcheck_section", lambda out_dir=None: "## Gradient check\n\n| W1 | 1e-9 |\n"
+    )
 
 
 def test_experiment_flag_writes_its_markdown(tmp_path, monkeypatch, capsys):
     calls: list = []
-    monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, calls))
+    _fake_experiments(tmp_path, calls, monkeypatch)
     out = tmp_path / "out"
     spec_path = tmp_path / "lr_range.toml"
     argv = ["--experiment", str(spec_path), "--out", str(out), "--storage", "sqlite:///x.db"]
@@ -145,7 +146,7 @@ def test_experiment_flag_writes_its_markdown(tmp_path, monkeypatch, capsys):
 
 def test_all_flag_combines_gradcheck_experiments_and_study(ran, tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, calls))
+    _fake_experiments(tmp_path, calls, monkeypatch)
     out = tmp_path / "all"
     assert (
         report.main(
@@ -176,7 +177,7 @@ def test_all_flag_combines_gradcheck_experiments_and_study(ran, tmp_path, monkey
 
 
 def test_all_flag_without_a_study_still_writes_the_experiments(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "search.experiment", _fake_experiment(tmp_path, []))
+    _fake_experiments(tmp_path, [], monkeypatch)
     path = write_study(tmp_path, "notrun")
     assert (
         report.main(

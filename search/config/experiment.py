@@ -1,0 +1,275 @@
+"""Experiment files (``studies/experiments/*.toml``): a study file plus two tables.
+
+::
+
+    [experiment]  kind = "curves" | "lambda" | "overfit", title, n_train, n_s_epochs
+    [grid]        parameter = [values, ...]   (network fields or TrainConfig fields)
+
+Every point of the grid (the product of the lists) is merged into the study
+document and validated by :func:`search.spec.parse_spec`, so a point is checked
+like a study file.
+
+- ``n_train``: train on the first this-many training images (the overfitting check).
+- ``n_s_epochs``: the half-cycle n_s = n_s_epochs * floor(N_train / batch_size), so
+  one file keeps the assignment's n_s on whatever data it runs on.
+
+Errors are :class:`search.spec.StudyDefinitionError` naming the file, the field
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+
+from model.train import TrainConfig
+from search import study as st
+from search.spec import (
+    NETWORK_FIELDS,
+    StudyDefinitionError,
+    StudySpec,
+    parse_spec,
+    read_toml,
+)
+
+KINDS = ("curves", "lambda", "overfit")
+STAGE = "grid"
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
+EXPERIMENT_KEYS = ("kind", "title", "n_train", "n_s_epochs")
+
+# Grid parameters drawn (and given to Optuna) on a log scale.
+LOG_SCALE = ("l2_lambda", "sigma", "eta", "eta_min", "eta_max")
+
+
+@dataclass(frozen=True, eq=False)
+class Experiment:
+    """A validated experiment file: the study it runs in and the grid it walks.
+
+    ``raw`` is the study document without ``[grid]`` and ``[experiment]`` (with any
+    command-line overrides); each grid point is merged into it and validated by
+    :func:`search.spec.parse_spec`, so a point is checked like a study file.
+    """
+
+    spec: StudySpec
+    raw: dict[str, Any]
+    grid: dict[str, list[Any]]
+    kind: str = "curves"
+    title: str = ""
+    n_train: int | None = None
+    n_s_epochs: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def study_name(self) -> str:
+        return st.study_name(self.spec, STAGE)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid values, in file order (one point if no grid)."""
+        return grid_points(self.grid)
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Optuna distributions of the encoded grid values.
+
+        Float grids become float distributions (log for lambda, sigma and the
+        learning rates, so the dashboard draws them on log axes; by name, not by
+        the values, because a study refuses a parameter whose log setting changes
+        when the grid is edited); the rest are categorical, hidden sizes as strings
+        like "50-50".
+        """
+        out: dict[str, BaseDistribution] = {}
+        for name, values in self.grid.items():
+            encoded = [encode(name, v) for v in values]
+            if len(encoded) > 1 and all(type(v) is float for v in encoded):
+                lo, hi = min(encoded), max(encoded)
+                out[name] = FloatDistribution(lo, hi, log=name in LOG_SCALE and lo > 0)
+            else:
+                out[name] = CategoricalDistribution(encoded)
+        return out
+
+    def encoded_grid(self) -> dict[str, list[Any]]:
+        """The grid with its values encoded as trial params, list by list."""
+        return {name: [encode(name, v) for v in values] for name, values in self.grid.items()}
+
+    def params(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A grid point as trial params (encoded)."""
+        return {name: encode(name, v) for name, v in point.items()}
+
+    def point(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Trial params back to a grid point (decoded), in grid order."""
+        return {name: decode(name, params[name]) for name in self.grid if name in params}
+
+    def spec_for(self, point: dict[str, Any]) -> StudySpec:
+        """The study spec of one grid point: its values merged into [network]/[training]."""
+        return parse_spec(merge(self.raw, point), self.spec.path)
+
+    def train_config(self, point: dict[str, Any], n_train: int, *, seed: int) -> TrainConfig:
+        """The point's TrainConfig; n_s from n_s_epochs and the training set size."""
+        spec = self.spec_for(point)
+        extra: dict[str, Any] = {"seed": seed}
+        if self.n_s_epochs is not None and "n_s" not in point:
+            batch = spec.train_config("coarse").batch_size
+            extra["n_s"] = max(1, int(self.n_s_epochs * (n_train // batch)))
+        return spec.train_config("coarse", extra)
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The product of the grid's value lists as dicts, in file order."""
+    combos = itertools.product(*grid.values())
+    return [dict(zip(grid, combo, strict=True)) for combo in combos]
+
+
+def encode(name: str, value: Any) -> Any:
+    """A grid value as an Optuna parameter value (hidden sizes: "50-30-20")."""
+    if name == "hidden":
+        return "-".join(str(h) for h in value)
+    return value
+
+
+def decode(name: str, value: Any) -> Any:
+    """An Optuna parameter value back to a grid value (hidden sizes: a tuple)."""
+    if name == "hidden":
+        return tuple(int(h) for h in str(value).split("-"))
+    return value
+
+
+def _section(name: str) -> str:
+    """The study-file table a grid parameter belongs to."""
+    return "network" if name in NETWORK_FIELDS else "training"
+
+
+def merge(raw: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """The study document with a grid point's values put in [network] or [training]."""
+    doc = copy.deepcopy(raw)
+    for name, value in point.items():
+        doc.setdefault(_section(name), {})[name] = list(value) if name == "hidden" else value
+    return doc
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def _parse_grid(path: Path, raw: dict[str, Any], grid_raw: Any) -> dict[str, list[Any]]:
+    """The [grid] table: known parameters, each a non-empty list of distinct values."""
+    if not isinstance(grid_raw, dict):
+        raise StudyDefinitionError(path, "grid", f"must be a table, got {grid_raw!r}")
+    grid: dict[str, list[Any]] = {}
+    for name, values in grid_raw.items():
+        where = f"grid.{name}"
+        if name not in NETWORK_FIELDS + TRAIN_FIELDS:
+            raise StudyDefinitionError(
+                path,
+                where,
+                f"is not a parameter; allowed: network fields {list(NETWORK_FIELDS)} "
+                f"or training fields {list(TRAIN_FIELDS)}",
+            )
+        section = _section(name)
+        if name in raw.get(section, {}):
+            raise StudyDefinitionError(
+                path, where, f"is also set in [{section}]; keep it in one place"
+            )
+        if not isinstance(values, list) or not values:
+            raise StudyDefinitionError(path, where, f"must be a non-empty list, got {values!r}")
+        if name == "hidden":
+            if not all(isinstance(v, list) and v for v in values):
+                raise StudyDefinitionError(
+                    path, where, f"must be a list of lists of layer sizes, got {values!r}"
+                )
+            values = [tuple(v) for v in values]
+        elif not all(isinstance(v, bool | int | float | str) for v in values):
+            raise StudyDefinitionError(path, where, f"values must be scalars, got {values!r}")
+        if len(set(values)) != len(values):
+            raise StudyDefinitionError(path, where, f"has repeated values: {values!r}")
+        grid[name] = values
+    return grid
+
+
+def _parse_experiment_table(path: Path, table: Any) -> dict[str, Any]:
+    """The [experiment] table as the keyword arguments of :class:`Experiment`."""
+    if not isinstance(table, dict):
+        raise StudyDefinitionError(path, "experiment", f"must be a table, got {table!r}")
+    unknown = sorted(set(table) - set(EXPERIMENT_KEYS))
+    if unknown:
+        raise StudyDefinitionError(
+            path, "experiment", f"unknown keys {unknown}; allowed: {list(EXPERIMENT_KEYS)}"
+        )
+    kind = table.get("kind", "curves")
+    if kind not in KINDS:
+        raise StudyDefinitionError(
+            path, "experiment.kind", f"must be one of {list(KINDS)}, got {kind!r}"
+        )
+    n_train = table.get("n_train")
+    if n_train is not None and (
+        not isinstance(n_train, int) or isinstance(n_train, bool) or n_train < 1
+    ):
+        raise StudyDefinitionError(
+            path, "experiment.n_train", f"must be an integer >= 1, got {n_train!r}"
+        )
+    n_s_epochs = table.get("n_s_epochs")
+    if n_s_epochs is not None and (
+        not isinstance(n_s_epochs, int | float) or isinstance(n_s_epochs, bool) or n_s_epochs <= 0
+    ):
+        raise StudyDefinitionError(
+            path, "experiment.n_s_epochs", f"must be a number > 0, got {n_s_epochs!r}"
+        )
+    title = table.get("title", "")
+    if not isinstance(title, str):
+        raise StudyDefinitionError(path, "experiment.title", f"must be a string, got {title!r}")
+    return {"kind": kind, "title": title, "n_train": n_train, "n_s_epochs": n_s_epochs}
+
+
+def load_experiment(
+    path: str | Path,
+    *,
+    data: dict[str, Any] | None = None,
+    n_s: int | None = None,
+    storage: str | None = None,
+    workers: int | None = None,
+) -> Experiment:
+    """Read and validate an experiment file, with optional overrides.
+
+    ``data`` replaces keys of [data] (name, dir, split, n_val); ``n_s`` fixes the
+    half-cycle (and turns n_s_epochs off); ``storage``/``workers`` as in [optuna].
+    """
+    path = Path(path)
+    raw = read_toml(path, missing="no such file; see studies/experiments/")
+    grid_raw = raw.pop("grid", {})
+    options = _parse_experiment_table(path, raw.pop("experiment", {}))
+    if data:
+        raw["data"] = {**raw.get("data", {}), **data}
+        if raw["data"].get("name") != "cifar10":
+            raw["data"].pop("split", None)
+    grid = _parse_grid(path, raw, grid_raw)
+    if n_s is not None:
+        if "n_s" in grid:
+            raise ValueError(f"--n-s {n_s} conflicts with the grid over n_s in {path}")
+        raw.setdefault("training", {})["n_s"] = n_s
+        options["n_s_epochs"] = None
+    if options["n_s_epochs"] is not None and "n_s" in raw.get("training", {}):
+        raise StudyDefinitionError(
+            path, "experiment.n_s_epochs", "n_s is also set in [training]; keep one"
+        )
+    if options["kind"] == "lambda" and "l2_lambda" not in grid:
+        raise StudyDefinitionError(
+            path, "experiment.kind", "kind = 'lambda' needs l2_lambda in [grid]"
+        )
+    points = grid_points(grid)
+    for point in points:
+        try:
+            parse_spec(merge(raw, point), path)
+        except StudyDefinitionError as exc:
+            raise StudyDefinitionError(path, "grid", f"at point {point}: {exc}") from None
+    spec = parse_spec(merge(raw, points[0]), path).with_overrides(storage=storage, workers=workers)
+    return Experiment(spec=spec, raw=raw, grid=grid, **options)
+
+
+def list_experiments(root: Path) -> list[Path]:
+    """The experiment files under ``root`` (``studies/experiments``), sorted."""
+    return sorted(Path(root).glob("*.toml"))

@@ -1,0 +1,212 @@
+"""The figures of a study's coarse and fine stages, from its stored trials.
+
+- validation accuracy against each searched parameter on a log axis, coarse and
+  fine together; pruned trials grey, at their last reported validation accuracy;
+- the optimisation history of each stage (trial number against value, best so far);
+- the learning curves of each stage's top 5 trials, pruned trials' curves in light grey.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import matplotlib.pyplot as plt
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search import study as st
+from search.reporting.tables import param_label, params_text
+
+STAGE_COLOURS = {"coarse": "tab:blue", "fine": "tab:orange"}
+STAGE_MARKERS = {"coarse": "o", "fine": "^"}
+PRUNED_COLOUR = "0.6"
+CURVE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+DPI = 120
+
+
+def last_value(t: FrozenTrial) -> float | None:
+    """A finished trial's value: its final value, or a pruned trial's last reported one."""
+    if t.state == TrialState.COMPLETE:
+        value = t.value
+    elif t.state == TrialState.PRUNED and t.intermediate_values:
+        value = t.intermediate_values[max(t.intermediate_values)]
+    else:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _finished(study: optuna.Study) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and last_value(t) is not None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and last_value(t) is not None]
+    return complete, pruned
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, title: str) -> Path:
+    """Validation accuracy against ``param`` (log x axis), every stage on one axes."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for stage, study in studies.items():
+        complete, pruned = _finished(study)
+        pruned = [t for t in pruned if param in t.params]
+        complete = [t for t in complete if param in t.params]
+        marker = STAGE_MARKERS[stage]
+        if pruned:
+            ax.scatter(
+                [t.params[param] for t in pruned],
+                [cast(float, last_value(t)) for t in pruned],  # _finished dropped the None
+                s=14,
+                c=PRUNED_COLOUR,
+                marker=marker,
+                alpha=0.7,
+                label=f"{stage}: pruned ({len(pruned)}, at last report)",
+                zorder=2,
+            )
+        if complete:
+            ax.scatter(
+                [t.params[param] for t in complete],
+                [cast(float, t.value) for t in complete],  # _finished dropped the None
+                s=40,
+                c=STAGE_COLOURS[stage],
+                marker=marker,
+                edgecolors="black",
+                linewidths=0.5,
+                label=f"{stage}: complete ({len(complete)})",
+                zorder=3,
+            )
+        ranges = study.user_attrs.get("ranges", {})
+        if stage == "fine" and param in ranges:
+            lo, hi = ranges[param]
+            ax.axvspan(lo, hi, color=STAGE_COLOURS[stage], alpha=0.08, label="fine range")
+    best = _best(studies)
+    if best is not None and param in best[1].params:
+        stage, t = best
+        ax.scatter(
+            [t.params[param]],
+            [cast(float, t.value)],  # a COMPLETE trial from top_trials
+            s=220,
+            marker="*",
+            c="gold",
+            edgecolors="black",
+            linewidths=0.8,
+            label=f"best: {stage} trial {t.number} ({t.value:.4f})",
+            zorder=4,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{param_label(param)} (log scale)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def _best(studies: dict[str, optuna.Study]) -> tuple[str, FrozenTrial] | None:
+    best: tuple[str, FrozenTrial] | None = None
+    for stage, study in studies.items():
+        for t in st.top_trials(study, 1):
+            # top_trials returns COMPLETE trials, which always have a value.
+            if best is None or cast(float, t.value) > cast(float, best[1].value):
+                best = (stage, t)
+    return best
+
+
+def draw_history(studies: dict[str, optuna.Study], path: Path, *, title: str) -> Path:
+    """Trial number against value for each stage, with the best value so far."""
+    fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4.5), squeeze=False)
+    for ax, (stage, study) in zip(axes[0], studies.items(), strict=True):
+        complete, pruned = _finished(study)
+        if pruned:
+            ax.scatter(
+                [t.number for t in pruned],
+                [last_value(t) for t in pruned],
+                s=14,
+                c=PRUNED_COLOUR,
+                label=f"pruned ({len(pruned)}, at last report)",
+                zorder=2,
+            )
+        if complete:
+            ax.scatter(
+                [t.number for t in complete],
+                [t.value for t in complete],
+                s=30,
+                c=STAGE_COLOURS[stage],
+                edgecolors="black",
+                linewidths=0.5,
+                label=f"complete ({len(complete)})",
+                zorder=3,
+            )
+            ordered = sorted(complete, key=lambda t: t.number)
+            running, best = [], -math.inf
+            for t in ordered:
+                best = max(best, cast(float, t.value))  # _finished dropped the None
+                running.append(best)
+            ax.step(
+                [t.number for t in ordered],
+                running,
+                where="post",
+                color="black",
+                label="best so far",
+                zorder=4,
+            )
+        ax.set_xlabel("trial number")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"{stage} ({study.study_name})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _finite(values: Sequence[float]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: int = 5) -> Path:
+    """Validation accuracy and train/validation loss against update step of the top ``k``."""
+    top = [t for t in st.top_trials(study, k) if t.user_attrs.get("curves")]
+    pruned = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        if t.user_attrs.get("curves", {}).get("step")
+    ]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for i, t in enumerate(pruned):
+        c = t.user_attrs["curves"]
+        label = f"pruned trials ({len(pruned)})" if i == 0 else None
+        acc_ax.plot(c["step"], c["val_acc"], color="0.8", lw=0.8, label=label, zorder=1)
+        loss_ax.plot(c["step"], c["val_loss"], color="0.8", lw=0.8, label=label, zorder=1)
+    losses: list[float] = []
+    for colour, t in zip(CURVE_COLOURS, top, strict=False):
+        c = t.user_attrs["curves"]
+        label = f"trial {t.number} ({t.value:.4f}; {params_text(t.params)})"
+        acc_ax.plot(c["step"], c["val_acc"], color=colour, lw=1.6, label=label, zorder=3)
+        loss_ax.plot(c["step"], c["val_loss"], color=colour, lw=1.6, label=f"trial {t.number}")
+        loss_ax.plot(c["step"], c["train_loss"], color=colour, lw=1.2, ls="--", zorder=3)
+        losses += _finite(c["val_loss"]) + _finite(c["train_loss"])
+    if losses:
+        # Diverged pruned trials would stretch the axis to their exploding losses.
+        loss_ax.set_ylim(0, 1.1 * max(losses))
+    acc_ax.set_xlabel("update step")
+    acc_ax.set_ylabel("validation accuracy")
+    acc_ax.set_title(f"validation accuracy, top {len(top)} of {stage}")
+    loss_ax.set_xlabel("update step")
+    loss_ax.set_ylabel("cross-entropy loss")
+    loss_ax.set_title("loss (solid: validation, dashed: training)")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(True, alpha=0.3)
+    acc_ax.legend(loc="lower right", fontsize=7)
+    loss_ax.plot([], [], color="black", lw=1.6, label="validation")
+    loss_ax.plot([], [], color="black", lw=1.2, ls="--", label="training")
+    loss_ax.legend(loc="upper right", fontsize=7, ncol=2)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,124 @@
+"""Markdown tables and the formatting of their cells."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+
+from search import study as st
+from search.config.experiment import Experiment
+from search.sweep.grid import Row
+
+LABELS = {"l2_lambda": "lambda", "eta_max": "eta_max", "eta_min": "eta_min", "eta": "eta"}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table: a header row, the rule, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def param_label(param: str) -> str:
+    """A searched parameter's name as the report writes it ("lambda" for l2_lambda)."""
+    return LABELS.get(param, param)
+
+
+def params_text(params: dict[str, float]) -> str:
+    """Trial params in one line: "lambda=1.00e-03, eta_max=1.00e-01"."""
+    return ", ".join(f"{param_label(k)}={v:.2e}" for k, v in params.items())
+
+
+def ranges_table(ranges: dict[str, Sequence[float]]) -> str:
+    """Each searched parameter's low and high bound and the decades between them."""
+    rows = [
+        (param_label(k), f"{lo:.3e}", f"{hi:.3e}", f"{math.log10(hi / lo):.2f}")
+        for k, (lo, hi) in ranges.items()
+    ]
+    return markdown_table(("parameter", "low", "high", "decades"), rows)
+
+
+def top_table(study: optuna.Study, names: list[str], k: int = 10) -> str:
+    """The ``k`` best completed trials: value, params, epochs and wall time."""
+    rows = []
+    for t in st.top_trials(study, k):
+        rows.append(
+            (
+                t.number,
+                f"{t.value:.4f}",
+                *(f"{t.params[n]:.3e}" if n in t.params else "-" for n in names),
+                f"{t.user_attrs.get('epochs_run', 0):.2f}",
+                f"{t.user_attrs.get('wall_time', 0):.1f}",
+            )
+        )
+    header = ("trial", "val acc", *(param_label(n) for n in names), "epochs run", "wall time (s)")
+    return markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def label(name: str, value: Any) -> str:
+    """A grid value as a legend label: "BN", "3-layer 50-50", "σ=1e-04", "ρ=0.9"."""
+    if name == "batch_norm":
+        return "BN" if value else "no BN"
+    if name == "hidden":
+        return f"{len(value) + 1}-layer {'-'.join(map(str, value))}"
+    symbol = {"sigma": "σ", "l2_lambda": "λ", "rho": "ρ", "eta": "η", "eta_max": "η_max"}
+    if isinstance(value, float):
+        return f"{symbol.get(name, name)}={value:.3g}"
+    return f"{symbol.get(name, name)}={value}"
+
+
+def grid_cell(name: str, value: Any) -> str:
+    """A grid value in a table cell: "yes", "50-50", "0.001"."""
+    if name == "batch_norm":
+        return "yes" if value else "no"
+    if name == "hidden":
+        return "-".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def metric_cell(value: Any, spec: str) -> str:
+    """A measured number in a table cell; "–" for none or a non-finite one."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float) and abs(value) >= 1e4:
+        return format(value, ".3g")  # a diverged loss: 6.7e+22, not 23 digits
+    return format(value, spec)
+
+
+def table(experiment: Experiment, table_rows: list[Row]) -> str:
+    """A markdown table: grid params, final train/val loss, val and test accuracy, epochs."""
+    names = list(experiment.grid)
+    head = [*names, "train loss", "val loss", "train acc", "val acc", "test acc", "epochs"]
+    head += ["diverged", "time s"]
+    cells_of_rows = []
+    for row in table_rows:
+        cells = [grid_cell(n, row.point[n]) for n in names]
+        t = row.trial
+        if t is None:
+            cells += ["not run"] + [""] * (len(head) - len(names) - 1)
+        else:
+            curves = t.user_attrs.get("curves") or {}
+            last = {
+                m: (curves.get(m) or [None])[-1]
+                for m in ("train_loss", "val_loss", "train_acc", "val_acc")
+            }
+            cells += [
+                *(metric_cell(last[m], ".4f") for m in last),
+                metric_cell(t.user_attrs.get("test_acc"), ".4f"),
+                metric_cell(t.user_attrs.get("epochs_run"), ".1f"),
+                "**yes**" if t.user_attrs.get("diverged") else "no",
+                metric_cell(t.user_attrs.get("wall_time"), ".1f"),
+            ]
+        cells_of_rows.append(cells)
+    return markdown_table(head, cells_of_rows)

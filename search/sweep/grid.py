@@ -1,0 +1,362 @@
+"""Running an experiment's grid as one resumable Optuna study, and reading its results.
+
+Every point of the grid is one trial of the study ``<name>-grid`` in the study
+file's storage; the dashboard shows them like any sweep. :func:`run` queues one
+WAITING trial per grid point that is not finished or queued yet and runs the
+queue, so a killed run resumes where it stopped and a finished experiment trains
+nothing when run again. Each trial stores the curves, wall time, epochs, whether
+it diverged, and the test accuracy ("test_acc") of the trained network.
+
+Runs on other data belong in another database: a study refuses data it was not
+created with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from model.data import Dataset, Splits
+from search import study as st
+from search.config.experiment import Experiment, load_experiment
+from search.objective import build_network, fit_and_record
+from search.prepared import Prepared
+from search.storage import sqlite_path, with_retries
+from search.sweep import studies
+
+# ----------------------------------------------------------------------------- the study
+
+
+class _QueueGridSampler(optuna.samplers.GridSampler):
+    """GridSampler whose grid is walked through the trial queue, not ``study.optimize``.
+
+    GridSampler calls ``study.stop()`` once the grid is covered, which raises
+    outside ``optimize``; here the empty queue is what ends a run.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+        return None
+
+
+def check_grid_change(experiment: Experiment, study: optuna.Study) -> None:
+    """Refuse a grid whose categorical choices changed since the study ran.
+
+    Optuna fixes a categorical parameter's choices in a study once a trial used
+    them; the new points would all fail. Float grids may change freely.
+    """
+    recorded = study.user_attrs.get("experiment", {}).get("grid", {})
+    used = {k for t in study.get_trials(deepcopy=False) for k in t.params}
+    for name, dist in experiment.distributions().items():
+        if not isinstance(dist, CategoricalDistribution) or name not in used:
+            continue
+        before = recorded.get(name)
+        if before is not None and list(before) != list(dist.choices):
+            raise ValueError(
+                f"{experiment.spec.path}: [grid] {name} was {before} when study "
+                f"{study.study_name} ran and is {list(dist.choices)} now; a study cannot "
+                f"change the choices of {name!r}. Run the changed grid in another database "
+                "(--storage sqlite:///path/other.db) or under another name"
+            )
+
+
+def open_study(experiment: Experiment) -> optuna.Study:
+    """Create the experiment's study, or load it (``load_if_exists``)."""
+    storage = st.storage_for(experiment.spec)
+    return with_retries(
+        lambda: optuna.create_study(
+            storage=storage,
+            study_name=experiment.study_name,
+            direction="maximize",
+            sampler=_QueueGridSampler(experiment.encoded_grid(), seed=experiment.spec.optuna.seed),
+            pruner=optuna.pruners.NopPruner(),
+            load_if_exists=True,
+        )
+    )
+
+
+def params_key(params: dict[str, Any]) -> tuple:
+    """Trial params as a hashable key: one grid point, whatever the order of its names."""
+    return tuple(sorted(params.items()))
+
+
+def _trial_params(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's params, or for a WAITING one the params it was queued with."""
+    return t.params or t.system_attrs.get("fixed_params", {})
+
+
+def queue_grid(study: optuna.Study, experiment: Experiment) -> int:
+    """Queue one WAITING trial per grid point not finished, running or queued; returns how many.
+
+    Failed trials (an exception, not a divergence) do not count: their point is queued again.
+    """
+    have = {
+        params_key(_trial_params(t))
+        for t in study.get_trials(deepcopy=False)
+        if t.state in st.FINISHED + st.LIVE
+    }
+    queued = 0
+    for point in experiment.points():
+        params = experiment.params(point)
+        if params_key(params) in have:
+            continue
+        study.enqueue_trial(params)
+        have.add(params_key(params))
+        queued += 1
+    # The target counts finished trials, and trials of points since removed from
+    # the grid stay finished: count them in, or the new points would never run.
+    grid = {params_key(experiment.params(p)) for p in experiment.points()}
+    off_grid = sum(
+        params_key(t.params) not in grid
+        for t in study.get_trials(deepcopy=False, states=st.FINISHED)
+    )
+    study.set_user_attr("target", len(grid) + off_grid)
+    return queued
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+def restrict(splits: Splits, n_train: int | None) -> Splits:
+    """The splits with the training set cut to its first ``n_train`` samples."""
+    if n_train is None:
+        return splits
+    train = splits.train
+    if n_train > train.n:
+        raise ValueError(f"n_train={n_train} exceeds the {train.n} training samples")
+    cut = Dataset(train.X[:n_train], train.y[:n_train], train.n_classes, train.label_names)
+    return Splits(cut, splits.val, splits.test)
+
+
+class GridObjective:
+    """``GridObjective(experiment, splits)(trial) -> final validation accuracy``.
+
+    The trial's params are a grid point; the network and TrainConfig come from the
+    point merged into the study file. Every point uses the same seed, so the grid
+    compares settings, not initialisations. A diverged run ends PRUNED with
+    ``diverged`` set; a finished one also stores ``test_acc`` and ``test_loss``.
+    """
+
+    def __init__(self, experiment: Experiment, splits: Splits) -> None:
+        self.experiment = experiment
+        self.splits = restrict(splits, experiment.n_train)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        exp = self.experiment
+        params: dict[str, Any] = {}
+        for name, dist in exp.distributions().items():
+            if isinstance(dist, FloatDistribution):
+                params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+            else:
+                # distributions() makes only float and categorical distributions.
+                choices = cast(CategoricalDistribution, dist).choices
+                params[name] = trial.suggest_categorical(name, choices)
+        point = exp.point(params)
+        spec = exp.spec_for(point)
+        seed = exp.spec.optuna.seed
+        n_train = self.splits.train.n
+        config = exp.train_config(point, n_train, seed=seed)
+        net = build_network(spec, self.splits, seed)
+        trial.set_user_attr("config", dataclasses.asdict(config))
+        trial.set_user_attr("n_train", n_train)
+
+        def on_evaluate(step: int, metrics: dict[str, float]) -> None:
+            trial.report(metrics["val_acc"], step)
+
+        history = fit_and_record(trial, net, self.splits, config, on_evaluate=on_evaluate)
+        test = net.evaluate(self.splits.test.X, self.splits.test.y, l2_lambda=config.l2_lambda)
+        if math.isfinite(test["accuracy"]):
+            trial.set_user_attr("test_acc", float(test["accuracy"]))
+            trial.set_user_attr("test_loss", float(test["loss"]))
+        value = history.final["val_acc"]
+        return value if math.isfinite(value) else 0.0
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True, eq=False)
+class _Job:
+    """What one worker process needs (picklable)."""
+
+    experiment: Experiment
+    prepared_path: str
+    checksum: str
+    threads: int
+
+
+def _worker(job: _Job) -> int:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=job.threads):
+        prepared = Prepared(Path(job.prepared_path), job.checksum)
+        study = open_study(job.experiment)
+        return st.run_trials(study, GridObjective(job.experiment, prepared.open()))
+
+
+def prepare_data(experiment: Experiment, *, log=print) -> Prepared:
+    """The experiment's data, prepared once on disk for every worker."""
+    return st.prepare_for(experiment.spec, log=log)
+
+
+def run(experiment: Experiment, *, log=print) -> optuna.Study:
+    """Queue the missing grid points and run them with ``spec.optuna.workers`` processes."""
+    spec = experiment.spec
+    prepared = prepare_data(experiment, log=log)
+    study = open_study(experiment)
+    try:
+        # The error class cli.guarded turns into exit code 2 lives in sweep.studies now.
+        studies.record_data(study, prepared)
+    except studies.DataMismatchError as exc:
+        raise studies.DataMismatchError(
+            f"{exc}. To run this experiment on other data, give it its own database: "
+            "--storage sqlite:///runs/experiments-<data>.db"
+        ) from None
+    check_grid_change(experiment, study)
+    splits = prepared.open()
+    cut = restrict(splits, experiment.n_train)
+    study.set_user_attr(
+        "experiment",
+        {
+            "kind": experiment.kind,
+            "title": experiment.title,
+            "file": str(spec.path),
+            "dataset": spec.data.name,
+            "n_train": cut.train.n,
+            "n_val": cut.val.n,
+            "n_test": cut.test.n,
+            "grid": experiment.encoded_grid(),
+        },
+    )
+    queued = queue_grid(study, experiment)
+    total = len(experiment.points())
+    c = st.counts(study)
+    # No more workers than trials to run: each extra one would only start up and leave.
+    workers = max(1, min(spec.optuna.workers, c["WAITING"]))
+    log(
+        f"experiment {experiment.name}: study {study.study_name} in {spec.storage_url()}: "
+        f"{total} grid points, {c['COMPLETE'] + c['PRUNED']} finished, {queued} newly queued, "
+        f"{workers} worker(s), data {spec.data.name} ({cut.train.n} train / {cut.val.n} val / "
+        f"{cut.test.n} test)"
+    )
+    progress = st.Progress(study, total)
+    try:
+        if c["WAITING"] + c["RUNNING"] == 0:
+            return study
+        _run_workers(experiment, prepared, splits, study, workers=workers, progress=progress)
+    finally:
+        progress()
+        progress.close()
+    return study
+
+
+def _run_workers(
+    experiment: Experiment,
+    prepared: Prepared,
+    splits: Splits,
+    study: optuna.Study,
+    *,
+    workers: int,
+    progress: st.Progress,
+) -> None:
+    from threadpoolctl import threadpool_limits
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers == 1:
+        with threadpool_limits(limits=threads):
+            st.run_trials(study, GridObjective(experiment, splits), on_trial_end=progress)
+        return
+    import threading
+
+    from joblib import Parallel, delayed
+
+    job = _Job(experiment, str(prepared.path), prepared.checksum, threads)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            Parallel(n_jobs=workers, backend="loky")(delayed(_worker)(job) for _ in range(workers))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=go, daemon=True).start()
+    while not done.wait(1.0):
+        progress()
+    if errors:
+        raise errors[0]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Row:
+    """One grid point and its finished trial (None if it has not run)."""
+
+    point: dict[str, Any]
+    trial: optuna.trial.FrozenTrial | None
+
+
+def results(
+    spec_path: str | Path, *, storage: str | None = None
+) -> tuple[Experiment, optuna.Study, list[Row]]:
+    """The experiment, its study and its grid points with their finished trials.
+
+    Raises LookupError if the study is missing or has no finished trial.
+    """
+    experiment = load_experiment(spec_path, storage=storage)
+    study = _finished_study(experiment, spec_path)
+    return experiment, study, rows(experiment, study)
+
+
+def _finished_study(experiment: Experiment, spec_path: str | Path) -> optuna.Study:
+    hint = (
+        f"experiment {experiment.name} has not been run; "
+        f"run: python -m search.experiment {spec_path}"
+    )
+    url = experiment.spec.storage_url()
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        raise LookupError(hint)
+    storage = st.storage_for(experiment.spec)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if experiment.study_name not in names:
+        raise LookupError(hint)
+    study = optuna.load_study(study_name=experiment.study_name, storage=storage)
+    if not study.get_trials(deepcopy=False, states=st.FINISHED):
+        raise LookupError(hint)
+    return study
+
+
+def rows(experiment: Experiment, study: optuna.Study) -> list[Row]:
+    """The grid points in file order, each with its latest finished trial."""
+    by_key: dict[tuple, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False, states=st.FINISHED):
+        by_key[params_key(t.params)] = t
+    return [
+        Row(point, by_key.get(params_key(experiment.params(point))))
+        for point in experiment.points()
+    ]
+
+
+def why_not_run(experiment: Experiment, study: optuna.Study, grid_rows: list[Row]) -> list[str]:
+    """One line per grid point with no finished trial: the point and its last failure."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    lines = []
+    for row in grid_rows:
+        if row.trial is not None:
+            continue
+        key = params_key(experiment.params(row.point))
+        reasons = [t.user_attrs.get("reason", "?") for t in failed if params_key(t.params) == key]
+        lines.append(f"{row.point}: {reasons[-1] if reasons else 'not run'}")
+    return lines
