@@ -14,9 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from search import coarse, final, fine
-from search import study as st
 from search.fine import narrow
 from search.spec import load_spec
+from search.sweep import studies as st
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -198,7 +198,7 @@ def _run_until(cmd, cond, timeout=120):
 def test_sigkill_mid_trial_then_resume(quick_study):
     path = quick_study(
         coarse={"trials": 6},
-        training={"n_cycles": 6},
+        training={"n_cycles": 4},
         optuna={"heartbeat_interval": 1, "grace_period": 3, "pruner": "none"},
     )
     spec = load_spec(path)
@@ -213,7 +213,7 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     def two_done_one_running():
         t = state()
         return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
-            x.state == TrialState.RUNNING for x in t
+            x.state == TrialState.RUNNING and len(x.params) == 2 for x in t
         )
 
     proc = _run_until(
@@ -242,38 +242,3 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     assert len(retried) == 1, "\n".join(
         f"{t.number} {t.state.name} {sorted(t.params.values())} {t.system_attrs}" for t in after
     )
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_stops_cleanly_and_requeues(quick_study, workers):
-    # Ctrl-C in a terminal signals the whole process group: the command and its workers.
-    path = quick_study(
-        coarse={"trials": 4},
-        training={"n_cycles": 8},
-        optuna={"pruner": "none", "workers": workers},
-    )
-    spec = load_spec(path)
-
-    def running():
-        try:
-            return any(t.state == TrialState.RUNNING for t in load(spec, "coarse").get_trials())
-        except KeyError:
-            return False
-
-    proc = _run_until([sys.executable, "-m", "search.coarse", "--study", str(path)], running)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "Run the same command again to resume" in err.decode()
-    trials = load(spec, "coarse").get_trials()
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert 1 <= len(failed) <= workers
-    for f in failed:
-        assert "interrupted" in f.user_attrs["reason"]
-        requeued = [t for t in trials if t.system_attrs.get("requeued_from") == f.number]
-        assert len(requeued) == 1 and requeued[0].state == TrialState.WAITING
-        assert requeued[0].params == f.params
-    assert coarse.main(["--study", str(path)]) == 0
-    trials = load(spec, "coarse").get_trials()
-    assert sum(t.state in st.FINISHED for t in trials) == 4
