@@ -64,13 +64,6 @@ def relative_errors(
     return out
 
 
-def max_abs_errors(
-    analytic: dict[str, np.ndarray], numeric: dict[str, np.ndarray]
-) -> dict[str, float]:
-    """Max |a - n| over entries, per parameter."""
-    return {k[1:]: float(np.abs(a - numeric[k]).max()) for k, a in analytic.items()}
-
-
 def check_network(
     hidden: Sequence[int],
     *,

@@ -8,12 +8,18 @@ and their gradients in a dict with the same keys prefixed by ``d``. Batch-norm
 running statistics live apart in ``bn_state`` (``mean1, var1, ...``): they are
 not trained. A layer followed by batch norm has no bias, since the mean
 subtraction cancels it and beta takes its place; the last layer always has one.
+
+The vectors (every b, gamma and beta) are views into one flat array
+``Network.vectors``, and the running statistics views into one flat array too, so
+an optimiser steps all the vectors, and a training step folds in all the batch
+statistics, with one call each whatever the depth. Update them in place
+(``params[k][...] = ...``), never by assigning a new array to the key.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -85,9 +91,22 @@ class Network:
         self.sigma = sigma
         self.bn_alpha = float(bn_alpha)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        sizes = [self.d_in, *self.hidden, self.n_classes]
+        n_vec = sum(2 * m if self._has_bn(l) else m for l, m in enumerate(sizes[1:], 1))
+        n_bn = sum(2 * m for l, m in enumerate(sizes[1:], 1) if self._has_bn(l))
+        self.vectors = np.zeros(n_vec, dtype=self.dtype)
+        self.vector_grads = np.zeros(n_vec, dtype=self.dtype)
+        self._bn_flat = np.zeros(n_bn, dtype=self.dtype)
+        self._batch_stats = np.zeros(n_bn, dtype=self.dtype)
         self.params: dict[str, np.ndarray] = {}
         self.bn_state: dict[str, np.ndarray] = {}
-        sizes = [self.d_in, *self.hidden, self.n_classes]
+        self._vector_grad_views: dict[str, np.ndarray] = {}
+        # Per layer: (W, b, gamma, beta, mean, var) keys and the views that the
+        # training pass writes its batch statistics and vector gradients into.
+        self._layer_keys: list[tuple[str, ...]] = [()]
+        self._stat_views: list[tuple[np.ndarray, np.ndarray] | None] = [None]
+        self._grad_views: list[tuple[np.ndarray, ...]] = [()]
+        vec_at = bn_at = 0
         for l in range(1, len(sizes)):
             fan_in, fan_out = sizes[l - 1], sizes[l]
             # Never None: init="sigma" with sigma=None was refused above.
@@ -98,13 +117,40 @@ class Network:
             # Drawn in float64 so float32 and float64 networks of one seed match.
             W = rng.standard_normal((fan_in, fan_out)) * std
             self.params[f"W{l}"] = W.astype(self.dtype)
+            names = ("gamma", "beta") if self._has_bn(l) else ("b",)
+            for name in names:
+                key = f"{name}{l}"
+                self.params[key] = self.vectors[vec_at : vec_at + fan_out]
+                self._vector_grad_views[key] = self.vector_grads[vec_at : vec_at + fan_out]
+                vec_at += fan_out
+            self._grad_views.append(tuple(self._vector_grad_views[f"{n}{l}"] for n in names))
             if self._has_bn(l):
-                self.params[f"gamma{l}"] = np.ones(fan_out, dtype=self.dtype)
-                self.params[f"beta{l}"] = np.zeros(fan_out, dtype=self.dtype)
-                self.bn_state[f"mean{l}"] = np.zeros(fan_out, dtype=self.dtype)
-                self.bn_state[f"var{l}"] = np.ones(fan_out, dtype=self.dtype)
+                self.params[f"gamma{l}"][...] = 1.0
+                mean = self._bn_flat[bn_at : bn_at + fan_out]
+                var = self._bn_flat[bn_at + fan_out : bn_at + 2 * fan_out]
+                var[...] = 1.0
+                self.bn_state[f"mean{l}"], self.bn_state[f"var{l}"] = mean, var
+                self._stat_views.append(
+                    (
+                        self._batch_stats[bn_at : bn_at + fan_out],
+                        self._batch_stats[bn_at + fan_out : bn_at + 2 * fan_out],
+                    )
+                )
+                bn_at += 2 * fan_out
             else:
-                self.params[f"b{l}"] = np.zeros(fan_out, dtype=self.dtype)
+                self._stat_views.append(None)
+            self._layer_keys.append(
+                (
+                    f"W{l}",
+                    f"b{l}",
+                    f"gamma{l}",
+                    f"beta{l}",
+                    f"mean{l}",
+                    f"var{l}",
+                    f"S{l}",
+                    f"S_hat{l}",
+                )
+            )
         self.bn_updates = 0
         self._buffers = _Buffers()
 
@@ -146,78 +192,109 @@ class Network:
         caches: list[tuple] = []
         H = X
         n = X.shape[0]
-        for l in range(1, self.n_layers + 1):
-            out = self._buf(f"S{l}", (n, p[f"W{l}"].shape[1])) if reuse_buffers else None
-            S, aff_cache = layers.affine_forward(H, p[f"W{l}"], p.get(f"b{l}"), out=out)
-            if l == self.n_layers:
+        last = self.n_layers
+        buf = self._buffers.get
+        dtype = self.dtype
+        for l in range(1, last + 1):
+            kW, kb, kgamma, kbeta, kmean, kvar, kS, kS_hat = self._layer_keys[l]
+            W = p[kW]
+            out = buf(kS, (n, W.shape[1]), dtype) if reuse_buffers else None
+            S, aff_cache = layers.affine_forward(H, W, p.get(kb), out=out)
+            if l == last:
                 caches.append((aff_cache, None, None))
                 return S, caches
             bn_cache = None
-            if self._has_bn(l):
+            stats = self._stat_views[l]
+            if stats is not None:
+                into_flat = reuse_buffers and train
                 # In place over S: batch norm keeps S_hat, not its input.
                 S, bn_cache = layers.batchnorm_forward(
                     S,
-                    p[f"gamma{l}"],
-                    p[f"beta{l}"],
+                    p[kgamma],
+                    p[kbeta],
                     train=train,
-                    running_mean=self.bn_state[f"mean{l}"],
-                    running_var=self.bn_state[f"var{l}"],
+                    running_mean=self.bn_state[kmean],
+                    running_var=self.bn_state[kvar],
                     out=S if reuse_buffers else None,
-                    S_hat_out=self._buf(f"S_hat{l}", S.shape) if reuse_buffers else None,
+                    S_hat_out=buf(kS_hat, S.shape, dtype) if reuse_buffers else None,
+                    mu_out=stats[0] if into_flat else None,
+                    var_out=stats[1] if into_flat else None,
                 )
             # ReLU in place over S: its pre-activation is not needed by backward.
             H, relu_cache = layers.relu_forward(S, out=S)
             caches.append((aff_cache, bn_cache, relu_cache))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _buf(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A scratch array of the network's dtype kept under ``name`` from one call to the next."""
         return self._buffers.get(name, shape, self.dtype)
 
     # ----------------------------------------------------------------- backward
 
-    def backward(
-        self,
-        dscores: np.ndarray,
-        caches: list[tuple],
-        *,
-        l2_lambda: float = 0.0,
-        reuse_buffers: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """Gradients of the cost for every parameter (keys ``dW1, db1, dgamma1, ...``).
+    def backprop(
+        self, dscores: np.ndarray, caches: list[tuple], *, reuse_buffers: bool = False
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Back-propagate dscores (N, n_classes) through the layers, last to first.
 
-        dscores: (N, n_classes), the gradient of the mean loss w.r.t. the scores.
-        The L2 term adds 2 * l2_lambda * W to each dW.
+        Yields ``(l, X_l, dS_l)`` for each affine layer l: its input X_l (N, d_{l-1})
+        and the gradient of the loss w.r.t. its output S_l = X_l W_l + b_l (N, d_l),
+        so that dW_l = X_l^T dS_l. The gradient for the layer below is computed
+        before each yield, so the consumer may update W_l in place at once. The
+        gradients of the vectors (b, gamma, beta) are written into
+        ``self.vector_grads`` (the layout of ``self.vectors``), complete once the
+        generator is exhausted and overwritten by the next backprop.
         """
-        p = self.params
-        grads: dict[str, np.ndarray] = {}
         dH = dscores
         for l in range(self.n_layers, 0, -1):
             aff_cache, bn_cache, relu_cache = caches[l - 1]
+            grad_views = self._grad_views[l]
             if l < self.n_layers:
                 dS = layers.relu_backward(dH, relu_cache, inplace=reuse_buffers)
                 if bn_cache is not None:
-                    dS, grads[f"dgamma{l}"], grads[f"dbeta{l}"] = layers.batchnorm_backward(
-                        dS, bn_cache, out=dS if reuse_buffers else None
+                    dS, _, _ = layers.batchnorm_backward(
+                        dS,
+                        bn_cache,
+                        out=dS,
+                        dgamma_out=grad_views[0],
+                        dbeta_out=grad_views[1],
                     )
             else:
                 dS = dH
-            W = p[f"W{l}"]
-            dW_out = self._buf(f"dW{l}", W.shape) if reuse_buffers else None
+            X_l, W = aff_cache[0], aff_cache[1]
             dX_out = None
             if reuse_buffers and l > 1:
-                dX_out = self._buf(f"dH{l - 1}", (dS.shape[0], W.shape[0]))
-            dX, dW, db = layers.affine_backward(
-                dS, aff_cache, need_dX=l > 1, dW_out=dW_out, dX_out=dX_out
+                dX_out = self._buffers.get(f"dH{l - 1}", (dS.shape[0], W.shape[0]), self.dtype)
+            dX, _, _ = layers.affine_backward(
+                dS,
+                aff_cache,
+                need_dX=l > 1,
+                need_dW=False,
+                dX_out=dX_out,
+                db_out=grad_views[0] if bn_cache is None else None,
             )
+            yield l, X_l, dS
             # None only for the first layer, after which the loop ends.
             dH = cast(np.ndarray, dX)
+
+    def backward(
+        self, dscores: np.ndarray, caches: list[tuple], *, l2_lambda: float = 0.0
+    ) -> dict[str, np.ndarray]:
+        """True gradients of the cost for every parameter (keys ``dW1, db1, dgamma1, ...``).
+
+        dscores: (N, n_classes), the gradient of the mean loss w.r.t. the scores.
+        Cost = mean cross-entropy + l2_lambda * sum of squared W, so each dW is
+        X_l^T dS_l + 2 * l2_lambda * W_l; biases, gamma and beta have no L2 term.
+        """
+        grads: dict[str, np.ndarray] = {}
+        for l, X_l, dS in self.backprop(dscores, caches):
+            W = self.params[f"W{l}"]
+            dW = X_l.T @ dS
             if l2_lambda:
-                tmp = self._buf(f"l2tmp{l}", W.shape) if reuse_buffers else None
-                dW += np.multiply(W, 2.0 * l2_lambda, out=tmp)
+                dW += 2.0 * l2_lambda * W
             grads[f"dW{l}"] = dW
-            if db is not None:
-                grads[f"db{l}"] = db
-        return grads
+        for key, view in self._vector_grad_views.items():
+            grads["d" + key] = view.copy()
+        return {"d" + k: grads["d" + k] for k in self.params}
 
     def update_running_stats(self, caches: list[tuple]) -> None:
         """Fold the batch statistics of a training forward pass into ``bn_state``.
@@ -228,13 +305,19 @@ class Network:
         if not self.batch_norm:
             return
         a = 0.0 if self.bn_updates == 0 else self.bn_alpha
-        for l in range(1, self.n_layers):
-            bn_cache = caches[l - 1][1]
-            mu, var = bn_cache[3], bn_cache[4]
-            for key, value in ((f"mean{l}", mu), (f"var{l}", var)):
-                state = self.bn_state[key]
-                state *= a
-                state += (1.0 - a) * value
+        if caches[0][1][3].base is self._batch_stats:
+            # A forward pass with reuse_buffers wrote every layer's statistics into
+            # one flat array laid out like the running ones: one update for all.
+            self._bn_flat *= a
+            self._bn_flat += (1.0 - a) * self._batch_stats
+        else:
+            for l in range(1, self.n_layers):
+                bn_cache = caches[l - 1][1]
+                mu, var = bn_cache[3], bn_cache[4]
+                for key, value in ((f"mean{l}", mu), (f"var{l}", var)):
+                    state = self.bn_state[key]
+                    state *= a
+                    state += (1.0 - a) * value
         self.bn_updates += 1
 
     # -------------------------------------------------------------- cost / eval
@@ -252,36 +335,17 @@ class Network:
     def loss(
         self, X: np.ndarray, y: np.ndarray, *, l2_lambda: float = 0.0, train: bool = True
     ) -> tuple[float, float, dict[str, np.ndarray]]:
-        """(loss, cost, grads) on one batch without touching ``bn_state``.
+        """(loss, cost, grads) on one batch X (N, d_in), y (N,) without touching ``bn_state``.
 
-        loss is the mean cross-entropy, cost adds l2_lambda * sum of squared W.
-        Used by the gradient check; the trainer uses :meth:`train_step`.
+        loss is the mean cross-entropy, cost adds l2_lambda * sum of squared W, and
+        grads are the true gradients of the cost. Used by the gradient check and as
+        the textbook reference; the trainer steps through :func:`model.optim.sgd_step`.
         """
         scores, caches = self.forward(X, train=train)
-        loss, dscores, _ = layers.softmax_cross_entropy(scores, y)
+        loss, dscores = layers.softmax_cross_entropy(scores, y)
         dscores = cast(np.ndarray, dscores)  # need_grad=True: never None
         grads = self.backward(dscores, caches, l2_lambda=l2_lambda)
         return loss, loss + l2_lambda * self.l2_penalty(), grads
-
-    def train_step(
-        self, X: np.ndarray, y: np.ndarray, *, l2_lambda: float, grad_scale: float = 1.0
-    ) -> tuple[float, dict[str, np.ndarray]]:
-        """Forward and backward on one batch in training mode, updating ``bn_state``.
-
-        Returns the batch's mean cross-entropy and the gradients times
-        ``grad_scale``; the gradient arrays are reused by the next call, so apply
-        them before calling again. Every gradient is linear in dscores, so the
-        trainer passes the learning rate as ``grad_scale`` and scales a (N, K)
-        array instead of every (d_in, d_out) one.
-        """
-        scores, caches = self.forward(X, train=True, reuse_buffers=True)
-        loss, dscores, _ = layers.softmax_cross_entropy(scores, y)
-        dscores = cast(np.ndarray, dscores)  # need_grad=True: never None
-        if grad_scale != 1.0:
-            dscores *= grad_scale
-        grads = self.backward(dscores, caches, l2_lambda=l2_lambda, reuse_buffers=True)
-        self.update_running_stats(caches)
-        return loss, grads
 
     def predict_scores(self, X: np.ndarray, *, chunk: int = 5000) -> np.ndarray:
         """Scores (N, n_classes) in evaluation mode, computed in chunks of rows."""
@@ -299,11 +363,12 @@ class Network:
     ) -> dict[str, float]:
         """Loss, cost and accuracy on (X, y) in evaluation mode."""
         scores = self.predict_scores(X)
-        loss, _, pred = layers.softmax_cross_entropy(scores, y, need_grad=False)
+        accuracy = float(np.mean(scores.argmax(axis=1) == y))
+        loss, _ = layers.softmax_cross_entropy(scores, y, need_grad=False, overwrite=True)
         return {
             "loss": loss,
             "cost": loss + l2_lambda * self.l2_penalty(),
-            "accuracy": float(np.mean(pred == y)),
+            "accuracy": accuracy,
         }
 
     # ------------------------------------------------------------- persistence
@@ -340,6 +405,7 @@ class Network:
             target = net.params if kind == "param" else net.bn_state
             if name not in target or target[name].shape != value.shape:
                 raise ValueError(f"{path}: array {key} does not fit the saved architecture")
-            target[name] = value.astype(net.dtype)
+            # In place: the vectors and statistics are views into flat arrays.
+            target[name][...] = value
         net.bn_updates = int(meta.get("bn_updates", 0))
         return net, meta["config"]

@@ -1,9 +1,10 @@
-"""Mini-batch training with momentum, learning-rate schedules and evaluation points.
+"""Mini-batch training: learning-rate schedules, evaluation points, history, divergence.
 
 ``fit(net, splits, config, on_evaluate=...)`` trains ``net`` on ``splits.train``,
 evaluates on the training and validation sets at regular points, and calls
 ``on_evaluate(step, metrics)`` at each one (the search package prunes through
-it). The test set is never touched here.
+it). The step itself (SGD with momentum, weight decay on W only) is
+:func:`model.optim.sgd_step`. The test set is never touched here.
 
 Run ``python -m model.train --help`` to train one network from the command line.
 """
@@ -11,6 +12,7 @@ Run ``python -m model.train --help`` to train one network from the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from model import optim
 from model.network import Network
 from model.schedules import Constant, Cyclical, StepDecay
 
@@ -206,6 +209,7 @@ def fit(
     *,
     on_evaluate: OnEvaluate | None = None,
     log: Callable[[str], None] | None = None,
+    blas_threads: int | None = 1,
 ) -> History:
     """Train ``net`` in place on ``splits.train``; evaluate on train and ``splits.val``.
 
@@ -215,7 +219,39 @@ def fit(
     ``on_evaluate(step, metrics)`` is called at each evaluation point and may raise
     to stop training (the exception propagates). A non-finite batch loss raises
     :class:`TrainingDiverged` at once. ``log`` receives one line per evaluation.
+
+    ``blas_threads`` limits the BLAS thread pools while training (through
+    threadpoolctl when it is installed); None leaves them as the caller set them.
+    The default, one thread, is the measured choice for these shapes: on 2 cores
+    two threads gained at most 1.3x on an idle machine and lost 4-80x as soon as
+    another process used a core (see ``python -m bench.train_speed --threads``).
     """
+    if blas_threads is not None and blas_threads < 1:
+        raise ValueError(f"blas_threads must be >= 1 or None, got {blas_threads=}")
+    with _blas_thread_limit(blas_threads):
+        return _fit(net, splits, config, on_evaluate=on_evaluate, log=log)
+
+
+def _blas_thread_limit(n: int | None) -> contextlib.AbstractContextManager[Any]:
+    """A context limiting every loaded BLAS to n threads; a no-op for None or without
+    threadpoolctl (optional: model/ needs NumPy only)."""
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is installed with the project
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def _fit(
+    net: Network,
+    splits: Any,
+    config: TrainConfig,
+    *,
+    on_evaluate: OnEvaluate | None,
+    log: Callable[[str], None] | None,
+) -> History:
     X, y = splits.train.X, splits.train.y
     Xv, yv = splits.val.X, splits.val.y
     if X.dtype != net.dtype:
@@ -234,7 +270,7 @@ def fit(
     lam = config.l2_lambda
 
     history = History()
-    velocity = {k: np.zeros_like(v) for k, v in net.params.items()} if config.rho else None
+    velocity = optim.init_velocity(net) if config.rho else None
     Xb = np.empty((B, X.shape[1]), dtype=X.dtype)
     yb = np.empty(B, dtype=y.dtype)
     t0 = time.perf_counter()
@@ -250,14 +286,13 @@ def fit(
         np.take(X, idx, axis=0, out=Xb, mode="clip")
         np.take(y, idx, out=yb, mode="clip")
         eta = schedule.lr_at(step)
-        # Gradients come back already times eta, and L2 is applied by _apply_update:
-        # two fewer passes over each W than adding 2 lambda W and then scaling.
-        loss, grads = net.train_step(Xb, yb, l2_lambda=0.0, grad_scale=eta)
+        loss = optim.sgd_step(
+            net, Xb, yb, eta=eta, l2_lambda=lam, rho=config.rho, velocity=velocity
+        )
         if not math.isfinite(loss):
             history.wall_time = time.perf_counter() - t0
             history.epochs_run = step / steps_per_epoch
             raise TrainingDiverged(step=step, eta=eta, loss=loss, history=history)
-        _apply_update(net.params, grads, velocity, eta=eta, rho=config.rho, l2_lambda=lam)
         step += 1
         if step % interval == 0 or step == total:
             tr = net.evaluate(X[:m_train], y[:m_train], l2_lambda=lam)
@@ -285,41 +320,6 @@ def fit(
             if on_evaluate is not None:
                 on_evaluate(step, values)
     return history
-
-
-def _apply_update(
-    params: dict[str, np.ndarray],
-    scaled_grads: dict[str, np.ndarray],
-    velocity: dict[str, np.ndarray] | None,
-    *,
-    eta: float,
-    rho: float,
-    l2_lambda: float,
-) -> None:
-    """One step of momentum SGD on the cost, in place.
-
-    ``scaled_grads`` holds eta times the gradients of the data loss only (no L2);
-    they are scratch buffers. The L2 term l2_lambda * sum W^2 adds 2 l2_lambda W
-    to each weight gradient, so without momentum the step is
-    W <- (1 - 2 eta l2_lambda) W - eta dW; with momentum v <- rho v - eta (dW + 2 l2_lambda W),
-    P <- P + v. Biases, gamma and beta have no L2 term.
-    """
-    decay = 2.0 * eta * l2_lambda
-    for key, P in params.items():
-        g = scaled_grads["d" + key]
-        is_weight = decay and key[0] == "W"
-        if velocity is None:
-            if is_weight:
-                P *= 1.0 - decay
-            P -= g
-        else:
-            v = velocity[key]
-            v *= rho
-            v -= g
-            if is_weight:
-                g = np.multiply(P, decay, out=g)
-                v -= g
-            P += v
 
 
 # ------------------------------------------------------------------------- CLI

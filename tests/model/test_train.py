@@ -160,3 +160,28 @@ def test_fit_takes_the_textbook_step(tiny_splits, rho, bn):
             P += v[k]
     for k in ref.params:
         np.testing.assert_allclose(net.params[k], ref.params[k], rtol=1e-10, atol=1e-12)
+
+
+def test_fit_limits_blas_threads_and_can_leave_them(tiny_splits):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    cfg = TrainConfig(batch_size=30, n_cycles=1, evals_per_cycle=1)
+    seen: list[set[int]] = []
+    fit(
+        Network(20, [8], 3), tiny_splits, cfg, on_evaluate=lambda s, m: seen.append(blas_threads())
+    )
+    assert seen == [{1}]
+    outside = blas_threads()
+    fit(
+        Network(20, [8], 3),
+        tiny_splits,
+        cfg,
+        on_evaluate=lambda s, m: seen.append(blas_threads()),
+        blas_threads=None,
+    )
+    assert seen[1] == outside and blas_threads() == outside
+    with pytest.raises(ValueError, match="blas_threads"):
+        fit(Network(20, [8], 3), tiny_splits, cfg, blas_threads=0)

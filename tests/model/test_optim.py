@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+
+from model import layers, optim
+from model.network import Network
+
+SHAPES = [([16, 8], False), ([16, 8], True), ([12, 10, 8, 6], True)]
+
+
+def textbook_step(net, X, y, *, eta, l2_lambda, rho, v):
+    """v <- rho v - eta g, P <- P + v with g the true gradient of the cost (Network.backward)."""
+    _, _, grads = net.loss(X, y, l2_lambda=l2_lambda)
+    for k, P in net.params.items():
+        v[k] = rho * v[k] - eta * grads["d" + k]
+        P += v[k]
+
+
+@pytest.mark.parametrize("use_blas", [True, False])
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+@pytest.mark.parametrize("hidden,bn", SHAPES)
+def test_fused_step_is_the_textbook_step(monkeypatch, rng, hidden, bn, rho, use_blas):
+    """The fused step (eta in dscores, decay in the gemm, one call for the vectors) is SGD."""
+    if not use_blas:
+        monkeypatch.setattr(optim, "_scipy_blas", None)
+    net = Network(20, hidden, 5, batch_norm=bn, dtype=np.float64, seed=3)
+    ref = Network(20, hidden, 5, batch_norm=bn, dtype=np.float64, seed=3)
+    velocity = optim.init_velocity(net) if rho else None
+    v = {k: np.zeros_like(P) for k, P in ref.params.items()}
+    for step in range(4):
+        X, y = rng.standard_normal((30, 20)), rng.integers(0, 5, 30)
+        eta = 0.1 / (step + 1)
+        loss = optim.sgd_step(net, X, y, eta=eta, l2_lambda=0.05, rho=rho, velocity=velocity)
+        assert loss == pytest.approx(ref.loss(X, y)[0], rel=1e-12)
+        ref.update_running_stats(ref.forward(X, train=True)[1])  # statistics before the step
+        textbook_step(ref, X, y, eta=eta, l2_lambda=0.05, rho=rho, v=v)
+    for k in ref.params:
+        np.testing.assert_allclose(net.params[k], ref.params[k], rtol=0, atol=1e-12, err_msg=k)
+    for k in ref.bn_state:
+        np.testing.assert_allclose(net.bn_state[k], ref.bn_state[k], rtol=0, atol=1e-12)
+    # The step moved every parameter: the comparison above is not of two untouched nets.
+    fresh = Network(20, hidden, 5, batch_norm=bn, dtype=np.float64, seed=3)
+    assert all(not np.allclose(net.params[k], fresh.params[k]) for k in ref.params)
+
+
+def test_fused_step_updates_weights_in_place(rng):
+    net = Network(20, [8], 3, seed=0)
+    arrays = {k: P for k, P in net.params.items()}
+    X, y = rng.standard_normal((10, 20)).astype(np.float32), rng.integers(0, 3, 10)
+    optim.sgd_step(net, X, y, eta=0.1, l2_lambda=0.01)
+    assert all(net.params[k] is P for k, P in arrays.items())
+    assert net.params["b1"].base is net.vectors  # the vectors are stepped as one array
+
+
+def test_momentum_needs_a_velocity(rng):
+    net = Network(4, [3], 2)
+    X, y = rng.standard_normal((5, 4)).astype(np.float32), rng.integers(0, 2, 5)
+    with pytest.raises(ValueError, match="init_velocity"):
+        optim.sgd_step(net, X, y, eta=0.1, rho=0.9)
+
+
+def test_weight_decay_is_on_weights_only(rng):
+    """The L2 term adds 2 lambda W to each dW and nothing to b, gamma or beta."""
+    net = Network(6, [4], 3, batch_norm=True, dtype=np.float64, seed=rng)
+    X, y = rng.standard_normal((8, 6)), rng.integers(0, 3, 8)
+    _, _, grads = net.loss(X, y, l2_lambda=0.0)
+    _, _, grads_l2 = net.loss(X, y, l2_lambda=0.5)
+    for k, P in net.params.items():
+        extra = grads_l2["d" + k] - grads["d" + k]
+        expected = 2 * 0.5 * P if k.startswith("W") else np.zeros_like(P)
+        np.testing.assert_allclose(extra, expected, atol=1e-12, err_msg=k)
+
+
+def test_softmax_gradient_is_scaled_and_written_in_place(rng):
+    scores = rng.standard_normal((6, 4))
+    y = rng.integers(0, 4, 6)
+    loss, d = layers.softmax_cross_entropy(scores, y)
+    p = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    assert loss == pytest.approx(-np.log(p[np.arange(6), y]).mean())
+    np.testing.assert_allclose(d, (p - np.eye(4)[y]) / 6)
+    copy = scores.copy()
+    loss2, d2 = layers.softmax_cross_entropy(copy, y, grad_scale=0.3, overwrite=True)
+    assert d2 is copy and loss2 == pytest.approx(loss)
+    np.testing.assert_allclose(d2, 0.3 * d)
+
+
+def test_batchnorm_backward_matches_numerical(rng):
+    """The layer alone: d/dS, d/dgamma, d/dbeta of sum(dout * BN(S)) by centred differences."""
+    S, dout = rng.standard_normal((7, 5)), rng.standard_normal((7, 5))
+    gamma, beta = rng.normal(1, 0.3, 5), rng.normal(0, 0.3, 5)
+    kw = {"train": True, "running_mean": np.zeros(5), "running_var": np.ones(5)}
+
+    def f(S, gamma, beta):
+        return float((dout * layers.batchnorm_forward(S, gamma, beta, **kw)[0]).sum())
+
+    _, cache = layers.batchnorm_forward(S, gamma, beta, **kw)
+    dS, dgamma, dbeta = layers.batchnorm_backward(dout.copy(), cache)
+    for arr, grad in ((S, dS), (gamma, dgamma), (beta, dbeta)):
+        num = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + 1e-6
+            hi = f(S, gamma, beta)
+            arr[i] = old - 1e-6
+            lo = f(S, gamma, beta)
+            arr[i] = old
+            num[i] = (hi - lo) / 2e-6
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
