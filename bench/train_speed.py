@@ -1,28 +1,46 @@
-"""Seconds per training epoch: our NumPy trainer against PyTorch on the CPU.
+"""Seconds per training epoch: our NumPy trainer against its floor and PyTorch on the CPU.
 
 One epoch is 45,000 random float32 samples of 3072 features (10 classes), batch 100,
 a fresh shuffle and a gathered batch per step, plain SGD with L2, for three networks.
 Ours is timed through ``model.train.fit`` itself (one constant-rate epoch) with a
 1-sample training evaluation and a 10-sample validation set, so the single
-evaluation at the end of the epoch costs microseconds. PyTorch does the same work
-(same layers, batch norm before ReLU, SGD, batch 100, shuffled gather into a reused
-batch tensor); it is skipped when torch does not import. ``--threads`` (default 2)
-sets both torch's threads and NumPy's BLAS threads. Each figure is the best of
-``--repeats`` runs, ours and torch interleaved. Prints a table, asserts nothing.
+evaluation at the end of the epoch costs microseconds. The floor of each network,
+measured in the same run, is the work no trainer can skip: gathering the shuffled
+batches plus every layer's matmuls (X W, X^T dS and, above the first, dS W^T) at
+the rate this machine reaches for those shapes. PyTorch does the same work (same
+layers, batch norm before ReLU, SGD, batch 100, shuffled gather into a reused batch
+tensor); it is skipped when torch does not import. ``--threads`` (default 1, the
+default of ``fit``) sets both torch's threads and the BLAS threads. Each figure is
+the best of ``--repeats`` runs, ours, floor and torch interleaved. Prints a table
+and, with ``--json``, a last line ``{"networks": [{"network", "ours_s", "floor_s",
+"torch_s"}, ...]}``; asserts nothing.
 
-    python -m bench.train_speed [--repeats 3] [--n 45000] [--threads 2]
+``--profile`` adds each network's time per part of a step (gather, matmuls, batch
+norm, softmax, update, ...), measured by wrapping each function with a timer.
+``--eval-share`` trains the DD2424 settings instead (45,000 x 3072 train, 5,000
+validation, n_s 900, 2 cycles, 10 evaluation points a cycle on 10,000 training
+images and the validation set) and prints the share of time spent evaluating.
+
+    python -m bench.train_speed [--repeats 5] [--n 45000] [--threads 1] [--json]
+    python -m bench.train_speed --profile
+    python -m bench.train_speed --eval-share
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from model import layers, optim
 from model.data import Dataset, Splits
 from model.network import Network
 from model.train import TrainConfig, fit
@@ -49,7 +67,9 @@ def make_splits(n: int, *, seed: int = 0) -> Splits:
     return Splits(Dataset(X, y), Dataset(Xv, yv), Dataset(Xv, yv))
 
 
-def time_ours(splits: Splits, hidden: Sequence[int], batch_norm: bool, *, seed: int) -> float:
+def time_ours(
+    splits: Splits, hidden: Sequence[int], batch_norm: bool, *, seed: int, threads: int = 1
+) -> float:
     """Seconds for one epoch of ``fit`` (its evaluation at the end is on 11 samples)."""
     net = Network(D_IN, hidden, N_CLASSES, batch_norm=batch_norm, seed=seed)
     config = TrainConfig(
@@ -62,7 +82,7 @@ def time_ours(splits: Splits, hidden: Sequence[int], batch_norm: bool, *, seed: 
         seed=seed,
     )
     t0 = time.perf_counter()
-    fit(net, splits, config)
+    fit(net, splits, config, blas_threads=threads)
     return time.perf_counter() - t0
 
 
@@ -116,18 +136,23 @@ def time_torch(torch, splits: Splits, hidden: Sequence[int], batch_norm: bool, *
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__)
-    p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    p.add_argument("--repeats", type=int, default=5, help="best of this many runs")
     p.add_argument("--n", type=int, default=45_000, help="training samples per epoch")
-    p.add_argument("--threads", type=int, default=2, help="BLAS / torch threads for both")
+    p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads for all")
+    p.add_argument("--json", action="store_true", help="end with one line of JSON")
+    p.add_argument("--profile", action="store_true", help="time per part of a step")
+    p.add_argument("--eval-share", action="store_true", help="DD2424 run: share evaluating")
     args = p.parse_args(argv)
 
+    threadpool_limits(args.threads)
+    if args.eval_share:
+        return eval_share(threads=args.threads)
     try:
         import torch
     except ImportError:
         torch = None
     if torch is not None:
         torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
 
     splits = make_splits(args.n)
     print(
@@ -138,55 +163,188 @@ def main(argv: list[str] | None = None) -> int:
     print(f", torch {torch.__version__}" if torch is not None else ", torch: absent", end="")
     print(f"; {args.threads} BLAS/torch thread(s)")
     print("ours = model.train.fit for 1 epoch (final evaluation on 1 train + 10 val samples)")
+    print("floor = batch gather + every layer's matmuls, measured in this run")
     print()
-    header = f"{'network':<30} {'ours s/epoch':>12} {'torch s/epoch':>13} {'torch/ours':>10}"
+    header = (
+        f"{'network':<30} {'ours s':>8} {'floor s':>8} {'ours/floor':>10} "
+        f"{'torch s':>8} {'torch/ours':>10}"
+    )
     print(header)
     print("-" * len(header))
+    rows = []
     for name, hidden, bn in NETS:
-        # Interleaved, so a burst of load on a shared machine hits both sides alike.
-        ours_times, torch_times = [], []
+        # Interleaved, so a burst of load on a shared machine hits every side alike.
+        ours_times, floor_times, torch_times = [], [], []
         for r in range(args.repeats):
-            ours_times.append(time_ours(splits, hidden, bn, seed=r))
+            ours_times.append(time_ours(splits, hidden, bn, seed=r, threads=args.threads))
+            floor_times.append(sum(time_floor(splits, hidden)))
             if torch is not None:
                 torch_times.append(time_torch(torch, splits, hidden, bn, seed=r))
-        ours = min(ours_times)
-        if torch is None:
-            print(f"{name:<30} {ours:>12.3f} {'-':>13} {'-':>10}", flush=True)
-            continue
-        ref = min(torch_times)
-        print(f"{name:<30} {ours:>12.3f} {ref:>13.3f} {ref / ours:>9.2f}x", flush=True)
-    gather, matmul = time_floor(splits, repeats=args.repeats)
-    floor = gather + matmul
-    print(
-        f"\nfloor of any trainer of [50] here: the batch gather {gather:.3f} s + the first "
-        f"layer's two matmuls (X W and X^T dS) {matmul:.3f} s = {floor:.3f} s per epoch"
-    )
+        ours, floor = min(ours_times), min(floor_times)
+        ref = min(torch_times) if torch_times else None
+        rows.append({"network": name, "ours_s": ours, "floor_s": floor, "torch_s": ref})
+        torch_cells = f"{ref:>8.3f} {ref / ours:>9.2f}x" if ref else f"{'-':>8} {'-':>10}"
+        print(f"{name:<30} {ours:>8.3f} {floor:>8.3f} {ours / floor:>9.2f}x {torch_cells}")
+        if args.profile:
+            print(format_profile(profile_epoch(splits, hidden, bn, threads=args.threads)))
+    if args.json:
+        rounded = [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+        ]
+        print(json.dumps({"networks": rounded}))
     return 0
 
 
-def time_floor(splits: Splits, *, repeats: int) -> tuple[float, float]:
-    """Seconds per epoch of the work no trainer can skip: gathering the shuffled
-    batches and the first layer's forward and weight-gradient matmuls (best of
-    ``repeats``)."""
+def time_floor(splits: Splits, hidden: Sequence[int]) -> tuple[float, float]:
+    """Seconds per epoch of the work no trainer can skip, as (gather, matmuls): gathering
+    the shuffled batches, and for every layer the forward X W, the weight gradient
+    X^T dS and (above the first layer) the input gradient dS W^T, each into a reused
+    output at the shapes of the network."""
     X = splits.train.X
     n = X.shape[0] // BATCH * BATCH
     order = np.random.default_rng(0).permutation(X.shape[0])
     Xb = np.empty((BATCH, D_IN), dtype=np.float32)
-    W = np.zeros((D_IN, 50), dtype=np.float32)
-    S = np.empty((BATCH, 50), dtype=np.float32)
-    dW = np.empty_like(W)
-    gather = matmul = float("inf")
-    for _ in range(repeats):
+    sizes = [D_IN, *hidden, N_CLASSES]
+    rng = np.random.default_rng(0)
+    mats = []
+    for l in range(1, len(sizes)):
+        d, m = sizes[l - 1], sizes[l]
+        H = Xb if l == 1 else rng.standard_normal((BATCH, d), dtype=np.float32)
+        W = rng.standard_normal((d, m), dtype=np.float32)
+        S = np.empty((BATCH, m), dtype=np.float32)
+        dX = np.empty((BATCH, d), dtype=np.float32) if l > 1 else None
+        mats.append((H, W, S, np.empty_like(W), dX))
+    t0 = time.perf_counter()
+    for i in range(0, n, BATCH):
+        np.take(X, order[i : i + BATCH], axis=0, out=Xb, mode="clip")
+    gather = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(0, n, BATCH):
+        for H, W, S, dW, dX in mats:
+            np.matmul(H, W, out=S)
+            np.matmul(H.T, S, out=dW)
+            if dX is not None:
+                np.matmul(S, W.T, out=dX)
+    return gather, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------- profile
+
+PARTS: tuple[tuple[Any, str, str], ...] = (
+    # (owner, function, part): the part of a step each function's time goes to.
+    (layers, "affine_forward", "affine forward (X W + b)"),
+    (layers, "affine_backward", "input gradients (dS W^T) and db"),
+    (optim, "_weight_step", "weight step (X^T dS, decay, W -= )"),
+    (layers, "batchnorm_forward", "batch norm forward"),
+    (layers, "batchnorm_backward", "batch norm backward"),
+    (layers, "relu_forward", "relu forward"),
+    (layers, "relu_backward", "relu backward"),
+    (layers, "softmax_cross_entropy", "softmax + cross-entropy"),
+    (Network, "update_running_stats", "running statistics"),
+)
+
+
+@contextlib.contextmanager
+def _timed(parts: Sequence[tuple[Any, str, str]], acc: dict[str, float]) -> Iterator[None]:
+    """Wrap each function with a timer adding its seconds to ``acc[part]``."""
+    saved = []
+    for owner, name, label in parts:
+        real = getattr(owner, name)
+
+        def timed(*a: Any, _real: Callable = real, _label: str = label, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                acc[_label] += time.perf_counter() - t0
+
+        saved.append((owner, name, real))
+        setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        for owner, name, real in saved:
+            setattr(owner, name, real)
+
+
+def profile_epoch(
+    splits: Splits, hidden: Sequence[int], batch_norm: bool, *, threads: int, repeats: int = 3
+) -> tuple[float, dict[str, float]]:
+    """(seconds, seconds per part) of the fastest of ``repeats`` profiled epochs of ``fit``.
+
+    The gather is timed apart (the same np.take over an epoch); what no wrapped function
+    covers (the loop, the schedule, the vector step, backprop's own code) is "the rest".
+    The timers add about a microsecond per call, which lands in the parts."""
+    best: tuple[float, dict[str, float]] | None = None
+    for r in range(repeats):
+        acc: dict[str, float] = collections.defaultdict(float)
+        with _timed(PARTS, acc):
+            total = time_ours(splits, hidden, batch_norm, seed=r, threads=threads)
+        if best is None or total < best[0]:
+            best = (total, dict(acc))
+    assert best is not None
+    total, acc = best
+    acc["batch gather (np.take)"] = min(time_floor(splits, [1])[0] for _ in range(repeats))
+    acc["the rest (Python, vector step)"] = total - sum(acc.values())
+    return total, acc
+
+
+def format_profile(profile: tuple[float, dict[str, float]]) -> str:
+    total, acc = profile
+    lines = [f"    {part:<34} {t:7.3f} s {100 * t / total:5.1f}%" for part, t in acc.items() if t]
+    return "\n".join(sorted(lines, key=lambda s: -float(s.split()[-3]))) + "\n"
+
+
+# ---------------------------------------------------------------- eval share
+
+
+def eval_share(*, threads: int) -> int:
+    """Train the DD2424 settings on synthetic CIFAR-sized data; print the evaluation share."""
+    rng = np.random.default_rng(0)
+    n, n_val = 45_000, 5_000
+    X = rng.standard_normal((n, D_IN), dtype=np.float32)
+    Xv = rng.standard_normal((n_val, D_IN), dtype=np.float32)
+    y, yv = rng.integers(0, N_CLASSES, n), rng.integers(0, N_CLASSES, n_val)
+    splits = Splits(Dataset(X, y), Dataset(Xv, yv), Dataset(Xv, yv))
+    config = TrainConfig(
+        l2_lambda=L2_LAMBDA,
+        batch_size=BATCH,
+        eta_min=1e-5,
+        eta_max=1e-1,
+        n_s=900,
+        n_cycles=2,
+        evals_per_cycle=10,
+        train_eval_size=10_000,
+    )
+    print(
+        f"DD2424 settings: {n} x {D_IN} train, {n_val} validation, batch {BATCH}, n_s 900, "
+        f"2 cycles ({config.total_steps(n)} steps), {config.evals_per_cycle} evaluation "
+        f"points a cycle on 10,000 training images + the validation set; {threads} thread(s)"
+    )
+    for name, hidden, bn in NETS:
+        net = Network(D_IN, hidden, N_CLASSES, batch_norm=bn, seed=0)
+        spent = [0.0]
+        real = net.evaluate
+
+        def evaluate(
+            *a: Any, _real: Callable = real, _spent: list[float] = spent, **k: Any
+        ) -> dict[str, float]:
+            t0 = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                _spent[0] += time.perf_counter() - t0
+
+        net.evaluate = evaluate  # type: ignore[method-assign]
         t0 = time.perf_counter()
-        for i in range(0, n, BATCH):
-            np.take(X, order[i : i + BATCH], axis=0, out=Xb, mode="clip")
-        gather = min(gather, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(0, n, BATCH):
-            np.matmul(Xb, W, out=S)
-            np.matmul(Xb.T, S, out=dW)
-        matmul = min(matmul, time.perf_counter() - t0)
-    return gather, matmul
+        history = fit(net, splits, config, blas_threads=threads)
+        total = time.perf_counter() - t0
+        print(
+            f"{name:<30} {total:6.2f} s, evaluating {spent[0]:5.2f} s = "
+            f"{100 * spent[0] / total:4.1f}% ({len(history)} points)",
+            flush=True,
+        )
+    return 0
 
 
 if __name__ == "__main__":
