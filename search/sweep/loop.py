@@ -104,7 +104,8 @@ def take(storage: ResilientStorage, study_id: int) -> int | None:
     return None
 
 
-def _log(line: str) -> None:
+def worker_log(line: str) -> None:
+    """One line of a worker's log, on stderr, naming the worker."""
     print(f"worker {os.getpid()}: {line}", file=sys.stderr, flush=True)
 
 
@@ -116,7 +117,7 @@ def run_queue(
     sweep: Sweep,
     stop: StopFlag,
     *,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = worker_log,
     on_trial_end: Callable[[], None] | None = None,
 ) -> int:
     """Take and run trials until none is waiting or running, or ``stop``; how many ran.

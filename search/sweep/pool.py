@@ -156,6 +156,11 @@ def _worker(job: WorkerJob, index: int, parent: int) -> None:
     """A worker process: handlers first, then the data and the study, then the queue."""
     from threadpoolctl import threadpool_limits
 
+    import optuna
+
+    # The worker's own lines say what happened (dropped trials, storage outages);
+    # Optuna's warnings about the same events would say it again, with SQL.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     stop = StopFlag(hard_exit=False)
     stop.install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

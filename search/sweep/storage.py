@@ -116,6 +116,20 @@ def _open(url: str) -> BaseStorage:
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs = {"pool_pre_ping": True}
+        if (
+            url.startswith("postgresql")
+            and "psycopg" in url.split("://")[0]
+            or url.startswith("postgresql://")
+        ):
+            # A partition that drops packets (no reset) must end in an error, not a query
+            # that waits for ever: keepalives find a dead connection in about 25 s.
+            engine_kwargs["connect_args"] = {
+                "connect_timeout": 10,
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            }
 
     def connect() -> RDBStorage:
         cls = SQLiteStorage if db is not None else RDBStorage

@@ -26,7 +26,7 @@ from search.objective import Objective
 from search.prepared import Prepared, prepare
 from search.spec import StudySpec
 from search.sweep import lost
-from search.sweep.loop import Sweep
+from search.sweep.loop import Sweep, worker_log
 from search.sweep.storage import (
     ResilientStorage,
     make_storage,
@@ -232,7 +232,7 @@ class StageJob:
     poll: float = 1.0
 
     def open(self, worker: int) -> Sweep:
-        storage = storage_for(self.spec)
+        storage = make_storage(self.spec.storage_url(), log=worker_log)
         study = open_study(
             self.spec, self.stage, storage, worker=worker + self.seed_offset, create=False
         )

@@ -108,3 +108,94 @@ def finish(procs: list[subprocess.Popen], *, timeout: float = 90.0) -> list[str]
                 p.kill()
                 p.wait()
     return outputs
+
+
+class CuttableProxy:
+    """A TCP proxy on 127.0.0.1 to the PostgreSQL server whose network can be cut.
+
+    ``cut(seconds)`` resets every open connection and, for that long, drops every
+    new one at once (as a network partition or a restarting server would look to
+    a client). Bounded: it serves this machine's loopback only and stops with ``close``.
+    """
+
+    def __init__(self, host: str = HOST, port: int = PORT) -> None:
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.down = threading.Event()
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database_url: str) -> str:
+        return database_url.replace(f"{HOST}:{PORT}", f"127.0.0.1:{self.port}")
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                _reset(client)
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _reset(client)
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def cut(self, seconds: float) -> None:
+        """Reset every connection now and refuse new ones for ``seconds`` (blocks)."""
+        import socket
+
+        self.down.set()
+        with self.lock:
+            for s in self.sockets:
+                # shutdown, not close: a thread blocked in recv on a closed socket would
+                # stay blocked, then read the next connection that gets the same fd.
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self.sockets.clear()
+        time.sleep(seconds)
+        self.down.clear()
+
+    def close(self) -> None:
+        import socket
+
+        self.closed.set()
+        self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def _reset(sock) -> None:
+    import socket
+    import struct
+
+    with contextlib.suppress(OSError):
+        # SO_LINGER 0: close sends RST, as a dropped connection looks to the peer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+def _pump(src, dst) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    _reset(src)
+    _reset(dst)

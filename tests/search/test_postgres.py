@@ -264,3 +264,74 @@ def test_messages_hide_the_password():
 
     url = "postgresql+psycopg2://c2f:s3cret@db.example/optuna"
     assert "s3cret" not in safe_url(url) and "db.example/optuna" in safe_url(url)
+
+
+def finished_params(study: optuna.Study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.get_trials() if t.state in st.FINISHED]
+
+
+@pytest.mark.parametrize("cut_s", [3, 20])
+def test_a_worker_rides_out_a_network_cut(quick_study, pg_url, cut_s):
+    proxy = pg_util.CuttableProxy()
+    try:
+        via_proxy = proxy.url(pg_url)
+        path = quick_study(
+            "pgcut",
+            coarse={"trials": 8},
+            training={"n_cycles": 3},
+            optuna={"storage": via_proxy, "pruner": "none", "heartbeat_interval": 1},
+        )
+        create_study(path, target=8)
+        study = optuna.load_study(study_name="pgcut-coarse", storage=pg_url)  # not cut
+        proc = pg_util.start_worker(
+            "--storage", via_proxy, "--study-name", "pgcut-coarse", "--study", str(path),
+            "--threads", "1", "--workers", "2", "--poll", "0.2",
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(finished_params(study)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proxy.cut(cut_s)
+        [out] = pg_util.finish([proc], timeout=120)
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, out
+    assert "storage unreachable" in out and "reachable again" in out, out
+    done = finished_params(study)
+    assert len(done) == 8 and len(set(done)) == 8, st.counts(study)
+    assert "Traceback" not in out
+
+
+def test_a_worker_stopped_past_the_grace_period_drops_its_trial_and_goes_on(quick_study, pg_url):
+    path = quick_study(
+        "pgstop",
+        coarse={"trials": 6},
+        training={"n_cycles": 4},
+        optuna={"storage": pg_url, "pruner": "none", **FAST_HEARTBEAT},
+    )
+    study = create_study(path, target=6)
+    args = ["--storage", pg_url, "--study-name", "pgstop-coarse", "--study", str(path)]
+    args += ["--threads", "1", "--poll", "0.2"]
+    victim = pg_util.start_worker(*args, env={"C2F_MACHINE": "machine-b"})
+    deadline = time.monotonic() + 60
+    caught = None
+    while caught is None and time.monotonic() < deadline:
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        mine = [t for t in running if len(t.params) == 2 and lost.OWNER in t.system_attrs]
+        caught = mine[0] if mine else None
+        time.sleep(0.05)
+    assert caught is not None, "the worker never started a trial"
+    os.killpg(victim.pid, signal.SIGSTOP)  # a laptop lid closed, a VM paused
+    try:
+        # Another machine takes the stopped worker's trial for dead and runs the queue.
+        other = pg_util.start_worker(*args)
+        [other_out] = pg_util.finish([other], timeout=120)
+        assert other.returncode == 0, other_out
+    finally:
+        os.killpg(victim.pid, signal.SIGCONT)
+    [out] = pg_util.finish([victim], timeout=60)
+    assert victim.returncode == 0, out
+    assert f"dropped trial {caught.number}: another worker finished it meanwhile" in out, out
+    assert "Traceback" not in out
+    done = finished_params(study)
+    assert len(done) == 6 and len(set(done)) == 6, st.counts(study)
+    assert study.get_trials()[caught.number].state == TrialState.FAIL
