@@ -29,12 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from threadpoolctl import threadpool_limits
-
 from bench.worker_memory import descendants
-from search import study as st
-from search.objective import Objective
-from search.spec import load_spec
+from search.config.study import load_spec
+from search.sweep import studies as st
+from search.sweep.storage import storage_of
 from tests.search.conftest import write_study
 
 
@@ -71,12 +69,10 @@ def run_once(
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     cpu0 = cpu_seconds()
-    if threads is None:
-        st.run_workers(spec, "coarse", dict(spec.search), prepared, workers=workers)
-    else:
-        with threadpool_limits(limits=threads):
-            objective = Objective(spec, "coarse", prepared.open(), dict(spec.search))
-            st.run_trials(study, objective)
+    st.run_stage_workers(
+        spec, "coarse", dict(spec.search), prepared, workers=workers, threads=threads,
+        release_first=[storage_of(study)],
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     # Per process: loky may retire an idle worker of an earlier run meanwhile.
     cpu1 = cpu_seconds()

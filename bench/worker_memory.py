@@ -2,7 +2,7 @@
 
 Synthetic CIFAR-10 batches in the official python format (random uint8 pixels,
 50,000 training and 10,000 test images of 3072 values) go through the real
-preparation (``search.study.prepare_for``: load, split 45,000/5,000, normalise once
+preparation (``search.sweep.studies.prepare_for``: load, split 45,000/5,000, normalise once
 in this process, write the float32 cache), then
 a short coarse search ([50] network, one epoch per trial so every worker reads
 every training row, ``train_eval_size`` keeping evaluation cheap) runs on it with
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from search import study as st
-from search.prepared import PARTS
-from search.spec import load_spec
+from search.config.study import load_spec
+from search.sweep import studies as st
+from search.sweep.prepared import PARTS
 from tests.search.conftest import write_study
 
 BATCH = 10_000
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler = Sampler(prepared.path)
         sampler.start()
         t0 = time.perf_counter()
-        st.run_workers(spec, "coarse", dict(spec.search), prepared, workers=args.workers)
+        st.run_stage_workers(spec, "coarse", dict(spec.search), prepared, workers=args.workers)
         wall = time.perf_counter() - t0
         sampler.stop.set()
         sampler.join()

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
 
-from search.spec import StudyDefinitionError, StudySpec, load_spec
+from search.config.study import StudyDefinitionError, StudySpec, load_spec
 from search.sweep import lost
 from search.sweep import studies as st
-from search.sweep.pool import run_pool
-from search.sweep.signals import Interrupted, StopFlag, current, signals_recorded
+from search.sweep.pool import WorkersFailed
+from search.sweep.progress import Progress
+from search.sweep.signals import Interrupted, StopFlag, signals_recorded
 from search.sweep.storage import StorageUnavailable, safe_url, storage_of
 
 DEFAULT_STUDY = "studies/quickstart.toml"
@@ -49,10 +49,6 @@ def load(args: argparse.Namespace) -> StudySpec:
     if args.trials is not None and args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     return spec.with_overrides(storage=args.storage, workers=args.workers)
-
-
-class WorkersFailed(RuntimeError):
-    """Worker processes exited with an error (each printed its own line)."""
 
 
 def run_stage(
@@ -87,49 +83,16 @@ def run_stage(
         f"{finished} finished, {queued} newly queued, {workers} worker(s)",
         flush=True,
     )
-    job = st.StageJob(
-        spec, stage, str(prepared.path), prepared.checksum, ranges, threads_per(workers)
-    )
-    run_workers(
-        job,
+    st.run_stage_workers(
+        spec,
+        stage,
+        ranges,
+        prepared,
         workers=workers,
         progress=Progress(study, target),
-        reap=functools.partial(st.reap_all, spec, stage),
         release_first=[storage],
     )
     return study
-
-
-def threads_per(workers: int) -> int:
-    """BLAS threads for each of ``workers`` workers: the cores shared out, at least one."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-def run_workers(
-    job,  # noqa: ANN001 - a search.sweep.pool.WorkerJob
-    *,
-    workers: int,
-    progress: Progress | None = None,
-    reap: Callable[[], object] | None = None,
-    release_first: Sequence[object] = (),
-) -> None:
-    """Run the pool with the command's stop flag; raise what ended it early."""
-    try:
-        result = run_pool(
-            job,
-            workers=workers,
-            stop=current(),
-            progress=progress,
-            reap=reap,
-            release_first=release_first,
-        )
-    finally:
-        if progress is not None:
-            progress.close()
-    if result.signum:
-        raise Interrupted(result.signum)
-    if result.errors:
-        raise WorkersFailed("; ".join(result.errors))
 
 
 def same_flags(args: argparse.Namespace) -> str:
@@ -187,45 +150,6 @@ def guarded(main_body):
                 return 128 + signum
 
     return wrapper
-
-
-class Progress:
-    """A one-line progress report: trials finished of the target, best so far."""
-
-    def __init__(self, study: optuna.Study, target: int, *, stream=None) -> None:
-        self.study = study
-        self.target = target
-        self.stream = stream if stream is not None else sys.stdout
-        self.last = ""
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-
-    def __call__(self) -> None:
-        c = st.counts(self.study)
-        done = c["COMPLETE"] + c["PRUNED"]
-        best = "-"
-        if c["COMPLETE"]:
-            best = f"{self.study.best_value:.4f}"
-        width = 30
-        filled = int(width * min(done, self.target) / max(self.target, 1))
-        line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.target} finished "
-            f"({c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, "
-            f"{c['RUNNING']} running)  best val acc {best}"
-        )
-        if line == self.last:
-            return
-        self.last = line
-        if self.tty:
-            self.stream.write("\r" + line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        self()
-        if self.tty and self.last:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def format_table(trials: list[optuna.trial.FrozenTrial], names: list[str]) -> str:

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from model.data import cifar10_train_size
-from search import study as st
-from search.cli import guarded
+from search.cli import dashboard_hint, guarded
 from search.config.experiment import load_experiment
 from search.reporting.experiment_figures import draw
 from search.reporting.tables import table
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         _, paths = draw(args.path, Path(args.out), storage=experiment.spec.storage_url())
         for path in paths:
             print(f"figure: {path}")
-    print(f"\ndashboard: {st.dashboard_hint(experiment.spec)}")
+    print(f"\ndashboard: {dashboard_hint(experiment.spec)}")
     return 0
 
 

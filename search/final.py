@@ -23,7 +23,7 @@ from model.data import Dataset, Splits
 from model.train import fit, plot_history
 from search import cli
 from search.sweep import studies as st
-from search.objective import build_network
+from search.sweep.objective import build_network
 
 
 def merge_train_val(splits: Splits, holdout: int) -> Splits:

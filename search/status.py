@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import cli
-from search.spec import StudySpec, load_spec
+from search.config.study import StudySpec, load_spec
 from search.sweep import lost
 from search.sweep.storage import make_storage, safe_url, sqlite_path
 

@@ -33,9 +33,11 @@ from pathlib import Path
 import optuna
 
 from search import cli
-from search.prepared import Prepared
-from search.spec import StudySpec, load_spec
+from search.config.study import StudySpec, load_spec
 from search.sweep import studies as st
+from search.sweep.pool import run_workers, threads_per
+from search.sweep.prepared import Prepared
+from search.sweep.progress import Progress
 from search.sweep.storage import make_storage, safe_url, sqlite_path
 
 ENV_PREFIX = "C2F_"
@@ -225,7 +227,7 @@ def join(args: argparse.Namespace) -> int:
     st.record_data(study, prepared)
     ranges = ranges_for(spec, stage, study)
     target = study.user_attrs.get("target")
-    threads = args.threads or cli.threads_per(args.workers)
+    threads = args.threads or threads_per(args.workers)
     c = st.counts(study)
     print(
         f"{args.workers} worker(s) joined {args.study_name} in {safe_url(args.storage)} "
@@ -243,10 +245,10 @@ def join(args: argparse.Namespace) -> int:
         seed_offset=st.machine_seed(),
         poll=args.poll,
     )
-    cli.run_workers(
+    run_workers(
         job,
         workers=args.workers,
-        progress=cli.Progress(study, int(target or 0)),
+        progress=Progress(study, int(target or 0)),
         reap=lambda: st.reap_all(spec, stage),
         release_first=[storage],
     )

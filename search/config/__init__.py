@@ -1,1 +1,1 @@
-"""Configuration files: the schema of experiment files (study files are :mod:`search.spec`)."""
+"""The schemas of study files (:mod:`.study`) and experiment files (:mod:`.experiment`)."""

@@ -6,14 +6,14 @@
     [grid]        parameter = [values, ...]   (network fields or TrainConfig fields)
 
 Every point of the grid (the product of the lists) is merged into the study
-document and validated by :func:`search.spec.parse_spec`, so a point is checked
+document and validated by :func:`search.config.study.parse_spec`, so a point is checked
 like a study file.
 
 - ``n_train``: train on the first this-many training images (the overfitting check).
 - ``n_s_epochs``: the half-cycle n_s = n_s_epochs * floor(N_train / batch_size), so
   one file keeps the assignment's n_s on whatever data it runs on.
 
-Errors are :class:`search.spec.StudyDefinitionError` naming the file, the field
+Errors are :class:`search.config.study.StudyDefinitionError` naming the file, the field
 and what is allowed.
 """
 
@@ -28,8 +28,7 @@ from typing import Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from model.train import TrainConfig
-from search import study as st
-from search.spec import (
+from search.config.study import (
     NETWORK_FIELDS,
     StudyDefinitionError,
     StudySpec,
@@ -52,7 +51,7 @@ class Experiment:
 
     ``raw`` is the study document without ``[grid]`` and ``[experiment]`` (with any
     command-line overrides); each grid point is merged into it and validated by
-    :func:`search.spec.parse_spec`, so a point is checked like a study file.
+    :func:`search.config.study.parse_spec`, so a point is checked like a study file.
     """
 
     spec: StudySpec
@@ -69,7 +68,7 @@ class Experiment:
 
     @property
     def study_name(self) -> str:
-        return st.study_name(self.spec, STAGE)
+        return f"{self.spec.name}-{STAGE}"
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of the grid values, in file order (one point if no grid)."""

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import study as st
 from search.reporting.tables import param_label, params_text
+from search.sweep import studies as st
 
 STAGE_COLOURS = {"coarse": "tab:blue", "fine": "tab:orange"}
 STAGE_MARKERS = {"coarse": "o", "fine": "^"}

@@ -14,8 +14,8 @@ from typing import Any, cast
 
 import optuna
 
-from search import study as st
 from search.config.experiment import list_experiments
+from search.config.study import StudySpec
 from search.reporting.experiment_figures import draw as draw_experiment
 from search.reporting.figures import draw_curves, draw_history, draw_param
 from search.reporting.gradcheck import gradcheck_section
@@ -26,8 +26,8 @@ from search.reporting.tables import (
     ranges_table,
     top_table,
 )
-from search.spec import StudySpec
-from search.storage import sqlite_path
+from search.sweep import studies as st
+from search.sweep.storage import sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import optuna
 
-from search import study as st
 from search.config.experiment import Experiment
+from search.sweep import studies as st
 from search.sweep.grid import Row
 
 LABELS = {"l2_lambda": "lambda", "eta_max": "eta_max", "eta_min": "eta_min", "eta": "eta"}

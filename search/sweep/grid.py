@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -25,12 +24,15 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from model.data import Dataset, Splits
-from search import study as st
 from search.config.experiment import Experiment, load_experiment
-from search.objective import build_network, fit_and_record
-from search.prepared import Prepared
-from search.storage import sqlite_path, with_retries
-from search.sweep import studies
+from search.sweep import lost, studies
+from search.sweep import studies as st
+from search.sweep.loop import Sweep, worker_log
+from search.sweep.objective import build_network, fit_and_record
+from search.sweep.pool import run_workers, threads_per
+from search.sweep.prepared import Prepared
+from search.sweep.progress import Progress
+from search.sweep.storage import make_storage, sqlite_path, storage_of, with_retries
 
 # ----------------------------------------------------------------------------- the study
 
@@ -67,9 +69,11 @@ def check_grid_change(experiment: Experiment, study: optuna.Study) -> None:
             )
 
 
-def open_study(experiment: Experiment) -> optuna.Study:
+def open_study(
+    experiment: Experiment, storage: optuna.storages.BaseStorage | None = None
+) -> optuna.Study:
     """Create the experiment's study, or load it (``load_if_exists``)."""
-    storage = st.storage_for(experiment.spec)
+    storage = storage if storage is not None else st.storage_for(experiment.spec)
     return with_retries(
         lambda: optuna.create_study(
             storage=storage,
@@ -183,22 +187,26 @@ class GridObjective:
 
 
 @dataclass(frozen=True, eq=False)
-class _Job:
-    """What one worker process needs (picklable)."""
+class GridJob:
+    """A worker of an experiment's study (picklable: it may cross to a spawned process)."""
 
     experiment: Experiment
     prepared_path: str
     checksum: str
     threads: int
 
-
-def _worker(job: _Job) -> int:
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=job.threads):
-        prepared = Prepared(Path(job.prepared_path), job.checksum)
-        study = open_study(job.experiment)
-        return st.run_trials(study, GridObjective(job.experiment, prepared.open()))
+    def open(self, worker: int) -> Sweep:
+        spec = self.experiment.spec
+        storage = make_storage(spec.storage_url(), log=worker_log)
+        study = open_study(self.experiment, storage)
+        prepared = Prepared(Path(self.prepared_path), self.checksum)
+        return Sweep(
+            storage,
+            study,
+            GridObjective(self.experiment, prepared.open()),
+            heartbeat_interval=spec.optuna.heartbeat_interval,
+            grace_period=spec.optuna.grace_period,
+        )
 
 
 def prepare_data(experiment: Experiment, *, log=print) -> Prepared:
@@ -246,57 +254,18 @@ def run(experiment: Experiment, *, log=print) -> optuna.Study:
         f"{workers} worker(s), data {spec.data.name} ({cut.train.n} train / {cut.val.n} val / "
         f"{cut.test.n} test)"
     )
-    progress = st.Progress(study, total)
-    try:
-        if c["WAITING"] + c["RUNNING"] == 0:
-            return study
-        _run_workers(experiment, prepared, splits, study, workers=workers, progress=progress)
-    finally:
-        progress()
-        progress.close()
+    if c["WAITING"] + c["RUNNING"] == 0:
+        return study
+    study_id = storage_of(study).get_study_id_from_name(study.study_name)
+    job = GridJob(experiment, str(prepared.path), prepared.checksum, threads_per(workers))
+    run_workers(
+        job,
+        workers=workers,
+        progress=Progress(study, total),
+        reap=lambda: lost.reap(storage_of(study), study_id, grace_period=spec.optuna.grace_period),
+        release_first=[storage_of(study)],
+    )
     return study
-
-
-def _run_workers(
-    experiment: Experiment,
-    prepared: Prepared,
-    splits: Splits,
-    study: optuna.Study,
-    *,
-    workers: int,
-    progress: st.Progress,
-) -> None:
-    from threadpoolctl import threadpool_limits
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    if workers == 1:
-        with threadpool_limits(limits=threads):
-            st.run_trials(study, GridObjective(experiment, splits), on_trial_end=progress)
-        return
-    import threading
-
-    from joblib import Parallel, delayed
-
-    job = _Job(experiment, str(prepared.path), prepared.checksum, threads)
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def go() -> None:
-        try:
-            Parallel(n_jobs=workers, backend="loky")(delayed(_worker)(job) for _ in range(workers))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=go, daemon=True).start()
-    while not done.wait(1.0):
-        progress()
-    if errors:
-        raise errors[0]
-
-
-# ----------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)

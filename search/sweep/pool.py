@@ -26,10 +26,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from search.sweep.loop import Sweep, run_queue
-from search.sweep.signals import STOP_SIGNALS, StopFlag
+from search.sweep.signals import STOP_SIGNALS, Interrupted, StopFlag, current
 from search.sweep.storage import release
 
 PR_SET_PDEATHSIG = 1
@@ -39,11 +39,18 @@ STOP_TIMEOUT_S = 10.0
 class WorkerJob(Protocol):
     """What a worker process needs; picklable (it crosses to the worker process)."""
 
-    threads: int
+    @property
+    def threads(self) -> int:
+        """BLAS threads for the worker."""
+        ...
 
     def open(self, worker: int) -> Sweep:
         """In the worker process: connect, open the study and the data, build the objective."""
         ...
+
+
+class WorkersFailed(RuntimeError):
+    """Worker processes exited with an error (each printed its own line)."""
 
 
 @dataclass
@@ -53,6 +60,11 @@ class PoolResult:
     signum: int | None = None
     errors: list[str] = field(default_factory=list)
     killed: int = 0
+
+
+def threads_per(workers: int) -> int:
+    """BLAS threads for each of ``workers`` workers: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def run_pool(
@@ -75,7 +87,9 @@ def run_pool(
     """
     for storage in release_first:
         release(storage)
-    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    # Fork where it exists: a worker starts in milliseconds, not the seconds of a new
+    # interpreter importing NumPy and Optuna. The storages were released above.
+    ctx: Any = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     was_interruptible, stop.interruptible = stop.interruptible, False
     # Blocked while forking: a signal must reach a worker after it installed its handlers.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -98,6 +112,35 @@ def run_pool(
             result.errors.append(f"worker {i} (pid {p.pid}) exited with code {code}")
     result.signum = stop.signum
     return result
+
+
+def run_workers(
+    job: WorkerJob,
+    *,
+    workers: int,
+    progress: Callable[[], None] | None = None,
+    reap: Callable[[], object] | None = None,
+    release_first: Sequence[object] = (),
+) -> None:
+    """:func:`run_pool` with the command's stop flag; raises what ended it early
+    (:class:`Interrupted`, :class:`WorkersFailed`)."""
+    try:
+        result = run_pool(
+            job,
+            workers=workers,
+            stop=current(),
+            progress=progress,
+            reap=reap,
+            release_first=release_first,
+        )
+    finally:
+        close = getattr(progress, "close", None)
+        if close is not None:
+            close()
+    if result.signum:
+        raise Interrupted(result.signum)
+    if result.errors:
+        raise WorkersFailed("; ".join(result.errors))
 
 
 def _supervise(
@@ -154,9 +197,8 @@ def _die_with_parent(parent: int) -> None:
 
 def _worker(job: WorkerJob, index: int, parent: int) -> None:
     """A worker process: handlers first, then the data and the study, then the queue."""
-    from threadpoolctl import threadpool_limits
-
     import optuna
+    from threadpoolctl import threadpool_limits
 
     # The worker's own lines say what happened (dropped trials, storage outages);
     # Optuna's warnings about the same events would say it again, with SQL.

@@ -96,7 +96,8 @@ def make_storage(
     Workers record their own heartbeats (``search.sweep.lost``), on every kind of
     storage, so Optuna's heartbeat is not used.
     """
-    return ResilientStorage(_open(url), patience=patience, log=log)
+    # Abstract to mypy only: every method is filled in below the class.
+    return ResilientStorage(_open(url), patience=patience, log=log)  # type: ignore[abstract]
 
 
 def _open(url: str) -> BaseStorage:

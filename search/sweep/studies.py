@@ -10,11 +10,12 @@ of machines run exactly the target between them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,11 +23,12 @@ from typing import Any, cast
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.objective import Objective
-from search.prepared import Prepared, prepare
-from search.spec import StudySpec
+from search.config.study import StudySpec
 from search.sweep import lost
 from search.sweep.loop import Sweep, worker_log
+from search.sweep.objective import Objective
+from search.sweep.pool import run_workers, threads_per
+from search.sweep.prepared import Prepared, prepare
 from search.sweep.storage import (
     ResilientStorage,
     make_storage,
@@ -247,6 +249,35 @@ class StageJob:
             grace_period=self.spec.optuna.grace_period,
             poll=self.poll,
         )
+
+
+def run_stage_workers(
+    spec: StudySpec,
+    stage: str,
+    ranges: dict[str, tuple[float, float]],
+    prepared: Prepared,
+    *,
+    workers: int,
+    threads: int | None = None,
+    progress: Callable[[], None] | None = None,
+    release_first: Sequence[object] = (),
+) -> None:
+    """Run ``workers`` worker processes on the stage's queue until it is empty."""
+    job = StageJob(
+        spec,
+        stage,
+        str(prepared.path),
+        prepared.checksum,
+        ranges,
+        threads or threads_per(workers),
+    )
+    run_workers(
+        job,
+        workers=workers,
+        progress=progress,
+        reap=functools.partial(reap_all, spec, stage),
+        release_first=release_first,
+    )
 
 
 def reap_all(spec: StudySpec, stage: str) -> list[int]:

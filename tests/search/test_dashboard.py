@@ -20,7 +20,7 @@ import optuna
 import pytest
 
 from search import coarse
-from search.spec import load_spec
+from search.config.study import load_spec
 from tests.conftest import missing
 from tests.search.conftest import write_study
 

@@ -20,8 +20,8 @@ import optuna
 import pytest
 import yaml  # PyYAML: a dependency of optuna
 
-from search import study as st
 from search import worker
+from search.sweep import studies as st
 from tests.search import pg_util
 from tests.search.test_dashboard import get_json, run_dashboard
 

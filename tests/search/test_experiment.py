@@ -14,12 +14,12 @@ import pytest
 from optuna.trial import TrialState
 
 from search import experiment as ex
-from search import study as st
 from search.config import experiment as cfg
+from search.config.study import StudyDefinitionError
 from search.reporting import experiment_figures as figures
 from search.reporting import gradcheck
-from search.spec import StudyDefinitionError
 from search.sweep import grid as sweep
+from search.sweep import studies as st
 from tests.conftest import check_axes
 from tests.search.conftest import dump_toml
 

@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import worker
-from search.spec import load_spec
+from search.config.study import load_spec
 from search.sweep import lost
 from search.sweep import studies as st
 from tests.search import pg_util

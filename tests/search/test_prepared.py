@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from search import coarse
-from search.prepared import checksum, prepare
-from search.spec import DataSpec
+from search.config.study import DataSpec
+from search.sweep.prepared import checksum, prepare
 from tests.model.test_data import _batch, _make_cifar_dir, _write_pickle_batch
 from tests.search.conftest import write_study
 
@@ -79,8 +79,8 @@ def test_a_machine_with_other_data_refuses_to_run(cifar, tmp_path, capsys):
 
 
 def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
-    from search import study as st
-    from search.spec import load_spec
+    from search.config.study import load_spec
+    from search.sweep import studies as st
 
     spec = load_spec(write_study(tmp_path, "env"))
     monkeypatch.setenv("C2F_CACHE_DIR", str(tmp_path / "shared-cache"))
@@ -91,7 +91,7 @@ def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_source_files_of_each_format():
-    from search.prepared import _is_source
+    from search.sweep.prepared import _is_source
 
     for name in ("data_batch_1", "data_batch_5.mat", "test_batch", "batches.meta.mat"):
         assert _is_source("cifar10", name), name

@@ -10,8 +10,8 @@ from optuna.trial import TrialState
 
 from model.network import Network
 from search import coarse, final
-from search import study as st
-from search.spec import load_spec
+from search.config.study import load_spec
+from search.sweep import studies as st
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from search import coarse, final, fine, report
+from search.config.study import load_spec
 from search.reporting import figures, markdown
-from search.spec import load_spec
 from tests.search.conftest import write_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

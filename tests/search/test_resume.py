@@ -9,10 +9,11 @@ import pytest
 from optuna.trial import TrialState
 
 from search import cli, coarse, final, fine
-from search.spec import load_spec
+from search.config.study import load_spec
 from search.sweep import lost
 from search.sweep import studies as st
 from search.sweep.loop import take
+from search.sweep.progress import Progress
 from search.sweep.storage import make_storage, storage_of
 from tests.search.conftest import REPO
 
@@ -128,13 +129,13 @@ def test_progress_redraws_one_line_on_a_terminal(quick_study):
             return True
 
     out = Tty()
-    progress = cli.Progress(study, 2, stream=out)
+    progress = Progress(study, 2, stream=out)
     progress()
     progress.close()
     assert out.getvalue().startswith("\r[") and out.getvalue().endswith("\n")
     assert out.getvalue().count("\n") == 1
     piped = io.StringIO()
-    cli.Progress(study, 2, stream=piped)()
+    Progress(study, 2, stream=piped)()
     assert piped.getvalue().startswith("[") and "\r" not in piped.getvalue()
 
 

@@ -14,8 +14,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search import coarse, final, fine
+from search.config.study import load_spec
 from search.fine import narrow
-from search.spec import load_spec
 from search.sweep import studies as st
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

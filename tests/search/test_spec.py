@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from search.spec import StudyDefinitionError, load_spec, parse_spec
+from search.config.study import StudyDefinitionError, load_spec, parse_spec
 
 STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.toml"))
 

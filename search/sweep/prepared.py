@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from model import data as data_mod
-from search.spec import DataSpec
+from search.config.study import DataSpec
 
 PARTS = ("train", "val", "test")
 CACHE_VERSION = 1

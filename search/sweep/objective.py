@@ -17,7 +17,7 @@ import optuna
 from model.data import Splits
 from model.network import Network
 from model.train import History, TrainConfig, TrainingDiverged, fit
-from search.spec import StudySpec
+from search.config.study import StudySpec
 
 
 def suggest(trial: optuna.Trial, ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
