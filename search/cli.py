@@ -23,15 +23,34 @@ from search.sweep.storage import StorageUnavailable, safe_url, storage_of
 DEFAULT_STUDY = "studies/quickstart.toml"
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+EXIT_CODES = (
+    "exit codes: 0 done; 1 the run failed (a worker failed, the storage stayed "
+    "unreachable); 2 bad settings or usage; 130 / 143 / 129 interrupted by SIGINT / "
+    "SIGTERM / SIGHUP"
+)
+
+
+def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse.ArgumentParser:
+    """The flags every command shares; ``trains`` adds ``--workers`` and ``--trials``."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES)
     p.add_argument("--study", default=DEFAULT_STUDY, help=f"study file (default {DEFAULT_STUDY})")
     p.add_argument("--data-dir", default=None, help="dataset directory (overrides [data] dir)")
     p.add_argument(
         "--storage", default=None, help="Optuna storage URL (default SQLite beside the study file)"
     )
-    p.add_argument("--workers", type=int, default=None, help="worker processes")
-    p.add_argument("--trials", type=int, default=None, help="target number of finished trials")
+    if trains:
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="worker processes (default: the study file's)",
+        )
+        p.add_argument(
+            "--trials",
+            type=int,
+            default=None,
+            help="target number of finished trials (default: the study file's)",
+        )
     return p
 
 
@@ -44,11 +63,12 @@ def load(args: argparse.Namespace) -> StudySpec:
         spec = dataclasses.replace(
             spec, data=dataclasses.replace(spec.data, dir=str(Path(args.data_dir).resolve()))
         )
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if args.trials is not None and args.trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    return spec.with_overrides(storage=args.storage, workers=args.workers)
+    workers, trials = getattr(args, "workers", None), getattr(args, "trials", None)
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if trials is not None and trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {trials}")
+    return spec.with_overrides(storage=args.storage, workers=workers)
 
 
 def run_stage(

@@ -43,7 +43,9 @@ def merge_train_val(splits: Splits, holdout: int) -> Splits:
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
-    p = cli.base_parser("python -m search.final", "Retrain the best configuration; test it.")
+    p = cli.base_parser(
+        "python -m search.final", "Retrain the best configuration; test it.", trains=False
+    )
     p.add_argument("--force", action="store_true", help="retrain even if a result is recorded")
     args = p.parse_args(argv)
     spec = cli.load(args)

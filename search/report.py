@@ -20,7 +20,9 @@ from search.reporting import markdown
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
-    p = cli.base_parser("python -m search.report", "Figures and a markdown report of a study.")
+    p = cli.base_parser(
+        "python -m search.report", "Figures and a markdown report of a study.", trains=False
+    )
     p.add_argument("--out", default=None, help="output directory (default <out dir>/report)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--experiment", default=None, help="report one experiment study file")

@@ -19,7 +19,7 @@ KINDS = ("W", "b", "gamma", "beta")
 def _model_code() -> str:
     """A digest of the code under test: a cached table must not outlive a change."""
     code = hashlib.sha256()
-    for name in ("layers.py", "network.py", "gradcheck.py"):
+    for name in ("layers.py", "network.py", "optim.py", "gradcheck.py"):
         code.update((Path(model.__file__).resolve().parent / name).read_bytes())
     return code.hexdigest()[:16]
 
