@@ -102,9 +102,14 @@ def run_pool(
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     result = PoolResult()
+    # A signal from now on reaches every worker at once (idempotent in a worker that
+    # has it already from the process group). A signal that came during the forks is
+    # forwarded by the first look of _supervise.
+    stop.forward_to = [p.pid for p in procs]
     try:
         _supervise(procs, stop, progress, reap, stop_timeout, result)
     finally:
+        stop.forward_to = []
         stop.interruptible = was_interruptible
     for i, p in enumerate(procs):
         code = p.exitcode

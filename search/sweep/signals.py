@@ -81,6 +81,9 @@ class StopFlag:
         self.event = threading.Event()
         self.interruptible = interruptible
         self.acted = False  # set by whoever handles the first signal (no hard exit then)
+        # Processes that get every signal at once (a pool's workers): kill() is safe in a
+        # handler, and a worker must not wait for the supervisor's next look.
+        self.forward_to: list[int] = []
 
     def __bool__(self) -> bool:
         return self.signum is not None
@@ -101,6 +104,9 @@ class StopFlag:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.presses += 1
+        for pid in self.forward_to:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
         if self.presses > 1 and not self.acted and self.hard_exit:
             os._exit(128 + signum)
         self.request(signum)

@@ -194,8 +194,16 @@ def _reset(sock) -> None:
 
 
 def _pump(src, dst) -> None:
+    """Copy src to dst until either end goes; then wake the other direction's thread
+    (shutdown) and close only src, the socket this thread reads: a socket closed under
+    a thread blocked in recv keeps it blocked, and it would read the next connection
+    that gets the same file descriptor."""
+    import socket
+
     with contextlib.suppress(OSError):
         while data := src.recv(65536):
             dst.sendall(data)
+    for sock in (src, dst):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
     _reset(src)
-    _reset(dst)

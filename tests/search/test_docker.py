@@ -195,7 +195,7 @@ def test_compose_entry_commands_run_a_study(compose, tmp_path, quick_study):
         replicas = [run("worker"), run("worker")]
         outputs = pg_util.finish(replicas)
         for p, out in zip(replicas, outputs, strict=True):
-            assert p.returncode == 0 and "queue empty" in out, out
+            assert p.returncode == 0 and "queue of quickstart-coarse empty" in out, out
         study = optuna.load_study(study_name="quickstart-coarse", storage=url)
         c = st.counts(study)
         assert c["COMPLETE"] + c["PRUNED"] == 5 == len(study.trials), c

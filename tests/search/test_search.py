@@ -238,7 +238,9 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     for number, value in before.items():  # earlier results intact
         assert after[number].state == TrialState.COMPLETE and after[number].value == value
     assert after[killed[0].number].state == TrialState.FAIL
-    retried = [t for t in after if t.params == killed[0].params and t.state in st.FINISHED]
-    assert len(retried) == 1, "\n".join(
+    retried = [t for t in after if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retried) == 1 and retried[0].state in st.FINISHED, "\n".join(
         f"{t.number} {t.state.name} {sorted(t.params.values())} {t.system_attrs}" for t in after
     )
+    if killed[0].params:  # killed after it drew its parameters: the retry has the same
+        assert retried[0].params == killed[0].params
