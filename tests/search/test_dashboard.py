@@ -24,6 +24,9 @@ from search.config.study import load_spec
 from tests.conftest import missing
 from tests.search.conftest import write_study
 
+# One worker runs this module: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("dashboard")
+
 STARTUP_TIMEOUT_S = 30.0
 
 

@@ -25,6 +25,9 @@ from search.sweep import studies as st
 from tests.search import pg_util
 from tests.search.test_dashboard import get_json, run_dashboard
 
+# One worker runs this module: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("docker")
+
 REPO = pg_util.REPO
 DOCKER = REPO / "docker"
 OUR_COMMANDS = {"create": "search.worker", "worker": "search.worker"}

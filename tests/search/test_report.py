@@ -16,6 +16,9 @@ from search.config.study import load_spec
 from search.reporting import figures, markdown
 from tests.search.conftest import write_study
 
+# One worker runs this module: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("report")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGE_FIGURES = ("val_acc_vs_l2_lambda", "val_acc_vs_eta_max", "history", "curves_coarse")
 
@@ -27,8 +30,8 @@ def ran(tmp_path_factory) -> types.SimpleNamespace:
     path = write_study(
         root,
         "qs",
-        coarse={"trials": 8},
-        fine={"trials": 4, "top_k": 2},
+        coarse={"trials": 6},
+        fine={"trials": 3, "top_k": 2},
         optuna={"workers": 1, "n_startup_trials": 2},
     )
     assert coarse.main(["--study", str(path)]) == 0
@@ -79,9 +82,9 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     for t in coarse_study.trials:
         c[t.state.name] += 1
     assert "| " + " | ".join(str(c[s]) for s in markdown.STATES) + " |" in md
-    assert sum(c.values()) == 8
+    assert sum(c.values()) == 6
     epochs = markdown.epochs_trained(coarse_study)
-    assert epochs > 0 and f"Epochs trained: {epochs:.1f} over 8 trials" in md
+    assert epochs > 0 and f"Epochs trained: {epochs:.1f} over 6 trials" in md
     # the final result
     assert f"test accuracy **{result['test_acc']:.4f}**" in md
     for name in ("history", "curves_coarse", "curves_fine", "final_curves"):

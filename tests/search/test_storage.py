@@ -67,7 +67,8 @@ def test_reads_do_not_wait_for_a_writer_and_writes_do(sqlite_study, pickled):
     holder.join()
     assert trial_id == trials[0]._trial_id
     assert storage.get_trial(trial_id).state == optuna.trial.TrialState.RUNNING
-    assert read_s < 0.5, f"a read waited {read_s:.2f} s for the writer"
+    # A read that waited for the writer would take its full second.
+    assert read_s < 0.7, f"a read waited {read_s:.2f} s for the writer"
     assert write_s >= 0.8, "the write should have waited for the lock"
 
 
