@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from search.sweep import lost
 from search.sweep.signals import Interrupted, StopFlag
-from search.sweep.storage import ResilientStorage, StorageUnavailable, trial_id
+from search.sweep.storage import ResilientStorage, StorageUnavailable, waiting_trial_ids
 
 
 class TrialLost(Exception):  # noqa: N818
@@ -93,8 +93,7 @@ def take(storage: ResilientStorage, study_id: int) -> int | None:
     :func:`search.sweep.lost.lost_reason` takes it for lost after the grace period.
     Signals never fall between them (the loop is not interruptible there).
     """
-    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        tid = trial_id(t)
+    for tid in waiting_trial_ids(storage, study_id):
         try:
             if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
                 storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())

@@ -124,6 +124,13 @@ class StopFlag:
             raise Interrupted(self.signum)
         signal.setitimer(signal.ITIMER_REAL, RETRY_S)
 
+    def raise_if_waiting(self) -> None:
+        """Raise :class:`Interrupted` now if a signal waits and the process allows it."""
+        if self.signum is not None and self.interruptible and not self.acted:
+            self.interruptible = False
+            self.acted = True
+            raise Interrupted(self.signum)
+
     @contextlib.contextmanager
     def allowed(self) -> Iterator[None]:
         """Let signals raise :class:`Interrupted` inside (at once if one already waits)."""
@@ -142,6 +149,17 @@ class StopFlag:
 
 
 _CURRENT: list[StopFlag] = []
+
+
+def checkpoint() -> None:
+    """Raise a waiting stop signal here, if the process allows it.
+
+    For loops of storage calls (queueing a large target): a signal that lands
+    inside a call waits for it to end, and the next call would usually begin
+    before the 20 ms retry, so the loop looks itself.
+    """
+    if _CURRENT:
+        _CURRENT[-1].raise_if_waiting()
 
 
 def current() -> StopFlag:

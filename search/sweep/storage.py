@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import optuna
+import sqlalchemy
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -386,7 +387,11 @@ class ResilientStorage(BaseStorage):
         self.__init__(state["inner"], patience=state["patience"])  # type: ignore[misc]
 
     def call(self, name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-        method = getattr(self.inner, name)
+        """The wrapped storage's method ``name``, retried while the database is away."""
+        return self.retrying(getattr(self.inner, name), *args, **kwargs)
+
+    def retrying(self, method: Callable[..., T], *args, **kwargs) -> T:  # noqa: ANN002, ANN003
+        """``method(*args, **kwargs)``, retried while the database is unreachable."""
         try:
             return method(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
@@ -439,6 +444,43 @@ for _name in sorted(BaseStorage.__abstractmethods__) + [
 ]:
     setattr(ResilientStorage, _name, _delegate(_name))
 ResilientStorage.__abstractmethods__ = frozenset()
+
+
+def waiting_trial_ids(storage: BaseStorage, study_id: int, *, limit: int = 8) -> list[int]:
+    """The ids of the study's first ``limit`` WAITING trials, oldest first.
+
+    On an RDB storage, one indexed query on the ``trials`` table (private schema):
+    Optuna's public way, ``get_all_trials(states=(WAITING,))``, builds every waiting
+    trial with its attrs, about 0.5 ms each, on every look at the queue, and a
+    queue of 1,000 trials made each look cost longer than a quick-start trial.
+    """
+    inner = getattr(storage, "inner", storage)
+    if isinstance(inner, RDBStorage) and _FAST_WAITING:
+
+        def query() -> list[int]:
+            with inner.engine.connect() as conn:
+                rows = conn.execute(
+                    sqlalchemy.text(
+                        "SELECT trial_id FROM trials WHERE study_id = :s AND state = 'WAITING' "
+                        "ORDER BY trial_id LIMIT :n"
+                    ),
+                    {"s": study_id, "n": limit},
+                )
+                return [int(r[0]) for r in rows]
+
+        if isinstance(storage, ResilientStorage):
+            with read_only():
+                return storage.retrying(query)
+        with read_only():
+            return query()
+    trials = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+    return [trial_id(t) for t in trials[:limit]]
+
+
+# The query above names these columns and stores the state by name, as SQLAlchemy does.
+_FAST_WAITING = {"trial_id", "study_id", "state"} <= set(
+    rdb_models.TrialModel.__table__.columns.keys()
+)
 
 
 def release(storage: object) -> None:

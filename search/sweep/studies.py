@@ -29,6 +29,7 @@ from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import Objective
 from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared, prepare
+from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
     make_storage,
@@ -137,6 +138,7 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     already = {tuple(sorted(t.params.items())) for t in trials}
     starts = [p for p in enqueue if tuple(sorted(p.items())) not in already]
     for i in range(max(0, missing)):
+        checkpoint()  # Ctrl-C while a large target is queued: stop here, any prefix will do
         params = starts[i] if i < len(starts) else {}
         study.enqueue_trial(params, skip_if_exists=bool(params))
     study.set_user_attr("target", target)

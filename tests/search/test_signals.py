@@ -147,3 +147,37 @@ def test_workers_die_with_a_killed_command(sweep):
     assert sum(t.state == TrialState.WAITING for t in trials(url)) == 4 - sum(
         t.state == TrialState.COMPLETE for t in trials(url)
     )
+
+
+def test_a_second_ctrl_c_ends_at_once(sweep, tmp_path):
+    """Workers that cannot stop (the database is locked while they re-queue): the second
+    Ctrl-C kills them, and the command re-queues their trials itself."""
+    import sqlite3
+
+    path, url = sweep
+    proc = start(path, url)
+    wait_for_training(url, running=2)
+    lock = sqlite3.connect(tmp_path / "sig.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # every write waits from now on
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the workers should still be waiting for the lock"
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        time.sleep(0.5)
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert proc.returncode == 130, err
+    assert not group_left(proc.pid)
+    ts = trials(url)
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    killed = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(killed) == 2  # both workers were killed mid-trial
+    for t in killed:  # and the command re-queued their trials
+        assert t.user_attrs["reason"].startswith("worker lost: its worker (pid")
+        retries = [r for r in ts if r.system_attrs.get("requeued_from") == t.number]
+        assert len(retries) == 1 and retries[0].params == t.params

@@ -31,6 +31,7 @@ from search.sweep.storage import (
     release,
     storage_of,
     trial_id,
+    waiting_trial_ids,
 )
 from search.sweep.studies import top_up
 
@@ -295,3 +296,16 @@ def test_the_private_optuna_api_still_does_what_we_use_it_for(tmp_path):
     [frozen] = study.get_trials()
     assert trial_id(frozen) == storage.get_trial_id_from_study_id_trial_number(sid, 0)
     assert storage_of(study) is storage
+
+
+def test_waiting_trials_are_listed_oldest_first_as_optuna_lists_them(any_storage_url):
+    storage, study, sid = new_study(any_storage_url)
+    for _ in range(5):
+        study.enqueue_trial({})
+    take(storage, sid)  # the oldest is RUNNING now
+    public = [
+        trial_id(t)
+        for t in storage.get_all_trials(sid, deepcopy=False, states=(TrialState.WAITING,))
+    ]
+    assert waiting_trial_ids(storage, sid, limit=3) == public[:3]
+    assert waiting_trial_ids(storage, sid) == public and len(public) == 4
