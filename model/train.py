@@ -423,41 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     net.save(out / "network.npz", config=asdict(config))
     (out / "history.json").write_text(json.dumps(history.to_dict()))
-    png = plot_history(history, out / "curves.png", title=f"{args.dataset} {list(net.hidden)}")
     print(f"validation accuracy {val['accuracy']:.4f}")
     print(f"test accuracy {test['accuracy']:.4f}")
-    print(f"wrote {png}, {out / 'network.npz'}, {out / 'history.json'}")
+    print(
+        f"wrote {out / 'network.npz'}, {out / 'history.json'} (the curves, per evaluation point)"
+    )
     return 0
-
-
-def plot_history(history: History, path: str | Path, *, title: str = "") -> Path:
-    """Loss, cost and accuracy curves (train and validation) side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, what, label in zip(
-        axes,
-        ("loss", "cost", "acc"),
-        ("cross-entropy loss", "cost (loss + L2)", "accuracy"),
-        strict=True,
-    ):
-        ax.plot(history.step, history.metrics[f"train_{what}"], label="training")
-        ax.plot(history.step, history.metrics[f"val_{what}"], label="validation")
-        ax.set_xlabel("update step")
-        ax.set_ylabel(label)
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

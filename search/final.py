@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from model.data import Dataset, Splits
-from model.train import fit, plot_history
+from model.train import fit
 from search import cli
+from search.reporting.figures import draw_training
 from search.sweep import studies as st
 from search.sweep.objective import build_network
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     out = spec.out_dir() / "final"
     out.mkdir(parents=True, exist_ok=True)
     net.save(out / "network.npz", config=asdict(config))
-    plot_history(history, out / "curves.png", title=f"{spec.name}: final training")
+    draw_training(history, out / "curves.png", title=f"{spec.name}: final training")
     result = {
         "study": source.study_name,
         "trial": best.number,

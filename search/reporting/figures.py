@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from model.train import History
 from search.reporting.tables import param_label, params_text
 from search.sweep import studies as st
 
@@ -210,3 +211,28 @@ def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: i
     loss_ax.legend(loc="upper right", fontsize=7, ncol=2)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def draw_training(history: History, path: str | Path, *, title: str = "") -> Path:
+    """Loss, cost and accuracy curves (train and validation) side by side, as a PNG."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, what, label in zip(
+        axes,
+        ("loss", "cost", "acc"),
+        ("cross-entropy loss", "cost (loss + L2)", "accuracy"),
+        strict=True,
+    ):
+        ax.plot(history.step, history.metrics[f"train_{what}"], label="training")
+        ax.plot(history.step, history.metrics[f"val_{what}"], label="validation")
+        ax.set_xlabel("update step")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
