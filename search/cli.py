@@ -7,10 +7,12 @@ import argparse
 import functools
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from search.config.study import StudyDefinitionError, StudySpec, load_spec
 from search.sweep import lost
@@ -129,7 +131,28 @@ def same_flags(args: argparse.Namespace) -> str:
     return "".join(" " + shlex.quote(f) for f in flags)
 
 
-def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) -> None:
+class StageFailed(RuntimeError):
+    """Every trial of a stage failed: nothing to go on with."""
+
+
+def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
+    """The ``k`` most common reasons of the study's FAILed trials, with their counts.
+
+    Trials failed by the sweep itself (re-queued after an interrupt or a lost
+    worker, or dropped for a lowered target) are not failures of the settings.
+    """
+    own = ("interrupted", "worker lost", "not needed")
+    reasons = Counter(
+        str(t.user_attrs.get("reason", "no reason recorded")).splitlines()[0][:200]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if not str(t.user_attrs.get("reason", "")).startswith(own)
+    )
+    return reasons.most_common(k)
+
+
+def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) -> bool:
+    """The stage's best trials and the dashboard; whether a trial completed (something to
+    go on with). :class:`StageFailed` if every trial failed."""
     best = st.top_trials(study, k)
     if best:
         print(f"\ntop {len(best)} trials of {study.study_name}:")
@@ -137,6 +160,11 @@ def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) 
     else:
         print(f"\nno completed trials in {study.study_name}")
     print(f"\ndashboard: {dashboard_hint(spec)}")
+    c = st.counts(study)
+    if not c["COMPLETE"] and not c["PRUNED"] and (reasons := failure_reasons(study)):
+        lines = "; ".join(f"{n} x {reason}" for reason, n in reasons)
+        raise StageFailed(f"every trial of {study.study_name} failed: {lines}")
+    return bool(best)
 
 
 def guarded(main_body):
@@ -157,7 +185,7 @@ def guarded(main_body):
             except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
-            except (WorkersFailed, StorageUnavailable) as exc:
+            except (WorkersFailed, StorageUnavailable, StageFailed) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
             except (Interrupted, KeyboardInterrupt) as exc:

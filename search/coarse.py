@@ -14,8 +14,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     target = args.trials or spec.coarse_trials
     study = cli.run_stage(spec, "coarse", target=target, ranges=dict(spec.search))
-    cli.finish(spec, study, list(spec.search))
-    print("next: python -m search.fine" + cli.same_flags(args))
+    if cli.finish(spec, study, list(spec.search)):
+        print("next: python -m search.fine" + cli.same_flags(args))
     return 0
 
 

@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         enqueue=starts,
         attrs={"top_k": top_k, "margin": margin, "coarse_study": coarse.study_name},
     )
-    cli.finish(spec, study, list(ranges))
-    print("next: python -m search.final" + cli.same_flags(args))
+    if cli.finish(spec, study, list(ranges)):
+        print("next: python -m search.final" + cli.same_flags(args))
     return 0
 
 

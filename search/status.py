@@ -42,6 +42,7 @@ class StudyStatus:
     alive: int
     stale: int
     verdict: str
+    failures: tuple[tuple[str, int], ...] = ()
 
 
 def liveness(
@@ -106,6 +107,7 @@ def study_status(
         alive=alive,
         stale=stale,
         verdict=verdict,
+        failures=tuple(cli.failure_reasons(study)),
     )
 
 
@@ -117,13 +119,13 @@ def format_status(s: StudyStatus) -> str:
     if s.best_value is not None:
         params = ", ".join(f"{k}={v:.3e}" for k, v in s.best_params.items())
         best = f"{s.best_value:.4f} ({params})"
-    return "\n".join(
-        [
-            f"{s.name}: {s.verdict}",
-            f"  trials   {finished}/{target} finished; {counts}",
-            f"  best     {best}",
-        ]
-    )
+    lines = [
+        f"{s.name}: {s.verdict}",
+        f"  trials   {finished}/{target} finished; {counts}",
+        f"  best     {best}",
+    ]
+    lines += [f"  failed   {n} x {reason}" for reason, n in s.failures]
+    return "\n".join(lines)
 
 
 def _spec_or_none(path: str) -> StudySpec | None:

@@ -188,3 +188,17 @@ def test_owner_check_without_proc(monkeypatch):
 def test_a_reused_pid_is_not_the_old_worker():
     me = lost.owner_record()
     assert lost.owner_gone({**me, "start": "1"})  # this PID, but a process started earlier
+
+
+def test_a_stage_in_which_every_trial_failed_exits_1_with_the_reasons(quick_study, capsys):
+    from search import status
+
+    path = quick_study(training={"batch_size": 5000})  # more than the training set
+    assert coarse.main(["--study", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "error: every trial of qs-coarse failed: 6 x ValueError: batch_size" in err
+    assert "next:" not in out  # nothing to go on with
+    assert status.main(["--study", str(path)]) == 0
+    assert "  failed   6 x ValueError: batch_size" in capsys.readouterr().out
+    trial = st.open_study(load_spec(path), "coarse").get_trials()[0]
+    assert "Traceback" in trial.user_attrs["traceback"]  # for the dashboard
