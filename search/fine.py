@@ -8,6 +8,11 @@ first (``enqueue_trial``) so the fine study starts from them.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
+    from search.sweep.signals import exit_at_once_while_starting
+
+    exit_at_once_while_starting()
+
 import math
 
 import optuna

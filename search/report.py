@@ -12,6 +12,11 @@ The figures and Markdown are made in :mod:`search.reporting`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
+    from search.sweep.signals import exit_at_once_while_starting
+
+    exit_at_once_while_starting()
+
 from pathlib import Path
 
 from search import cli

@@ -15,6 +15,11 @@ Exit codes: 0 listed, 1 no study in the storage, 2 bad arguments or storage.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
+    from search.sweep.signals import exit_at_once_while_starting
+
+    exit_at_once_while_starting()
+
 import argparse
 import time
 from dataclasses import dataclass

@@ -24,6 +24,11 @@ containers in ``docker/compose.yaml`` are configured; a flag wins over the varia
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
+    from search.sweep.signals import exit_at_once_while_starting
+
+    exit_at_once_while_starting()
+
 import argparse
 import dataclasses
 import os

@@ -13,14 +13,13 @@ arrives while the first still waits ends the process at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-
-import optuna
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 RETRY_S = 0.02
@@ -34,10 +33,13 @@ class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an
         self.signum = signum
 
 
+@functools.cache
 def _library_dirs() -> tuple[str, ...]:
+    # Imported here, not at the top: commands import this module before anything else.
     import sqlite3
     import weakref
 
+    import optuna
     import sqlalchemy
 
     dirs = [Path(optuna.__file__).parent, Path(sqlalchemy.__file__).parent]
@@ -51,14 +53,11 @@ def _library_dirs() -> tuple[str, ...]:
     return tuple(str(d) for d in dirs)
 
 
-_UNSAFE = _library_dirs()
-
-
 def _safe_to_raise(frame: FrameType | None) -> bool:
     """No frame of a storage, a driver, a clean-up callback or an import on the stack."""
     while frame is not None:
         name = frame.f_code.co_filename
-        if name.startswith(_UNSAFE) or name.startswith("<frozen importlib"):
+        if name.startswith(_library_dirs()) or name.startswith("<frozen importlib"):
             return False
         frame = frame.f_back
     return True
@@ -149,6 +148,20 @@ class StopFlag:
 
 
 _CURRENT: list[StopFlag] = []
+
+
+def exit_at_once_while_starting() -> None:
+    """Until a command installs its own handlers: a stop signal ends it at once, with
+    one line and 128 + the signal (it has changed nothing yet; without this, Ctrl-C
+    during the imports would print a traceback). Call it first, before other imports."""
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        os.write(2, f"interrupted ({name}) while starting: nothing was changed\n".encode())
+        os._exit(128 + signum)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, leave)
 
 
 def checkpoint() -> None:
