@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=int(_env("threads", "0") or 0) or None,
-        help="BLAS threads per worker (default: the cores shared out among the workers)",
+        help="BLAS threads per worker (default 1: measured fastest on a shared machine)",
     )
     p.add_argument(
         "--poll",

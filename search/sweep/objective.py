@@ -67,7 +67,8 @@ def fit_and_record(
     """
     t0 = time.perf_counter()
     try:
-        history = fit(net, splits, config, on_evaluate=on_evaluate)
+        # The worker's BLAS limit (set by the pool) applies, not fit's own default.
+        history = fit(net, splits, config, on_evaluate=on_evaluate, blas_threads=None)
     except TrainingDiverged as exc:
         exc.history.wall_time = time.perf_counter() - t0
         record_trial(trial, exc.history, diverged=True, reason=str(exc))

@@ -63,8 +63,13 @@ class PoolResult:
 
 
 def threads_per(workers: int) -> int:
-    """BLAS threads for each of ``workers`` workers: the cores shared out, at least one."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    """BLAS threads for each of ``workers`` workers by default: one.
+
+    Measured on 2 cores (README, "The optimiser step and BLAS threads"): a second
+    thread gains at most 1.3x on an idle machine and loses 4-80x as soon as another
+    process wants a core, as other workers do. ``search.worker --threads`` asks for more.
+    """
+    return 1
 
 
 def run_pool(
