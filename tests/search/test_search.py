@@ -213,7 +213,10 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     def two_done_one_running():
         t = state()
         return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
-            x.state == TrialState.RUNNING and len(x.params) == 2 and not x.intermediate_values
+            # in the first half of its 64 evaluation points: the kill lands mid-trial
+            x.state == TrialState.RUNNING
+            and len(x.params) == 2
+            and len(x.intermediate_values) < 32
             for x in t
         )
 
