@@ -131,6 +131,10 @@ def _open(url: str) -> BaseStorage:
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
                 "keepalives_count": 3,
+                # A worker stopped (SIGSTOP, a paused VM) inside a transaction would hold
+                # its row locks, and every other worker's write to that trial would wait
+                # for it: the server ends such a session after 30 s instead.
+                "options": "-c idle_in_transaction_session_timeout=30000",
             }
 
     def connect() -> RDBStorage:

@@ -105,7 +105,11 @@ def test_killed_worker_trial_is_retried_by_the_others(quick_study, pg_url):
     try:
         while killed is None and time.monotonic() < deadline:
             running = study.get_trials(states=(TrialState.RUNNING,))
-            mine = [t for t in running if "machine-b" in t.system_attrs[lost.OWNER]["machine"]]
+            mine = [
+                t
+                for t in running
+                if "machine-b" in t.system_attrs.get(lost.OWNER, {}).get("machine", "")
+            ]
             mine = [t for t in mine if len(t.params) == 2]  # both suggested: training
             if mine:
                 os.killpg(victim.pid, signal.SIGKILL)  # the whole machine dies
