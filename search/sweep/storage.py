@@ -327,6 +327,10 @@ _TRANSIENT_WORDS = (
     "timeout expired",
     "could not receive data",
     "could not send data",
+    # Two processes creating the tables of a new database at once: the second one's
+    # try fails on the version row; tried again, it finds the tables made.
+    "constraint failed: alembic_version",
+    'duplicate key value violates unique constraint "alembic_version_pkc"',
 )
 
 

@@ -15,6 +15,7 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from tests.search.conftest import REPO
@@ -47,7 +48,7 @@ def wait_for_training(url: str, running: int = 1, timeout: float = 60.0) -> None
     while time.monotonic() < deadline:
         try:
             live = [t for t in trials(url) if t.state == TrialState.RUNNING and len(t.params) == 2]
-        except KeyError:  # the study is not created yet
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the command is creating it
             live = []
         if len(live) >= running:
             return
