@@ -33,7 +33,7 @@ from search.sweep.signals import STOP_SIGNALS, Interrupted, StopFlag, current
 from search.sweep.storage import release
 
 PR_SET_PDEATHSIG = 1
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0  # then a worker that has not stopped is killed, its trial re-queued here
 
 
 class WorkerJob(Protocol):

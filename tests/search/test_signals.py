@@ -95,7 +95,7 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_meets_the_target(sweep):
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends
     t0 = time.monotonic()
     out, err = proc.communicate(timeout=20)
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 8  # 5 s for the workers to stop, then they are killed
     assert proc.returncode == 130, err
     # One line: no traceback, no "Exception ignored".
     assert [line for line in err.splitlines() if line.strip()] == [

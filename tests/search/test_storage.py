@@ -38,7 +38,7 @@ def test_sqlite_settings(sqlite_study, pickled):
     db, storage, _ = sqlite_study
     if pickled:  # unpickling builds a new engine: it must get the same settings
         storage = pickle.loads(pickle.dumps(storage))
-    assert isinstance(storage, ResilientStorage) and isinstance(storage.inner, SQLiteStorage)
+    assert isinstance(storage, ResilientStorage) and isinstance(storage.backend, SQLiteStorage)
     with storage.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL

@@ -296,6 +296,10 @@ def test_the_private_optuna_api_still_does_what_we_use_it_for(tmp_path):
     [frozen] = study.get_trials()
     assert trial_id(frozen) == storage.get_trial_id_from_study_id_trial_number(sid, 0)
     assert storage_of(study) is storage
+    # Optuna's trial cache is in front of an RDB storage, as create_study would put it.
+    from optuna.storages._cached_storage import _CachedStorage
+
+    assert isinstance(storage.inner, _CachedStorage) and storage.inner._backend is storage.backend
 
 
 def test_waiting_trials_are_listed_oldest_first_as_optuna_lists_them(any_storage_url):
