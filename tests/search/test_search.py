@@ -190,7 +190,7 @@ def _run_until(cmd, cond, timeout=120):
             return proc
         if proc.poll() is not None:
             raise AssertionError(proc.stderr.read().decode())
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.kill()
     raise AssertionError("condition not reached")
 
@@ -198,7 +198,7 @@ def _run_until(cmd, cond, timeout=120):
 def test_sigkill_mid_trial_then_resume(quick_study):
     path = quick_study(
         coarse={"trials": 6},
-        training={"n_cycles": 8},  # long enough that the kill lands mid-trial
+        training={"n_cycles": 12},  # long enough that the kill lands mid-trial
         optuna={"heartbeat_interval": 1, "grace_period": 3, "pruner": "none"},
     )
     spec = load_spec(path)
@@ -213,10 +213,10 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     def two_done_one_running():
         t = state()
         return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
-            # in the first half of its 64 evaluation points: the kill lands mid-trial
+            # in the first half of its 96 evaluation points: the kill lands mid-trial
             x.state == TrialState.RUNNING
             and len(x.params) == 2
-            and len(x.intermediate_values) < 32
+            and len(x.intermediate_values) < 48
             for x in t
         )
 
@@ -227,7 +227,9 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     proc.wait()
     before = {t.number: t.value for t in state() if t.state == TrialState.COMPLETE}
     killed = [t for t in state() if t.state == TrialState.RUNNING]
-    assert len(killed) == 1
+    assert len(killed) == 1, [
+        (t.number, t.state.name, t.user_attrs.get("reason")) for t in state()
+    ]
     rerun = subprocess.run(
         [sys.executable, "-m", "search.coarse", "--study", str(path)],
         cwd=REPO,
