@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from tests.search.conftest import REPO
 
-SLOW_TRIALS = {"n_cycles": 12}  # about a second a trial: signals land mid-training
+SLOW_TRIALS = {"n_cycles": 30}  # a few seconds a trial: signals land mid-training
 
 
 def start(path, url: str, *flags: str) -> subprocess.Popen:
