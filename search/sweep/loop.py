@@ -167,7 +167,7 @@ def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None])
     """Run and tell one trial this worker has taken; False if it was dropped or given back."""
     storage, study, study_id = sweep.storage, sweep.study, sweep.study_id
     trial = optuna.Trial(study, tid)
-    owner = storage.get_trial(tid).system_attrs.get(lost.OWNER) or lost.owner_record()
+    owner = lost.owner_record()  # what take() wrote; the heartbeat renews its time
     value: float | None = None
     state: TrialState | None = None
     with Heartbeat(storage, tid, owner, sweep.heartbeat_interval) as beat:

@@ -52,8 +52,8 @@ def study_name(spec: StudySpec, stage: str) -> str:
     return f"{spec.name}-{stage}"
 
 
-def storage_for(spec: StudySpec, url: str | None = None) -> ResilientStorage:
-    return make_storage(url or spec.storage_url())
+def storage_for(spec: StudySpec) -> ResilientStorage:
+    return make_storage(spec.storage_url())
 
 
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
