@@ -4,7 +4,9 @@ and turning errors and signals into one line and an exit code."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import signal
 import sys
 from collections import Counter
@@ -188,6 +190,10 @@ def guarded(main_body):
             except (WorkersFailed, StorageUnavailable, StageFailed) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
+            except BrokenPipeError:  # the output went to `head` or a closed pager
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
             except (Interrupted, KeyboardInterrupt) as exc:
                 signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
                 print(
