@@ -82,6 +82,11 @@ def fit_and_record(
     return history
 
 
+def trial_seed(spec: StudySpec, trial: optuna.Trial) -> int:
+    """The seed of a trial's data order and initial weights."""
+    return spec.optuna.seed + trial.number
+
+
 class Objective:
     """``Objective(spec, stage, splits, ranges)(trial) -> final validation accuracy``."""
 
@@ -95,7 +100,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.ranges)
-        seed = self.spec.optuna.seed + trial.number
+        seed = trial_seed(self.spec, trial)
         config = self.spec.train_config(self.stage, {**params, "seed": seed})
         net = build_network(self.spec, self.splits, seed)
         n_train = self.splits.train.n
