@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=_env("data_dir"), help="dataset directory on this machine"
     )
     p.add_argument(
+        "--n-val",
+        type=cli.n_val_arg,
+        default=_env("n_val"),
+        help="validation images or a fraction (the study's creator's --n-val, if it gave one)",
+    )
+    p.add_argument(
         "--cache-dir",
         default=_env("cache_dir"),
         help="where prepared data is cached (default: cache/ beside the study file)",
@@ -135,6 +141,9 @@ def load_worker_spec(args: argparse.Namespace, path: str) -> StudySpec:
         spec = dataclasses.replace(
             spec, data=dataclasses.replace(spec.data, dir=str(Path(args.data_dir).resolve()))
         )
+    if args.n_val is not None:
+        n_val = cli.n_val_arg(args.n_val) if isinstance(args.n_val, str) else args.n_val
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, n_val=n_val))
     return spec.with_overrides(storage=args.storage)
 
 
