@@ -306,7 +306,7 @@ class FinalSpec:
     """final trains on train + val minus ``holdout`` validation images (a number, or a
     fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once."""
 
-    holdout: int | float = 1000
+    holdout: int | float = 0.2
     seeds: int = 3
     training: dict[str, Any] = field(default_factory=dict)
 

@@ -241,7 +241,7 @@ def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
     training set, a final holdout larger than the validation set), naming the field."""
     holdout = holdout_size(spec, sizes["val"])
     n_final = sizes["train"] + sizes["val"] - holdout
-    where = f" ({sizes['train']} training images after n_val = {spec.data.n_val!r})"
+    where = f" after n_val = {spec.data.n_val!r}" if spec.data.n_val is not None else ""
     for stage, n_train, section in (
         ("coarse", sizes["train"], "training"),
         ("fine", sizes["train"], "fine.training"),
@@ -254,8 +254,9 @@ def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
             raise StudyDefinitionError(
                 spec.path,
                 f"{field_name}.batch_size",
-                f"batch_size = {config.batch_size} is larger than the {stage} stage's "
-                f"training set of {n_train} images{where if stage != 'final' else ''}; "
+                f"batch_size = {config.batch_size} is larger than the "
+                f"{'final ' if stage == 'final' else ''}training set "
+                f"({n_train} images{where if stage != 'final' else ''}); "
                 "use a smaller batch_size or a smaller [data] n_val (e.g. n_val = 0.1)",
             )
 
