@@ -676,7 +676,8 @@ def load(
 
     n_val=None uses the loader's default; a float in (0, 1) is a fraction of the images.
     split applies to cifar10 only (n_val only to its split="all"); seed only to
-    digits, whose rows are shuffled. X of every split is (N, d) ``dtype``, y (N,) int64; with normalize=True, standardised by :func:`normalise`.
+    digits, whose rows are shuffled. X of every split is (N, d) ``dtype``, y (N,)
+    int64; with normalize=True, standardised by :func:`normalise`.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
