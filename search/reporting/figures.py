@@ -85,9 +85,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
                 label=f"{stage}: complete ({len(complete)})",
                 zorder=3,
             )
-        replicated = [
-            c for c in rep.study_configurations(study) if c.n > 1 and param in c.params
-        ]
+        replicated = [c for c in rep.study_configurations(study) if c.n > 1 and param in c.params]
         if replicated:
             ax.errorbar(
                 [c.params[param] for c in replicated],

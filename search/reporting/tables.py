@@ -44,9 +44,7 @@ def ranges_table(ranges: dict[str, Sequence[float]]) -> str:
     return markdown_table(("parameter", "low", "high", "decades"), rows)
 
 
-def top_table(
-    study: optuna.Study, names: list[str], k: int = 10, *, replicates: int = 1
-) -> str:
+def top_table(study: optuna.Study, names: list[str], k: int = 10, *, replicates: int = 1) -> str:
     """The ``k`` best configurations: val acc mean +- sd over n seeds, params, epochs and
     wall time of one run."""
     rows = []
