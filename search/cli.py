@@ -26,8 +26,6 @@ from search.sweep.signals import Interrupted, StopFlag, signals_recorded
 from search.sweep.storage import StorageUnavailable, safe_url, storage_of
 
 DEFAULT_STUDY = "studies/quickstart.toml"
-# A configuration that drops out of the best few once replicated lets another in.
-MAX_REPLICATE_ROUNDS = 3
 
 
 EXIT_CODES = (
@@ -148,21 +146,7 @@ def run_stage(
 
     run(target)
     # Then more seeds of the best configurations, until the best ones all have them.
-    stage_spec = spec.coarse if stage == "coarse" else spec.fine
-    for _ in range(MAX_REPLICATE_ROUNDS):
-        queued = rep.queue_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
-        if not queued:
-            break
-        print(
-            f"replicates: the {stage_spec.replicate_top} best configurations get "
-            f"{stage_spec.replicates} seeds each; {queued} runs queued",
-            flush=True,
-        )
-        n_replicates = sum(
-            rep.is_replicate(t)
-            for t in study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
-        )
-        run(target + n_replicates)
+    st.replicate_rounds(spec, stage, study, run)
     return study
 
 

@@ -185,6 +185,7 @@ def create(args: argparse.Namespace) -> int:
     prepared = prepare_data(spec, args.cache_dir)
     study = st.open_study(spec, "coarse")
     st.record_data(study, prepared)
+    st.record_seed_mode(study, spec)
     study.set_user_attr("ranges", st.describe_ranges(spec.search))
     study.set_user_attr("study_file", str(Path(spec.path).resolve()))
     target = args.trials or spec.coarse_trials
@@ -239,6 +240,7 @@ def join(args: argparse.Namespace) -> int:
     study = st.open_study(spec, stage, storage, create=False)
     prepared = prepare_data(spec, args.cache_dir)
     st.record_data(study, prepared)
+    st.record_seed_mode(study, spec)
     ranges = ranges_for(spec, stage, study)
     target = study.user_attrs.get("target")
     threads = args.threads or threads_per(args.workers)
@@ -259,13 +261,18 @@ def join(args: argparse.Namespace) -> int:
         seed_offset=st.machine_seed(),
         poll=args.poll,
     )
-    run_workers(
-        job,
-        workers=args.workers,
-        progress=Progress(study, int(target or 0)),
-        reap=lambda: st.reap_all(spec, stage),
-        release_first=[storage],
-    )
+
+    def run(total: int) -> None:
+        run_workers(
+            job,
+            workers=args.workers,
+            progress=Progress(study, total),
+            reap=lambda: st.reap_all(spec, stage),
+            release_first=[storage],
+        )
+
+    run(int(target or 0))
+    st.replicate_rounds(spec, stage, study, run)
     c = st.counts(study)
     print(
         f"queue of {args.study_name} empty: {c['COMPLETE'] + c['PRUNED']} finished "

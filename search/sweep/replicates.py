@@ -140,3 +140,33 @@ def queue_replicates(study: optuna.Study, replicates: int, top: int) -> int:
                 study.enqueue_trial(config.params, user_attrs={REPLICATE: index})
                 queued += 1
     return queued
+
+
+SMOOTHING_DECADES = 0.3  # the kernel's sd in decades of each searched parameter
+
+
+def smoothed(
+    configs: Sequence[Configuration], *, bandwidth: float = SMOOTHING_DECADES
+) -> list[tuple[Configuration, float]]:
+    """Each configuration with a smoothed validation accuracy, best first.
+
+    The smoothed value is a kernel-weighted mean of every configuration's runs
+    (a Gaussian of ``bandwidth`` decades in log-parameter space, each run
+    weighted once), so a configuration whose neighbours are good as well beats
+    a lucky one among poor neighbours: a smooth fit of accuracy over log lambda
+    rather than one noisy point.
+    """
+    out = []
+    for c in configs:
+        num = den = 0.0
+        for other in configs:
+            d2 = sum(
+                (math.log10(c.params[k]) - math.log10(other.params[k])) ** 2
+                for k in c.params
+                if k in other.params and c.params[k] > 0 and other.params[k] > 0
+            )
+            w = other.n * math.exp(-d2 / (2 * bandwidth**2))
+            num += w * other.mean
+            den += w
+        out.append((c, num / den))
+    return sorted(out, key=lambda cv: cv[1], reverse=True)

@@ -30,7 +30,7 @@ from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import Objective
 from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared, prepare
-from search.sweep.replicates import is_replicate
+from search.sweep.replicates import is_replicate, queue_replicates
 from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
@@ -362,3 +362,34 @@ def reap_all(spec: StudySpec, stage: str) -> list[int]:
     storage = storage_for(spec)
     study_id = storage.get_study_id_from_name(study_name(spec, stage))
     return lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
+
+
+# A configuration that drops out of the best few once replicated lets another in.
+MAX_REPLICATE_ROUNDS = 2
+
+
+def replicate_rounds(
+    spec: StudySpec, stage: str, study: optuna.Study, run: Callable[[int], None], *, log=print
+) -> None:
+    """Queue more seeds of the stage's best configurations and ``run(total)`` the workers,
+    until the best ones all have them (at most :data:`MAX_REPLICATE_ROUNDS` rounds).
+
+    Only once the stage's search trials are all finished: a machine whose queue
+    ran dry while others still train leaves the replicates to the last one.
+    ``total`` is the target plus the replicate runs, for the progress line.
+    """
+    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    for _ in range(MAX_REPLICATE_ROUNDS):
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state in LIVE and not is_replicate(t) for t in trials):
+            return
+        queued = queue_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
+        if not queued:
+            return
+        log(
+            f"replicates: the {stage_spec.replicate_top} best configurations get "
+            f"{stage_spec.replicates} seeds each; {queued} runs queued",
+            flush=True,
+        )
+        live = study.get_trials(deepcopy=False, states=FINISHED + LIVE)
+        run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))

@@ -259,3 +259,18 @@ def test_n_s_is_given_in_steps_or_in_epochs_not_both(tmp_path):
         parse_spec({"name": "x", "training": {"n_s": 10, "n_s_epochs": 2.0}}, tmp_path / "x")
     with pytest.raises(StudyDefinitionError, match=r"\[data.n_val\] must be a number of images"):
         parse_spec({"name": "x", "data": {"n_val": 1.5}}, tmp_path / "x")
+
+
+def test_workers_that_join_a_study_run_its_replicates(quick_study, tmp_path):
+    from search import worker
+
+    path = quick_study(coarse={"trials": 4, "replicates": 2, "replicate_top": 1})
+    url = f"sqlite:///{tmp_path / 'joined.db'}"
+    create = ["--create", "--study", str(path), "--storage", url]
+    assert quiet(worker.main, create)[0] == 0
+    code, out = quiet(worker.main, ["--storage", url, "--study-name", "qs-coarse"])
+    assert code == 0 and "replicates: the 1 best configurations get 2 seeds each" in out
+    study = optuna.load_study(study_name="qs-coarse", storage=url)
+    assert study.user_attrs["seed_mode"] == "shared"
+    assert sum(rep.is_replicate(t) for t in study.trials) >= 1
+    assert rep.study_configurations(study, 2)[0].n == 2
