@@ -59,13 +59,17 @@ def final_split(splits: Splits, holdout: int) -> Splits:
     return Splits(train, val, splits.test)
 
 
-def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration]:
-    """The study to take it from (fine, else coarse) and its best configuration."""
+def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration, float]:
+    """The study to take it from (fine, else coarse), its chosen configuration and that
+    one's smoothed validation accuracy (:func:`search.sweep.replicates.choose`)."""
     for stage in ("fine", "coarse"):
         study = st.load_existing(spec, stage)
         replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
         if study is not None and (configs := rep.study_configurations(study, replicates)):
-            return study, configs[0]
+            if spec.final.choose == "best":
+                value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
+                return study, configs[0], value
+            return (study, *rep.choose(configs))
     raise ValueError(
         f"no completed trials of {spec.name} in the fine or coarse study of "
         f"{spec.storage_url()}; run python -m search.coarse{cli.same_flags(args)} first"
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     n_seeds = args.seeds or spec.final.seeds
-    source, best = chosen_configuration(spec, args)
+    source, best, smooth = chosen_configuration(spec, args)
     config0 = spec.train_config("final", {**best.params, "seed": spec.optuna.seed})
     key = json.dumps({"params": best.params, "config": asdict(config0)}, sort_keys=True)
     recorded = source.user_attrs.get("final")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = final_split(data, holdout)
     print(
         f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "
-        f"{_params(best.params)})\n"
+        f"{smooth:.4f} smoothed over its neighbours; {_params(best.params)})\n"
         f"  trains on {data.train.n} training + {data.val.n - holdout} validation images "
         f"= {splits.train.n}; holdout {holdout} validation images for the curve; "
         f"test {data.test.n} images, once per seed\n"

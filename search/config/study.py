@@ -10,7 +10,7 @@ A file has these tables (every key but ``name`` has a default)::
     [coarse]    trials, replicates, replicate_top
     [fine]      trials, top_k, margin (decades on each side), narrow, extend, replicates,
                 replicate_top, [fine.training] overrides
-    [final]     holdout, seeds, [final.training] overrides
+    [final]     holdout, seeds, choose, [final.training] overrides
     [optuna]    pruner, sampler, seed, seed_mode, workers, storage, heartbeat_interval,
                 grace_period, warmup_cycles, n_startup_trials
 
@@ -36,6 +36,7 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
 NARROWING = ("noise", "top_k")
+CHOICES = ("smoothed", "best")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
 TABLES = ("name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna")
 
@@ -304,10 +305,13 @@ def _parse_fine(path: Path, raw: Any) -> FineSpec:
 @dataclass(frozen=True)
 class FinalSpec:
     """final trains on train + val minus ``holdout`` validation images (a number, or a
-    fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once."""
+    fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
+    ``choose``: "smoothed" (the best kernel-smoothed mean over neighbouring
+    configurations) or "best" (the best mean, replicated configurations first)."""
 
     holdout: int | float = 0.2
     seeds: int = 3
+    choose: str = "smoothed"
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -320,6 +324,10 @@ def _parse_final(path: Path, raw: Any) -> FinalSpec:
             "final.holdout",
             "must be a number of validation images >= 0 (0: no holdout) or a fraction of "
             f"them in (0, 1), got {h!r}",
+        )
+    if final.choose not in CHOICES:
+        raise StudyDefinitionError(
+            path, "final.choose", f"must be one of {list(CHOICES)}, got {final.choose!r}"
         )
     if final.seeds < 1:
         raise StudyDefinitionError(

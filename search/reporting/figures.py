@@ -128,11 +128,10 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
 
 
 def _best(studies: dict[str, optuna.Study]) -> tuple[str, rep.Configuration] | None:
-    """The configuration final chooses: the fine study's best mean, else the coarse one's
-    (a replicated one before single runs)."""
+    """The configuration final chooses: the fine study's, else the coarse one's."""
     for stage in ("fine", "coarse"):
-        if stage in studies and (configs := rep.study_configurations(studies[stage], 2)):
-            return stage, configs[0]
+        if stage in studies and (configs := rep.study_configurations(studies[stage])):
+            return stage, rep.choose(configs)[0]
     return None
 
 

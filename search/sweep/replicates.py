@@ -170,3 +170,14 @@ def smoothed(
             den += w
         out.append((c, num / den))
     return sorted(out, key=lambda cv: cv[1], reverse=True)
+
+
+def choose(configs: Sequence[Configuration]) -> tuple[Configuration, float]:
+    """The configuration to retrain, with its smoothed value: the best of :func:`smoothed`.
+
+    Measured by ``python -m bench.search_quality``: on a landscape flat within
+    noise, the smoothed choice's regret was at or below the best mean's.
+    """
+    if not configs:
+        raise ValueError("no completed configurations to choose from")
+    return smoothed(configs)[0]

@@ -364,8 +364,9 @@ def reap_all(spec: StudySpec, stage: str) -> list[int]:
     return lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
 
 
-# A configuration that drops out of the best few once replicated lets another in.
-MAX_REPLICATE_ROUNDS = 2
+# One round: a predictable cost of (replicates - 1) x replicate_top runs per stage. The
+# ranking puts replicated configurations first, so a lucky single run cannot win anyway.
+MAX_REPLICATE_ROUNDS = 1
 
 
 def replicate_rounds(
