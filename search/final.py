@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         "configuration": best.number,
         "trials": sorted(t.number for t in best.trials),
         "params": best.params,
-        "search_val_acc": {"mean": best.mean, "sd": None if best.n < 2 else best.sd, "n": best.n},
+        "search_val_acc": {
+            "mean": best.mean,
+            "sd": None if best.n < 2 else best.sd,
+            "n": best.n,
+            "smoothed": smooth,
+        },
         "test_acc": statistics.fmean(accs),
         "test_acc_sd": statistics.stdev(accs) if len(accs) > 1 else None,
         "test_accs": accs,
