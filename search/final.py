@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         "final", {**{k: v for k, v in result.items() if k not in ("config", "runs")}, "key": key}
     )
     print(f"test accuracy {_describe(accs)}")
+    flat = (source.user_attrs.get("narrowing") or {}).get("flat", [])
+    if flat:
+        print(
+            f"note: validation accuracy was flat within the seed noise along {', '.join(flat)}: "
+            "this choice is as good as any in the fine range, not better"
+        )
     print(f"wrote {out / 'network.npz'}, {out / 'curves.png'}, {out / 'result.json'}")
     print("next: python -m search.report" + cli.same_flags(args))
     return 0

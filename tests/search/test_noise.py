@@ -300,3 +300,31 @@ def test_final_choose_best_retrains_the_best_mean(quick_study):
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
     best = rep.study_configurations(st.open_study(spec, "coarse"), 1)[0]
     assert result["params"] == best.params and result["search_val_acc"]["smoothed"] > 0
+
+
+def test_the_report_and_final_say_when_the_choice_is_within_noise(tmp_path):
+    from search.reporting import markdown
+
+    spec = load_spec(REPO / "studies" / "quickstart.toml")
+    fine_study = optuna.create_study(direction="maximize")
+    fine_study.set_user_attr("top_k", 3)
+    fine_study.set_user_attr("margin", 0.25)
+    note = "l2_lambda: flat within noise (sigma 0.0084) over 2.8 of the coarse range's 3.0"
+    fine_study.set_user_attr(
+        "narrowing",
+        {
+            "sigma": 0.0084,
+            "within": [0, 1, 2],
+            "chosen": [0, 1, 2],
+            "flat": ["l2_lambda"],
+            "extended": {},
+            "notes": [note],
+        },
+    )
+    fine_study.set_user_attr(
+        "final", {"test_acc": 0.97, "test_acc_sd": 0.0067, "test_accs": [0.96, 0.97, 0.98]}
+    )
+    text = markdown.final_section(spec, {"fine": fine_study})
+    assert "**The choice of lambda is within the seed noise**" in text
+    assert "test accuracy **0.9700 +- 0.0067 (n=3 seeds)**" in text
+    assert f"**{note}" in markdown.narrowing_text(fine_study.user_attrs)
