@@ -128,10 +128,13 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
 
 
 def _best(studies: dict[str, optuna.Study]) -> tuple[str, rep.Configuration] | None:
-    """The configuration final chooses: the fine study's, else the coarse one's."""
+    """The configuration final retrained (its recorded params), else the best mean of the
+    fine study, else of the coarse one (replicated configurations first)."""
     for stage in ("fine", "coarse"):
-        if stage in studies and (configs := rep.study_configurations(studies[stage])):
-            return stage, rep.choose(configs)[0]
+        if stage in studies and (configs := rep.study_configurations(studies[stage], 2)):
+            final = studies[stage].user_attrs.get("final") or {}
+            chosen = [c for c in configs if c.params == final.get("params")]
+            return stage, (chosen or configs)[0]
     return None
 
 
