@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from model import layers, optim
+from model import blas, layers
 from model.data import Dataset, Splits
 from model.network import Network
 from model.train import TrainConfig, fit
@@ -233,14 +233,14 @@ def time_floor(splits: Splits, hidden: Sequence[int]) -> tuple[float, float]:
 PARTS: tuple[tuple[Any, str, str], ...] = (
     # (owner, function, part): the part of a step each function's time goes to.
     (layers, "affine_forward", "affine forward (X W + b)"),
-    (layers, "affine_backward", "input gradients (dS W^T) and db"),
-    (optim, "_weight_step", "weight step (X^T dS, decay, W -= )"),
+    (layers, "affine_backward", "dS W^T, X^T dS above layer 1, db"),
+    (blas, "gemm_update", "W1 step (gemm into W1)"),
     (layers, "batchnorm_forward", "batch norm forward"),
     (layers, "batchnorm_backward", "batch norm backward"),
     (layers, "relu_forward", "relu forward"),
     (layers, "relu_backward", "relu backward"),
     (layers, "softmax_cross_entropy", "softmax + cross-entropy"),
-    (Network, "update_running_stats", "running statistics"),
+    (Network, "fold_batch_stats", "running statistics"),
 )
 
 
@@ -273,7 +273,7 @@ def profile_epoch(
     """(seconds, seconds per part) of the fastest of ``repeats`` profiled epochs of ``fit``.
 
     The gather is timed apart (the same np.take over an epoch); what no wrapped function
-    covers (the loop, the schedule, the vector step, backprop's own code) is "the rest".
+    covers (the loop, the schedule, the step of the flat parameters, Python) is "the rest".
     The timers add about a microsecond per call, which lands in the parts."""
     best: tuple[float, dict[str, float]] | None = None
     for r in range(repeats):
@@ -285,7 +285,7 @@ def profile_epoch(
     assert best is not None
     total, acc = best
     acc["batch gather (np.take)"] = min(time_floor(splits, [1])[0] for _ in range(repeats))
-    acc["the rest (Python, vector step)"] = total - sum(acc.values())
+    acc["the rest (Python, flat step)"] = total - sum(acc.values())
     return total, acc
 
 

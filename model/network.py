@@ -9,17 +9,19 @@ running statistics live apart in ``bn_state`` (``mean1, var1, ...``): they are
 not trained. A layer followed by batch norm has no bias, since the mean
 subtraction cancels it and beta takes its place; the last layer always has one.
 
-The vectors (every b, gamma and beta) are views into one flat array
-``Network.vectors``, and the running statistics views into one flat array too, so
-an optimiser steps all the vectors, and a training step folds in all the batch
-statistics, with one call each whatever the depth. Update them in place
+Every parameter is a view into one flat array ``Network.flat_params``: first every
+W (W1, W2, ..., WL), then every vector (b, gamma and beta, layer by layer). The
+training pass writes its gradients into ``Network.flat_grads``, laid out alike, and
+its batch statistics into one flat array laid out like the running ones, so an
+optimiser steps every parameter after the first layer's W, and folds in every
+batch statistic, with one call each whatever the depth. Update parameters in place
 (``params[k][...] = ...``), never by assigning a new array to the key.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,20 +30,6 @@ import numpy as np
 from model import layers
 
 INITS = ("he", "xavier", "sigma")
-
-
-class _Buffers:
-    """Arrays reused from one training step to the next, keyed by name."""
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        arr = self._arrays.get(name)
-        if arr is None or arr.shape != shape or arr.dtype != dtype:
-            arr = np.empty(shape, dtype=dtype)
-            self._arrays[name] = arr
-        return arr
 
 
 class Network:
@@ -92,22 +80,26 @@ class Network:
         self.bn_alpha = float(bn_alpha)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         sizes = [self.d_in, *self.hidden, self.n_classes]
-        n_vec = sum(2 * m if self._has_bn(l) else m for l, m in enumerate(sizes[1:], 1))
-        n_bn = sum(2 * m for l, m in enumerate(sizes[1:], 1) if self._has_bn(l))
-        self.vectors = np.zeros(n_vec, dtype=self.dtype)
-        self.vector_grads = np.zeros(n_vec, dtype=self.dtype)
+        layer_ids = range(1, len(sizes))
+        n_weights = sum(sizes[l - 1] * sizes[l] for l in layer_ids)
+        n_vec = sum(2 * sizes[l] if self._has_bn(l) else sizes[l] for l in layer_ids)
+        n_bn = sum(2 * sizes[l] for l in layer_ids if self._has_bn(l))
+        self.flat_params = np.zeros(n_weights + n_vec, dtype=self.dtype)
+        self.flat_grads = np.zeros_like(self.flat_params)
+        #: Entries of W1 (the start of the flat arrays) and of all the weights.
+        self.n_first_weights = sizes[0] * sizes[1]
+        self.n_weights = n_weights
         self._bn_flat = np.zeros(n_bn, dtype=self.dtype)
         self._batch_stats = np.zeros(n_bn, dtype=self.dtype)
         self.params: dict[str, np.ndarray] = {}
         self.bn_state: dict[str, np.ndarray] = {}
-        self._vector_grad_views: dict[str, np.ndarray] = {}
-        # Per layer: (W, b, gamma, beta, mean, var) keys and the views that the
-        # training pass writes its batch statistics and vector gradients into.
-        self._layer_keys: list[tuple[str, ...]] = [()]
-        self._stat_views: list[tuple[np.ndarray, np.ndarray] | None] = [None]
-        self._grad_views: list[tuple[np.ndarray, ...]] = [()]
-        vec_at = bn_at = 0
-        for l in range(1, len(sizes)):
+        self._grad_views: dict[str, np.ndarray] = {}
+        # Per layer l (index l - 1): the views of its running statistics, of its batch
+        # statistics in the flat array, and its parameter keys.
+        self._layers: list[tuple[str, str | None, str | None, str | None]] = []
+        self._stat_views: list[tuple[np.ndarray, np.ndarray] | None] = []
+        w_at, vec_at, bn_at = 0, n_weights, 0
+        for l in layer_ids:
             fan_in, fan_out = sizes[l - 1], sizes[l]
             # Never None: init="sigma" with sigma=None was refused above.
             std = cast(
@@ -116,14 +108,13 @@ class Network:
             )
             # Drawn in float64 so float32 and float64 networks of one seed match.
             W = rng.standard_normal((fan_in, fan_out)) * std
-            self.params[f"W{l}"] = W.astype(self.dtype)
+            self._add_param(f"W{l}", w_at, (fan_in, fan_out))
+            self.params[f"W{l}"][...] = W
+            w_at += fan_in * fan_out
             names = ("gamma", "beta") if self._has_bn(l) else ("b",)
             for name in names:
-                key = f"{name}{l}"
-                self.params[key] = self.vectors[vec_at : vec_at + fan_out]
-                self._vector_grad_views[key] = self.vector_grads[vec_at : vec_at + fan_out]
+                self._add_param(f"{name}{l}", vec_at, (fan_out,))
                 vec_at += fan_out
-            self._grad_views.append(tuple(self._vector_grad_views[f"{n}{l}"] for n in names))
             if self._has_bn(l):
                 self.params[f"gamma{l}"][...] = 1.0
                 mean = self._bn_flat[bn_at : bn_at + fan_out]
@@ -137,22 +128,17 @@ class Network:
                     )
                 )
                 bn_at += 2 * fan_out
+                self._layers.append((f"W{l}", None, f"gamma{l}", f"beta{l}"))
             else:
                 self._stat_views.append(None)
-            self._layer_keys.append(
-                (
-                    f"W{l}",
-                    f"b{l}",
-                    f"gamma{l}",
-                    f"beta{l}",
-                    f"mean{l}",
-                    f"var{l}",
-                    f"S{l}",
-                    f"S_hat{l}",
-                )
-            )
+                self._layers.append((f"W{l}", f"b{l}", None, None))
         self.bn_updates = 0
-        self._buffers = _Buffers()
+        self._train_passes: dict[int, _TrainPass] = {}
+
+    def _add_param(self, key: str, at: int, shape: tuple[int, ...]) -> None:
+        size = int(np.prod(shape))
+        self.params[key] = self.flat_params[at : at + size].reshape(shape)
+        self._grad_views[key] = self.flat_grads[at : at + size].reshape(shape)
 
     @property
     def n_layers(self) -> int:
@@ -177,104 +163,42 @@ class Network:
 
     # ------------------------------------------------------------------ forward
 
-    def forward(
-        self, X: np.ndarray, *, train: bool, reuse_buffers: bool = False
-    ) -> tuple[np.ndarray, list[tuple]]:
+    def forward(self, X: np.ndarray, *, train: bool) -> tuple[np.ndarray, list[tuple]]:
         """Scores (N, n_classes) for X (N, d_in), and the caches of every layer.
 
         ``train`` picks batch statistics (True) or running averages (False) in
-        batch norm. ``reuse_buffers`` writes activations into arrays kept from
-        the previous call: the returned arrays are overwritten by the next call.
+        batch norm. Fresh arrays throughout: this is the reference pass (gradient
+        checks, ``loss``, evaluation); a training step goes through
+        :meth:`train_gradients`.
         """
         if X.ndim != 2 or X.shape[1] != self.d_in:
             raise ValueError(f"X must have shape (N, {self.d_in}), got {X.shape}")
         p = self.params
         caches: list[tuple] = []
         H = X
-        n = X.shape[0]
         last = self.n_layers
-        buf = self._buffers.get
-        dtype = self.dtype
-        for l in range(1, last + 1):
-            kW, kb, kgamma, kbeta, kmean, kvar, kS, kS_hat = self._layer_keys[l]
-            W = p[kW]
-            out = buf(kS, (n, W.shape[1]), dtype) if reuse_buffers else None
-            S, aff_cache = layers.affine_forward(H, W, p.get(kb), out=out)
+        for l, (kW, kb, kgamma, kbeta) in enumerate(self._layers, 1):
+            S, aff_cache = layers.affine_forward(H, p[kW], None if kb is None else p[kb])
             if l == last:
                 caches.append((aff_cache, None, None))
                 return S, caches
             bn_cache = None
-            stats = self._stat_views[l]
-            if stats is not None:
-                into_flat = reuse_buffers and train
-                # In place over S: batch norm keeps S_hat, not its input.
+            if kgamma is not None:
                 S, bn_cache = layers.batchnorm_forward(
                     S,
                     p[kgamma],
-                    p[kbeta],
+                    p[cast(str, kbeta)],
                     train=train,
-                    running_mean=self.bn_state[kmean],
-                    running_var=self.bn_state[kvar],
-                    out=S if reuse_buffers else None,
-                    S_hat_out=buf(kS_hat, S.shape, dtype) if reuse_buffers else None,
-                    mu_out=stats[0] if into_flat else None,
-                    var_out=stats[1] if into_flat else None,
+                    running_mean=self.bn_state[f"mean{l}"],
+                    running_var=self.bn_state[f"var{l}"],
+                    out=S,
                 )
             # ReLU in place over S: its pre-activation is not needed by backward.
             H, relu_cache = layers.relu_forward(S, out=S)
             caches.append((aff_cache, bn_cache, relu_cache))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A scratch array of the network's dtype kept under ``name`` from one call to the next."""
-        return self._buffers.get(name, shape, self.dtype)
-
     # ----------------------------------------------------------------- backward
-
-    def backprop(
-        self, dscores: np.ndarray, caches: list[tuple], *, reuse_buffers: bool = False
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Back-propagate dscores (N, n_classes) through the layers, last to first.
-
-        Yields ``(l, X_l, dS_l)`` for each affine layer l: its input X_l (N, d_{l-1})
-        and the gradient of the loss w.r.t. its output S_l = X_l W_l + b_l (N, d_l),
-        so that dW_l = X_l^T dS_l. The gradient for the layer below is computed
-        before each yield, so the consumer may update W_l in place at once. The
-        gradients of the vectors (b, gamma, beta) are written into
-        ``self.vector_grads`` (the layout of ``self.vectors``), complete once the
-        generator is exhausted and overwritten by the next backprop.
-        """
-        dH = dscores
-        for l in range(self.n_layers, 0, -1):
-            aff_cache, bn_cache, relu_cache = caches[l - 1]
-            grad_views = self._grad_views[l]
-            if l < self.n_layers:
-                dS = layers.relu_backward(dH, relu_cache, inplace=reuse_buffers)
-                if bn_cache is not None:
-                    dS, _, _ = layers.batchnorm_backward(
-                        dS,
-                        bn_cache,
-                        out=dS,
-                        dgamma_out=grad_views[0],
-                        dbeta_out=grad_views[1],
-                    )
-            else:
-                dS = dH
-            X_l, W = aff_cache[0], aff_cache[1]
-            dX_out = None
-            if reuse_buffers and l > 1:
-                dX_out = self._buffers.get(f"dH{l - 1}", (dS.shape[0], W.shape[0]), self.dtype)
-            dX, _, _ = layers.affine_backward(
-                dS,
-                aff_cache,
-                need_dX=l > 1,
-                need_dW=False,
-                dX_out=dX_out,
-                db_out=grad_views[0] if bn_cache is None else None,
-            )
-            yield l, X_l, dS
-            # None only for the first layer, after which the loop ends.
-            dH = cast(np.ndarray, dX)
 
     def backward(
         self, dscores: np.ndarray, caches: list[tuple], *, l2_lambda: float = 0.0
@@ -286,18 +210,49 @@ class Network:
         X_l^T dS_l + 2 * l2_lambda * W_l; biases, gamma and beta have no L2 term.
         """
         grads: dict[str, np.ndarray] = {}
-        for l, X_l, dS in self.backprop(dscores, caches):
-            W = self.params[f"W{l}"]
-            dW = X_l.T @ dS
+        dH = dscores
+        for l in range(self.n_layers, 0, -1):
+            kW, kb, kgamma, _ = self._layers[l - 1]
+            aff_cache, bn_cache, relu_cache = caches[l - 1]
+            dS = dH
+            if l < self.n_layers:
+                dS = layers.relu_backward(dH, relu_cache)
+                if bn_cache is not None:
+                    dS, grads[f"dgamma{l}"], grads[f"dbeta{l}"] = layers.batchnorm_backward(
+                        dS, bn_cache
+                    )
+            dX, dW, db = layers.affine_backward(dS, aff_cache, need_dX=l > 1)
+            dW = cast(np.ndarray, dW)  # need_dW=True: never None
             if l2_lambda:
-                dW += 2.0 * l2_lambda * W
-            grads[f"dW{l}"] = dW
-        for key, view in self._vector_grad_views.items():
-            grads["d" + key] = view.copy()
+                dW += 2.0 * l2_lambda * self.params[kW]
+            grads["d" + kW] = dW
+            if kb is not None:
+                grads["d" + kb] = cast(np.ndarray, db)
+            # None only for the first layer, after which the loop ends.
+            dH = cast(np.ndarray, dX)
         return {"d" + k: grads["d" + k] for k in self.params}
 
-    def update_running_stats(self, caches: list[tuple]) -> None:
-        """Fold the batch statistics of a training forward pass into ``bn_state``.
+    def train_gradients(
+        self, X: np.ndarray, y: np.ndarray, *, grad_scale: float = 1.0
+    ) -> tuple[float, np.ndarray]:
+        """One training pass on the batch X (N, d_in), y (N,): (loss, dS1).
+
+        loss is the batch's mean cross-entropy. ``flat_grads`` receives ``grad_scale``
+        times the gradient of the mean loss (no L2 term) for every parameter except
+        W1; W1's is X^T dS1 with dS1 (N, d_1) returned, left for the optimiser to fold
+        into its step (one gemm, :func:`model.blas.gemm_update`). Batch norm uses and
+        records the batch statistics; :meth:`fold_batch_stats` moves them into
+        ``bn_state``. The returned array and the gradients are overwritten by the next
+        call. X must be C-contiguous and of the network's dtype.
+        """
+        n = X.shape[0]
+        train_pass = self._train_passes.get(n)
+        if train_pass is None:
+            train_pass = self._train_passes[n] = _TrainPass(self, n)
+        return train_pass.run(X, y, grad_scale)
+
+    def fold_batch_stats(self) -> None:
+        """Fold the batch statistics of the last :meth:`train_gradients` into ``bn_state``.
 
         The first update takes the batch statistics as they are, so evaluation
         early in training does not use the initial zeros and ones.
@@ -305,32 +260,28 @@ class Network:
         if not self.batch_norm:
             return
         a = 0.0 if self.bn_updates == 0 else self.bn_alpha
-        if caches[0][1][3].base is self._batch_stats:
-            # A forward pass with reuse_buffers wrote every layer's statistics into
-            # one flat array laid out like the running ones: one update for all.
-            self._bn_flat *= a
-            self._bn_flat += (1.0 - a) * self._batch_stats
-        else:
-            for l in range(1, self.n_layers):
-                bn_cache = caches[l - 1][1]
-                mu, var = bn_cache[3], bn_cache[4]
-                for key, value in ((f"mean{l}", mu), (f"var{l}", var)):
-                    state = self.bn_state[key]
-                    state *= a
-                    state += (1.0 - a) * value
+        # Every layer's statistics sit in one flat array laid out like the running
+        # ones: one update for all.
+        self._bn_flat *= a
+        self._bn_flat += (1.0 - a) * self._batch_stats
         self.bn_updates += 1
+
+    def update_running_stats(self, caches: list[tuple]) -> None:
+        """Fold the batch statistics of a training :meth:`forward` (its caches) into
+        ``bn_state``, as :meth:`fold_batch_stats` does after :meth:`train_gradients`."""
+        if not self.batch_norm:
+            return
+        for l in range(1, self.n_layers):
+            batch_mu, batch_var = cast(tuple, self._stat_views[l - 1])
+            batch_mu[...], batch_var[...] = caches[l - 1][1][-2:]
+        self.fold_batch_stats()
 
     # -------------------------------------------------------------- cost / eval
 
     def l2_penalty(self) -> float:
         """Sum of squared weights over all W (not biases, gamma or beta)."""
-        return float(
-            sum(
-                np.einsum("ij,ij->", W, W, dtype=np.float64)
-                for k, W in self.params.items()
-                if k.startswith("W")
-            )
-        )
+        W = self.flat_params[: self.n_weights]
+        return float(np.einsum("i,i->", W, W, dtype=np.float64))
 
     def loss(
         self, X: np.ndarray, y: np.ndarray, *, l2_lambda: float = 0.0, train: bool = True
@@ -409,3 +360,95 @@ class Network:
             target[name][...] = value
         net.bn_updates = int(meta.get("bn_updates", 0))
         return net, meta["config"]
+
+
+class _TrainPass:
+    """The training pass of one network for batches of ``n`` rows.
+
+    Every array the pass writes is allocated once here and reused from one step to the
+    next (a batch of 100 x 3072 float32 is above glibc's mmap threshold, and fresh
+    arrays on every step cost more than the arithmetic of the small layers), and each
+    layer's parameter and gradient views are looked up once, so a deep network pays
+    little Python per layer.
+    """
+
+    def __init__(self, net: Network, n: int) -> None:
+        dtype = net.dtype
+        sizes = [net.d_in, *net.hidden, net.n_classes]
+        p, g = net.params, net._grad_views
+        self.layers: list[tuple] = []
+        for l, (kW, kb, kgamma, kbeta) in enumerate(net._layers, 1):
+            m = sizes[l]
+            bn = None
+            if kgamma is not None:
+                mu_out, var_out = cast(tuple, net._stat_views[l - 1])
+                bn = {
+                    "gamma": p[kgamma],
+                    "beta": p[cast(str, kbeta)],
+                    "running_mean": net.bn_state[f"mean{l}"],
+                    "running_var": net.bn_state[f"var{l}"],
+                    "mu_out": mu_out,
+                    "var_out": var_out,
+                    "C_out": np.empty((n, m), dtype),
+                }
+                bn_grads = {
+                    "dgamma_out": g[kgamma],
+                    "dbeta_out": g[cast(str, kbeta)],
+                    "work": np.empty((n, m), dtype),
+                }
+            self.layers.append(
+                (
+                    p[kW],
+                    None if kb is None else p[kb],
+                    # S: the layer's output (its ReLU in place over the pre-activation).
+                    np.empty((n, m), dtype),
+                    bn,
+                    bn_grads if bn is not None else None,
+                    # The ReLU's mask, and the gradient for the layer below.
+                    np.empty((n, m), bool) if l < len(sizes) - 1 else None,
+                    g[kW] if l > 1 else None,
+                    None if kb is None else g[kb],
+                    np.empty((n, sizes[l - 1]), dtype) if l > 1 else None,
+                )
+            )
+
+    def run(self, X: np.ndarray, y: np.ndarray, grad_scale: float) -> tuple[float, np.ndarray]:
+        """See :meth:`Network.train_gradients`."""
+        *hidden, last = self.layers
+        bn_caches: list[tuple] = []
+        H = X
+        for W, b, S, bn, _, _, _, _, _ in hidden:
+            layers.affine_forward(H, W, b, out=S)
+            if bn is not None:
+                # In place over S: batch norm keeps the centred S, not its input.
+                bn_caches.append(layers.batchnorm_forward(S, train=True, out=S, **bn)[1])
+            # ReLU in place: its pre-activation is not needed by backward.
+            layers.relu_forward(S, out=S)
+            H = S
+        W, b, scores = last[:3]
+        layers.affine_forward(H, W, b, out=scores)
+        loss, dscores = layers.softmax_cross_entropy(
+            scores, y, grad_scale=grad_scale, overwrite=True
+        )
+        dS = cast(np.ndarray, dscores)  # need_grad=True: never None
+        for i in range(len(self.layers) - 1, -1, -1):
+            W, b, S, bn, bn_grads, mask, dW, db, dX = self.layers[i]
+            if mask is not None:
+                # dS holds dH here, the gradient w.r.t. this layer's output.
+                layers.relu_backward(dS, S, inplace=True, mask_out=mask)
+                if bn is not None:
+                    layers.batchnorm_backward(dS, bn_caches.pop(), out=dS, **bn_grads)
+            H_below = self.layers[i - 1][2] if i else X
+            layers.affine_backward(
+                dS,
+                (H_below, W, b is not None),
+                need_dX=dX is not None,
+                need_dW=dW is not None,
+                dX_out=dX,
+                dW_out=dW,
+                db_out=db,
+            )
+            if dX is None:
+                return loss, dS
+            dS = dX
+        raise AssertionError("unreachable")  # pragma: no cover

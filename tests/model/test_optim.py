@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
-from model import layers, optim
+from model import blas, layers, optim
 from model.network import Network
 
-SHAPES = [([16, 8], False), ([16, 8], True), ([12, 10, 8, 6], True)]
+SHAPES = [([], False), ([16, 8], False), ([16, 8], True), ([12, 10, 8, 6], True)]
+GEMMS = ["blas", "numpy"]
 
 
 def textbook_step(net, X, y, *, eta, l2_lambda, rho, v):
@@ -15,10 +16,20 @@ def textbook_step(net, X, y, *, eta, l2_lambda, rho, v):
         P += v[k]
 
 
+@pytest.fixture(params=GEMMS)
+def gemm(request, monkeypatch):
+    """Each test of the step runs with NumPy's BLAS gemm and with the NumPy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(blas, "_GEMM", {})
+    elif not blas.AVAILABLE:  # pragma: no cover - NumPy built on another BLAS
+        pytest.skip("NumPy's BLAS has no scipy_cblas_?gemm64_")
+    return request.param
+
+
 @pytest.mark.parametrize("rho", [0.0, 0.9])
 @pytest.mark.parametrize("hidden,bn", SHAPES)
-def test_fused_step_is_the_textbook_step(rng, hidden, bn, rho):
-    """The fused step (eta in dscores, decay on W in place, one call for the vectors) is SGD."""
+def test_fused_step_is_the_textbook_step(rng, hidden, bn, rho, gemm):
+    """The fused step (eta in dscores, the gemm into W1, one call for the rest) is SGD."""
     net = Network(20, hidden, 5, batch_norm=bn, dtype=np.float64, seed=3)
     ref = Network(20, hidden, 5, batch_norm=bn, dtype=np.float64, seed=3)
     velocity = optim.init_velocity(net) if rho else None
@@ -45,7 +56,8 @@ def test_fused_step_updates_weights_in_place(rng):
     X, y = rng.standard_normal((10, 20)).astype(np.float32), rng.integers(0, 3, 10)
     optim.sgd_step(net, X, y, eta=0.1, l2_lambda=0.01)
     assert all(net.params[k] is P for k, P in arrays.items())
-    assert net.params["b1"].base is net.vectors  # the vectors are stepped as one array
+    # Views into one flat array: the optimiser steps all but W1 with one call.
+    assert all(P.base is net.flat_params for P in net.params.values())
 
 
 def test_momentum_needs_a_velocity(rng):
@@ -102,3 +114,43 @@ def test_batchnorm_backward_matches_numerical(rng):
             arr[i] = old
             num[i] = (hi - lo) / 2e-6
         np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha,beta", [(-1.0, 0.999), (-1.0, 1.0), (0.5, 0.0), (2.0, 0.9)])
+def test_gemm_update_is_alpha_at_b_plus_beta_c(rng, gemm, dtype, alpha, beta):
+    A = rng.standard_normal((30, 12)).astype(dtype)
+    B = rng.standard_normal((30, 7)).astype(dtype)
+    C = rng.standard_normal((12, 7)).astype(dtype)
+    expected = alpha * (A.astype(np.float64).T @ B) + beta * C
+    target = C
+    blas.gemm_update(C, A, B, alpha=alpha, beta=beta)
+    assert C is target  # in place
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(C, expected, rtol=0, atol=tol)
+
+
+def test_gemm_update_refuses_what_blas_would_misread(rng):
+    A, B = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    with pytest.raises(ValueError, match="contiguous"):
+        blas.gemm_update(np.zeros((3, 4)).T, A, B, alpha=1.0, beta=0.0)
+    with pytest.raises(ValueError, match="shapes"):
+        blas.gemm_update(np.zeros((3, 4)), A, B, alpha=1.0, beta=0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        blas.gemm_update(np.zeros((4, 3), np.float32), A, B, alpha=1.0, beta=0.0)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_blas_and_numpy_steps_give_the_same_weights(rng, monkeypatch, rho):
+    """The gemm into W1 and the three NumPy passes it replaces agree in float64."""
+    if not blas.AVAILABLE:  # pragma: no cover - NumPy built on another BLAS
+        pytest.skip("NumPy's BLAS has no scipy_cblas_?gemm64_")
+    nets = [Network(40, [10, 6], 4, batch_norm=True, dtype=np.float64, seed=5) for _ in "ab"]
+    velocities = [optim.init_velocity(n) for n in nets]
+    batches = [(rng.standard_normal((25, 40)), rng.integers(0, 4, 25)) for _ in range(3)]
+    for i, (net, v) in enumerate(zip(nets, velocities, strict=True)):
+        if i:
+            monkeypatch.setattr(blas, "_GEMM", {})
+        for X, y in batches:
+            optim.sgd_step(net, X, y, eta=0.05, l2_lambda=0.01, rho=rho, velocity=v)
+    np.testing.assert_allclose(nets[0].flat_params, nets[1].flat_params, rtol=0, atol=1e-12)

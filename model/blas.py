@@ -1,0 +1,109 @@
+"""The one BLAS call NumPy has no function for: a gemm that accumulates into its output.
+
+``gemm_update(C, A, B, alpha=..., beta=...)`` computes C <- alpha A^T B + beta C in
+place. NumPy's ``matmul`` always overwrites its output, so a weight step written with
+it takes three passes over W (the product into a buffer, the decay, the subtraction);
+the gemm takes one, and in this project's first layer (3072 x 50) that pass is what
+a step spends beyond its matmuls.
+
+The gemm is the one inside NumPy's own OpenBLAS (the ILP64 ``scipy_cblas_?gemm64_``
+that NumPy's wheels ship), reached through ctypes: the same library, threads and
+thread limits as every NumPy matmul, and no dependency beyond NumPy. SciPy's
+``sgemm`` wrapper was measured 5-15% slower on this project's machine (its OpenBLAS
+is another build with its own thread pool). Where that symbol is absent (NumPy built
+against another BLAS) :data:`AVAILABLE` is False and the same update is computed with
+NumPy in three passes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any
+
+import numpy as np
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _load() -> dict[np.dtype, tuple[Any, type]]:
+    try:
+        from numpy._core import _multiarray_umath as umath
+    except ImportError:  # pragma: no cover - NumPy < 2 keeps it in numpy.core
+        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
+    try:
+        # dlsym on the extension module also searches the libraries it links.
+        lib = ctypes.CDLL(umath.__file__)
+        found = {
+            np.dtype(np.float32): (lib.scipy_cblas_sgemm64_, ctypes.c_float),
+            np.dtype(np.float64): (lib.scipy_cblas_dgemm64_, ctypes.c_double),
+        }
+    except (OSError, AttributeError):  # pragma: no cover - NumPy on another BLAS
+        return {}
+    for fn, _ in found.values():
+        fn.restype = None
+    return found
+
+
+_GEMM = _load()
+AVAILABLE = bool(_GEMM)
+
+
+def gemm_update(C: np.ndarray, A: np.ndarray, B: np.ndarray, *, alpha: float, beta: float) -> None:
+    """C <- alpha A^T B + beta C in place. A: (N, d), B: (N, m), C: (d, m), one dtype.
+
+    All three must be C-contiguous (``ValueError`` otherwise: BLAS would read the
+    wrong numbers). Without the BLAS symbol (``AVAILABLE`` False) NumPy computes the
+    same thing in three passes over C.
+    """
+    n, d = A.shape
+    m = C.shape[1]
+    if B.shape[0] != n or C.shape != (d, B.shape[1]):
+        raise ValueError(f"shapes do not fit C = A^T B: A {A.shape}, B {B.shape}, C {C.shape}")
+    if not (A.flags.c_contiguous and B.flags.c_contiguous and C.flags.c_contiguous):
+        raise ValueError("gemm_update needs C-contiguous arrays; pass np.ascontiguousarray(...)")
+    if not A.dtype == B.dtype == C.dtype:
+        raise ValueError(f"one dtype for all, got {A.dtype}, {B.dtype}, {C.dtype}")
+    entry = _GEMM.get(C.dtype)
+    if entry is None:
+        product = A.T @ B
+        if beta != 1.0:
+            C *= beta
+        if alpha == -1.0:
+            C -= product
+        else:
+            C += alpha * product
+        return
+    fn, scalar = entry
+    # Row-major C (d, m) = alpha A^T (d, N) B (N, m) + beta C.
+    fn(
+        _ROW_MAJOR,
+        _TRANS,
+        _NO_TRANS,
+        _int(d),
+        _int(m),
+        _int(n),
+        scalar(alpha),
+        _address(A),
+        _int(d),
+        _address(B),
+        _int(m),
+        scalar(beta),
+        _address(C),
+        _int(m),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _int(i: int) -> ctypes.c_int64:
+    return ctypes.c_int64(i)
+
+
+def _address(a: np.ndarray) -> Any:
+    """A pointer to a's data for ctypes: ``byref`` on a view of its buffer (about
+    1 us, where ``a.ctypes.data`` takes 2.5), which also keeps the buffer exported,
+    so it cannot be reallocated during the call. Read-only arrays export no writable
+    buffer and take the slower way."""
+    if a.flags.writeable:
+        return ctypes.byref(ctypes.c_char.from_buffer(a))
+    return ctypes.c_void_p(a.ctypes.data)
