@@ -103,3 +103,29 @@ def test_softmax_is_stable_for_huge_scores():
     assert np.isfinite(loss) and loss == pytest.approx(2e4)
     assert d is not None and np.isfinite(d).all()
     np.testing.assert_allclose(d, [[1.0, 0.0, -1.0]])
+
+
+@pytest.mark.parametrize("hidden,bn", [([], False), ([7], False), ([9, 6, 5], True)])
+def test_train_gradients_are_the_scaled_gradients_of_the_loss(rng, hidden, bn):
+    """The training pass (kept buffers, flat gradients, W1's left as X^T dS1) against
+    ``Network.loss``, the reference pass, in float64."""
+    net = Network(12, hidden, 4, batch_norm=bn, dtype=np.float64, seed=2)
+    X, y = rng.standard_normal((16, 12)), rng.integers(0, 4, 16)
+    loss_ref, _, grads = net.loss(X, y)
+    loss, dS1 = net.train_gradients(X, y, grad_scale=0.3)
+    assert loss == pytest.approx(loss_ref, rel=1e-12)
+    np.testing.assert_allclose(X.T @ dS1, 0.3 * grads["dW1"], rtol=0, atol=1e-12)
+    for key in net.params:
+        if key != "W1":
+            np.testing.assert_allclose(
+                net._grad_views[key], 0.3 * grads["d" + key], rtol=0, atol=1e-12, err_msg=key
+            )
+    # The pass reuses its arrays: the next batch's dS1 is written over this one.
+    assert net.train_gradients(X[::-1].copy(), y[::-1].copy(), grad_scale=0.3)[1] is dS1
+    if bn:
+        # Its batch statistics fold into bn_state as those of the reference pass do.
+        ref = Network(12, hidden, 4, batch_norm=bn, dtype=np.float64, seed=2)
+        ref.update_running_stats(ref.forward(X[::-1], train=True)[1])
+        net.fold_batch_stats()
+        for key in ref.bn_state:
+            np.testing.assert_allclose(net.bn_state[key], ref.bn_state[key], atol=1e-12)
