@@ -238,9 +238,15 @@ def fit(
 
     ``blas_threads`` limits the BLAS thread pools while training (through
     threadpoolctl when it is installed); None leaves them as the caller set them.
-    The default, one thread, is the measured choice for these shapes: on 2 cores
-    two threads gained at most 1.3x on an idle machine and lost 4-80x as soon as
-    another process used a core (see ``python -m bench.train_speed --threads``).
+    The default, one thread, is the measured choice for these shapes (batches of
+    100 through layers of at most a few hundred units), from the Python API as
+    from the commands: on this project's 2-core machine, the CIFAR subset for 8
+    epochs took 0.78-0.85 s with two threads against 0.99-1.05 s with one while
+    another process kept one core busy, and 5.9 s against 1.1 s for [50] once
+    three did; an epoch of 45,000 images gained at most 1.3x on an idle machine
+    (``python -m bench.train_speed --threads 2``). Two threads win little when
+    they win and lose several times over when the other core is taken, as it is
+    whenever a search runs a worker per core.
     """
     if blas_threads is not None and blas_threads < 1:
         raise ValueError(f"blas_threads must be >= 1 or None, got {blas_threads=}")
