@@ -144,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-share", action="store_true", help="DD2424 run: share evaluating")
     args = p.parse_args(argv)
 
-    threadpool_limits(args.threads)
-    if args.eval_share:
-        return eval_share(threads=args.threads)
+    # For this run only: main() is also called from tests.
+    with threadpool_limits(args.threads):
+        if args.eval_share:
+            return eval_share(threads=args.threads)
+        return speed_table(args)
+
+
+def speed_table(args: argparse.Namespace) -> int:
+    """The table of seconds per epoch (and the profile, the JSON line) for ``main``."""
     try:
         import torch
     except ImportError:
