@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.config.study import StudyDefinitionError, StudySpec, load_spec
-from search.sweep import lost
+from search.sweep import lost, user_train
 from search.sweep import studies as st
 from search.sweep.pool import WorkersFailed
 from search.sweep.progress import Progress
@@ -85,6 +85,7 @@ def run_stage(
     attrs: dict | None = None,
 ) -> optuna.Study:
     """Create or resume the stage's study, top it up to ``target``, run the workers."""
+    user_train.check(spec)  # a user's function that cannot run is refused before any trial
     prepared = st.prepare_for(spec)
     study = st.open_study(spec, stage)
     storage = storage_of(study)

@@ -29,6 +29,7 @@ from model.train import fit
 from search import cli
 from search.reporting.figures import draw_training
 from search.sweep import studies as st
+from search.sweep import user_train
 from search.sweep.objective import build_network
 
 
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"final result already recorded for {source.study_name} trial {best.number}:")
         print(f"test accuracy {recorded['test_acc']:.4f} (use --force to retrain)")
         return 0
+    user_train.check(spec)
     prepared = st.prepare_for(spec)
     st.record_data(source, prepared)
     splits = merge_train_val(prepared.open(), spec.final.holdout)
-    net = build_network(spec, splits, spec.optuna.seed)
     print(
         f"final training of {source.study_name} trial {best.number} "
         f"(val acc {best.value:.4f}, {best.params}) on {splits.train.n} samples, "
@@ -84,11 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     t0 = time.perf_counter()
-    history = fit(net, splits, config, log=lambda line: print(line, flush=True))
-    test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=config.l2_lambda)
     out = spec.out_dir() / "final"
     out.mkdir(parents=True, exist_ok=True)
-    net.save(out / "network.npz", config=asdict(config))
+    written = [out / "curves.png", out / "result.json"]
+    test: dict[str, Any]
+    if spec.model.train:  # the user's own function trains, and evaluates the test set
+        run = user_train.train_final(
+            spec,
+            best.params,
+            splits,
+            seed=spec.optuna.seed,
+            log=lambda line: print(line, flush=True),
+        )
+        history, test, holdout_val_acc = run.history, run.test, run.val_acc
+        saved_config: dict[str, Any] = run.hp
+    else:
+        net = build_network(spec, splits, spec.optuna.seed)
+        history = fit(net, splits, config, log=lambda line: print(line, flush=True))
+        test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=config.l2_lambda)
+        holdout_val_acc = history.final["val_acc"]
+        saved_config = asdict(config)
+        net.save(out / "network.npz", config=saved_config)
+        written.insert(0, out / "network.npz")
     draw_training(history, out / "curves.png", title=f"{spec.name}: final training")
     result = {
         "study": source.study_name,
@@ -97,16 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         "search_val_acc": best.value,
         "test_acc": test["accuracy"],
         "test_loss": test["loss"],
-        "holdout_val_acc": history.final["val_acc"],
+        "holdout_val_acc": holdout_val_acc,
         "train_samples": splits.train.n,
         "wall_time": round(time.perf_counter() - t0, 2),
-        "config": asdict(config),
+        "config": saved_config,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     (out / "history.json").write_text(json.dumps(history.to_dict()))
     source.set_user_attr("final", {k: v for k, v in result.items() if k != "config"})
     print(f"test accuracy {test['accuracy']:.4f}")
-    print(f"wrote {out / 'network.npz'}, {out / 'curves.png'}, {out / 'result.json'}")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

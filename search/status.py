@@ -21,8 +21,10 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 import argparse
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import optuna
@@ -48,6 +50,8 @@ class StudyStatus:
     stale: int
     verdict: str
     failures: tuple[tuple[str, int], ...] = ()
+    # Where each failure was raised (its traceback's last frame outside the service), or "".
+    failed_at: tuple[str, ...] = ()
 
 
 def liveness(
@@ -59,6 +63,32 @@ def liveness(
         lost.lost_reason(t, grace_period=grace_period, now=now) is not None for t in running
     )
     return len(running) - stale, stale
+
+
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$', re.M)
+_SERVICE = str(Path(__file__).resolve().parent)
+
+
+def raised_at(traceback_text: str) -> str:
+    """``"my_net.py:31 in train: raise ValueError(...)"``: the last frame of a stored
+    traceback outside the search package (the user's code), or "" if there is none."""
+    frames = [m for m in _FRAME.finditer(traceback_text) if not m["file"].startswith(_SERVICE)]
+    if not frames:
+        return ""
+    m = frames[-1]
+    code = traceback_text[m.end() :].lstrip("\n").split("\n", 1)[0].strip()
+    where = f"{Path(m['file']).name}:{m['line']} in {m['func']}"
+    return f"{where}: {code}" if code else where
+
+
+def _failed_at(study: optuna.Study, reasons: list[tuple[str, int]]) -> tuple[str, ...]:
+    """For each reason, where its newest failed trial raised."""
+    newest: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        # The key cli.failure_reasons counts by.
+        lines = str(t.user_attrs.get("reason", "no reason recorded")).splitlines()
+        newest[(lines or [""])[0][:200]] = str(t.user_attrs.get("traceback", ""))
+    return tuple(raised_at(newest.get(reason, "")) for reason, _ in reasons)
 
 
 def resume_command(name: str, *, study_path: str | None, storage_flag: str | None) -> str:
@@ -90,6 +120,7 @@ def study_status(
     alive, stale = liveness(running, grace_period=grace_period)
     target = study.user_attrs.get("target")
     finished = counts["COMPLETE"] + counts["PRUNED"]
+    failures = cli.failure_reasons(study)
     if alive:
         verdict = f"running ({alive} trial(s) with live workers)"
     elif stale:
@@ -112,7 +143,8 @@ def study_status(
         alive=alive,
         stale=stale,
         verdict=verdict,
-        failures=tuple(cli.failure_reasons(study)),
+        failures=tuple(failures),
+        failed_at=_failed_at(study, failures),
     )
 
 
@@ -129,7 +161,10 @@ def format_status(s: StudyStatus) -> str:
         f"  trials   {finished}/{target} finished; {counts}",
         f"  best     {best}",
     ]
-    lines += [f"  failed   {n} x {reason}" for reason, n in s.failures]
+    for i, (reason, n) in enumerate(s.failures):
+        lines.append(f"  failed   {n} x {reason}")
+        if i < len(s.failed_at) and s.failed_at[i]:
+            lines.append(f"           at {s.failed_at[i]}")
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ import optuna
 from search import cli
 from search.config.study import StudySpec, load_spec
 from search.sweep import studies as st
+from search.sweep import user_train
 from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared
 from search.sweep.progress import Progress
@@ -131,6 +132,7 @@ def split_name(name: str) -> tuple[str, str]:
 
 def load_worker_spec(args: argparse.Namespace, path: str) -> StudySpec:
     spec = load_spec(path)
+    user_train.check(spec)  # a user's function that cannot run is refused before any trial
     if args.data_dir:
         spec = dataclasses.replace(
             spec, data=dataclasses.replace(spec.data, dir=str(Path(args.data_dir).resolve()))

@@ -4,8 +4,11 @@ A file has these tables (every key but ``name`` has a default)::
 
     name = "quickstart"
     [data]      name, dir, split, n_val
+    [model]     train = "my_net.py:train" | "package.module:train", layout (your own network;
+                see search/sweep/user_train.py; [network] is then left out)
     [network]   hidden, batch_norm, init, sigma, bn_alpha
-    [training]  any model.train.TrainConfig field (batch_size, schedule, eta_min, ...)
+    [training]  any model.train.TrainConfig field (batch_size, schedule, eta_min, ...); with
+                [model] train, any other key too (passed on to the user's function)
     [search]    l2_lambda = [low, high], eta_max = [low, high] (log-uniform ranges)
     [coarse]    trials
     [fine]      trials, top_k, margin (decades on each side), [fine.training] overrides
@@ -34,7 +37,20 @@ from model.train import TrainConfig
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
-TABLES = ("name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna")
+TABLES = (
+    "name",
+    "data",
+    "model",
+    "network",
+    "training",
+    "search",
+    "coarse",
+    "fine",
+    "final",
+    "optuna",
+)
+LAYOUTS = ("n_by_d", "d_by_n")
+TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 
 class StudyDefinitionError(ValueError):
@@ -169,22 +185,83 @@ def _parse_network(path: Path, raw: Any) -> NetworkSpec:
     return network
 
 
-def _parse_training(path: Path, section: str, raw: Any) -> dict[str, Any]:
-    """A [training] table: TrainConfig fields, validated by TrainConfig in :func:`parse_spec`."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """[model]: the user's own training function, instead of the built-in network.
+
+    ``train`` is ``"file.py:function"`` (a path relative to the study file) or
+    ``"package.module:function"``; "" means the built-in network of [network].
+    ``layout`` is how the user's function gets X: ``"n_by_d"`` (samples x features)
+    or ``"d_by_n"`` (features x samples, as in DD2424). The contract is in
+    :mod:`search.sweep.user_train`.
+    """
+
+    train: str = ""
+    layout: str = "n_by_d"
+
+    def entry(self) -> tuple[str, str]:
+        """``("my_net.py", "train")`` or ``("package.module", "train")``."""
+        where, _, function = self.train.rpartition(":")
+        return where, function
+
+
+_ENTRY = re.compile(r"(?:[^:]+\.py|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):[A-Za-z_]\w*", flags=re.ASCII)
+# Computed by the service from the schedule and given to the user's function.
+USER_RESERVED = ("total_steps",)
+
+
+def _parse_model(path: Path, raw: Any) -> ModelSpec:
+    """The [model] table; the file and function are looked for when a command trains."""
+    model = _build(ModelSpec, path, "model", raw)
+    if model.train and not _ENTRY.fullmatch(model.train):
+        raise StudyDefinitionError(
+            path,
+            "model.train",
+            'must be "file.py:function" (a path relative to the study file) or '
+            f'"package.module:function", got {model.train!r}',
+        )
+    if model.layout not in LAYOUTS:
+        raise StudyDefinitionError(
+            path, "model.layout", f"must be one of {list(LAYOUTS)}, got {model.layout!r}"
+        )
+    if not model.train and model != ModelSpec():
+        raise StudyDefinitionError(
+            path, "model", "layout applies to a user's function: give train too"
+        )
+    return model
+
+
+def _parse_training(
+    path: Path, section: str, raw: Any, *, user_keys: bool = False
+) -> dict[str, Any]:
+    """A [training] table: TrainConfig fields, validated by TrainConfig in :func:`parse_spec`.
+
+    With ``user_keys`` (a user's function trains), other keys are allowed too: they
+    are passed on to that function.
+    """
     values = _table(path, section, raw)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
-    if unknown:
+    if unknown and not user_keys:
         raise StudyDefinitionError(
             path, section, f"unknown keys {unknown}; allowed: {sorted(known)}"
+        )
+    reserved = sorted(set(values) & set(USER_RESERVED))
+    if reserved:
+        raise StudyDefinitionError(
+            path, section, f"{reserved} are computed from the schedule; leave them out"
         )
     return values
 
 
-def _build_with_training(cls: type, path: Path, section: str, raw: Any) -> tuple[Any, dict]:
+def _build_with_training(
+    cls: type, path: Path, section: str, raw: Any, *, user_keys: bool = False
+) -> tuple[Any, dict]:
     """A stage's table with its ``[<section>.training]`` overrides; also the other keys given."""
     values = _table(path, section, raw)
-    training = _parse_training(path, f"{section}.training", values.pop("training", {}))
+    training = _parse_training(
+        path, f"{section}.training", values.pop("training", {}), user_keys=user_keys
+    )
     return dataclasses.replace(_build(cls, path, section, values), training=training), values
 
 
@@ -245,8 +322,8 @@ class FineSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_fine(path: Path, raw: Any) -> FineSpec:
-    fine, given = _build_with_training(FineSpec, path, "fine", raw)
+def _parse_fine(path: Path, raw: Any, *, user_keys: bool = False) -> FineSpec:
+    fine, given = _build_with_training(FineSpec, path, "fine", raw, user_keys=user_keys)
     if fine.trials < 1 or fine.top_k < 1 or fine.margin < 0:
         raise StudyDefinitionError(
             path, "fine", f"trials and top_k must be >= 1 and margin >= 0, got {given!r}"
@@ -260,8 +337,8 @@ class FinalSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_final(path: Path, raw: Any) -> FinalSpec:
-    final, _ = _build_with_training(FinalSpec, path, "final", raw)
+def _parse_final(path: Path, raw: Any, *, user_keys: bool = False) -> FinalSpec:
+    final, _ = _build_with_training(FinalSpec, path, "final", raw, user_keys=user_keys)
     if final.holdout < 0:
         raise StudyDefinitionError(
             path, "final.holdout", f"must be >= 0 (0: no holdout), got {final.holdout!r}"
@@ -332,6 +409,7 @@ class StudySpec:
     name: str
     path: str = ""
     data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
     network: NetworkSpec = NetworkSpec()
     training: dict[str, Any] = field(default_factory=dict)
     search: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -359,15 +437,22 @@ class StudySpec:
         d = Path(self.data.dir).expanduser()
         return str(d if d.is_absolute() else (self.base_dir / d).resolve())
 
-    def train_config(self, stage: str, params: dict[str, float] | None = None) -> TrainConfig:
-        """The TrainConfig of a stage ("coarse", "fine", "final") with trial params on top."""
+    def stage_training(self, stage: str) -> dict[str, Any]:
+        """The [training] values of a stage ("coarse", "fine", "final"), overrides applied."""
         values = dict(self.training)
         if stage == "fine":
             values.update(self.fine.training)
         elif stage == "final":
             values.update(self.final.training)
-        values.update(params or {})
-        return TrainConfig.from_dict(values)
+        return values
+
+    def train_config(self, stage: str, params: dict[str, float] | None = None) -> TrainConfig:
+        """The TrainConfig of a stage ("coarse", "fine", "final") with trial params on top.
+
+        Keys for a user's function only (allowed with [model] train) are left out.
+        """
+        values = {**self.stage_training(stage), **(params or {})}
+        return TrainConfig.from_dict({k: v for k, v in values.items() if k in TRAIN_FIELDS})
 
     def with_overrides(self, **optuna_fields: Any) -> StudySpec:
         """A copy with some ``[optuna]`` fields replaced (CLI flags); None means keep."""
@@ -385,19 +470,29 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         )
     name = _parse_name(path, raw.get("name"))
     data = _parse_data(path, raw.get("data", {}))
+    model = _parse_model(path, raw.get("model", {}))
+    user = bool(model.train)
+    if user and "network" in raw:
+        raise StudyDefinitionError(
+            path,
+            "network",
+            "describes the built-in network, but [model] train names your own; put your "
+            "network's settings (n_hidden = 50, ...) in [training]",
+        )
     network = _parse_network(path, raw.get("network", {}))
-    training = _parse_training(path, "training", raw.get("training", {}))
+    training = _parse_training(path, "training", raw.get("training", {}), user_keys=user)
     search = _parse_search(path, raw.get("search", {}), training)
     spec = StudySpec(
         name=name,
         path=str(path),
         data=data,
+        model=model,
         network=network,
         training=training,
         search=search,
         coarse_trials=_parse_coarse(path, raw.get("coarse", {})),
-        fine=_parse_fine(path, raw.get("fine", {})),
-        final=_parse_final(path, raw.get("final", {})),
+        fine=_parse_fine(path, raw.get("fine", {}), user_keys=user),
+        final=_parse_final(path, raw.get("final", {}), user_keys=user),
         optuna=_parse_optuna(path, raw.get("optuna", {})),
     )
     _check_stages(spec)

@@ -82,6 +82,20 @@ def fit_and_record(
     return history
 
 
+def pruning_window(spec: StudySpec, config: TrainConfig, n_train: int) -> tuple[float, int]:
+    """(warm-up, last): a trial may be pruned at a step with ``warm-up <= step < last``.
+
+    The warm-up is ``warmup_cycles`` cycles (epochs for the other schedules); the last
+    evaluation point is the result: a run that finished is never pruned.
+    """
+    per_cycle = (
+        2 * config.resolved_n_s(n_train)
+        if config.schedule == "cyclical"
+        else config.steps_per_epoch(n_train)
+    )
+    return spec.optuna.warmup_cycles * per_cycle, config.total_steps(n_train)
+
+
 def trial_seed(spec: StudySpec, trial: optuna.Trial) -> int:
     """The seed of a trial's data order and initial weights."""
     return spec.optuna.seed + trial.number
@@ -106,12 +120,7 @@ class Objective:
         n_train = self.splits.train.n
         per_epoch = config.steps_per_epoch(n_train)
         schedule = config.make_schedule(n_train)
-        per_cycle = (
-            2 * config.resolved_n_s(n_train) if config.schedule == "cyclical" else per_epoch
-        )
-        warmup = self.spec.optuna.warmup_cycles * per_cycle
-        # The last evaluation point is the result: a run that finished is never pruned.
-        last = config.total_steps(n_train)
+        warmup, last = pruning_window(self.spec, config, n_train)
         # should_prune reads every finished trial from the storage: skip it when it can't prune.
         prunes = self.spec.optuna.pruner != "none"
         # The curves so far, kept here too: a pruned trial keeps them.

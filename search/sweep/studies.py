@@ -38,6 +38,7 @@ from search.sweep.storage import (
     trial_id,
     with_retries,
 )
+from search.sweep.user_train import UserObjective
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -242,7 +243,8 @@ class StageJob:
         )
         prepared = Prepared(Path(self.prepared_path), self.checksum)
         record_data(study, prepared)
-        objective = Objective(self.spec, self.stage, prepared.open(), self.ranges)
+        make = UserObjective if self.spec.model.train else Objective
+        objective = make(self.spec, self.stage, prepared.open(), self.ranges)
         return Sweep(
             storage,
             study,
