@@ -136,6 +136,8 @@ def _import_module(spec: StudySpec, dotted: str) -> Any:
     try:
         return importlib.import_module(dotted)
     except ModuleNotFoundError as exc:
+        if not (exc.name and (dotted == exc.name or dotted.startswith(exc.name + "."))):
+            raise _refuse(spec, f"importing {dotted} raised ModuleNotFoundError: {exc}") from None
         raise _refuse(
             spec,
             f"no module {exc.name!r} (looked for it beside the study file and on sys.path); "
@@ -178,7 +180,7 @@ def load_train(spec: StudySpec) -> UserTrain:
         )
         raise _refuse(spec, f"{source} has no function {name!r}; it defines {defined}")
     if not callable(function):
-        raise _refuse(spec, f"{name} in {source} is a {type(function).__name__}, not a function")
+        raise _refuse(spec, f"{name} = {function!r} in {source} is not a function")
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # a builtin without a signature: trust it
