@@ -114,6 +114,14 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     assert all(ax.get_legend() is not None for ax in final_fig.axes)  # loss, cost, accuracy
 
 
+@pytest.mark.parametrize("name", ["study.toml", "cifar10.toml"])
+def test_the_example_study_files_are_valid(name):
+    spec = load_spec(EXAMPLE / name)
+    assert spec.model.layout == "d_by_n" and spec.training["n_hidden"] == 50
+    user_train.check(spec)  # the file and its function are found and take (hp, data, report)
+    assert user_train.load_train(spec).__module__.startswith("c2f_user_my_net_")
+
+
 def test_example_runs_alone_for_its_gradient_check():
     out = subprocess.run(
         [sys.executable, "my_net.py"], cwd=EXAMPLE, capture_output=True, text=True, timeout=60
