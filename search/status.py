@@ -21,6 +21,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 import argparse
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def liveness(
 
 
 _FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$', re.M)
-_SERVICE = str(Path(__file__).resolve().parent)
+_SERVICE = str(Path(__file__).resolve().parent) + os.sep
 
 
 def raised_at(traceback_text: str) -> str:

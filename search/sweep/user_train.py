@@ -40,8 +40,9 @@ the whole of ``X`` costs each worker its own copy of the data). In the final run
 ``step`` the number of update steps (mini-batches) done so far, increasing,
 ``val_acc`` the validation accuracy and any other numbers by name
 (``train_loss``, ``val_loss``, ``train_cost``, ``val_cost``, ``train_acc`` are
-drawn in the report's figures). Each call is ``trial.report``: the dashboard's
-learning curve, and the pruner's decision. When the trial should stop,
+drawn in the report's figures; an inf or NaN metric is kept as a gap). Each call
+is ``trial.report``: the dashboard's learning curve, and the pruner's decision.
+When the trial should stop,
 ``report`` raises ``optuna.TrialPruned``: let it pass (an ``except Exception``
 around your training loop catches it; re-raise it). A function that catches it
 anyway is still pruned when it returns. Pruning starts after ``warmup_cycles``
@@ -124,7 +125,7 @@ def _import_file(spec: StudySpec, file: Path) -> Any:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a script's sys.exit() at import, too
         del sys.modules[name]
         raise _refuse(spec, f"importing {file} raised {type(exc).__name__}: {exc}") from None
     return module
@@ -143,7 +144,7 @@ def _import_module(spec: StudySpec, dotted: str) -> Any:
             f"no module {exc.name!r} (looked for it beside the study file and on sys.path); "
             'name a file instead: train = "my_net.py:train"',
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise _refuse(spec, f"importing {dotted} raised {type(exc).__name__}: {exc}") from None
 
 
@@ -397,7 +398,8 @@ class Reporter:
         n = self.calls
         self.curves["step"].append(step)
         for name, v in row.items():
-            self.curves.setdefault(name, [None] * n).append(v)
+            # A diverged loss (inf, NaN) is a gap in the curve: the curves are stored as JSON.
+            self.curves.setdefault(name, [None] * n).append(v if math.isfinite(v) else None)
         for values in self.curves.values():
             if len(values) == n:  # a metric reported before, not this time
                 values.append(None)

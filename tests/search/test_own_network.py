@@ -317,13 +317,20 @@ def test_a_slow_function_interrupted_with_ctrl_c_is_resumed_to_the_exact_target(
         assert time.monotonic() < deadline, "the sweep never got to two trials mid-run"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
     _, err = proc.communicate(timeout=20)
+    stopped_in = time.monotonic() - t0
     assert proc.returncode == 130, err
     trials = load(spec).get_trials()
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     assert len(stopped) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
     for t in stopped:
-        assert t.user_attrs["reason"] == "interrupted (SIGINT)"
+        # Each worker re-queues its own trial; one that has not stopped 5 s after the
+        # signal (a machine loaded by others) is killed and the command re-queues it.
+        reason = t.user_attrs["reason"]
+        assert reason == "interrupted (SIGINT)" or (
+            stopped_in > 5 and reason.startswith("worker lost: its worker")
+        ), (reason, stopped_in, err)
         retry = [r for r in trials if r.system_attrs.get("requeued_from") == t.number]
         assert len(retry) == 1 and retry[0].state == TrialState.WAITING
         assert retry[0].params == t.params
@@ -443,7 +450,7 @@ def _reporter(trial, *, warmup: float = 10, last: int = 40) -> Reporter:
 def test_report_prunes_after_the_warm_up_and_never_at_the_last_step():
     trial = _Trial()
     report = _reporter(trial)
-    report(5, 0.4)  # in the warm-up
+    report(5, 0.4, val_loss=float("inf"))  # in the warm-up; a diverged loss is a gap
     with pytest.raises(optuna.TrialPruned, match="pruned at step 10"):
         report(10, 0.5, val_loss=1.0)
     assert trial.reported == [(5, 0.4), (10, 0.5)]
