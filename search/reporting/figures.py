@@ -195,9 +195,11 @@ def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: i
         if t.user_attrs.get("curves", {}).get("step")
     ]
     reported = [t.user_attrs["curves"] for t in top + pruned]
-    what = "loss"
-    if not any(_series(c, "val_loss") or _series(c, "train_loss") for c in reported):
-        what = "cost"
+
+    def has(what: str) -> bool:
+        return any(_series(c, f"val_{what}") or _series(c, f"train_{what}") for c in reported)
+
+    what = "cost" if has("cost") and not has("loss") else "loss"
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, t in enumerate(pruned):
         c = t.user_attrs["curves"]

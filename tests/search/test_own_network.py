@@ -543,3 +543,38 @@ def test_a_user_function_may_take_any_training_key():
     assert spec.training["n_hidden"] == 50 and spec.stage_training("fine")["dropout"] == 0.1
     assert spec.train_config("fine").batch_size == 100  # TrainConfig leaves them out
     assert math.isclose(spec.train_config("coarse", {"l2_lambda": 0.1}).l2_lambda, 0.1)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+@pytest.mark.parametrize(
+    "reported, ylabel, title",
+    [
+        ({"val_cost": [2.0, 1.0], "train_cost": [2.1, None]}, "cost (loss + L2)", "cost (solid"),
+        ({}, "cross-entropy loss", "loss: not reported by the training function"),
+    ],
+)
+def test_the_curves_figure_draws_what_the_function_reported(
+    tmp_path, saved_figures, reported, ylabel, title
+):
+    from optuna.distributions import FloatDistribution
+
+    from search.reporting.figures import draw_curves
+
+    study = optuna.create_study(direction="maximize")
+    curves = {"step": [10, 20], "epoch": [0.5, 1.0], "eta": [0.1, 0.1], "val_acc": [0.3, 0.6]}
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=0.6,
+            params={"l2_lambda": 1e-3},
+            distributions={"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)},
+            user_attrs={"curves": {**curves, **reported}},
+        )
+    )
+    draw_curves(study, "coarse", tmp_path / "curves.png", title="t")
+    acc_ax, loss_ax = saved_figures["curves.png"].axes
+    assert len(acc_ax.lines) == 1 and list(acc_ax.lines[0].get_ydata()) == [0.3, 0.6]
+    assert loss_ax.get_ylabel() == ylabel and loss_ax.get_title().startswith(title)
+    drawn = [line for line in loss_ax.lines if len(line.get_xdata())]
+    assert len(drawn) == (2 if reported else 0)
