@@ -134,11 +134,15 @@ def test_example_runs_alone_for_its_gradient_check():
 
 # ----------------------------------------------------------------------------- misbehaving code
 
+# One worker runs the trials in order; every second call raises.
 RAISES = """
+    calls = []
+
     def train(hp, data, report):
         report(6, 0.5)
-        if hp["seed"] % 2:
-            raise ValueError(f"boom at seed {hp['seed']}")
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise ValueError(f"boom at call {len(calls)}")
         return 0.75
 """
 
@@ -150,17 +154,17 @@ def test_an_exception_fails_its_trial_with_the_traceback_and_the_sweep_goes_on(t
     trials = load(spec).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] * 2
     for t in trials[1::2]:
-        assert t.user_attrs["reason"] == f"ValueError: boom at seed {t.number}"
+        assert t.user_attrs["reason"] == f"ValueError: boom at call {t.number + 1}"
         tb = t.user_attrs["traceback"]
-        assert 'net.py", line 5, in train' in tb and tb.rstrip().endswith(
-            f"ValueError: boom at seed {t.number}"
+        assert 'net.py", line 8, in train' in tb and tb.rstrip().endswith(
+            f"ValueError: boom at call {t.number + 1}"
         )
         assert t.user_attrs["curves"]["step"] == [6]  # what it reported before it raised
     capsys.readouterr()
     assert status.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "failed   1 x ValueError: boom at seed 1" in out
-    assert "at net.py:5 in train: raise ValueError(f\"boom at seed {hp['seed']}\")" in out
+    assert "failed   1 x ValueError: boom at call 2" in out
+    assert 'at net.py:8 in train: raise ValueError(f"boom at call {len(calls)}")' in out
 
     from tests.search.test_dashboard import get_json, run_dashboard
 
@@ -169,7 +173,7 @@ def test_an_exception_fails_its_trial_with_the_traceback_and_the_sweep_goes_on(t
         shown = get_json(f"{base}/api/studies/{sid}")["trials"]
     failed = next(t for t in shown if t["number"] == 1)
     attrs = {a["key"]: a["value"] for a in failed["user_attrs"]}
-    assert "boom at seed 1" in attrs["reason"] and 'net.py", line 5' in attrs["traceback"]
+    assert "boom at call 2" in attrs["reason"] and 'net.py", line 8' in attrs["traceback"]
 
 
 @pytest.mark.parametrize(
@@ -197,8 +201,11 @@ def test_a_result_that_is_not_a_finite_number_fails_with_a_clear_reason(
 
 def test_a_nan_result_fails_the_trial_and_the_sweep_goes_on(tmp_path):
     code = """
+        calls = []
+
         def train(hp, data, report):
-            return float("nan") if hp["seed"] == 0 else 0.5
+            calls.append(1)
+            return float("nan") if len(calls) == 1 else 0.5
     """
     path = user_study(tmp_path, code, coarse={"trials": 2})
     assert coarse.main(["--study", str(path)]) == 0
