@@ -66,8 +66,8 @@ def user_study(directory: Path, code: str, name: str = "own", **sections) -> Pat
 def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figures):
     doc = tomllib.loads((EXAMPLE / "study.toml").read_text())
     doc["model"]["train"] = str(EXAMPLE / "my_net.py") + ":train"
-    doc["coarse"] = {"trials": 12}
-    doc["fine"] = {"trials": 4, "top_k": 2, "margin": 0.25, "training": {"n_cycles": 2}}
+    doc["coarse"] = {"trials": 10}
+    doc["fine"] = {"trials": 3, "top_k": 2, "margin": 0.25, "training": {"n_cycles": 2}}
     doc["final"] = {"holdout": 100, "training": {"n_cycles": 2}}
     doc["optuna"] |= {"workers": 2, "n_startup_trials": 3}
     path = tmp_path / "own_network.toml"
@@ -76,7 +76,7 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
 
     assert coarse.main(["--study", str(path)]) == 0
     trials = load(spec).get_trials()
-    assert len(trials) == 12 and all(t.state in st.FINISHED for t in trials)
+    assert len(trials) == 10 and all(t.state in st.FINISHED for t in trials)
     total = spec.train_config("coarse").total_steps(1197)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -96,7 +96,7 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     assert len({t.system_attrs[lost.OWNER]["pid"] for t in trials}) == 2
 
     assert fine.main(["--study", str(path)]) == 0
-    assert len(load(spec, "fine").get_trials()) == 4
+    assert len(load(spec, "fine").get_trials()) == 3
     assert final.main(["--study", str(path)]) == 0
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
     assert result["test_acc"] > 0.9 and result["test_loss"] > 0
@@ -286,7 +286,7 @@ SLOW = """
 
     def train(hp, data, report):
         for i in range(1, 21):
-            time.sleep(0.04)
+            time.sleep(0.03)
             report(i, 0.5 + hp["l2_lambda"])
         return 0.5 + hp["l2_lambda"]
 """
