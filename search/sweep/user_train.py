@@ -67,6 +67,7 @@ on ``sys.path`` so it can import its neighbours): keep script code under
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -82,6 +83,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from threadpoolctl import threadpool_limits
 
 from model.data import Dataset, Splits
 from model.train import METRICS, History, TrainConfig
@@ -583,12 +585,15 @@ def train_final(
     *,
     seed: int,
     log: Callable[[str], None] | None = None,
+    blas_threads: int | None = 1,
 ) -> FinalRun:
     """Train the user's function once with the final config; ``splits.test`` is given to it.
 
     ``splits`` is what the final run trains on (training + validation minus the
     holdout). The user's exceptions are raised as :class:`UserCodeFailed` (the
     original traceback chained); a bad result is a :class:`UserResultError`.
+    ``blas_threads``: as for :func:`model.train.fit` (one by default, the measured
+    choice on a shared machine; None keeps the caller's limits).
     """
     train = load_train(spec)
     entry = spec.model.train
@@ -597,9 +602,15 @@ def train_final(
     hp = hyperparameters(spec, "final", params, seed=seed, n_train=n_train)
     reporter = Reporter(entry, config, n_train, log=log)
     data = user_data(splits, spec.model.layout, test=True)
+    limit = (
+        contextlib.nullcontext()
+        if blas_threads is None
+        else threadpool_limits(limits=blas_threads, user_api="blas")
+    )
     t0 = time.perf_counter()
     try:
-        result = train(dict(hp), data, reporter)
+        with limit:
+            result = train(dict(hp), data, reporter)
         reporter.check()
     except UserResultError:
         raise
