@@ -75,6 +75,7 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     spec = load_spec(path)
 
     assert coarse.main(["--study", str(path)]) == 0
+    assert "2 worker(s)" in capsys.readouterr().out
     trials = load(spec).get_trials()
     assert len(trials) == 10 and all(t.state in st.FINISHED for t in trials)
     total = spec.train_config("coarse").total_steps(1197)
@@ -92,8 +93,10 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
         assert t.value == pytest.approx(curves["val_acc"][-1])
         assert all(d.log for d in t.distributions.values())
     assert max(t.value for t in complete) > 0.9
-    # Two worker processes shared the queue.
-    assert len({t.system_attrs[lost.OWNER]["pid"] for t in trials}) == 2
+    # Worker processes ran the trials, not this one (on a loaded machine one of the two
+    # may get them all).
+    pids = {t.system_attrs[lost.OWNER]["pid"] for t in trials}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
 
     assert fine.main(["--study", str(path)]) == 0
     assert len(load(spec, "fine").get_trials()) == 3
@@ -314,7 +317,7 @@ def test_a_slow_function_interrupted_with_ctrl_c_is_resumed_to_the_exact_target(
         running = [
             t
             for t in trials
-            if t.state == TrialState.RUNNING and 2 <= len(t.intermediate_values) <= 15
+            if t.state == TrialState.RUNNING and 2 <= len(t.intermediate_values) <= 10
         ]
         return len(running) == 2 and any(t.state == TrialState.COMPLETE for t in trials)
 
