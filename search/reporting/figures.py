@@ -56,7 +56,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, title: str) -> Path:
     """Validation accuracy against ``param`` (log x axis), every stage on one axes."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for stage, study in studies.items():
         complete, pruned = _finished(study)
         pruned = [t for t in pruned if param in t.params]
@@ -123,7 +123,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the points
     return _save(fig, path)
 
 
