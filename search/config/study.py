@@ -10,11 +10,12 @@ A file has these tables (every key but ``name`` has a default)::
     [training]  any model.train.TrainConfig field (batch_size, schedule, eta_min, ...); with
                 [model] train, any other key too (passed on to the user's function)
     [search]    l2_lambda = [low, high], eta_max = [low, high] (log-uniform ranges)
-    [coarse]    trials
-    [fine]      trials, top_k, margin (decades on each side), [fine.training] overrides
-    [final]     holdout, [final.training] overrides
-    [optuna]    pruner, sampler, seed, workers, storage, heartbeat_interval, grace_period,
-                warmup_cycles, n_startup_trials
+    [coarse]    trials, replicates, replicate_top
+    [fine]      trials, top_k, margin (decades on each side), narrow, extend, replicates,
+                replicate_top, [fine.training] overrides
+    [final]     holdout, seeds, choose, [final.training] overrides
+    [optuna]    pruner, sampler, seed, seed_mode, workers, storage, heartbeat_interval,
+                grace_period, warmup_cycles, n_startup_trials
 
 Errors are :class:`StudyDefinitionError` naming the file, the field and what is allowed.
 """
@@ -36,6 +37,9 @@ from model.train import TrainConfig
 
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
+SEED_MODES = ("shared", "per_trial")
+NARROWING = ("noise", "top_k")
+CHOICES = ("best", "smoothed")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
 TABLES = (
     "name",
@@ -79,16 +83,18 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
             path, section, f"unknown keys {unknown}; allowed: {sorted(allowed)}"
         )
     for key, value in raw.items():
-        kind = str(allowed[key].type).split(" ")[0].split("[")[0]
-        ok = {
+        # "int | float | None" -> the kinds allowed; None is "left out", not a TOML value.
+        kinds = [k.strip().split("[")[0] for k in str(allowed[key].type).split("|")]
+        kinds = [k for k in kinds if k != "None"]
+        checks = {
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, int | float) and not isinstance(value, bool),
             "str": isinstance(value, str),
             "bool": isinstance(value, bool),
-        }.get(kind, True)
-        if not ok:
+        }
+        if not any(checks.get(kind, True) for kind in kinds):
             raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be of type {kind}, got {value!r}"
+                path, f"{section}.{key}", f"must be of type {' or '.join(kinds)}, got {value!r}"
             )
     return cls(**raw)
 
@@ -110,7 +116,7 @@ class DataSpec:
     name: str = "digits"
     dir: str = ""
     split: str = "batch1"
-    n_val: int | None = None
+    n_val: int | float | None = None  # images, or a fraction of the training files in (0, 1)
 
 
 def _parse_data(path: Path, raw: Any) -> DataSpec:
@@ -128,9 +134,15 @@ def _parse_data(path: Path, raw: Any) -> DataSpec:
         raise StudyDefinitionError(
             path, "data.split", f"applies to cifar10 only; leave it out for {data.name!r}"
         )
-    if data.n_val is not None and data.n_val < 1:
+    n_val = data.n_val
+    if n_val is not None and not (
+        (isinstance(n_val, int) and n_val >= 1) or (isinstance(n_val, float) and 0 < n_val < 1)
+    ):
         raise StudyDefinitionError(
-            path, "data.n_val", f"must be an integer >= 1 (or left out), got {data.n_val!r}"
+            path,
+            "data.n_val",
+            "must be a number of images >= 1 or a fraction of the data in (0, 1) "
+            f"(or left out), got {n_val!r}",
         )
     return data
 
@@ -300,48 +312,103 @@ def _parse_range(path: Path, name: str, value: Any) -> tuple[float, float]:
     return low, high
 
 
-def _parse_coarse(path: Path, raw: Any) -> int:
-    """The [coarse] table: the number of trials."""
-    coarse_raw = _table(path, "coarse", raw)
-    unknown = sorted(set(coarse_raw) - {"trials"})
-    if unknown:
-        raise StudyDefinitionError(path, "coarse", f"unknown keys {unknown}; allowed: ['trials']")
-    trials = coarse_raw.get("trials", 40)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+def _check_replicates(path: Path, section: str, replicates: int, replicate_top: int) -> None:
+    if replicates < 1 or replicate_top < 1:
         raise StudyDefinitionError(
-            path, "coarse.trials", f"must be an integer >= 1, got {trials!r}"
+            path,
+            section,
+            "replicates (seeds per replicated configuration, 1: none) and replicate_top "
+            f"must be >= 1, got replicates={replicates!r}, replicate_top={replicate_top!r}",
         )
-    return trials
+
+
+@dataclass(frozen=True)
+class CoarseSpec:
+    """``trials`` searched; then the ``replicate_top`` best configurations are run with
+    ``replicates`` seeds in all (the first run included): choices use their mean."""
+
+    trials: int = 40
+    replicates: int = 3
+    replicate_top: int = 3
+
+
+def _parse_coarse(path: Path, raw: Any) -> CoarseSpec:
+    coarse = _build(CoarseSpec, path, "coarse", raw)
+    if coarse.trials < 1:
+        raise StudyDefinitionError(
+            path, "coarse.trials", f"must be an integer >= 1, got {coarse.trials!r}"
+        )
+    _check_replicates(path, "coarse", coarse.replicates, coarse.replicate_top)
+    return coarse
 
 
 @dataclass(frozen=True)
 class FineSpec:
+    """The fine ranges cover the coarse configurations within noise of the best (by the
+    mean over replicates) and the ``top_k`` best means, widened by ``margin`` decades;
+    past an edge of the coarse range by at most ``extend`` decades. ``narrow = "top_k"``:
+    the ``top_k`` best single runs only (no noise estimate)."""
+
     trials: int = 20
-    top_k: int = 5
+    top_k: int = 3
     margin: float = 0.25
+    narrow: str = "noise"
+    extend: float = 1.0
+    replicates: int = 3
+    replicate_top: int = 3
     training: dict[str, Any] = field(default_factory=dict)
 
 
 def _parse_fine(path: Path, raw: Any, *, user_keys: bool = False) -> FineSpec:
     fine, given = _build_with_training(FineSpec, path, "fine", raw, user_keys=user_keys)
-    if fine.trials < 1 or fine.top_k < 1 or fine.margin < 0:
+    if fine.trials < 1 or fine.top_k < 1 or not fine.margin >= 0 or not fine.extend >= 0:
         raise StudyDefinitionError(
-            path, "fine", f"trials and top_k must be >= 1 and margin >= 0, got {given!r}"
+            path,
+            "fine",
+            f"trials and top_k must be >= 1, margin and extend >= 0 decades, got {given!r}",
         )
+    if not (math.isfinite(fine.margin) and math.isfinite(fine.extend)):
+        raise StudyDefinitionError(
+            path, "fine", f"margin and extend must be finite, got {given!r}"
+        )
+    if fine.narrow not in NARROWING:
+        raise StudyDefinitionError(
+            path, "fine.narrow", f"must be one of {list(NARROWING)}, got {fine.narrow!r}"
+        )
+    _check_replicates(path, "fine", fine.replicates, fine.replicate_top)
     return fine
 
 
 @dataclass(frozen=True)
 class FinalSpec:
-    holdout: int = 1000
+    """final trains on train + val minus ``holdout`` validation images (a number, or a
+    fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
+    ``choose``: "best" (the best mean over seeds, replicated configurations first)
+    or "smoothed" (the best kernel-smoothed mean over neighbouring configurations)."""
+
+    holdout: int | float = 0.2
+    seeds: int = 3
+    choose: str = "best"
     training: dict[str, Any] = field(default_factory=dict)
 
 
 def _parse_final(path: Path, raw: Any, *, user_keys: bool = False) -> FinalSpec:
     final, _ = _build_with_training(FinalSpec, path, "final", raw, user_keys=user_keys)
-    if final.holdout < 0:
+    h = final.holdout
+    if not ((isinstance(h, int) and h >= 0) or (isinstance(h, float) and 0 < h < 1)):
         raise StudyDefinitionError(
-            path, "final.holdout", f"must be >= 0 (0: no holdout), got {final.holdout!r}"
+            path,
+            "final.holdout",
+            "must be a number of validation images >= 0 (0: no holdout) or a fraction of "
+            f"them in (0, 1), got {h!r}",
+        )
+    if final.choose not in CHOICES:
+        raise StudyDefinitionError(
+            path, "final.choose", f"must be one of {list(CHOICES)}, got {final.choose!r}"
+        )
+    if final.seeds < 1:
+        raise StudyDefinitionError(
+            path, "final.seeds", f"must be an integer >= 1, got {final.seeds!r}"
         )
     return final
 
@@ -357,6 +424,7 @@ class OptunaSpec:
     grace_period: int = 30
     warmup_cycles: float = 0.5
     n_startup_trials: int = 5
+    seed_mode: str = "shared"
 
 
 def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
@@ -399,6 +467,13 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
         )
     if spec.workers < 1:
         raise StudyDefinitionError(path, "optuna.workers", f"must be >= 1, got {spec.workers}")
+    if spec.seed_mode not in SEED_MODES:
+        raise StudyDefinitionError(
+            path,
+            "optuna.seed_mode",
+            f"must be one of {list(SEED_MODES)} (shared: every trial of a stage has the same "
+            f"data order and initial weights), got {spec.seed_mode!r}",
+        )
     return spec
 
 
@@ -413,10 +488,14 @@ class StudySpec:
     network: NetworkSpec = NetworkSpec()
     training: dict[str, Any] = field(default_factory=dict)
     search: dict[str, tuple[float, float]] = field(default_factory=dict)
-    coarse_trials: int = 40
+    coarse: CoarseSpec = CoarseSpec()
     fine: FineSpec = FineSpec()
     final: FinalSpec = FinalSpec()
     optuna: OptunaSpec = OptunaSpec()
+
+    @property
+    def coarse_trials(self) -> int:
+        return self.coarse.trials
 
     @property
     def base_dir(self) -> Path:
@@ -490,7 +569,7 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         network=network,
         training=training,
         search=search,
-        coarse_trials=_parse_coarse(path, raw.get("coarse", {})),
+        coarse=_parse_coarse(path, raw.get("coarse", {})),
         fine=_parse_fine(path, raw.get("fine", {}), user_keys=user),
         final=_parse_final(path, raw.get("final", {}), user_keys=user),
         optuna=_parse_optuna(path, raw.get("optuna", {})),

@@ -18,6 +18,7 @@ from model.data import Splits
 from model.network import Network
 from model.train import History, TrainConfig, TrainingDiverged, fit
 from search.config.study import StudySpec
+from search.sweep.replicates import replicate_index
 
 
 def suggest(trial: optuna.Trial, ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -82,6 +83,9 @@ def fit_and_record(
     return history
 
 
+SEED_STRIDE = 1000  # between the seeds of a configuration's replicates
+
+
 def pruning_window(spec: StudySpec, config: TrainConfig, n_train: int) -> tuple[float, int]:
     """(warm-up, last): a trial may be pruned at a step with ``warm-up <= step < last``.
 
@@ -96,9 +100,24 @@ def pruning_window(spec: StudySpec, config: TrainConfig, n_train: int) -> tuple[
     return spec.optuna.warmup_cycles * per_cycle, config.total_steps(n_train)
 
 
+def may_prune(spec: StudySpec, trial: optuna.Trial) -> bool:
+    """Whether to ask the pruner at all: not with pruner "none" (``should_prune`` reads
+    every finished trial from the storage), never for a replicate (it is there to
+    measure its configuration's noise)."""
+    return spec.optuna.pruner != "none" and replicate_index(trial) == 0
+
+
 def trial_seed(spec: StudySpec, trial: optuna.Trial) -> int:
-    """The seed of a trial's data order and initial weights."""
-    return spec.optuna.seed + trial.number
+    """The seed of a trial's data order and initial weights.
+
+    ``seed_mode = "shared"`` (the default): every search trial of a stage has the
+    study's seed, so two trials differ only in their hyperparameters (common
+    random numbers); replicate i of a configuration has seed + 1000 i, the same
+    for every configuration. ``"per_trial"``: the seed plus the trial's number.
+    """
+    if spec.optuna.seed_mode == "per_trial":
+        return spec.optuna.seed + trial.number
+    return spec.optuna.seed + SEED_STRIDE * replicate_index(trial)
 
 
 class Objective:
@@ -115,14 +134,14 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.ranges)
         seed = trial_seed(self.spec, trial)
+        trial.set_user_attr("seed", seed)
         config = self.spec.train_config(self.stage, {**params, "seed": seed})
         net = build_network(self.spec, self.splits, seed)
         n_train = self.splits.train.n
         per_epoch = config.steps_per_epoch(n_train)
         schedule = config.make_schedule(n_train)
         warmup, last = pruning_window(self.spec, config, n_train)
-        # should_prune reads every finished trial from the storage: skip it when it can't prune.
-        prunes = self.spec.optuna.pruner != "none"
+        prunes = may_prune(self.spec, trial)
         # The curves so far, kept here too: a pruned trial keeps them.
         seen = History()
 

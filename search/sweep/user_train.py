@@ -22,6 +22,11 @@ searched values on top, the schedule resolved for this training set:
   steps between two calls of ``report``, as the built-in network evaluates);
 - every other key of ``[training]`` as written (``n_hidden = 50``, ``rho``...).
 
+``seed`` is :func:`search.sweep.objective.trial_seed`'s, as for the built-in
+network (shared by a stage's search trials by default, another for each
+replicate; one per ``[final] seeds`` in the final run): seed the initial weights
+and the shuffling with it. Replicates are never pruned.
+
 ``data``: a :class:`Data` with ``train``, ``val`` and (in ``search.final`` only)
 ``test``, each a :class:`Part` with
 
@@ -50,9 +55,10 @@ cycles (epochs for the other schedules) and never happens at ``total_steps``.
 A function that never calls ``report`` still runs, without pruning or curves.
 
 The function returns the final validation accuracy, a finite number, or a dict
-of final metrics holding ``val_acc``. In ``search.final`` (where ``data.test``
-is given) it returns a dict holding ``val_acc`` and ``test_acc`` (and
-``test_loss`` if you have it): the test set is yours to evaluate, once, at the end.
+of final metrics holding ``val_acc``. In ``search.final`` (called once per seed,
+``data.test`` given, ``data.val`` the holdout) it returns a dict holding
+``val_acc`` and ``test_acc`` (and ``test_loss`` if you have it): the test set is
+yours to evaluate, once, at the end.
 
 What the service does with misbehaving code: an exception fails the trial, with
 the exception (user attr ``reason``) and its traceback (``traceback``) stored on
@@ -89,7 +95,7 @@ from model.data import Dataset, Splits
 from model.train import METRICS, History, TrainConfig
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep.loop import worker_log
-from search.sweep.objective import pruning_window, suggest, trial_seed
+from search.sweep.objective import may_prune, pruning_window, suggest, trial_seed
 
 UserTrain = Callable[[dict[str, Any], "Data", "Reporter"], Any]
 
@@ -525,6 +531,7 @@ class UserObjective:
         entry = self.spec.model.train
         params = suggest(trial, self.ranges)
         seed = trial_seed(self.spec, trial)
+        trial.set_user_attr("seed", seed)
         config = self.spec.train_config(self.stage, {**params, "seed": seed})
         hp = hyperparameters(self.spec, self.stage, params, seed=seed, n_train=self.n_train)
         reporter = Reporter(
@@ -533,7 +540,7 @@ class UserObjective:
             self.n_train,
             trial=trial,
             window=pruning_window(self.spec, config, self.n_train),
-            prunes=self.spec.optuna.pruner != "none",
+            prunes=may_prune(self.spec, trial),
         )
         t0 = time.perf_counter()
         try:

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from search import coarse, final, fine, report, status
 from search.config.study import StudyDefinitionError, load_spec, parse_spec
 from search.sweep import lost, user_train
+from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.prepared import prepare
 from search.sweep.user_train import Reporter, UserObjective, UserResultError
@@ -49,7 +50,10 @@ def user_study(directory: Path, code: str, name: str = "own", **sections) -> Pat
         "model": {"train": "net.py:train"},
         "training": {"batch_size": 50, "n_s": 24, "n_cycles": 1, "evals_per_cycle": 4},
         "search": {"l2_lambda": [1e-5, 1e-1], "eta_max": [1e-3, 0.5]},
-        "coarse": {"trials": 4},
+        # No replicates and one final seed unless a test asks: fast, and in trial order.
+        "coarse": {"trials": 4, "replicates": 1},
+        "fine": {"replicates": 1},
+        "final": {"seeds": 1},
         "optuna": {"workers": 1, "pruner": "none"},
     }
     for section, values in sections.items():
@@ -66,9 +70,9 @@ def user_study(directory: Path, code: str, name: str = "own", **sections) -> Pat
 def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figures):
     doc = tomllib.loads((EXAMPLE / "study.toml").read_text())
     doc["model"]["train"] = str(EXAMPLE / "my_net.py") + ":train"
-    doc["coarse"] = {"trials": 10}
-    doc["fine"] = {"trials": 3, "top_k": 2, "margin": 0.25, "training": {"n_cycles": 2}}
-    doc["final"] = {"holdout": 100, "training": {"n_cycles": 2}}
+    doc["coarse"] = {"trials": 10, "replicates": 2, "replicate_top": 2}
+    doc["fine"] = {"trials": 3, "top_k": 2, "replicates": 1, "training": {"n_cycles": 2}}
+    doc["final"] = {"holdout": 100, "seeds": 2, "training": {"n_cycles": 2}}
     doc["optuna"] |= {"workers": 2, "n_startup_trials": 3}
     path = tmp_path / "own_network.toml"
     path.write_text(dump_toml(doc))
@@ -76,8 +80,15 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
 
     assert coarse.main(["--study", str(path)]) == 0
     assert "2 worker(s)" in capsys.readouterr().out
-    trials = load(spec).get_trials()
-    assert len(trials) == 10 and all(t.state in st.FINISHED for t in trials)
+    everything = load(spec).get_trials()
+    assert all(t.state in st.FINISHED for t in everything)
+    trials = [t for t in everything if not rep.is_replicate(t)]
+    replicates = [t for t in everything if rep.is_replicate(t)]
+    assert len(trials) == 10 and len(replicates) >= 2
+    for t in replicates:  # the best configurations again with other seeds, never pruned
+        assert t.state == TrialState.COMPLETE
+        assert t.user_attrs["seed"] == spec.optuna.seed + 1000 * rep.replicate_index(t)
+        assert any(s.params == t.params for s in trials)
     total = spec.train_config("coarse").total_steps(1197)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -102,13 +113,14 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     assert len(load(spec, "fine").get_trials()) == 3
     assert final.main(["--study", str(path)]) == 0
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
-    assert result["test_acc"] > 0.9 and result["test_loss"] > 0
+    assert len(result["test_accs"]) == 2 and min(result["test_accs"]) > 0.9  # one per seed
+    assert all(run["test_loss"] > 0 for run in result["runs"].values())
     assert result["config"]["n_hidden"] == 50 and result["config"]["n_cycles"] == 2
     assert "network.npz" not in capsys.readouterr().out  # the user's network is the user's
 
     assert report.main(["--study", str(path)]) == 0
     md = (spec.out_dir() / "report" / "report.md").read_text()
-    assert f"**{result['test_acc']:.4f}**" in md
+    assert f"**{result['test_acc']:.4f} +- {result['test_acc_sd']:.4f} (n=2 seeds)**" in md
     curves = saved_figures["own_network_curves_coarse.png"]
     check_axes(curves)
     loss_ax = curves.axes[1]

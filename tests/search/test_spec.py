@@ -46,7 +46,7 @@ BASE = {"name": "t", "search": {"l2_lambda": [1e-5, 1e-1]}}
         ({"optuna": {"pruner": "early"}}, "optuna.pruner", "must be one of"),
         ({"coarse": {"trials": 0}}, "coarse.trials", ">= 1"),
         ({"name": "a b"}, "name", "letters, digits"),
-        ({"coarse": {"trials": True}}, "coarse.trials", ">= 1"),
+        ({"coarse": {"trials": True}}, "coarse.trials", "of type int"),
         ({"data": {"n_val": 0}}, "data.n_val", ">= 1"),
         ({"data": {"name": "cifar10", "split": "batch9"}}, "data.split", "must be one of"),
         ({"data": {"split": "all"}}, "data.split", "cifar10 only"),
