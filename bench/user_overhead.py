@@ -48,6 +48,7 @@ l2_lambda = [1e-5, 1e-1]
 eta_max = [1e-3, 5e-1]
 [coarse]
 trials = {trials}
+replicates = 1         # no replicate rounds: the same function, only more trials
 [optuna]
 workers = {workers}
 warmup_cycles = 0.0
