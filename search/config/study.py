@@ -35,6 +35,11 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
 TABLES = ("name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna")
+# A stage's queue is filled one trial at a time before training starts: past this it
+# would take minutes, and no search of this kind needs more.
+MAX_TRIALS = 10_000
+# Study names go into file names (<name>.db, out/<name>/): well under a file name's 255 bytes.
+MAX_NAME_LENGTH = 100
 
 
 class StudyDefinitionError(ValueError):
@@ -64,27 +69,71 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
         )
     for key, value in raw.items():
         kind = str(allowed[key].type).split(" ")[0].split("[")[0]
-        ok = {
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, int | float) and not isinstance(value, bool),
-            "str": isinstance(value, str),
-            "bool": isinstance(value, bool),
-        }.get(kind, True)
-        if not ok:
+        if kind in ("int", "float"):
+            _check_number(path, f"{section}.{key}", value, kind=kind)
+        elif kind == "str" and not isinstance(value, str):
             raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be of type {kind}, got {value!r}"
+                path, f"{section}.{key}", f"must be of type str, got {value!r}"
+            )
+        elif kind == "bool" and not isinstance(value, bool):
+            raise StudyDefinitionError(
+                path, f"{section}.{key}", f"must be of type bool, got {value!r}"
             )
     return cls(**raw)
+
+
+def _check_number(
+    path: Path,
+    field_name: str,
+    value: Any,
+    *,
+    kind: str = "int",
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    unit: str = "",
+) -> Any:
+    """``value`` if it is a number of ``kind`` ("int": an integer; "float": any finite
+    number) within the bounds (``min <= value <= max``, ``value > above``), else a
+    StudyDefinitionError naming the file, the field and what is allowed."""
+    bounds = [
+        f">= {min:g}" if min is not None else "",
+        f"> {above:g}" if above is not None else "",
+    ]
+    bounds.append(f"<= {max:,}" if max is not None else "")
+    allowed = " and ".join(b for b in bounds if b) + (f" {unit}" if unit else "")
+    what = ("an integer" if kind == "int" else "a finite number") + (
+        f" {allowed}" if allowed else ""
+    )
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = is_int if kind == "int" else (is_int or isinstance(value, float)) and math.isfinite(value)
+    if ok:
+        ok = (
+            (min is None or value >= min)
+            and (max is None or value <= max)
+            and (above is None or value > above)
+        )
+    if not ok:
+        raise StudyDefinitionError(path, field_name, f"must be {what}, got {value!r}")
+    return value
 
 
 def _parse_name(path: Path, name: Any) -> str:
     if (
         not isinstance(name, str)
         or not name
+        or not name.replace("-", "").replace("_", "").isascii()
         or not name.replace("-", "").replace("_", "").isalnum()
     ):
         raise StudyDefinitionError(
             path, "name", f"must be a non-empty name of letters, digits, - and _, got {name!r}"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise StudyDefinitionError(
+            path,
+            "name",
+            f"must be at most {MAX_NAME_LENGTH} characters (it names the database and output "
+            f"files), got {len(name)}",
         )
     return name
 
@@ -112,10 +161,8 @@ def _parse_data(path: Path, raw: Any) -> DataSpec:
         raise StudyDefinitionError(
             path, "data.split", f"applies to cifar10 only; leave it out for {data.name!r}"
         )
-    if data.n_val is not None and data.n_val < 1:
-        raise StudyDefinitionError(
-            path, "data.n_val", f"must be an integer >= 1 (or left out), got {data.n_val!r}"
-        )
+    if data.n_val is not None:
+        _check_number(path, "data.n_val", data.n_val, min=1)
     return data
 
 
@@ -149,8 +196,8 @@ def _parse_network(path: Path, raw: Any) -> NetworkSpec:
         net_raw["hidden"] = tuple(hidden)
     network = _build(NetworkSpec, path, "network", net_raw)
     # Network reads sigma only with init = "sigma"; a wrong sigma must not pass unseen.
-    if network.sigma is not None and not network.sigma > 0:
-        raise StudyDefinitionError(path, "network.sigma", f"must be > 0, got {network.sigma!r}")
+    if network.sigma is not None:
+        _check_number(path, "network.sigma", network.sigma, kind="float", above=0)
     try:
         Network(
             1,
@@ -229,12 +276,9 @@ def _parse_coarse(path: Path, raw: Any) -> int:
     unknown = sorted(set(coarse_raw) - {"trials"})
     if unknown:
         raise StudyDefinitionError(path, "coarse", f"unknown keys {unknown}; allowed: ['trials']")
-    trials = coarse_raw.get("trials", 40)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise StudyDefinitionError(
-            path, "coarse.trials", f"must be an integer >= 1, got {trials!r}"
-        )
-    return trials
+    return _check_number(
+        path, "coarse.trials", coarse_raw.get("trials", 40), min=1, max=MAX_TRIALS
+    )
 
 
 @dataclass(frozen=True)
@@ -246,11 +290,10 @@ class FineSpec:
 
 
 def _parse_fine(path: Path, raw: Any) -> FineSpec:
-    fine, given = _build_with_training(FineSpec, path, "fine", raw)
-    if fine.trials < 1 or fine.top_k < 1 or fine.margin < 0:
-        raise StudyDefinitionError(
-            path, "fine", f"trials and top_k must be >= 1 and margin >= 0, got {given!r}"
-        )
+    fine, _ = _build_with_training(FineSpec, path, "fine", raw)
+    _check_number(path, "fine.trials", fine.trials, min=1, max=MAX_TRIALS)
+    _check_number(path, "fine.top_k", fine.top_k, min=1)
+    _check_number(path, "fine.margin", fine.margin, kind="float", min=0, unit="decades")
     return fine
 
 
@@ -262,10 +305,7 @@ class FinalSpec:
 
 def _parse_final(path: Path, raw: Any) -> FinalSpec:
     final, _ = _build_with_training(FinalSpec, path, "final", raw)
-    if final.holdout < 0:
-        raise StudyDefinitionError(
-            path, "final.holdout", f"must be >= 0 (0: no holdout), got {final.holdout!r}"
-        )
+    _check_number(path, "final.holdout", final.holdout, min=0, unit="samples (0: no holdout)")
     return final
 
 
@@ -285,10 +325,11 @@ class OptunaSpec:
 def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
     spec = _build(OptunaSpec, path, "optuna", raw)
     for key in ("heartbeat_interval", "grace_period"):
-        if getattr(spec, key) < 1:
-            raise StudyDefinitionError(
-                path, f"optuna.{key}", f"must be >= 1 second, got {getattr(spec, key)!r}"
-            )
+        _check_number(path, f"optuna.{key}", getattr(spec, key), min=1, unit="second(s)")
+    _check_number(path, "optuna.seed", spec.seed, min=0)
+    _check_number(path, "optuna.warmup_cycles", spec.warmup_cycles, kind="float", min=0)
+    _check_number(path, "optuna.n_startup_trials", spec.n_startup_trials, min=0)
+    _check_number(path, "optuna.workers", spec.workers, min=1)
     if spec.grace_period < 2 * spec.heartbeat_interval:
         raise StudyDefinitionError(
             path,
@@ -296,13 +337,6 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
             f"must be at least twice heartbeat_interval (2 x {spec.heartbeat_interval}"
             f" = {2 * spec.heartbeat_interval} s), got {spec.grace_period}; "
             "with less, a live trial whose heartbeat is late would be taken for a dead one",
-        )
-    if spec.warmup_cycles < 0 or spec.n_startup_trials < 0:
-        raise StudyDefinitionError(
-            path,
-            "optuna",
-            "warmup_cycles and n_startup_trials must be >= 0, got "
-            f"{spec.warmup_cycles!r} and {spec.n_startup_trials!r}",
         )
     url = spec.storage
     if url and "://" not in url and not url.endswith(".log"):
@@ -312,6 +346,8 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
             "must be an Optuna storage URL (sqlite:///x.db, postgresql+psycopg2://user@host/db"
             f", journal:///x.log) or a journal file x.log, got {url!r}",
         )
+    if url and in_memory(url):
+        raise StudyDefinitionError(path, "optuna.storage", IN_MEMORY)
     if spec.pruner not in PRUNERS:
         raise StudyDefinitionError(
             path, "optuna.pruner", f"must be one of {list(PRUNERS)}, got {spec.pruner!r}"
@@ -320,9 +356,23 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
         raise StudyDefinitionError(
             path, "optuna.sampler", f"must be one of {list(SAMPLERS)}, got {spec.sampler!r}"
         )
-    if spec.workers < 1:
-        raise StudyDefinitionError(path, "optuna.workers", f"must be >= 1, got {spec.workers}")
     return spec
+
+
+IN_MEMORY = (
+    "an in-memory SQLite database keeps nothing: every worker process would see its own "
+    "empty one and the results would be gone at exit; give a file, e.g. "
+    "sqlite:///studies/x.db"
+)
+
+
+def in_memory(url: str) -> bool:
+    """Whether a storage URL names an in-memory SQLite database (sqlite://, sqlite:///,
+    sqlite:///:memory:, ...?mode=memory)."""
+    if not url.startswith("sqlite:"):
+        return False
+    rest = url[len("sqlite:") :].lstrip("/")
+    return rest.split("?")[0] in ("", ":memory:") or "mode=memory" in url
 
 
 @dataclass(frozen=True)
@@ -424,6 +474,10 @@ def _check_stages(spec: StudySpec) -> None:
                 spec.train_config(stage, point)
             except (ValueError, TypeError) as exc:
                 section = {"coarse": "training"}.get(stage, f"{stage}.training")
+                # TrainConfig's messages end "got <field>=<value>": the field to name.
+                got = re.search(r"got (\w+)=", str(exc))
+                if got and got.group(1) not in point:
+                    section = f"{section}.{got.group(1)}"
                 at = ", ".join(f"{k}={v:g}" for k, v in point.items())
                 where = f" (with {at} from [search])" if point else ""
                 raise StudyDefinitionError(spec.path, section, f"{exc}{where}") from None
@@ -442,17 +496,36 @@ def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
 
 
 def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
-    """A TOML file's contents; a missing or broken file is a StudyDefinitionError."""
+    """A TOML file's contents; a missing, unreadable or broken file is a StudyDefinitionError."""
+    if path.is_dir():
+        raise StudyDefinitionError(path, "file", "is a directory; pass a .toml file in it")
     if not path.is_file():
         raise StudyDefinitionError(path, "file", missing)
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StudyDefinitionError(
+            path,
+            "file",
+            f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files are UTF-8: save it with that encoding",
+        ) from None
+    except OSError as exc:
+        raise StudyDefinitionError(path, "file", f"cannot be read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise StudyDefinitionError(path, "file", f"not valid TOML: {exc}") from None
+
+
+MISSING_STUDY = (
+    "no such study file; `c2f init` copies the shipped study files into ./studies/ "
+    "(or pass --study PATH)"
+)
 
 
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
     path = Path(path)
-    raw = read_toml(path, missing="no such study file; see studies/*.toml")
+    raw = read_toml(path, missing=MISSING_STUDY)
     return parse_spec(raw, path)
