@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if source is None:
         raise ValueError(
             f"no completed trials of {spec.name} in the fine or coarse study of "
-            f"{spec.storage_url()}; run python -m search.coarse{cli.same_flags(args)} first"
+            f"{spec.storage_url()}; run {cli.command('coarse')}{cli.same_flags(args)} first"
         )
     best = st.top_trials(source, 1)[0]
     config = spec.train_config("final", {**best.params, "seed": spec.optuna.seed})
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if recorded and recorded.get("trial") == best.number and not args.force:
         print(f"final result already recorded for {source.study_name} trial {best.number}:")
         print(f"test accuracy {recorded['test_acc']:.4f} (use --force to retrain)")
+        cli.next_step("report", args)
         return 0
     prepared = st.prepare_for(spec)
     st.record_data(source, prepared)
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     source.set_user_attr("final", {k: v for k, v in result.items() if k != "config"})
     print(f"test accuracy {test['accuracy']:.4f}")
     print(f"wrote {out / 'network.npz'}, {out / 'curves.png'}, {out / 'result.json'}")
+    cli.next_step("report", args)
     return 0
 
 

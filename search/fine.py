@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if coarse is None or not st.top_trials(coarse, 1):
         raise ValueError(
             f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
-            "run python -m search.coarse" + cli.same_flags(args) + " first"
+            f"run {cli.command('coarse')}{cli.same_flags(args)} first"
         )
     existing = st.load_existing(spec, "fine")
     recorded = existing.user_attrs.get("ranges") if existing is not None else None
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         attrs={"top_k": top_k, "margin": margin, "coarse_study": coarse.study_name},
     )
     if cli.finish(spec, study, list(ranges)):
-        print("next: python -m search.final" + cli.same_flags(args))
+        cli.next_step("final", args)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import sqlite3
 import time
@@ -95,10 +96,20 @@ def make_storage(
     - ``journal:///path.log`` or a path ending in ``.log``: a journal file.
 
     Workers record their own heartbeats (``search.sweep.lost``), on every kind of
-    storage, so Optuna's heartbeat is not used.
+    storage, so Optuna's heartbeat is not used. A URL that names no usable storage
+    is a :class:`StorageURLError`; a storage that cannot be used (unreachable server,
+    a file that cannot be written, a full disk, ...) a :class:`StorageError`, each
+    one line saying what to do.
     """
+    try:
+        backend = _open(url)
+    except Exception as exc:  # noqa: BLE001 - named by describe_failure, else re-raised
+        named = _named(exc, url)
+        if named is exc:
+            raise
+        raise named from exc
     # Abstract to mypy only: every method is filled in below the class.
-    return ResilientStorage(_open(url), patience=patience, log=log)  # type: ignore[abstract]
+    return ResilientStorage(backend, patience=patience, log=log, url=url)  # type: ignore[abstract]
 
 
 def _cached(backend: BaseStorage) -> BaseStorage:
@@ -116,16 +127,32 @@ def _cached(backend: BaseStorage) -> BaseStorage:
     return backend
 
 
+SUPPORTED = (
+    "sqlite:///PATH.db, postgresql+psycopg2://USER@HOST:PORT/DB, mysql+pymysql://USER@HOST/DB "
+    "or journal:///PATH.log"
+)
+
+
+class StorageURLError(ValueError):
+    """A storage URL that names no storage this tool can use (a setting to fix: exit 2)."""
+
+
+class StorageError(RuntimeError):
+    """A storage that cannot be used as it is; the message says what happened and what to do."""
+
+
 def _open(url: str) -> BaseStorage:
     if url.startswith("journal://") or (url.endswith(".log") and "://" not in url):
         path = url.removeprefix("journal://")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     if "://" not in url:
-        raise ValueError(
-            f"storage must be a URL like sqlite:///studies/x.db, "
-            f"postgresql+psycopg2://user@host/db or journal:///path.log; got {url!r}"
-        )
+        raise StorageURLError(f"storage must be a URL like {SUPPORTED}; got {url!r}")
+    from search.config.study import IN_MEMORY, in_memory
+
+    if in_memory(url):
+        raise StorageURLError(f"storage {url!r}: {IN_MEMORY}")
+    _check_scheme(url)
     engine_kwargs: dict = {}
     db = sqlite_path(url)
     if db is not None:
@@ -160,6 +187,143 @@ def _open(url: str) -> BaseStorage:
     if db is not None:
         _serialise_sqlite_writes(storage)
     return storage
+
+
+def _check_scheme(url: str) -> None:
+    """A :class:`StorageURLError` for a URL SQLAlchemy cannot parse, a scheme it does not
+    know (``sqllite:///``) or a driver that is not installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        raise StorageURLError(
+            f"unknown storage scheme {scheme + '://'!r} in {safe_url(url)!r}; supported: "
+            f"{SUPPORTED}"
+        ) from None
+    except ArgumentError as exc:
+        raise StorageURLError(f"storage {safe_url(url)!r} is not a valid URL ({exc})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        extra = (
+            " (pip install 'coarse2fine[postgres]')"
+            if parsed.get_backend_name() == ("postgresql")
+            else ""
+        )
+        driver = exc.name or parsed.drivername
+        raise StorageURLError(
+            f"storage {safe_url(url)!r} needs the database driver {driver!r}, which is not "
+            f"installed{extra}"
+        ) from None
+
+
+def _named(exc: BaseException, url: str) -> BaseException:
+    """``exc`` as a :class:`StorageError` saying what to do, when it is a known failure of a
+    storage; else ``exc`` itself."""
+    if isinstance(exc, StorageError | StorageURLError | StorageUnavailable):
+        return exc
+    message = describe_failure(exc, url)
+    return StorageError(message) if message else exc
+
+
+def _where(url: str) -> str:
+    """The storage as the user knows it: a file path, or a server and its database."""
+    db = sqlite_path(url)
+    if db is not None:
+        return str(db)
+    if url.startswith("journal://") or "://" not in url:
+        return url.removeprefix("journal://")
+    try:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+        name = {"postgresql": "PostgreSQL", "mysql": "MySQL"}.get(u.get_backend_name(), "server")
+        port = u.port or {"postgresql": 5432, "mysql": 3306}.get(u.get_backend_name(), "")
+        return f"{name} at {u.host or 'localhost'}:{port}" + (
+            f"/{u.database}" if u.database else ""
+        )
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: say it as it is
+        return safe_url(url)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not s for s in seen):
+        seen.append(e)
+        orig = getattr(e, "orig", None)  # SQLAlchemy's DBAPIError keeps the driver's error
+        if isinstance(orig, BaseException) and all(orig is not s for s in seen):
+            seen.append(orig)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def describe_failure(exc: BaseException, url: str) -> str | None:
+    """One line for a known failure of the storage at ``url``: what happened and what to
+    do. None when ``exc`` is not one (a bug, a bad argument): let it be raised as it is.
+
+    Known: a server that does not answer or refuses the login; a file or directory that
+    cannot be created or written, read-only, not a database, corrupt; a full disk; a
+    schema made by another Optuna version.
+    """
+    where = _where(url)
+    chain = _chain(exc)
+    texts = " | ".join(str(e).lower() for e in chain)
+    codes = {getattr(e, "errno", None) for e in chain if isinstance(e, OSError)}
+    first = _one_line(chain[-1])
+    again = "then run the same command again (finished trials are kept)"
+    if errno.ENOSPC in codes or "disk is full" in texts or "no space left" in texts:
+        return f"the disk holding {where} is full ({first}): free some space, {again}"
+    if errno.EROFS in codes or "readonly database" in texts or "read-only file system" in texts:
+        return (
+            f"{where} is read-only ({first}): make the file and its directory writable, or "
+            f"give --storage another file; {again}"
+        )
+    if codes & {errno.EACCES, errno.EPERM}:
+        return f"cannot write {where}: permission denied ({first}); fix its permissions, {again}"
+    if "file is not a database" in texts:
+        return (
+            f"{where} is not an SQLite database (or not one this SQLite can read): give "
+            "--storage another file, or move this one away to start afresh"
+        )
+    if "malformed" in texts or "database corrupt" in texts:
+        return (
+            f"{where} is corrupt ({first}): restore a backup, or recover what is left with "
+            f"`sqlite3 {where} .recover`; or move it away to start afresh"
+        )
+    if "unable to open database file" in texts or codes & {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+    }:
+        return (
+            f"cannot create or open {where} ({first}): its directory must exist (or be "
+            "creatable) and be writable, and the path must name a file"
+        )
+    if "no longer compatible with the table schema" in texts:
+        fix = (
+            f"back it up, then run `optuna storage upgrade --storage {safe_url(url)}`"
+            if "storage upgrade" in texts
+            else "install the newer Optuna that made it (pip install -U optuna)"
+        )
+        return f"{where} holds tables of another Optuna version ({first}); {fix}"
+    if any(w in texts for w in ("password authentication failed", "does not exist", "role ")):
+        if not url.startswith(("sqlite", "journal")) and "://" in url:
+            return f"{where} refused the login ({first}): check user, password and database"
+    if is_transient(exc) and not url.startswith(("sqlite", "journal")) and "://" in url:
+        return (
+            f"{where} does not answer ({first}): start the server, or check the host and port "
+            "in the storage URL"
+        )
+    if "could not translate host name" in texts or "name or service not known" in texts:
+        return f"{where}: unknown host ({first}); check the host in the storage URL"
+    return None
 
 
 _READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("c2f_read_only", default=False)
@@ -391,35 +555,43 @@ class ResilientStorage(BaseStorage):
         *,
         patience: float = PATIENCE_S,
         log: Callable[[str], None] | None = None,
+        url: str = "",
     ) -> None:
         self.backend = backend  # the storage itself (RDBStorage, JournalStorage)
         self.inner = _cached(backend)  # what the calls go to
         self.patience = patience
         self.log = log
+        self.url = url  # for the message of a failure (StorageError)
         self.should_stop: Callable[[], bool] = lambda: False
 
     def __getattr__(self, name: str):  # noqa: ANN204 - the wrapped storage's attributes
-        if name in ("inner", "backend"):  # not set yet (unpickling)
+        if name in ("inner", "backend", "url"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.backend, name)
 
     def __getstate__(self) -> dict:
         # A worker's stop flag and log stay in its process; the cache is rebuilt.
-        return {"backend": self.backend, "patience": self.patience}
+        return {"backend": self.backend, "patience": self.patience, "url": self.url}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["backend"], patience=state["patience"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["backend"], patience=state["patience"], url=state.get("url", "")
+        )
 
     def call(self, name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         """The wrapped storage's method ``name``, retried while the database is away."""
         return self.retrying(getattr(self.inner, name), *args, **kwargs)
 
     def retrying(self, method: Callable[..., T], *args, **kwargs) -> T:  # noqa: ANN002, ANN003
-        """``method(*args, **kwargs)``, retried while the database is unreachable."""
+        """``method(*args, **kwargs)``, retried while the database is unreachable.
+
+        A known failure that retrying cannot mend (a full disk, a read-only file, ...) is
+        raised as a :class:`StorageError` saying what to do."""
         try:
             return method(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
             if not is_transient(exc):
+                self._raise_named(exc)
                 raise
             first = exc
         t0 = time.monotonic()
@@ -439,11 +611,18 @@ class ResilientStorage(BaseStorage):
                 result = method(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
                 if not is_transient(exc):
+                    self._raise_named(exc)
                     raise
                 continue
             if self.log is not None:
                 self.log(f"storage reachable again after {time.monotonic() - t0:.1f} s")
             return result
+
+    def _raise_named(self, exc: BaseException) -> None:
+        """Raise ``exc`` as a :class:`StorageError` if it is a known failure; else return."""
+        named = _named(exc, self.url) if self.url else exc
+        if named is not exc:
+            raise named from exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import socket
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from typing import Any, cast
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config.study import StudySpec
+from model.data import DataError
+from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep import lost
 from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import Objective
@@ -42,6 +44,8 @@ from search.sweep.storage import (
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
 STAGES = ("coarse", "fine")
+# The name of a trial's value in the dashboard (instead of "Objective 0").
+METRIC = "val_acc"
 
 
 class DataMismatchError(RuntimeError):
@@ -105,6 +109,10 @@ def open_study(
                 load_if_exists=True,
             )
         )
+        if study.metric_names != [METRIC]:
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, and in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([METRIC])
     else:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
     n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
@@ -179,15 +187,36 @@ def record_data(study: optuna.Study, prepared: Prepared) -> None:
 
 def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> Prepared:
     """The study's prepared data, cached under ``cache/`` beside the study file, or
-    under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume)."""
+    under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume).
+
+    Data that cannot be loaded as the study file asks (a missing file, an n_val the
+    dataset cannot hold) is a StudyDefinitionError naming the study file.
+    """
     root = cache_dir or os.environ.get("C2F_CACHE_DIR") or None
-    return prepare(
-        spec.data,
-        spec.data_dir(),
-        Path(root) if root else spec.base_dir / "cache",
-        seed=spec.optuna.seed,
-        log=log,
-    )
+    try:
+        return prepare(
+            spec.data,
+            spec.data_dir(),
+            Path(root) if root else spec.base_dir / "cache",
+            seed=spec.optuna.seed,
+            log=log,
+        )
+    except (DataError, ValueError) as exc:
+        if isinstance(exc, StudyDefinitionError):
+            raise
+        raise StudyDefinitionError(spec.path or "<study>", "data", str(exc)) from None
+
+
+def record_files(study: optuna.Study, spec: StudySpec) -> None:
+    """Record the study file and the data directory on the study (user attrs
+    ``study_file``, as given on the command line, which lets ``search.worker`` join
+    without ``--study``; ``data_dir``, relative to the study file, which ``status``
+    puts in the command that resumes the study)."""
+    if spec.path:
+        study.set_user_attr("study_file", spec.path)
+    data_dir = spec.data_dir()
+    if data_dir:
+        study.set_user_attr("data_dir", os.path.relpath(data_dir, spec.base_dir))
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:
