@@ -366,10 +366,11 @@ def _parse_hidden(text: str) -> list[int]:
     return sizes
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m model.train",
-        description="Train one k-layer network and plot its learning curves.",
+        prog=prog,
+        description="Train one k-layer network and write its curves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="digits", help="cifar10, digits or fashion_mnist")
     p.add_argument("--data-dir", default=None, help="directory of the dataset files")
@@ -397,10 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") -> int:
+    """The command line; ``prog`` is how it was started (``c2f train``), for --help."""
     from model import data as data_mod
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         config = TrainConfig(
             l2_lambda=args.l2_lambda,

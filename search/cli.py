@@ -55,7 +55,7 @@ def _prog(prog: str) -> str:
     return prog
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """--help with each option's default, unless it is None or False or the help says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:

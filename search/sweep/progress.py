@@ -1,14 +1,16 @@
 """The progress of a sweep: trials finished of the target, rate, ETA, states, best so far.
 
-On a terminal it is one tqdm line redrawn in place, as wide as the terminal (followed
-when the window is resized, so it never wraps and leaves broken lines behind).
-Elsewhere (a pipe, a log file, CI) it is one plain line every ``every`` seconds and
-one at the end.
+On a terminal it is one tqdm line redrawn in place, never wider than the terminal
+(its width is read at every redraw, so a resized window is followed and the line
+never wraps into broken copies of itself); the bar gets what the numbers leave,
+and is left out when that is too little. Elsewhere (a pipe, a log file, CI) it is
+one plain line every ``every`` seconds and one at the end.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -17,14 +19,27 @@ from tqdm import tqdm
 
 from search.sweep.studies import counts
 
-# ``{postfix}`` is the states and the best value; tqdm sizes ``{bar}`` to what is left
-# of the terminal's width and cuts the line at the edge if even that is too much.
-BAR_FORMAT = "{n_fmt}/{total_fmt} |{bar}| {rate_fmt} ETA {remaining} | {postfix}"
+WITH_BAR = "{n_fmt}/{total_fmt} |{bar}| {desc}"
+WITHOUT_BAR = "{n_fmt}/{total_fmt} {desc}"
+MIN_BAR = 6  # narrower than this, a bar says nothing: the numbers alone
 PLAIN_EVERY_S = 30.0
 
 
+def rate_text(per_second: float) -> str:
+    """Trials per second, or per minute when fewer than one a second (CIFAR-sized trials)."""
+    if per_second <= 0:
+        return "?/s"
+    if per_second >= 1:
+        return f"{per_second:.1f}/s"
+    return f"{per_second * 60:.1f}/min"
+
+
 class Progress:
-    """Called every half second by the pool while the workers run; :meth:`close` at the end."""
+    """Called every half second by the pool while the workers run; :meth:`close` at the end.
+
+    The rate and the ETA are of this run (trials finished before it began are not
+    counted), so a resumed sweep does not look faster than it is.
+    """
 
     def __init__(
         self, study: optuna.Study, target: int, *, stream=None, every: float = PLAIN_EVERY_S
@@ -44,40 +59,49 @@ class Progress:
     def __call__(self) -> None:
         c = counts(self.study)
         done = c["COMPLETE"] + c["PRUNED"]
-        best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
-        states = f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed"
         if self.first is None:
             self.first = done
-        if self.tty:
-            self._draw(done, f"{states} | best {best}")
-            return
-        now = time.monotonic()
-        rate = (done - self.first) / max(now - self.t0, 1e-9)
+        best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
+        per_second = (done - self.first) / max(time.monotonic() - self.t0, 1e-9)
         eta = "?"
-        if rate > 0 and done < self.target:
-            eta = tqdm.format_interval((self.target - done) / rate)
-        line = (
+        if done >= self.target:
+            eta = "00:00"
+        elif per_second > 0:
+            eta = tqdm.format_interval((self.target - done) / per_second)
+        states = f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed"
+        if self.tty:
+            self._draw(done, f"{rate_text(per_second)} ETA {eta}, {states}, best {best}")
+            return
+        self.last = (
             f"{done}/{self.target} finished ({states}, {c['RUNNING']} running), "
-            f"{rate * 60:.1f} trials/min, ETA {eta}, best val acc {best}"
+            f"{rate_text(per_second)}, ETA {eta}, best val acc {best}"
         )
-        self.last = line
-        if now - self.last_plain >= self.every:
-            self._write_plain(line)
+        if time.monotonic() - self.last_plain >= self.every:
+            self._write_plain(self.last)
 
-    def _draw(self, done: int, postfix: str) -> None:
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return int(os.environ.get("COLUMNS", 80))
+
+    def _draw(self, done: int, text: str) -> None:
+        width = self._width()
         if self.bar is None:
             self.bar = tqdm(
                 total=self.target,
                 initial=done,
                 file=self.stream,
-                dynamic_ncols=True,
+                ncols=width,
                 ascii=".#",
-                unit="trial",
-                bar_format=BAR_FORMAT,
+                bar_format=WITH_BAR,
                 mininterval=0,
                 leave=True,
             )
-        self.bar.set_postfix_str(postfix, refresh=False)
+        numbers = len(f"{done}/{self.target} || {text}")
+        self.bar.ncols = width - 1  # the last column: some terminals wrap on it
+        self.bar.bar_format = WITH_BAR if width - 1 - numbers >= MIN_BAR else WITHOUT_BAR
+        self.bar.set_description_str(text, refresh=False)
         if done != self.bar.n:
             self.bar.update(done - self.bar.n)
         else:
