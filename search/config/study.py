@@ -480,6 +480,11 @@ def _check_stages(spec: StudySpec) -> None:
                     section = f"{section}.{got.group(1)}"
                 at = ", ".join(f"{k}={v:g}" for k, v in point.items())
                 where = f" (with {at} from [search])" if point else ""
+                try:
+                    spec.train_config(stage)
+                except (ValueError, TypeError) as alone:
+                    if str(alone) == str(exc):  # wrong whatever [search] draws
+                        where = ""
                 raise StudyDefinitionError(spec.path, section, f"{exc}{where}") from None
 
 

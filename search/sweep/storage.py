@@ -232,11 +232,9 @@ def _named(exc: BaseException, url: str) -> BaseException:
 
 def _where(url: str) -> str:
     """The storage as the user knows it: a file path, or a server and its database."""
-    db = sqlite_path(url)
-    if db is not None:
-        return str(db)
-    if url.startswith("journal://") or "://" not in url:
-        return url.removeprefix("journal://")
+    path = _file_of(url)
+    if path is not None:
+        return str(path)
     try:
         from sqlalchemy.engine import make_url
 
@@ -248,6 +246,36 @@ def _where(url: str) -> str:
         )
     except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: say it as it is
         return safe_url(url)
+
+
+def _file_of(url: str) -> Path | None:
+    """The file of a SQLite or journal storage, else None."""
+    db = sqlite_path(url)
+    if db is not None:
+        return db
+    if url.startswith("journal://") or "://" not in url:
+        rest = url.removeprefix("journal://")
+        return Path("/" + rest.lstrip("/")) if rest.startswith("/") else Path(rest)
+    return None
+
+
+def _read_only_place(path: Path) -> str | None:
+    """Why ``path`` cannot be written, if it is read-only: its file system, or the file."""
+    import os
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        return None
+    if path.exists() and not os.access(path, os.W_OK):
+        return "read-only file"
+    if not os.access(path.parent if path.parent.exists() else existing, os.W_OK):
+        return "read-only directory"
+    return None
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -278,13 +306,27 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
     again = "then run the same command again (finished trials are kept)"
     if errno.ENOSPC in codes or "disk is full" in texts or "no space left" in texts:
         return f"the disk holding {where} is full ({first}): free some space, {again}"
-    if errno.EROFS in codes or "readonly database" in texts or "read-only file system" in texts:
+    path = _file_of(url)
+    read_only = _read_only_place(path) if path is not None else None
+    if (
+        errno.EROFS in codes
+        or "readonly database" in texts
+        or "read-only file system" in texts
+        or (read_only and ("unable to open database file" in texts or codes))
+    ):
+        why = read_only or first
+        beside = " (SQLite writes -wal and -shm files beside it)" if sqlite_path(url) else ""
         return (
-            f"{where} is read-only ({first}): make the file and its directory writable, or "
-            f"give --storage another file; {again}"
+            f"{where} cannot be written ({why}): make the file and its directory "
+            f"writable{beside}, or give --storage another file; {again}"
         )
     if codes & {errno.EACCES, errno.EPERM}:
         return f"cannot write {where}: permission denied ({first}); fix its permissions, {again}"
+    if "disk i/o error" in texts:
+        return (
+            f"{where}: the disk failed a read or write ({first}): check the disk and its free "
+            f"space, {again}"
+        )
     if "file is not a database" in texts:
         return (
             f"{where} is not an SQLite database (or not one this SQLite can read): give "
@@ -312,7 +354,10 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
             if "storage upgrade" in texts
             else "install the newer Optuna that made it (pip install -U optuna)"
         )
-        return f"{where} holds tables of another Optuna version ({first}); {fix}"
+        return (
+            f"{where} holds tables made by another version of Optuna than this one "
+            f"({optuna.__version__}): {fix}"
+        )
     if any(w in texts for w in ("password authentication failed", "does not exist", "role ")):
         if not url.startswith(("sqlite", "journal")) and "://" in url:
             return f"{where} refused the login ({first}): check user, password and database"
