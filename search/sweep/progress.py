@@ -86,21 +86,28 @@ class Progress:
             return int(os.environ.get("COLUMNS", 80))
 
     def _draw(self, done: int, text: str) -> None:
-        width = self._width()
+        ncols = self._width() - 1  # not the last column: some terminals wrap on it
+        room = ncols - len(f"{done}/{self.target} || {text}")
+        bar_format = WITH_BAR if room >= MIN_BAR else WITHOUT_BAR
         if self.bar is None:
             self.bar = tqdm(
                 total=self.target,
                 initial=done,
                 file=self.stream,
-                ncols=width,
+                ncols=ncols,
                 ascii=".#",
-                bar_format=WITH_BAR,
+                bar_format=bar_format,
+                desc=text,
                 mininterval=0,
                 leave=True,
             )
-        numbers = len(f"{done}/{self.target} || {text}")
-        self.bar.ncols = width - 1  # the last column: some terminals wrap on it
-        self.bar.bar_format = WITH_BAR if width - 1 - numbers >= MIN_BAR else WITHOUT_BAR
+            return
+        if ncols < self.bar.ncols:
+            # Narrower: tqdm would pad the new line to the old one's length, and the padding
+            # would wrap. Clear the row instead and start a fresh status line.
+            self.stream.write("\r\x1b[2K")
+            self.bar.sp = self.bar.status_printer(self.stream)
+        self.bar.ncols, self.bar.bar_format = ncols, bar_format
         self.bar.set_description_str(text, refresh=False)
         if done != self.bar.n:
             self.bar.update(done - self.bar.n)
