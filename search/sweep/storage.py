@@ -47,12 +47,12 @@ def storage_of(study: optuna.Study) -> BaseStorage:
     return study._storage
 
 
-def trial_id(trial: FrozenTrial) -> int:
-    """The storage's id of a trial.
+def trial_id(trial: FrozenTrial | optuna.Trial) -> int:
+    """The storage's id of a trial (frozen or running).
 
-    Private (``FrozenTrial._trial_id``): the storage API takes trial ids, and the
-    public way to get one (``get_trial_id_from_study_id_trial_number``) costs a
-    query per call, on every look at the queue.
+    Private (``FrozenTrial._trial_id``, ``Trial._trial_id``): the storage API takes
+    trial ids, and the public way to get one (``get_trial_id_from_study_id_trial_number``)
+    costs a query per call, on every look at the queue.
     """
     return trial._trial_id
 
