@@ -67,6 +67,19 @@ def safe_url(url: str) -> str:
         return url
 
 
+def relative_url(url: str, base: Path) -> str:
+    """``url`` with the path of its SQLite or journal file relative to ``base`` when the file
+    is under it (a report does not show where the user's home is); else :func:`safe_url`."""
+    path = _file_of(url)
+    if path is not None:
+        try:
+            rel = path.resolve().relative_to(Path(base).resolve())
+        except ValueError:
+            return safe_url(url)
+        return f"sqlite:///{rel}" if sqlite_path(url) else f"journal:///{rel}"
+    return safe_url(url)
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///`` URL, else None."""
     prefix = "sqlite:///"
