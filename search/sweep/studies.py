@@ -34,6 +34,7 @@ from search.sweep.prepared import Prepared, prepare
 from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
+    enqueue_blank,
     make_storage,
     sqlite_path,
     storage_of,
@@ -144,11 +145,11 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     if missing < 0:
         _trim(storage, counted, target)
     already = {tuple(sorted(t.params.items())) for t in trials}
-    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already]
-    for i in range(max(0, missing)):
+    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already][: max(0, missing)]
+    for params in starts:
         checkpoint()  # Ctrl-C while a large target is queued: stop here, any prefix will do
-        params = starts[i] if i < len(starts) else {}
-        study.enqueue_trial(params, skip_if_exists=bool(params))
+        study.enqueue_trial(params, skip_if_exists=True)
+    enqueue_blank(storage, study_id, max(0, missing) - len(starts), between=checkpoint)
     study.set_user_attr("target", target)
     return max(0, missing)
 

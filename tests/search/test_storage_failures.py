@@ -93,6 +93,9 @@ def test_a_storage_that_cannot_be_used_is_one_line_and_exit_1(qs, tmp_path, caps
         assert coarse.main(["--study", qs, "--storage", url]) == 1, url
         line = one_line(capsys)
         assert line.startswith("error: ") and words in line, line
+    # Optuna's own answers about studies and trials are not failures of the storage.
+    assert describe_failure(KeyError("Record does not exist."), pg_down) is None
+    assert describe_failure(ValueError("database 'x' does not exist"), pg_down) is None
     assert "start the server, or check the host and port" in describe_failure(
         _error_of(lambda: make_storage(pg_down)), pg_down
     )
