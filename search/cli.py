@@ -279,35 +279,45 @@ def guarded(main_body):
     def wrapper(argv: list[str] | None = None) -> int:
         debug = debugging(argv)
         # The commands' own messages say what matters; Optuna's INFO lines would bury them.
+        # Set here, for the command's run only: importing search changes no logging.
+        verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        with signals_recorded(StopFlag(interruptible=True)) as stop:
-            try:
-                return main_body(argv)
-            except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
-                _error(exc, debug)
-                return 2
-            except (WorkersFailed, StorageUnavailable, StorageError, StageFailed) as exc:
-                _error(exc, debug)
-                return 1
-            except BrokenPipeError:  # the output went to `head` or a closed pager
-                with contextlib.suppress(OSError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                return 0
-            except (Interrupted, KeyboardInterrupt) as exc:
-                signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
-                print(
-                    f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
-                    "stored, running ones re-queued. Run the same command again to resume.",
-                    file=sys.stderr,
-                )
-                return 128 + signum
-            except Exception as exc:  # noqa: BLE001 - one line, the traceback on request
-                text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                hint = "" if debug else " (--debug or C2F_DEBUG=1 shows the traceback)"
-                _error(exc, debug, f"unexpected {text}{hint}")
-                return 1
+        try:
+            return _run(main_body, argv, debug)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
     return wrapper
+
+
+def _run(main_body, argv: list[str] | None, debug: bool) -> int:
+    """``main_body(argv)`` with the signals owned and every error turned into an exit code."""
+    with signals_recorded(StopFlag(interruptible=True)) as stop:
+        try:
+            return main_body(argv)
+        except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
+            _error(exc, debug)
+            return 2
+        except (WorkersFailed, StorageUnavailable, StorageError, StageFailed) as exc:
+            _error(exc, debug)
+            return 1
+        except BrokenPipeError:  # the output went to `head` or a closed pager
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (Interrupted, KeyboardInterrupt) as exc:
+            signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+            print(
+                f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
+                "stored, running ones re-queued. Run the same command again to resume.",
+                file=sys.stderr,
+            )
+            return 128 + signum
+        except Exception as exc:  # noqa: BLE001 - one line, the traceback on request
+            text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            hint = "" if debug else " (--debug or C2F_DEBUG=1 shows the traceback)"
+            _error(exc, debug, f"unexpected {text}{hint}")
+            return 1
 
 
 def format_table(trials: list[optuna.trial.FrozenTrial], names: list[str]) -> str:

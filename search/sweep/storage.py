@@ -253,10 +253,9 @@ def _where(url: str) -> str:
 
         u = make_url(url)
         name = {"postgresql": "PostgreSQL", "mysql": "MySQL"}.get(u.get_backend_name(), "server")
-        port = u.port or {"postgresql": 5432, "mysql": 3306}.get(u.get_backend_name(), "")
-        return f"{name} at {u.host or 'localhost'}:{port}" + (
-            f"/{u.database}" if u.database else ""
-        )
+        port = u.port or {"postgresql": 5432, "mysql": 3306}.get(u.get_backend_name())
+        host = f"{u.host or 'localhost'}" + (f":{port}" if port else "")
+        return f"{name} at {host}" + (f"/{u.database}" if u.database else "")
     except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: say it as it is
         return safe_url(url)
 

@@ -226,3 +226,26 @@ def test_c2f_init_copies_the_shipped_studies(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "studies/quickstart.toml").read_text() == "# mine\n"
     assert c2f.main(["init", "mine", "--force"]) == 0
     assert "next: c2f coarse --study mine/quickstart.toml" in capsys.readouterr().out
+
+
+def test_importing_the_commands_leaves_optunas_logging_alone(study):
+    """A notebook's own studies keep their log level: only a command's run sets it."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    code = (
+        "import optuna; optuna.logging.set_verbosity(optuna.logging.DEBUG); "
+        "import search.c2f, search.cli, search.coarse, search.fine, search.final, "
+        "search.report, search.status, search.worker, search.experiment, model.train; "
+        "print(optuna.logging.get_verbosity())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.strip() == str(optuna.logging.DEBUG), done.stderr
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    try:
+        assert coarse.main(["--study", study, "--trials", "1"]) == 0
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG  # put back after the run
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.INFO)
