@@ -81,7 +81,8 @@ def test_a_url_that_names_no_storage_is_a_setting(qs, capsys):
         assert line.startswith("error: ") and words in line, line
 
 
-def test_a_storage_that_cannot_be_used_is_one_line_and_exit_1(qs, tmp_path, capsys):
+def test_a_storage_that_cannot_be_used_is_one_line_and_exit_1(qs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("search.sweep.storage.time.sleep", lambda s: None)  # no waits to retry
     a_file = tmp_path / "notes.txt"
     a_file.write_text("some notes, not a database\n" * 100)
     pg_down = "postgresql+psycopg2://root@127.0.0.1:1/test"
