@@ -155,15 +155,21 @@ def _float_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
-def _check_held_out(name: str, value: int, total: int, what: str) -> None:
-    """value images held out of total: an int with 0 < value < total."""
+def _check_held_out(name: str, value: int | float, total: int, what: str) -> int:
+    """value images held out of total: an int with 0 < value < total, or a fraction of
+    total in (0, 1) (rounded, at least one image). The number of images."""
+    if isinstance(value, float) and 0 < value < 1:
+        value = max(1, round(value * total))
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise ValueError(
+            f"{name} must be a number of images or a fraction in (0, 1), got {value!r}"
+        )
     if not 0 < value < total:
         raise ValueError(
             f"{name} must satisfy 0 < {name} < {total} (the {what}), got {name}={value}; "
             "hold out fewer images, at least one"
         )
+    return int(value)
 
 
 def _scale_into(out: np.ndarray, raw: np.ndarray, scale: float) -> None:
@@ -404,7 +410,7 @@ def load_cifar10(
     data_dir: str | os.PathLike[str],
     *,
     split: str = "batch1",
-    n_val: int = 5000,
+    n_val: int | float = 5000,
     dtype: Any = np.float32,
 ) -> Splits:
     """CIFAR-10 from a ``cifar-10-batches-py`` (or ``cifar-10-batches-mat``) directory.
@@ -447,7 +453,7 @@ def load_cifar10(
     # uint8 is a quarter of float32: keep the raw batches, then fill one float array.
     raws = [read(data_dir / (name + suffix)) for name in train_names]
     total = sum(len(data) for data, _ in raws)
-    _check_held_out("n_val", n_val, total, f"images in data_batch_1..5 of {data_dir}")
+    n_val = _check_held_out("n_val", n_val, total, f"images in data_batch_1..5 of {data_dir}")
     X = np.empty((total, CIFAR10_DIM), dtype=dt)
     y = np.empty(total, dtype=np.int64)
     start = 0
@@ -480,7 +486,7 @@ def cifar10_train_size(data_dir: str | os.PathLike[str]) -> int:
 
 
 def load_digits(
-    *, n_val: int = 300, n_test: int = 300, seed: int = 0, dtype: Any = np.float32
+    *, n_val: int | float = 300, n_test: int | float = 300, seed: int = 0, dtype: Any = np.float32
 ) -> Splits:
     """scikit-learn's 8x8 digits (1797 images): X (N, 64) in [0, 1] (pixel / 16), y (N,).
 
@@ -492,8 +498,8 @@ def load_digits(
     dt = _float_dtype(dtype)
     digits = sk_load_digits()
     total = len(digits.target)
-    for name, value in (("n_val", n_val), ("n_test", n_test)):
-        _check_held_out(name, value, total, "number of digits")
+    n_val = _check_held_out("n_val", n_val, total, "number of digits")
+    n_test = _check_held_out("n_test", n_test, total, "number of digits")
     if n_val + n_test >= total:
         raise ValueError(
             f"n_val + n_test must be < {total} (the digits), got {n_val=} + {n_test=}"
@@ -574,7 +580,7 @@ def _fashion_part(data_dir: Path, prefix: str, dt: np.dtype) -> tuple[np.ndarray
 def load_fashion_mnist(
     data_dir: str | os.PathLike[str] = FASHION_MNIST_DIR,
     *,
-    n_val: int = 5000,
+    n_val: int | float = 5000,
     dtype: Any = np.float32,
 ) -> Splits:
     """Fashion-MNIST from the four IDX files (``.gz`` or plain) in data_dir.
@@ -587,7 +593,7 @@ def load_fashion_mnist(
     if not data_dir.is_dir():
         raise DataError(f"Fashion-MNIST directory {data_dir} does not exist; {_FASHION_HOWTO}")
     X, y = _fashion_part(data_dir, "train", dt)
-    _check_held_out("n_val", n_val, len(X), f"training images in {data_dir}")
+    n_val = _check_held_out("n_val", n_val, len(X), f"training images in {data_dir}")
     meta: dict[str, Any] = {"label_names": FASHION_MNIST_LABELS}
     train, val = _views(X, y, len(X) - n_val, **meta)
     X_test, y_test = _fashion_part(data_dir, "t10k", dt)
@@ -661,16 +667,17 @@ def load(
     data_dir: str | os.PathLike[str] | None = None,
     *,
     split: str = "batch1",
-    n_val: int | None = None,
+    n_val: int | float | None = None,
     seed: int = 0,
     dtype: Any = np.float32,
     normalize: bool = True,
 ) -> Splits:
     """Load a dataset by name ("cifar10", "digits" or "fashion_mnist") and normalise it.
 
-    n_val=None uses the loader's default. split applies to cifar10 only (n_val only to its
-    split="all"); seed only to digits, whose rows are shuffled. X of every split is
-    (N, d) ``dtype``, y (N,) int64; with normalize=True, standardised by :func:`normalise`.
+    n_val=None uses the loader's default; a float in (0, 1) is a fraction of the images.
+    split applies to cifar10 only (n_val only to its split="all"); seed only to
+    digits, whose rows are shuffled. X of every split is (N, d) ``dtype``, y (N,)
+    int64; with normalize=True, standardised by :func:`normalise`.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")

@@ -64,8 +64,9 @@ class TrainConfig:
     ``eta_max``, ...), so a trial's params build a config directly.
 
     - ``schedule="cyclical"``: triangular between ``eta_min`` and ``eta_max`` with
-      half-cycle ``n_s`` steps (None: 2 * floor(N / batch_size)) for ``n_cycles``
-      cycles; ``evals_per_cycle`` evaluation points per cycle.
+      half-cycle ``n_s`` steps, or ``n_s_epochs`` epochs of the training set at hand
+      (rounded to steps; neither: 2 epochs, 2 * floor(N / batch_size)), for
+      ``n_cycles`` cycles; ``evals_per_cycle`` evaluation points per cycle.
     - ``schedule="constant"`` / ``"step"``: ``eta`` for ``n_epochs`` epochs, multiplied
       by ``decay`` after each epoch for "step"; one evaluation point per epoch.
     - ``eval_every`` (steps) overrides the evaluation rate of either.
@@ -81,6 +82,7 @@ class TrainConfig:
     eta_min: float = 1e-5
     eta_max: float = 1e-1
     n_s: int | None = None
+    n_s_epochs: float | None = None
     n_cycles: int = 2
     n_epochs: int = 10
     decay: float = 1.0
@@ -102,6 +104,16 @@ class TrainConfig:
             raise ValueError(f"rho must be in [0, 1), got rho={self.rho!r}")
         if self.n_s is not None and self.n_s < 1:
             raise ValueError(f"n_s must be >= 1 or None, got n_s={self.n_s!r}")
+        if self.n_s_epochs is not None:
+            if self.n_s is not None:
+                raise ValueError(
+                    f"give n_s (steps) or n_s_epochs, not both, got n_s={self.n_s!r} and "
+                    f"n_s_epochs={self.n_s_epochs!r}"
+                )
+            if not (self.n_s_epochs > 0 and math.isfinite(self.n_s_epochs)):
+                raise ValueError(
+                    f"n_s_epochs must be > 0 epochs, got n_s_epochs={self.n_s_epochs!r}"
+                )
         if self.n_cycles < 1 or self.n_epochs < 1:
             raise ValueError(
                 f"n_cycles and n_epochs must be >= 1, got {self.n_cycles=}, {self.n_epochs=}"
@@ -161,7 +173,11 @@ class TrainConfig:
         return steps
 
     def resolved_n_s(self, n_train: int) -> int:
-        return self.n_s if self.n_s is not None else 2 * self.steps_per_epoch(n_train)
+        """The half-cycle in steps for a training set of ``n_train`` images."""
+        if self.n_s is not None:
+            return self.n_s
+        epochs = 2.0 if self.n_s_epochs is None else self.n_s_epochs
+        return max(1, round(epochs * self.steps_per_epoch(n_train)))
 
     def total_steps(self, n_train: int) -> int:
         if self.schedule == "cyclical":

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
 from search.sweep import lost
+from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.pool import WorkersFailed, check_workers
 from search.sweep.progress import Progress
@@ -91,6 +92,12 @@ def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse
         help="dataset directory (overrides [data] dir; cifar10 and fashion_mnist only)",
     )
     p.add_argument(
+        "--n-val",
+        type=n_val_arg,
+        default=None,
+        help="validation images, or a fraction such as 0.1 (overrides [data] n_val)",
+    )
+    p.add_argument(
         "--storage", default=None, help="Optuna storage URL (default SQLite beside the study file)"
     )
     if trains:
@@ -108,6 +115,21 @@ def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse
             "study file's)",
         )
     return p
+
+
+def n_val_arg(text: str) -> int | float:
+    """--n-val: a number of images >= 1 or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(
+        f"must be a number of images >= 1 or a fraction in (0, 1), got {text!r}"
+    )
 
 
 def check_trials(trials: int | None, flag: str = "--trials") -> None:
@@ -137,7 +159,11 @@ def with_data_dir(spec: StudySpec, data_dir: str | None) -> StudySpec:
 
 def load(args: argparse.Namespace) -> StudySpec:
     """The spec with the command-line overrides applied."""
+    import dataclasses
+
     spec = with_data_dir(load_spec(args.study), args.data_dir)
+    if getattr(args, "n_val", None) is not None:
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, n_val=args.n_val))
     workers, trials = getattr(args, "workers", None), getattr(args, "trials", None)
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -163,6 +189,7 @@ def run_stage(
     study = st.open_study(spec, stage)
     storage = storage_of(study)
     st.record_data(study, prepared)
+    st.record_seed_mode(study, spec)
     study.set_user_attr("ranges", st.describe_ranges(ranges))
     st.record_files(study, spec)
     for k, v in (attrs or {}).items():
@@ -179,35 +206,49 @@ def run_stage(
         f"{finished} finished, {queued} newly queued, {workers} worker(s)",
         flush=True,
     )
-    st.run_stage_workers(
-        spec,
-        stage,
-        ranges,
-        prepared,
-        workers=workers,
-        progress=Progress(study, target),
-        release_first=[storage],
-    )
+
+    def run(total: int) -> None:
+        st.run_stage_workers(
+            spec,
+            stage,
+            ranges,
+            prepared,
+            workers=workers,
+            progress=Progress(study, total),
+            release_first=[storage],
+        )
+
+    run(target)
+    # Then more seeds of the best configurations, until the best ones all have them.
+    st.replicate_rounds(spec, stage, study, run)
     return study
 
 
 def same_flags(args: argparse.Namespace) -> str:
     """The flags that name this study's file, data and storage, to print in a next command."""
+    n_val = getattr(args, "n_val", None)
     return flags_text(
         study=args.study if args.study != DEFAULT_STUDY else None,
         data_dir=getattr(args, "data_dir", None),
+        n_val=None if n_val is None else str(n_val),
         storage=args.storage,
     )
 
 
 def flags_text(
-    *, study: str | None = None, data_dir: str | None = None, storage: str | None = None
+    *,
+    study: str | None = None,
+    data_dir: str | None = None,
+    n_val: str | None = None,
+    storage: str | None = None,
 ) -> str:
-    """`` --study S --data-dir D --storage U`` for the ones given, quoted for a shell."""
+    """`` --study S --data-dir D --n-val N --storage U`` for the ones given, quoted for a
+    shell."""
     import shlex
 
     flags = []
-    for flag, value in (("--study", study), ("--data-dir", data_dir), ("--storage", storage)):
+    given = (("--study", study), ("--data-dir", data_dir), ("--n-val", n_val))
+    for flag, value in (*given, ("--storage", storage)):
         if value:
             flags += [flag, value]
     return "".join(" " + shlex.quote(f) for f in flags)
@@ -238,11 +279,12 @@ def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
 
 
 def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) -> bool:
-    """The stage's best trials and the dashboard; whether a trial completed (something to
-    go on with). :class:`StageFailed` if every trial failed."""
-    best = st.top_trials(study, k)
+    """The stage's best configurations and the dashboard; whether a trial completed
+    (something to go on with). :class:`StageFailed` if every trial failed."""
+    stage_spec = spec.fine if study.study_name.endswith("-fine") else spec.coarse
+    best = rep.study_configurations(study, stage_spec.replicates)[:k]
     if best:
-        print(f"\ntop {len(best)} trials of {study.study_name}:")
+        print(f"\ntop {len(best)} configurations of {study.study_name} (mean over seeds):")
         print(format_table(best, names))
     else:
         print(f"\nno completed trials in {study.study_name}")
@@ -320,15 +362,19 @@ def _run(main_body, argv: list[str] | None, debug: bool) -> int:
             return 1
 
 
-def format_table(trials: list[optuna.trial.FrozenTrial], names: list[str]) -> str:
-    header = f"{'trial':>5}  {'val acc':>7}  " + "  ".join(f"{n:>10}" for n in names)
-    header += f"  {'epochs':>6}  {'time s':>6}"
+def format_table(configs: list[rep.Configuration], names: list[str]) -> str:
+    """One row a configuration: its first trial, mean +- sd of val acc over n seeds."""
+    header = f"{'trial':>5}  {'val acc':>7}  {'+- sd':>6}  {'n':>2}  "
+    header += "  ".join(f"{n:>10}" for n in names) + f"  {'epochs':>6}  {'time s':>6}"
     lines = [header]
-    for t in trials:
-        cells = "  ".join(f"{t.params.get(n, float('nan')):10.3e}" for n in names)
+    for c in configs:
+        first = min(c.trials, key=lambda t: t.number)
+        sd = f"{c.sd:6.4f}" if c.n > 1 else f"{'':>6}"
+        cells = "  ".join(f"{c.params.get(n, float('nan')):10.3e}" for n in names)
         lines.append(
-            f"{t.number:>5}  {t.value:7.4f}  {cells}  "
-            f"{t.user_attrs.get('epochs_run', 0):6.2f}  {t.user_attrs.get('wall_time', 0):6.1f}"
+            f"{c.number:>5}  {c.mean:7.4f}  {sd}  {c.n:>2}  {cells}  "
+            f"{first.user_attrs.get('epochs_run', 0):6.2f}  "
+            f"{first.user_attrs.get('wall_time', 0):6.1f}"
         )
     return "\n".join(lines)
 

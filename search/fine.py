@@ -1,9 +1,12 @@
-"""``python -m search.fine``: narrow the ranges around the best coarse trials and search again.
+"""``python -m search.fine``: narrow the ranges around the best coarse configurations and
+search again.
 
-Each log range becomes [min / 10**margin, max * 10**margin] over the top-k coarse
-trials' values, clipped to the coarse range. The chosen ranges are recorded on
-the fine study (user attr ``ranges``), and the top-k coarse trials are queued
-first (``enqueue_trial``) so the fine study starts from them.
+The ranges cover every coarse configuration within the seed noise of the best
+(means over replicates) and the top-k best means, widened by ``margin``
+decades, and go past an edge of the coarse range the best sits on
+(:mod:`search.sweep.narrowing`). They are recorded on the fine study (user
+attrs ``ranges`` and ``narrowing``), and the configurations they cover are
+queued first (``enqueue_trial``) so the fine study starts from them.
 """
 
 from __future__ import annotations
@@ -15,36 +18,21 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 
 import math
 
-import optuna
-
 from search import cli
+from search.sweep import narrowing
+from search.sweep import replicates as rep
 from search.sweep import studies as st
-
-
-def narrow(
-    trials: list[optuna.trial.FrozenTrial],
-    coarse: dict[str, tuple[float, float]],
-    *,
-    margin: float,
-) -> dict[str, tuple[float, float]]:
-    """Fine ranges: the span of the trials' values widened by ``margin`` decades each side."""
-    if not trials:
-        raise ValueError("no completed coarse trials to narrow around; run search.coarse first")
-    ranges = {}
-    for name, (lo, hi) in coarse.items():
-        values = [t.params[name] for t in trials if name in t.params]
-        f = 10.0**margin
-        new_lo, new_hi = max(lo, min(values) / f), min(hi, max(values) * f)
-        if new_hi <= new_lo:  # one value at a bound with margin 0
-            new_lo, new_hi = max(lo, new_lo / 1.01), min(hi, new_hi * 1.01)
-        ranges[name] = (new_lo, new_hi)
-    return ranges
 
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
     p = cli.base_parser("python -m search.fine", "Fine search around the best coarse trials.")
-    p.add_argument("--top-k", type=int, default=None, help="coarse trials to narrow around")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="best coarse configurations the ranges cover at least (default: the study file's)",
+    )
     p.add_argument("--margin", type=float, default=None, help="decades added on each side")
     args = p.parse_args(argv)
     spec = cli.load(args)
@@ -55,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     top_k = spec.fine.top_k if args.top_k is None else args.top_k
     margin = spec.fine.margin if args.margin is None else args.margin
     coarse = st.load_existing(spec, "coarse")
-    if coarse is None or not st.top_trials(coarse, 1):
+    if coarse is None or not rep.study_configurations(coarse):
         raise ValueError(
             f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
             f"run {cli.command('coarse')}{cli.same_flags(args)} first"
@@ -78,11 +66,38 @@ def main(argv: list[str] | None = None) -> int:
             )
         top_k, margin = was
         ranges = {k: (float(v[0]), float(v[1])) for k, v in recorded.items()}
+        notes = existing.user_attrs.get("narrowing", {}).get("notes", [])
+        extended = existing.user_attrs.get("narrowing", {}).get("extended", {})
         starts: list[dict[str, float]] = []
+        narrowed: dict = {}
     else:
-        best = st.top_trials(coarse, top_k)
-        ranges = narrow(best, dict(spec.search), margin=margin)
-        starts = [dict(t.params) for t in best]
+        configs = rep.study_configurations(coarse, spec.coarse.replicates)
+
+        def valid(point: dict[str, float]) -> bool:
+            try:
+                spec.train_config("fine", point)
+            except (ValueError, TypeError):
+                return False
+            return True
+
+        n = narrowing.narrow(
+            configs,
+            dict(spec.search),
+            margin=margin,
+            top_k=top_k,
+            extend=spec.fine.extend,
+            mode=spec.fine.narrow,
+            valid=valid,
+        )
+        ranges, notes, extended = n.ranges, n.notes, n.extended
+        noise = "" if n.sigma is None else f"; seed noise (sd of one run) {n.sigma:.4f}"
+        print(
+            f"best coarse configuration: trial {configs[0].number}, val acc "
+            f"{configs[0].describe()}; {len(n.within)} configuration(s) within noise of it"
+            f"{noise}"
+        )
+        starts = [dict(c.params) for c in configs[:top_k]]
+        narrowed = {"narrowing": n.as_dict()}
     print("fine ranges (log-uniform):")
     for name, (lo, hi) in ranges.items():
         coarse_range = ""
@@ -93,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:>10}: [{lo:.3e}, {hi:.3e}]  ({coarse_range}"
             f"{math.log10(hi / lo):.2f} decades)"
         )
+    for name, what in extended.items():
+        print(f"  {name}: {what}")
+    for note in notes:
+        print(f"note: {note}")
     target = args.trials or spec.fine.trials
     study = cli.run_stage(
         spec,
@@ -100,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         target=target,
         ranges=ranges,
         enqueue=starts,
-        attrs={"top_k": top_k, "margin": margin, "coarse_study": coarse.study_name},
+        attrs={
+            "top_k": top_k,
+            "margin": margin,
+            "coarse_study": coarse.study_name,
+            **narrowed,
+        },
     )
     if cli.finish(spec, study, list(ranges)):
         cli.next_step("final", args)

@@ -33,6 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 from search import cli
 from search.config.study import StudySpec, load_spec
 from search.sweep import lost
+from search.sweep import replicates as rep
+from search.sweep import studies as st
 from search.sweep.storage import make_storage, safe_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -50,6 +52,9 @@ class StudyStatus:
     stale: int
     verdict: str
     failures: tuple[tuple[str, int], ...] = ()
+    best_sd: float | None = None  # over the best configuration's seeds
+    best_n: int = 1
+    replicates: int = 0  # replicate runs finished (on top of the target)
 
 
 def liveness(
@@ -115,12 +120,13 @@ def study_status(
     )
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state.name == s for t in trials) for s in STATES}
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = max(complete, key=lambda t: cast(float, t.value), default=None)
+    configs = rep.configurations(trials, replicates=2)
+    best = configs[0] if configs else None
+    n_replicates = sum(rep.is_replicate(t) for t in trials if t.state in st.FINISHED)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     alive, stale = liveness(running, grace_period=grace_period)
     target = study.user_attrs.get("target")
-    finished = counts["COMPLETE"] + counts["PRUNED"]
+    finished = counts["COMPLETE"] + counts["PRUNED"] - n_replicates
     if alive:
         verdict = f"running ({alive} trial(s) with live workers)"
     elif stale:
@@ -136,8 +142,11 @@ def study_status(
         name=name,
         counts=counts,
         target=target,
-        best_value=None if best is None else best.value,
+        best_value=None if best is None else best.mean,
         best_params={} if best is None else dict(best.params),
+        best_sd=None if best is None or best.n < 2 else best.sd,
+        best_n=0 if best is None else best.n,
+        replicates=n_replicates,
         alive=alive,
         stale=stale,
         verdict=verdict,
@@ -147,15 +156,17 @@ def study_status(
 
 def format_status(s: StudyStatus) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
-    finished = s.counts["COMPLETE"] + s.counts["PRUNED"]
+    finished = s.counts["COMPLETE"] + s.counts["PRUNED"] - s.replicates
     target = "?" if s.target is None else str(s.target)
     best = "-"
     if s.best_value is not None:
         params = ", ".join(f"{k}={v:.3e}" for k, v in s.best_params.items())
-        best = f"{s.best_value:.4f} ({params})"
+        sd = f" +- {s.best_sd:.4f}" if s.best_sd is not None else ""
+        best = f"{s.best_value:.4f}{sd} (n={s.best_n}; {params})"
+    more = f" (+ {s.replicates} replicate runs)" if s.replicates else ""
     lines = [
         f"{s.name}: {s.verdict}",
-        f"  trials   {finished}/{target} finished; {counts}",
+        f"  trials   {finished}/{target} finished{more}; {counts}",
         f"  best     {best}",
     ]
     lines += [f"  failed   {n} x {reason}" for reason, n in s.failures]

@@ -30,6 +30,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 import argparse
+import dataclasses
 import os
 
 import optuna
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data-dir", default=_env("data_dir"), help="dataset directory on this machine"
+    )
+    p.add_argument(
+        "--n-val",
+        type=cli.n_val_arg,
+        default=_env("n_val"),
+        help="validation images or a fraction (the study's creator's --n-val, if it gave one)",
     )
     p.add_argument(
         "--cache-dir",
@@ -125,7 +132,11 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def load_worker_spec(args: argparse.Namespace, path: str) -> StudySpec:
-    return cli.with_data_dir(load_spec(path), args.data_dir).with_overrides(storage=args.storage)
+    spec = cli.with_data_dir(load_spec(path), args.data_dir)
+    if args.n_val is not None:
+        n_val = cli.n_val_arg(args.n_val) if isinstance(args.n_val, str) else args.n_val
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, n_val=n_val))
+    return spec.with_overrides(storage=args.storage)
 
 
 def prepare_data(spec: StudySpec, cache_dir: str | None) -> Prepared:
@@ -165,6 +176,7 @@ def create(args: argparse.Namespace) -> int:
     prepared = prepare_data(spec, args.cache_dir)
     study = st.open_study(spec, "coarse")
     st.record_data(study, prepared)
+    st.record_seed_mode(study, spec)
     study.set_user_attr("ranges", st.describe_ranges(spec.search))
     st.record_files(study, spec)
     target = args.trials or spec.coarse_trials
@@ -220,6 +232,7 @@ def join(args: argparse.Namespace) -> int:
     study = st.open_study(spec, stage, storage, create=False)
     prepared = prepare_data(spec, args.cache_dir)
     st.record_data(study, prepared)
+    st.record_seed_mode(study, spec)
     ranges = ranges_for(spec, stage, study)
     target = study.user_attrs.get("target")
     threads = args.threads or threads_per(args.workers)
@@ -240,13 +253,18 @@ def join(args: argparse.Namespace) -> int:
         seed_offset=st.machine_seed(),
         poll=args.poll,
     )
-    run_workers(
-        job,
-        workers=args.workers,
-        progress=Progress(study, int(target or 0)),
-        reap=lambda: st.reap_all(spec, stage),
-        release_first=[storage],
-    )
+
+    def run(total: int) -> None:
+        run_workers(
+            job,
+            workers=args.workers,
+            progress=Progress(study, total),
+            reap=lambda: st.reap_all(spec, stage),
+            release_first=[storage],
+        )
+
+    run(int(target or 0))
+    st.replicate_rounds(spec, stage, study, run)
     c = st.counts(study)
     print(
         f"queue of {args.study_name} empty: {c['COMPLETE'] + c['PRUNED']} finished "

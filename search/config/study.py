@@ -7,11 +7,12 @@ A file has these tables (every key but ``name`` has a default)::
     [network]   hidden, batch_norm, init, sigma, bn_alpha
     [training]  any model.train.TrainConfig field (batch_size, schedule, eta_min, ...)
     [search]    l2_lambda = [low, high], eta_max = [low, high] (log-uniform ranges)
-    [coarse]    trials
-    [fine]      trials, top_k, margin (decades on each side), [fine.training] overrides
-    [final]     holdout, [final.training] overrides
-    [optuna]    pruner, sampler, seed, workers, storage, heartbeat_interval, grace_period,
-                warmup_cycles, n_startup_trials
+    [coarse]    trials, replicates, replicate_top
+    [fine]      trials, top_k, margin (decades on each side), narrow, extend, replicates,
+                replicate_top, [fine.training] overrides
+    [final]     holdout, seeds, choose, [final.training] overrides
+    [optuna]    pruner, sampler, seed, seed_mode, workers, storage, heartbeat_interval,
+                grace_period, warmup_cycles, n_startup_trials
 
 Errors are :class:`StudyDefinitionError` naming the file, the field and what is allowed.
 """
@@ -33,6 +34,9 @@ from model.train import TrainConfig
 
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
+SEED_MODES = ("shared", "per_trial")
+NARROWING = ("noise", "top_k")
+CHOICES = ("smoothed", "best")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
 TABLES = ("name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna")
 # A stage's queue is filled one trial at a time before training starts: past this it
@@ -68,16 +72,20 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
             path, section, f"unknown keys {unknown}; allowed: {sorted(allowed)}"
         )
     for key, value in raw.items():
-        kind = str(allowed[key].type).split(" ")[0].split("[")[0]
-        if kind in ("int", "float"):
+        # "int | float | None" -> the kinds allowed; None is "left out", not a TOML value.
+        kinds = [k.strip().split("[")[0] for k in str(allowed[key].type).split("|")]
+        kinds = [k for k in kinds if k != "None"]
+        if set(kinds) <= {"int", "float"}:  # a number: an integer where only int is allowed
+            kind = "float" if "float" in kinds else "int"
             _check_number(path, f"{section}.{key}", value, kind=kind)
-        elif kind == "str" and not isinstance(value, str):
+            continue
+        checks = {
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+        }
+        if not any(checks.get(kind, True) for kind in kinds):
             raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be of type str, got {value!r}"
-            )
-        elif kind == "bool" and not isinstance(value, bool):
-            raise StudyDefinitionError(
-                path, f"{section}.{key}", f"must be of type bool, got {value!r}"
+                path, f"{section}.{key}", f"must be of type {' or '.join(kinds)}, got {value!r}"
             )
     return cls(**raw)
 
@@ -143,7 +151,7 @@ class DataSpec:
     name: str = "digits"
     dir: str = ""
     split: str = "batch1"
-    n_val: int | None = None
+    n_val: int | float | None = None  # images, or a fraction of the training files in (0, 1)
 
 
 def _parse_data(path: Path, raw: Any) -> DataSpec:
@@ -161,8 +169,16 @@ def _parse_data(path: Path, raw: Any) -> DataSpec:
         raise StudyDefinitionError(
             path, "data.split", f"applies to cifar10 only; leave it out for {data.name!r}"
         )
-    if data.n_val is not None:
-        _check_number(path, "data.n_val", data.n_val, min=1)
+    n_val = data.n_val
+    if n_val is not None and not (
+        (isinstance(n_val, int) and n_val >= 1) or (isinstance(n_val, float) and 0 < n_val < 1)
+    ):
+        raise StudyDefinitionError(
+            path,
+            "data.n_val",
+            "must be a number of images >= 1 or a fraction of the data in (0, 1) "
+            f"(or left out), got {n_val!r}",
+        )
     return data
 
 
@@ -270,22 +286,47 @@ def _parse_range(path: Path, name: str, value: Any) -> tuple[float, float]:
     return low, high
 
 
-def _parse_coarse(path: Path, raw: Any) -> int:
-    """The [coarse] table: the number of trials."""
-    coarse_raw = _table(path, "coarse", raw)
-    unknown = sorted(set(coarse_raw) - {"trials"})
-    if unknown:
-        raise StudyDefinitionError(path, "coarse", f"unknown keys {unknown}; allowed: ['trials']")
-    return _check_number(
-        path, "coarse.trials", coarse_raw.get("trials", 40), min=1, max=MAX_TRIALS
-    )
+def _check_replicates(path: Path, section: str, replicates: int, replicate_top: int) -> None:
+    if replicates < 1 or replicate_top < 1:
+        raise StudyDefinitionError(
+            path,
+            section,
+            "replicates (seeds per replicated configuration, 1: none) and replicate_top "
+            f"must be >= 1, got replicates={replicates!r}, replicate_top={replicate_top!r}",
+        )
+
+
+@dataclass(frozen=True)
+class CoarseSpec:
+    """``trials`` searched; then the ``replicate_top`` best configurations are run with
+    ``replicates`` seeds in all (the first run included): choices use their mean."""
+
+    trials: int = 40
+    replicates: int = 3
+    replicate_top: int = 3
+
+
+def _parse_coarse(path: Path, raw: Any) -> CoarseSpec:
+    coarse = _build(CoarseSpec, path, "coarse", raw)
+    _check_number(path, "coarse.trials", coarse.trials, min=1, max=MAX_TRIALS)
+    _check_replicates(path, "coarse", coarse.replicates, coarse.replicate_top)
+    return coarse
 
 
 @dataclass(frozen=True)
 class FineSpec:
+    """The fine ranges cover the coarse configurations within noise of the best (by the
+    mean over replicates) and the ``top_k`` best means, widened by ``margin`` decades;
+    past an edge of the coarse range by at most ``extend`` decades. ``narrow = "top_k"``:
+    the ``top_k`` best single runs only (no noise estimate)."""
+
     trials: int = 20
-    top_k: int = 5
+    top_k: int = 3
     margin: float = 0.25
+    narrow: str = "noise"
+    extend: float = 1.0
+    replicates: int = 3
+    replicate_top: int = 3
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -294,18 +335,46 @@ def _parse_fine(path: Path, raw: Any) -> FineSpec:
     _check_number(path, "fine.trials", fine.trials, min=1, max=MAX_TRIALS)
     _check_number(path, "fine.top_k", fine.top_k, min=1)
     _check_number(path, "fine.margin", fine.margin, kind="float", min=0, unit="decades")
+    _check_number(path, "fine.extend", fine.extend, kind="float", min=0, unit="decades")
+    if fine.narrow not in NARROWING:
+        raise StudyDefinitionError(
+            path, "fine.narrow", f"must be one of {list(NARROWING)}, got {fine.narrow!r}"
+        )
+    _check_replicates(path, "fine", fine.replicates, fine.replicate_top)
     return fine
 
 
 @dataclass(frozen=True)
 class FinalSpec:
-    holdout: int = 1000
+    """final trains on train + val minus ``holdout`` validation images (a number, or a
+    fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
+    ``choose``: "smoothed" (the best kernel-smoothed mean over neighbouring
+    configurations) or "best" (the best mean, replicated configurations first)."""
+
+    holdout: int | float = 0.2
+    seeds: int = 3
+    choose: str = "smoothed"
     training: dict[str, Any] = field(default_factory=dict)
 
 
 def _parse_final(path: Path, raw: Any) -> FinalSpec:
     final, _ = _build_with_training(FinalSpec, path, "final", raw)
-    _check_number(path, "final.holdout", final.holdout, min=0, unit="samples (0: no holdout)")
+    h = final.holdout
+    if not ((isinstance(h, int) and h >= 0) or (isinstance(h, float) and 0 < h < 1)):
+        raise StudyDefinitionError(
+            path,
+            "final.holdout",
+            "must be a number of validation images >= 0 (0: no holdout) or a fraction of "
+            f"them in (0, 1), got {h!r}",
+        )
+    if final.choose not in CHOICES:
+        raise StudyDefinitionError(
+            path, "final.choose", f"must be one of {list(CHOICES)}, got {final.choose!r}"
+        )
+    if final.seeds < 1:
+        raise StudyDefinitionError(
+            path, "final.seeds", f"must be an integer >= 1, got {final.seeds!r}"
+        )
     return final
 
 
@@ -320,6 +389,7 @@ class OptunaSpec:
     grace_period: int = 30
     warmup_cycles: float = 0.5
     n_startup_trials: int = 5
+    seed_mode: str = "shared"
 
 
 def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
@@ -356,6 +426,13 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
         raise StudyDefinitionError(
             path, "optuna.sampler", f"must be one of {list(SAMPLERS)}, got {spec.sampler!r}"
         )
+    if spec.seed_mode not in SEED_MODES:
+        raise StudyDefinitionError(
+            path,
+            "optuna.seed_mode",
+            f"must be one of {list(SEED_MODES)} (shared: every trial of a stage has the same "
+            f"data order and initial weights), got {spec.seed_mode!r}",
+        )
     return spec
 
 
@@ -385,10 +462,14 @@ class StudySpec:
     network: NetworkSpec = NetworkSpec()
     training: dict[str, Any] = field(default_factory=dict)
     search: dict[str, tuple[float, float]] = field(default_factory=dict)
-    coarse_trials: int = 40
+    coarse: CoarseSpec = CoarseSpec()
     fine: FineSpec = FineSpec()
     final: FinalSpec = FinalSpec()
     optuna: OptunaSpec = OptunaSpec()
+
+    @property
+    def coarse_trials(self) -> int:
+        return self.coarse.trials
 
     @property
     def base_dir(self) -> Path:
@@ -445,7 +526,7 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         network=network,
         training=training,
         search=search,
-        coarse_trials=_parse_coarse(path, raw.get("coarse", {})),
+        coarse=_parse_coarse(path, raw.get("coarse", {})),
         fine=_parse_fine(path, raw.get("fine", {})),
         final=_parse_final(path, raw.get("final", {})),
         optuna=_parse_optuna(path, raw.get("optuna", {})),
@@ -474,10 +555,11 @@ def _check_stages(spec: StudySpec) -> None:
                 spec.train_config(stage, point)
             except (ValueError, TypeError) as exc:
                 section = {"coarse": "training"}.get(stage, f"{stage}.training")
-                # TrainConfig's messages end "got <field>=<value>": the field to name.
-                got = re.search(r"got (\w+)=", str(exc))
-                if got and got.group(1) not in point:
-                    section = f"{section}.{got.group(1)}"
+                # TrainConfig's messages end "got <field>=<value>": the field to name (when
+                # one field is named; "got a=.. and b=.." is about the table).
+                named = re.findall(r"(\w+)=", str(exc).rpartition("got ")[2])
+                if len(named) == 1 and named[0] not in point:
+                    section = f"{section}.{named[0]}"
                 at = ", ".join(f"{k}={v:g}" for k, v in point.items())
                 where = f" (with {at} from [search])" if point else ""
                 try:

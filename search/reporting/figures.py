@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from model.train import History
 from search.reporting.tables import param_label, params_text
+from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.objective import curves_of
 
@@ -85,23 +86,38 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
                 label=f"{stage}: complete ({len(complete)})",
                 zorder=3,
             )
+        replicated = [c for c in rep.study_configurations(study) if c.n > 1 and param in c.params]
+        if replicated:
+            ax.errorbar(
+                [c.params[param] for c in replicated],
+                [c.mean for c in replicated],
+                yerr=[c.sd for c in replicated],
+                fmt="D",
+                ms=7,
+                mfc="white",
+                mec=STAGE_COLOURS[stage],
+                ecolor=STAGE_COLOURS[stage],
+                capsize=4,
+                label=f"{stage}: mean +- sd over seeds ({len(replicated)} configurations)",
+                zorder=4,
+            )
         ranges = study.user_attrs.get("ranges", {})
         if stage == "fine" and param in ranges:
             lo, hi = ranges[param]
             ax.axvspan(lo, hi, color=STAGE_COLOURS[stage], alpha=0.08, label="fine range")
     best = _best(studies)
     if best is not None and param in best[1].params:
-        stage, t = best
+        stage, c = best
         ax.scatter(
-            [t.params[param]],
-            [cast(float, t.value)],  # a COMPLETE trial from top_trials
+            [c.params[param]],
+            [c.mean],
             s=220,
             marker="*",
             c="gold",
             edgecolors="black",
             linewidths=0.8,
-            label=f"best: {stage} trial {t.number} ({t.value:.4f})",
-            zorder=4,
+            label=f"chosen: {stage} configuration {c.number} ({c.describe()})",
+            zorder=5,
         )
     ax.set_xscale("log")
     ax.set_xlabel(f"{param_label(param)} (log scale)")
@@ -112,14 +128,12 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
     return _save(fig, path)
 
 
-def _best(studies: dict[str, optuna.Study]) -> tuple[str, FrozenTrial] | None:
-    best: tuple[str, FrozenTrial] | None = None
-    for stage, study in studies.items():
-        for t in st.top_trials(study, 1):
-            # top_trials returns COMPLETE trials, which always have a value.
-            if best is None or cast(float, t.value) > cast(float, best[1].value):
-                best = (stage, t)
-    return best
+def _best(studies: dict[str, optuna.Study]) -> tuple[str, rep.Configuration] | None:
+    """The configuration final chooses: the fine study's, else the coarse one's."""
+    for stage in ("fine", "coarse"):
+        if stage in studies and (configs := rep.study_configurations(studies[stage])):
+            return stage, rep.choose(configs)[0]
+    return None
 
 
 def draw_history(studies: dict[str, optuna.Study], path: Path, *, title: str) -> Path:

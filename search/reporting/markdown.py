@@ -61,7 +61,9 @@ def epochs_trained(study: optuna.Study) -> float:
     return sum(float(t.user_attrs.get("epochs_run") or 0) for t in trials)
 
 
-def stage_section(stage: str, study: optuna.Study, figures: dict[str, str]) -> str:
+def stage_section(
+    stage: str, study: optuna.Study, figures: dict[str, str], *, replicates: int = 1
+) -> str:
     """The markdown of one stage: ranges, counts, epochs, top-10 table, figures."""
     c = st.counts(study)
     ranges = study.user_attrs.get("ranges", {})
@@ -69,11 +71,7 @@ def stage_section(stage: str, study: optuna.Study, figures: dict[str, str]) -> s
     wall = sum(float(t.user_attrs.get("wall_time") or 0) for t in study.get_trials(deepcopy=False))
     lines = [f"## {stage.capitalize()} search (`{study.study_name}`)", ""]
     if stage == "fine" and "top_k" in study.user_attrs:
-        lines += [
-            f"Ranges narrowed around the top {study.user_attrs['top_k']} coarse trials, "
-            f"widened by {study.user_attrs.get('margin')} decades on each side.",
-            "",
-        ]
+        lines += [narrowing_text(study.user_attrs), ""]
     lines += [
         "Ranges (log-uniform):",
         "",
@@ -86,14 +84,44 @@ def stage_section(stage: str, study: optuna.Study, figures: dict[str, str]) -> s
         f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values())} trials "
         f"({wall:.1f} s of training).",
         "",
-        "Top 10 completed trials:",
+        "Top 10 configurations (validation accuracy: mean and sd over n seeds; a "
+        "configuration's replicates are its runs with other seeds):",
         "",
-        top_table(study, names) if c["COMPLETE"] else "(no completed trials)",
+        top_table(study, names, replicates=replicates)
+        if c["COMPLETE"]
+        else "(no completed trials)",
         "",
     ]
     for caption, name in figures.items():
         lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
+
+
+def narrowing_text(attrs: dict[str, Any]) -> str:
+    """How the fine ranges were chosen, from the fine study's recorded ``narrowing``."""
+    n = attrs.get("narrowing")
+    margin = attrs.get("margin")
+    if not n:
+        return (
+            f"Ranges narrowed around the top {attrs['top_k']} coarse trials, "
+            f"widened by {margin} decades on each side."
+        )
+    if n.get("sigma") is None:
+        text = (
+            f"Ranges around the {attrs['top_k']} best coarse configurations, widened by "
+            f"{margin} decades on each side (no replicates: no estimate of the seed noise)."
+        )
+    else:
+        text = (
+            f"Ranges cover the {len(n['within'])} coarse configuration(s) within the seed "
+            f"noise of the best (one standard error, with the sd of one run "
+            f"{n['sigma']:.4f} pooled over the replicated configurations) and the "
+            f"{attrs['top_k']} best means, widened by {margin} decades on each side."
+        )
+    extra = [f"{name}: {what}." for name, what in n.get("extended", {}).items()]
+    for note in n.get("notes", []):
+        extra.append(f"**{note}.**" if "flat within noise" in note else f"{note}.")
+    return " ".join([text, *extra])
 
 
 def final_section(
@@ -111,20 +139,39 @@ def final_section(
         return "\n".join(lines) + "\n"
     # The loop breaks only on a study with a recorded result, so study is not None.
     study = cast(optuna.Study, study)
+    accs = final.get("test_accs") or [final.get("test_acc")]
+    sd = final.get("test_acc_sd")
+    test = _fmt_result(final.get("test_acc")) + (f" +- {sd:.4f}" if sd is not None else "")
+    test += f" (n={len(accs)} seeds)"
+    split = final.get("split", {})
+    search = final.get("search_val_acc")
+    if isinstance(search, dict):
+        search_text = _fmt_result(search.get("mean"))
+        if search.get("sd") is not None:
+            search_text += f" +- {search['sd']:.4f}"
+        search_text += f" (n={search.get('n')})"
+    else:
+        search_text = _fmt_result(search)
     rows = [
         ("study", f"`{final.get('study', study.study_name)}`"),
-        ("trial", final.get("trial")),
+        ("configuration (first trial)", final.get("configuration", final.get("trial"))),
         ("params", params_text(final.get("params", {}))),
-        ("val acc in the search", _fmt_result(final.get("search_val_acc"))),
-        ("holdout val acc", _fmt_result(final.get("holdout_val_acc"))),
-        ("**test accuracy**", f"**{_fmt_result(final.get('test_acc'))}**"),
-        ("test loss", _fmt_result(final.get("test_loss"))),
-        ("training samples", final.get("train_samples", "-")),
+        ("val acc in the search", search_text),
+        ("**test accuracy**", f"**{test}**"),
+        ("test accuracy per seed", ", ".join(_fmt_result(a) for a in accs)),
+        (
+            "trained on",
+            f"{split.get('train', '-')} images: training + "
+            f"{split.get('train_from_val', '-')} validation",
+        ),
+        ("holdout (validation curve)", split.get("holdout", "-")),
+        ("test images", split.get("test", "-")),
         ("wall time (s)", final.get("wall_time", "-")),
     ]
     lines += [
-        f"The best trial, retrained with `[final.training]` on training + validation data: "
-        f"test accuracy **{_fmt_result(final.get('test_acc'))}**.",
+        "The chosen configuration (the best mean over seeds), retrained with "
+        "`[final.training]` on training + validation data minus the holdout: "
+        f"test accuracy **{test}**.",
         "",
         markdown_table(("", "value"), rows),
         "",
@@ -183,7 +230,8 @@ def build(spec: StudySpec, out: Path) -> tuple[str, list[Path]]:
         *(f"![{caption}]({name})\n" for caption, name in shared.items()),
     ]
     for stage, study in studies.items():
-        lines.append(stage_section(stage, study, per_stage[stage]))
+        replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
+        lines.append(stage_section(stage, study, per_stage[stage], replicates=replicates))
     total = sum(epochs_trained(s) for s in studies.values())
     lines.append(f"Epochs trained in the search, all stages: {total:.1f}.\n")
     final_curves = None

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 
 from search.config.experiment import Experiment
-from search.sweep import studies as st
+from search.sweep import replicates as rep
 from search.sweep.grid import Row
 from search.sweep.objective import curves_of
 
@@ -45,20 +45,32 @@ def ranges_table(ranges: dict[str, Sequence[float]]) -> str:
     return markdown_table(("parameter", "low", "high", "decades"), rows)
 
 
-def top_table(study: optuna.Study, names: list[str], k: int = 10) -> str:
-    """The ``k`` best completed trials: value, params, epochs and wall time."""
+def top_table(study: optuna.Study, names: list[str], k: int = 10, *, replicates: int = 1) -> str:
+    """The ``k`` best configurations: val acc mean +- sd over n seeds, params, epochs and
+    wall time of one run."""
     rows = []
-    for t in st.top_trials(study, k):
+    for c in rep.study_configurations(study, replicates)[:k]:
+        first = min(c.trials, key=lambda t: t.number)
         rows.append(
             (
-                t.number,
-                f"{t.value:.4f}",
-                *(f"{t.params[n]:.3e}" if n in t.params else "-" for n in names),
-                f"{t.user_attrs.get('epochs_run', 0):.2f}",
-                f"{t.user_attrs.get('wall_time', 0):.1f}",
+                c.number,
+                f"{c.mean:.4f}",
+                f"{c.sd:.4f}" if c.n > 1 else "-",
+                c.n,
+                *(f"{c.params[n]:.3e}" if n in c.params else "-" for n in names),
+                f"{first.user_attrs.get('epochs_run', 0):.2f}",
+                f"{first.user_attrs.get('wall_time', 0):.1f}",
             )
         )
-    header = ("trial", "val acc", *(param_label(n) for n in names), "epochs run", "wall time (s)")
+    header = (
+        "trial",
+        "val acc (mean)",
+        "sd",
+        "n",
+        *(param_label(n) for n in names),
+        "epochs run",
+        "wall time (s)",
+    )
     return markdown_table(header, rows)
 
 

@@ -167,6 +167,9 @@ def requeue(
     return True
 
 
+IDENTITY_ATTRS = ("replicate",)
+
+
 def _add_retry(storage: optuna.storages.BaseStorage, study_id: int, failed: FrozenTrial) -> None:
     """Queue a WAITING copy of ``failed``: its params, ``fixed_params``, retry history.
 
@@ -179,11 +182,14 @@ def _add_retry(storage: optuna.storages.BaseStorage, study_id: int, failed: Froz
         "failed_trial": system_attrs.get("failed_trial", failed.number),
         "retry_history": [*system_attrs.get("retry_history", []), failed.number],
     }
+    # What the trial is (a replicate's seed index) goes with it; what it did stays behind.
+    identity = {k: v for k, v in failed.user_attrs.items() if k in IDENTITY_ATTRS}
     template = optuna.create_trial(
         state=TrialState.WAITING,
         params=failed.params,
         distributions=failed.distributions,
         system_attrs=system_attrs,
+        user_attrs=identity,
     )
     storage.create_new_trial(study_id, template_trial=template)
 

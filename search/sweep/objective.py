@@ -20,6 +20,7 @@ from model.data import Splits
 from model.network import Network
 from model.train import History, TrainConfig, TrainingDiverged, fit
 from search.config.study import StudySpec
+from search.sweep.replicates import replicate_index
 from search.sweep.storage import trial_id
 
 CURVES = "c2f_curves"
@@ -95,9 +96,20 @@ def fit_and_record(
     return history
 
 
+SEED_STRIDE = 1000  # between the seeds of a configuration's replicates
+
+
 def trial_seed(spec: StudySpec, trial: optuna.Trial) -> int:
-    """The seed of a trial's data order and initial weights."""
-    return spec.optuna.seed + trial.number
+    """The seed of a trial's data order and initial weights.
+
+    ``seed_mode = "shared"`` (the default): every search trial of a stage has the
+    study's seed, so two trials differ only in their hyperparameters (common
+    random numbers); replicate i of a configuration has seed + 1000 i, the same
+    for every configuration. ``"per_trial"``: the seed plus the trial's number.
+    """
+    if spec.optuna.seed_mode == "per_trial":
+        return spec.optuna.seed + trial.number
+    return spec.optuna.seed + SEED_STRIDE * replicate_index(trial)
 
 
 class Objective:
@@ -114,6 +126,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.ranges)
         seed = trial_seed(self.spec, trial)
+        trial.set_user_attr("seed", seed)
         config = self.spec.train_config(self.stage, {**params, "seed": seed})
         net = build_network(self.spec, self.splits, seed)
         n_train = self.splits.train.n
@@ -126,7 +139,8 @@ class Objective:
         # The last evaluation point is the result: a run that finished is never pruned.
         last = config.total_steps(n_train)
         # should_prune reads every finished trial from the storage: skip it when it can't prune.
-        prunes = self.spec.optuna.pruner != "none"
+        # A replicate is never pruned: it is there to measure its configuration's noise.
+        prunes = self.spec.optuna.pruner != "none" and replicate_index(trial) == 0
         # The curves so far, kept here too: a pruned trial keeps them.
         seen = History()
 

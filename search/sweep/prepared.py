@@ -37,6 +37,10 @@ class Prepared:
     path: Path
     checksum: str
 
+    def sizes(self) -> dict[str, int]:
+        """Images per part: {"train": ..., "val": ..., "test": ...}."""
+        return dict(json.loads((self.path / "meta.json").read_text())["sizes"])
+
     def open(self) -> data_mod.Splits:
         """The splits as read-only memory maps (X float32 (N, d), y int64 (N,))."""
         meta = json.loads((self.path / "meta.json").read_text())

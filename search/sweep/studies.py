@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import socket
 import warnings
@@ -24,13 +25,13 @@ from typing import Any, cast
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from model.data import DataError
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep import lost
 from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import Objective
 from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared, prepare
+from search.sweep.replicates import is_replicate, queue_replicates
 from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
@@ -140,7 +141,8 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     study_id = storage.get_study_id_from_name(study.study_name)
     lost.repair_owed_retries(storage, study_id)
     trials = study.get_trials(deepcopy=False)
-    counted = [t for t in trials if t.state in FINISHED + LIVE]
+    # Replicates of the best configurations come on top of the target.
+    counted = [t for t in trials if t.state in FINISHED + LIVE and not is_replicate(t)]
     missing = target - len(counted)
     if missing < 0:
         _trim(storage, counted, target)
@@ -173,6 +175,26 @@ def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], targ
             continue  # taken and finished meanwhile
 
 
+def record_seed_mode(study: optuna.Study, spec: StudySpec) -> None:
+    """Record how the study seeds its trials, or refuse to mix two ways in one study."""
+    recorded = study.user_attrs.get("seed_mode")
+    mode = spec.optuna.seed_mode
+    if recorded is None:
+        if any(t.state in FINISHED for t in study.get_trials(deepcopy=False)):
+            recorded = "per_trial"  # a study begun before seed modes existed
+            study.set_user_attr("seed_mode", recorded)
+        else:
+            study.set_user_attr("seed_mode", mode)
+            return
+    if recorded != mode:
+        raise ValueError(
+            f"{spec.path}: [optuna.seed_mode] study {study.study_name} was run with "
+            f'seed_mode = "{recorded}", the study file now says "{mode}"; trials seeded two '
+            f'ways cannot be compared: set seed_mode = "{recorded}" to resume it, or use '
+            "another --storage for a new study"
+        )
+
+
 def record_data(study: optuna.Study, prepared: Prepared) -> None:
     """Record the data checksum on the study, or refuse if it differs."""
     recorded = study.user_attrs.get("data_checksum")
@@ -195,17 +217,66 @@ def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> 
     """
     root = cache_dir or os.environ.get("C2F_CACHE_DIR") or None
     try:
-        return prepare(
+        prepared = prepare(
             spec.data,
             spec.data_dir(),
             Path(root) if root else spec.base_dir / "cache",
             seed=spec.optuna.seed,
             log=log,
         )
-    except (DataError, ValueError) as exc:
+    except ValueError as exc:  # DataError too: a missing or broken data file
         if isinstance(exc, StudyDefinitionError):
             raise
-        raise StudyDefinitionError(spec.path or "<study>", "data", str(exc)) from None
+        # The loader knows the size and the files, the study file the field.
+        field_name = "data.n_val" if "n_val" in str(exc) else "data"
+        raise StudyDefinitionError(spec.path or "<study>", field_name, str(exc)) from None
+    check_fits(spec, prepared.sizes())
+    return prepared
+
+
+def holdout_size(spec: StudySpec, n_val: int) -> int:
+    """``[final] holdout`` in images, checked against the validation set's size."""
+    h = spec.final.holdout
+    n = round(h * n_val) if isinstance(h, float) else h
+    if isinstance(h, float) and n < 1:
+        n = 1
+    if not 0 <= n < n_val:
+        raise StudyDefinitionError(
+            spec.path,
+            "final.holdout",
+            f"a holdout of {n} validation images does not fit the {n_val} there are; "
+            f"give at most {n_val - 1} (or a fraction such as 0.2)",
+        )
+    return n
+
+
+def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
+    """Refuse, before any trial, settings the data cannot hold (a batch larger than the
+    training set, a final holdout larger than the validation set), naming the field."""
+    holdout = holdout_size(spec, sizes["val"])
+    n_final = sizes["train"] + sizes["val"] - holdout
+    where = f" after n_val = {spec.data.n_val!r}" if spec.data.n_val is not None else ""
+    for stage, n_train, section in (
+        ("coarse", sizes["train"], "training"),
+        ("fine", sizes["train"], "fine.training"),
+        ("final", n_final, "final.training"),
+    ):
+        point = {k: math.sqrt(lo * hi) for k, (lo, hi) in spec.search.items()}
+        config = spec.train_config(stage, point)
+        if config.batch_size > n_train:
+            field_name = section if "batch_size" in _stage_values(spec, stage) else "training"
+            raise StudyDefinitionError(
+                spec.path,
+                f"{field_name}.batch_size",
+                f"batch_size = {config.batch_size} is larger than the "
+                f"{'final ' if stage == 'final' else ''}training set "
+                f"({n_train} images{where if stage != 'final' else ''}); "
+                "use a smaller batch_size or a smaller [data] n_val (e.g. n_val = 0.1)",
+            )
+
+
+def _stage_values(spec: StudySpec, stage: str) -> dict[str, Any]:
+    return {"fine": spec.fine.training, "final": spec.final.training}.get(stage, {})
 
 
 def record_files(study: optuna.Study, spec: StudySpec) -> None:
@@ -317,3 +388,35 @@ def reap_all(spec: StudySpec, stage: str) -> list[int]:
     storage = storage_for(spec)
     study_id = storage.get_study_id_from_name(study_name(spec, stage))
     return lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
+
+
+# One round: a predictable cost of (replicates - 1) x replicate_top runs per stage. The
+# ranking puts replicated configurations first, so a lucky single run cannot win anyway.
+MAX_REPLICATE_ROUNDS = 1
+
+
+def replicate_rounds(
+    spec: StudySpec, stage: str, study: optuna.Study, run: Callable[[int], None], *, log=print
+) -> None:
+    """Queue more seeds of the stage's best configurations and ``run(total)`` the workers,
+    until the best ones all have them (at most :data:`MAX_REPLICATE_ROUNDS` rounds).
+
+    Only once the stage's search trials are all finished: a machine whose queue
+    ran dry while others still train leaves the replicates to the last one.
+    ``total`` is the target plus the replicate runs, for the progress line.
+    """
+    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    for _ in range(MAX_REPLICATE_ROUNDS):
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state in LIVE and not is_replicate(t) for t in trials):
+            return
+        queued = queue_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
+        if not queued:
+            return
+        log(
+            f"replicates: the {stage_spec.replicate_top} best configurations get "
+            f"{stage_spec.replicates} seeds each; {queued} runs queued",
+            flush=True,
+        )
+        live = study.get_trials(deepcopy=False, states=FINISHED + LIVE)
+        run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))

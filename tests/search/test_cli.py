@@ -41,7 +41,7 @@ def study(quick_study):
         ("optuna", {"warmup_cycles": math.nan}, "optuna.warmup_cycles"),
         ("fine", {"margin": math.nan}, "fine.margin"),
         ("coarse", {"trials": 10**9}, "coarse.trials"),
-        ("data", {"n_val": 5000}, "data"),  # more than digits has: found when loading
+        ("data", {"n_val": 5000}, "data.n_val"),  # more than digits has: found when loading
     ],
 )
 def test_bad_numbers_in_a_study_file_exit_2_naming_file_and_field(

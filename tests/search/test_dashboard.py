@@ -97,7 +97,7 @@ def coarse_study(tmp_path_factory):
     path = write_study(
         tmp_path_factory.mktemp("dashboard"),
         "dash",
-        coarse={"trials": 4},
+        coarse={"trials": 4, "replicates": 1},
         training={"n_cycles": 1},
         optuna={"workers": 1, "n_startup_trials": 1},
     )

@@ -355,12 +355,11 @@ def test_cifar_holds_out_a_tenth_and_a_grid_that_cannot_run_fails_loudly(tmp_pat
     assert ex.data_overrides(args)["n_val"] == n_images // 10
     args = ex.build_parser().parse_args(["x.toml", "--cifar", str(cifar), "--n-val", "5"])
     assert ex.data_overrides(args)["n_val"] == 5
-    # Batches of 100 from 27 training images: every point fails, and the command says so.
+    # Batches of 100 from 27 training images: refused before any run, naming the field.
     path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
-    assert ex.main([str(path), "--cifar", str(cifar)]) == 1
+    assert ex.main([str(path), "--cifar", str(cifar)]) == 2
     err = capsys.readouterr().err
-    assert "4 of 4 grid points have no finished run" in err
-    assert "batch_size=100 is larger than the training set" in err
+    assert "[training.batch_size] batch_size = 100 is larger than the training set (27" in err
 
 
 def test_diverged_and_blown_up_runs_stay_visible_and_do_not_squash_the_rest(

@@ -57,13 +57,18 @@ def test_final_trains_on_train_and_val_and_saves_a_network(quick_study):
     result = json.loads((out / "result.json").read_text())
     splits = st.prepare_for(spec).open()
     holdout = spec.final.holdout
-    assert result["train_samples"] == splits.train.n + splits.val.n - holdout
+    assert result["split"] == {
+        "train": splits.train.n + splits.val.n - holdout,
+        "train_from_val": splits.val.n - holdout,
+        "holdout": holdout,
+        "test": splits.test.n,
+    }
     best = st.top_trials(st.open_study(spec, "coarse"), 1)[0]
-    assert result["params"] == best.params and result["trial"] == best.number
+    assert result["params"] == best.params and result["configuration"] == best.number
     net, config = Network.load(out / "network.npz")
     assert config["l2_lambda"] == best.params["l2_lambda"]
     test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=config["l2_lambda"])
     assert test["accuracy"] == pytest.approx(result["test_acc"])
-    assert np.isfinite(result["test_loss"]) and result["test_acc"] > 0.85
+    assert np.isfinite(result["runs"]["0"]["test_loss"]) and result["test_acc"] > 0.85
     history = json.loads((out / "history.json").read_text())
     assert len(history["val_acc"]) == len(history["step"]) > 1

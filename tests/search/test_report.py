@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from search import coarse, final, fine, report
 from search.config.study import load_spec
 from search.reporting import figures, markdown
+from search.sweep import replicates as rep
 from tests.search.conftest import write_study
 
 # One worker runs this module: its module-scoped fixture is built once.
@@ -77,19 +78,28 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
         for lo, hi in study.user_attrs["ranges"].values():
             assert f"| {lo:.3e} | {hi:.3e} |" in md
     # top-10 tables with the best trial first
-    assert md.count("| trial | val acc | lambda | eta_max | epochs run | wall time (s) |") == 2
-    best = coarse_study.best_trial
-    assert f"| {best.number} | {best.value:.4f} | {best.params['l2_lambda']:.3e} |" in md
-    # counts per state and epochs
+    header = "| trial | val acc (mean) | sd | n | lambda | eta_max | epochs run | wall time (s) |"
+    assert md.count(header) == 2
+    # the best configuration first: mean +- sd over its 3 seeds (the study replicates)
+    best = rep.study_configurations(coarse_study, 3)[0]
+    assert best.n == 3
+    lam = best.params["l2_lambda"]
+    row = f"| {best.number} | {best.mean:.4f} | {best.sd:.4f} | 3 | {lam:.3e} |"
+    assert row in md
+    # counts per state and epochs: 6 search trials and the replicates of the best 3
     c = {s: 0 for s in markdown.STATES}
     for t in coarse_study.trials:
         c[t.state.name] += 1
     assert "| " + " | ".join(str(c[s]) for s in markdown.STATES) + " |" in md
-    assert sum(c.values()) == 6
+    n_trials = sum(c.values())
+    assert n_trials >= 6 + 6
     epochs = markdown.epochs_trained(coarse_study)
-    assert epochs > 0 and f"Epochs trained: {epochs:.1f} over 6 trials" in md
-    # the final result
-    assert f"test accuracy **{result['test_acc']:.4f}**" in md
+    assert epochs > 0 and f"Epochs trained: {epochs:.1f} over {n_trials} trials" in md
+    # how fine narrowed, with the noise estimate
+    assert "within the seed noise of the best" in md
+    # the final result over 3 seeds
+    assert result["n_seeds"] == 3 and len(result["test_accs"]) == 3
+    assert f"test accuracy **{result['test_acc']:.4f} +- {result['test_acc_sd']:.4f}" in md
     for name in ("history", "curves_coarse", "curves_fine", "final_curves"):
         assert f"(qs_{name}.png)" in md
     coarse_md = (ran.coarse_out / "report.md").read_text()

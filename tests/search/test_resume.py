@@ -190,10 +190,17 @@ def test_a_reused_pid_is_not_the_old_worker():
     assert lost.owner_gone({**me, "start": "1"})  # this PID, but a process started earlier
 
 
-def test_a_stage_in_which_every_trial_failed_exits_1_with_the_reasons(quick_study, capsys):
+def test_a_stage_in_which_every_trial_failed_exits_1_with_the_reasons(
+    quick_study, capsys, monkeypatch
+):
     from search import status
+    from search.sweep import objective
 
-    path = quick_study(training={"batch_size": 5000})  # more than the training set
+    def broken_fit(*args, **kwargs):
+        raise ValueError("batch_size broken on purpose")
+
+    monkeypatch.setattr(objective, "fit", broken_fit)  # the forked workers inherit it
+    path = quick_study()
     assert coarse.main(["--study", str(path)]) == 1
     out, err = capsys.readouterr()
     assert "error: every trial of qs-coarse failed: 6 x ValueError: batch_size" in err

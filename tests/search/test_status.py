@@ -30,7 +30,13 @@ def _study(storage, name: str, target: int | None) -> optuna.Study:
     return study
 
 
-def _add(study: optuna.Study, state: TrialState, value: float | None = None, lam: float = 1e-3):
+def _add(
+    study: optuna.Study,
+    state: TrialState,
+    value: float | None = None,
+    lam: float = 1e-3,
+    replicate: int = 0,
+):
     study.add_trial(
         optuna.trial.create_trial(
             state=state,
@@ -38,6 +44,7 @@ def _add(study: optuna.Study, state: TrialState, value: float | None = None, lam
             params={"l2_lambda": lam},
             distributions=DIST,
             intermediate_values={10: 0.5} if state == TrialState.PRUNED else None,
+            user_attrs={"replicate": replicate} if replicate else None,
         )
     )
 
@@ -66,6 +73,8 @@ def test_counts_best_done_and_incomplete(storage_url, capsys):
     c = _study(storage, "toy-coarse", target=6)
     _add(c, TrialState.COMPLETE, 0.8, lam=1e-4)
     _add(c, TrialState.COMPLETE, 0.9, lam=2e-3)
+    _add(c, TrialState.COMPLETE, 0.8, lam=1e-4, replicate=1)
+    _add(c, TrialState.COMPLETE, 0.84, lam=1e-4, replicate=2)  # 0.813 +- 0.023, n=3
     _add(c, TrialState.PRUNED)
     _add(c, TrialState.FAIL)
     _add(c, TrialState.WAITING)
@@ -75,8 +84,10 @@ def test_counts_best_done_and_incomplete(storage_url, capsys):
 
     assert status.main(["--storage", storage_url]) == 0
     out = capsys.readouterr().out
-    assert "COMPLETE 2, PRUNED 1, FAIL 1, RUNNING 0, WAITING 1" in out
-    assert "3/6 finished" in out and "0.9000 (l2_lambda=2.000e-03)" in out
+    assert "COMPLETE 4, PRUNED 1, FAIL 1, RUNNING 0, WAITING 1" in out
+    # Replicates come on top of the target; a mean over seeds beats a single lucky run.
+    assert "3/6 finished (+ 2 replicate runs)" in out
+    assert "best     0.8133 +- 0.0231 (n=3; l2_lambda=1.000e-04)" in out
     coarse_line = _line(out, "toy-coarse")
     assert "incomplete (resume with python -m search.coarse --study studies/toy.toml" in (
         coarse_line
@@ -85,8 +96,9 @@ def test_counts_best_done_and_incomplete(storage_url, capsys):
     assert _line(out, "toy-fine") == "toy-fine: done"
 
     s = status.study_status(storage, "toy-coarse", grace_period=30)
-    assert s.counts == {"COMPLETE": 2, "PRUNED": 1, "FAIL": 1, "RUNNING": 0, "WAITING": 1}
-    assert s.best_value == 0.9 and s.best_params == {"l2_lambda": 2e-3} and s.target == 6
+    assert s.counts == {"COMPLETE": 4, "PRUNED": 1, "FAIL": 1, "RUNNING": 0, "WAITING": 1}
+    assert s.best_value == pytest.approx(0.81333, abs=1e-4) and s.best_n == 3
+    assert s.best_params == {"l2_lambda": 1e-4} and s.target == 6
 
 
 def test_running_and_stale_trials(storage_url, capsys):

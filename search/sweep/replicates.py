@@ -1,0 +1,183 @@
+"""Configurations and their replicates: the same hyperparameters trained with other seeds.
+
+A single run's validation accuracy moves by a point or more with its seed, so a
+stage's choices are made on configurations, not on runs. A configuration is
+the set of trials of a study with the same parameters: the first run and its
+replicates (user attr ``replicate`` = 1, 2, ...: the seed index, see
+:func:`search.sweep.objective.trial_seed`). After a stage's search trials,
+:func:`queue_replicates` queues more seeds of its best configurations as
+ordinary WAITING trials, which any worker runs; every choice then uses
+:func:`configurations`' means.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+REPLICATE = "replicate"
+
+
+def replicate_index(trial: FrozenTrial | optuna.Trial) -> int:
+    """0 for a search trial; the seed index of a replicate."""
+    return int(trial.user_attrs.get(REPLICATE, 0))
+
+
+def is_replicate(trial: FrozenTrial) -> bool:
+    return replicate_index(trial) > 0
+
+
+def params_key(params: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(params.items()))
+
+
+@dataclass
+class Configuration:
+    """One set of parameters and the completed runs of it (first run and replicates)."""
+
+    params: dict[str, float]
+    trials: list[FrozenTrial] = field(default_factory=list)
+
+    @property
+    def number(self) -> int:
+        """The number of its first run (the configuration's name in tables)."""
+        return min(t.number for t in self.trials)
+
+    @property
+    def values(self) -> list[float]:
+        return [float(t.value) for t in self.trials if t.value is not None]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def sd(self) -> float:
+        """Sample standard deviation over seeds; NaN for one run."""
+        return statistics.stdev(self.values) if self.n > 1 else math.nan
+
+    def describe(self) -> str:
+        """``0.4213 +- 0.0061 (n=3)``, or the single value."""
+        if self.n > 1:
+            return f"{self.mean:.4f} +- {self.sd:.4f} (n={self.n})"
+        return f"{self.mean:.4f} (n=1)"
+
+    def as_dict(self) -> dict:
+        return {
+            "params": self.params,
+            "trials": sorted(t.number for t in self.trials),
+            "mean": self.mean,
+            "sd": None if self.n < 2 else self.sd,
+            "n": self.n,
+        }
+
+
+def configurations(trials: Sequence[FrozenTrial], replicates: int = 1) -> list[Configuration]:
+    """The COMPLETE trials grouped by parameters, best first.
+
+    Best first means: the configurations with ``replicates`` runs (or as many as
+    any has) by mean, then the others by mean. A single lucky run must not beat
+    a mean over seeds (the winner's curse), so the first is always replicated
+    when any is.
+    """
+    groups: dict[tuple, Configuration] = {}
+    for t in trials:
+        if t.state != TrialState.COMPLETE or t.value is None:
+            continue
+        key = params_key(t.params)
+        groups.setdefault(key, Configuration(dict(t.params))).trials.append(t)
+    if not groups:
+        return []
+    enough = min(replicates, max(c.n for c in groups.values()))
+    return sorted(
+        groups.values(), key=lambda c: (c.n >= enough, c.mean, c.n, -c.number), reverse=True
+    )
+
+
+def study_configurations(study: optuna.Study, replicates: int = 1) -> list[Configuration]:
+    return configurations(study.get_trials(deepcopy=False), replicates)
+
+
+def pooled_sd(configs: Sequence[Configuration]) -> float | None:
+    """The seed noise of one run: the pooled within-configuration standard deviation
+    over configurations with two or more runs; None if there are none."""
+    dof = sum(c.n - 1 for c in configs if c.n > 1)
+    if dof == 0:
+        return None
+    ss = sum((c.n - 1) * c.sd**2 for c in configs if c.n > 1)
+    return math.sqrt(ss / dof)
+
+
+def queue_replicates(study: optuna.Study, replicates: int, top: int) -> int:
+    """Queue the missing seeds of the ``top`` best configurations; how many were queued.
+
+    Each of them gets ``replicates`` runs in all. A seed index already present in any
+    state (running, waiting, failed by the settings, or re-queued) is not queued
+    again, so calling this again after an interrupt queues only what is missing.
+    """
+    if replicates <= 1 or top < 1:
+        return 0
+    trials = study.get_trials(deepcopy=False)
+    present: dict[tuple, set[int]] = {}
+    for t in trials:
+        # A WAITING trial has no params yet, only the ones it was queued with.
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        present.setdefault(params_key(params), set()).add(replicate_index(t))
+    queued = 0
+    for config in configurations(trials)[:top]:
+        have = present.get(params_key(config.params), set())
+        for index in range(1, replicates):
+            if index not in have:
+                study.enqueue_trial(config.params, user_attrs={REPLICATE: index})
+                queued += 1
+    return queued
+
+
+SMOOTHING_DECADES = 0.3  # the kernel's sd in decades of each searched parameter
+
+
+def smoothed(
+    configs: Sequence[Configuration], *, bandwidth: float = SMOOTHING_DECADES
+) -> list[tuple[Configuration, float]]:
+    """Each configuration with a smoothed validation accuracy, best first.
+
+    The smoothed value is a kernel-weighted mean of every configuration's runs
+    (a Gaussian of ``bandwidth`` decades in log-parameter space, each run
+    weighted once), so a configuration whose neighbours are good as well beats
+    a lucky one among poor neighbours: a smooth fit of accuracy over log lambda
+    rather than one noisy point.
+    """
+    out = []
+    for c in configs:
+        num = den = 0.0
+        for other in configs:
+            d2 = sum(
+                (math.log10(c.params[k]) - math.log10(other.params[k])) ** 2
+                for k in c.params
+                if k in other.params and c.params[k] > 0 and other.params[k] > 0
+            )
+            w = other.n * math.exp(-d2 / (2 * bandwidth**2))
+            num += w * other.mean
+            den += w
+        out.append((c, num / den))
+    return sorted(out, key=lambda cv: cv[1], reverse=True)
+
+
+def choose(configs: Sequence[Configuration]) -> tuple[Configuration, float]:
+    """The configuration to retrain, with its smoothed value: the best of :func:`smoothed`.
+
+    Measured by ``python -m bench.search_quality``: on a landscape flat within
+    noise, the smoothed choice's regret was at or below the best mean's.
+    """
+    if not configs:
+        raise ValueError("no completed configurations to choose from")
+    return smoothed(configs)[0]

@@ -1,0 +1,276 @@
+"""Answers that are not seed luck: shared seeds, replicates, noise-aware fine ranges,
+final over seeds on a checked split, and study files that fit the data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from search import coarse, final, fine
+from search.config.study import StudyDefinitionError, load_spec
+from search.sweep import lost, narrowing
+from search.sweep import replicates as rep
+from search.sweep import studies as st
+from search.sweep.loop import take
+from search.sweep.objective import SEED_STRIDE, curves_of
+from search.sweep.storage import storage_of
+from tests.search.conftest import REPO
+
+DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
+
+
+def quiet(fn, *args):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = fn(*args)
+    return code, out.getvalue()
+
+
+def _queued_coarse(quick_study, points, **sections):
+    """A coarse study whose trials are ``points`` (queued before the command runs)."""
+    sections.setdefault("optuna", {})["pruner"] = "none"
+    path = quick_study(coarse={"trials": len(points)}, **sections)
+    spec = load_spec(path)
+    study = st.open_study(spec, "coarse")
+    for p in points:
+        study.enqueue_trial(p)
+    code, _ = quiet(coarse.main, ["--study", str(path)])
+    assert code == 0
+    trials = sorted(st.open_study(spec, "coarse").get_trials(), key=lambda t: t.number)
+    return spec, trials
+
+
+def test_shared_seed_identical_params_give_identical_curves(quick_study):
+    a, b = {"l2_lambda": 1e-3, "eta_max": 0.1}, {"l2_lambda": 3e-2, "eta_max": 0.1}
+    _, trials = _queued_coarse(quick_study, [a, a, b])
+    curves = [curves_of(t)["val_acc"] for t in trials]
+    assert [t.user_attrs["seed"] for t in trials] == [0, 0, 0]
+    assert curves[0] == curves[1]  # same params, same seed: the same run
+    assert curves[0] != curves[2]  # only lambda differs, and so does the run
+
+
+def test_per_trial_seed_mode_keeps_the_old_behaviour(quick_study):
+    a = {"l2_lambda": 1e-3, "eta_max": 0.1}
+    spec, trials = _queued_coarse(quick_study, [a, a], optuna={"seed_mode": "per_trial"})
+    assert [t.user_attrs["seed"] for t in trials] == [0, 1]
+    assert curves_of(trials[0]) != curves_of(trials[1])
+    assert st.open_study(spec, "coarse").user_attrs["seed_mode"] == "per_trial"
+
+
+def test_a_study_is_never_seeded_two_ways(quick_study, capsys):
+    path = quick_study(coarse={"trials": 2})
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    text = path.read_text().replace("[optuna]", '[optuna]\nseed_mode = "per_trial"')
+    path.write_text(text)
+    assert quiet(coarse.main, ["--study", str(path), "--trials", "3"])[0] == 2
+    err = capsys.readouterr().err
+    assert "[optuna.seed_mode]" in err and 'seed_mode = "shared" to resume it' in err
+
+
+def test_replicates_rerun_the_best_configurations_with_other_seeds(quick_study):
+    path = quick_study(coarse={"trials": 6, "replicates": 3, "replicate_top": 2})
+    code, out = quiet(coarse.main, ["--study", str(path)])
+    assert code == 0 and "replicates: the 2 best configurations get 3 seeds each" in out
+    spec = load_spec(path)
+    study = st.open_study(spec, "coarse")
+    trials = study.get_trials()
+    search = [t for t in trials if not rep.is_replicate(t)]
+    replicas = [t for t in trials if rep.is_replicate(t)]
+    assert len(search) == 6 and len(replicas) >= 4
+    for t in replicas:
+        index = t.user_attrs["replicate"]
+        assert index in (1, 2) and t.user_attrs["seed"] == SEED_STRIDE * index
+        assert t.state == TrialState.COMPLETE  # never pruned
+        assert any(s.params == t.params for s in search)
+    configs = rep.study_configurations(study, 3)
+    assert configs[0].n == 3 and configs[1].n == 3  # the best two are means over 3 seeds
+    assert configs[0].mean >= configs[1].mean
+    assert "+-" in out and " n " in out  # the table shows mean +- sd and n
+    # Run again: the target is met and every best configuration has its seeds.
+    code, out = quiet(coarse.main, ["--study", str(path)])
+    assert code == 0 and "replicates:" not in out
+    assert len(st.open_study(spec, "coarse").get_trials()) == len(trials)
+
+
+def test_a_lost_replicate_is_requeued_as_the_same_replicate(quick_study):
+    spec = load_spec(quick_study())
+    study = st.open_study(spec, "coarse")
+    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1}, user_attrs={"replicate": 2})
+    storage = storage_of(study)
+    sid = storage.get_study_id_from_name(study.study_name)
+    tid = take(storage, sid)
+    assert lost.requeue(storage, sid, storage.get_trial(tid), "worker lost: test")
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs == {"replicate": 2}
+    # and queue_replicates sees it: it queues nothing for that seed again
+    assert rep.replicate_index(waiting[0]) == 2
+
+
+def _config(lam: float, values: list[float], first: int) -> rep.Configuration:
+    c = rep.Configuration({"l2_lambda": lam})
+    for i, v in enumerate(values):
+        c.trials.append(
+            optuna.trial.create_trial(value=v, params={"l2_lambda": lam}, distributions=DIST)
+        )
+        c.trials[-1].number = first + i
+    return c
+
+
+def test_fine_covers_every_configuration_within_noise_not_just_the_top_k():
+    configs = [
+        _config(1e-3, [0.42, 0.43, 0.41], 0),  # best: 0.42, sd 0.01
+        _config(3e-2, [0.415], 3),  # 0.005 below with n=1: within noise
+        _config(1e-5, [0.30], 4),  # far below: outside
+        _config(1e-4, [0.35], 5),
+    ]
+    n = narrowing.narrow(configs, {"l2_lambda": (1e-5, 1e-1)}, margin=0.0, top_k=1)
+    assert n.sigma == pytest.approx(0.01)
+    assert [c.number for c in n.within] == [0, 3]
+    assert n.ranges["l2_lambda"] == pytest.approx((1e-3, 3e-2))
+    assert not n.flat and not n.extended
+    # narrow = "top_k": the best single run only (no noise estimate)
+    n = narrowing.narrow(configs, {"l2_lambda": (1e-5, 1e-1)}, margin=0.0, top_k=1, mode="top_k")
+    assert n.sigma is None and n.ranges["l2_lambda"] == pytest.approx((1e-3 / 1.01, 1.01e-3))
+
+
+def test_a_flat_landscape_keeps_the_range_wide_and_says_so():
+    configs = [
+        _config(1e-5, [0.41, 0.43], 0),
+        _config(1e-3, [0.42, 0.40], 2),
+        _config(5e-2, [0.40, 0.42], 4),
+    ]
+    n = narrowing.narrow(configs, {"l2_lambda": (1e-5, 1e-1)}, margin=0.25, top_k=1)
+    assert n.flat == ["l2_lambda"] and len(n.within) == 3
+    assert any("flat within noise" in note for note in n.notes)
+    lo, hi = n.ranges["l2_lambda"]
+    assert math.log10(hi / lo) > 3
+
+
+def test_the_best_on_an_edge_extends_the_range_past_it_within_the_limit():
+    configs = [_config(1.2e-5, [0.45, 0.44], 0), _config(1e-2, [0.30, 0.31], 2)]
+    coarse_range = {"l2_lambda": (1e-5, 1e-1)}
+    n = narrowing.narrow(configs, coarse_range, margin=0.5, top_k=1, extend=0.3)
+    lo, hi = n.ranges["l2_lambda"]
+    assert lo == pytest.approx(1e-5 / 10**0.3)  # as far as extend allows, not margin
+    assert "below the coarse range's lower edge" in n.extended["l2_lambda"]
+    # an extension the training settings cannot run is given up
+    n = narrowing.narrow(
+        configs, coarse_range, margin=0.5, top_k=1, valid=lambda p: p["l2_lambda"] >= 1e-5
+    )
+    assert (
+        n.ranges["l2_lambda"][0] == 1e-5 and "kept at the coarse edge" in (n.extended["l2_lambda"])
+    )
+
+
+def test_fine_then_final_use_means_and_final_reports_over_seeds(quick_study, capsys):
+    path = quick_study(
+        coarse={"trials": 6, "replicates": 2, "replicate_top": 2},
+        fine={"trials": 3, "top_k": 1, "replicates": 2, "replicate_top": 1},
+        final={"seeds": 2, "holdout": 0.5},
+    )
+    spec = load_spec(path)
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    code, out = quiet(fine.main, ["--study", str(path)])
+    assert code == 0 and "within noise of it; seed noise (sd of one run)" in out
+    f = st.open_study(spec, "fine")
+    assert f.user_attrs["narrowing"]["sigma"] is not None
+    chosen = rep.study_configurations(f, 2)[0]
+    assert chosen.n == 2
+    code, out = quiet(final.main, ["--study", str(path)])
+    assert code == 0
+    result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
+    assert result["params"] == chosen.params and result["n_seeds"] == 2
+    assert result["search_val_acc"]["n"] == 2
+    assert result["test_acc"] == pytest.approx(sum(result["test_accs"]) / 2)
+    assert result["test_acc_sd"] is not None
+    # quick start: 1197 train + 300 val, holdout half of val (150)
+    assert result["split"] == {"train": 1347, "train_from_val": 150, "holdout": 150, "test": 300}
+    assert "trains on 1197 training + 150 validation images = 1347" in out
+    assert "next: python -m search.report" in out
+
+
+def test_an_interrupted_final_resumes_with_the_seeds_it_has_not_done(quick_study):
+    path = quick_study(coarse={"trials": 2}, final={"seeds": 2})
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    assert quiet(final.main, ["--study", str(path), "--seeds", "1"])[0] == 0
+    code, out = quiet(final.main, ["--study", str(path)])  # 2 seeds: the first is kept
+    assert code == 0 and "seed 0: recorded" in out and "seed 1: test accuracy" in out
+    code, out = quiet(final.main, ["--study", str(path)])
+    assert code == 0 and "already recorded" in out
+
+
+def test_a_holdout_larger_than_val_is_refused_not_clipped(quick_study, capsys):
+    path = quick_study(final={"holdout": 300})  # val has 300 images
+    assert coarse.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: [final.holdout] a holdout of 300 validation images does not fit" in err
+    assert not st.load_existing(load_spec(path), "coarse")  # refused before any trial
+
+
+def test_settings_the_data_cannot_hold_are_refused_before_any_trial(quick_study, capsys):
+    path = quick_study(training={"batch_size": 5000})
+    assert coarse.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: [training.batch_size] batch_size = 5000 is larger than the training" in err
+    assert "(1197 images after n_val = 300)" in err
+    path = quick_study(name="big", data={"n_val": 5000})
+    assert coarse.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: [data.n_val] n_val must satisfy 0 < n_val < 1797" in err
+
+
+def test_n_val_as_a_fraction_and_the_n_val_flag(quick_study, capsys):
+    path = quick_study(coarse={"trials": 1}, data={"n_val": 0.1})
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    sizes = st.prepare_for(load_spec(path), log=lambda *_: None).sizes()
+    assert sizes["val"] == 180 and sizes["train"] == 1797 - 180 - 300
+    other = quick_study(name="flag", coarse={"trials": 1})
+    code, out = quiet(coarse.main, ["--study", str(other), "--n-val", "0.2"])
+    assert code == 0 and "--n-val 0.2" in out  # the next hint keeps it
+    with pytest.raises(SystemExit):
+        coarse.main(["--study", str(other), "--n-val", "1.5"])
+    assert "--n-val: must be a number of images >= 1 or a fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "n_s_full", "n_s_subset"),
+    [("cifar10_2layer", 900, 90), ("cifar10_3layer_bn", 2250, 225)],
+)
+def test_the_dd2424_studies_fit_full_cifar_and_the_subset(name, n_s_full, n_s_subset):
+    spec = load_spec(REPO / "studies" / f"{name}.toml")
+    assert spec.data.n_val == 0.1
+    # full CIFAR-10: 45,000 / 5,000; the shared subset: 5 x 1,017 images -> 4,577 / 508
+    for n_train, n_val, n_s in ((45000, 5000, n_s_full), (4577, 508, n_s_subset)):
+        st.check_fits(spec, {"train": n_train, "val": n_val, "test": 10000})
+        assert spec.train_config("coarse", {"l2_lambda": 1e-3}).resolved_n_s(n_train) == n_s
+    assert st.holdout_size(spec, 5000) == 1000 and st.holdout_size(spec, 508) == 102
+
+
+def test_n_s_is_given_in_steps_or_in_epochs_not_both(tmp_path):
+    from search.config.study import parse_spec
+
+    with pytest.raises(StudyDefinitionError, match=r"\[training\] give n_s .* not both"):
+        parse_spec({"name": "x", "training": {"n_s": 10, "n_s_epochs": 2.0}}, tmp_path / "x")
+    with pytest.raises(StudyDefinitionError, match=r"\[data.n_val\] must be a number of images"):
+        parse_spec({"name": "x", "data": {"n_val": 1.5}}, tmp_path / "x")
+
+
+def test_workers_that_join_a_study_run_its_replicates(quick_study, tmp_path):
+    from search import worker
+
+    path = quick_study(coarse={"trials": 4, "replicates": 2, "replicate_top": 1})
+    url = f"sqlite:///{tmp_path / 'joined.db'}"
+    create = ["--create", "--study", str(path), "--storage", url]
+    assert quiet(worker.main, create)[0] == 0
+    code, out = quiet(worker.main, ["--storage", url, "--study-name", "qs-coarse"])
+    assert code == 0 and "replicates: the 1 best configurations get 2 seeds each" in out
+    study = optuna.load_study(study_name="qs-coarse", storage=url)
+    assert study.user_attrs["seed_mode"] == "shared"
+    assert sum(rep.is_replicate(t) for t in study.trials) >= 1
+    assert rep.study_configurations(study, 2)[0].n == 2
