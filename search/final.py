@@ -149,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         "configuration": best.number,
         "trials": sorted(t.number for t in best.trials),
         "params": best.params,
-        "search_val_acc": {"mean": best.mean, "sd": None if best.n < 2 else best.sd, "n": best.n},
+        "search_val_acc": {
+            "mean": best.mean,
+            "sd": None if best.n < 2 else best.sd,
+            "n": best.n,
+            "smoothed": smooth,
+        },
         "test_acc": statistics.fmean(accs),
         "test_acc_sd": statistics.stdev(accs) if len(accs) > 1 else None,
         "test_accs": accs,
@@ -170,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         "final", {**{k: v for k, v in result.items() if k not in ("config", "runs")}, "key": key}
     )
     print(f"test accuracy {_describe(accs)}")
+    flat = (source.user_attrs.get("narrowing") or {}).get("flat", [])
+    if flat:
+        print(
+            f"note: validation accuracy was flat within the seed noise along {', '.join(flat)}: "
+            "this choice is as good as any in the fine range, not better"
+        )
     print(f"wrote {out / 'network.npz'}, {out / 'curves.png'}, {out / 'result.json'}")
     cli.next_step("report", args)
     return 0

@@ -176,6 +176,17 @@ def final_section(
         markdown_table(("", "value"), rows),
         "",
     ]
+    fine_study = studies.get("fine")
+    flat = (fine_study.user_attrs.get("narrowing") or {}).get("flat", []) if fine_study else []
+    if flat:
+        names = ", ".join(param_label(p) for p in flat)
+        lines += [
+            f"**The choice of {names} is within the seed noise**: the coarse search found "
+            "validation accuracy flat within noise along it, so any value in the fine "
+            "range is as good as this one; the test accuracy above is what to expect of "
+            "the range, not a sign that this value is better.",
+            "",
+        ]
     if final_curves is not None:
         lines += [f"![final training curves]({final_curves})", ""]
     return "\n".join(lines)

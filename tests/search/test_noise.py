@@ -180,13 +180,14 @@ def test_fine_then_final_use_means_and_final_reports_over_seeds(quick_study, cap
     assert code == 0 and "within noise of it; seed noise (sd of one run)" in out
     f = st.open_study(spec, "fine")
     assert f.user_attrs["narrowing"]["sigma"] is not None
-    chosen = rep.study_configurations(f, 2)[0]
-    assert chosen.n == 2
+    assert rep.study_configurations(f, 2)[0].n == 2  # the best mean is over 2 seeds
+    chosen, smooth = rep.choose(rep.study_configurations(f, 2))
     code, out = quiet(final.main, ["--study", str(path)])
     assert code == 0
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
     assert result["params"] == chosen.params and result["n_seeds"] == 2
-    assert result["search_val_acc"]["n"] == 2
+    assert result["search_val_acc"]["n"] == chosen.n
+    assert result["search_val_acc"]["smoothed"] == pytest.approx(smooth)
     assert result["test_acc"] == pytest.approx(sum(result["test_accs"]) / 2)
     assert result["test_acc_sd"] is not None
     # quick start: 1197 train + 300 val, holdout half of val (150)
@@ -274,3 +275,56 @@ def test_workers_that_join_a_study_run_its_replicates(quick_study, tmp_path):
     assert study.user_attrs["seed_mode"] == "shared"
     assert sum(rep.is_replicate(t) for t in study.trials) >= 1
     assert rep.study_configurations(study, 2)[0].n == 2
+
+
+def test_the_smoothed_choice_prefers_a_good_neighbourhood_to_a_lucky_point():
+    configs = [
+        _config(1e-5, [0.47], 0),  # lucky, among poor neighbours
+        _config(1.5e-5, [0.38], 1),
+        _config(1e-3, [0.45, 0.44], 2),  # good, and so are its neighbours
+        _config(1.5e-3, [0.44], 4),
+        _config(7e-4, [0.445], 5),
+    ]
+    chosen, value = rep.choose(configs)
+    assert chosen.params["l2_lambda"] in (1e-3, 1.5e-3, 7e-4)
+    assert 0.44 <= value <= 0.45
+    alone = [_config(1e-3, [0.5], 0), _config(1e-1, [0.3], 1)]  # far apart: their own means
+    assert [round(v, 6) for _, v in rep.smoothed(alone)] == [0.5, 0.3]
+
+
+def test_final_choose_best_retrains_the_best_mean(quick_study):
+    path = quick_study(coarse={"trials": 4}, final={"choose": "best"})
+    spec = load_spec(path)
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    assert quiet(final.main, ["--study", str(path)])[0] == 0
+    result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
+    best = rep.study_configurations(st.open_study(spec, "coarse"), 1)[0]
+    assert result["params"] == best.params and result["search_val_acc"]["smoothed"] > 0
+
+
+def test_the_report_and_final_say_when_the_choice_is_within_noise(tmp_path):
+    from search.reporting import markdown
+
+    spec = load_spec(REPO / "studies" / "quickstart.toml")
+    fine_study = optuna.create_study(direction="maximize")
+    fine_study.set_user_attr("top_k", 3)
+    fine_study.set_user_attr("margin", 0.25)
+    note = "l2_lambda: flat within noise (sigma 0.0084) over 2.8 of the coarse range's 3.0"
+    fine_study.set_user_attr(
+        "narrowing",
+        {
+            "sigma": 0.0084,
+            "within": [0, 1, 2],
+            "chosen": [0, 1, 2],
+            "flat": ["l2_lambda"],
+            "extended": {},
+            "notes": [note],
+        },
+    )
+    fine_study.set_user_attr(
+        "final", {"test_acc": 0.97, "test_acc_sd": 0.0067, "test_accs": [0.96, 0.97, 0.98]}
+    )
+    text = markdown.final_section(spec, {"fine": fine_study})
+    assert "**The choice of lambda is within the seed noise**" in text
+    assert "test accuracy **0.9700 +- 0.0067 (n=3 seeds)**" in text
+    assert f"**{note}" in markdown.narrowing_text(fine_study.user_attrs)
