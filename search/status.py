@@ -74,6 +74,7 @@ def resume_command(
     study_path: str | None,
     storage_flag: str | None,
     data_dir: str | None = None,
+    n_val: str | None = None,
 ) -> str:
     """The command that resumes study ``name``, with every flag it needs."""
     stage = name.rsplit("-", 1)[-1] if "-" in name else ""
@@ -81,9 +82,20 @@ def resume_command(
         return "the command that created it"
     spec_name = name.rsplit("-", 1)[0]
     flags = cli.flags_text(
-        study=study_path or f"studies/{spec_name}.toml", data_dir=data_dir, storage=storage_flag
+        study=study_path or f"studies/{spec_name}.toml",
+        data_dir=data_dir,
+        n_val=n_val,
+        storage=storage_flag,
     )
     return f"{cli.command(stage)}{flags}"
+
+
+def n_val_flag(study: optuna.Study, spec: StudySpec | None) -> str | None:
+    """The --n-val the study ran with (user attr ``n_val``), when not the study file's."""
+    recorded = study.user_attrs.get("n_val")
+    if recorded is None or (spec is not None and spec.data.n_val == recorded):
+        return None
+    return str(recorded)
 
 
 def data_dir_flag(
@@ -117,6 +129,7 @@ def study_status(
         study_path=study_path,
         storage_flag=storage_flag,
         data_dir=data_dir_flag(study, spec, study_path),
+        n_val=n_val_flag(study, spec),
     )
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state.name == s for t in trials) for s in STATES}

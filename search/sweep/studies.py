@@ -280,15 +280,17 @@ def _stage_values(spec: StudySpec, stage: str) -> dict[str, Any]:
 
 
 def record_files(study: optuna.Study, spec: StudySpec) -> None:
-    """Record the study file and the data directory on the study (user attrs
-    ``study_file``, as given on the command line, which lets ``search.worker`` join
-    without ``--study``; ``data_dir``, relative to the study file, which ``status``
-    puts in the command that resumes the study)."""
+    """Record the study file and its data on the study (user attrs ``study_file``, as
+    given on the command line, which lets ``search.worker`` join without ``--study``;
+    ``data_dir``, relative to the study file, and ``n_val``, which ``status`` puts in
+    the command that resumes the study when they are not the study file's own)."""
     if spec.path:
         study.set_user_attr("study_file", spec.path)
     data_dir = spec.data_dir()
     if data_dir:
         study.set_user_attr("data_dir", os.path.relpath(data_dir, spec.base_dir))
+    if spec.data.n_val is not None:
+        study.set_user_attr("n_val", spec.data.n_val)
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:

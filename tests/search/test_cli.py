@@ -142,7 +142,9 @@ def test_hints_of_a_command_that_cannot_start_keep_every_flag(study, tmp_path, c
 
 
 def test_status_resume_hint_keeps_the_data_dir(tmp_path, capsys, cifar_dir):
-    """A study run with --data-dir is resumed with it (the study records its data dir)."""
+    """A study run with --data-dir and --n-val is resumed with them (the study records them)."""
+    import dataclasses
+
     import optuna
 
     from search.config.study import load_spec
@@ -151,6 +153,7 @@ def test_status_resume_hint_keeps_the_data_dir(tmp_path, capsys, cifar_dir):
 
     path = write_study(tmp_path, "cf", data={"name": "cifar10", "dir": "nowhere"})
     spec = cli.with_data_dir(load_spec(path), str(cifar_dir))
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, n_val=0.1))
     study = st.open_study(spec, "coarse")
     st.record_files(study, spec)
     study.set_user_attr("target", 3)
@@ -159,7 +162,8 @@ def test_status_resume_hint_keeps_the_data_dir(tmp_path, capsys, cifar_dir):
     out = capsys.readouterr().out
     resume = re.search(r"resume with (.*)\)", out).group(1)
     assert shlex.split(resume) == [
-        "python", "-m", "search.coarse", "--study", str(path), "--data-dir", str(cifar_dir)
+        "python", "-m", "search.coarse", "--study", str(path), "--data-dir", str(cifar_dir),
+        "--n-val", "0.1",
     ]  # fmt: skip
 
 
