@@ -218,7 +218,9 @@ def run_stage(
             release_first=[storage],
         )
 
-    run(target)
+    # The progress line counts every finished trial, replicates of an earlier run too.
+    live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
+    run(target + sum(rep.is_replicate(t) for t in live))
     # Then more seeds of the best configurations, until the best ones all have them.
     st.replicate_rounds(spec, stage, study, run)
     return study

@@ -36,7 +36,7 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
 NARROWING = ("noise", "top_k")
-CHOICES = ("smoothed", "best")
+CHOICES = ("best", "smoothed")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
 TABLES = ("name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna")
 # A stage's queue is filled one trial at a time before training starts: past this it
@@ -348,12 +348,12 @@ def _parse_fine(path: Path, raw: Any) -> FineSpec:
 class FinalSpec:
     """final trains on train + val minus ``holdout`` validation images (a number, or a
     fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
-    ``choose``: "smoothed" (the best kernel-smoothed mean over neighbouring
-    configurations) or "best" (the best mean, replicated configurations first)."""
+    ``choose``: "best" (the best mean over seeds, replicated configurations first)
+    or "smoothed" (the best kernel-smoothed mean over neighbouring configurations)."""
 
     holdout: int | float = 0.2
     seeds: int = 3
-    choose: str = "smoothed"
+    choose: str = "best"
     training: dict[str, Any] = field(default_factory=dict)
 
 

@@ -57,7 +57,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, title: str) -> Path:
     """Validation accuracy against ``param`` (log x axis), every stage on one axes."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for stage, study in studies.items():
         complete, pruned = _finished(study)
         pruned = [t for t in pruned if param in t.params]
@@ -124,15 +124,18 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the points
     return _save(fig, path)
 
 
 def _best(studies: dict[str, optuna.Study]) -> tuple[str, rep.Configuration] | None:
-    """The configuration final chooses: the fine study's, else the coarse one's."""
+    """The configuration final retrained (its recorded params), else the best mean of the
+    fine study, else of the coarse one (replicated configurations first)."""
     for stage in ("fine", "coarse"):
-        if stage in studies and (configs := rep.study_configurations(studies[stage])):
-            return stage, rep.choose(configs)[0]
+        if stage in studies and (configs := rep.study_configurations(studies[stage], 2)):
+            final = studies[stage].user_attrs.get("final") or {}
+            chosen = [c for c in configs if c.params == final.get("params")]
+            return stage, (chosen or configs)[0]
     return None
 
 
