@@ -72,7 +72,7 @@ def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration,
             return (study, *rep.choose(configs))
     raise ValueError(
         f"no completed trials of {spec.name} in the fine or coarse study of "
-        f"{spec.storage_url()}; run python -m search.coarse{cli.same_flags(args)} first"
+        f"{spec.storage_url()}; run {cli.command('coarse')}{cli.same_flags(args)} first"
     )
 
 
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{best.number} ({n_seeds} seeds):"
             )
             print(f"test accuracy {_describe(recorded['test_accs'])} (use --force to retrain)")
+            cli.next_step("report", args)
             return 0
     prepared = st.prepare_for(spec)
     st.record_data(source, prepared)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "this choice is as good as any in the fine range, not better"
         )
     print(f"wrote {out / 'network.npz'}, {out / 'curves.png'}, {out / 'result.json'}")
-    print("next: python -m search.report" + cli.same_flags(args))
+    cli.next_step("report", args)
     return 0
 
 

@@ -21,6 +21,7 @@ from model.train import History
 from search.reporting.tables import param_label, params_text
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.objective import curves_of
 
 STAGE_COLOURS = {"coarse": "tab:blue", "fine": "tab:orange"}
 STAGE_MARKERS = {"coarse": "o", "fine": "^"}
@@ -191,21 +192,21 @@ def _finite(values: Sequence[float]) -> list[float]:
 
 def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: int = 5) -> Path:
     """Validation accuracy and train/validation loss against update step of the top ``k``."""
-    top = [t for t in st.top_trials(study, k) if t.user_attrs.get("curves")]
+    top = [t for t in st.top_trials(study, k) if curves_of(t)]
     pruned = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        if t.user_attrs.get("curves", {}).get("step")
+        if curves_of(t).get("step")
     ]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, t in enumerate(pruned):
-        c = t.user_attrs["curves"]
+        c = curves_of(t)
         label = f"pruned trials ({len(pruned)})" if i == 0 else None
         acc_ax.plot(c["step"], c["val_acc"], color="0.8", lw=0.8, label=label, zorder=1)
         loss_ax.plot(c["step"], c["val_loss"], color="0.8", lw=0.8, label=label, zorder=1)
     losses: list[float] = []
     for colour, t in zip(CURVE_COLOURS, top, strict=False):
-        c = t.user_attrs["curves"]
+        c = curves_of(t)
         label = f"trial {t.number} ({t.value:.4f}; {params_text(t.params)})"
         acc_ax.plot(c["step"], c["val_acc"], color=colour, lw=1.6, label=label, zorder=3)
         loss_ax.plot(c["step"], c["val_loss"], color=colour, lw=1.6, label=f"trial {t.number}")
