@@ -77,7 +77,7 @@ def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration,
             return (study, *rep.choose(configs))
     raise ValueError(
         f"no completed trials of {spec.name} in the fine or coarse study of "
-        f"{spec.storage_url()}; run python -m search.coarse{cli.same_flags(args)} first"
+        f"{spec.storage_url()}; run {cli.command('coarse')}{cli.same_flags(args)} first"
     )
 
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{best.number} ({n_seeds} seeds):"
             )
             print(f"test accuracy {_describe(recorded['test_accs'])} (use --force to retrain)")
+            cli.next_step("report", args)
             return 0
     user_train.check(spec)
     prepared = st.prepare_for(spec)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if not spec.model.train:
         written.insert(0, out / "network.npz")
     print("wrote " + ", ".join(str(p) for p in written))
-    print("next: python -m search.report" + cli.same_flags(args))
+    cli.next_step("report", args)
     return 0
 
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if coarse is None or not rep.study_configurations(coarse):
         raise ValueError(
             f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
-            "run python -m search.coarse" + cli.same_flags(args) + " first"
+            f"run {cli.command('coarse')}{cli.same_flags(args)} first"
         )
     existing = st.load_existing(spec, "fine")
     recorded = existing.user_attrs.get("ranges") if existing is not None else None
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     if cli.finish(spec, study, list(ranges)):
-        print("next: python -m search.final" + cli.same_flags(args))
+        cli.next_step("final", args)
     return 0
 
 

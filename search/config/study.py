@@ -55,6 +55,11 @@ TABLES = (
 )
 LAYOUTS = ("n_by_d", "d_by_n")
 TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+# A stage's queue is filled one trial at a time before training starts: past this it
+# would take minutes, and no search of this kind needs more.
+MAX_TRIALS = 10_000
+# Study names go into file names (<name>.db, out/<name>/): well under a file name's 255 bytes.
+MAX_NAME_LENGTH = 100
 
 
 class StudyDefinitionError(ValueError):
@@ -86,9 +91,11 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
         # "int | float | None" -> the kinds allowed; None is "left out", not a TOML value.
         kinds = [k.strip().split("[")[0] for k in str(allowed[key].type).split("|")]
         kinds = [k for k in kinds if k != "None"]
+        if set(kinds) <= {"int", "float"}:  # a number: an integer where only int is allowed
+            kind = "float" if "float" in kinds else "int"
+            _check_number(path, f"{section}.{key}", value, kind=kind)
+            continue
         checks = {
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, int | float) and not isinstance(value, bool),
             "str": isinstance(value, str),
             "bool": isinstance(value, bool),
         }
@@ -99,14 +106,58 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
     return cls(**raw)
 
 
+def _check_number(
+    path: Path,
+    field_name: str,
+    value: Any,
+    *,
+    kind: str = "int",
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    unit: str = "",
+) -> Any:
+    """``value`` if it is a number of ``kind`` ("int": an integer; "float": any finite
+    number) within the bounds (``min <= value <= max``, ``value > above``), else a
+    StudyDefinitionError naming the file, the field and what is allowed."""
+    bounds = [
+        f">= {min:g}" if min is not None else "",
+        f"> {above:g}" if above is not None else "",
+    ]
+    bounds.append(f"<= {max:,}" if max is not None else "")
+    allowed = " and ".join(b for b in bounds if b) + (f" {unit}" if unit else "")
+    what = ("an integer" if kind == "int" else "a finite number") + (
+        f" {allowed}" if allowed else ""
+    )
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = is_int if kind == "int" else (is_int or isinstance(value, float)) and math.isfinite(value)
+    if ok:
+        ok = (
+            (min is None or value >= min)
+            and (max is None or value <= max)
+            and (above is None or value > above)
+        )
+    if not ok:
+        raise StudyDefinitionError(path, field_name, f"must be {what}, got {value!r}")
+    return value
+
+
 def _parse_name(path: Path, name: Any) -> str:
     if (
         not isinstance(name, str)
         or not name
+        or not name.replace("-", "").replace("_", "").isascii()
         or not name.replace("-", "").replace("_", "").isalnum()
     ):
         raise StudyDefinitionError(
             path, "name", f"must be a non-empty name of letters, digits, - and _, got {name!r}"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise StudyDefinitionError(
+            path,
+            "name",
+            f"must be at most {MAX_NAME_LENGTH} characters (it names the database and output "
+            f"files), got {len(name)}",
         )
     return name
 
@@ -177,8 +228,8 @@ def _parse_network(path: Path, raw: Any) -> NetworkSpec:
         net_raw["hidden"] = tuple(hidden)
     network = _build(NetworkSpec, path, "network", net_raw)
     # Network reads sigma only with init = "sigma"; a wrong sigma must not pass unseen.
-    if network.sigma is not None and not network.sigma > 0:
-        raise StudyDefinitionError(path, "network.sigma", f"must be > 0, got {network.sigma!r}")
+    if network.sigma is not None:
+        _check_number(path, "network.sigma", network.sigma, kind="float", above=0)
     try:
         Network(
             1,
@@ -334,10 +385,7 @@ class CoarseSpec:
 
 def _parse_coarse(path: Path, raw: Any) -> CoarseSpec:
     coarse = _build(CoarseSpec, path, "coarse", raw)
-    if coarse.trials < 1:
-        raise StudyDefinitionError(
-            path, "coarse.trials", f"must be an integer >= 1, got {coarse.trials!r}"
-        )
+    _check_number(path, "coarse.trials", coarse.trials, min=1, max=MAX_TRIALS)
     _check_replicates(path, "coarse", coarse.replicates, coarse.replicate_top)
     return coarse
 
@@ -360,17 +408,11 @@ class FineSpec:
 
 
 def _parse_fine(path: Path, raw: Any, *, user_keys: bool = False) -> FineSpec:
-    fine, given = _build_with_training(FineSpec, path, "fine", raw, user_keys=user_keys)
-    if fine.trials < 1 or fine.top_k < 1 or not fine.margin >= 0 or not fine.extend >= 0:
-        raise StudyDefinitionError(
-            path,
-            "fine",
-            f"trials and top_k must be >= 1, margin and extend >= 0 decades, got {given!r}",
-        )
-    if not (math.isfinite(fine.margin) and math.isfinite(fine.extend)):
-        raise StudyDefinitionError(
-            path, "fine", f"margin and extend must be finite, got {given!r}"
-        )
+    fine, _ = _build_with_training(FineSpec, path, "fine", raw, user_keys=user_keys)
+    _check_number(path, "fine.trials", fine.trials, min=1, max=MAX_TRIALS)
+    _check_number(path, "fine.top_k", fine.top_k, min=1)
+    _check_number(path, "fine.margin", fine.margin, kind="float", min=0, unit="decades")
+    _check_number(path, "fine.extend", fine.extend, kind="float", min=0, unit="decades")
     if fine.narrow not in NARROWING:
         raise StudyDefinitionError(
             path, "fine.narrow", f"must be one of {list(NARROWING)}, got {fine.narrow!r}"
@@ -430,10 +472,11 @@ class OptunaSpec:
 def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
     spec = _build(OptunaSpec, path, "optuna", raw)
     for key in ("heartbeat_interval", "grace_period"):
-        if getattr(spec, key) < 1:
-            raise StudyDefinitionError(
-                path, f"optuna.{key}", f"must be >= 1 second, got {getattr(spec, key)!r}"
-            )
+        _check_number(path, f"optuna.{key}", getattr(spec, key), min=1, unit="second(s)")
+    _check_number(path, "optuna.seed", spec.seed, min=0)
+    _check_number(path, "optuna.warmup_cycles", spec.warmup_cycles, kind="float", min=0)
+    _check_number(path, "optuna.n_startup_trials", spec.n_startup_trials, min=0)
+    _check_number(path, "optuna.workers", spec.workers, min=1)
     if spec.grace_period < 2 * spec.heartbeat_interval:
         raise StudyDefinitionError(
             path,
@@ -441,13 +484,6 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
             f"must be at least twice heartbeat_interval (2 x {spec.heartbeat_interval}"
             f" = {2 * spec.heartbeat_interval} s), got {spec.grace_period}; "
             "with less, a live trial whose heartbeat is late would be taken for a dead one",
-        )
-    if spec.warmup_cycles < 0 or spec.n_startup_trials < 0:
-        raise StudyDefinitionError(
-            path,
-            "optuna",
-            "warmup_cycles and n_startup_trials must be >= 0, got "
-            f"{spec.warmup_cycles!r} and {spec.n_startup_trials!r}",
         )
     url = spec.storage
     if url and "://" not in url and not url.endswith(".log"):
@@ -457,6 +493,8 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
             "must be an Optuna storage URL (sqlite:///x.db, postgresql+psycopg2://user@host/db"
             f", journal:///x.log) or a journal file x.log, got {url!r}",
         )
+    if url and in_memory(url):
+        raise StudyDefinitionError(path, "optuna.storage", IN_MEMORY)
     if spec.pruner not in PRUNERS:
         raise StudyDefinitionError(
             path, "optuna.pruner", f"must be one of {list(PRUNERS)}, got {spec.pruner!r}"
@@ -465,8 +503,6 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
         raise StudyDefinitionError(
             path, "optuna.sampler", f"must be one of {list(SAMPLERS)}, got {spec.sampler!r}"
         )
-    if spec.workers < 1:
-        raise StudyDefinitionError(path, "optuna.workers", f"must be >= 1, got {spec.workers}")
     if spec.seed_mode not in SEED_MODES:
         raise StudyDefinitionError(
             path,
@@ -475,6 +511,22 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
             f"data order and initial weights), got {spec.seed_mode!r}",
         )
     return spec
+
+
+IN_MEMORY = (
+    "an in-memory SQLite database keeps nothing: every worker process would see its own "
+    "empty one and the results would be gone at exit; give a file, e.g. "
+    "sqlite:///studies/x.db"
+)
+
+
+def in_memory(url: str) -> bool:
+    """Whether a storage URL names an in-memory SQLite database (sqlite://, sqlite:///,
+    sqlite:///:memory:, ...?mode=memory)."""
+    if not url.startswith("sqlite:"):
+        return False
+    rest = url[len("sqlite:") :].lstrip("/")
+    return rest.split("?")[0] in ("", ":memory:") or "mode=memory" in url
 
 
 @dataclass(frozen=True)
@@ -598,8 +650,18 @@ def _check_stages(spec: StudySpec) -> None:
                 spec.train_config(stage, point)
             except (ValueError, TypeError) as exc:
                 section = {"coarse": "training"}.get(stage, f"{stage}.training")
+                # TrainConfig's messages end "got <field>=<value>": the field to name (when
+                # one field is named; "got a=.. and b=.." is about the table).
+                named = re.findall(r"(\w+)=", str(exc).rpartition("got ")[2])
+                if len(named) == 1 and named[0] not in point:
+                    section = f"{section}.{named[0]}"
                 at = ", ".join(f"{k}={v:g}" for k, v in point.items())
                 where = f" (with {at} from [search])" if point else ""
+                try:
+                    spec.train_config(stage)
+                except (ValueError, TypeError) as alone:
+                    if str(alone) == str(exc):  # wrong whatever [search] draws
+                        where = ""
                 raise StudyDefinitionError(spec.path, section, f"{exc}{where}") from None
 
 
@@ -616,17 +678,36 @@ def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
 
 
 def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
-    """A TOML file's contents; a missing or broken file is a StudyDefinitionError."""
+    """A TOML file's contents; a missing, unreadable or broken file is a StudyDefinitionError."""
+    if path.is_dir():
+        raise StudyDefinitionError(path, "file", "is a directory; pass a .toml file in it")
     if not path.is_file():
         raise StudyDefinitionError(path, "file", missing)
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StudyDefinitionError(
+            path,
+            "file",
+            f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files are UTF-8: save it with that encoding",
+        ) from None
+    except OSError as exc:
+        raise StudyDefinitionError(path, "file", f"cannot be read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise StudyDefinitionError(path, "file", f"not valid TOML: {exc}") from None
+
+
+MISSING_STUDY = (
+    "no such study file; `c2f init` copies the shipped study files into ./studies/ "
+    "(or pass --study PATH)"
+)
 
 
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
     path = Path(path)
-    raw = read_toml(path, missing="no such study file; see studies/*.toml")
+    raw = read_toml(path, missing=MISSING_STUDY)
     return parse_spec(raw, path)

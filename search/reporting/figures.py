@@ -21,6 +21,7 @@ from model.train import History
 from search.reporting.tables import param_label, params_text
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.objective import curves_of
 
 STAGE_COLOURS = {"coarse": "tab:blue", "fine": "tab:orange"}
 STAGE_MARKERS = {"coarse": "o", "fine": "^"}
@@ -205,13 +206,13 @@ def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: i
 
     The right panel shows the cost where no loss was reported (a user's function).
     """
-    top = [t for t in st.top_trials(study, k) if t.user_attrs.get("curves")]
+    top = [t for t in st.top_trials(study, k) if curves_of(t)]
     pruned = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        if t.user_attrs.get("curves", {}).get("step")
+        if curves_of(t).get("step")
     ]
-    reported = [t.user_attrs["curves"] for t in top + pruned]
+    reported = [curves_of(t) for t in top + pruned]
 
     def has(what: str) -> bool:
         return any(_series(c, f"val_{what}") or _series(c, f"train_{what}") for c in reported)
@@ -219,14 +220,14 @@ def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: i
     what = "cost" if has("cost") and not has("loss") else "loss"
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, t in enumerate(pruned):
-        c = t.user_attrs["curves"]
+        c = curves_of(t)
         label = f"pruned trials ({len(pruned)})" if i == 0 else None
         acc_ax.plot(c["step"], _series(c, "val_acc"), color="0.8", lw=0.8, label=label, zorder=1)
         if (val := _series(c, f"val_{what}")) is not None:
             loss_ax.plot(c["step"], val, color="0.8", lw=0.8, label=label, zorder=1)
     losses: list[float] = []
     for colour, t in zip(CURVE_COLOURS, top, strict=False):
-        c = t.user_attrs["curves"]
+        c = curves_of(t)
         label = f"trial {t.number} ({t.value:.4f}; {params_text(t.params)})"
         acc_ax.plot(c["step"], _series(c, "val_acc"), color=colour, lw=1.6, label=label, zorder=3)
         if (val := _series(c, f"val_{what}")) is not None:

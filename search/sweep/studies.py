@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import socket
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from search.sweep.replicates import is_replicate, queue_replicates
 from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
+    enqueue_blank,
     make_storage,
     sqlite_path,
     storage_of,
@@ -45,6 +47,8 @@ from search.sweep.user_train import UserObjective
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
 STAGES = ("coarse", "fine")
+# The name of a trial's value in the dashboard (instead of "Objective 0").
+METRIC = "val_acc"
 
 
 class DataMismatchError(RuntimeError):
@@ -108,6 +112,10 @@ def open_study(
                 load_if_exists=True,
             )
         )
+        if study.metric_names != [METRIC]:
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, and in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([METRIC])
     else:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
     n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
@@ -140,11 +148,11 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     if missing < 0:
         _trim(storage, counted, target)
     already = {tuple(sorted(t.params.items())) for t in trials}
-    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already]
-    for i in range(max(0, missing)):
+    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already][: max(0, missing)]
+    for params in starts:
         checkpoint()  # Ctrl-C while a large target is queued: stop here, any prefix will do
-        params = starts[i] if i < len(starts) else {}
-        study.enqueue_trial(params, skip_if_exists=bool(params))
+        study.enqueue_trial(params, skip_if_exists=True)
+    enqueue_blank(storage, study_id, max(0, missing) - len(starts), between=checkpoint)
     study.set_user_attr("target", target)
     return max(0, missing)
 
@@ -203,7 +211,11 @@ def record_data(study: optuna.Study, prepared: Prepared) -> None:
 
 def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> Prepared:
     """The study's prepared data, cached under ``cache/`` beside the study file, or
-    under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume)."""
+    under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume).
+
+    Data that cannot be loaded as the study file asks (a missing file, an n_val the
+    dataset cannot hold) is a StudyDefinitionError naming the study file.
+    """
     root = cache_dir or os.environ.get("C2F_CACHE_DIR") or None
     try:
         prepared = prepare(
@@ -213,10 +225,12 @@ def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> 
             seed=spec.optuna.seed,
             log=log,
         )
-    except ValueError as exc:
-        if "n_val" in str(exc):  # the loader knows the size, the study file the field
-            raise StudyDefinitionError(spec.path, "data.n_val", str(exc)) from None
-        raise
+    except ValueError as exc:  # DataError too: a missing or broken data file
+        if isinstance(exc, StudyDefinitionError):
+            raise
+        # The loader knows the size and the files, the study file the field.
+        field_name = "data.n_val" if "n_val" in str(exc) else "data"
+        raise StudyDefinitionError(spec.path or "<study>", field_name, str(exc)) from None
     check_fits(spec, prepared.sizes())
     return prepared
 
@@ -264,6 +278,20 @@ def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
 
 def _stage_values(spec: StudySpec, stage: str) -> dict[str, Any]:
     return {"fine": spec.fine.training, "final": spec.final.training}.get(stage, {})
+
+
+def record_files(study: optuna.Study, spec: StudySpec) -> None:
+    """Record the study file and its data on the study (user attrs ``study_file``, as
+    given on the command line, which lets ``search.worker`` join without ``--study``;
+    ``data_dir``, relative to the study file, and ``n_val``, which ``status`` puts in
+    the command that resumes the study when they are not the study file's own)."""
+    if spec.path:
+        study.set_user_attr("study_file", spec.path)
+    data_dir = spec.data_dir()
+    if data_dir:
+        study.set_user_attr("data_dir", os.path.relpath(data_dir, spec.base_dir))
+    if spec.data.n_val is not None:
+        study.set_user_attr("n_val", spec.data.n_val)
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:

@@ -95,7 +95,8 @@ from model.data import Dataset, Splits
 from model.train import METRICS, History, TrainConfig
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep.loop import worker_log
-from search.sweep.objective import may_prune, pruning_window, suggest, trial_seed
+from search.sweep.objective import CURVES, may_prune, pruning_window, suggest, trial_seed
+from search.sweep.storage import trial_id
 
 UserTrain = Callable[[dict[str, Any], "Data", "Reporter"], Any]
 
@@ -494,9 +495,11 @@ def _warn_once(key: str, line: str, log: Callable[[str], None]) -> None:
 
 
 def _record(trial: optuna.Trial, reporter: Reporter, wall_time: float, reason: str = "") -> None:
-    """The user attrs the built-in objective stores, from what was reported."""
+    """What the built-in objective stores (the curves as system attr ``c2f_curves``, read
+    with :func:`search.sweep.objective.curves_of`), from what was reported."""
     if reporter.calls:
-        trial.set_user_attr("curves", {**reporter.curves, "wall_time": round(wall_time, 3)})
+        curves: dict[str, Any] = {**reporter.curves, "wall_time": round(wall_time, 3)}
+        trial.storage.set_trial_system_attr(trial_id(trial), CURVES, curves)
         trial.set_user_attr("epochs_run", round(reporter.epochs_run or 0.0, 4))
     trial.set_user_attr("wall_time", round(wall_time, 3))
     if reason:

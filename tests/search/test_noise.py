@@ -19,7 +19,7 @@ from search.sweep import lost, narrowing
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.loop import take
-from search.sweep.objective import SEED_STRIDE
+from search.sweep.objective import SEED_STRIDE, curves_of
 from search.sweep.storage import storage_of
 from tests.search.conftest import REPO
 
@@ -49,7 +49,7 @@ def _queued_coarse(quick_study, points, **sections):
 def test_shared_seed_identical_params_give_identical_curves(quick_study):
     a, b = {"l2_lambda": 1e-3, "eta_max": 0.1}, {"l2_lambda": 3e-2, "eta_max": 0.1}
     _, trials = _queued_coarse(quick_study, [a, a, b])
-    curves = [t.user_attrs["curves"]["val_acc"] for t in trials]
+    curves = [curves_of(t)["val_acc"] for t in trials]
     assert [t.user_attrs["seed"] for t in trials] == [0, 0, 0]
     assert curves[0] == curves[1]  # same params, same seed: the same run
     assert curves[0] != curves[2]  # only lambda differs, and so does the run
@@ -59,7 +59,7 @@ def test_per_trial_seed_mode_keeps_the_old_behaviour(quick_study):
     a = {"l2_lambda": 1e-3, "eta_max": 0.1}
     spec, trials = _queued_coarse(quick_study, [a, a], optuna={"seed_mode": "per_trial"})
     assert [t.user_attrs["seed"] for t in trials] == [0, 1]
-    assert trials[0].user_attrs["curves"] != trials[1].user_attrs["curves"]
+    assert curves_of(trials[0]) != curves_of(trials[1])
     assert st.open_study(spec, "coarse").user_attrs["seed_mode"] == "per_trial"
 
 

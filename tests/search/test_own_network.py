@@ -28,6 +28,7 @@ from search.config.study import StudyDefinitionError, load_spec, parse_spec
 from search.sweep import lost, user_train
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.objective import CURVES, curves_of
 from search.sweep.prepared import prepare
 from search.sweep.user_train import Reporter, UserObjective, UserResultError
 from tests.conftest import check_axes
@@ -97,9 +98,9 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
         assert t.user_attrs["reason"].startswith("pruned at step")
         steps = sorted(t.intermediate_values)
         assert spec.optuna.warmup_cycles * 2 * 48 <= steps[-1] < total
-        assert t.user_attrs["curves"]["step"] == steps
+        assert curves_of(t)["step"] == steps
     for t in complete:  # the user's metrics are the curves; its result is the value
-        curves = t.user_attrs["curves"]
+        curves = curves_of(t)
         assert curves["step"][-1] == total and len(curves["val_loss"]) == len(curves["step"])
         assert t.value == pytest.approx(curves["val_acc"][-1])
         assert all(d.log for d in t.distributions.values())
@@ -174,7 +175,7 @@ def test_an_exception_fails_its_trial_with_the_traceback_and_the_sweep_goes_on(t
         assert 'net.py", line 8, in train' in tb and tb.rstrip().endswith(
             f"ValueError: boom at call {t.number + 1}"
         )
-        assert t.user_attrs["curves"]["step"] == [6]  # what it reported before it raised
+        assert curves_of(t)["step"] == [6]  # what it reported before it raised
     capsys.readouterr()
     assert status.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
@@ -249,7 +250,7 @@ def test_a_function_that_never_reports_runs_with_one_warning(tmp_path, capfd):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     for t in trials:
         assert t.value == pytest.approx(0.25 + t.params["l2_lambda"])
-        assert not t.intermediate_values and "curves" not in t.user_attrs
+        assert not t.intermediate_values and not curves_of(t)
         assert "never called report()" in t.user_attrs["warning"]
     err = capfd.readouterr().err
     assert err.count("never called report()") == 1, err
@@ -504,9 +505,9 @@ def test_a_function_that_catches_the_pruning_exception_is_still_pruned(tmp_path,
     study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
     with pytest.raises(optuna.TrialPruned, match="pruned at step 1"):
         objective(study.ask())
-    attrs = study.trials[0].user_attrs
-    assert attrs["curves"]["step"] == [1]  # the reports after the prune were refused
-    assert attrs["reason"] == "pruned at step 1: val_acc 0.1000"
+    trial = study.trials[0]
+    assert curves_of(trial)["step"] == [1]  # the reports after the prune were refused
+    assert trial.user_attrs["reason"] == "pruned at step 1: val_acc 0.1000"
 
 
 @pytest.mark.parametrize(
@@ -591,7 +592,7 @@ def test_the_curves_figure_draws_what_the_function_reported(
             value=0.6,
             params={"l2_lambda": 1e-3},
             distributions={"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)},
-            user_attrs={"curves": {**curves, **reported}},
+            system_attrs={CURVES: {**curves, **reported}},
         )
     )
     draw_curves(study, "coarse", tmp_path / "curves.png", title="t")

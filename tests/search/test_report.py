@@ -69,6 +69,9 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     coarse_study = optuna.load_study(study_name="qs-coarse", storage=ran.spec.storage_url())
     fine_study = optuna.load_study(study_name="qs-fine", storage=ran.spec.storage_url())
     assert md.startswith("# Report: qs")
+    # Paths relative to the study file: the report does not say where the user's home is.
+    assert "Study file `qs.toml`, storage `sqlite:///qs.db`" in md
+    assert str(ran.path.parent) not in md
     assert "## Coarse search (`qs-coarse`)" in md and "## Fine search (`qs-fine`)" in md
     # ranges of each stage, as recorded on the studies
     for study in (coarse_study, fine_study):
