@@ -66,6 +66,12 @@ def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration,
         study = st.load_existing(spec, stage)
         replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
         if study is not None and (configs := rep.study_configurations(study, replicates)):
+            if why := st.pending(spec, stage, study):
+                raise ValueError(
+                    f"{study.study_name} is not finished ({why}); final chooses from all of "
+                    f"it: run {cli.command(stage)}{cli.same_flags(args)} again to finish it, "
+                    "or wait for the workers running it"
+                )
             if spec.final.choose == "best":
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
                 return study, configs[0], value
@@ -92,7 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     n_seeds = args.seeds or spec.final.seeds
     source, best, smooth = chosen_configuration(spec, args)
     config0 = spec.train_config("final", {**best.params, "seed": spec.optuna.seed})
-    key = json.dumps({"params": best.params, "config": asdict(config0)}, sort_keys=True)
+    prepared = st.prepare_for(spec)
+    data = prepared.open()
+    holdout = st.holdout_size(spec, data.val.n)
+    # What a recorded run depends on: the choice, its training, the network, the data, the split.
+    key = json.dumps(
+        {
+            "params": best.params,
+            "config": asdict(config0),
+            "network": asdict(spec.network),
+            "data": prepared.checksum,
+            "holdout": holdout,
+        },
+        sort_keys=True,
+    )
     recorded = source.user_attrs.get("final")
     if recorded and recorded.get("key") == key and recorded.get("n_seeds") == n_seeds:
         if not args.force:
@@ -103,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"test accuracy {_describe(recorded['test_accs'])} (use --force to retrain)")
             cli.next_step("report", args)
             return 0
-    prepared = st.prepare_for(spec)
     st.record_data(source, prepared)
-    data = prepared.open()
-    holdout = st.holdout_size(spec, data.val.n)
     splits = final_split(data, holdout)
     print(
         f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "
