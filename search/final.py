@@ -71,6 +71,12 @@ def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration,
         study = st.load_existing(spec, stage)
         replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
         if study is not None and (configs := rep.study_configurations(study, replicates)):
+            if why := st.pending(spec, stage, study):
+                raise ValueError(
+                    f"{study.study_name} is not finished ({why}); final chooses from all of "
+                    f"it: run {cli.command(stage)}{cli.same_flags(args)} again to finish it, "
+                    "or wait for the workers running it"
+                )
             if spec.final.choose == "best":
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
                 return study, configs[0], value
@@ -97,11 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     n_seeds = args.seeds or spec.final.seeds
     source, best, smooth = chosen_configuration(spec, args)
     config0 = spec.train_config("final", {**best.params, "seed": spec.optuna.seed})
+    prepared = st.prepare_for(spec)
+    data = prepared.open()
+    holdout = st.holdout_size(spec, data.val.n)
     saved_config: dict[str, Any] = asdict(config0)
     if spec.model.train:
         # A user's function also reads keys TrainConfig does not know (n_hidden, ...).
         saved_config |= {**spec.stage_training("final"), "train": spec.model.train}
-    key = json.dumps({"params": best.params, "config": saved_config}, sort_keys=True, default=str)
+    # What a recorded run depends on: the choice, its training, the network, the data, the split.
+    key = json.dumps(
+        {
+            "params": best.params,
+            "config": saved_config,
+            "network": asdict(spec.network),
+            "data": prepared.checksum,
+            "holdout": holdout,
+        },
+        sort_keys=True,
+        default=str,  # a TOML date among a user's [training] keys
+    )
     recorded = source.user_attrs.get("final")
     if recorded and recorded.get("key") == key and recorded.get("n_seeds") == n_seeds:
         if not args.force:
@@ -113,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             cli.next_step("report", args)
             return 0
     user_train.check(spec)
-    prepared = st.prepare_for(spec)
     st.record_data(source, prepared)
-    data = prepared.open()
-    holdout = st.holdout_size(spec, data.val.n)
     splits = final_split(data, holdout)
     print(
         f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "

@@ -178,7 +178,7 @@ def study_status(
             f"stale ({stale} RUNNING trial(s) without a live worker: run {resume} "
             "again to retry them)"
         )
-    elif target is not None and finished >= target:
+    elif target is not None and finished >= target and not counts["WAITING"]:
         verdict = "done"
     else:
         verdict = f"incomplete (resume with {resume})"

@@ -37,6 +37,7 @@ import optuna
 
 from search import cli
 from search.config.study import StudySpec, load_spec
+from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep import user_train
 from search.sweep.pool import check_workers, run_workers, threads_per
@@ -179,6 +180,8 @@ def create(args: argparse.Namespace) -> int:
     study = st.open_study(spec, "coarse")
     st.record_data(study, prepared)
     st.record_seed_mode(study, spec)
+    if args.n_val is not None:  # workers that join take it from here, as the study file
+        study.set_user_attr("n_val", spec.data.n_val)
     study.set_user_attr("ranges", st.describe_ranges(spec.search))
     st.record_files(study, spec)
     target = args.trials or spec.coarse_trials
@@ -216,9 +219,10 @@ def join(args: argparse.Namespace) -> int:
             f"{cli.command('worker')} --create --study PATH{cli.flags_text(storage=args.storage)}"
             f" (or {cli.command('coarse')} --study PATH{cli.flags_text(storage=args.storage)})"
         )
-    recorded_file = optuna.load_study(study_name=args.study_name, storage=storage).user_attrs.get(
-        "study_file"
-    )
+    recorded = optuna.load_study(study_name=args.study_name, storage=storage).user_attrs
+    recorded_file = recorded.get("study_file")
+    if args.n_val is None and recorded.get("n_val") is not None:
+        args.n_val = recorded["n_val"]  # the --n-val the study was created with
     path = args.study or recorded_file
     if not path:
         raise ValueError(
@@ -265,7 +269,8 @@ def join(args: argparse.Namespace) -> int:
             release_first=[storage],
         )
 
-    run(int(target or 0))
+    live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
+    run(int(target or 0) + sum(rep.is_replicate(t) for t in live))
     st.replicate_rounds(spec, stage, study, run)
     c = st.counts(study)
     print(

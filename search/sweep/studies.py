@@ -31,7 +31,7 @@ from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import Objective
 from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared, prepare
-from search.sweep.replicates import is_replicate, queue_replicates
+from search.sweep.replicates import is_replicate, missing_replicates, queue_replicates
 from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
@@ -410,7 +410,7 @@ def replicate_rounds(
     ``total`` is the target plus the replicate runs, for the progress line.
     """
     stage_spec = spec.coarse if stage == "coarse" else spec.fine
-    for _ in range(MAX_REPLICATE_ROUNDS):
+    for _ in range(MAX_REPLICATE_ROUNDS):  # one round per set of search results
         trials = study.get_trials(deepcopy=False)
         if any(t.state in LIVE and not is_replicate(t) for t in trials):
             return
@@ -424,3 +424,16 @@ def replicate_rounds(
         )
         live = study.get_trials(deepcopy=False, states=FINISHED + LIVE)
         run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))
+
+
+def pending(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:
+    """What the stage still has to do before its results can be used, or None: trials
+    waiting or running, or replicates of its best configurations not yet queued."""
+    c = counts(study)
+    if c["WAITING"] or c["RUNNING"]:
+        return f"{c['WAITING']} trial(s) waiting and {c['RUNNING']} running"
+    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    missing = missing_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
+    if missing:
+        return f"{missing} replicate run(s) of its best configurations not yet queued"
+    return None
