@@ -185,8 +185,7 @@ def queue_replicates(study: optuna.Study, replicates: int, top: int) -> int:
         return 0
     trials = study.get_trials(deepcopy=False)
     finished = sum(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_replicate(t)
-        for t in trials
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_replicate(t) for t in trials
     )
     missing = _missing(trials, replicates, top)
     for params, index in missing:
