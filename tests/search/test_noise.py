@@ -24,6 +24,23 @@ from search.sweep.storage import storage_of
 from tests.search.conftest import REPO
 
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
+# One cycle a stage: these tests are about what is chosen, not how well it trains.
+FAST = {"n_cycles": 1, "evals_per_cycle": 4}
+
+
+@pytest.fixture
+def quick_study(quick_study):
+    """The quick start with one cycle in every stage (a test may still override it)."""
+
+    def make(name: str = "qs", **sections):
+        sections["training"] = {**FAST, **sections.get("training", {})}
+        sections["fine"] = {"trials": 4, "top_k": 2, **sections.get("fine", {})}
+        sections["final"] = {**sections.get("final", {})}
+        for stage in ("fine", "final"):
+            sections[stage].setdefault("training", {"n_cycles": 1})
+        return quick_study(name, **sections)
+
+    return make
 
 
 def quiet(fn, *args):
