@@ -26,7 +26,8 @@ def load(spec, stage):
 
 
 def test_coarse_fine_final_end_to_end(quick_study, capsys):
-    path = quick_study()
+    # One coarse cycle, fine's three and final's one: fast, and fine still trains longer.
+    path = quick_study(training={"n_cycles": 1}, final={"training": {"n_cycles": 1}})
     assert coarse.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
     assert "top" in out and "optuna-dashboard sqlite:///" in out and "6/6 finished" in out
