@@ -32,6 +32,7 @@ from search.config.experiment import list_experiments  # noqa: E402
 from search.reporting.experiment_figures import draw  # noqa: E402
 from search.reporting.tables import label, metric_cell  # noqa: E402
 from search.sweep.grid import results  # noqa: E402
+from search.sweep.objective import curves_of  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar-10-batches-py"
 
@@ -52,7 +53,7 @@ def key_figures(scratch: Path) -> str:
         )
     lines.append("  final training loss, sensitivity_init:")
     for r in _finished(scratch / "sensitivity_init.toml"):
-        curves = r.trial.user_attrs.get("curves") or {}
+        curves = curves_of(r.trial)
         loss = (curves.get("train_loss") or [float("nan")])[-1]
         lines.append(
             f"    sigma {r.point['sigma']:<7g} "

@@ -111,10 +111,12 @@ def format_table(errors: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m model.gradcheck") -> int:
+    """The command line; ``prog`` is how it was started (``c2f gradcheck``), for --help."""
     p = argparse.ArgumentParser(
-        prog="python -m model.gradcheck",
+        prog=prog,
         description="Compare analytic and numerical gradients of a k-layer network.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--hidden", default="50,50", help="hidden sizes, e.g. 50 or 50,30,20")
     p.add_argument("--bn", action="store_true", help="with batch normalisation")

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable
@@ -92,7 +93,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.l2_lambda >= 0 and math.isfinite(self.l2_lambda)):
+        self._check_types()
+        if not self.l2_lambda >= 0:
             raise ValueError(f"l2_lambda must be >= 0, got l2_lambda={self.l2_lambda!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got batch_size={self.batch_size!r}")
@@ -120,8 +122,37 @@ class TrainConfig:
             raise ValueError(f"evals_per_cycle must be >= 1, got {self.evals_per_cycle!r}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 or None, got {self.eval_every!r}")
+        if self.train_eval_size is not None and self.train_eval_size < 1:
+            raise ValueError(
+                "train_eval_size must be >= 1 (training samples evaluated) or None (all), "
+                f"got train_eval_size={self.train_eval_size!r}"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got seed={self.seed!r}")
         # Build the schedule once to validate its numbers (eta > 0, eta_max > eta_min...).
         self.make_schedule(n_train=max(self.batch_size, 1))
+
+    def _check_types(self) -> None:
+        """Every field has its annotated type: an int field an integer (1.5 cycles or a batch
+        of 50.5 would train something else than asked), a float field a finite number."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("int"):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(
+                        f"{f.name} must be an integer, got {f.name}={value!r}"
+                        + (" (or leave it out)" if "None" in kind else "")
+                    )
+            elif kind.startswith("float"):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise ValueError(f"{f.name} must be a number, got {f.name}={value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {f.name}={value!r}")
+            elif kind.startswith("str") and not isinstance(value, str):
+                raise ValueError(f"{f.name} must be a string, got {f.name}={value!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -357,10 +388,11 @@ def _parse_hidden(text: str) -> list[int]:
     return sizes
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m model.train",
-        description="Train one k-layer network and plot its learning curves.",
+        prog=prog,
+        description="Train one k-layer network and write its curves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="digits", help="cifar10, digits or fashion_mnist")
     p.add_argument("--data-dir", default=None, help="directory of the dataset files")
@@ -388,10 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") -> int:
+    """The command line; ``prog`` is how it was started (``c2f train``), for --help."""
     from model import data as data_mod
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         config = TrainConfig(
             l2_lambda=args.l2_lambda,

@@ -9,6 +9,7 @@ import functools
 import os
 import signal
 import sys
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,30 +17,80 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from search.config.study import StudyDefinitionError, StudySpec, load_spec
-from search.sweep import lost
+from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
+from search.sweep import lost, user_train
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.pool import WorkersFailed
+from search.sweep.pool import WorkersFailed, check_workers
 from search.sweep.progress import Progress
 from search.sweep.signals import Interrupted, StopFlag, signals_recorded
-from search.sweep.storage import StorageUnavailable, safe_url, storage_of
+from search.sweep.storage import StorageError, StorageUnavailable, safe_url, storage_of
 
 DEFAULT_STUDY = "studies/quickstart.toml"
 
-
 EXIT_CODES = (
-    "exit codes: 0 done; 1 the run failed (a worker failed, the storage stayed "
-    "unreachable); 2 bad settings or usage; 130 / 143 / 129 interrupted by SIGINT / "
-    "SIGTERM / SIGHUP"
+    "exit codes: 0 done; 1 the run failed (every trial failed, a worker failed, the storage "
+    "cannot be used or stayed unreachable); 2 bad settings or usage; 130 / 143 / 129 "
+    "interrupted by SIGINT / SIGTERM / SIGHUP. --debug (or C2F_DEBUG=1) shows the "
+    "traceback of an error."
 )
+
+# How the user started the command: "python -m" (search.coarse, ...) or "c2f" (set by
+# search.c2f). Hints and --help name the commands the same way.
+LAUNCHER = "python -m"
+_MODULES = {"train": "model.train", "gradcheck": "model.gradcheck"}
+
+
+def command(name: str) -> str:
+    """The command ``name`` (coarse, fine, ...) as the user would type it."""
+    if LAUNCHER == "c2f":
+        return f"c2f {name}"
+    return f"python -m {_MODULES.get(name, 'search.' + name)}"
+
+
+def _prog(prog: str) -> str:
+    """A parser's ``python -m search.NAME`` as :func:`command` names it."""
+    for prefix in ("python -m search.", "python -m model."):
+        if prog.startswith(prefix):
+            return command(prog[len(prefix) :])
+    return prog
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with each option's default, unless it is None or False or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: {default})"
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with defaults and exit codes in --help, and --debug."""
+    p = argparse.ArgumentParser(
+        prog=_prog(prog), description=description, epilog=EXIT_CODES, formatter_class=HelpFormatter
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
 
 
 def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse.ArgumentParser:
     """The flags every command shares; ``trains`` adds ``--workers`` and ``--trials``."""
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES)
-    p.add_argument("--study", default=DEFAULT_STUDY, help=f"study file (default {DEFAULT_STUDY})")
-    p.add_argument("--data-dir", default=None, help="dataset directory (overrides [data] dir)")
+    p = parser(prog, description)
+    p.add_argument("--study", default=DEFAULT_STUDY, help="study file")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset directory (overrides [data] dir; cifar10 and fashion_mnist only)",
+    )
     p.add_argument(
         "--n-val",
         type=n_val_arg,
@@ -54,13 +105,14 @@ def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse
             "--workers",
             type=int,
             default=None,
-            help="worker processes (default: the study file's)",
+            help="worker processes (default: the study file's [optuna] workers)",
         )
         p.add_argument(
             "--trials",
             type=int,
             default=None,
-            help="target number of finished trials (default: the study file's)",
+            help=f"target number of finished trials, at most {MAX_TRIALS:,} (default: the "
+            "study file's)",
         )
     return p
 
@@ -80,23 +132,47 @@ def n_val_arg(text: str) -> int | float:
     )
 
 
+def check_trials(trials: int | None, flag: str = "--trials") -> None:
+    """A target from the command line: 1 to MAX_TRIALS (the queue is filled before training)."""
+    if trials is not None and not 1 <= trials <= MAX_TRIALS:
+        raise ValueError(
+            f"{flag} must be between 1 and {MAX_TRIALS:,} (the trials of a stage are queued "
+            f"before training starts), got {trials:,}"
+        )
+
+
+def with_data_dir(spec: StudySpec, data_dir: str | None) -> StudySpec:
+    """The spec with ``--data-dir`` in place of its [data] dir; refused for digits, which
+    reads no files (a flag that did nothing would be copied into every next command)."""
+    import dataclasses
+
+    if not data_dir:
+        return spec
+    if spec.data.name == "digits":
+        raise ValueError(
+            f"--data-dir {data_dir}: {spec.path} uses the digits dataset, which ships with "
+            "scikit-learn and reads no files; drop --data-dir"
+        )
+    new_data = dataclasses.replace(spec.data, dir=str(Path(data_dir).expanduser().resolve()))
+    return dataclasses.replace(spec, data=new_data)
+
+
 def load(args: argparse.Namespace) -> StudySpec:
     """The spec with the command-line overrides applied."""
     import dataclasses
 
-    spec = load_spec(args.study)
-    if args.data_dir:
-        spec = dataclasses.replace(
-            spec, data=dataclasses.replace(spec.data, dir=str(Path(args.data_dir).resolve()))
-        )
+    spec = with_data_dir(load_spec(args.study), args.data_dir)
     if getattr(args, "n_val", None) is not None:
         spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, n_val=args.n_val))
     workers, trials = getattr(args, "workers", None), getattr(args, "trials", None)
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    if trials is not None and trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {trials}")
-    return spec.with_overrides(storage=args.storage, workers=workers)
+    check_trials(trials)
+    spec = spec.with_overrides(storage=args.storage, workers=workers)
+    if hasattr(args, "workers"):
+        where = "--workers" if workers is not None else f"{spec.path}: [optuna.workers]"
+        check_workers(spec.optuna.workers, where=where)
+    return spec
 
 
 def run_stage(
@@ -109,15 +185,14 @@ def run_stage(
     attrs: dict | None = None,
 ) -> optuna.Study:
     """Create or resume the stage's study, top it up to ``target``, run the workers."""
+    user_train.check(spec)  # a user's function that cannot run is refused before any trial
     prepared = st.prepare_for(spec)
     study = st.open_study(spec, stage)
     storage = storage_of(study)
     st.record_data(study, prepared)
     st.record_seed_mode(study, spec)
     study.set_user_attr("ranges", st.describe_ranges(ranges))
-    if spec.path:
-        # Lets `python -m search.worker --study-name ...` join without --study.
-        study.set_user_attr("study_file", str(Path(spec.path).resolve()))
+    st.record_files(study, spec)
     for k, v in (attrs or {}).items():
         study.set_user_attr(k, v)
     # Trials left RUNNING by a killed run are failed and re-queued before counting.
@@ -154,18 +229,37 @@ def run_stage(
 
 def same_flags(args: argparse.Namespace) -> str:
     """The flags that name this study's file, data and storage, to print in a next command."""
+    n_val = getattr(args, "n_val", None)
+    return flags_text(
+        study=args.study if args.study != DEFAULT_STUDY else None,
+        data_dir=getattr(args, "data_dir", None),
+        n_val=None if n_val is None else str(n_val),
+        storage=args.storage,
+    )
+
+
+def flags_text(
+    *,
+    study: str | None = None,
+    data_dir: str | None = None,
+    n_val: str | None = None,
+    storage: str | None = None,
+) -> str:
+    """`` --study S --data-dir D --n-val N --storage U`` for the ones given, quoted for a
+    shell."""
     import shlex
 
     flags = []
-    if args.study != DEFAULT_STUDY:
-        flags += ["--study", args.study]
-    if args.data_dir:
-        flags += ["--data-dir", args.data_dir]
-    if getattr(args, "n_val", None) is not None:
-        flags += ["--n-val", str(args.n_val)]
-    if args.storage:
-        flags += ["--storage", args.storage]
+    given = (("--study", study), ("--data-dir", data_dir), ("--n-val", n_val))
+    for flag, value in (*given, ("--storage", storage)):
+        if value:
+            flags += [flag, value]
     return "".join(" " + shlex.quote(f) for f in flags)
+
+
+def next_step(name: str, args: argparse.Namespace, extra: str = "") -> None:
+    """The line that ends a stage: the next command to copy, with the same flags."""
+    print(f"next: {command(name)}{same_flags(args)}{extra}")
 
 
 class StageFailed(RuntimeError):
@@ -205,41 +299,70 @@ def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) 
     return bool(best)
 
 
-def guarded(main_body):
-    """Turn expected errors into one line on stderr and an exit code; own the signals.
+def debugging(argv: Sequence[str] | None) -> bool:
+    """Whether errors show their traceback: ``--debug`` or ``C2F_DEBUG=1``."""
+    args = sys.argv[1:] if argv is None else argv
+    return "--debug" in args or os.environ.get("C2F_DEBUG", "") not in ("", "0")
 
-    Exit codes: 0 done; 1 the run failed (workers failed, storage lost); 2 bad
-    settings or usage; 128 + the signal's number when interrupted (130 SIGINT,
-    143 SIGTERM, 129 SIGHUP).
+
+def _error(exc: BaseException, debug: bool, text: str | None = None) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"error: {exc if text is None else text}", file=sys.stderr)
+
+
+def guarded(main_body):
+    """Turn errors into one line on stderr and an exit code; own the signals.
+
+    Exit codes: 0 done; 1 the run failed (every trial failed, workers failed, the
+    storage cannot be used or was lost); 2 bad settings or usage; 128 + the signal's
+    number when interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP). An error no one
+    expected is one line too; ``--debug`` or ``C2F_DEBUG=1`` adds its traceback.
     """
 
     @functools.wraps(main_body)
     def wrapper(argv: list[str] | None = None) -> int:
+        debug = debugging(argv)
         # The commands' own messages say what matters; Optuna's INFO lines would bury them.
+        # Set here, for the command's run only: importing search changes no logging.
+        verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        with signals_recorded(StopFlag(interruptible=True)) as stop:
-            try:
-                return main_body(argv)
-            except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            except (WorkersFailed, StorageUnavailable, StageFailed) as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            except BrokenPipeError:  # the output went to `head` or a closed pager
-                with contextlib.suppress(OSError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                return 0
-            except (Interrupted, KeyboardInterrupt) as exc:
-                signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
-                print(
-                    f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
-                    "stored, running ones re-queued. Run the same command again to resume.",
-                    file=sys.stderr,
-                )
-                return 128 + signum
+        try:
+            return _run(main_body, argv, debug)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
     return wrapper
+
+
+def _run(main_body, argv: list[str] | None, debug: bool) -> int:
+    """``main_body(argv)`` with the signals owned and every error turned into an exit code."""
+    with signals_recorded(StopFlag(interruptible=True)) as stop:
+        try:
+            return main_body(argv)
+        except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
+            _error(exc, debug)
+            return 2
+        except (WorkersFailed, StorageUnavailable, StorageError, StageFailed) as exc:
+            _error(exc, debug)
+            return 1
+        except BrokenPipeError:  # the output went to `head` or a closed pager
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (Interrupted, KeyboardInterrupt) as exc:
+            signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+            print(
+                f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
+                "stored, running ones re-queued. Run the same command again to resume.",
+                file=sys.stderr,
+            )
+            return 128 + signum
+        except Exception as exc:  # noqa: BLE001 - one line, the traceback on request
+            text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            hint = "" if debug else " (--debug or C2F_DEBUG=1 shows the traceback)"
+            _error(exc, debug, f"unexpected {text}{hint}")
+            return 1
 
 
 def format_table(configs: list[rep.Configuration], names: list[str]) -> str:

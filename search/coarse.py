@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.trials or spec.coarse_trials
     study = cli.run_stage(spec, "coarse", target=target, ranges=dict(spec.search))
     if cli.finish(spec, study, list(spec.search)):
-        print("next: python -m search.fine" + cli.same_flags(args))
+        cli.next_step("fine", args)
     return 0
 
 

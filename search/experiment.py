@@ -23,11 +23,13 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from model.data import cifar10_train_size
+from search import cli
 from search.cli import dashboard_hint, guarded
 from search.config.experiment import load_experiment
 from search.reporting.experiment_figures import draw
@@ -36,12 +38,14 @@ from search.sweep.grid import rows, run, why_not_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m search.experiment",
-        description="Run an experiment file (a grid of trainings) as a resumable Optuna study.",
+    p = cli.parser(
+        "python -m search.experiment",
+        "Run an experiment file (a grid of trainings) as a resumable Optuna study.",
     )
     p.add_argument("path", help="experiment file, e.g. studies/experiments/bn_vs_none.toml")
-    p.add_argument("--workers", type=int, default=None, help="worker processes")
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: the file's)"
+    )
     p.add_argument(
         "--storage", default=None, help="Optuna storage URL (default SQLite beside the file)"
     )
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         storage=args.storage,
         workers=args.workers,
     )
+    where = "--workers" if args.workers is not None else f"{args.path}: [optuna.workers]"
+    cli.check_workers(experiment.spec.optuna.workers, where=where)
     study = run(experiment)
     print()
     grid = rows(experiment, study)
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             print(f"figure: {path}")
     print(f"\ndashboard: {dashboard_hint(experiment.spec)}")
+    flags = cli.flags_text(storage=args.storage)
+    print(f"next: {cli.command('report')} --experiment {shlex.quote(args.path)}{flags}")
     return 0
 
 

@@ -16,6 +16,10 @@ the test accuracy as mean +- sd. The first network, its curves and
 attr ``final``). Each seed's result is recorded as soon as it is known, so an
 interrupted final resumes with the seeds it has not done; with everything
 recorded it prints the result instead of training again (``--force`` retrains).
+
+With ``[model] train`` the user's function trains each seed, is given the test
+set and returns its accuracy (:func:`search.sweep.user_train.train_final`); its
+network is the user's to save (no ``network.npz``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from search.config.study import StudySpec
 from search.reporting.figures import draw_training
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep import user_train
 from search.sweep.objective import build_network
 
 
@@ -66,13 +71,19 @@ def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration,
         study = st.load_existing(spec, stage)
         replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
         if study is not None and (configs := rep.study_configurations(study, replicates)):
+            if why := st.pending(spec, stage, study):
+                raise ValueError(
+                    f"{study.study_name} is not finished ({why}); final chooses from all of "
+                    f"it: run {cli.command(stage)}{cli.same_flags(args)} again to finish it, "
+                    "or wait for the workers running it"
+                )
             if spec.final.choose == "best":
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
                 return study, configs[0], value
             return (study, *rep.choose(configs))
     raise ValueError(
         f"no completed trials of {spec.name} in the fine or coarse study of "
-        f"{spec.storage_url()}; run python -m search.coarse{cli.same_flags(args)} first"
+        f"{spec.storage_url()}; run {cli.command('coarse')}{cli.same_flags(args)} first"
     )
 
 
@@ -92,7 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     n_seeds = args.seeds or spec.final.seeds
     source, best, smooth = chosen_configuration(spec, args)
     config0 = spec.train_config("final", {**best.params, "seed": spec.optuna.seed})
-    key = json.dumps({"params": best.params, "config": asdict(config0)}, sort_keys=True)
+    prepared = st.prepare_for(spec)
+    data = prepared.open()
+    holdout = st.holdout_size(spec, data.val.n)
+    saved_config: dict[str, Any] = asdict(config0)
+    if spec.model.train:
+        # A user's function also reads keys TrainConfig does not know (n_hidden, ...).
+        saved_config |= {**spec.stage_training("final"), "train": spec.model.train}
+    # What a recorded run depends on: the choice, its training, the network, the data, the split.
+    key = json.dumps(
+        {
+            "params": best.params,
+            "config": saved_config,
+            "network": asdict(spec.network),
+            "data": prepared.checksum,
+            "holdout": holdout,
+        },
+        sort_keys=True,
+        default=str,  # a TOML date among a user's [training] keys
+    )
     recorded = source.user_attrs.get("final")
     if recorded and recorded.get("key") == key and recorded.get("n_seeds") == n_seeds:
         if not args.force:
@@ -101,11 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{best.number} ({n_seeds} seeds):"
             )
             print(f"test accuracy {_describe(recorded['test_accs'])} (use --force to retrain)")
+            cli.next_step("report", args)
             return 0
-    prepared = st.prepare_for(spec)
+    user_train.check(spec)
     st.record_data(source, prepared)
-    data = prepared.open()
-    holdout = st.holdout_size(spec, data.val.n)
     splits = final_split(data, holdout)
     print(
         f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "
@@ -126,18 +154,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed}: recorded, test accuracy {runs[str(seed)]['test_acc']:.4f}")
             continue
         config = spec.train_config("final", {**best.params, "seed": seed})
-        net = build_network(spec, splits, seed)
-        history = fit(net, splits, config, log=lambda line: print(line, flush=True))
-        test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=config.l2_lambda)
+        test: dict[str, Any]
+        if spec.model.train:  # the user's own function trains, and evaluates the test set
+            run = user_train.train_final(
+                spec, best.params, splits, seed=seed, log=lambda line: print(line, flush=True)
+            )
+            history, test, holdout_val_acc = run.history, run.test, run.val_acc
+        else:
+            net = build_network(spec, splits, seed)
+            history = fit(net, splits, config, log=lambda line: print(line, flush=True))
+            test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=config.l2_lambda)
+            holdout_val_acc = history.final["val_acc"]
         runs[str(seed)] = {
             "test_acc": test["accuracy"],
             "test_loss": test["loss"],
-            "holdout_val_acc": history.final["val_acc"] if holdout else None,
+            "holdout_val_acc": holdout_val_acc if holdout else None,
             "wall_time": round(history.wall_time, 2),
         }
         print(f"seed {seed}: test accuracy {test['accuracy']:.4f}", flush=True)
         if i == 0:
-            net.save(out / "network.npz", config=asdict(config))
+            if not spec.model.train:  # a user's network is the user's to save
+                net.save(out / "network.npz", config=asdict(config))
             draw_training(history, out / "curves.png", title=f"{spec.name}: final training")
             (out / "history.json").write_text(json.dumps(history.to_dict()))
         # Kept at once: an interrupted final resumes with the seeds it has not done.
@@ -167,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": runs,
         "wall_time": round(time.perf_counter() - t0, 2),
-        "config": asdict(config0),
+        "config": saved_config,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     source.set_user_attr(
@@ -180,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             f"note: validation accuracy was flat within the seed noise along {', '.join(flat)}: "
             "this choice is as good as any in the fine range, not better"
         )
-    print(f"wrote {out / 'network.npz'}, {out / 'curves.png'}, {out / 'result.json'}")
-    print("next: python -m search.report" + cli.same_flags(args))
+    written = [out / "curves.png", out / "result.json"]
+    if not spec.model.train:
+        written.insert(0, out / "network.npz")
+    print("wrote " + ", ".join(str(p) for p in written))
+    cli.next_step("report", args)
     return 0
 
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if coarse is None or not rep.study_configurations(coarse):
         raise ValueError(
             f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
-            "run python -m search.coarse" + cli.same_flags(args) + " first"
+            f"run {cli.command('coarse')}{cli.same_flags(args)} first"
         )
     existing = st.load_existing(spec, "fine")
     recorded = existing.user_attrs.get("ranges") if existing is not None else None
@@ -70,7 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         extended = existing.user_attrs.get("narrowing", {}).get("extended", {})
         starts: list[dict[str, float]] = []
         narrowed: dict = {}
+        coarse_now = len(coarse.get_trials(deepcopy=False, states=st.FINISHED))
+        coarse_then = existing.user_attrs.get("coarse_finished")
+        if coarse_then is not None and coarse_now != coarse_then:
+            print(
+                f"note: {coarse.study_name} has {coarse_now} finished trials, {coarse_then} "
+                "when these ranges were fixed; they stay as they are (use another --storage "
+                "for a fine search on the new results)"
+            )
     else:
+        if why := st.pending(spec, "coarse", coarse):
+            raise ValueError(
+                f"{coarse.study_name} is not finished ({why}); the fine ranges need all of it: "
+                f"run {cli.command('coarse')}{cli.same_flags(args)} again to finish it, or "
+                "wait for the workers running it"
+            )
         configs = rep.study_configurations(coarse, spec.coarse.replicates)
 
         def valid(point: dict[str, float]) -> bool:
@@ -97,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{noise}"
         )
         starts = [dict(c.params) for c in configs[:top_k]]
-        narrowed = {"narrowing": n.as_dict()}
+        narrowed = {
+            "narrowing": n.as_dict(),
+            "coarse_finished": len(coarse.get_trials(deepcopy=False, states=st.FINISHED)),
+        }
     print("fine ranges (log-uniform):")
     for name, (lo, hi) in ranges.items():
         coarse_range = ""
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     if cli.finish(spec, study, list(ranges)):
-        print("next: python -m search.final" + cli.same_flags(args))
+        cli.next_step("final", args)
     return 0
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from search import cli
 from search.reporting import markdown
+from search.sweep import studies as st
+from search.sweep.storage import safe_url
 
 
 @cli.guarded
@@ -62,10 +64,22 @@ def main(argv: list[str] | None = None) -> int:
                 exp_dir = Path(spec.path).resolve().parent / "experiments"
             md, figures = markdown.all_report(spec, out, storage=args.storage, exp_dir=exp_dir)
         else:
+            if not any(st.load_existing(spec, stage) for stage in st.STAGES):
+                raise ValueError(
+                    f"no coarse or fine study of {spec.name} in {safe_url(spec.storage_url())}; "
+                    f"run {cli.command('coarse')}{cli.same_flags(args)} first"
+                )
             md, figures = markdown.study_report(spec, out)
     for path in figures:
         print(f"wrote {path}")
     print(f"wrote {md}")
+    more = ""
+    if not args.all and not args.experiment:
+        more = (
+            f" (or {cli.command('report')} --all{cli.same_flags(args)}: gradient checks and "
+            "every experiment too)"
+        )
+    print(f"next: open {md}{more}")
     return 0
 
 

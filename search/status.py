@@ -8,9 +8,11 @@ A study is
 - ``stale`` if RUNNING trials have no live worker: their workers were killed.
   Running the stage's command again fails them and retries their parameters;
 - ``done`` when its finished trials (complete + pruned) reach the target;
-- ``incomplete`` otherwise, with the command that resumes it.
+- ``incomplete`` otherwise, with the command that resumes it: a complete command
+  to copy, with the study file, the storage and the data directory the study ran with.
 
-Exit codes: 0 listed, 1 no study in the storage, 2 bad arguments or storage.
+Exit codes: 0 listed; 1 the storage cannot be used; 2 bad arguments, or no study
+to show (no database yet, or none in it).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 
     exit_at_once_while_starting()
 
-import argparse
+import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import optuna
@@ -36,7 +40,7 @@ from search.sweep import studies as st
 from search.sweep.storage import make_storage, safe_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
-COMMANDS = {"coarse": "search.coarse", "fine": "search.fine"}
+COMMANDS = ("coarse", "fine")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class StudyStatus:
     best_sd: float | None = None  # over the best configuration's seeds
     best_n: int = 1
     replicates: int = 0  # replicate runs finished (on top of the target)
+    # Where each failure was raised (its traceback's last frame outside the service), or "".
+    failed_at: tuple[str, ...] = ()
 
 
 def liveness(
@@ -66,16 +72,75 @@ def liveness(
     return len(running) - stale, stale
 
 
-def resume_command(name: str, *, study_path: str | None, storage_flag: str | None) -> str:
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$', re.M)
+_SERVICE = str(Path(__file__).resolve().parent) + os.sep
+
+
+def raised_at(traceback_text: str) -> str:
+    """``"my_net.py:31 in train: raise ValueError(...)"``: the last frame of a stored
+    traceback outside the search package (the user's code), or "" if there is none."""
+    frames = [m for m in _FRAME.finditer(traceback_text) if not m["file"].startswith(_SERVICE)]
+    if not frames:
+        return ""
+    m = frames[-1]
+    code = traceback_text[m.end() :].lstrip("\n").split("\n", 1)[0].strip()
+    where = f"{Path(m['file']).name}:{m['line']} in {m['func']}"
+    return f"{where}: {code}" if code else where
+
+
+def _failed_at(study: optuna.Study, reasons: list[tuple[str, int]]) -> tuple[str, ...]:
+    """For each reason, where its newest failed trial raised."""
+    newest: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        # The key cli.failure_reasons counts by.
+        lines = str(t.user_attrs.get("reason", "no reason recorded")).splitlines()
+        newest[(lines or [""])[0][:200]] = str(t.user_attrs.get("traceback", ""))
+    return tuple(raised_at(newest.get(reason, "")) for reason, _ in reasons)
+
+
+def resume_command(
+    name: str,
+    *,
+    study_path: str | None,
+    storage_flag: str | None,
+    data_dir: str | None = None,
+    n_val: str | None = None,
+) -> str:
+    """The command that resumes study ``name``, with every flag it needs."""
     stage = name.rsplit("-", 1)[-1] if "-" in name else ""
-    command = COMMANDS.get(stage)
-    if command is None:
+    if stage not in COMMANDS:
         return "the command that created it"
     spec_name = name.rsplit("-", 1)[0]
-    flags = f" --study {study_path}" if study_path else f" --study studies/{spec_name}.toml"
-    if storage_flag:
-        flags += f" --storage {storage_flag}"
-    return f"python -m {command}{flags}"
+    flags = cli.flags_text(
+        study=study_path or f"studies/{spec_name}.toml",
+        data_dir=data_dir,
+        n_val=n_val,
+        storage=storage_flag,
+    )
+    return f"{cli.command(stage)}{flags}"
+
+
+def n_val_flag(study: optuna.Study, spec: StudySpec | None) -> str | None:
+    """The --n-val the study ran with (user attr ``n_val``), when not the study file's."""
+    recorded = study.user_attrs.get("n_val")
+    if recorded is None or (spec is not None and spec.data.n_val == recorded):
+        return None
+    return str(recorded)
+
+
+def data_dir_flag(
+    study: optuna.Study, spec: StudySpec | None, study_path: str | None
+) -> str | None:
+    """The --data-dir the study ran with (user attr ``data_dir``, relative to the study
+    file), as a path from here; None when it is the study file's own [data] dir."""
+    recorded = study.user_attrs.get("data_dir")
+    if not recorded or not study_path:
+        return None
+    where = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(study_path)), recorded))
+    if spec is not None and spec.data_dir() == where:
+        return None
+    here = os.path.relpath(where)
+    return where if here.startswith("..") else here
 
 
 def study_status(
@@ -85,8 +150,17 @@ def study_status(
     grace_period: float,
     study_path: str | None = None,
     storage_flag: str | None = None,
+    spec: StudySpec | None = None,
 ) -> StudyStatus:
     study = optuna.load_study(study_name=name, storage=storage)
+    study_path = study_path or study.user_attrs.get("study_file")
+    resume = resume_command(
+        name,
+        study_path=study_path,
+        storage_flag=storage_flag,
+        data_dir=data_dir_flag(study, spec, study_path),
+        n_val=n_val_flag(study, spec),
+    )
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state.name == s for t in trials) for s in STATES}
     configs = rep.configurations(trials, replicates=2)
@@ -96,19 +170,18 @@ def study_status(
     alive, stale = liveness(running, grace_period=grace_period)
     target = study.user_attrs.get("target")
     finished = counts["COMPLETE"] + counts["PRUNED"] - n_replicates
+    failures = cli.failure_reasons(study)
     if alive:
         verdict = f"running ({alive} trial(s) with live workers)"
     elif stale:
         verdict = (
-            f"stale ({stale} RUNNING trial(s) without a live worker: run "
-            f"{resume_command(name, study_path=study_path, storage_flag=storage_flag)} "
+            f"stale ({stale} RUNNING trial(s) without a live worker: run {resume} "
             "again to retry them)"
         )
-    elif target is not None and finished >= target:
+    elif target is not None and finished >= target and not counts["WAITING"]:
         verdict = "done"
     else:
-        how = resume_command(name, study_path=study_path, storage_flag=storage_flag)
-        verdict = f"incomplete (resume with {how})"
+        verdict = f"incomplete (resume with {resume})"
     return StudyStatus(
         name=name,
         counts=counts,
@@ -121,7 +194,8 @@ def study_status(
         alive=alive,
         stale=stale,
         verdict=verdict,
-        failures=tuple(cli.failure_reasons(study)),
+        failures=tuple(failures),
+        failed_at=_failed_at(study, failures),
     )
 
 
@@ -140,7 +214,10 @@ def format_status(s: StudyStatus) -> str:
         f"  trials   {finished}/{target} finished{more}; {counts}",
         f"  best     {best}",
     ]
-    lines += [f"  failed   {n} x {reason}" for reason, n in s.failures]
+    for i, (reason, n) in enumerate(s.failures):
+        lines.append(f"  failed   {n} x {reason}")
+        if i < len(s.failed_at) and s.failed_at[i]:
+            lines.append(f"           at {s.failed_at[i]}")
     return "\n".join(lines)
 
 
@@ -153,15 +230,10 @@ def _spec_or_none(path: str) -> StudySpec | None:
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m search.status",
-        description="Studies in a storage: trials per state, best, running or not.",
+    p = cli.parser(
+        "python -m search.status", "Studies in a storage: trials per state, best, running or not."
     )
-    p.add_argument(
-        "--study",
-        default=cli.DEFAULT_STUDY,
-        help=f"study file whose storage to read (default {cli.DEFAULT_STUDY})",
-    )
+    p.add_argument("--study", default=cli.DEFAULT_STUDY, help="study file whose storage to read")
     p.add_argument("--storage", default=None, help="Optuna storage URL (overrides --study)")
     p.add_argument(
         "--grace-period",
@@ -179,20 +251,25 @@ def main(argv: list[str] | None = None) -> int:
         grace = spec.optuna.grace_period if spec is not None else 30
     if grace <= 0:
         raise ValueError(f"--grace-period must be > 0, got {grace}")
+    named = args.study if spec is not None and args.study != cli.DEFAULT_STUDY else None
+    start = f"run {cli.command('coarse')}{cli.flags_text(study=named, storage=args.storage)} first"
     db = sqlite_path(url)
     if db is not None and not db.exists():
-        print(f"no database at {db}: no study has run yet (run python -m search.coarse first)")
-        return 1
+        raise ValueError(f"no database at {db}: no study has run yet; {start}")
     storage = make_storage(url)
     names = sorted(optuna.get_all_study_names(storage))
     if not names:
-        print(f"no studies in {safe_url(url)} (run python -m search.coarse first)")
-        return 1
+        raise ValueError(f"no studies in {safe_url(url)}; {start}")
     print(f"storage {safe_url(url)}")
     for name in names:
-        path = args.study if spec is not None and name.startswith(spec.name + "-") else None
+        mine = spec is not None and name.startswith(spec.name + "-")
         status = study_status(
-            storage, name, grace_period=grace, study_path=path, storage_flag=args.storage
+            storage,
+            name,
+            grace_period=grace,
+            study_path=args.study if mine else None,
+            storage_flag=args.storage,
+            spec=spec if mine else None,
         )
         print(format_status(status))
     return 0

@@ -32,15 +32,15 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 import argparse
 import dataclasses
 import os
-import sys
-from pathlib import Path
 
 import optuna
 
 from search import cli
 from search.config.study import StudySpec, load_spec
+from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.pool import run_workers, threads_per
+from search.sweep import user_train
+from search.sweep.pool import check_workers, run_workers, threads_per
 from search.sweep.prepared import Prepared
 from search.sweep.progress import Progress
 from search.sweep.storage import make_storage, safe_url, sqlite_path
@@ -54,12 +54,10 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The worker's flags; defaults come from ``C2F_*`` environment variables."""
-    p = argparse.ArgumentParser(
-        prog="python -m search.worker",
-        description=(
-            "Join an existing study on a shared storage and run its queued trials until "
-            "none is left. Every flag can also be set as C2F_<FLAG> in the environment."
-        ),
+    p = cli.parser(
+        "python -m search.worker",
+        "Join an existing study on a shared storage and run its queued trials until "
+        "none is left. Every flag can also be set as C2F_<FLAG> in the environment.",
     )
     p.add_argument(
         "--storage",
@@ -136,11 +134,8 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def load_worker_spec(args: argparse.Namespace, path: str) -> StudySpec:
-    spec = load_spec(path)
-    if args.data_dir:
-        spec = dataclasses.replace(
-            spec, data=dataclasses.replace(spec.data, dir=str(Path(args.data_dir).resolve()))
-        )
+    spec = cli.with_data_dir(load_spec(path), args.data_dir)
+    user_train.check(spec)  # a user's function that cannot run is refused before any trial
     if args.n_val is not None:
         n_val = cli.n_val_arg(args.n_val) if isinstance(args.n_val, str) else args.n_val
         spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, n_val=n_val))
@@ -180,22 +175,23 @@ def create(args: argparse.Namespace) -> int:
         )
     if not spec.search:
         raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
-    if args.trials is not None and args.trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    cli.check_trials(args.trials)
     prepared = prepare_data(spec, args.cache_dir)
     study = st.open_study(spec, "coarse")
     st.record_data(study, prepared)
     st.record_seed_mode(study, spec)
+    if args.n_val is not None:  # workers that join take it from here, as the study file
+        study.set_user_attr("n_val", spec.data.n_val)
     study.set_user_attr("ranges", st.describe_ranges(spec.search))
-    study.set_user_attr("study_file", str(Path(spec.path).resolve()))
+    st.record_files(study, spec)
     target = args.trials or spec.coarse_trials
     queued = st.top_up(study, target)
     c = st.counts(study)
     print(
         f"study {name} in {safe_url(spec.storage_url())}: target {target} trials, "
         f"{c['COMPLETE'] + c['PRUNED']} finished, {queued} newly queued, "
-        f"{c['WAITING']} waiting; start workers with: python -m search.worker "
-        f"--storage URL --study-name {name}",
+        f"{c['WAITING']} waiting; start workers with: {cli.command('worker')}"
+        f"{cli.flags_text(storage=args.storage)} --study-name {name}",
         flush=True,
     )
     return 0
@@ -208,6 +204,7 @@ def join(args: argparse.Namespace) -> int:
     prefix, stage = split_name(args.study_name)
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    check_workers(args.workers)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     db = sqlite_path(args.storage)
@@ -219,12 +216,13 @@ def join(args: argparse.Namespace) -> int:
         raise ValueError(
             f"no study {args.study_name!r} in {safe_url(args.storage)}; it holds "
             f"{names or 'no studies'}. A worker only joins a study; create it first with "
-            f"python -m search.worker --create --study PATH --storage URL "
-            f"(or python -m search.coarse --storage URL)"
+            f"{cli.command('worker')} --create --study PATH{cli.flags_text(storage=args.storage)}"
+            f" (or {cli.command('coarse')} --study PATH{cli.flags_text(storage=args.storage)})"
         )
-    recorded_file = optuna.load_study(study_name=args.study_name, storage=storage).user_attrs.get(
-        "study_file"
-    )
+    recorded = optuna.load_study(study_name=args.study_name, storage=storage).user_attrs
+    recorded_file = recorded.get("study_file")
+    if args.n_val is None and recorded.get("n_val") is not None:
+        args.n_val = recorded["n_val"]  # the --n-val the study was created with
     path = args.study or recorded_file
     if not path:
         raise ValueError(
@@ -271,7 +269,8 @@ def join(args: argparse.Namespace) -> int:
             release_first=[storage],
         )
 
-    run(int(target or 0))
+    live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
+    run(int(target or 0) + sum(rep.is_replicate(t) for t in live))
     st.replicate_rounds(spec, stage, study, run)
     c = st.counts(study)
     print(
@@ -287,19 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.storage:
         raise ValueError("--storage is required (or C2F_STORAGE), e.g. postgresql+psycopg2://...")
-    try:
-        return create(args) if args.create else join(args)
-    except Exception as exc:
-        # An unreachable or misconfigured database: one line, not a traceback.
-        from sqlalchemy.exc import OperationalError
-
-        if isinstance(exc, OperationalError):
-            print(
-                f"error: cannot use storage {safe_url(args.storage)}: {exc.orig}".rstrip(),
-                file=sys.stderr,
-            )
-            return 2
-        raise
+    # Storage failures (an unreachable server, ...) are one line from cli.guarded, exit 1.
+    return create(args) if args.create else join(args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ A file has these tables (every key but ``name`` has a default)::
 
     name = "quickstart"
     [data]      name, dir, split, n_val
+    [model]     train = "my_net.py:train" | "package.module:train", layout (your own network;
+                see search/sweep/user_train.py; [network] is then left out)
     [network]   hidden, batch_norm, init, sigma, bn_alpha
-    [training]  any model.train.TrainConfig field (batch_size, schedule, eta_min, ...)
+    [training]  any model.train.TrainConfig field (batch_size, schedule, eta_min, ...); with
+                [model] train, any other key too (passed on to the user's function)
     [search]    l2_lambda = [low, high], eta_max = [low, high] (log-uniform ranges)
     [coarse]    trials, replicates, replicate_top
     [fine]      trials, top_k, margin (decades on each side), narrow, extend, replicates,
@@ -38,7 +41,25 @@ SEED_MODES = ("shared", "per_trial")
 NARROWING = ("noise", "top_k")
 CHOICES = ("best", "smoothed")
 SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
-TABLES = ("name", "data", "network", "training", "search", "coarse", "fine", "final", "optuna")
+TABLES = (
+    "name",
+    "data",
+    "model",
+    "network",
+    "training",
+    "search",
+    "coarse",
+    "fine",
+    "final",
+    "optuna",
+)
+LAYOUTS = ("n_by_d", "d_by_n")
+TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+# A stage's queue is filled one trial at a time before training starts: past this it
+# would take minutes, and no search of this kind needs more.
+MAX_TRIALS = 10_000
+# Study names go into file names (<name>.db, out/<name>/): well under a file name's 255 bytes.
+MAX_NAME_LENGTH = 100
 
 
 class StudyDefinitionError(ValueError):
@@ -70,9 +91,11 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
         # "int | float | None" -> the kinds allowed; None is "left out", not a TOML value.
         kinds = [k.strip().split("[")[0] for k in str(allowed[key].type).split("|")]
         kinds = [k for k in kinds if k != "None"]
+        if set(kinds) <= {"int", "float"}:  # a number: an integer where only int is allowed
+            kind = "float" if "float" in kinds else "int"
+            _check_number(path, f"{section}.{key}", value, kind=kind)
+            continue
         checks = {
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, int | float) and not isinstance(value, bool),
             "str": isinstance(value, str),
             "bool": isinstance(value, bool),
         }
@@ -83,14 +106,58 @@ def _build(cls: type, path: Path, section: str, raw: Any) -> Any:
     return cls(**raw)
 
 
+def _check_number(
+    path: Path,
+    field_name: str,
+    value: Any,
+    *,
+    kind: str = "int",
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    unit: str = "",
+) -> Any:
+    """``value`` if it is a number of ``kind`` ("int": an integer; "float": any finite
+    number) within the bounds (``min <= value <= max``, ``value > above``), else a
+    StudyDefinitionError naming the file, the field and what is allowed."""
+    bounds = [
+        f">= {min:g}" if min is not None else "",
+        f"> {above:g}" if above is not None else "",
+    ]
+    bounds.append(f"<= {max:,}" if max is not None else "")
+    allowed = " and ".join(b for b in bounds if b) + (f" {unit}" if unit else "")
+    what = ("an integer" if kind == "int" else "a finite number") + (
+        f" {allowed}" if allowed else ""
+    )
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = is_int if kind == "int" else (is_int or isinstance(value, float)) and math.isfinite(value)
+    if ok:
+        ok = (
+            (min is None or value >= min)
+            and (max is None or value <= max)
+            and (above is None or value > above)
+        )
+    if not ok:
+        raise StudyDefinitionError(path, field_name, f"must be {what}, got {value!r}")
+    return value
+
+
 def _parse_name(path: Path, name: Any) -> str:
     if (
         not isinstance(name, str)
         or not name
+        or not name.replace("-", "").replace("_", "").isascii()
         or not name.replace("-", "").replace("_", "").isalnum()
     ):
         raise StudyDefinitionError(
             path, "name", f"must be a non-empty name of letters, digits, - and _, got {name!r}"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise StudyDefinitionError(
+            path,
+            "name",
+            f"must be at most {MAX_NAME_LENGTH} characters (it names the database and output "
+            f"files), got {len(name)}",
         )
     return name
 
@@ -161,8 +228,8 @@ def _parse_network(path: Path, raw: Any) -> NetworkSpec:
         net_raw["hidden"] = tuple(hidden)
     network = _build(NetworkSpec, path, "network", net_raw)
     # Network reads sigma only with init = "sigma"; a wrong sigma must not pass unseen.
-    if network.sigma is not None and not network.sigma > 0:
-        raise StudyDefinitionError(path, "network.sigma", f"must be > 0, got {network.sigma!r}")
+    if network.sigma is not None:
+        _check_number(path, "network.sigma", network.sigma, kind="float", above=0)
     try:
         Network(
             1,
@@ -181,22 +248,83 @@ def _parse_network(path: Path, raw: Any) -> NetworkSpec:
     return network
 
 
-def _parse_training(path: Path, section: str, raw: Any) -> dict[str, Any]:
-    """A [training] table: TrainConfig fields, validated by TrainConfig in :func:`parse_spec`."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """[model]: the user's own training function, instead of the built-in network.
+
+    ``train`` is ``"file.py:function"`` (a path relative to the study file) or
+    ``"package.module:function"``; "" means the built-in network of [network].
+    ``layout`` is how the user's function gets X: ``"n_by_d"`` (samples x features)
+    or ``"d_by_n"`` (features x samples, as in DD2424). The contract is in
+    :mod:`search.sweep.user_train`.
+    """
+
+    train: str = ""
+    layout: str = "n_by_d"
+
+    def entry(self) -> tuple[str, str]:
+        """``("my_net.py", "train")`` or ``("package.module", "train")``."""
+        where, _, function = self.train.rpartition(":")
+        return where, function
+
+
+_ENTRY = re.compile(r"(?:[^:]+\.py|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):[A-Za-z_]\w*", flags=re.ASCII)
+# Computed by the service from the schedule and given to the user's function.
+USER_RESERVED = ("total_steps",)
+
+
+def _parse_model(path: Path, raw: Any) -> ModelSpec:
+    """The [model] table; the file and function are looked for when a command trains."""
+    model = _build(ModelSpec, path, "model", raw)
+    if model.train and not _ENTRY.fullmatch(model.train):
+        raise StudyDefinitionError(
+            path,
+            "model.train",
+            'must be "file.py:function" (a path relative to the study file) or '
+            f'"package.module:function", got {model.train!r}',
+        )
+    if model.layout not in LAYOUTS:
+        raise StudyDefinitionError(
+            path, "model.layout", f"must be one of {list(LAYOUTS)}, got {model.layout!r}"
+        )
+    if not model.train and model != ModelSpec():
+        raise StudyDefinitionError(
+            path, "model", "layout applies to a user's function: give train too"
+        )
+    return model
+
+
+def _parse_training(
+    path: Path, section: str, raw: Any, *, user_keys: bool = False
+) -> dict[str, Any]:
+    """A [training] table: TrainConfig fields, validated by TrainConfig in :func:`parse_spec`.
+
+    With ``user_keys`` (a user's function trains), other keys are allowed too: they
+    are passed on to that function.
+    """
     values = _table(path, section, raw)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
-    if unknown:
+    if unknown and not user_keys:
         raise StudyDefinitionError(
             path, section, f"unknown keys {unknown}; allowed: {sorted(known)}"
+        )
+    reserved = sorted(set(values) & set(USER_RESERVED))
+    if reserved:
+        raise StudyDefinitionError(
+            path, section, f"{reserved} are computed from the schedule; leave them out"
         )
     return values
 
 
-def _build_with_training(cls: type, path: Path, section: str, raw: Any) -> tuple[Any, dict]:
+def _build_with_training(
+    cls: type, path: Path, section: str, raw: Any, *, user_keys: bool = False
+) -> tuple[Any, dict]:
     """A stage's table with its ``[<section>.training]`` overrides; also the other keys given."""
     values = _table(path, section, raw)
-    training = _parse_training(path, f"{section}.training", values.pop("training", {}))
+    training = _parse_training(
+        path, f"{section}.training", values.pop("training", {}), user_keys=user_keys
+    )
     return dataclasses.replace(_build(cls, path, section, values), training=training), values
 
 
@@ -257,10 +385,7 @@ class CoarseSpec:
 
 def _parse_coarse(path: Path, raw: Any) -> CoarseSpec:
     coarse = _build(CoarseSpec, path, "coarse", raw)
-    if coarse.trials < 1:
-        raise StudyDefinitionError(
-            path, "coarse.trials", f"must be an integer >= 1, got {coarse.trials!r}"
-        )
+    _check_number(path, "coarse.trials", coarse.trials, min=1, max=MAX_TRIALS)
     _check_replicates(path, "coarse", coarse.replicates, coarse.replicate_top)
     return coarse
 
@@ -282,18 +407,12 @@ class FineSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_fine(path: Path, raw: Any) -> FineSpec:
-    fine, given = _build_with_training(FineSpec, path, "fine", raw)
-    if fine.trials < 1 or fine.top_k < 1 or not fine.margin >= 0 or not fine.extend >= 0:
-        raise StudyDefinitionError(
-            path,
-            "fine",
-            f"trials and top_k must be >= 1, margin and extend >= 0 decades, got {given!r}",
-        )
-    if not (math.isfinite(fine.margin) and math.isfinite(fine.extend)):
-        raise StudyDefinitionError(
-            path, "fine", f"margin and extend must be finite, got {given!r}"
-        )
+def _parse_fine(path: Path, raw: Any, *, user_keys: bool = False) -> FineSpec:
+    fine, _ = _build_with_training(FineSpec, path, "fine", raw, user_keys=user_keys)
+    _check_number(path, "fine.trials", fine.trials, min=1, max=MAX_TRIALS)
+    _check_number(path, "fine.top_k", fine.top_k, min=1)
+    _check_number(path, "fine.margin", fine.margin, kind="float", min=0, unit="decades")
+    _check_number(path, "fine.extend", fine.extend, kind="float", min=0, unit="decades")
     if fine.narrow not in NARROWING:
         raise StudyDefinitionError(
             path, "fine.narrow", f"must be one of {list(NARROWING)}, got {fine.narrow!r}"
@@ -315,8 +434,8 @@ class FinalSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_final(path: Path, raw: Any) -> FinalSpec:
-    final, _ = _build_with_training(FinalSpec, path, "final", raw)
+def _parse_final(path: Path, raw: Any, *, user_keys: bool = False) -> FinalSpec:
+    final, _ = _build_with_training(FinalSpec, path, "final", raw, user_keys=user_keys)
     h = final.holdout
     if not ((isinstance(h, int) and h >= 0) or (isinstance(h, float) and 0 < h < 1)):
         raise StudyDefinitionError(
@@ -353,10 +472,11 @@ class OptunaSpec:
 def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
     spec = _build(OptunaSpec, path, "optuna", raw)
     for key in ("heartbeat_interval", "grace_period"):
-        if getattr(spec, key) < 1:
-            raise StudyDefinitionError(
-                path, f"optuna.{key}", f"must be >= 1 second, got {getattr(spec, key)!r}"
-            )
+        _check_number(path, f"optuna.{key}", getattr(spec, key), min=1, unit="second(s)")
+    _check_number(path, "optuna.seed", spec.seed, min=0)
+    _check_number(path, "optuna.warmup_cycles", spec.warmup_cycles, kind="float", min=0)
+    _check_number(path, "optuna.n_startup_trials", spec.n_startup_trials, min=0)
+    _check_number(path, "optuna.workers", spec.workers, min=1)
     if spec.grace_period < 2 * spec.heartbeat_interval:
         raise StudyDefinitionError(
             path,
@@ -364,13 +484,6 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
             f"must be at least twice heartbeat_interval (2 x {spec.heartbeat_interval}"
             f" = {2 * spec.heartbeat_interval} s), got {spec.grace_period}; "
             "with less, a live trial whose heartbeat is late would be taken for a dead one",
-        )
-    if spec.warmup_cycles < 0 or spec.n_startup_trials < 0:
-        raise StudyDefinitionError(
-            path,
-            "optuna",
-            "warmup_cycles and n_startup_trials must be >= 0, got "
-            f"{spec.warmup_cycles!r} and {spec.n_startup_trials!r}",
         )
     url = spec.storage
     if url and "://" not in url and not url.endswith(".log"):
@@ -380,6 +493,8 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
             "must be an Optuna storage URL (sqlite:///x.db, postgresql+psycopg2://user@host/db"
             f", journal:///x.log) or a journal file x.log, got {url!r}",
         )
+    if url and in_memory(url):
+        raise StudyDefinitionError(path, "optuna.storage", IN_MEMORY)
     if spec.pruner not in PRUNERS:
         raise StudyDefinitionError(
             path, "optuna.pruner", f"must be one of {list(PRUNERS)}, got {spec.pruner!r}"
@@ -388,8 +503,6 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
         raise StudyDefinitionError(
             path, "optuna.sampler", f"must be one of {list(SAMPLERS)}, got {spec.sampler!r}"
         )
-    if spec.workers < 1:
-        raise StudyDefinitionError(path, "optuna.workers", f"must be >= 1, got {spec.workers}")
     if spec.seed_mode not in SEED_MODES:
         raise StudyDefinitionError(
             path,
@@ -400,6 +513,22 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
     return spec
 
 
+IN_MEMORY = (
+    "an in-memory SQLite database keeps nothing: every worker process would see its own "
+    "empty one and the results would be gone at exit; give a file, e.g. "
+    "sqlite:///studies/x.db"
+)
+
+
+def in_memory(url: str) -> bool:
+    """Whether a storage URL names an in-memory SQLite database (sqlite://, sqlite:///,
+    sqlite:///:memory:, ...?mode=memory)."""
+    if not url.startswith("sqlite:"):
+        return False
+    rest = url[len("sqlite:") :].lstrip("/")
+    return rest.split("?")[0] in ("", ":memory:") or "mode=memory" in url
+
+
 @dataclass(frozen=True)
 class StudySpec:
     """Everything one study needs, from one TOML file (``path`` is where it came from)."""
@@ -407,6 +536,7 @@ class StudySpec:
     name: str
     path: str = ""
     data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
     network: NetworkSpec = NetworkSpec()
     training: dict[str, Any] = field(default_factory=dict)
     search: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -438,15 +568,22 @@ class StudySpec:
         d = Path(self.data.dir).expanduser()
         return str(d if d.is_absolute() else (self.base_dir / d).resolve())
 
-    def train_config(self, stage: str, params: dict[str, float] | None = None) -> TrainConfig:
-        """The TrainConfig of a stage ("coarse", "fine", "final") with trial params on top."""
+    def stage_training(self, stage: str) -> dict[str, Any]:
+        """The [training] values of a stage ("coarse", "fine", "final"), overrides applied."""
         values = dict(self.training)
         if stage == "fine":
             values.update(self.fine.training)
         elif stage == "final":
             values.update(self.final.training)
-        values.update(params or {})
-        return TrainConfig.from_dict(values)
+        return values
+
+    def train_config(self, stage: str, params: dict[str, float] | None = None) -> TrainConfig:
+        """The TrainConfig of a stage ("coarse", "fine", "final") with trial params on top.
+
+        Keys for a user's function only (allowed with [model] train) are left out.
+        """
+        values = {**self.stage_training(stage), **(params or {})}
+        return TrainConfig.from_dict({k: v for k, v in values.items() if k in TRAIN_FIELDS})
 
     def with_overrides(self, **optuna_fields: Any) -> StudySpec:
         """A copy with some ``[optuna]`` fields replaced (CLI flags); None means keep."""
@@ -464,19 +601,29 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         )
     name = _parse_name(path, raw.get("name"))
     data = _parse_data(path, raw.get("data", {}))
+    model = _parse_model(path, raw.get("model", {}))
+    user = bool(model.train)
+    if user and "network" in raw:
+        raise StudyDefinitionError(
+            path,
+            "network",
+            "describes the built-in network, but [model] train names your own; put your "
+            "network's settings (n_hidden = 50, ...) in [training]",
+        )
     network = _parse_network(path, raw.get("network", {}))
-    training = _parse_training(path, "training", raw.get("training", {}))
+    training = _parse_training(path, "training", raw.get("training", {}), user_keys=user)
     search = _parse_search(path, raw.get("search", {}), training)
     spec = StudySpec(
         name=name,
         path=str(path),
         data=data,
+        model=model,
         network=network,
         training=training,
         search=search,
         coarse=_parse_coarse(path, raw.get("coarse", {})),
-        fine=_parse_fine(path, raw.get("fine", {})),
-        final=_parse_final(path, raw.get("final", {})),
+        fine=_parse_fine(path, raw.get("fine", {}), user_keys=user),
+        final=_parse_final(path, raw.get("final", {}), user_keys=user),
         optuna=_parse_optuna(path, raw.get("optuna", {})),
     )
     _check_stages(spec)
@@ -503,8 +650,18 @@ def _check_stages(spec: StudySpec) -> None:
                 spec.train_config(stage, point)
             except (ValueError, TypeError) as exc:
                 section = {"coarse": "training"}.get(stage, f"{stage}.training")
+                # TrainConfig's messages end "got <field>=<value>": the field to name (when
+                # one field is named; "got a=.. and b=.." is about the table).
+                named = re.findall(r"(\w+)=", str(exc).rpartition("got ")[2])
+                if len(named) == 1 and named[0] not in point:
+                    section = f"{section}.{named[0]}"
                 at = ", ".join(f"{k}={v:g}" for k, v in point.items())
                 where = f" (with {at} from [search])" if point else ""
+                try:
+                    spec.train_config(stage)
+                except (ValueError, TypeError) as alone:
+                    if str(alone) == str(exc):  # wrong whatever [search] draws
+                        where = ""
                 raise StudyDefinitionError(spec.path, section, f"{exc}{where}") from None
 
 
@@ -521,17 +678,36 @@ def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
 
 
 def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
-    """A TOML file's contents; a missing or broken file is a StudyDefinitionError."""
+    """A TOML file's contents; a missing, unreadable or broken file is a StudyDefinitionError."""
+    if path.is_dir():
+        raise StudyDefinitionError(path, "file", "is a directory; pass a .toml file in it")
     if not path.is_file():
         raise StudyDefinitionError(path, "file", missing)
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StudyDefinitionError(
+            path,
+            "file",
+            f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files are UTF-8: save it with that encoding",
+        ) from None
+    except OSError as exc:
+        raise StudyDefinitionError(path, "file", f"cannot be read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise StudyDefinitionError(path, "file", f"not valid TOML: {exc}") from None
+
+
+MISSING_STUDY = (
+    "no such study file; `c2f init` copies the shipped study files into ./studies/ "
+    "(or pass --study PATH)"
+)
 
 
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
     path = Path(path)
-    raw = read_toml(path, missing="no such study file; see studies/*.toml")
+    raw = read_toml(path, missing=MISSING_STUDY)
     return parse_spec(raw, path)

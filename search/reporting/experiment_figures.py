@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from search.config.experiment import Experiment
 from search.reporting.tables import label, table
 from search.sweep.grid import Row, results
+from search.sweep.objective import curves_of
 
 DPI = 90
 
@@ -66,8 +67,8 @@ def draw(
 def _curves(row: Row) -> dict[str, list[float]] | None:
     if row.trial is None:
         return None
-    curves = row.trial.user_attrs.get("curves")
-    return curves if curves and curves.get("step") else None
+    curves = curves_of(row.trial)
+    return curves if curves.get("step") else None
 
 
 def _line_label(experiment: Experiment, row: Row, names: list[str]) -> str:

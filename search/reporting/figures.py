@@ -21,6 +21,7 @@ from model.train import History
 from search.reporting.tables import param_label, params_text
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.objective import curves_of
 
 STAGE_COLOURS = {"coarse": "tab:blue", "fine": "tab:orange"}
 STAGE_MARKERS = {"coarse": "o", "fine": "^"}
@@ -56,7 +57,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, title: str) -> Path:
     """Validation accuracy against ``param`` (log x axis), every stage on one axes."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for stage, study in studies.items():
         complete, pruned = _finished(study)
         pruned = [t for t in pruned if param in t.params]
@@ -123,7 +124,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the points
     return _save(fig, path)
 
 
@@ -189,28 +190,52 @@ def _finite(values: Sequence[float]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
+def _series(curves: dict, name: str) -> list[float] | None:
+    """A curve as floats (NaN where a point was not reported); None if it was never reported.
+
+    A user's own training function reports what it has (search/sweep/user_train.py).
+    """
+    values = curves.get(name)
+    if not values or not any(v is not None for v in values):
+        return None
+    return [math.nan if v is None else v for v in values]
+
+
 def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: int = 5) -> Path:
-    """Validation accuracy and train/validation loss against update step of the top ``k``."""
-    top = [t for t in st.top_trials(study, k) if t.user_attrs.get("curves")]
+    """Validation accuracy and train/validation loss against update step of the top ``k``.
+
+    The right panel shows the cost where no loss was reported (a user's function).
+    """
+    top = [t for t in st.top_trials(study, k) if curves_of(t)]
     pruned = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-        if t.user_attrs.get("curves", {}).get("step")
+        if curves_of(t).get("step")
     ]
+    reported = [curves_of(t) for t in top + pruned]
+
+    def has(what: str) -> bool:
+        return any(_series(c, f"val_{what}") or _series(c, f"train_{what}") for c in reported)
+
+    what = "cost" if has("cost") and not has("loss") else "loss"
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, t in enumerate(pruned):
-        c = t.user_attrs["curves"]
+        c = curves_of(t)
         label = f"pruned trials ({len(pruned)})" if i == 0 else None
-        acc_ax.plot(c["step"], c["val_acc"], color="0.8", lw=0.8, label=label, zorder=1)
-        loss_ax.plot(c["step"], c["val_loss"], color="0.8", lw=0.8, label=label, zorder=1)
+        acc_ax.plot(c["step"], _series(c, "val_acc"), color="0.8", lw=0.8, label=label, zorder=1)
+        if (val := _series(c, f"val_{what}")) is not None:
+            loss_ax.plot(c["step"], val, color="0.8", lw=0.8, label=label, zorder=1)
     losses: list[float] = []
     for colour, t in zip(CURVE_COLOURS, top, strict=False):
-        c = t.user_attrs["curves"]
+        c = curves_of(t)
         label = f"trial {t.number} ({t.value:.4f}; {params_text(t.params)})"
-        acc_ax.plot(c["step"], c["val_acc"], color=colour, lw=1.6, label=label, zorder=3)
-        loss_ax.plot(c["step"], c["val_loss"], color=colour, lw=1.6, label=f"trial {t.number}")
-        loss_ax.plot(c["step"], c["train_loss"], color=colour, lw=1.2, ls="--", zorder=3)
-        losses += _finite(c["val_loss"]) + _finite(c["train_loss"])
+        acc_ax.plot(c["step"], _series(c, "val_acc"), color=colour, lw=1.6, label=label, zorder=3)
+        if (val := _series(c, f"val_{what}")) is not None:
+            loss_ax.plot(c["step"], val, color=colour, lw=1.6, label=f"trial {t.number}")
+            losses += _finite(val)
+        if (train := _series(c, f"train_{what}")) is not None:
+            loss_ax.plot(c["step"], train, color=colour, lw=1.2, ls="--", zorder=3)
+            losses += _finite(train)
     if losses:
         # Diverged pruned trials would stretch the axis to their exploding losses.
         loss_ax.set_ylim(0, 1.1 * max(losses))
@@ -218,8 +243,12 @@ def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: i
     acc_ax.set_ylabel("validation accuracy")
     acc_ax.set_title(f"validation accuracy, top {len(top)} of {stage}")
     loss_ax.set_xlabel("update step")
-    loss_ax.set_ylabel("cross-entropy loss")
-    loss_ax.set_title("loss (solid: validation, dashed: training)")
+    loss_ax.set_ylabel("cross-entropy loss" if what == "loss" else "cost (loss + L2)")
+    loss_ax.set_title(
+        f"{what} (solid: validation, dashed: training)"
+        if losses or not reported
+        else "loss: not reported by the training function"
+    )
     for ax in (acc_ax, loss_ax):
         ax.grid(True, alpha=0.3)
     acc_ax.legend(loc="lower right", fontsize=7)
@@ -231,7 +260,10 @@ def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: i
 
 
 def draw_training(history: History, path: str | Path, *, title: str = "") -> Path:
-    """Loss, cost and accuracy curves (train and validation) side by side, as a PNG."""
+    """Loss, cost and accuracy curves (train and validation) side by side, as a PNG.
+
+    A curve with no finite value (a user's function that did not report it) is left out.
+    """
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, what, label in zip(
         axes,
@@ -239,13 +271,18 @@ def draw_training(history: History, path: str | Path, *, title: str = "") -> Pat
         ("cross-entropy loss", "cost (loss + L2)", "accuracy"),
         strict=True,
     ):
-        ax.plot(history.step, history.metrics[f"train_{what}"], label="training")
-        ax.plot(history.step, history.metrics[f"val_{what}"], label="validation")
+        drawn = False
+        for part, name in (("train", "training"), ("val", "validation")):
+            values = history.metrics.get(f"{part}_{what}", [])
+            if _finite(values):
+                ax.plot(history.step, values, label=name)
+                drawn = True
         ax.set_xlabel("update step")
         ax.set_ylabel(label)
-        ax.set_title(label)
+        ax.set_title(label if drawn else f"{label}: not reported")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if drawn:
+            ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -27,7 +27,7 @@ from search.reporting.tables import (
     top_table,
 )
 from search.sweep import studies as st
-from search.sweep.storage import sqlite_path
+from search.sweep.storage import relative_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
@@ -233,7 +233,8 @@ def build(spec: StudySpec, out: Path) -> tuple[str, list[Path]]:
         figures.append(path)
         per_stage[stage][f"learning curves, {stage}"] = path.name
     lines = [
-        f"Study file `{spec.path}`, storage `{spec.storage_url()}`.",
+        f"Study file `{Path(spec.path).name}`, storage "
+        f"`{relative_url(spec.storage_url(), spec.base_dir)}` (paths relative to the study file).",
         "",
         "## Figures",
         "",

@@ -11,6 +11,7 @@ import optuna
 from search.config.experiment import Experiment
 from search.sweep import replicates as rep
 from search.sweep.grid import Row
+from search.sweep.objective import curves_of
 
 LABELS = {"l2_lambda": "lambda", "eta_max": "eta_max", "eta_min": "eta_min", "eta": "eta"}
 
@@ -120,7 +121,7 @@ def table(experiment: Experiment, table_rows: list[Row]) -> str:
         if t is None:
             cells += ["not run"] + [""] * (len(head) - len(names) - 1)
         else:
-            curves = t.user_attrs.get("curves") or {}
+            curves = curves_of(t)
             last = {
                 m: (curves.get(m) or [None])[-1]
                 for m in ("train_loss", "val_loss", "train_acc", "val_acc")

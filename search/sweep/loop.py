@@ -28,7 +28,12 @@ from optuna.trial import TrialState
 
 from search.sweep import lost
 from search.sweep.signals import Interrupted, StopFlag
-from search.sweep.storage import ResilientStorage, StorageUnavailable, waiting_trial_ids
+from search.sweep.storage import (
+    ResilientStorage,
+    StorageError,
+    StorageUnavailable,
+    waiting_trial_ids,
+)
 
 
 class TrialLost(Exception):  # noqa: N818
@@ -185,6 +190,10 @@ def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None])
         except StorageUnavailable as exc:
             log(f"dropped trial {trial.number}: {exc}")
             return False
+        except StorageError:
+            # The storage, not the trial, failed (a full disk): the worker stops; the trial
+            # stays RUNNING and is retried, with the same parameters, as a lost one.
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
             state = TrialState.FAIL
             try:

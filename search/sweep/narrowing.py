@@ -77,6 +77,8 @@ def narrow(
         raise ValueError("no completed coarse trials to narrow around; run search.coarse first")
     configs = list(configs)
     sigma = pooled_sd(configs) if mode == "noise" else None
+    if mode == "top_k":
+        extend = 0.0  # the old rule: the top_k single runs, inside the coarse range
     notes = []
     if sigma is None:
         within = configs[:1]
@@ -114,10 +116,16 @@ def narrow(
         ranges[name] = (new_lo, new_hi)
         if said:
             extended[name] = "extended " + " and ".join(said)
+    # Each extension on its own: one that makes a corner invalid is given up, not the others.
+    extended_ranges = dict(ranges)
+    for name in extended:
+        lo, hi = coarse[name]
+        ranges[name] = (max(lo, ranges[name][0]), min(hi, ranges[name][1]))
     for name in list(extended):
-        if not _corners_valid(ranges, valid):
-            lo, hi = coarse[name]
-            ranges[name] = (max(lo, ranges[name][0]), min(hi, ranges[name][1]))
+        trial = {**ranges, name: extended_ranges[name]}
+        if _corners_valid(trial, valid):
+            ranges = trial
+        else:
             extended[name] = "kept at the coarse edge: past it the training settings are invalid"
     for name in flat:
         lo, hi = coarse[name]

@@ -2,8 +2,10 @@
 
 The trainer knows nothing of Optuna: it calls ``on_evaluate(step, metrics)``,
 and here that becomes ``trial.report`` / ``should_prune``. Each trial keeps its
-learning curves, wall time, epochs run and whether it diverged as user attrs,
-pruned ones included, so the dashboard and the report can draw them.
+wall time, epochs run and whether (and why) it diverged as user attrs, and its
+learning curves as the system attr ``c2f_curves`` (:func:`curves_of`), pruned ones
+included: the report draws them, and the dashboard's trial view, which lists every
+user attr, stays a short table instead of a page of JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from model.network import Network
 from model.train import History, TrainConfig, TrainingDiverged, fit
 from search.config.study import StudySpec
 from search.sweep.replicates import replicate_index
+from search.sweep.storage import trial_id
+
+CURVES = "c2f_curves"
 
 
 def suggest(trial: optuna.Trial, ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -44,12 +49,20 @@ def record_trial(
     trial: optuna.Trial, history: History, *, diverged: bool, reason: str = ""
 ) -> None:
     """Store a trial's curves, wall time, epochs run and whether (and why) it stopped early."""
-    trial.set_user_attr("curves", history.to_dict())
+    trial.storage.set_trial_system_attr(trial_id(trial), CURVES, history.to_dict())
     trial.set_user_attr("wall_time", round(history.wall_time, 3))
     trial.set_user_attr("epochs_run", round(history.epochs_run, 4))
     trial.set_user_attr("diverged", diverged)
     if reason:
         trial.set_user_attr("reason", reason)
+
+
+def curves_of(trial: optuna.trial.FrozenTrial) -> dict:
+    """A finished trial's learning curves (:meth:`model.train.History.to_dict`), or {}.
+
+    Studies made before the curves moved to a system attr keep them in user attr ``curves``.
+    """
+    return trial.system_attrs.get(CURVES) or trial.user_attrs.get("curves") or {}
 
 
 def fit_and_record(
@@ -86,6 +99,27 @@ def fit_and_record(
 SEED_STRIDE = 1000  # between the seeds of a configuration's replicates
 
 
+def pruning_window(spec: StudySpec, config: TrainConfig, n_train: int) -> tuple[float, int]:
+    """(warm-up, last): a trial may be pruned at a step with ``warm-up <= step < last``.
+
+    The warm-up is ``warmup_cycles`` cycles (epochs for the other schedules); the last
+    evaluation point is the result: a run that finished is never pruned.
+    """
+    per_cycle = (
+        2 * config.resolved_n_s(n_train)
+        if config.schedule == "cyclical"
+        else config.steps_per_epoch(n_train)
+    )
+    return spec.optuna.warmup_cycles * per_cycle, config.total_steps(n_train)
+
+
+def may_prune(spec: StudySpec, trial: optuna.Trial) -> bool:
+    """Whether to ask the pruner at all: not with pruner "none" (``should_prune`` reads
+    every finished trial from the storage), never for a replicate (it is there to
+    measure its configuration's noise)."""
+    return spec.optuna.pruner != "none" and replicate_index(trial) == 0
+
+
 def trial_seed(spec: StudySpec, trial: optuna.Trial) -> int:
     """The seed of a trial's data order and initial weights.
 
@@ -119,15 +153,8 @@ class Objective:
         n_train = self.splits.train.n
         per_epoch = config.steps_per_epoch(n_train)
         schedule = config.make_schedule(n_train)
-        per_cycle = (
-            2 * config.resolved_n_s(n_train) if config.schedule == "cyclical" else per_epoch
-        )
-        warmup = self.spec.optuna.warmup_cycles * per_cycle
-        # The last evaluation point is the result: a run that finished is never pruned.
-        last = config.total_steps(n_train)
-        # should_prune reads every finished trial from the storage: skip it when it can't prune.
-        # A replicate is never pruned: it is there to measure its configuration's noise.
-        prunes = self.spec.optuna.pruner != "none" and replicate_index(trial) == 0
+        warmup, last = pruning_window(self.spec, config, n_train)
+        prunes = may_prune(self.spec, trial)
         # The curves so far, kept here too: a pruned trial keeps them.
         seen = History()
 

@@ -34,6 +34,9 @@ from search.sweep.storage import release
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 5.0  # then a worker that has not stopped is killed, its trial re-queued here
+# Each worker trains on one core: past a few per core they only wait for each other, and a
+# mistyped count (1000) would start processes without bound.
+MAX_WORKERS_PER_CORE = 4
 
 
 class WorkerJob(Protocol):
@@ -60,6 +63,32 @@ class PoolResult:
     signum: int | None = None
     errors: list[str] = field(default_factory=list)
     killed: int = 0
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_workers(workers: int, *, where: str = "--workers") -> None:
+    """Refuse more than MAX_WORKERS_PER_CORE workers per core (ValueError naming ``where``,
+    the flag or the study file's field); warn on stderr when there are more than cores."""
+    n = cores()
+    if workers > MAX_WORKERS_PER_CORE * n:
+        raise ValueError(
+            f"{where} {workers}: at most {MAX_WORKERS_PER_CORE * n} worker processes on the "
+            f"{n} core(s) here ({MAX_WORKERS_PER_CORE} per core); each trains on one core, "
+            f"so past {n} they share them. On many machines, start search.worker on each"
+        )
+    if workers > n:
+        print(
+            f"warning: {workers} workers on {n} core(s): they share the cores, so the sweep "
+            f"will not finish sooner than with {n}",
+            file=sys.stderr,
+        )
 
 
 def threads_per(workers: int) -> int:
@@ -99,13 +128,18 @@ def run_pool(
     # Blocked while forking: a signal must reach a worker after it installed its handlers.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     procs = []
+    # Each worker sends the one line of the error that stopped it, if one did.
+    reader, writer = ctx.Pipe(duplex=False)
     try:
         for i in range(workers):
-            p = ctx.Process(target=_worker, args=(job, i, os.getpid()), name=f"c2f-worker-{i}")
+            p = ctx.Process(
+                target=_worker, args=(job, i, os.getpid(), writer), name=f"c2f-worker-{i}"
+            )
             p.start()
             procs.append(p)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        writer.close()
     result = PoolResult()
     # A signal from now on reaches every worker at once (idempotent in a worker that
     # has it already from the process group). A signal that came during the forks is
@@ -116,10 +150,18 @@ def run_pool(
     finally:
         stop.forward_to = []
         stop.interruptible = was_interruptible
+    said: dict[int, str] = {}
+    with contextlib.suppress(EOFError, OSError):
+        while reader.poll():
+            pid, line = reader.recv()
+            said[pid] = line
+    reader.close()
     for i, p in enumerate(procs):
         code = p.exitcode
         if code not in (0, None) and code != -signal.SIGKILL and code - 128 not in STOP_SIGNALS:
-            result.errors.append(f"worker {i} (pid {p.pid}) exited with code {code}")
+            result.errors.append(
+                said.get(p.pid) or f"worker {i} (pid {p.pid}) exited with code {code}"
+            )
     result.signum = stop.signum
     return result
 
@@ -150,7 +192,9 @@ def run_workers(
     if result.signum:
         raise Interrupted(result.signum)
     if result.errors:
-        raise WorkersFailed("; ".join(result.errors))
+        # Workers stopped by one cause (a full disk) say the same line: say it once.
+        errors = list(dict.fromkeys(result.errors))
+        raise WorkersFailed("; ".join(errors))
 
 
 def _supervise(
@@ -205,10 +249,16 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _worker(job: WorkerJob, index: int, parent: int) -> None:
-    """A worker process: handlers first, then the data and the study, then the queue."""
+def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None:
+    """A worker process: handlers first, then the data and the study, then the queue.
+
+    An error that stops it is one line, sent to the command through ``errors`` (the
+    write end of a pipe), which says it once for all the workers it stopped.
+    """
     import optuna
     from threadpoolctl import threadpool_limits
+
+    from search.sweep.storage import StorageError
 
     # The worker's own lines say what happened (dropped trials, storage outages);
     # Optuna's warnings about the same events would say it again, with SQL.
@@ -223,7 +273,14 @@ def _worker(job: WorkerJob, index: int, parent: int) -> None:
             if not stop:
                 run_queue(sweep, stop)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, then exit 1
-        print(f"worker {os.getpid()}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, StorageError):
+            line = str(exc)
+        else:
+            line = f"worker {index} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        try:
+            errors.send((os.getpid(), line))
+        except Exception:  # noqa: BLE001 - no command listening (or no pipe): say it here
+            print(f"worker {os.getpid()}: error: {line}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)
     sys.stdout.flush()

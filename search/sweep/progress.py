@@ -1,48 +1,129 @@
-"""A one-line progress report of a sweep, redrawn in place on a terminal."""
+"""The progress of a sweep: trials finished of the target, rate, ETA, states, best so far.
+
+On a terminal it is one tqdm line redrawn in place, never wider than the terminal
+(its width is read at every redraw, so a resized window is followed and the line
+never wraps into broken copies of itself); the bar gets what the numbers leave,
+and is left out when that is too little. Elsewhere (a pipe, a log file, CI) it is
+one plain line every ``every`` seconds and one at the end.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import sys
+import time
 
 import optuna
+from tqdm import tqdm
 
 from search.sweep.studies import counts
 
+WITH_BAR = "{n_fmt}/{total_fmt} |{bar}| {desc}"
+WITHOUT_BAR = "{n_fmt}/{total_fmt} {desc}"
+MIN_BAR = 6  # narrower than this, a bar says nothing: the numbers alone
+PLAIN_EVERY_S = 30.0
+
+
+def rate_text(per_second: float) -> str:
+    """Trials per second, or per minute when fewer than one a second (CIFAR-sized trials)."""
+    if per_second <= 0:
+        return "?/s"
+    if per_second >= 1:
+        return f"{per_second:.1f}/s"
+    return f"{per_second * 60:.1f}/min"
+
 
 class Progress:
-    """A one-line progress report: trials finished of the target, best so far."""
+    """Called every half second by the pool while the workers run; :meth:`close` at the end.
 
-    def __init__(self, study: optuna.Study, target: int, *, stream=None) -> None:
+    The rate and the ETA are of this run (trials finished before it began are not
+    counted), so a resumed sweep does not look faster than it is.
+    """
+
+    def __init__(
+        self, study: optuna.Study, target: int, *, stream=None, every: float = PLAIN_EVERY_S
+    ) -> None:
         self.study = study
         self.target = target
         self.stream = stream if stream is not None else sys.stdout
-        self.last = ""
         self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.every = every
+        self.bar: tqdm | None = None
+        self.t0 = time.monotonic()
+        self.first: int | None = None  # trials finished when this run began
+        self.last_plain = -math.inf
+        self.last = ""  # the plain line as of the last call
+        self.written = ""  # the plain line last written
 
     def __call__(self) -> None:
         c = counts(self.study)
         done = c["COMPLETE"] + c["PRUNED"]
-        best = "-"
-        if c["COMPLETE"]:
-            best = f"{self.study.best_value:.4f}"
-        width = 30
-        filled = int(width * min(done, self.target) / max(self.target, 1))
-        line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.target} finished "
-            f"({c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, "
-            f"{c['RUNNING']} running)  best val acc {best}"
-        )
-        if line == self.last:
-            return
-        self.last = line
+        if self.first is None:
+            self.first = done
+        best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
+        per_second = (done - self.first) / max(time.monotonic() - self.t0, 1e-9)
+        eta = "?"
+        if done >= self.target:
+            eta = "00:00"
+        elif per_second > 0:
+            eta = tqdm.format_interval((self.target - done) / per_second)
+        states = f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed"
         if self.tty:
-            self.stream.write("\r" + line)
+            self._draw(done, f"{rate_text(per_second)} ETA {eta}, {states}, best {best}")
+            return
+        self.last = (
+            f"{done}/{self.target} finished ({states}, {c['RUNNING']} running), "
+            f"{rate_text(per_second)}, ETA {eta}, best val acc {best}"
+        )
+        if time.monotonic() - self.last_plain >= self.every:
+            self._write_plain(self.last)
+
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return int(os.environ.get("COLUMNS", 80))
+
+    def _draw(self, done: int, text: str) -> None:
+        ncols = self._width() - 1  # not the last column: some terminals wrap on it
+        room = ncols - len(f"{done}/{self.target} || {text}")
+        bar_format = WITH_BAR if room >= MIN_BAR else WITHOUT_BAR
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.target,
+                initial=done,
+                file=self.stream,
+                ncols=ncols,
+                ascii=".#",
+                bar_format=bar_format,
+                desc=text,
+                mininterval=0,
+                leave=True,
+            )
+            return
+        if ncols < self.bar.ncols:
+            # Narrower: tqdm would pad the new line to the old one's length, and the padding
+            # would wrap. Clear the row instead and start a fresh status line.
+            self.stream.write("\r\x1b[2K")
+            self.bar.sp = self.bar.status_printer(self.stream)
+        self.bar.ncols, self.bar.bar_format = ncols, bar_format
+        self.bar.set_description_str(text, refresh=False)
+        if done != self.bar.n:
+            self.bar.update(done - self.bar.n)
         else:
-            self.stream.write(line + "\n")
+            self.bar.refresh()
+
+    def _write_plain(self, line: str) -> None:
+        self.last_plain = time.monotonic()
+        self.written = line
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
+        """The last state: the bar's final line, or the plain line if it changed."""
         self()
-        if self.tty and self.last:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.last and self.last != self.written:
+            self._write_plain(self.last)

@@ -12,10 +12,12 @@ ordinary WAITING trials, which any worker runs; every choice then uses
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -50,7 +52,12 @@ class Configuration:
 
     @property
     def values(self) -> list[float]:
-        return [float(t.value) for t in self.trials if t.value is not None]
+        """One value a run; a run that diverged counts as 0 (it trained nothing usable)."""
+        return [0.0 if _diverged(t) else float(cast(float, t.value)) for t in self.trials]
+
+    @property
+    def diverged(self) -> int:
+        return sum(_diverged(t) for t in self.trials)
 
     @property
     def n(self) -> int:
@@ -67,9 +74,10 @@ class Configuration:
 
     def describe(self) -> str:
         """``0.4213 +- 0.0061 (n=3)``, or the single value."""
+        diverged = f", {self.diverged} diverged" if self.diverged else ""
         if self.n > 1:
-            return f"{self.mean:.4f} +- {self.sd:.4f} (n={self.n})"
-        return f"{self.mean:.4f} (n=1)"
+            return f"{self.mean:.4f} +- {self.sd:.4f} (n={self.n}{diverged})"
+        return f"{self.mean:.4f} (n=1{diverged})"
 
     def as_dict(self) -> dict:
         return {
@@ -81,20 +89,32 @@ class Configuration:
         }
 
 
+def _diverged(t: FrozenTrial) -> bool:
+    return t.state == TrialState.PRUNED and bool(t.user_attrs.get("diverged"))
+
+
 def configurations(trials: Sequence[FrozenTrial], replicates: int = 1) -> list[Configuration]:
     """The COMPLETE trials grouped by parameters, best first.
 
-    Best first means: the configurations with ``replicates`` runs (or as many as
-    any has) by mean, then the others by mean. A single lucky run must not beat
-    a mean over seeds (the winner's curse), so the first is always replicated
-    when any is.
+    A replicate that diverged counts too (as 0: see :attr:`Configuration.values`),
+    and one run per seed index: a replicate queued twice by two processes at
+    once is counted once (the lower trial number). Best first means: the
+    configurations with ``replicates`` runs (or as many as any has) by mean,
+    then the others by mean. A single lucky run must not beat a mean over
+    seeds (the winner's curse), so the first is always replicated when any is.
     """
     groups: dict[tuple, Configuration] = {}
-    for t in trials:
-        if t.state != TrialState.COMPLETE or t.value is None:
+    seen: set[tuple] = set()
+    for t in sorted(trials, key=lambda t: t.number):
+        counts = t.state == TrialState.COMPLETE and t.value is not None
+        if not (counts or (_diverged(t) and is_replicate(t))):
             continue
         key = params_key(t.params)
+        if (key, replicate_index(t)) in seen:
+            continue
+        seen.add((key, replicate_index(t)))
         groups.setdefault(key, Configuration(dict(t.params))).trials.append(t)
+    groups = {k: c for k, c in groups.items() if any(not _diverged(t) for t in c.trials)}
     if not groups:
         return []
     enough = min(replicates, max(c.n for c in groups.values()))
@@ -117,29 +137,82 @@ def pooled_sd(configs: Sequence[Configuration]) -> float | None:
     return math.sqrt(ss / dof)
 
 
+REPLICATED_AT = "replicated_at"  # study attr: search trials finished when replicates were queued
+
+
+def replicates_due(study: optuna.Study) -> bool:
+    """Whether the stage's search results changed since its replicates were queued
+    (never queued, or the target was raised since): one round per set of results."""
+    finished = sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_replicate(t)
+        for t in study.get_trials(deepcopy=False)
+    )
+    return finished > int(study.user_attrs.get(REPLICATED_AT, -1))
+
+
+def missing_replicates(study: optuna.Study, replicates: int, top: int) -> int:
+    """Runs :func:`queue_replicates` would queue now (0 when the round is done)."""
+    if replicates <= 1 or top < 1 or not replicates_due(study):
+        return 0
+    return len(_missing(study.get_trials(deepcopy=False), replicates, top))
+
+
+def _missing(trials: Sequence[FrozenTrial], replicates: int, top: int) -> list[tuple[dict, int]]:
+    present: dict[tuple, set[int]] = {}
+    for t in trials:
+        # A WAITING trial has no params yet, only the ones it was queued with.
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        present.setdefault(params_key(params), set()).add(replicate_index(t))
+    missing = []
+    for config in configurations(trials)[:top]:
+        have = present.get(params_key(config.params), set())
+        missing += [(config.params, i) for i in range(1, replicates) if i not in have]
+    return missing
+
+
 def queue_replicates(study: optuna.Study, replicates: int, top: int) -> int:
     """Queue the missing seeds of the ``top`` best configurations; how many were queued.
 
     Each of them gets ``replicates`` runs in all. A seed index already present in any
     state (running, waiting, failed by the settings, or re-queued) is not queued
     again, so calling this again after an interrupt queues only what is missing.
+    One round per set of search results (:func:`replicates_due`): running the
+    command again with the same target queues nothing more. Two processes
+    queueing at once may both queue a seed; the later copies are failed
+    ("duplicate replicate") and :func:`configurations` counts one run per seed.
     """
-    if replicates <= 1 or top < 1:
+    if replicates <= 1 or top < 1 or not replicates_due(study):
         return 0
     trials = study.get_trials(deepcopy=False)
-    present: dict[tuple, set[int]] = {}
-    for t in trials:
-        # A WAITING trial has no params yet, only the ones it was queued with.
+    finished = sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_replicate(t) for t in trials
+    )
+    missing = _missing(trials, replicates, top)
+    for params, index in missing:
+        study.enqueue_trial(params, user_attrs={REPLICATE: index})
+    study.set_user_attr(REPLICATED_AT, finished)
+    _fail_duplicates(study)
+    return len(missing)
+
+
+def _fail_duplicates(study: optuna.Study) -> None:
+    """Fail the WAITING copies of a (params, seed index) queued twice, keeping the first."""
+    from search.sweep.storage import storage_of, trial_id
+
+    storage = storage_of(study)
+    seen: set[tuple] = set()
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         params = t.params or t.system_attrs.get("fixed_params", {})
-        present.setdefault(params_key(params), set()).add(replicate_index(t))
-    queued = 0
-    for config in configurations(trials)[:top]:
-        have = present.get(params_key(config.params), set())
-        for index in range(1, replicates):
-            if index not in have:
-                study.enqueue_trial(config.params, user_attrs={REPLICATE: index})
-                queued += 1
-    return queued
+        if not is_replicate(t) or t.state == TrialState.FAIL:  # a lost run's retry is no copy
+            continue
+        key = (params_key(params), replicate_index(t))
+        if key not in seen:
+            seen.add(key)
+        elif t.state == TrialState.WAITING:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                tid = trial_id(t)
+                storage.set_trial_user_attr(tid, "reason", "not needed: duplicate replicate")
+                storage.set_trial_state_values(tid, state=TrialState.FAIL)
 
 
 SMOOTHING_DECADES = 0.3  # the kernel's sd in decades of each searched parameter

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import sqlite3
 import time
@@ -46,12 +47,12 @@ def storage_of(study: optuna.Study) -> BaseStorage:
     return study._storage
 
 
-def trial_id(trial: FrozenTrial) -> int:
-    """The storage's id of a trial.
+def trial_id(trial: FrozenTrial | optuna.Trial) -> int:
+    """The storage's id of a trial (frozen or running).
 
-    Private (``FrozenTrial._trial_id``): the storage API takes trial ids, and the
-    public way to get one (``get_trial_id_from_study_id_trial_number``) costs a
-    query per call, on every look at the queue.
+    Private (``FrozenTrial._trial_id``, ``Trial._trial_id``): the storage API takes
+    trial ids, and the public way to get one (``get_trial_id_from_study_id_trial_number``)
+    costs a query per call, on every look at the queue.
     """
     return trial._trial_id
 
@@ -64,6 +65,19 @@ def safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (journal file): nothing to hide
         return url
+
+
+def relative_url(url: str, base: Path) -> str:
+    """``url`` with the path of its SQLite or journal file relative to ``base`` when the file
+    is under it (a report does not show where the user's home is); else :func:`safe_url`."""
+    path = _file_of(url)
+    if path is not None:
+        try:
+            rel = path.resolve().relative_to(Path(base).resolve())
+        except ValueError:
+            return safe_url(url)
+        return f"sqlite:///{rel}" if sqlite_path(url) else f"journal:///{rel}"
+    return safe_url(url)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -95,10 +109,20 @@ def make_storage(
     - ``journal:///path.log`` or a path ending in ``.log``: a journal file.
 
     Workers record their own heartbeats (``search.sweep.lost``), on every kind of
-    storage, so Optuna's heartbeat is not used.
+    storage, so Optuna's heartbeat is not used. A URL that names no usable storage
+    is a :class:`StorageURLError`; a storage that cannot be used (unreachable server,
+    a file that cannot be written, a full disk, ...) a :class:`StorageError`, each
+    one line saying what to do.
     """
+    try:
+        backend = _open(url)
+    except Exception as exc:  # noqa: BLE001 - named by describe_failure, else re-raised
+        named = _named(exc, url)
+        if named is exc:
+            raise
+        raise named from exc
     # Abstract to mypy only: every method is filled in below the class.
-    return ResilientStorage(_open(url), patience=patience, log=log)  # type: ignore[abstract]
+    return ResilientStorage(backend, patience=patience, log=log, url=url)  # type: ignore[abstract]
 
 
 def _cached(backend: BaseStorage) -> BaseStorage:
@@ -116,16 +140,32 @@ def _cached(backend: BaseStorage) -> BaseStorage:
     return backend
 
 
+SUPPORTED = (
+    "sqlite:///PATH.db, postgresql+psycopg2://USER@HOST:PORT/DB, mysql+pymysql://USER@HOST/DB "
+    "or journal:///PATH.log"
+)
+
+
+class StorageURLError(ValueError):
+    """A storage URL that names no storage this tool can use (a setting to fix: exit 2)."""
+
+
+class StorageError(RuntimeError):
+    """A storage that cannot be used as it is; the message says what happened and what to do."""
+
+
 def _open(url: str) -> BaseStorage:
     if url.startswith("journal://") or (url.endswith(".log") and "://" not in url):
         path = url.removeprefix("journal://")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     if "://" not in url:
-        raise ValueError(
-            f"storage must be a URL like sqlite:///studies/x.db, "
-            f"postgresql+psycopg2://user@host/db or journal:///path.log; got {url!r}"
-        )
+        raise StorageURLError(f"storage must be a URL like {SUPPORTED}; got {url!r}")
+    from search.config.study import IN_MEMORY, in_memory
+
+    if in_memory(url):
+        raise StorageURLError(f"storage {url!r}: {IN_MEMORY}")
+    _check_scheme(url)
     engine_kwargs: dict = {}
     db = sqlite_path(url)
     if db is not None:
@@ -160,6 +200,202 @@ def _open(url: str) -> BaseStorage:
     if db is not None:
         _serialise_sqlite_writes(storage)
     return storage
+
+
+def _check_scheme(url: str) -> None:
+    """A :class:`StorageURLError` for a URL SQLAlchemy cannot parse, a scheme it does not
+    know (``sqllite:///``) or a driver that is not installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        raise StorageURLError(
+            f"unknown storage scheme {scheme + '://'!r} in {safe_url(url)!r}; supported: "
+            f"{SUPPORTED}"
+        ) from None
+    except ArgumentError as exc:
+        raise StorageURLError(f"storage {safe_url(url)!r} is not a valid URL ({exc})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        extra = (
+            " (pip install 'coarse2fine[postgres]')"
+            if parsed.get_backend_name() == ("postgresql")
+            else ""
+        )
+        driver = exc.name or parsed.drivername
+        raise StorageURLError(
+            f"storage {safe_url(url)!r} needs the database driver {driver!r}, which is not "
+            f"installed{extra}"
+        ) from None
+
+
+def _named(exc: BaseException, url: str) -> BaseException:
+    """``exc`` as a :class:`StorageError` saying what to do, when it is a known failure of a
+    storage; else ``exc`` itself."""
+    if isinstance(exc, StorageError | StorageURLError | StorageUnavailable):
+        return exc
+    message = describe_failure(exc, url)
+    return StorageError(message) if message else exc
+
+
+def _where(url: str) -> str:
+    """The storage as the user knows it: a file path, or a server and its database."""
+    path = _file_of(url)
+    if path is not None:
+        return str(path)
+    try:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+        name = {"postgresql": "PostgreSQL", "mysql": "MySQL"}.get(u.get_backend_name(), "server")
+        port = u.port or {"postgresql": 5432, "mysql": 3306}.get(u.get_backend_name())
+        host = f"{u.host or 'localhost'}" + (f":{port}" if port else "")
+        return f"{name} at {host}" + (f"/{u.database}" if u.database else "")
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: say it as it is
+        return safe_url(url)
+
+
+def _file_of(url: str) -> Path | None:
+    """The file of a SQLite or journal storage, else None."""
+    db = sqlite_path(url)
+    if db is not None:
+        return db
+    if url.startswith("journal://") or "://" not in url:
+        rest = url.removeprefix("journal://")
+        return Path("/" + rest.lstrip("/")) if rest.startswith("/") else Path(rest)
+    return None
+
+
+def _read_only_place(path: Path) -> str | None:
+    """Why ``path`` cannot be written, if it is read-only: its file system, or the file."""
+    import os
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        return None
+    if path.exists() and not os.access(path, os.W_OK):
+        return "read-only file"
+    if not os.access(path.parent if path.parent.exists() else existing, os.W_OK):
+        return "read-only directory"
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not s for s in seen):
+        seen.append(e)
+        orig = getattr(e, "orig", None)  # SQLAlchemy's DBAPIError keeps the driver's error
+        if isinstance(orig, BaseException) and all(orig is not s for s in seen):
+            seen.append(orig)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def _from_storage(exc: BaseException) -> bool:
+    """An error raised by a database, its driver, the file system, or Optuna's schema check."""
+    module = type(exc).__module__.split(".")[0]
+    return (
+        isinstance(exc, OSError | sqlite3.Error)
+        or module in ("sqlalchemy", "psycopg2", "psycopg", "pymysql", "MySQLdb")
+        or isinstance(exc, optuna.exceptions.StorageInternalError)
+        or (isinstance(exc, RuntimeError) and "compatible with the table schema" in str(exc))
+    )
+
+
+def describe_failure(exc: BaseException, url: str) -> str | None:
+    """One line for a known failure of the storage at ``url``: what happened and what to
+    do. None when ``exc`` is not one (a bug, a bad argument): let it be raised as it is.
+
+    Known: a server that does not answer or refuses the login; a file or directory that
+    cannot be created or written, read-only, not a database, corrupt; a full disk; a
+    schema made by another Optuna version.
+    """
+    where = _where(url)
+    # Only the errors of a database, its driver or the file system say what the storage
+    # did: a KeyError("Record does not exist.") is Optuna's answer about a study.
+    chain = [e for e in _chain(exc) if _from_storage(e)]
+    if not chain:
+        return None
+    texts = " | ".join(str(e).lower() for e in chain)
+    codes = {getattr(e, "errno", None) for e in chain if isinstance(e, OSError)}
+    first = _one_line(chain[-1])
+    again = "then run the same command again (finished trials are kept)"
+    if errno.ENOSPC in codes or "disk is full" in texts or "no space left" in texts:
+        return f"the disk holding {where} is full ({first}): free some space, {again}"
+    path = _file_of(url)
+    read_only = _read_only_place(path) if path is not None else None
+    if (
+        errno.EROFS in codes
+        or "readonly database" in texts
+        or "read-only file system" in texts
+        or (read_only and ("unable to open database file" in texts or codes))
+    ):
+        why = read_only or first
+        beside = " (SQLite writes -wal and -shm files beside it)" if sqlite_path(url) else ""
+        return (
+            f"{where} cannot be written ({why}): make the file and its directory "
+            f"writable{beside}, or give --storage another file; {again}"
+        )
+    if codes & {errno.EACCES, errno.EPERM}:
+        return f"cannot write {where}: permission denied ({first}); fix its permissions, {again}"
+    if "disk i/o error" in texts:
+        return (
+            f"{where}: the disk failed a read or write ({first}): check the disk and its free "
+            f"space, {again}"
+        )
+    if "file is not a database" in texts:
+        return (
+            f"{where} is not an SQLite database (or not one this SQLite can read): give "
+            "--storage another file, or move this one away to start afresh"
+        )
+    if "malformed" in texts or "database corrupt" in texts:
+        return (
+            f"{where} is corrupt ({first}): restore a backup, or recover what is left with "
+            f"`sqlite3 {where} .recover`; or move it away to start afresh"
+        )
+    if "unable to open database file" in texts or codes & {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+    }:
+        return (
+            f"cannot create or open {where} ({first}): its directory must exist (or be "
+            "creatable) and be writable, and the path must name a file"
+        )
+    if "no longer compatible with the table schema" in texts:
+        fix = (
+            f"back it up, then run `optuna storage upgrade --storage {safe_url(url)}`"
+            if "storage upgrade" in texts
+            else "install the newer Optuna that made it (pip install -U optuna)"
+        )
+        return (
+            f"{where} holds tables made by another version of Optuna than this one "
+            f"({optuna.__version__}): {fix}"
+        )
+    if any(w in texts for w in ("password authentication failed", "does not exist", "role ")):
+        if not url.startswith(("sqlite", "journal")) and "://" in url:
+            return f"{where} refused the login ({first}): check user, password and database"
+    if is_transient(exc) and not url.startswith(("sqlite", "journal")) and "://" in url:
+        return (
+            f"{where} does not answer ({first}): start the server, or check the host and port "
+            "in the storage URL"
+        )
+    if "could not translate host name" in texts or "name or service not known" in texts:
+        return f"{where}: unknown host ({first}); check the host in the storage URL"
+    return None
 
 
 _READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("c2f_read_only", default=False)
@@ -391,35 +627,43 @@ class ResilientStorage(BaseStorage):
         *,
         patience: float = PATIENCE_S,
         log: Callable[[str], None] | None = None,
+        url: str = "",
     ) -> None:
         self.backend = backend  # the storage itself (RDBStorage, JournalStorage)
         self.inner = _cached(backend)  # what the calls go to
         self.patience = patience
         self.log = log
+        self.url = url  # for the message of a failure (StorageError)
         self.should_stop: Callable[[], bool] = lambda: False
 
     def __getattr__(self, name: str):  # noqa: ANN204 - the wrapped storage's attributes
-        if name in ("inner", "backend"):  # not set yet (unpickling)
+        if name in ("inner", "backend", "url"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.backend, name)
 
     def __getstate__(self) -> dict:
         # A worker's stop flag and log stay in its process; the cache is rebuilt.
-        return {"backend": self.backend, "patience": self.patience}
+        return {"backend": self.backend, "patience": self.patience, "url": self.url}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["backend"], patience=state["patience"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["backend"], patience=state["patience"], url=state.get("url", "")
+        )
 
     def call(self, name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         """The wrapped storage's method ``name``, retried while the database is away."""
         return self.retrying(getattr(self.inner, name), *args, **kwargs)
 
     def retrying(self, method: Callable[..., T], *args, **kwargs) -> T:  # noqa: ANN002, ANN003
-        """``method(*args, **kwargs)``, retried while the database is unreachable."""
+        """``method(*args, **kwargs)``, retried while the database is unreachable.
+
+        A known failure that retrying cannot mend (a full disk, a read-only file, ...) is
+        raised as a :class:`StorageError` saying what to do."""
         try:
             return method(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
             if not is_transient(exc):
+                self._raise_named(exc)
                 raise
             first = exc
         t0 = time.monotonic()
@@ -439,11 +683,18 @@ class ResilientStorage(BaseStorage):
                 result = method(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
                 if not is_transient(exc):
+                    self._raise_named(exc)
                     raise
                 continue
             if self.log is not None:
                 self.log(f"storage reachable again after {time.monotonic() - t0:.1f} s")
             return result
+
+    def _raise_named(self, exc: BaseException) -> None:
+        """Raise ``exc`` as a :class:`StorageError` if it is a known failure; else return."""
+        named = _named(exc, self.url) if self.url else exc
+        if named is not exc:
+            raise named from exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -504,6 +755,78 @@ def waiting_trial_ids(storage: BaseStorage, study_id: int, *, limit: int = 8) ->
 # The query above names these columns and stores the state by name, as SQLAlchemy does.
 _FAST_WAITING = {"trial_id", "study_id", "state"} <= set(
     rdb_models.TrialModel.__table__.columns.keys()
+)
+
+
+def enqueue_blank(
+    storage: BaseStorage,
+    study_id: int,
+    n: int,
+    *,
+    chunk: int = 500,
+    between: Callable[[], None] = lambda: None,
+) -> None:
+    """Queue ``n`` WAITING trials without parameters, as ``study.enqueue_trial({})`` does.
+
+    On an RDB storage, two statements per ``chunk`` trials on the private schema, in one
+    transaction that holds the study's row (as Optuna's own trial creation does, so
+    numbers stay dense and unique): ``enqueue_trial`` costs 4-6 ms a trial, and a
+    10,000-trial target took most of a minute before the first trial trained.
+    ``between`` is called before each chunk (a stop signal lands there). Elsewhere
+    (a journal file), Optuna's way, one trial at a time.
+    """
+    from optuna.trial import create_trial
+
+    inner = getattr(storage, "backend", storage)
+    if not (isinstance(inner, RDBStorage) and _FAST_ENQUEUE):
+        template = create_trial(state=TrialState.WAITING, system_attrs={"fixed_params": {}})
+        for _ in range(n):
+            between()
+            storage.create_new_trial(study_id, template_trial=template)
+        return
+
+    def insert(k: int) -> None:
+        with inner.engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite: the write lock
+            if conn.dialect.name != "sqlite":
+                conn.execute(
+                    sqlalchemy.text("SELECT study_id FROM studies WHERE study_id = :s FOR UPDATE"),
+                    {"s": study_id},
+                )
+            first = conn.execute(
+                sqlalchemy.text("SELECT count(*) FROM trials WHERE study_id = :s"), {"s": study_id}
+            ).scalar_one()
+            conn.execute(
+                sqlalchemy.text(
+                    "INSERT INTO trials (number, study_id, state, datetime_start, "
+                    "datetime_complete) VALUES (:number, :s, 'WAITING', NULL, NULL)"
+                ),
+                [{"number": first + i, "s": study_id} for i in range(k)],
+            )
+            conn.execute(
+                sqlalchemy.text(
+                    "INSERT INTO trial_system_attributes (trial_id, key, value_json) "
+                    "SELECT trial_id, 'fixed_params', '{}' FROM trials "
+                    "WHERE study_id = :s AND number >= :first"
+                ),
+                {"s": study_id, "first": first},
+            )
+
+    done = 0
+    while done < n:
+        between()
+        k = min(chunk, n - done)
+        if isinstance(storage, ResilientStorage):
+            storage.retrying(insert, k)
+        else:
+            insert(k)
+        done += k
+
+
+# The statements above name these columns, as Optuna's models define them.
+_FAST_ENQUEUE = {"trial_id", "number", "study_id", "state", "datetime_start"} <= set(
+    rdb_models.TrialModel.__table__.columns.keys()
+) and {"trial_id", "key", "value_json"} <= set(
+    rdb_models.TrialSystemAttributeModel.__table__.columns.keys()
 )
 
 

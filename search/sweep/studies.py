@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import socket
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,20 +31,24 @@ from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import Objective
 from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared, prepare
-from search.sweep.replicates import is_replicate, queue_replicates
+from search.sweep.replicates import is_replicate, missing_replicates, queue_replicates
 from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
+    enqueue_blank,
     make_storage,
     sqlite_path,
     storage_of,
     trial_id,
     with_retries,
 )
+from search.sweep.user_train import UserObjective
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
 STAGES = ("coarse", "fine")
+# The name of a trial's value in the dashboard (instead of "Objective 0").
+METRIC = "val_acc"
 
 
 class DataMismatchError(RuntimeError):
@@ -107,6 +112,10 @@ def open_study(
                 load_if_exists=True,
             )
         )
+        if study.metric_names != [METRIC]:
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, and in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([METRIC])
     else:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
     n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
@@ -139,11 +148,11 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     if missing < 0:
         _trim(storage, counted, target)
     already = {tuple(sorted(t.params.items())) for t in trials}
-    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already]
-    for i in range(max(0, missing)):
+    starts = [p for p in enqueue if tuple(sorted(p.items())) not in already][: max(0, missing)]
+    for params in starts:
         checkpoint()  # Ctrl-C while a large target is queued: stop here, any prefix will do
-        params = starts[i] if i < len(starts) else {}
-        study.enqueue_trial(params, skip_if_exists=bool(params))
+        study.enqueue_trial(params, skip_if_exists=True)
+    enqueue_blank(storage, study_id, max(0, missing) - len(starts), between=checkpoint)
     study.set_user_attr("target", target)
     return max(0, missing)
 
@@ -202,7 +211,11 @@ def record_data(study: optuna.Study, prepared: Prepared) -> None:
 
 def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> Prepared:
     """The study's prepared data, cached under ``cache/`` beside the study file, or
-    under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume)."""
+    under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume).
+
+    Data that cannot be loaded as the study file asks (a missing file, an n_val the
+    dataset cannot hold) is a StudyDefinitionError naming the study file.
+    """
     root = cache_dir or os.environ.get("C2F_CACHE_DIR") or None
     try:
         prepared = prepare(
@@ -212,10 +225,12 @@ def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> 
             seed=spec.optuna.seed,
             log=log,
         )
-    except ValueError as exc:
-        if "n_val" in str(exc):  # the loader knows the size, the study file the field
-            raise StudyDefinitionError(spec.path, "data.n_val", str(exc)) from None
-        raise
+    except ValueError as exc:  # DataError too: a missing or broken data file
+        if isinstance(exc, StudyDefinitionError):
+            raise
+        # The loader knows the size and the files, the study file the field.
+        field_name = "data.n_val" if "n_val" in str(exc) else "data"
+        raise StudyDefinitionError(spec.path or "<study>", field_name, str(exc)) from None
     check_fits(spec, prepared.sizes())
     return prepared
 
@@ -263,6 +278,20 @@ def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
 
 def _stage_values(spec: StudySpec, stage: str) -> dict[str, Any]:
     return {"fine": spec.fine.training, "final": spec.final.training}.get(stage, {})
+
+
+def record_files(study: optuna.Study, spec: StudySpec) -> None:
+    """Record the study file and its data on the study (user attrs ``study_file``, as
+    given on the command line, which lets ``search.worker`` join without ``--study``;
+    ``data_dir``, relative to the study file, and ``n_val``, which ``status`` puts in
+    the command that resumes the study when they are not the study file's own)."""
+    if spec.path:
+        study.set_user_attr("study_file", spec.path)
+    data_dir = spec.data_dir()
+    if data_dir:
+        study.set_user_attr("data_dir", os.path.relpath(data_dir, spec.base_dir))
+    if spec.data.n_val is not None:
+        study.set_user_attr("n_val", spec.data.n_val)
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:
@@ -317,7 +346,8 @@ class StageJob:
         )
         prepared = Prepared(Path(self.prepared_path), self.checksum)
         record_data(study, prepared)
-        objective = Objective(self.spec, self.stage, prepared.open(), self.ranges)
+        make = UserObjective if self.spec.model.train else Objective
+        objective = make(self.spec, self.stage, prepared.open(), self.ranges)
         return Sweep(
             storage,
             study,
@@ -380,7 +410,7 @@ def replicate_rounds(
     ``total`` is the target plus the replicate runs, for the progress line.
     """
     stage_spec = spec.coarse if stage == "coarse" else spec.fine
-    for _ in range(MAX_REPLICATE_ROUNDS):
+    for _ in range(MAX_REPLICATE_ROUNDS):  # one round per set of search results
         trials = study.get_trials(deepcopy=False)
         if any(t.state in LIVE and not is_replicate(t) for t in trials):
             return
@@ -394,3 +424,16 @@ def replicate_rounds(
         )
         live = study.get_trials(deepcopy=False, states=FINISHED + LIVE)
         run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))
+
+
+def pending(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:
+    """What the stage still has to do before its results can be used, or None: trials
+    waiting or running, or replicates of its best configurations not yet queued."""
+    c = counts(study)
+    if c["WAITING"] or c["RUNNING"]:
+        return f"{c['WAITING']} trial(s) waiting and {c['RUNNING']} running"
+    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    missing = missing_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
+    if missing:
+        return f"{missing} replicate run(s) of its best configurations not yet queued"
+    return None

@@ -184,3 +184,23 @@ def test_fit_limits_blas_threads_and_can_leave_them(tiny_splits):
     assert seen[1] == outside and blas_threads() == outside
     with pytest.raises(ValueError, match="blas_threads"):
         fit(Network(20, [8], 3), tiny_splits, cfg, blas_threads=0)
+
+
+@pytest.mark.parametrize(
+    "values,words",
+    [
+        ({"batch_size": 50.5}, "batch_size must be an integer"),
+        ({"n_cycles": 1.5}, "n_cycles must be an integer"),
+        ({"n_s": float("nan")}, "n_s must be an integer"),
+        ({"batch_size": True}, "batch_size must be an integer"),
+        ({"train_eval_size": 0}, "train_eval_size must be >= 1"),
+        ({"eta_min": float("nan")}, "eta_min must be a finite number"),
+        ({"l2_lambda": float("inf")}, "l2_lambda must be a finite number"),
+        ({"rho": "0.9"}, "rho must be a number"),
+        ({"seed": -1}, "seed must be >= 0"),
+    ],
+)
+def test_config_fields_have_their_types(values, words):
+    with pytest.raises(ValueError, match=words):
+        TrainConfig(**values)
+    assert TrainConfig(n_s=np.int64(5), eta_max=np.float32(0.5)).n_s == 5  # NumPy numbers pass

@@ -132,6 +132,11 @@ def test_dashboard_reads_the_study(coarse_study):
     assert set(space) == {"l2_lambda", "eta_max"} and all(d["log"] for d in space.values())
     attrs = {a["key"] for a in detail["user_attrs"]}
     assert {"ranges", "target", "data_checksum"} <= attrs
+    assert detail["objective_names"] == ["val_acc"]  # not "Objective 0"
+    for t in trials:  # the trial view lists these: short values, no page of curves
+        shown = {a["key"]: a["value"] for a in t["user_attrs"]}
+        assert {"wall_time", "epochs_run", "diverged"} <= set(shown) and "curves" not in shown
+        assert all(len(str(v)) < 200 for v in shown.values()), shown
 
 
 def test_run_dashboard_stops_the_server(coarse_study):

@@ -20,6 +20,7 @@ from search.reporting import experiment_figures as figures
 from search.reporting import gradcheck
 from search.sweep import grid as sweep
 from search.sweep import studies as st
+from search.sweep.objective import curves_of
 from tests.conftest import check_axes
 from tests.search.conftest import dump_toml
 
@@ -85,7 +86,7 @@ def test_every_experiment_runs_covers_its_grid_and_draws(source, tmp_path, capsy
     expected = {sweep.params_key(experiment.params(p)) for p in experiment.points()}
     assert set(keys) == expected and set(keys.values()) == {1}, "one trial per grid point"
     for t in trials:
-        assert {"curves", "wall_time", "epochs_run", "diverged"} <= set(t.user_attrs)
+        assert {"wall_time", "epochs_run", "diverged"} <= set(t.user_attrs) and curves_of(t)
         if t.state == TrialState.COMPLETE:
             assert 0.0 <= t.user_attrs["test_acc"] <= 1.0
     section, paths = figures.draw(path, tmp_path / "out")
@@ -169,7 +170,7 @@ def test_overfit_reaches_high_training_accuracy_on_100_digits(tmp_path):
     assert trials and all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         assert t.user_attrs["n_train"] == 100
-        assert t.user_attrs["curves"]["train_acc"][-1] > 0.95, t.params
+        assert curves_of(t)["train_acc"][-1] > 0.95, t.params
 
 
 def test_a_diverged_run_is_recorded_and_drawn(tmp_path):

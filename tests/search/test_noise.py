@@ -19,11 +19,28 @@ from search.sweep import lost, narrowing
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.loop import take
-from search.sweep.objective import SEED_STRIDE
+from search.sweep.objective import SEED_STRIDE, curves_of
 from search.sweep.storage import storage_of
 from tests.search.conftest import REPO
 
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
+# One cycle a stage: these tests are about what is chosen, not how well it trains.
+FAST = {"n_cycles": 1, "evals_per_cycle": 4}
+
+
+@pytest.fixture
+def quick_study(quick_study):
+    """The quick start with one cycle in every stage (a test may still override it)."""
+
+    def make(name: str = "qs", **sections):
+        sections["training"] = {**FAST, **sections.get("training", {})}
+        sections["fine"] = {"trials": 4, "top_k": 2, **sections.get("fine", {})}
+        sections["final"] = {**sections.get("final", {})}
+        for stage in ("fine", "final"):
+            sections[stage].setdefault("training", {"n_cycles": 1})
+        return quick_study(name, **sections)
+
+    return make
 
 
 def quiet(fn, *args):
@@ -49,7 +66,7 @@ def _queued_coarse(quick_study, points, **sections):
 def test_shared_seed_identical_params_give_identical_curves(quick_study):
     a, b = {"l2_lambda": 1e-3, "eta_max": 0.1}, {"l2_lambda": 3e-2, "eta_max": 0.1}
     _, trials = _queued_coarse(quick_study, [a, a, b])
-    curves = [t.user_attrs["curves"]["val_acc"] for t in trials]
+    curves = [curves_of(t)["val_acc"] for t in trials]
     assert [t.user_attrs["seed"] for t in trials] == [0, 0, 0]
     assert curves[0] == curves[1]  # same params, same seed: the same run
     assert curves[0] != curves[2]  # only lambda differs, and so does the run
@@ -59,7 +76,7 @@ def test_per_trial_seed_mode_keeps_the_old_behaviour(quick_study):
     a = {"l2_lambda": 1e-3, "eta_max": 0.1}
     spec, trials = _queued_coarse(quick_study, [a, a], optuna={"seed_mode": "per_trial"})
     assert [t.user_attrs["seed"] for t in trials] == [0, 1]
-    assert trials[0].user_attrs["curves"] != trials[1].user_attrs["curves"]
+    assert curves_of(trials[0]) != curves_of(trials[1])
     assert st.open_study(spec, "coarse").user_attrs["seed_mode"] == "per_trial"
 
 
@@ -269,8 +286,8 @@ def test_workers_that_join_a_study_run_its_replicates(quick_study, tmp_path):
 
     path = quick_study(coarse={"trials": 4, "replicates": 2, "replicate_top": 1})
     url = f"sqlite:///{tmp_path / 'joined.db'}"
-    create = ["--create", "--study", str(path), "--storage", url]
-    assert quiet(worker.main, create)[0] == 0
+    create = ["--create", "--study", str(path), "--storage", url, "--n-val", "0.2"]
+    assert quiet(worker.main, create)[0] == 0  # a worker that joins takes the --n-val
     code, out = quiet(worker.main, ["--storage", url, "--study-name", "qs-coarse"])
     assert code == 0 and "replicates: the 1 best configurations get 2 seeds each" in out
     study = optuna.load_study(study_name="qs-coarse", storage=url)
@@ -331,3 +348,97 @@ def test_the_report_and_final_say_when_the_choice_is_within_noise(tmp_path):
     assert "**The choice of lambda is within the seed noise**" in text
     assert "test accuracy **0.9700 +- 0.0067 (n=3 seeds)**" in text
     assert f"**{note}" in markdown.narrowing_text(fine_study.user_attrs)
+
+
+def test_a_replicate_queued_twice_counts_once_and_its_copy_is_failed(quick_study):
+    spec = load_spec(quick_study())
+    study = st.open_study(spec, "coarse")
+    p = {"l2_lambda": 1e-3, "eta_max": 0.1}
+    for _ in range(2):  # two processes queueing the same seed at once
+        study.enqueue_trial(p, user_attrs={"replicate": 1})
+    rep._fail_duplicates(study)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.WAITING, TrialState.FAIL]
+    assert study.get_trials()[1].user_attrs["reason"] == "not needed: duplicate replicate"
+    # and finished copies (a race already run) count once per seed index
+    runs = [
+        optuna.trial.create_trial(
+            value=v, params={"l2_lambda": 1e-3}, distributions=DIST, user_attrs={"replicate": r}
+        )
+        for v, r in ((0.5, 0), (0.6, 1), (0.6, 1))
+    ]
+    for i, t in enumerate(runs):
+        t.number = i
+    (c,) = rep.configurations(runs)
+    assert c.n == 2 and c.mean == pytest.approx(0.55)
+
+
+def test_a_diverged_replicate_counts_as_zero_and_is_shown():
+    ok = optuna.trial.create_trial(value=0.5, params={"l2_lambda": 1e-3}, distributions=DIST)
+    bad = optuna.trial.create_trial(
+        state=TrialState.PRUNED,
+        params={"l2_lambda": 1e-3},
+        distributions=DIST,
+        user_attrs={"replicate": 1, "diverged": True},
+        intermediate_values={1: 0.4},
+    )
+    ok.number, bad.number = 0, 1
+    (c,) = rep.configurations([ok, bad])
+    assert c.values == [0.5, 0.0] and c.diverged == 1 and "1 diverged" in c.describe()
+
+
+def test_running_a_stage_again_queues_no_new_replicates(quick_study):
+    path = quick_study(coarse={"trials": 5, "replicates": 2, "replicate_top": 2})
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    n = len(st.open_study(load_spec(path), "coarse").get_trials())
+    for _ in range(2):
+        code, out = quiet(coarse.main, ["--study", str(path)])
+        assert code == 0 and "replicates:" not in out
+    assert len(st.open_study(load_spec(path), "coarse").get_trials()) == n
+    # a larger target is new results: one more round for them
+    code, out = quiet(coarse.main, ["--study", str(path), "--trials", "7"])
+    assert code == 0
+
+
+def test_fine_and_final_refuse_a_stage_that_is_not_finished(quick_study, capsys):
+    path = quick_study(coarse={"trials": 3, "replicates": 2, "replicate_top": 1})
+    spec = load_spec(path)
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    study = st.open_study(spec, "coarse")
+    study.enqueue_trial({"l2_lambda": 1e-3, "eta_max": 0.1}, user_attrs={"replicate": 1})
+    assert fine.main(["--study", str(path)]) == 2
+    assert "qs-coarse is not finished (1 trial(s) waiting" in capsys.readouterr().err
+    assert final.main(["--study", str(path)]) == 2
+    assert "qs-coarse is not finished" in capsys.readouterr().err
+
+
+def test_a_changed_holdout_retrains_final(quick_study):
+    path = quick_study(coarse={"trials": 2})
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+    assert quiet(final.main, ["--study", str(path)])[0] == 0
+    path.write_text(path.read_text().replace("holdout = 100", "holdout = 50"))
+    code, out = quiet(final.main, ["--study", str(path)])
+    assert code == 0 and "already recorded" not in out and "seed 0: test accuracy" in out
+    result = json.loads((load_spec(path).out_dir() / "final" / "result.json").read_text())
+    assert result["split"]["holdout"] == 50
+
+
+def test_an_invalid_extension_is_given_up_alone():
+    c = rep.Configuration({"l2_lambda": 1.2e-5, "eta_max": 1.1e-3})
+    c.trials.append(
+        optuna.trial.create_trial(
+            value=0.5,
+            params=c.params,
+            distributions={**DIST, "eta_max": FloatDistribution(1e-3, 0.5, log=True)},
+        )
+    )
+    c.trials[0].number = 0
+    n = narrowing.narrow(
+        [c],
+        {"l2_lambda": (1e-5, 1e-1), "eta_max": (1e-3, 0.5)},
+        margin=0.3,
+        top_k=1,
+        valid=lambda p: p["eta_max"] >= 1e-3,
+    )
+    assert n.ranges["l2_lambda"][0] < 1e-5  # its extension stands
+    assert n.ranges["eta_max"][0] == 1e-3 and "kept at the coarse edge" in n.extended["eta_max"]

@@ -18,6 +18,7 @@ from search import worker
 from search.config.study import load_spec
 from search.sweep import lost
 from search.sweep import studies as st
+from search.sweep.objective import curves_of
 from tests.search import pg_util
 from tests.search.test_dashboard import get_json, run_dashboard
 
@@ -78,7 +79,7 @@ def test_three_workers_run_exactly_the_target(quick_study, pg_url):
     # Three commands, one worker process each: three owners at most, none of them a command.
     owners = {t.system_attrs[lost.OWNER]["pid"] for t in finished}
     assert len(owners) <= 3 and not owners & {p.pid for p in procs}
-    assert all("curves" in t.user_attrs for t in finished)
+    assert all(curves_of(t)["val_acc"] for t in finished)
 
 
 def test_killed_worker_trial_is_retried_by_the_others(quick_study, pg_url):

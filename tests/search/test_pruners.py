@@ -12,6 +12,7 @@ from model.network import Network
 from search import coarse, final
 from search.config.study import load_spec
 from search.sweep import studies as st
+from search.sweep.objective import curves_of
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,7 @@ def test_each_pruner_prunes_and_pruned_trials_keep_their_curves(quick_study, pru
     assert pruned, f"{pruner} pruned nothing"
     full = max(len(t.intermediate_values) for t in complete)
     for t in pruned:
-        curves = t.user_attrs["curves"]
+        curves = curves_of(t)
         # The curves up to where it stopped, as the dashboard shows them.
         assert len(curves["val_acc"]) == len(t.intermediate_values) < full
         assert curves["val_acc"] == [t.intermediate_values[s] for s in curves["step"]]

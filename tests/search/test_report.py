@@ -31,8 +31,16 @@ def ran(tmp_path_factory) -> types.SimpleNamespace:
     path = write_study(
         root,
         "qs",
-        coarse={"trials": 6},
-        fine={"trials": 3, "top_k": 2},
+        coarse={"trials": 6, "replicates": 2, "replicate_top": 2},
+        fine={
+            "trials": 3,
+            "top_k": 2,
+            "replicates": 2,
+            "replicate_top": 1,
+            "training": {"n_cycles": 1},
+        },
+        training={"n_cycles": 1},
+        final={"seeds": 2, "training": {"n_cycles": 1}},
         optuna={"workers": 1, "n_startup_trials": 2},
     )
     assert coarse.main(["--study", str(path)]) == 0
@@ -69,6 +77,9 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     coarse_study = optuna.load_study(study_name="qs-coarse", storage=ran.spec.storage_url())
     fine_study = optuna.load_study(study_name="qs-fine", storage=ran.spec.storage_url())
     assert md.startswith("# Report: qs")
+    # Paths relative to the study file: the report does not say where the user's home is.
+    assert "Study file `qs.toml`, storage `sqlite:///qs.db`" in md
+    assert str(ran.path.parent) not in md
     assert "## Coarse search (`qs-coarse`)" in md and "## Fine search (`qs-fine`)" in md
     # ranges of each stage, as recorded on the studies
     for study in (coarse_study, fine_study):
@@ -77,25 +88,25 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     # top-10 tables with the best trial first
     header = "| trial | val acc (mean) | sd | n | lambda | eta_max | epochs run | wall time (s) |"
     assert md.count(header) == 2
-    # the best configuration first: mean +- sd over its 3 seeds (the study replicates)
-    best = rep.study_configurations(coarse_study, 3)[0]
-    assert best.n == 3
+    # the best configuration first: mean +- sd over its 2 seeds (the study replicates)
+    best = rep.study_configurations(coarse_study, 2)[0]
+    assert best.n == 2
     lam = best.params["l2_lambda"]
-    row = f"| {best.number} | {best.mean:.4f} | {best.sd:.4f} | 3 | {lam:.3e} |"
+    row = f"| {best.number} | {best.mean:.4f} | {best.sd:.4f} | 2 | {lam:.3e} |"
     assert row in md
-    # counts per state and epochs: 6 search trials and the replicates of the best 3
+    # counts per state and epochs: 6 search trials and the replicates of the best 2
     c = {s: 0 for s in markdown.STATES}
     for t in coarse_study.trials:
         c[t.state.name] += 1
     assert "| " + " | ".join(str(c[s]) for s in markdown.STATES) + " |" in md
     n_trials = sum(c.values())
-    assert n_trials >= 6 + 6
+    assert n_trials >= 6 + 2
     epochs = markdown.epochs_trained(coarse_study)
     assert epochs > 0 and f"Epochs trained: {epochs:.1f} over {n_trials} trials" in md
     # how fine narrowed, with the noise estimate
     assert "within the seed noise of the best" in md
-    # the final result over 3 seeds
-    assert result["n_seeds"] == 3 and len(result["test_accs"]) == 3
+    # the final result over 2 seeds
+    assert result["n_seeds"] == 2 and len(result["test_accs"]) == 2
     assert f"test accuracy **{result['test_acc']:.4f} +- {result['test_acc_sd']:.4f}" in md
     for name in ("history", "curves_coarse", "curves_fine", "final_curves"):
         assert f"(qs_{name}.png)" in md

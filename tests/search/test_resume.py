@@ -132,11 +132,11 @@ def test_progress_redraws_one_line_on_a_terminal(quick_study):
     progress = Progress(study, 2, stream=out)
     progress()
     progress.close()
-    assert out.getvalue().startswith("\r[") and out.getvalue().endswith("\n")
+    assert out.getvalue().startswith("\r0/2 ") and out.getvalue().endswith("\n")
     assert out.getvalue().count("\n") == 1
     piped = io.StringIO()
     Progress(study, 2, stream=piped)()
-    assert piped.getvalue().startswith("[") and "\r" not in piped.getvalue()
+    assert piped.getvalue().startswith("0/2 finished") and "\r" not in piped.getvalue()
 
 
 def test_fine_and_final_need_coarse_results_and_create_nothing(quick_study, capsys):

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from search import coarse, final, fine
 from search.config.study import load_spec
 from search.sweep import studies as st
+from search.sweep.objective import curves_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,7 +26,8 @@ def load(spec, stage):
 
 
 def test_coarse_fine_final_end_to_end(quick_study, capsys):
-    path = quick_study()
+    # One coarse cycle, fine's three and final's one: fast, and fine still trains longer.
+    path = quick_study(training={"n_cycles": 1}, final={"training": {"n_cycles": 1}})
     assert coarse.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
     assert "top" in out and "optuna-dashboard sqlite:///" in out and "6/6 finished" in out
@@ -37,7 +39,7 @@ def test_coarse_fine_final_end_to_end(quick_study, capsys):
         # log-uniform params, learning curves and bookkeeping on every trial
         assert all(d.log for d in t.distributions.values())
         assert set(t.params) == {"l2_lambda", "eta_max"}
-        curves = t.user_attrs["curves"]
+        curves = curves_of(t)
         assert len(curves["val_acc"]) == len(t.intermediate_values) > 0
         assert t.user_attrs["epochs_run"] > 0 and "wall_time" in t.user_attrs
         assert t.user_attrs["diverged"] in (True, False)

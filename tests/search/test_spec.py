@@ -46,7 +46,7 @@ BASE = {"name": "t", "search": {"l2_lambda": [1e-5, 1e-1]}}
         ({"optuna": {"pruner": "early"}}, "optuna.pruner", "must be one of"),
         ({"coarse": {"trials": 0}}, "coarse.trials", ">= 1"),
         ({"name": "a b"}, "name", "letters, digits"),
-        ({"coarse": {"trials": True}}, "coarse.trials", "of type int"),
+        ({"coarse": {"trials": True}}, "coarse.trials", "an integer"),
         ({"data": {"n_val": 0}}, "data.n_val", ">= 1"),
         ({"data": {"name": "cifar10", "split": "batch9"}}, "data.split", "must be one of"),
         ({"data": {"split": "all"}}, "data.split", "cifar10 only"),
@@ -61,8 +61,8 @@ BASE = {"name": "t", "search": {"l2_lambda": [1e-5, 1e-1]}}
             "optuna.grace_period",
             "twice",
         ),
-        ({"optuna": {"warmup_cycles": -1.0}}, "optuna", ">= 0"),
-        ({"optuna": {"n_startup_trials": -1}}, "optuna", ">= 0"),
+        ({"optuna": {"warmup_cycles": -1.0}}, "optuna.warmup_cycles", ">= 0"),
+        ({"optuna": {"n_startup_trials": -1}}, "optuna.n_startup_trials", ">= 0"),
         ({"optuna": {"storage": "nonsense"}}, "optuna.storage", "storage URL"),
         ({"optuna": {"heartbeat_interval": 60}}, "optuna.grace_period", "2 x 60 = 120 s"),
         # A range only partly valid: eta_max below the fixed eta_min would fail trials.
@@ -108,3 +108,65 @@ def test_stage_overrides_and_storage_default(quick_study):
 def test_storage_urls_and_journal_files_are_accepted():
     for url in ("sqlite:///x.db", "mysql+pymysql://u@h/d", "journal:///x.log", "runs/x.log"):
         assert parse_spec({**BASE, "optuna": {"storage": url}}).optuna.storage == url
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "change,field,words",
+    [
+        # Let through before: every trial then failed, or trained something else than asked.
+        ({"training": {"batch_size": 50.5}}, "training.batch_size", "must be an integer"),
+        ({"training": {"n_s": NAN}}, "training.n_s", "must be an integer"),
+        ({"training": {"n_cycles": 1.5}}, "training.n_cycles", "must be an integer"),
+        ({"training": {"train_eval_size": 0}}, "training.train_eval_size", ">= 1"),
+        ({"training": {"train_eval_size": -5}}, "training.train_eval_size", ">= 1"),
+        ({"training": {"eta_min": NAN}}, "training.eta_min", "finite"),
+        ({"training": {"rho": INF}}, "training.rho", "finite"),
+        ({"training": {"seed": -1}}, "training.seed", ">= 0"),
+        ({"training": {"schedule": 3}}, "training.schedule", "must be a string"),
+        ({"fine": {"training": {"n_cycles": 2.0}}}, "fine.training.n_cycles", "integer"),
+        ({"final": {"training": {"batch_size": NAN}}}, "final.training.batch_size", "integer"),
+        ({"optuna": {"warmup_cycles": NAN}}, "optuna.warmup_cycles", "finite number"),
+        ({"fine": {"margin": NAN}}, "fine.margin", "finite number"),
+        ({"fine": {"margin": INF}}, "fine.margin", "finite"),
+        ({"fine": {"top_k": 0}}, "fine.top_k", ">= 1"),
+        ({"fine": {"trials": 10**9}}, "fine.trials", "<= 10,000"),
+        ({"coarse": {"trials": 10**9}}, "coarse.trials", "<= 10,000"),
+        ({"coarse": {"trials": 2.0}}, "coarse.trials", "must be an integer"),
+        ({"network": {"sigma": NAN}}, "network.sigma", "finite"),
+        ({"network": {"sigma": 0.0}}, "network.sigma", "> 0"),
+        ({"fine": {"margin": -1}}, "fine.margin", ">= 0 decades"),
+        ({"network": {"bn_alpha": NAN}}, "network.bn_alpha", "finite"),
+        ({"data": {"n_val": 1.5}}, "data.n_val", "or a fraction of the data in (0, 1)"),
+        ({"data": {"n_val": NAN}}, "data.n_val", "finite"),
+        ({"final": {"holdout": 2.5}}, "final.holdout", "or a fraction of them in (0, 1)"),
+        ({"optuna": {"seed": -3}}, "optuna.seed", ">= 0"),
+        ({"optuna": {"workers": 0}}, "optuna.workers", ">= 1"),
+        ({"optuna": {"workers": 1.5}}, "optuna.workers", "integer"),
+        ({"optuna": {"grace_period": INF}}, "optuna.grace_period", "integer"),
+        ({"optuna": {"storage": "sqlite:///"}}, "optuna.storage", "in-memory"),
+        ({"optuna": {"storage": "sqlite:///:memory:"}}, "optuna.storage", "keeps nothing"),
+        ({"optuna": {"storage": "sqlite://"}}, "optuna.storage", "in-memory"),
+        ({"name": "x" * 300}, "name", "at most 100 characters"),
+        ({"name": "caf\u00e9"}, "name", "letters, digits"),
+    ],
+)
+def test_every_number_is_checked_for_type_and_range(change, field, words):
+    raw = {**BASE, **change}
+    with pytest.raises(StudyDefinitionError) as info:
+        parse_spec(raw, "studies/bad.toml")
+    msg = str(info.value)
+    assert msg.startswith(f"studies/bad.toml: [{field}] ") and words in msg, msg
+
+
+def test_unreadable_study_files_are_named(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(StudyDefinitionError, match=r"latin1.toml: \[file\] is not UTF-8 text"):
+        load_spec(latin1)
+    with pytest.raises(StudyDefinitionError, match=r"\[file\] is a directory"):
+        load_spec(tmp_path)
+    with pytest.raises(StudyDefinitionError, match="c2f init"):
+        load_spec(tmp_path / "studies" / "quickstart.toml")

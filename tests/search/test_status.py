@@ -135,8 +135,10 @@ def test_running_and_stale_trials(storage_url, capsys):
 
 def test_study_flag_reads_the_study_files_storage(tmp_path, capsys):
     path = write_study(tmp_path, "qs")
-    assert status.main(["--study", str(path)]) == 1  # nothing has run: no database
-    assert "run python -m search.coarse first" in capsys.readouterr().out
+    assert status.main(["--study", str(path)]) == 2  # nothing has run: no database
+    err = capsys.readouterr().err
+    assert err.startswith("error: no database at") and "Traceback" not in err
+    assert f"run python -m search.coarse --study {path} first" in err
     assert not (tmp_path / "qs.db").exists()
     storage = make_storage(f"sqlite:///{tmp_path / 'qs.db'}")
     _add(_study(storage, "qs-coarse", target=1), TrialState.COMPLETE, 0.5)
@@ -145,9 +147,11 @@ def test_study_flag_reads_the_study_files_storage(tmp_path, capsys):
 
 
 def test_exit_codes(tmp_path, storage_url, capsys):
-    make_storage(storage_url)  # an empty database
-    assert status.main(["--storage", storage_url]) == 1
-    assert "no studies in" in capsys.readouterr().out
+    make_storage(storage_url)  # an empty database: nothing to show, as for the other commands
+    assert status.main(["--storage", storage_url]) == 2
+    assert f"no studies in {storage_url}; run python -m search.coarse --storage" in (
+        capsys.readouterr().err
+    )
     assert status.main(["--study", str(tmp_path / "missing.toml")]) == 2
     assert "no such study file" in capsys.readouterr().err
     assert status.main(["--storage", "not-a-url"]) == 2

@@ -313,3 +313,27 @@ def test_waiting_trials_are_listed_oldest_first_as_optuna_lists_them(any_storage
     ]
     assert waiting_trial_ids(storage, sid, limit=3) == public[:3]
     assert waiting_trial_ids(storage, sid) == public and len(public) == 4
+
+
+def test_blank_trials_queued_at_once_are_the_ones_optuna_queues(any_storage_url):
+    """enqueue_blank (two statements a chunk on an RDB storage) makes what
+    study.enqueue_trial({}) makes; numbers stay dense when both are mixed; workers run them."""
+    from search.sweep.storage import enqueue_blank
+
+    storage, study, sid = new_study(any_storage_url)
+    study.enqueue_trial({})
+    enqueue_blank(storage, sid, 7, chunk=3)
+    study.enqueue_trial({"x": 0.5})
+    enqueue_blank(storage, sid, 2)
+    trials = study.get_trials()  # through Optuna's cache, as the workers read them
+    assert [t.number for t in trials] == list(range(11))
+    reference = trials[0]
+    for t in trials[1:8] + trials[9:]:
+        assert t.state == TrialState.WAITING and t.params == {} and t.user_attrs == {}
+        assert t.system_attrs == reference.system_attrs == {"fixed_params": {}}
+        assert t.datetime_start == reference.datetime_start is None
+    assert trials[8].system_attrs == {"fixed_params": {"x": 0.5}}
+    assert run_queue(sweep_of(storage, study), StopFlag()) == 11
+    done = study.get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in done) and len(done) == 11
+    assert done[8].params == {"x": 0.5}
