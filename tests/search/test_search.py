@@ -182,7 +182,7 @@ def _run_until(cmd, cond, timeout=120):
 def test_sigkill_mid_trial_then_resume(quick_study):
     path = quick_study(
         coarse={"trials": 6},
-        training={"n_cycles": 12},  # long enough that the kill lands mid-trial
+        training={"n_cycles": 40},  # long enough that the kill lands mid-trial
         optuna={"heartbeat_interval": 1, "grace_period": 3, "pruner": "none"},
     )
     spec = load_spec(path)
@@ -197,10 +197,10 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     def two_done_one_running():
         t = state()
         return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
-            # in the first half of its 96 evaluation points: the kill lands mid-trial
+            # in the first half of its 320 evaluation points: the kill lands mid-trial
             x.state == TrialState.RUNNING
             and len(x.params) == 2
-            and len(x.intermediate_values) < 48
+            and len(x.intermediate_values) < 160
             for x in t
         )
 
