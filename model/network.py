@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 
 from model import layers
+from model.errors import SettingError
 
 INITS = ("he", "xavier", "sigma")
 
@@ -57,20 +58,20 @@ class Network:
     ) -> None:
         hidden = [int(h) for h in hidden]
         if d_in < 1:
-            raise ValueError(f"d_in must be >= 1, got {d_in=}")
+            raise SettingError(f"d_in must be >= 1, got {d_in=}", field="d_in")
         if n_classes < 2:
-            raise ValueError(f"n_classes must be >= 2, got {n_classes=}")
+            raise SettingError(f"n_classes must be >= 2, got {n_classes=}", field="n_classes")
         if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden sizes must all be >= 1, got {hidden=}")
+            raise SettingError(f"hidden sizes must all be >= 1, got {hidden=}", field="hidden")
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init=}")
+            raise SettingError(f"init must be one of {INITS}, got {init=}", field="init")
         if init == "sigma" and (sigma is None or not sigma > 0):
-            raise ValueError(f"init='sigma' needs sigma > 0, got {sigma=}")
+            raise SettingError(f"init='sigma' needs sigma > 0, got {sigma=}", field="sigma")
         if not 0.0 <= bn_alpha < 1.0:
-            raise ValueError(f"bn_alpha must be in [0, 1), got {bn_alpha=}")
+            raise SettingError(f"bn_alpha must be in [0, 1), got {bn_alpha=}", field="bn_alpha")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype=}")
+            raise SettingError(f"dtype must be float32 or float64, got {dtype=}", field="dtype")
         self.d_in = int(d_in)
         self.hidden = tuple(hidden)
         self.n_classes = int(n_classes)

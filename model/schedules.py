@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.errors import SettingError
+
 
 @dataclass(frozen=True)
 class Constant:
@@ -13,7 +15,7 @@ class Constant:
 
     def __post_init__(self) -> None:
         if not self.eta > 0:
-            raise ValueError(f"eta must be > 0, got eta={self.eta!r}")
+            raise SettingError(f"eta must be > 0, got eta={self.eta!r}", field="eta")
 
     def lr_at(self, step: int) -> float:
         return self.eta
@@ -29,9 +31,9 @@ class StepDecay:
 
     def __post_init__(self) -> None:
         if not self.eta > 0:
-            raise ValueError(f"eta must be > 0, got eta={self.eta!r}")
+            raise SettingError(f"eta must be > 0, got eta={self.eta!r}", field="eta")
         if not 0 < self.decay <= 1:
-            raise ValueError(f"decay must be in (0, 1], got decay={self.decay!r}")
+            raise SettingError(f"decay must be in (0, 1], got decay={self.decay!r}", field="decay")
         if self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch!r}")
 
@@ -53,14 +55,16 @@ class Cyclical:
 
     def __post_init__(self) -> None:
         if not self.eta_min > 0:
-            raise ValueError(f"eta_min must be > 0, got eta_min={self.eta_min!r}")
+            raise SettingError(
+                f"eta_min must be > 0, got eta_min={self.eta_min!r}", field="eta_min"
+            )
         if not self.eta_max > self.eta_min:
             raise ValueError(
                 f"eta_max must be > eta_min, "
                 f"got eta_min={self.eta_min!r}, eta_max={self.eta_max!r}"
             )
         if self.n_s < 1:
-            raise ValueError(f"n_s must be >= 1, got n_s={self.n_s!r}")
+            raise SettingError(f"n_s must be >= 1, got n_s={self.n_s!r}", field="n_s")
 
     def lr_at(self, step: int) -> float:
         t = step % (2 * self.n_s)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from model import optim
+from model.errors import SettingError
 from model.network import Network
 from model.schedules import Constant, Cyclical, StepDecay
 
@@ -95,40 +96,55 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._check_types()
         if not self.l2_lambda >= 0:
-            raise ValueError(f"l2_lambda must be >= 0, got l2_lambda={self.l2_lambda!r}")
+            raise SettingError(
+                f"l2_lambda must be >= 0, got l2_lambda={self.l2_lambda!r}", field="l2_lambda"
+            )
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got batch_size={self.batch_size!r}")
+            raise SettingError(
+                f"batch_size must be >= 1, got batch_size={self.batch_size!r}", field="batch_size"
+            )
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise SettingError(
+                f"schedule must be one of {SCHEDULES}, got {self.schedule!r}", field="schedule"
+            )
         if not 0 <= self.rho < 1:
-            raise ValueError(f"rho must be in [0, 1), got rho={self.rho!r}")
+            raise SettingError(f"rho must be in [0, 1), got rho={self.rho!r}", field="rho")
         if self.n_s is not None and self.n_s < 1:
-            raise ValueError(f"n_s must be >= 1 or None, got n_s={self.n_s!r}")
+            raise SettingError(f"n_s must be >= 1 or None, got n_s={self.n_s!r}", field="n_s")
         if self.n_s_epochs is not None:
             if self.n_s is not None:
-                raise ValueError(
+                raise SettingError(
                     f"give n_s (steps) or n_s_epochs, not both, got n_s={self.n_s!r} and "
-                    f"n_s_epochs={self.n_s_epochs!r}"
+                    f"n_s_epochs={self.n_s_epochs!r}",
+                    field=None,
                 )
             if not (self.n_s_epochs > 0 and math.isfinite(self.n_s_epochs)):
-                raise ValueError(
-                    f"n_s_epochs must be > 0 epochs, got n_s_epochs={self.n_s_epochs!r}"
+                raise SettingError(
+                    f"n_s_epochs must be > 0 epochs, got n_s_epochs={self.n_s_epochs!r}",
+                    field="n_s_epochs",
                 )
         if self.n_cycles < 1 or self.n_epochs < 1:
-            raise ValueError(
-                f"n_cycles and n_epochs must be >= 1, got {self.n_cycles=}, {self.n_epochs=}"
+            raise SettingError(
+                f"n_cycles and n_epochs must be >= 1, got {self.n_cycles=}, {self.n_epochs=}",
+                field=None,
             )
         if self.evals_per_cycle < 1:
-            raise ValueError(f"evals_per_cycle must be >= 1, got {self.evals_per_cycle!r}")
+            raise SettingError(
+                f"evals_per_cycle must be >= 1, got {self.evals_per_cycle!r}",
+                field="evals_per_cycle",
+            )
         if self.eval_every is not None and self.eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1 or None, got {self.eval_every!r}")
+            raise SettingError(
+                f"eval_every must be >= 1 or None, got {self.eval_every!r}", field="eval_every"
+            )
         if self.train_eval_size is not None and self.train_eval_size < 1:
-            raise ValueError(
+            raise SettingError(
                 "train_eval_size must be >= 1 (training samples evaluated) or None (all), "
-                f"got train_eval_size={self.train_eval_size!r}"
+                f"got train_eval_size={self.train_eval_size!r}",
+                field="train_eval_size",
             )
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got seed={self.seed!r}")
+            raise SettingError(f"seed must be >= 0, got seed={self.seed!r}", field="seed")
         # Build the schedule once to validate its numbers (eta > 0, eta_max > eta_min...).
         self.make_schedule(n_train=max(self.batch_size, 1))
 
@@ -142,17 +158,24 @@ class TrainConfig:
                 continue
             if kind.startswith("int"):
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                    raise ValueError(
+                    raise SettingError(
                         f"{f.name} must be an integer, got {f.name}={value!r}"
-                        + (" (or leave it out)" if "None" in kind else "")
+                        + (" (or leave it out)" if "None" in kind else ""),
+                        field=f.name,
                     )
             elif kind.startswith("float"):
                 if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                    raise ValueError(f"{f.name} must be a number, got {f.name}={value!r}")
+                    raise SettingError(
+                        f"{f.name} must be a number, got {f.name}={value!r}", field=f.name
+                    )
                 if not math.isfinite(value):
-                    raise ValueError(f"{f.name} must be a finite number, got {f.name}={value!r}")
+                    raise SettingError(
+                        f"{f.name} must be a finite number, got {f.name}={value!r}", field=f.name
+                    )
             elif kind.startswith("str") and not isinstance(value, str):
-                raise ValueError(f"{f.name} must be a string, got {f.name}={value!r}")
+                raise SettingError(
+                    f"{f.name} must be a string, got {f.name}={value!r}", field=f.name
+                )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -160,15 +183,18 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; allowed: {sorted(known)}")
+            raise SettingError(
+                f"unknown TrainConfig fields {unknown}; allowed: {sorted(known)}", field=None
+            )
         return cls(**values)
 
     def steps_per_epoch(self, n_train: int) -> int:
         """Full batches per epoch; the remainder is dropped (reshuffled next epoch)."""
         steps = n_train // self.batch_size
         if steps < 1:
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the training set ({n_train})"
+            raise SettingError(
+                f"batch_size={self.batch_size} is larger than the training set ({n_train})",
+                field="batch_size",
             )
         return steps
 
@@ -280,7 +306,9 @@ def fit(
     whenever a search runs a worker per core.
     """
     if blas_threads is not None and blas_threads < 1:
-        raise ValueError(f"blas_threads must be >= 1 or None, got {blas_threads=}")
+        raise SettingError(
+            f"blas_threads must be >= 1 or None, got {blas_threads=}", field="blas_threads"
+        )
     with _blas_thread_limit(blas_threads):
         return _fit(net, splits, config, on_evaluate=on_evaluate, log=log)
 
@@ -308,9 +336,10 @@ def _fit(
     X, y = splits.train.X, splits.train.y
     Xv, yv = splits.val.X, splits.val.y
     if X.dtype != net.dtype:
-        raise ValueError(
+        raise SettingError(
             f"training data is {X.dtype} but the network is {net.dtype}; "
-            "load the data with the network's dtype"
+            "load the data with the network's dtype",
+            field=None,
         )
     n = X.shape[0]
     B = config.batch_size

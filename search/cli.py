@@ -13,10 +13,12 @@ import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from search.config.space import Range
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
 from search.sweep import lost, user_train
 from search.sweep import replicates as rep
@@ -180,8 +182,8 @@ def run_stage(
     stage: str,
     *,
     target: int,
-    ranges: dict[str, tuple[float, float]],
-    enqueue: Sequence[dict[str, float]] = (),
+    ranges: dict[str, Range],
+    enqueue: Sequence[dict[str, Any]] = (),
     attrs: dict | None = None,
 ) -> optuna.Study:
     """Create or resume the stage's study, top it up to ``target``, run the workers."""
@@ -281,14 +283,14 @@ def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
     return reasons.most_common(k)
 
 
-def finish(spec: StudySpec, study: optuna.Study, names: list[str], k: int = 10) -> bool:
+def finish(spec: StudySpec, study: optuna.Study, space: dict[str, Range], k: int = 10) -> bool:
     """The stage's best configurations and the dashboard; whether a trial completed
     (something to go on with). :class:`StageFailed` if every trial failed."""
     stage_spec = spec.fine if study.study_name.endswith("-fine") else spec.coarse
     best = rep.study_configurations(study, stage_spec.replicates)[:k]
     if best:
         print(f"\ntop {len(best)} configurations of {study.study_name} (mean over seeds):")
-        print(format_table(best, names))
+        print(format_table(best, space))
     else:
         print(f"\nno completed trials in {study.study_name}")
     print(f"\ndashboard: {dashboard_hint(spec)}")
@@ -365,21 +367,33 @@ def _run(main_body, argv: list[str] | None, debug: bool) -> int:
             return 1
 
 
-def format_table(configs: list[rep.Configuration], names: list[str]) -> str:
-    """One row a configuration: its first trial, mean +- sd of val acc over n seeds."""
+def format_table(configs: list[rep.Configuration], space: dict[str, Range]) -> str:
+    """One row a configuration: its first trial, mean +- sd of val acc over n seeds, and
+    each searched value as its range formats it (log floats in e-notation, integers,
+    choices as written)."""
+    cells_of = [[_cell(space, name, c.params.get(name)) for name in space] for c in configs]
+    widths = [max([len(name), *(len(row[i]) for row in cells_of)]) for i, name in enumerate(space)]
     header = f"{'trial':>5}  {'val acc':>7}  {'+- sd':>6}  {'n':>2}  "
-    header += "  ".join(f"{n:>10}" for n in names) + f"  {'epochs':>6}  {'time s':>6}"
+    header += "  ".join(f"{n:>{w}}" for n, w in zip(space, widths, strict=True))
+    header += f"  {'epochs':>6}  {'time s':>6}"
     lines = [header]
-    for c in configs:
+    for c, cells in zip(configs, cells_of, strict=True):
         first = min(c.trials, key=lambda t: t.number)
         sd = f"{c.sd:6.4f}" if c.n > 1 else f"{'':>6}"
-        cells = "  ".join(f"{c.params.get(n, float('nan')):10.3e}" for n in names)
+        text = "  ".join(f"{v:>{w}}" for v, w in zip(cells, widths, strict=True))
         lines.append(
-            f"{c.number:>5}  {c.mean:7.4f}  {sd}  {c.n:>2}  {cells}  "
+            f"{c.number:>5}  {c.mean:7.4f}  {sd}  {c.n:>2}  {text}  "
             f"{first.user_attrs.get('epochs_run', 0):6.2f}  "
             f"{first.user_attrs.get('wall_time', 0):6.1f}"
         )
     return "\n".join(lines)
+
+
+def _cell(space: dict[str, Range], name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    r = space[name]
+    return r.format(r.decode(value))
 
 
 def dashboard_hint(spec: StudySpec) -> str:

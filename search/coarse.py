@@ -1,4 +1,4 @@
-"""``python -m search.coarse``: the coarse log-uniform search over the study's ranges."""
+"""``python -m search.coarse``: the coarse search over the study file's ``[search]`` ranges."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from search import cli
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
-    p = cli.base_parser("python -m search.coarse", "Coarse search: log-uniform lambda (and eta).")
+    p = cli.base_parser(
+        "python -m search.coarse", "Coarse search over the study file's [search] ranges."
+    )
     args = p.parse_args(argv)
     spec = cli.load(args)
     if not spec.search:
         raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     target = args.trials or spec.coarse_trials
     study = cli.run_stage(spec, "coarse", target=target, ranges=dict(spec.search))
-    if cli.finish(spec, study, list(spec.search)):
+    if cli.finish(spec, study, spec.search):
         cli.next_step("fine", args)
     return 0
 

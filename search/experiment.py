@@ -32,6 +32,7 @@ from model.data import cifar10_train_size
 from search import cli
 from search.cli import dashboard_hint, guarded
 from search.config.experiment import load_experiment
+from search.reporting import files_only
 from search.reporting.experiment_figures import draw
 from search.reporting.tables import table
 from search.sweep.grid import rows, run, why_not_run
@@ -90,6 +91,7 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
+    files_only()
     args = build_parser().parse_args(argv)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")

@@ -17,9 +17,10 @@ attr ``final``). Each seed's result is recorded as soon as it is known, so an
 interrupted final resumes with the seeds it has not done; with everything
 recorded it prints the result instead of training again (``--force`` retrains).
 
-With ``[model] train`` the user's function trains each seed, is given the test
-set and returns its accuracy (:func:`search.sweep.user_train.train_final`); its
-network is the user's to save (no ``network.npz``).
+Every seed is trained by the study's training function
+(:func:`search.sweep.user_train.run_final`): the built-in network, which saves the
+first seed's network as ``network.npz``, or the user's ``[model] train``, which is
+given the test set, returns its accuracy and saves what it wants in ``hp["out_dir"]``.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ from typing import Any
 import numpy as np
 
 from model.data import Dataset, Splits
-from model.train import fit
 from search import cli
+from search.config import space as sp
 from search.config.study import StudySpec
+from search.reporting import files_only
 from search.reporting.figures import draw_training
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep import user_train
-from search.sweep.objective import build_network
 
 
 def final_split(splits: Splits, holdout: int) -> Splits:
@@ -89,6 +90,7 @@ def chosen_configuration(spec: StudySpec, args) -> tuple[Any, rep.Configuration,
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
+    files_only()
     p = cli.base_parser(
         "python -m search.final", "Retrain the best configuration; test it.", trains=False
     )
@@ -102,20 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     n_seeds = args.seeds or spec.final.seeds
     source, best, smooth = chosen_configuration(spec, args)
-    config0 = spec.train_config("final", {**best.params, "seed": spec.optuna.seed})
+    # The trial params as settings (a choice of layer widths back to its list).
+    params = sp.decode(sp.from_record(source.user_attrs.get("ranges", {})), best.params)
+    config0 = spec.train_config("final", {**params, "seed": spec.optuna.seed})
     prepared = st.prepare_for(spec)
     data = prepared.open()
     holdout = st.holdout_size(spec, data.val.n)
     saved_config: dict[str, Any] = asdict(config0)
     if spec.model.train:
-        # A user's function also reads keys TrainConfig does not know (n_hidden, ...).
-        saved_config |= {**spec.stage_training("final"), "train": spec.model.train}
+        # A user's function also reads its own keys (n_hidden, ...).
+        saved_config |= {**spec.own_params("final", params), "train": spec.model.train}
     # What a recorded run depends on: the choice, its training, the network, the data, the split.
     key = json.dumps(
         {
             "params": best.params,
             "config": saved_config,
-            "network": asdict(spec.network),
+            "network": asdict(spec.network_for(params)),
             "data": prepared.checksum,
             "holdout": holdout,
         },
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = final_split(data, holdout)
     print(
         f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "
-        f"{smooth:.4f} smoothed over its neighbours; {_params(best.params)})\n"
+        f"{smooth:.4f} smoothed over its neighbours; {_params(params)})\n"
         f"  trains on {data.train.n} training + {data.val.n - holdout} validation images "
         f"= {splits.train.n}; holdout {holdout} validation images for the curve; "
         f"test {data.test.n} images, once per seed\n"
@@ -153,18 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         if str(seed) in runs:
             print(f"seed {seed}: recorded, test accuracy {runs[str(seed)]['test_acc']:.4f}")
             continue
-        config = spec.train_config("final", {**best.params, "seed": seed})
-        test: dict[str, Any]
-        if spec.model.train:  # the user's own function trains, and evaluates the test set
-            run = user_train.train_final(
-                spec, best.params, splits, seed=seed, log=lambda line: print(line, flush=True)
-            )
-            history, test, holdout_val_acc = run.history, run.test, run.val_acc
-        else:
-            net = build_network(spec, splits, seed)
-            history = fit(net, splits, config, log=lambda line: print(line, flush=True))
-            test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=config.l2_lambda)
-            holdout_val_acc = history.final["val_acc"]
+        run = user_train.run_final(
+            spec,
+            params,
+            splits,
+            seed=seed,
+            out_dir=out if i == 0 else None,
+            log=lambda line: print(line, flush=True),
+        )
+        history, test, holdout_val_acc = run.history, run.test, run.val_acc
         runs[str(seed)] = {
             "test_acc": test["accuracy"],
             "test_loss": test["loss"],
@@ -173,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"seed {seed}: test accuracy {test['accuracy']:.4f}", flush=True)
         if i == 0:
-            if not spec.model.train:  # a user's network is the user's to save
-                net.save(out / "network.npz", config=asdict(config))
             draw_training(history, out / "curves.png", title=f"{spec.name}: final training")
             (out / "history.json").write_text(json.dumps(history.to_dict()))
         # Kept at once: an interrupted final resumes with the seeds it has not done.
@@ -231,8 +230,8 @@ def _describe(accs: list[float]) -> str:
     return f"{accs[0]:.4f} (n=1)"
 
 
-def _params(params: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.3g}" for k, v in params.items())
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={sp.describe_value(v)}" for k, v in params.items())
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 
     exit_at_once_while_starting()
 
-import math
+from typing import Any
 
 from search import cli
+from search.config import space as sp
+from search.config.study import check_point
 from search.sweep import narrowing
 from search.sweep import replicates as rep
 from search.sweep import studies as st
@@ -65,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                 "another --storage for a new fine search"
             )
         top_k, margin = was
-        ranges = {k: (float(v[0]), float(v[1])) for k, v in recorded.items()}
+        ranges = sp.from_record(recorded)
         notes = existing.user_attrs.get("narrowing", {}).get("notes", [])
         extended = existing.user_attrs.get("narrowing", {}).get("extended", {})
-        starts: list[dict[str, float]] = []
+        starts: list[dict[str, Any]] = []
         narrowed: dict = {}
         coarse_now = len(coarse.get_trials(deepcopy=False, states=st.FINISHED))
         coarse_then = existing.user_attrs.get("coarse_finished")
@@ -87,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         configs = rep.study_configurations(coarse, spec.coarse.replicates)
 
-        def valid(point: dict[str, float]) -> bool:
+        def valid(point: dict[str, Any]) -> bool:
             try:
-                spec.train_config("fine", point)
+                check_point(spec, "fine", point)
             except (ValueError, TypeError):
                 return False
             return True
@@ -110,21 +112,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{configs[0].describe()}; {len(n.within)} configuration(s) within noise of it"
             f"{noise}"
         )
-        starts = [dict(c.params) for c in configs[:top_k]]
+        # The best configurations start the fine search, where the fine ranges hold them.
+        starts = [
+            dict(c.params)
+            for c in configs[:top_k]
+            if all(k in ranges and ranges[k].contains(v) for k, v in c.params.items())
+        ]
         narrowed = {
             "narrowing": n.as_dict(),
             "coarse_finished": len(coarse.get_trials(deepcopy=False, states=st.FINISHED)),
         }
-    print("fine ranges (log-uniform):")
-    for name, (lo, hi) in ranges.items():
-        coarse_range = ""
-        if name in spec.search:  # the study file may have changed since the fine study began
-            clo, chi = spec.search[name]
-            coarse_range = f"coarse [{clo:.1e}, {chi:.1e}], "
-        print(
-            f"  {name:>10}: [{lo:.3e}, {hi:.3e}]  ({coarse_range}"
-            f"{math.log10(hi / lo):.2f} decades)"
-        )
+    print("fine ranges:")
+    for name, r in ranges.items():
+        # The study file may have changed since the fine study began.
+        was = f"  (coarse {spec.search[name].describe()})" if name in spec.search else ""
+        print(f"  {name:>10}: {r.describe()}{was}")
     for name, what in extended.items():
         print(f"  {name}: {what}")
     for note in notes:
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             **narrowed,
         },
     )
-    if cli.finish(spec, study, list(ranges)):
+    if cli.finish(spec, study, ranges):
         cli.next_step("final", args)
     return 0
 

@@ -20,13 +20,14 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 from pathlib import Path
 
 from search import cli
-from search.reporting import markdown
+from search.reporting import files_only, markdown
 from search.sweep import studies as st
 from search.sweep.storage import safe_url
 
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
+    files_only()
     p = cli.base_parser(
         "python -m search.report", "Figures and a markdown report of a study.", trains=False
     )

@@ -33,6 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import cli
+from search.config.space import table_value as value_text
 from search.config.study import StudySpec, load_spec
 from search.sweep import lost
 from search.sweep import replicates as rep
@@ -205,7 +206,7 @@ def format_status(s: StudyStatus) -> str:
     target = "?" if s.target is None else str(s.target)
     best = "-"
     if s.best_value is not None:
-        params = ", ".join(f"{k}={v:.3e}" for k, v in s.best_params.items())
+        params = ", ".join(f"{k}={value_text(v)}" for k, v in s.best_params.items())
         sd = f" +- {s.best_sd:.4f}" if s.best_sd is not None else ""
         best = f"{s.best_value:.4f}{sd} (n={s.best_n}; {params})"
     more = f" (+ {s.replicates} replicate runs)" if s.replicates else ""

@@ -36,6 +36,7 @@ import os
 import optuna
 
 from search import cli
+from search.config import space as sp
 from search.config.study import StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
@@ -146,7 +147,7 @@ def prepare_data(spec: StudySpec, cache_dir: str | None) -> Prepared:
     return st.prepare_for(spec, cache_dir=cache_dir)
 
 
-def ranges_for(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, tuple[float, float]]:
+def ranges_for(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, sp.Range]:
     if stage == "coarse":
         if not spec.search:
             raise ValueError(f"{spec.path}: [search] is empty; nothing to search")
@@ -157,7 +158,7 @@ def ranges_for(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, tu
             f"study {study.study_name} records no search ranges (user attr 'ranges'); "
             "it must be set up by python -m search.fine"
         )
-    return {k: (float(lo), float(hi)) for k, (lo, hi) in recorded.items()}
+    return sp.from_record(recorded)
 
 
 def create(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 ::
 
     [experiment]  kind = "curves" | "lambda" | "overfit", title, n_train, n_s_epochs
-    [grid]        parameter = [values, ...]   (network fields or TrainConfig fields)
+    [grid]        parameter = [values, ...]   (TrainConfig fields, and network fields of the
+                  built-in network or, with [model] train, the keys of [model.params])
 
 Every point of the grid (the product of the lists) is merged into the study
 document and validated by :func:`search.config.study.parse_spec`, so a point is checked
@@ -21,15 +22,17 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution
 
 from model.train import TrainConfig
+from search.config import space as sp
 from search.config.study import (
     NETWORK_FIELDS,
+    TRAIN_FIELDS,
     StudyDefinitionError,
     StudySpec,
     parse_spec,
@@ -38,7 +41,6 @@ from search.config.study import (
 
 KINDS = ("curves", "lambda", "overfit")
 STAGE = "grid"
-TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 EXPERIMENT_KEYS = ("kind", "title", "n_train", "n_s_epochs")
 
 # Grid parameters drawn (and given to Optuna) on a log scale.
@@ -74,36 +76,43 @@ class Experiment:
         """Every combination of the grid values, in file order (one point if no grid)."""
         return grid_points(self.grid)
 
-    def distributions(self) -> dict[str, BaseDistribution]:
-        """Optuna distributions of the encoded grid values.
-
-        Float grids become float distributions (log for lambda, sigma and the
-        learning rates, so the dashboard draws them on log axes; by name, not by
-        the values, because a study refuses a parameter whose log setting changes
-        when the grid is edited); the rest are categorical, hidden sizes as strings
-        like "50-50".
-        """
-        out: dict[str, BaseDistribution] = {}
+    def space(self) -> dict[str, sp.Range]:
+        """The grid as a search space: a float grid is a float range (log for lambda, sigma
+        and the learning rates, so the dashboard draws them on log axes; by name, not by
+        the values, because a study refuses a parameter whose log setting changes when the
+        grid is edited), any other grid a choice (layer widths as "50-50")."""
+        out: dict[str, sp.Range] = {}
         for name, values in self.grid.items():
-            encoded = [encode(name, v) for v in values]
-            if len(encoded) > 1 and all(type(v) is float for v in encoded):
-                lo, hi = min(encoded), max(encoded)
-                out[name] = FloatDistribution(lo, hi, log=name in LOG_SCALE and lo > 0)
+            if len(values) > 1 and all(type(v) is float for v in values):
+                lo, hi = min(values), max(values)
+                out[name] = sp.Range(name, "float", lo, hi, log=name in LOG_SCALE and lo > 0)
             else:
-                out[name] = CategoricalDistribution(encoded)
+                out[name] = sp.Range(name, "choice", choices=tuple(values))
         return out
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Optuna distributions of the grid (:meth:`space`)."""
+        return sp.distributions(self.space())
 
     def encoded_grid(self) -> dict[str, list[Any]]:
         """The grid with its values encoded as trial params, list by list."""
-        return {name: [encode(name, v) for v in values] for name, values in self.grid.items()}
+        return {name: [sp.encode(v) for v in values] for name, values in self.grid.items()}
 
     def params(self, point: dict[str, Any]) -> dict[str, Any]:
         """A grid point as trial params (encoded)."""
-        return {name: encode(name, v) for name, v in point.items()}
+        return {name: sp.encode(v) for name, v in point.items()}
 
     def point(self, params: dict[str, Any]) -> dict[str, Any]:
         """Trial params back to a grid point (decoded), in grid order."""
-        return {name: decode(name, params[name]) for name in self.grid if name in params}
+        space = self.space()
+        return {name: space[name].decode(params[name]) for name in self.grid if name in params}
+
+    def n_s_for(self, point: dict[str, Any], n_train: int) -> dict[str, int]:
+        """``{"n_s": ...}`` from ``n_s_epochs`` and the training set size, or {}."""
+        if self.n_s_epochs is None or "n_s" in point:
+            return {}
+        batch = self.spec_for(point).train_config("coarse").batch_size
+        return {"n_s": max(1, int(self.n_s_epochs * (n_train // batch)))}
 
     def spec_for(self, point: dict[str, Any]) -> StudySpec:
         """The study spec of one grid point: its values merged into [network]/[training]."""
@@ -111,12 +120,8 @@ class Experiment:
 
     def train_config(self, point: dict[str, Any], n_train: int, *, seed: int) -> TrainConfig:
         """The point's TrainConfig; n_s from n_s_epochs and the training set size."""
-        spec = self.spec_for(point)
-        extra: dict[str, Any] = {"seed": seed}
-        if self.n_s_epochs is not None and "n_s" not in point:
-            batch = spec.train_config("coarse").batch_size
-            extra["n_s"] = max(1, int(self.n_s_epochs * (n_train // batch)))
-        return spec.train_config("coarse", extra)
+        extra = {**self.n_s_for(point, n_train), "seed": seed}
+        return self.spec_for(point).train_config("coarse", extra)
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -125,30 +130,24 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, combo, strict=True)) for combo in combos]
 
 
-def encode(name: str, value: Any) -> Any:
-    """A grid value as an Optuna parameter value (hidden sizes: "50-30-20")."""
-    if name == "hidden":
-        return "-".join(str(h) for h in value)
-    return value
-
-
-def decode(name: str, value: Any) -> Any:
-    """An Optuna parameter value back to a grid value (hidden sizes: a tuple)."""
-    if name == "hidden":
-        return tuple(int(h) for h in str(value).split("-"))
-    return value
-
-
-def _section(name: str) -> str:
-    """The study-file table a grid parameter belongs to."""
-    return "network" if name in NETWORK_FIELDS else "training"
+def _section(name: str, raw: dict[str, Any]) -> tuple[str, ...]:
+    """The study-file table a grid parameter belongs to: [training], [network], or with
+    a user's function [model.params]."""
+    if name in TRAIN_FIELDS:
+        return ("training",)
+    if raw.get("model", {}).get("train"):
+        return ("model", "params")
+    return ("network",)
 
 
 def merge(raw: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
     """The study document with a grid point's values put in [network] or [training]."""
     doc = copy.deepcopy(raw)
     for name, value in point.items():
-        doc.setdefault(_section(name), {})[name] = list(value) if name == "hidden" else value
+        table = doc
+        for key in _section(name, raw):
+            table = table.setdefault(key, {})
+        table[name] = list(value) if isinstance(value, tuple) else value
     return doc
 
 
@@ -160,19 +159,28 @@ def _parse_grid(path: Path, raw: dict[str, Any], grid_raw: Any) -> dict[str, lis
     if not isinstance(grid_raw, dict):
         raise StudyDefinitionError(path, "grid", f"must be a table, got {grid_raw!r}")
     grid: dict[str, list[Any]] = {}
+    model = raw.get("model", {}) if isinstance(raw.get("model", {}), dict) else {}
+    user = bool(model.get("train"))
+    own = list(model.get("params", {})) if user else []
+    allowed = [*TRAIN_FIELDS, *own] if user else [*NETWORK_FIELDS, *TRAIN_FIELDS]
     for name, values in grid_raw.items():
         where = f"grid.{name}"
-        if name not in NETWORK_FIELDS + TRAIN_FIELDS:
+        if name not in allowed:
+            extra = (
+                "; a key of your function's own is declared with its default in [model.params]"
+                if user
+                else ""
+            )
             raise StudyDefinitionError(
                 path,
                 where,
-                f"is not a parameter; allowed: network fields {list(NETWORK_FIELDS)} "
-                f"or training fields {list(TRAIN_FIELDS)}",
+                f"is not a parameter{sp.did_you_mean(name, allowed)}; allowed: "
+                f"{sorted(allowed)}{extra}",
             )
-        section = _section(name)
-        if name in raw.get(section, {}):
+        section = _section(name, raw)
+        if section != ("model", "params") and name in raw.get(section[0], {}):
             raise StudyDefinitionError(
-                path, where, f"is also set in [{section}]; keep it in one place"
+                path, where, f"is also set in [{section[0]}]; keep it in one place"
             )
         if not isinstance(values, list) or not values:
             raise StudyDefinitionError(path, where, f"must be a non-empty list, got {values!r}")
@@ -181,6 +189,8 @@ def _parse_grid(path: Path, raw: dict[str, Any], grid_raw: Any) -> dict[str, lis
                 raise StudyDefinitionError(
                     path, where, f"must be a list of lists of layer sizes, got {values!r}"
                 )
+            values = [tuple(v) for v in values]
+        elif all(isinstance(v, list) and v for v in values):
             values = [tuple(v) for v in values]
         elif not all(isinstance(v, bool | int | float | str) for v in values):
             raise StudyDefinitionError(path, where, f"values must be scalars, got {values!r}")

@@ -5,11 +5,14 @@ A file has these tables (every key but ``name`` has a default)::
     name = "quickstart"
     [data]      name, dir, split, n_val
     [model]     train = "my_net.py:train" | "package.module:train", layout (your own network;
-                see search/sweep/user_train.py; [network] is then left out)
+                see search/sweep/user_train.py; [network] is then left out), and
+                [model.params]: your function's own keys with their defaults (n_hidden = 50)
     [network]   hidden, batch_norm, init, sigma, bn_alpha
     [training]  any model.train.TrainConfig field (batch_size, schedule, eta_min, ...); with
-                [model] train, any other key too (passed on to the user's function)
-    [search]    l2_lambda = [low, high], eta_max = [low, high] (log-uniform ranges)
+                [model] train, also the keys declared in [model.params]
+    [search]    any [training] or [network] field, or with [model] any key of [model.params]:
+                name = [low, high] (log-uniform), {low, high, log, step} (float),
+                {int = [low, high], log} (integer), {choice = [...]} (search/config/space.py)
     [coarse]    trials, replicates, replicate_top
     [fine]      trials, top_k, margin (decades on each side), narrow, extend, replicates,
                 replicate_top, [fine.training] overrides
@@ -23,7 +26,6 @@ Errors are :class:`StudyDefinitionError` naming the file, the field and what is 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
 import tomllib
@@ -32,15 +34,23 @@ from pathlib import Path
 from typing import Any
 
 from model.data import CIFAR10_SPLITS, DATASETS
+from model.errors import SettingError
 from model.network import Network
 from model.train import TrainConfig
+from search.config.space import (
+    Range,
+    RangeError,
+    describe_value,
+    did_you_mean,
+    parse_range,
+    points_to_check,
+)
 
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
 NARROWING = ("noise", "top_k")
 CHOICES = ("best", "smoothed")
-SEARCHABLE = ("l2_lambda", "eta_max", "eta_min", "eta")
 TABLES = (
     "name",
     "data",
@@ -210,6 +220,36 @@ class NetworkSpec:
 NETWORK_FIELDS = tuple(f.name for f in fields(NetworkSpec))
 
 
+def check_network(network: NetworkSpec) -> None:
+    """Raise :class:`model.errors.SettingError` (naming the field) if ``network`` cannot be
+    built: the shared check of [network], of searched network fields and of grid points."""
+    hidden = network.hidden
+    if (
+        not isinstance(hidden, tuple | list)
+        or not hidden
+        or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)
+    ):
+        raise SettingError(
+            f"hidden must be a non-empty list of positive integers, got hidden={hidden!r}",
+            field="hidden",
+        )
+    for name, kind in (("batch_norm", bool), ("init", str)):
+        if not isinstance(getattr(network, name), kind):
+            raise SettingError(
+                f"{name} must be a {kind.__name__}, got {name}={getattr(network, name)!r}",
+                field=name,
+            )
+    Network(
+        1,
+        network.hidden,
+        2,
+        batch_norm=network.batch_norm,
+        init=network.init,
+        sigma=network.sigma,
+        bn_alpha=network.bn_alpha,
+    )
+
+
 def _parse_network(path: Path, raw: Any) -> NetworkSpec:
     """The [network] table; init and bn_alpha are checked by the Network it describes."""
     net_raw = _table(path, "network", raw)
@@ -231,19 +271,9 @@ def _parse_network(path: Path, raw: Any) -> NetworkSpec:
     if network.sigma is not None:
         _check_number(path, "network.sigma", network.sigma, kind="float", above=0)
     try:
-        Network(
-            1,
-            network.hidden,
-            2,
-            batch_norm=network.batch_norm,
-            init=network.init,
-            sigma=network.sigma,
-            bn_alpha=network.bn_alpha,
-        )
-    except ValueError as exc:
-        # Network's messages end "got <argument>=<value>": the field to name.
-        got = re.search(r"got (\w+)=", str(exc))
-        where = f"network.{got.group(1)}" if got and got.group(1) in NETWORK_FIELDS else "network"
+        check_network(network)
+    except SettingError as exc:
+        where = f"network.{exc.field}" if exc.field in NETWORK_FIELDS else "network"
         raise StudyDefinitionError(path, where, str(exc)) from None
     return network
 
@@ -261,6 +291,7 @@ class ModelSpec:
 
     train: str = ""
     layout: str = "n_by_d"
+    params: dict[str, Any] = field(default_factory=dict)
 
     def entry(self) -> tuple[str, str]:
         """``("my_net.py", "train")`` or ``("package.module", "train")``."""
@@ -270,12 +301,16 @@ class ModelSpec:
 
 _ENTRY = re.compile(r"(?:[^:]+\.py|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):[A-Za-z_]\w*", flags=re.ASCII)
 # Computed by the service from the schedule and given to the user's function.
-USER_RESERVED = ("total_steps",)
+USER_RESERVED = ("total_steps", "eval_every", "seed")
+# Settings, not hyperparameters: a search over them would measure nothing.
+UNSEARCHABLE = ("seed", "eval_every", "evals_per_cycle", "train_eval_size")
 
 
 def _parse_model(path: Path, raw: Any) -> ModelSpec:
     """The [model] table; the file and function are looked for when a command trains."""
-    model = _build(ModelSpec, path, "model", raw)
+    raw = _table(path, "model", raw)
+    params = _parse_model_params(path, raw.pop("params", {}))
+    model = dataclasses.replace(_build(ModelSpec, path, "model", raw), params=params)
     if model.train and not _ENTRY.fullmatch(model.train):
         raise StudyDefinitionError(
             path,
@@ -289,78 +324,157 @@ def _parse_model(path: Path, raw: Any) -> ModelSpec:
         )
     if not model.train and model != ModelSpec():
         raise StudyDefinitionError(
-            path, "model", "layout applies to a user's function: give train too"
+            path, "model", "layout and [model.params] apply to a user's function: give train too"
         )
     return model
 
 
+def _parse_model_params(path: Path, raw: Any) -> dict[str, Any]:
+    """[model.params]: the user's own keys with their defaults (numbers, strings, booleans,
+    lists); none may shadow a [training] field or a key the service computes."""
+    params = _table(path, "model.params", raw)
+    for key, value in params.items():
+        where = f"model.params.{key}"
+        if not key.isidentifier():
+            raise StudyDefinitionError(path, where, "must be a Python identifier")
+        if key in TRAIN_FIELDS:
+            raise StudyDefinitionError(
+                path, where, f"is a [training] field; set {key} in [training] instead"
+            )
+        if key in USER_RESERVED or key == "total_steps":
+            raise StudyDefinitionError(
+                path, where, "is computed by the service and given to your function; rename it"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise StudyDefinitionError(path, where, f"must be a finite number, got {value!r}")
+        if not isinstance(value, bool | int | float | str | list):
+            raise StudyDefinitionError(
+                path,
+                where,
+                f"must be a number, a string, a boolean or a list (its default), got {value!r}",
+            )
+    return params
+
+
 def _parse_training(
-    path: Path, section: str, raw: Any, *, user_keys: bool = False
+    path: Path, section: str, raw: Any, *, own: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
     """A [training] table: TrainConfig fields, validated by TrainConfig in :func:`parse_spec`.
 
-    With ``user_keys`` (a user's function trains), other keys are allowed too: they
-    are passed on to that function.
+    ``own``: with a user's function, the keys it declares in [model.params] (its
+    [training] may set them too). Any other key is refused, with "did you mean".
     """
     values = _table(path, section, raw)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown and not user_keys:
+    allowed = set(TRAIN_FIELDS) | set(own or ())
+    for key in values:
+        if key in allowed:
+            continue
+        if key in USER_RESERVED:
+            raise StudyDefinitionError(
+                path, f"{section}.{key}", f"{key} is computed from the schedule; leave it out"
+            )
+        hint = did_you_mean(key, allowed)
+        if own is not None and not hint:
+            hint = (
+                f"; a key of your function's own is declared with its default in "
+                f"[model.params] ({key} = ...)"
+            )
         raise StudyDefinitionError(
-            path, section, f"unknown keys {unknown}; allowed: {sorted(known)}"
-        )
-    reserved = sorted(set(values) & set(USER_RESERVED))
-    if reserved:
-        raise StudyDefinitionError(
-            path, section, f"{reserved} are computed from the schedule; leave them out"
+            path,
+            f"{section}.{key}",
+            f"unknown key {key!r}{hint}; allowed: {sorted(allowed)}",
         )
     return values
 
 
 def _build_with_training(
-    cls: type, path: Path, section: str, raw: Any, *, user_keys: bool = False
+    cls: type, path: Path, section: str, raw: Any, *, own: tuple[str, ...] | None = None
 ) -> tuple[Any, dict]:
     """A stage's table with its ``[<section>.training]`` overrides; also the other keys given."""
     values = _table(path, section, raw)
-    training = _parse_training(
-        path, f"{section}.training", values.pop("training", {}), user_keys=user_keys
-    )
+    training = _parse_training(path, f"{section}.training", values.pop("training", {}), own=own)
     return dataclasses.replace(_build(cls, path, section, values), training=training), values
 
 
+def _field_kind(cls: type, name: str) -> str:
+    """ "int", "float", "str", "bool" or "tuple": the annotated type of a dataclass field."""
+    annotation = str(next(f.type for f in fields(cls) if f.name == name))
+    return annotation.split("|")[0].split("[")[0].strip()
+
+
+def _value_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return "str" if isinstance(value, str) else "tuple"
+
+
+def searchable(model: ModelSpec) -> dict[str, str]:
+    """The names a study can search, each with the kind of value it takes ("int",
+    "float", "str", "bool", "tuple"): [training] fields, and [network] fields of the
+    built-in network or the keys a user's function declares in [model.params]."""
+    names = {n: _field_kind(TrainConfig, n) for n in TRAIN_FIELDS if n not in UNSEARCHABLE}
+    if model.train:
+        names |= {k: _value_kind(v) for k, v in model.params.items()}
+    else:
+        names |= {n: _field_kind(NetworkSpec, n) for n in NETWORK_FIELDS}
+    return names
+
+
+def check_range_kind(name: str, r: Range, kind: str) -> str | None:
+    """Why range ``r`` cannot give ``name`` (a setting of ``kind``) its values, or None."""
+    if r.kind == "choice":
+        return None  # each choice is checked as a value of the setting (the corners)
+    if kind == "int" and r.kind == "float":
+        log = ", log = true" if r.log else ""
+        lo, hi = math.ceil(r.low), math.floor(r.high)
+        return f"{name} takes integers: write {name} = {{int = [{lo}, {hi}]{log}}}"
+    if kind in ("str", "bool", "tuple"):
+        return f"{name} takes {kind_words(kind)}: list them, {name} = {{choice = [...]}}"
+    return None
+
+
+def kind_words(kind: str) -> str:
+    return {"str": "strings", "bool": "true or false", "tuple": "lists"}.get(kind, kind)
+
+
 def _parse_search(
-    path: Path, raw: Any, training: dict[str, Any]
-) -> dict[str, tuple[float, float]]:
-    """The [search] table: a log range per searched parameter, none also fixed in [training]."""
-    search = {k: _parse_range(path, k, v) for k, v in _table(path, "search", raw).items()}
-    overlap = sorted(set(search) & set(training))
-    if overlap:
-        raise StudyDefinitionError(
-            path, "search", f"{overlap} are both searched and fixed in [training]; keep one"
-        )
+    path: Path, raw: Any, model: ModelSpec, fixed: dict[str, dict[str, Any]]
+) -> dict[str, Range]:
+    """The [search] table: a range per searched name, none also fixed elsewhere."""
+    allowed = searchable(model)
+    search: dict[str, Range] = {}
+    for name, value in _table(path, "search", raw).items():
+        where = f"search.{name}"
+        if name not in allowed:
+            why = (
+                "is a setting, not a hyperparameter; set it in [training]"
+                if name in UNSEARCHABLE
+                else f"is not a parameter{did_you_mean(name, allowed)}"
+            )
+            own = (
+                "; a key of your function's own is declared with its default in [model.params]"
+                if model.train
+                else ""
+            )
+            raise StudyDefinitionError(path, where, f"{why}; searchable: {sorted(allowed)}{own}")
+        try:
+            r = parse_range(name, value)
+        except RangeError as exc:
+            raise StudyDefinitionError(path, where, str(exc)) from None
+        if (why := check_range_kind(name, r, allowed[name])) is not None:
+            raise StudyDefinitionError(path, where, why)
+        search[name] = r
+    for table, values in fixed.items():
+        overlap = sorted(set(search) & set(values))
+        if overlap:
+            raise StudyDefinitionError(
+                path, "search", f"{overlap} are both searched and fixed in [{table}]; keep one"
+            )
     return search
-
-
-def _parse_range(path: Path, name: str, value: Any) -> tuple[float, float]:
-    where = f"search.{name}"
-    if name not in SEARCHABLE:
-        raise StudyDefinitionError(
-            path, where, f"cannot be searched; searchable parameters: {list(SEARCHABLE)}"
-        )
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    ):
-        raise StudyDefinitionError(path, where, f"must be [low, high] numbers, got {value!r}")
-    low, high = float(value[0]), float(value[1])
-    if not (low > 0 and math.isfinite(high)):
-        raise StudyDefinitionError(
-            path, where, f"a log range needs bounds > 0, got low={low!r}, high={high!r}"
-        )
-    if low >= high:
-        raise StudyDefinitionError(path, where, f"low must be < high, got [{low!r}, {high!r}]")
-    return low, high
 
 
 def _check_replicates(path: Path, section: str, replicates: int, replicate_top: int) -> None:
@@ -407,8 +521,8 @@ class FineSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_fine(path: Path, raw: Any, *, user_keys: bool = False) -> FineSpec:
-    fine, _ = _build_with_training(FineSpec, path, "fine", raw, user_keys=user_keys)
+def _parse_fine(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) -> FineSpec:
+    fine, _ = _build_with_training(FineSpec, path, "fine", raw, own=own)
     _check_number(path, "fine.trials", fine.trials, min=1, max=MAX_TRIALS)
     _check_number(path, "fine.top_k", fine.top_k, min=1)
     _check_number(path, "fine.margin", fine.margin, kind="float", min=0, unit="decades")
@@ -434,8 +548,8 @@ class FinalSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_final(path: Path, raw: Any, *, user_keys: bool = False) -> FinalSpec:
-    final, _ = _build_with_training(FinalSpec, path, "final", raw, user_keys=user_keys)
+def _parse_final(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) -> FinalSpec:
+    final, _ = _build_with_training(FinalSpec, path, "final", raw, own=own)
     h = final.holdout
     if not ((isinstance(h, int) and h >= 0) or (isinstance(h, float) and 0 < h < 1)):
         raise StudyDefinitionError(
@@ -539,7 +653,7 @@ class StudySpec:
     model: ModelSpec = ModelSpec()
     network: NetworkSpec = NetworkSpec()
     training: dict[str, Any] = field(default_factory=dict)
-    search: dict[str, tuple[float, float]] = field(default_factory=dict)
+    search: dict[str, Range] = field(default_factory=dict)
     coarse: CoarseSpec = CoarseSpec()
     fine: FineSpec = FineSpec()
     final: FinalSpec = FinalSpec()
@@ -577,13 +691,28 @@ class StudySpec:
             values.update(self.final.training)
         return values
 
-    def train_config(self, stage: str, params: dict[str, float] | None = None) -> TrainConfig:
+    def train_config(self, stage: str, params: dict[str, Any] | None = None) -> TrainConfig:
         """The TrainConfig of a stage ("coarse", "fine", "final") with trial params on top.
 
-        Keys for a user's function only (allowed with [model] train) are left out.
+        Keys that are not TrainConfig fields (network fields, a user's own keys) are left out.
         """
         values = {**self.stage_training(stage), **(params or {})}
         return TrainConfig.from_dict({k: v for k, v in values.items() if k in TRAIN_FIELDS})
+
+    def network_for(self, params: dict[str, Any] | None = None) -> NetworkSpec:
+        """The built-in network with the searched network fields of ``params`` on top."""
+        changes = {k: v for k, v in (params or {}).items() if k in NETWORK_FIELDS}
+        if "hidden" in changes:
+            changes["hidden"] = tuple(changes["hidden"])
+        return dataclasses.replace(self.network, **changes) if changes else self.network
+
+    def own_params(self, stage: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A user's function's own keys: [model.params] defaults, the stage's [training]
+        values of them, then ``params`` (searched values)."""
+        own = dict(self.model.params)
+        values = {**self.stage_training(stage), **(params or {})}
+        own |= {k: v for k, v in values.items() if k in own}
+        return own
 
     def with_overrides(self, **optuna_fields: Any) -> StudySpec:
         """A copy with some ``[optuna]`` fields replaced (CLI flags); None means keep."""
@@ -607,12 +736,14 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         raise StudyDefinitionError(
             path,
             "network",
-            "describes the built-in network, but [model] train names your own; put your "
-            "network's settings (n_hidden = 50, ...) in [training]",
+            "describes the built-in network, but [model] train names your own; declare your "
+            "network's settings with their defaults in [model.params] (n_hidden = 50, ...)",
         )
+    own = tuple(model.params) if user else None
     network = _parse_network(path, raw.get("network", {}))
-    training = _parse_training(path, "training", raw.get("training", {}), user_keys=user)
-    search = _parse_search(path, raw.get("search", {}), training)
+    training = _parse_training(path, "training", raw.get("training", {}), own=own)
+    fixed = {"training": training, "network": dict(raw.get("network", {}))}
+    search = _parse_search(path, raw.get("search", {}), model, fixed)
     spec = StudySpec(
         name=name,
         path=str(path),
@@ -622,8 +753,8 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
         training=training,
         search=search,
         coarse=_parse_coarse(path, raw.get("coarse", {})),
-        fine=_parse_fine(path, raw.get("fine", {}), user_keys=user),
-        final=_parse_final(path, raw.get("final", {}), user_keys=user),
+        fine=_parse_fine(path, raw.get("fine", {}), own=own),
+        final=_parse_final(path, raw.get("final", {}), own=own),
         optuna=_parse_optuna(path, raw.get("optuna", {})),
     )
     _check_stages(spec)
@@ -633,41 +764,70 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<string>") -> StudySpec:
     return spec
 
 
-def _check_stages(spec: StudySpec) -> None:
-    """Every stage's TrainConfig is valid at the ranges' midpoints and at their corners.
+def check_point(spec: StudySpec, stage: str, point: dict[str, Any]) -> None:
+    """Raise :class:`model.errors.SettingError` (naming the field) if a stage cannot train
+    at ``point`` (searched values): its TrainConfig, and the built-in network's fields.
+    The one check of a point, used by the study file's checks, narrowing and grids."""
+    spec.train_config(stage, point)
+    if not spec.model.train:
+        check_network(spec.network_for(point))
+    else:
+        for key, value in point.items():
+            default = spec.model.params.get(key)
+            if (
+                default is not None
+                and _value_kind(default) == "int"
+                and not isinstance(value, int)
+            ):
+                raise SettingError(
+                    f"{key} takes integers (its default in [model.params] is {default!r}), "
+                    f"got {key}={value!r}",
+                    field=key,
+                )
 
-    A range that is only partly valid would fail trials at random. TrainConfig
-    checks the values; this names the file and the table.
+
+def _check_stages(spec: StudySpec) -> None:
+    """Every stage trains at every combination of the ranges' corners (floats at both
+    ends, integers at their bounds, every choice) and at their midpoints.
+
+    A range that is only partly valid would fail trials at random. Names the file,
+    the field and the value that cannot run.
     """
-    search = spec.search
-    names = sorted(search)
-    points = [{k: math.sqrt(lo * hi) for k, (lo, hi) in search.items()}]
-    for corner in itertools.product(*(search[k] for k in names)):
-        points.append(dict(zip(names, corner, strict=True)))
+    points = points_to_check(spec.search)
     for stage in ("coarse", "fine", "final"):
+        section = {"coarse": "training"}.get(stage, f"{stage}.training")
+        try:
+            check_point(spec, stage, {})
+        except (SettingError, TypeError) as exc:  # wrong whatever [search] draws
+            field_name = getattr(exc, "field", None)
+            where = f"{section}.{field_name}" if field_name else section
+            if field_name in NETWORK_FIELDS and not spec.model.train:
+                where = f"network.{field_name}"
+            raise StudyDefinitionError(spec.path, where, str(exc)) from None
         for point in points:
             try:
-                spec.train_config(stage, point)
-            except (ValueError, TypeError) as exc:
-                section = {"coarse": "training"}.get(stage, f"{stage}.training")
-                # TrainConfig's messages end "got <field>=<value>": the field to name (when
-                # one field is named; "got a=.. and b=.." is about the table).
-                named = re.findall(r"(\w+)=", str(exc).rpartition("got ")[2])
-                if len(named) == 1 and named[0] not in point:
-                    section = f"{section}.{named[0]}"
-                at = ", ".join(f"{k}={v:g}" for k, v in point.items())
-                where = f" (with {at} from [search])" if point else ""
-                try:
-                    spec.train_config(stage)
-                except (ValueError, TypeError) as alone:
-                    if str(alone) == str(exc):  # wrong whatever [search] draws
-                        where = ""
-                raise StudyDefinitionError(spec.path, section, f"{exc}{where}") from None
+                check_point(spec, stage, point)
+            except (SettingError, TypeError) as exc:
+                field_name = getattr(exc, "field", None)
+                searched = field_name in point
+                where = f"search.{field_name}" if searched else section
+                at = ", ".join(f"{k} = {describe_value(v)}" for k, v in point.items())
+                what = (
+                    f"{field_name} = {describe_value(point[field_name])} cannot run: "
+                    if searched
+                    else ""
+                )
+                in_stage = f" in the {stage} stage" if stage != "coarse" else ""
+                raise StudyDefinitionError(
+                    spec.path, where, f"{what}{exc} (at {at}{in_stage})"
+                ) from None
 
 
 def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
     """A searched parameter the schedule never reads, with the reason."""
-    schedule = spec.train_config("coarse", {k: lo for k, (lo, _) in spec.search.items()}).schedule
+    if "schedule" in spec.search:
+        return None  # each choice of schedule reads its own rates
+    schedule = spec.train_config("coarse").schedule
     if schedule == "cyclical" and "eta" in spec.search:
         return "eta", "the cyclical schedule does not use eta; search eta_min or eta_max"
     if schedule != "cyclical":

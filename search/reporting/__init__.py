@@ -5,9 +5,14 @@
 - :mod:`.experiment_figures`: an experiment's figures and its Markdown section.
 - :mod:`.gradcheck`: the gradient-check section.
 - :mod:`.markdown`: the reports (one study, one experiment, ``--all``).
+
+Importing this package sets no matplotlib backend: a notebook keeps its own. The
+commands, which only write files, call :func:`files_only` first.
 """
 
-import matplotlib
 
-# Files, never windows: chosen once, before any module here imports pyplot.
-matplotlib.use("Agg")
+def files_only() -> None:
+    """Draw into files, never windows (the Agg backend): for the commands' mains."""
+    import matplotlib
+
+    matplotlib.use("Agg")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from model.train import History
+from search.config import space as sp
 from search.reporting.tables import param_label, params_text
 from search.sweep import replicates as rep
 from search.sweep import studies as st
@@ -55,9 +56,37 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def param_range(studies: dict[str, optuna.Study], param: str) -> sp.Range | None:
+    """The parameter's range as the first stage recorded it (the coarse one): its axis."""
+    for study in studies.values():
+        recorded = study.user_attrs.get("ranges", {})
+        if param in recorded:
+            return sp.parse_range(param, recorded[param])
+    return None
+
+
 def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, title: str) -> Path:
-    """Validation accuracy against ``param`` (log x axis), every stage on one axes."""
+    """Validation accuracy against ``param``, every stage on one axes: a log axis where
+    the range is log, a linear one where not, and a strip plot (one column a level,
+    the runs spread a little sideways) for a choice."""
     fig, ax = plt.subplots(figsize=(11, 5))
+    r = param_range(studies, param)
+    levels: list[Any] = []
+    if r is not None and r.kind == "choice":
+        levels = [sp.encode(c) for c in r.choices]
+        for study in studies.values():  # a fine study's levels are among the coarse ones
+            for t in study.get_trials(deepcopy=False):
+                if param in t.params and t.params[param] not in levels:
+                    levels.append(t.params[param])
+
+    def x(value: Any, jitter: int | None = None) -> float:
+        if not levels:
+            return float(value)
+        if jitter is None:  # a configuration's mean, the chosen star: on the level itself
+            return float(levels.index(value))
+        # A fixed spread by trial number: the same figure every time.
+        return levels.index(value) + ((jitter * 0.618) % 1 - 0.5) * 0.3
+
     for stage, study in studies.items():
         complete, pruned = _finished(study)
         pruned = [t for t in pruned if param in t.params]
@@ -65,7 +94,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
         marker = STAGE_MARKERS[stage]
         if pruned:
             ax.scatter(
-                [t.params[param] for t in pruned],
+                [x(t.params[param], t.number) for t in pruned],
                 [cast(float, last_value(t)) for t in pruned],  # _finished dropped the None
                 s=14,
                 c=PRUNED_COLOUR,
@@ -76,7 +105,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
             )
         if complete:
             ax.scatter(
-                [t.params[param] for t in complete],
+                [x(t.params[param], t.number) for t in complete],
                 [cast(float, t.value) for t in complete],  # _finished dropped the None
                 s=40,
                 c=STAGE_COLOURS[stage],
@@ -89,7 +118,7 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
         replicated = [c for c in rep.study_configurations(study) if c.n > 1 and param in c.params]
         if replicated:
             ax.errorbar(
-                [c.params[param] for c in replicated],
+                [x(c.params[param]) for c in replicated],
                 [c.mean for c in replicated],
                 yerr=[c.sd for c in replicated],
                 fmt="D",
@@ -101,15 +130,27 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
                 label=f"{stage}: mean +- sd over seeds ({len(replicated)} configurations)",
                 zorder=4,
             )
-        ranges = study.user_attrs.get("ranges", {})
-        if stage == "fine" and param in ranges:
-            lo, hi = ranges[param]
-            ax.axvspan(lo, hi, color=STAGE_COLOURS[stage], alpha=0.08, label="fine range")
+        recorded = study.user_attrs.get("ranges", {})
+        if stage == "fine" and param in recorded:
+            fine = sp.parse_range(param, recorded[param])
+            if fine.kind == "choice":
+                for i, level in enumerate(sp.encode(c) for c in fine.choices):
+                    ax.axvspan(
+                        x(level) - 0.4,
+                        x(level) + 0.4,
+                        color=STAGE_COLOURS[stage],
+                        alpha=0.08,
+                        label="fine levels" if i == 0 else None,
+                    )
+            else:
+                ax.axvspan(
+                    fine.low, fine.high, color=STAGE_COLOURS[stage], alpha=0.08, label="fine range"
+                )
     best = _best(studies)
     if best is not None and param in best[1].params:
         stage, c = best
         ax.scatter(
-            [c.params[param]],
+            [x(c.params[param])],
             [c.mean],
             s=220,
             marker="*",
@@ -119,8 +160,17 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
             label=f"chosen: {stage} configuration {c.number} ({c.describe()})",
             zorder=5,
         )
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{param_label(param)} (log scale)")
+    if levels:
+        ax.set_xticks(
+            range(len(levels)), [sp.describe_value(r.decode(v)) if r else str(v) for v in levels]
+        )
+        ax.set_xlim(-0.6, len(levels) - 0.4)
+        ax.set_xlabel(f"{param_label(param)} (choice)")
+    elif r is None or r.log:
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{param_label(param)} (log scale)")
+    else:
+        ax.set_xlabel(param_label(param) + (" (integer)" if r.kind == "int" else ""))
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -8,6 +8,7 @@ from typing import Any
 
 import optuna
 
+from search.config import space as sp
 from search.config.experiment import Experiment
 from search.sweep import replicates as rep
 from search.sweep.grid import Row
@@ -31,18 +32,24 @@ def param_label(param: str) -> str:
     return LABELS.get(param, param)
 
 
-def params_text(params: dict[str, float]) -> str:
-    """Trial params in one line: "lambda=1.00e-03, eta_max=1.00e-01"."""
-    return ", ".join(f"{param_label(k)}={v:.2e}" for k, v in params.items())
+value_text = sp.table_value
 
 
-def ranges_table(ranges: dict[str, Sequence[float]]) -> str:
-    """Each searched parameter's low and high bound and the decades between them."""
-    rows = [
-        (param_label(k), f"{lo:.3e}", f"{hi:.3e}", f"{math.log10(hi / lo):.2f}")
-        for k, (lo, hi) in ranges.items()
-    ]
-    return markdown_table(("parameter", "low", "high", "decades"), rows)
+def params_text(params: dict[str, Any]) -> str:
+    """Trial params in one line: "lambda=1.000e-03, eta_max=1.000e-01, batch_size=100"."""
+    return ", ".join(f"{param_label(k)}={value_text(v)}" for k, v in params.items())
+
+
+def ranges_table(ranges: dict[str, Any]) -> str:
+    """Each searched parameter's kind and range, as recorded on a study (user attr
+    ``ranges``: :func:`search.config.space.to_record`)."""
+    rows = []
+    for name, r in sp.from_record(ranges).items():
+        kind = {"float": "float", "int": "integer", "choice": "choice"}[r.kind]
+        if r.log:
+            kind += ", log"
+        rows.append((param_label(name), kind, r.describe().split(" (")[0]))
+    return markdown_table(("parameter", "kind", "range"), rows)
 
 
 def top_table(study: optuna.Study, names: list[str], k: int = 10, *, replicates: int = 1) -> str:
@@ -57,7 +64,7 @@ def top_table(study: optuna.Study, names: list[str], k: int = 10, *, replicates:
                 f"{c.mean:.4f}",
                 f"{c.sd:.4f}" if c.n > 1 else "-",
                 c.n,
-                *(f"{c.params[n]:.3e}" if n in c.params else "-" for n in names),
+                *(value_text(c.params[n]) if n in c.params else "-" for n in names),
                 f"{first.user_attrs.get('epochs_run', 0):.2f}",
                 f"{first.user_attrs.get('wall_time', 0):.1f}",
             )

@@ -17,18 +17,19 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import optuna
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from model.data import Dataset, Splits
+from search.config import space as sp
 from search.config.experiment import Experiment, load_experiment
-from search.sweep import lost, studies
+from search.sweep import lost, studies, user_train
 from search.sweep import studies as st
 from search.sweep.loop import Sweep, worker_log
-from search.sweep.objective import build_network, fit_and_record
+from search.sweep.objective import run_trial
 from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared
 from search.sweep.progress import Progress
@@ -142,44 +143,38 @@ def restrict(splits: Splits, n_train: int | None) -> Splits:
 class GridObjective:
     """``GridObjective(experiment, splits)(trial) -> final validation accuracy``.
 
-    The trial's params are a grid point; the network and TrainConfig come from the
-    point merged into the study file. Every point uses the same seed, so the grid
-    compares settings, not initialisations. A diverged run ends PRUNED with
-    ``diverged`` set; a finished one also stores ``test_acc`` and ``test_loss``.
+    The trial's params are a grid point; the study file with the point merged in says
+    what trains (the built-in network or the user's function, through the one
+    objective's :func:`search.sweep.objective.run_trial`). Every point uses the same
+    seed, so the grid compares settings, not initialisations; nothing is pruned. A
+    diverged run ends PRUNED with ``diverged`` set; a finished one also stores
+    ``test_acc`` and ``test_loss`` (the test set is given to the training function).
     """
 
     def __init__(self, experiment: Experiment, splits: Splits) -> None:
         self.experiment = experiment
         self.splits = restrict(splits, experiment.n_train)
+        spec = experiment.spec
+        self.train = user_train.train_function(spec)
+        self.data = user_train.user_data(self.splits, user_train.layout_of(spec), test=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
         exp = self.experiment
-        params: dict[str, Any] = {}
-        for name, dist in exp.distributions().items():
-            if isinstance(dist, FloatDistribution):
-                params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-            else:
-                # distributions() makes only float and categorical distributions.
-                choices = cast(CategoricalDistribution, dist).choices
-                params[name] = trial.suggest_categorical(name, choices)
-        point = exp.point(params)
+        point = {k: v for k, v in sp.suggest(trial, exp.space()).items() if k in exp.grid}
         spec = exp.spec_for(point)
         seed = exp.spec.optuna.seed
         n_train = self.splits.train.n
-        config = exp.train_config(point, n_train, seed=seed)
-        net = build_network(spec, self.splits, seed)
+        extra = exp.n_s_for(point, n_train)
+        config = spec.train_config("coarse", {**extra, "seed": seed})
         trial.set_user_attr("config", dataclasses.asdict(config))
         trial.set_user_attr("n_train", n_train)
-
-        def on_evaluate(step: int, metrics: dict[str, float]) -> None:
-            trial.report(metrics["val_acc"], step)
-
-        history = fit_and_record(trial, net, self.splits, config, on_evaluate=on_evaluate)
-        test = net.evaluate(self.splits.test.X, self.splits.test.y, l2_lambda=config.l2_lambda)
-        if math.isfinite(test["accuracy"]):
-            trial.set_user_attr("test_acc", float(test["accuracy"]))
-            trial.set_user_attr("test_loss", float(test["loss"]))
-        value = history.final["val_acc"]
+        value, metrics = run_trial(
+            trial, spec, "coarse", extra, self.data, seed=seed, prunes=False, train=self.train
+        )
+        if math.isfinite(metrics.get("test_acc", math.nan)):
+            trial.set_user_attr("test_acc", metrics["test_acc"])
+            if math.isfinite(metrics.get("test_loss", math.nan)):
+                trial.set_user_attr("test_loss", metrics["test_loss"])
         return value if math.isfinite(value) else 0.0
 
 
@@ -217,6 +212,7 @@ def prepare_data(experiment: Experiment, *, log=print) -> Prepared:
 def run(experiment: Experiment, *, log=print) -> optuna.Study:
     """Queue the missing grid points and run them with ``spec.optuna.workers`` processes."""
     spec = experiment.spec
+    user_train.check(spec)  # a user's function that cannot run is refused before any trial
     prepared = prepare_data(experiment, log=log)
     study = open_study(experiment)
     try:

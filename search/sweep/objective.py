@@ -1,7 +1,11 @@
-"""Turn an Optuna trial into a trained network and a validation accuracy.
+"""The one objective: an Optuna trial -> ``train(hp, data, report)`` -> a validation accuracy.
 
-The trainer knows nothing of Optuna: it calls ``on_evaluate(step, metrics)``,
-and here that becomes ``trial.report`` / ``should_prune``. Each trial keeps its
+Whoever wrote the network, a trial runs the same way: the search space suggests
+the parameters (:mod:`search.config.space`), :func:`run_trial` builds ``hp``
+(:func:`search.sweep.user_train.hyperparameters`) and calls the study's training
+function (the built-in network, :mod:`search.sweep.builtin`, or the user's),
+whose ``report(step, val_acc, ...)`` calls are ``trial.report`` and the one
+pruning rule (:func:`pruning_window`, :func:`may_prune`). Each trial keeps its
 wall time, epochs run and whether (and why) it diverged as user attrs, and its
 learning curves as the system attr ``c2f_curves`` (:func:`curves_of`), pruned ones
 included: the report draws them, and the dashboard's trial view, which lists every
@@ -13,48 +17,31 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import optuna
 
 from model.data import Splits
-from model.network import Network
-from model.train import History, TrainConfig, TrainingDiverged, fit
+from model.train import TrainConfig, TrainingDiverged
+from search.config import space as sp
 from search.config.study import StudySpec
+from search.sweep.loop import worker_log
 from search.sweep.replicates import replicate_index
 from search.sweep.storage import trial_id
+from search.sweep.user_train import (
+    Data,
+    Reporter,
+    entry_of,
+    hyperparameters,
+    layout_of,
+    parse_result,
+    train_function,
+    user_data,
+    warn_once,
+)
 
 CURVES = "c2f_curves"
-
-
-def suggest(trial: optuna.Trial, ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Log-uniform suggestions for each range (``log=True``: the dashboard draws log axes)."""
-    return {name: trial.suggest_float(name, lo, hi, log=True) for name, (lo, hi) in ranges.items()}
-
-
-def build_network(spec: StudySpec, splits: Splits, seed: int) -> Network:
-    n = spec.network
-    return Network(
-        splits.train.d,
-        n.hidden,
-        splits.train.n_classes,
-        batch_norm=n.batch_norm,
-        init=n.init,
-        sigma=n.sigma,
-        bn_alpha=n.bn_alpha,
-        seed=seed,
-    )
-
-
-def record_trial(
-    trial: optuna.Trial, history: History, *, diverged: bool, reason: str = ""
-) -> None:
-    """Store a trial's curves, wall time, epochs run and whether (and why) it stopped early."""
-    trial.storage.set_trial_system_attr(trial_id(trial), CURVES, history.to_dict())
-    trial.set_user_attr("wall_time", round(history.wall_time, 3))
-    trial.set_user_attr("epochs_run", round(history.epochs_run, 4))
-    trial.set_user_attr("diverged", diverged)
-    if reason:
-        trial.set_user_attr("reason", reason)
+SEED_STRIDE = 1000  # between the seeds of a configuration's replicates
 
 
 def curves_of(trial: optuna.trial.FrozenTrial) -> dict:
@@ -65,38 +52,24 @@ def curves_of(trial: optuna.trial.FrozenTrial) -> dict:
     return trial.system_attrs.get(CURVES) or trial.user_attrs.get("curves") or {}
 
 
-def fit_and_record(
+def record(
     trial: optuna.Trial,
-    net: Network,
-    splits: Splits,
-    config: TrainConfig,
+    reporter: Reporter,
+    wall_time: float,
     *,
-    on_evaluate: Callable[[int, dict[str, float]], None],
-    seen: History | None = None,
-) -> History:
-    """Train, reporting through ``on_evaluate``, and record the curves on the trial.
-
-    A diverged run is recorded and ends the trial as PRUNED with the reason. If
-    ``on_evaluate`` prunes, ``seen`` (the curves it collected) is recorded.
-    """
-    t0 = time.perf_counter()
-    try:
-        # The worker's BLAS limit (set by the pool) applies, not fit's own default.
-        history = fit(net, splits, config, on_evaluate=on_evaluate, blas_threads=None)
-    except TrainingDiverged as exc:
-        exc.history.wall_time = time.perf_counter() - t0
-        record_trial(trial, exc.history, diverged=True, reason=str(exc))
-        raise optuna.TrialPruned(f"diverged: {exc}") from None
-    except optuna.TrialPruned as exc:
-        if seen is not None:
-            seen.wall_time = time.perf_counter() - t0
-            record_trial(trial, seen, diverged=False, reason=str(exc))
-        raise
-    record_trial(trial, history, diverged=False)
-    return history
-
-
-SEED_STRIDE = 1000  # between the seeds of a configuration's replicates
+    diverged: bool = False,
+    reason: str = "",
+) -> None:
+    """Store what a trial's run reported: the curves (system attr ``c2f_curves``), wall
+    time, epochs run, whether (and why) it stopped early."""
+    if reporter.calls:
+        curves: dict[str, Any] = {**reporter.curves, "wall_time": round(wall_time, 3)}
+        trial.storage.set_trial_system_attr(trial_id(trial), CURVES, curves)
+        trial.set_user_attr("epochs_run", round(reporter.epochs_run or 0.0, 4))
+    trial.set_user_attr("wall_time", round(wall_time, 3))
+    trial.set_user_attr("diverged", diverged)
+    if reason:
+        trial.set_user_attr("reason", reason)
 
 
 def pruning_window(spec: StudySpec, config: TrainConfig, n_train: int) -> tuple[float, int]:
@@ -133,42 +106,104 @@ def trial_seed(spec: StudySpec, trial: optuna.Trial) -> int:
     return spec.optuna.seed + SEED_STRIDE * replicate_index(trial)
 
 
+def run_trial(
+    trial: optuna.Trial,
+    spec: StudySpec,
+    stage: str,
+    params: dict[str, Any],
+    data: Data,
+    *,
+    seed: int,
+    prunes: bool,
+    train: Callable[..., Any],
+    log: Callable[[str], None] = worker_log,
+) -> tuple[float, dict[str, float]]:
+    """Train once at ``params`` (settings on top of the stage's) and record the run on
+    the trial; (validation accuracy, the function's other final metrics).
+
+    A diverged run (:class:`model.train.TrainingDiverged`) is recorded and ends the
+    trial as PRUNED with ``diverged`` set; a pruned one keeps the curves so far; an
+    exception of the function fails the trial (the worker loop stores it).
+    """
+    entry = entry_of(spec)
+    n_train = data.train.n
+    trial.set_user_attr("seed", seed)
+    config = spec.train_config(stage, {**params, "seed": seed})
+    hp = hyperparameters(spec, stage, params, seed=seed, n_train=n_train)
+    reporter = Reporter(
+        entry,
+        config,
+        n_train,
+        trial=trial,
+        window=pruning_window(spec, config, n_train),
+        prunes=prunes,
+    )
+    t0 = time.perf_counter()
+    try:
+        result = train(hp, data, reporter)
+        if isinstance(reporter.raised, optuna.TrialPruned):
+            warn_once(
+                "swallowed",
+                f"warning: {entry} caught optuna.TrialPruned raised by report() and went "
+                "on; let it pass (the trial is pruned all the same)",
+                log,
+            )
+        reporter.check()
+        value, metrics = parse_result(entry, result, final=data.test is not None)
+    except TrainingDiverged as exc:
+        record(trial, reporter, time.perf_counter() - t0, diverged=True, reason=str(exc))
+        raise optuna.TrialPruned(f"diverged: {exc}") from None
+    except optuna.TrialPruned as exc:
+        record(trial, reporter, time.perf_counter() - t0, reason=str(exc))
+        raise
+    except Exception:
+        record(trial, reporter, time.perf_counter() - t0)
+        raise
+    record(trial, reporter, time.perf_counter() - t0)
+    if metrics and spec.model.train:
+        trial.set_user_attr("result", metrics)
+    if not reporter.calls:
+        warning = "never called report(): no learning curve and no pruning"
+        trial.set_user_attr("warning", warning)
+        warn_once("no-report", f"warning: {entry} {warning}", log)
+    return value, metrics
+
+
 class Objective:
-    """``Objective(spec, stage, splits, ranges)(trial) -> final validation accuracy``."""
+    """``Objective(spec, stage, splits, space)(trial) -> final validation accuracy``.
+
+    One for every network: the study's training function (built-in or the user's)
+    trains at the parameters the space suggests, with the trial's seed and the
+    pruning rule.
+    """
 
     def __init__(
-        self, spec: StudySpec, stage: str, splits: Splits, ranges: dict[str, tuple[float, float]]
+        self,
+        spec: StudySpec,
+        stage: str,
+        splits: Splits,
+        space: dict[str, sp.Range],
+        *,
+        log: Callable[[str], None] = worker_log,
     ) -> None:
         self.spec = spec
         self.stage = stage
-        self.splits = splits
-        self.ranges = ranges
+        self.space = space
+        self.train = train_function(spec)
+        self.data = user_data(splits, layout_of(spec), test=False)
+        self.log = log
 
     def __call__(self, trial: optuna.Trial) -> float:
-        params = suggest(trial, self.ranges)
-        seed = trial_seed(self.spec, trial)
-        trial.set_user_attr("seed", seed)
-        config = self.spec.train_config(self.stage, {**params, "seed": seed})
-        net = build_network(self.spec, self.splits, seed)
-        n_train = self.splits.train.n
-        per_epoch = config.steps_per_epoch(n_train)
-        schedule = config.make_schedule(n_train)
-        warmup, last = pruning_window(self.spec, config, n_train)
-        prunes = may_prune(self.spec, trial)
-        # The curves so far, kept here too: a pruned trial keeps them.
-        seen = History()
-
-        def on_evaluate(step: int, metrics: dict[str, float]) -> None:
-            seen.append(step, step / per_epoch, schedule.lr_at(step - 1), metrics)
-            seen.epochs_run = step / per_epoch
-            trial.report(metrics["val_acc"], step)
-            if prunes and warmup <= step < last and trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"pruned at step {step}: val_acc {metrics['val_acc']:.4f}"
-                )
-
-        history = fit_and_record(
-            trial, net, self.splits, config, on_evaluate=on_evaluate, seen=seen
+        params = sp.suggest(trial, self.space)
+        value, _ = run_trial(
+            trial,
+            self.spec,
+            self.stage,
+            params,
+            self.data,
+            seed=trial_seed(self.spec, trial),
+            prunes=may_prune(self.spec, trial),
+            train=self.train,
+            log=self.log,
         )
-        value = history.final["val_acc"]
         return value if math.isfinite(value) else 0.0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import socket
 import warnings
@@ -25,6 +24,7 @@ from typing import Any, cast
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.config import space as sp
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep import lost
 from search.sweep.loop import Sweep, worker_log
@@ -42,7 +42,6 @@ from search.sweep.storage import (
     trial_id,
     with_retries,
 )
-from search.sweep.user_train import UserObjective
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -262,7 +261,10 @@ def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
         ("fine", sizes["train"], "fine.training"),
         ("final", n_final, "final.training"),
     ):
-        point = {k: math.sqrt(lo * hi) for k, (lo, hi) in spec.search.items()}
+        # The largest batch the space can draw is the one that must fit.
+        point = {k: r.midpoint() for k, r in spec.search.items()}
+        if "batch_size" in spec.search:
+            point["batch_size"] = max(spec.search["batch_size"].corners())
         config = spec.train_config(stage, point)
         if config.batch_size > n_train:
             field_name = section if "batch_size" in _stage_values(spec, stage) else "training"
@@ -310,8 +312,9 @@ def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:
     return open_study(spec, stage, storage, create=False)
 
 
-def describe_ranges(ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
-    return {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()}
+def describe_ranges(space: dict[str, sp.Range]) -> dict[str, Any]:
+    """The ranges as recorded on a study (user attr ``ranges``)."""
+    return sp.to_record(space)
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
@@ -334,7 +337,7 @@ class StageJob:
     stage: str
     prepared_path: str
     checksum: str
-    ranges: dict[str, tuple[float, float]]
+    ranges: dict[str, sp.Range]
     threads: int
     seed_offset: int = 0
     poll: float = 1.0
@@ -346,8 +349,7 @@ class StageJob:
         )
         prepared = Prepared(Path(self.prepared_path), self.checksum)
         record_data(study, prepared)
-        make = UserObjective if self.spec.model.train else Objective
-        objective = make(self.spec, self.stage, prepared.open(), self.ranges)
+        objective = Objective(self.spec, self.stage, prepared.open(), self.ranges)
         return Sweep(
             storage,
             study,
@@ -361,7 +363,7 @@ class StageJob:
 def run_stage_workers(
     spec: StudySpec,
     stage: str,
-    ranges: dict[str, tuple[float, float]],
+    ranges: dict[str, sp.Range],
     prepared: Prepared,
     *,
     workers: int,

@@ -74,6 +74,7 @@ on ``sys.path`` so it can import its neighbours): keep script code under
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -94,9 +95,7 @@ from threadpoolctl import threadpool_limits
 from model.data import Dataset, Splits
 from model.train import METRICS, History, TrainConfig
 from search.config.study import StudyDefinitionError, StudySpec
-from search.sweep.loop import worker_log
-from search.sweep.objective import CURVES, may_prune, pruning_window, suggest, trial_seed
-from search.sweep.storage import trial_id
+from search.sweep import builtin
 
 UserTrain = Callable[[dict[str, Any], "Data", "Reporter"], Any]
 
@@ -284,9 +283,12 @@ def user_data(splits: Splits, layout: str, *, test: bool) -> Data:
 
 
 def hyperparameters(
-    spec: StudySpec, stage: str, params: dict[str, float], *, seed: int, n_train: int
+    spec: StudySpec, stage: str, params: dict[str, Any], *, seed: int, n_train: int
 ) -> dict[str, Any]:
-    """The ``hp`` dict of one call: the schedule resolved, then every key of [training]."""
+    """The ``hp`` dict of one call: the schedule resolved for ``n_train`` images (``n_s``
+    and ``eval_every`` in steps, ``total_steps``), every other TrainConfig field, and the
+    network's fields (the built-in network) or the function's own keys ([model.params]),
+    with the searched ``params`` on top."""
     config = spec.train_config(stage, {**params, "seed": seed})
     hp: dict[str, Any] = {
         "l2_lambda": config.l2_lambda,
@@ -307,9 +309,29 @@ def hyperparameters(
             hp["decay"] = config.decay
     hp["total_steps"] = config.total_steps(n_train)
     hp["eval_every"] = config.eval_interval(n_train)
-    for key, value in {**spec.stage_training(stage), **params}.items():
-        hp.setdefault(key, value)
+    for f in dataclasses.fields(config):
+        if f.name != "n_s_epochs":
+            hp.setdefault(f.name, getattr(config, f.name))
+    if spec.model.train:
+        hp |= spec.own_params(stage, params)
+    else:
+        hp |= dataclasses.asdict(spec.network_for(params))
     return hp
+
+
+def train_function(spec: StudySpec) -> UserTrain:
+    """The study's ``train(hp, data, report)``: the user's (``[model] train``) or the
+    built-in network's (:func:`search.sweep.builtin.train`)."""
+    return load_train(spec) if spec.model.train else builtin.train
+
+
+def layout_of(spec: StudySpec) -> str:
+    return spec.model.layout if spec.model.train else "n_by_d"
+
+
+def entry_of(spec: StudySpec) -> str:
+    """The training function's name in messages."""
+    return spec.model.train or "the built-in network"
 
 
 # ----------------------------------------------------------------------------- report
@@ -482,95 +504,16 @@ def parse_result(
     return value, metrics
 
 
-# ----------------------------------------------------------------------------- trials
+# ----------------------------------------------------------------------------- warnings
 
 
 _WARNED: set[str] = set()
 
 
-def _warn_once(key: str, line: str, log: Callable[[str], None]) -> None:
+def warn_once(key: str, line: str, log: Callable[[str], None]) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         log(line)
-
-
-def _record(trial: optuna.Trial, reporter: Reporter, wall_time: float, reason: str = "") -> None:
-    """What the built-in objective stores (the curves as system attr ``c2f_curves``, read
-    with :func:`search.sweep.objective.curves_of`), from what was reported."""
-    if reporter.calls:
-        curves: dict[str, Any] = {**reporter.curves, "wall_time": round(wall_time, 3)}
-        trial.storage.set_trial_system_attr(trial_id(trial), CURVES, curves)
-        trial.set_user_attr("epochs_run", round(reporter.epochs_run or 0.0, 4))
-    trial.set_user_attr("wall_time", round(wall_time, 3))
-    if reason:
-        trial.set_user_attr("reason", reason)
-
-
-class UserObjective:
-    """``UserObjective(spec, stage, splits, ranges)(trial) -> the user's validation accuracy``.
-
-    The same interface as :class:`search.sweep.objective.Objective`: the same
-    log-uniform suggestions, the same seed, the same pruning rule.
-    """
-
-    def __init__(
-        self,
-        spec: StudySpec,
-        stage: str,
-        splits: Splits,
-        ranges: dict[str, tuple[float, float]],
-        *,
-        log: Callable[[str], None] = worker_log,
-    ) -> None:
-        self.spec = spec
-        self.stage = stage
-        self.ranges = ranges
-        self.train = load_train(spec)
-        self.data = user_data(splits, spec.model.layout, test=False)
-        self.n_train = splits.train.n
-        self.log = log
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        entry = self.spec.model.train
-        params = suggest(trial, self.ranges)
-        seed = trial_seed(self.spec, trial)
-        trial.set_user_attr("seed", seed)
-        config = self.spec.train_config(self.stage, {**params, "seed": seed})
-        hp = hyperparameters(self.spec, self.stage, params, seed=seed, n_train=self.n_train)
-        reporter = Reporter(
-            entry,
-            config,
-            self.n_train,
-            trial=trial,
-            window=pruning_window(self.spec, config, self.n_train),
-            prunes=may_prune(self.spec, trial),
-        )
-        t0 = time.perf_counter()
-        try:
-            result = self.train(hp, self.data, reporter)
-            if isinstance(reporter.raised, optuna.TrialPruned):
-                _warn_once(
-                    "swallowed",
-                    f"warning: {entry} caught optuna.TrialPruned raised by report() and went "
-                    "on; let it pass (the trial is pruned all the same)",
-                    self.log,
-                )
-            reporter.check()
-            value, metrics = parse_result(entry, result)
-        except optuna.TrialPruned as exc:
-            _record(trial, reporter, time.perf_counter() - t0, reason=str(exc))
-            raise
-        except Exception:
-            _record(trial, reporter, time.perf_counter() - t0)
-            raise
-        _record(trial, reporter, time.perf_counter() - t0)
-        if metrics:
-            trial.set_user_attr("result", metrics)
-        if not reporter.calls:
-            warning = "never called report(): no learning curve and no pruning"
-            trial.set_user_attr("warning", warning)
-            _warn_once("no-report", f"warning: {entry} {warning}", self.log)
-        return value
 
 
 # ----------------------------------------------------------------------------- final
@@ -578,7 +521,7 @@ class UserObjective:
 
 @dataclass
 class FinalRun:
-    """One final training of the user's function: its curves and its results."""
+    """One final training: its curves and its results."""
 
     hp: dict[str, Any]
     history: History
@@ -588,30 +531,34 @@ class FinalRun:
     wall_time: float = 0.0
 
 
-def train_final(
+def run_final(
     spec: StudySpec,
-    params: dict[str, float],
+    params: dict[str, Any],
     splits: Splits,
     *,
     seed: int,
+    out_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
     blas_threads: int | None = 1,
 ) -> FinalRun:
-    """Train the user's function once with the final config; ``splits.test`` is given to it.
+    """Train the study's function once with the final config; ``splits.test`` is given to it.
 
     ``splits`` is what the final run trains on (training + validation minus the
-    holdout). The user's exceptions are raised as :class:`UserCodeFailed` (the
-    original traceback chained); a bad result is a :class:`UserResultError`.
-    ``blas_threads``: as for :func:`model.train.fit` (one by default, the measured
-    choice on a shared machine; None keeps the caller's limits).
+    holdout). ``out_dir``: given to the function as ``hp["out_dir"]`` (the built-in
+    network saves itself there). Exceptions of a user's function are raised as
+    :class:`UserCodeFailed` (the original traceback chained); a bad result is a
+    :class:`UserResultError`. ``blas_threads``: as for :func:`model.train.fit` (one by
+    default, the measured choice on a shared machine; None keeps the caller's limits).
     """
-    train = load_train(spec)
-    entry = spec.model.train
+    train = train_function(spec)
+    entry = entry_of(spec)
     n_train = splits.train.n
     config = spec.train_config("final", {**params, "seed": seed})
     hp = hyperparameters(spec, "final", params, seed=seed, n_train=n_train)
+    if out_dir is not None:
+        hp["out_dir"] = str(out_dir)
     reporter = Reporter(entry, config, n_train, log=log)
-    data = user_data(splits, spec.model.layout, test=True)
+    data = user_data(splits, layout_of(spec), test=True)
     limit = (
         contextlib.nullcontext()
         if blas_threads is None
