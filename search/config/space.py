@@ -114,6 +114,11 @@ class Range:
 
     # ---------------------------------------------------------------- checks and views
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or integer range."""
+        return self.low, self.high
+
     def corners(self) -> list[Any]:
         """The values that bound what the range can draw: both ends, or every choice."""
         if self.kind == "choice":

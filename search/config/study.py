@@ -712,7 +712,8 @@ class StudySpec:
         own = dict(self.model.params)
         values = {**self.stage_training(stage), **(params or {})}
         own |= {k: v for k, v in values.items() if k in own}
-        return own
+        # A list as TOML writes it, whether a default or a searched choice of lists.
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in own.items()}
 
     def with_overrides(self, **optuna_fields: Any) -> StudySpec:
         """A copy with some ``[optuna]`` fields replaced (CLI flags); None means keep."""
@@ -798,7 +799,7 @@ def _check_stages(spec: StudySpec) -> None:
         section = {"coarse": "training"}.get(stage, f"{stage}.training")
         try:
             check_point(spec, stage, {})
-        except (SettingError, TypeError) as exc:  # wrong whatever [search] draws
+        except (ValueError, TypeError) as exc:  # wrong whatever [search] draws
             field_name = getattr(exc, "field", None)
             where = f"{section}.{field_name}" if field_name else section
             if field_name in NETWORK_FIELDS and not spec.model.train:
@@ -807,7 +808,7 @@ def _check_stages(spec: StudySpec) -> None:
         for point in points:
             try:
                 check_point(spec, stage, point)
-            except (SettingError, TypeError) as exc:
+            except (ValueError, TypeError) as exc:
                 field_name = getattr(exc, "field", None)
                 searched = field_name in point
                 where = f"search.{field_name}" if searched else section

@@ -234,15 +234,24 @@ def smoothed(
         num = den = 0.0
         for other in configs:
             d2 = sum(
-                (math.log10(c.params[k]) - math.log10(other.params[k])) ** 2
-                for k in c.params
-                if k in other.params and c.params[k] > 0 and other.params[k] > 0
+                _distance2(c.params[k], other.params[k]) for k in c.params if k in other.params
             )
             w = other.n * math.exp(-d2 / (2 * bandwidth**2))
             num += w * other.mean
             den += w
         out.append((c, num / den))
     return sorted(out, key=lambda cv: cv[1], reverse=True)
+
+
+def _distance2(a: object, b: object) -> float:
+    """Squared distance in decades of two values of a parameter; two levels of a choice
+    (strings, booleans, encoded lists) are not neighbours at all."""
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
+    if not numbers:
+        return 0.0 if a == b else math.inf
+    if a > 0 and b > 0:  # type: ignore[operator]
+        return (math.log10(a) - math.log10(b)) ** 2  # type: ignore[arg-type]
+    return 0.0
 
 
 def choose(configs: Sequence[Configuration]) -> tuple[Configuration, float]:

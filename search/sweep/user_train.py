@@ -309,8 +309,14 @@ def hyperparameters(
             hp["decay"] = config.decay
     hp["total_steps"] = config.total_steps(n_train)
     hp["eval_every"] = config.eval_interval(n_train)
+    # Every other TrainConfig field, but not the rates of another schedule unless the
+    # study file sets them (a cyclical run has no eta).
+    other = {"cyclical": ("eta", "n_epochs", "decay")}.get(
+        config.schedule, ("eta_min", "eta_max", "n_s", "n_cycles", "evals_per_cycle")
+    )
+    given = spec.stage_training(stage)
     for f in dataclasses.fields(config):
-        if f.name != "n_s_epochs":
+        if f.name != "n_s_epochs" and (f.name not in other or f.name in given):
             hp.setdefault(f.name, getattr(config, f.name))
     if spec.model.train:
         hp |= spec.own_params(stage, params)

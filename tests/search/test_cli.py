@@ -218,7 +218,7 @@ def test_c2f_init_copies_the_shipped_studies(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     shipped = sorted(p.relative_to(REPO / "studies") for p in (REPO / "studies").rglob("*.toml"))
     copied = sorted(p.relative_to(tmp_path / "studies") for p in tmp_path.rglob("*.toml"))
-    assert copied == shipped and len(shipped) == 9
+    assert copied == shipped and len(shipped) == 10
     assert (tmp_path / "studies/quickstart.toml").read_bytes() == (
         REPO / "studies/quickstart.toml"
     ).read_bytes()
@@ -226,7 +226,7 @@ def test_c2f_init_copies_the_shipped_studies(tmp_path, monkeypatch, capsys):
     # Edits are kept: init again copies nothing over them, unless --force.
     (tmp_path / "studies/quickstart.toml").write_text("# mine\n")
     assert c2f.main(["init"]) == 0
-    assert "kept 9 file(s)" in capsys.readouterr().out
+    assert "kept 10 file(s)" in capsys.readouterr().out
     assert (tmp_path / "studies/quickstart.toml").read_text() == "# mine\n"
     assert c2f.main(["init", "mine", "--force"]) == 0
     assert "next: c2f coarse --study mine/quickstart.toml" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from search import coarse, final, fine
+from search.config import space as sp
 from search.config.study import StudyDefinitionError, load_spec
 from search.sweep import lost, narrowing
 from search.sweep import replicates as rep
@@ -26,6 +27,10 @@ from tests.search.conftest import REPO
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
 # One cycle a stage: these tests are about what is chosen, not how well it trains.
 FAST = {"n_cycles": 1, "evals_per_cycle": 4}
+
+
+def _log(name: str, low: float, high: float) -> sp.Range:
+    return sp.parse_range(name, [low, high])
 
 
 @pytest.fixture
@@ -146,14 +151,20 @@ def test_fine_covers_every_configuration_within_noise_not_just_the_top_k():
         _config(1e-5, [0.30], 4),  # far below: outside
         _config(1e-4, [0.35], 5),
     ]
-    n = narrowing.narrow(configs, {"l2_lambda": (1e-5, 1e-1)}, margin=0.0, top_k=1)
+    n = narrowing.narrow(
+        configs, {"l2_lambda": _log("l2_lambda", 1e-5, 1e-1)}, margin=0.0, top_k=1
+    )
     assert n.sigma == pytest.approx(0.01)
     assert [c.number for c in n.within] == [0, 3]
-    assert n.ranges["l2_lambda"] == pytest.approx((1e-3, 3e-2))
+    assert n.ranges["l2_lambda"].bounds == pytest.approx((1e-3, 3e-2))
     assert not n.flat and not n.extended
     # narrow = "top_k": the best single run only (no noise estimate)
-    n = narrowing.narrow(configs, {"l2_lambda": (1e-5, 1e-1)}, margin=0.0, top_k=1, mode="top_k")
-    assert n.sigma is None and n.ranges["l2_lambda"] == pytest.approx((1e-3 / 1.01, 1.01e-3))
+    n = narrowing.narrow(
+        configs, {"l2_lambda": _log("l2_lambda", 1e-5, 1e-1)}, margin=0.0, top_k=1, mode="top_k"
+    )
+    assert n.sigma is None and n.ranges["l2_lambda"].bounds == pytest.approx(
+        (1e-3 / 1.01, 1.01e-3)
+    )
 
 
 def test_a_flat_landscape_keeps_the_range_wide_and_says_so():
@@ -162,18 +173,20 @@ def test_a_flat_landscape_keeps_the_range_wide_and_says_so():
         _config(1e-3, [0.42, 0.40], 2),
         _config(5e-2, [0.40, 0.42], 4),
     ]
-    n = narrowing.narrow(configs, {"l2_lambda": (1e-5, 1e-1)}, margin=0.25, top_k=1)
+    n = narrowing.narrow(
+        configs, {"l2_lambda": _log("l2_lambda", 1e-5, 1e-1)}, margin=0.25, top_k=1
+    )
     assert n.flat == ["l2_lambda"] and len(n.within) == 3
     assert any("flat within noise" in note for note in n.notes)
-    lo, hi = n.ranges["l2_lambda"]
+    lo, hi = n.ranges["l2_lambda"].bounds
     assert math.log10(hi / lo) > 3
 
 
 def test_the_best_on_an_edge_extends_the_range_past_it_within_the_limit():
     configs = [_config(1.2e-5, [0.45, 0.44], 0), _config(1e-2, [0.30, 0.31], 2)]
-    coarse_range = {"l2_lambda": (1e-5, 1e-1)}
+    coarse_range = {"l2_lambda": _log("l2_lambda", 1e-5, 1e-1)}
     n = narrowing.narrow(configs, coarse_range, margin=0.5, top_k=1, extend=0.3)
-    lo, hi = n.ranges["l2_lambda"]
+    lo, hi = n.ranges["l2_lambda"].bounds
     assert lo == pytest.approx(1e-5 / 10**0.3)  # as far as extend allows, not margin
     assert "below the coarse range's lower edge" in n.extended["l2_lambda"]
     # an extension the training settings cannot run is given up
@@ -181,7 +194,8 @@ def test_the_best_on_an_edge_extends_the_range_past_it_within_the_limit():
         configs, coarse_range, margin=0.5, top_k=1, valid=lambda p: p["l2_lambda"] >= 1e-5
     )
     assert (
-        n.ranges["l2_lambda"][0] == 1e-5 and "kept at the coarse edge" in (n.extended["l2_lambda"])
+        n.ranges["l2_lambda"].low == 1e-5
+        and "kept at the coarse edge" in (n.extended["l2_lambda"])
     )
 
 
@@ -435,10 +449,10 @@ def test_an_invalid_extension_is_given_up_alone():
     c.trials[0].number = 0
     n = narrowing.narrow(
         [c],
-        {"l2_lambda": (1e-5, 1e-1), "eta_max": (1e-3, 0.5)},
+        {"l2_lambda": _log("l2_lambda", 1e-5, 1e-1), "eta_max": _log("eta_max", 1e-3, 0.5)},
         margin=0.3,
         top_k=1,
         valid=lambda p: p["eta_max"] >= 1e-3,
     )
-    assert n.ranges["l2_lambda"][0] < 1e-5  # its extension stands
-    assert n.ranges["eta_max"][0] == 1e-3 and "kept at the coarse edge" in n.extended["eta_max"]
+    assert n.ranges["l2_lambda"].low < 1e-5  # its extension stands
+    assert n.ranges["eta_max"].low == 1e-3 and "kept at the coarse edge" in n.extended["eta_max"]

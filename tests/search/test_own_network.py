@@ -28,9 +28,9 @@ from search.config.study import StudyDefinitionError, load_spec, parse_spec
 from search.sweep import lost, user_train
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.objective import CURVES, curves_of
+from search.sweep.objective import CURVES, Objective, curves_of
 from search.sweep.prepared import prepare
-from search.sweep.user_train import Reporter, UserObjective, UserResultError
+from search.sweep.user_train import Reporter, UserResultError
 from tests.conftest import check_axes
 from tests.search.conftest import REPO, dump_toml
 
@@ -116,7 +116,10 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
     assert len(result["test_accs"]) == 2 and min(result["test_accs"]) > 0.9  # one per seed
     assert all(run["test_loss"] > 0 for run in result["runs"].values())
-    assert result["config"]["n_hidden"] == 50 and result["config"]["n_cycles"] == 2
+    # its own n_hidden was searched: an integer of the range, the one final trained
+    n_hidden = result["params"]["n_hidden"]
+    assert isinstance(n_hidden, int) and 20 <= n_hidden <= 200
+    assert result["config"]["n_hidden"] == n_hidden and result["config"]["n_cycles"] == 2
     assert "network.npz" not in capsys.readouterr().out  # the user's network is the user's
 
     assert report.main(["--study", str(path)]) == 0
@@ -133,7 +136,8 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
 @pytest.mark.parametrize("name", ["study.toml", "cifar10.toml"])
 def test_the_example_study_files_are_valid(name):
     spec = load_spec(EXAMPLE / name)
-    assert spec.model.layout == "d_by_n" and spec.training["n_hidden"] == 50
+    assert spec.model.layout == "d_by_n" and spec.model.params["n_hidden"] == 50
+    assert spec.search["n_hidden"].kind == "int" and spec.search["n_hidden"].log
     user_train.check(spec)  # the file and its function are found and take (hp, data, report)
     assert user_train.load_train(spec).__module__.startswith("c2f_user_my_net_")
 
@@ -374,9 +378,9 @@ def test_a_slow_function_interrupted_with_ctrl_c_is_resumed_to_the_exact_target(
 # ----------------------------------------------------------------------------- the contract
 
 
-def _objective(tmp_path, splits, code: str, **sections) -> UserObjective:
+def _objective(tmp_path, splits, code: str, **sections) -> Objective:
     path = user_study(tmp_path, code, **sections)
-    return UserObjective(load_spec(path), "coarse", splits, dict(load_spec(path).search))
+    return Objective(load_spec(path), "coarse", splits, dict(load_spec(path).search))
 
 
 @pytest.mark.parametrize("layout", ["n_by_d", "d_by_n"])
@@ -387,7 +391,7 @@ def test_the_data_arrive_in_the_layout_asked_for_read_only_and_memory_mapped(tmp
     spec = load_spec(path)
     prepared = prepare(spec.data, None, tmp_path / "cache")
     splits = prepared.open()
-    objective = UserObjective(spec, "coarse", splits, dict(spec.search))
+    objective = Objective(spec, "coarse", splits, dict(spec.search))
     seen = {}
 
     def train(hp, data, report):
@@ -427,13 +431,8 @@ def test_hyperparameters_include_every_training_key_and_the_constant_schedule(tm
     path = user_study(
         tmp_path,
         code,
-        training={
-            "schedule": "constant",
-            "n_epochs": 3,
-            "n_hidden": 30,
-            "dropout": 0.5,
-            "rho": 0.9,
-        },
+        model={"params": {"n_hidden": 30, "dropout": 0.5}},
+        training={"schedule": "constant", "n_epochs": 3, "rho": 0.9},
         search={"l2_lambda": [1e-5, 1e-1], "eta": [1e-3, 0.5]},
         fine={"training": {"n_hidden": 60}},
     )
@@ -548,9 +547,16 @@ BASE = {"name": "t", "model": {"train": "net.py:train"}, "search": {"l2_lambda":
         ({"model": {"train": "net.py"}}, "model.train", 'must be "file.py:function"'),
         ({"model": {"train": "x.py:train", "layout": "NxD"}}, "model.layout", "must be one of"),
         ({"model": {"layout": "d_by_n"}}, "model", "give train too"),
-        ({"network": {"hidden": [50]}}, "network", "put your network's settings"),
-        ({"training": {"total_steps": 9}}, "training", "computed from the schedule"),
-        ({"model": {}, "training": {"n_hidden": 50}}, "training", "unknown keys ['n_hidden']"),
+        ({"network": {"hidden": [50]}}, "network", "[model.params] (n_hidden = 50"),
+        ({"training": {"total_steps": 9}}, "training.total_steps", "computed from the schedule"),
+        ({"training": {"n_hidden": 50}}, "training.n_hidden", "declared with its default"),
+        ({"training": {"batch_sise": 50}}, "training.batch_sise", "did you mean 'batch_size'"),
+        (
+            {"model": {"train": "net.py:train", "params": {"batch_size": 5}}},
+            "model.params.batch_size",
+            "set batch_size in [training]",
+        ),
+        ({"search": {"n_hidden": [10, 100]}}, "search.n_hidden", "declared with its default"),
     ],
 )
 def test_model_table_errors_name_the_field(change, field, words):
@@ -559,11 +565,17 @@ def test_model_table_errors_name_the_field(change, field, words):
     assert exc.value.field == field and words in str(exc.value)
 
 
-def test_a_user_function_may_take_any_training_key():
+def test_a_user_function_takes_its_declared_keys_and_a_stage_may_override_them():
     spec = parse_spec(
-        {**BASE, "training": {"n_hidden": 50}, "fine": {"training": {"dropout": 0.1}}}, "s.toml"
+        {
+            **BASE,
+            "model": {"train": "net.py:train", "params": {"n_hidden": 50, "dropout": 0.0}},
+            "fine": {"training": {"dropout": 0.1}},
+        },
+        "s.toml",
     )
-    assert spec.training["n_hidden"] == 50 and spec.stage_training("fine")["dropout"] == 0.1
+    assert spec.own_params("coarse") == {"n_hidden": 50, "dropout": 0.0}
+    assert spec.own_params("fine") == {"n_hidden": 50, "dropout": 0.1}
     assert spec.train_config("fine").batch_size == 100  # TrainConfig leaves them out
     assert math.isclose(spec.train_config("coarse", {"l2_lambda": 0.1}).l2_lambda, 0.1)
 

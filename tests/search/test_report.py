@@ -84,7 +84,7 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     # ranges of each stage, as recorded on the studies
     for study in (coarse_study, fine_study):
         for lo, hi in study.user_attrs["ranges"].values():
-            assert f"| {lo:.3e} | {hi:.3e} |" in md
+            assert f"| float, log | {lo:.3e} .. {hi:.3e} |" in md
     # top-10 tables with the best trial first
     header = "| trial | val acc (mean) | sd | n | lambda | eta_max | epochs run | wall time (s) |"
     assert md.count(header) == 2

@@ -194,12 +194,12 @@ def test_a_stage_in_which_every_trial_failed_exits_1_with_the_reasons(
     quick_study, capsys, monkeypatch
 ):
     from search import status
-    from search.sweep import objective
+    from search.sweep import builtin
 
     def broken_fit(*args, **kwargs):
         raise ValueError("batch_size broken on purpose")
 
-    monkeypatch.setattr(objective, "fit", broken_fit)  # the forked workers inherit it
+    monkeypatch.setattr(builtin, "fit", broken_fit)  # the forked workers inherit it
     path = quick_study()
     assert coarse.main(["--study", str(path)]) == 1
     out, err = capsys.readouterr()

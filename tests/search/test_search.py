@@ -50,7 +50,7 @@ def test_coarse_fine_final_end_to_end(quick_study, capsys):
     ranges = f.user_attrs["ranges"]
     top = st.top_trials(c, 2)
     for name, (lo, hi) in ranges.items():
-        clo, chi = spec.search[name]
+        clo, chi = spec.search[name].bounds
         # within the coarse range, or past an edge by at most [fine] extend decades
         assert clo / 10**spec.fine.extend <= lo < hi <= chi * 10**spec.fine.extend
         assert all(lo <= t.params[name] <= hi for t in top)

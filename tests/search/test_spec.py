@@ -21,7 +21,7 @@ def test_shipped_studies_include_the_dd2424_settings():
     assert {"quickstart", "cifar10_2layer", "cifar10_3layer_bn", "cifar10_9layer_bn"} <= names
     nine = load_spec(STUDIES[[p.stem for p in STUDIES].index("cifar10_9layer_bn")])
     assert nine.network.hidden == (50, 30, 20, 20, 10, 10, 10, 10) and nine.network.batch_norm
-    assert nine.search["l2_lambda"] == (1e-5, 1e-1)
+    assert nine.search["l2_lambda"].bounds == (1e-5, 1e-1) and nine.search["l2_lambda"].log
     assert nine.train_config("coarse", {"l2_lambda": 1e-3}).batch_size == 100
 
 
@@ -35,14 +35,15 @@ BASE = {"name": "t", "search": {"l2_lambda": [1e-5, 1e-1]}}
         ({"search": {"l2_lambda": [1e-1, 1e-5]}}, "search.l2_lambda", "low must be < high"),
         ({"search": {"l2_lambda": [0, 1e-1]}}, "search.l2_lambda", "bounds > 0"),
         ({"search": {"l2_lambda": [1e-5]}}, "search.l2_lambda", "[low, high]"),
-        ({"search": {"batch_size": [1, 2]}}, "search.batch_size", "searchable"),
+        ({"search": {"batch_size": [1, 2]}}, "search.batch_size", "{int = [1, 2], log = true}"),
+        ({"search": {"colour": [1, 2]}}, "search.colour", "searchable: ["),
         ({"data": {"name": "mnist"}}, "data.name", "must be one of"),
         ({"data": {"nme": "digits"}}, "data", "unknown keys ['nme']"),
         ({"network": {"hidden": [50, -1]}}, "network.hidden", "positive integers"),
         ({"network": {"batch_norm": "yes"}}, "network.batch_norm", "bool"),
-        ({"training": {"eta_mn": 1}}, "training", "unknown keys ['eta_mn']"),
+        ({"training": {"eta_mn": 1}}, "training.eta_mn", "did you mean 'eta_min'"),
         ({"training": {"l2_lambda": 0.1}}, "search", "both searched and fixed"),
-        ({"training": {"schedule": "cosine"}}, "training", "schedule must be one of"),
+        ({"training": {"schedule": "cosine"}}, "training.schedule", "schedule must be one of"),
         ({"optuna": {"pruner": "early"}}, "optuna.pruner", "must be one of"),
         ({"coarse": {"trials": 0}}, "coarse.trials", ">= 1"),
         ({"name": "a b"}, "name", "letters, digits"),
