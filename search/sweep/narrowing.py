@@ -149,8 +149,9 @@ def narrow(
                 flat.append(name)
         lo_p = max(pos(r.low) - extend * unit, pos(min(chosen_values)) - margin * unit)
         hi_p = min(pos(r.high) + extend * unit, pos(max(chosen_values)) + margin * unit)
-        if hi_p <= lo_p:  # one value at a bound with margin 0
-            lo_p, hi_p = lo_p - 0.005 * unit, hi_p + 0.005 * unit
+        if hi_p <= lo_p:  # one value at a bound with margin 0: 1 % either side
+            half = math.log10(1.01) if r.log else 0.005 * width
+            lo_p, hi_p = lo_p - half, hi_p + half
         back = (lambda p: 10.0**p) if r.log else (lambda p: p)
         new = r.narrowed(back(lo_p), back(hi_p))
         said = []

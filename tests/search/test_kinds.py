@@ -135,7 +135,7 @@ EXPERIMENT_OWN = {
     "grid": {"dropout": [0.0, 0.3], "width": [8, 32], "act": ["relu", "tanh"]},
     "data": {"name": "digits", "n_val": 300},
     "model": OWN["model"],
-    "training": {"n_s": 12, "batch_size": 100},
+    "training": {"n_s": 12, "batch_size": 100, "l2_lambda": 1e-3},
     "optuna": {"workers": 1},
 }
 
@@ -153,11 +153,15 @@ def test_an_experiment_grid_runs_every_kind_with_the_network_it_names(tmp_path, 
     for row in rows:
         assert row.trial.state == TrialState.COMPLETE
         assert "test_acc" in row.trial.user_attrs
-    if table == "model":  # the user's function ran: its value, not a network's accuracy
-        values = {round(r.trial.value, 6) for r in rows}
-        assert max(values) > 0.55 and all(
-            r.trial.user_attrs["result"]["test_acc"] < r.trial.value for r in rows
-        )
+    if table == "model":  # the user's function ran with the point's keys: its value, exactly
+        for row in rows:
+            p = row.point
+            want = 0.5 + 0.1 * (p["act"] == "relu") - abs(p["dropout"] - 0.2) + p["width"] / 1000
+            assert row.trial.value == pytest.approx(want)
+            assert row.trial.user_attrs["test_acc"] == pytest.approx(want - 0.01)
+    else:  # the built-in network trained each point's layers
+        assert {tuple(r.point["hidden"]) for r in rows} == {(20,), (30, 20)}
+        assert all(r.trial.value > 0.5 for r in rows)
 
 
 def test_an_experiment_naming_a_missing_function_is_refused_before_any_trial(tmp_path, capsys):
