@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from search.config.study import PRUNERS, load_spec
+from search.sweep import stage
 from search.sweep import studies as st
 from tests.search.conftest import write_study
 
@@ -50,7 +51,7 @@ def run_once(study_file: Path, *, seed: int, trials: int, workers: int, optuna: 
     st.record_data(study, prepared)
     st.top_up(study, trials)
     t0 = time.perf_counter()
-    st.run_stage_workers(spec, "coarse", dict(spec.search), prepared, workers=workers)
+    stage.run_stage_workers(spec, "coarse", dict(spec.search), prepared, workers=workers)
     wall = time.perf_counter() - t0
     c = st.counts(study)
     done = study.get_trials(deepcopy=False, states=st.FINISHED)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench.worker_memory import descendants
 from search.config.study import load_spec
+from search.sweep import stage
 from search.sweep import studies as st
 from search.sweep.storage import storage_of
 from tests.search.conftest import write_study
@@ -69,7 +70,7 @@ def run_once(
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     cpu0 = cpu_seconds()
-    st.run_stage_workers(
+    stage.run_stage_workers(
         spec, "coarse", dict(spec.search), prepared, workers=workers, threads=threads,
         release_first=[storage_of(study)],
     )  # fmt: skip

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from search.config.study import load_spec
+from search.sweep import stage
 from search.sweep import studies as st
 from search.sweep.prepared import PARTS
 from tests.search.conftest import write_study
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler = Sampler(prepared.path)
         sampler.start()
         t0 = time.perf_counter()
-        st.run_stage_workers(spec, "coarse", dict(spec.search), prepared, workers=args.workers)
+        stage.run_stage_workers(spec, "coarse", dict(spec.search), prepared, workers=args.workers)
         wall = time.perf_counter() - t0
         sampler.stop.set()
         sampler.join()

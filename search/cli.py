@@ -20,13 +20,11 @@ from optuna.trial import TrialState
 
 from search.config.space import Range
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
-from search.sweep import lost, user_train
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.pool import WorkersFailed, check_workers
-from search.sweep.progress import Progress
 from search.sweep.signals import Interrupted, StopFlag, signals_recorded
-from search.sweep.storage import StorageError, StorageUnavailable, safe_url, storage_of
+from search.sweep.storage import StorageError, StorageUnavailable, safe_url
 
 DEFAULT_STUDY = "studies/quickstart.toml"
 
@@ -175,58 +173,6 @@ def load(args: argparse.Namespace) -> StudySpec:
         where = "--workers" if workers is not None else f"{spec.path}: [optuna.workers]"
         check_workers(spec.optuna.workers, where=where)
     return spec
-
-
-def run_stage(
-    spec: StudySpec,
-    stage: str,
-    *,
-    target: int,
-    ranges: dict[str, Range],
-    enqueue: Sequence[dict[str, Any]] = (),
-    attrs: dict | None = None,
-) -> optuna.Study:
-    """Create or resume the stage's study, top it up to ``target``, run the workers."""
-    user_train.check(spec)  # a user's function that cannot run is refused before any trial
-    prepared = st.prepare_for(spec)
-    study = st.open_study(spec, stage)
-    storage = storage_of(study)
-    st.record_data(study, prepared)
-    st.record_seed_mode(study, spec)
-    study.set_user_attr("ranges", st.describe_ranges(ranges))
-    st.record_files(study, spec)
-    for k, v in (attrs or {}).items():
-        study.set_user_attr(k, v)
-    # Trials left RUNNING by a killed run are failed and re-queued before counting.
-    study_id = storage.get_study_id_from_name(study.study_name)
-    lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
-    queued = st.top_up(study, target, enqueue=list(enqueue))
-    c = st.counts(study)
-    finished = c["COMPLETE"] + c["PRUNED"]
-    workers = spec.optuna.workers
-    print(
-        f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials, "
-        f"{finished} finished, {queued} newly queued, {workers} worker(s)",
-        flush=True,
-    )
-
-    def run(total: int) -> None:
-        st.run_stage_workers(
-            spec,
-            stage,
-            ranges,
-            prepared,
-            workers=workers,
-            progress=Progress(study, total),
-            release_first=[storage],
-        )
-
-    # The progress line counts every finished trial, replicates of an earlier run too.
-    live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
-    run(target + sum(rep.is_replicate(t) for t in live))
-    # Then more seeds of the best configurations, until the best ones all have them.
-    st.replicate_rounds(spec, stage, study, run)
-    return study
 
 
 def same_flags(args: argparse.Namespace) -> str:

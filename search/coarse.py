@@ -8,6 +8,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 from search import cli
+from search.sweep import stage
 
 
 @cli.guarded
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if not spec.search:
         raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     target = args.trials or spec.coarse_trials
-    study = cli.run_stage(spec, "coarse", target=target, ranges=dict(spec.search))
+    study = stage.run_stage(spec, "coarse", target=target, space=dict(spec.search))
     if cli.finish(spec, study, spec.search):
         cli.next_step("fine", args)
     return 0

@@ -36,14 +36,12 @@ import os
 import optuna
 
 from search import cli
-from search.config import space as sp
 from search.config.study import StudySpec, load_spec
-from search.sweep import replicates as rep
+from search.sweep import stage as stage_driver
 from search.sweep import studies as st
 from search.sweep import user_train
-from search.sweep.pool import check_workers, run_workers, threads_per
+from search.sweep.pool import check_workers, threads_per
 from search.sweep.prepared import Prepared
-from search.sweep.progress import Progress
 from search.sweep.storage import make_storage, safe_url, sqlite_path
 
 ENV_PREFIX = "C2F_"
@@ -147,20 +145,6 @@ def prepare_data(spec: StudySpec, cache_dir: str | None) -> Prepared:
     return st.prepare_for(spec, cache_dir=cache_dir)
 
 
-def ranges_for(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, sp.Range]:
-    if stage == "coarse":
-        if not spec.search:
-            raise ValueError(f"{spec.path}: [search] is empty; nothing to search")
-        return dict(spec.search)
-    recorded = study.user_attrs.get("ranges")
-    if not recorded:
-        raise ValueError(
-            f"study {study.study_name} records no search ranges (user attr 'ranges'); "
-            "it must be set up by python -m search.fine"
-        )
-    return sp.from_record(recorded)
-
-
 def create(args: argparse.Namespace) -> int:
     """Create the coarse study (or load it), record data and ranges, queue its target."""
     if not args.study:
@@ -178,15 +162,8 @@ def create(args: argparse.Namespace) -> int:
         raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     cli.check_trials(args.trials)
     prepared = prepare_data(spec, args.cache_dir)
-    study = st.open_study(spec, "coarse")
-    st.record_data(study, prepared)
-    st.record_seed_mode(study, spec)
-    if args.n_val is not None:  # workers that join take it from here, as the study file
-        study.set_user_attr("n_val", spec.data.n_val)
-    study.set_user_attr("ranges", st.describe_ranges(spec.search))
-    st.record_files(study, spec)
     target = args.trials or spec.coarse_trials
-    queued = st.top_up(study, target)
+    study, queued = stage_driver.create_stage(spec, target=target, prepared=prepared)
     c = st.counts(study)
     print(
         f"study {name} in {safe_url(spec.storage_url())}: target {target} trials, "
@@ -238,9 +215,7 @@ def join(args: argparse.Namespace) -> int:
         )
     study = st.open_study(spec, stage, storage, create=False)
     prepared = prepare_data(spec, args.cache_dir)
-    st.record_data(study, prepared)
-    st.record_seed_mode(study, spec)
-    ranges = ranges_for(spec, stage, study)
+    stage_driver.space_of(spec, stage, study)  # a fine study without ranges: refused here
     target = study.user_attrs.get("target")
     threads = args.threads or threads_per(args.workers)
     c = st.counts(study)
@@ -250,29 +225,9 @@ def join(args: argparse.Namespace) -> int:
         f"{c['RUNNING']} running, {c['WAITING']} waiting, target {target}",
         flush=True,
     )
-    job = st.StageJob(
-        spec,
-        stage,
-        str(prepared.path),
-        prepared.checksum,
-        ranges,
-        threads,
-        seed_offset=st.machine_seed(),
-        poll=args.poll,
+    stage_driver.join_stage(
+        spec, stage, study, prepared, workers=args.workers, threads=threads, poll=args.poll
     )
-
-    def run(total: int) -> None:
-        run_workers(
-            job,
-            workers=args.workers,
-            progress=Progress(study, total),
-            reap=lambda: st.reap_all(spec, stage),
-            release_first=[storage],
-        )
-
-    live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
-    run(int(target or 0) + sum(rep.is_replicate(t) for t in live))
-    st.replicate_rounds(spec, stage, study, run)
     c = st.counts(study)
     print(
         f"queue of {args.study_name} empty: {c['COMPLETE'] + c['PRUNED']} finished "

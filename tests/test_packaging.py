@@ -50,7 +50,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
 def test_a_wheel_holds_the_study_files_and_the_c2f_command(wheel):
     names = set(wheel.namelist())
     shipped = sorted(p.relative_to(REPO / "studies") for p in (REPO / "studies").rglob("*.toml"))
-    assert len(shipped) == 9
+    assert len(shipped) == 10
     for rel in shipped:
         assert f"search/studies/{rel.as_posix()}" in names, rel
         assert (

@@ -30,9 +30,9 @@ from search.sweep import lost, studies, user_train
 from search.sweep import studies as st
 from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import run_trial
-from search.sweep.pool import run_workers, threads_per
+from search.sweep.pool import threads_per
 from search.sweep.prepared import Prepared
-from search.sweep.progress import Progress
+from search.sweep.stage import drive
 from search.sweep.storage import make_storage, sqlite_path, storage_of, with_retries
 
 # ----------------------------------------------------------------------------- the study
@@ -254,12 +254,12 @@ def run(experiment: Experiment, *, log=print) -> optuna.Study:
         return study
     study_id = storage_of(study).get_study_id_from_name(study.study_name)
     job = GridJob(experiment, str(prepared.path), prepared.checksum, threads_per(workers))
-    run_workers(
+    drive(
+        study,
         job,
         workers=workers,
-        progress=Progress(study, total),
+        total=total,
         reap=lambda: lost.reap(storage_of(study), study_id, grace_period=spec.optuna.grace_period),
-        release_first=[storage_of(study)],
     )
     return study
 

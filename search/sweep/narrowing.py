@@ -30,7 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
+
 from search.config import space as sp
+from search.config.study import StudySpec, check_point
+from search.sweep import replicates as rep
+from search.sweep import studies as st
 from search.sweep.replicates import Configuration, pooled_sd
 
 FLAT_SHARE = 2 / 3
@@ -192,3 +197,131 @@ def narrow(
             "is as good as the best within the seed noise, and the fine range stays wide"
         )
     return Narrowing(ranges, sigma, within, chosen, flat, extended, notes, dropped)
+
+
+@dataclass
+class FinePlan:
+    """What the fine stage searches: its ranges, the configurations it starts from, what
+    it records on its study, and the lines that say so."""
+
+    ranges: dict[str, sp.Range]
+    starts: list[dict[str, Any]]
+    attrs: dict[str, Any]
+    lines: list[str]
+
+
+def plan_fine(
+    spec: StudySpec,
+    *,
+    top_k: int | None = None,
+    margin: float | None = None,
+    coarse_command: str = "search.coarse",
+) -> FinePlan:
+    """The fine stage's ranges: narrowed around the finished coarse stage's best
+    configurations (:func:`narrow`), or, when the fine study has trials already, the
+    ranges it was started with. ``top_k`` and ``margin`` override the study file's;
+    ``coarse_command`` is named in the errors that ask to finish the coarse stage."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    if margin is not None and not margin >= 0:
+        raise ValueError(f"--margin must be >= 0 decades, got {margin}")
+    coarse = st.load_existing(spec, "coarse")
+    if coarse is None or not rep.study_configurations(coarse):
+        raise ValueError(
+            f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
+            f"run {coarse_command} first"
+        )
+    existing = st.load_existing(spec, "fine")
+    recorded = existing.user_attrs.get("ranges") if existing is not None else None
+    if recorded and existing is not None and existing.get_trials(deepcopy=False):
+        plan = _resumed_plan(coarse, existing, top_k=top_k, margin=margin)
+    else:
+        if why := st.pending(spec, "coarse", coarse):
+            raise ValueError(
+                f"{coarse.study_name} is not finished ({why}); the fine ranges need all of it: "
+                f"run {coarse_command} again to finish it, or wait for the workers running it"
+            )
+        plan = _new_plan(
+            spec,
+            coarse,
+            top_k=spec.fine.top_k if top_k is None else top_k,
+            margin=spec.fine.margin if margin is None else margin,
+        )
+    plan.lines.append("fine ranges:")
+    for name, r in plan.ranges.items():
+        # The study file may have changed since the fine study began.
+        was = f"  (coarse {spec.search[name].describe()})" if name in spec.search else ""
+        plan.lines.append(f"  {name:>10}: {r.describe()}{was}")
+    said = plan.attrs.get("narrowing") or (
+        existing.user_attrs.get("narrowing", {}) if existing else {}
+    )
+    plan.lines += [f"  {name}: {what}" for name, what in said.get("extended", {}).items()]
+    plan.lines += [f"note: {note}" for note in said.get("notes", [])]
+    plan.attrs["coarse_study"] = coarse.study_name
+    return plan
+
+
+def _resumed_plan(
+    coarse: optuna.Study, existing: optuna.Study, *, top_k: int | None, margin: float | None
+) -> FinePlan:
+    """A fine study with trials keeps the ranges it was started with."""
+    was = (existing.user_attrs.get("top_k"), existing.user_attrs.get("margin"))
+    asked = (was[0] if top_k is None else top_k, was[1] if margin is None else margin)
+    if asked != was:
+        raise ValueError(
+            f"study {existing.study_name} was started with top_k={was[0]}, "
+            f"margin={was[1]}; got top_k={asked[0]}, margin={asked[1]}. Its ranges are "
+            "fixed once it has trials: drop --top-k/--margin to resume it, or use "
+            "another --storage for a new fine search"
+        )
+    lines = []
+    coarse_now = len(coarse.get_trials(deepcopy=False, states=st.FINISHED))
+    coarse_then = existing.user_attrs.get("coarse_finished")
+    if coarse_then is not None and coarse_now != coarse_then:
+        lines.append(
+            f"note: {coarse.study_name} has {coarse_now} finished trials, {coarse_then} "
+            "when these ranges were fixed; they stay as they are (use another --storage "
+            "for a fine search on the new results)"
+        )
+    ranges = sp.from_record(existing.user_attrs["ranges"])
+    return FinePlan(ranges, [], {"top_k": was[0], "margin": was[1]}, lines)
+
+
+def _new_plan(spec: StudySpec, coarse: optuna.Study, *, top_k: int, margin: float) -> FinePlan:
+    """Fine ranges narrowed around the coarse stage's configurations."""
+    configs = rep.study_configurations(coarse, spec.coarse.replicates)
+
+    def valid(point: dict[str, Any]) -> bool:
+        try:
+            check_point(spec, "fine", point)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    n = narrow(
+        configs,
+        dict(spec.search),
+        margin=margin,
+        top_k=top_k,
+        extend=spec.fine.extend,
+        mode=spec.fine.narrow,
+        valid=valid,
+    )
+    noise = "" if n.sigma is None else f"; seed noise (sd of one run) {n.sigma:.4f}"
+    lines = [
+        f"best coarse configuration: trial {configs[0].number}, val acc "
+        f"{configs[0].describe()}; {len(n.within)} configuration(s) within noise of it{noise}"
+    ]
+    # The best configurations start the fine search, where the fine ranges hold them.
+    starts = [
+        dict(c.params)
+        for c in configs[:top_k]
+        if all(k in n.ranges and n.ranges[k].contains(v) for k, v in c.params.items())
+    ]
+    attrs = {
+        "top_k": top_k,
+        "margin": margin,
+        "narrowing": n.as_dict(),
+        "coarse_finished": len(coarse.get_trials(deepcopy=False, states=st.FINISHED)),
+    }
+    return FinePlan(n.ranges, starts, attrs, lines)

@@ -10,14 +10,12 @@ of machines run exactly the target between them.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import socket
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,11 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 from search.config import space as sp
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep import lost
-from search.sweep.loop import Sweep, worker_log
-from search.sweep.objective import Objective
-from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared, prepare
-from search.sweep.replicates import is_replicate, missing_replicates, queue_replicates
+from search.sweep.replicates import is_replicate, missing_replicates
 from search.sweep.signals import checkpoint
 from search.sweep.storage import (
     ResilientStorage,
@@ -327,105 +322,6 @@ def machine_seed() -> int:
     """A seed offset of this machine and process, for workers joining from many machines."""
     label = f"{socket.gethostname()}:{os.getpid()}"
     return int(hashlib.sha256(label.encode()).hexdigest()[:4], 16)
-
-
-@dataclass(frozen=True)
-class StageJob:
-    """A worker of a coarse or fine study (picklable: it may cross to a spawned process)."""
-
-    spec: StudySpec
-    stage: str
-    prepared_path: str
-    checksum: str
-    ranges: dict[str, sp.Range]
-    threads: int
-    seed_offset: int = 0
-    poll: float = 1.0
-
-    def open(self, worker: int) -> Sweep:
-        storage = make_storage(self.spec.storage_url(), log=worker_log)
-        study = open_study(
-            self.spec, self.stage, storage, worker=worker + self.seed_offset, create=False
-        )
-        prepared = Prepared(Path(self.prepared_path), self.checksum)
-        record_data(study, prepared)
-        objective = Objective(self.spec, self.stage, prepared.open(), self.ranges)
-        return Sweep(
-            storage,
-            study,
-            objective,
-            heartbeat_interval=self.spec.optuna.heartbeat_interval,
-            grace_period=self.spec.optuna.grace_period,
-            poll=self.poll,
-        )
-
-
-def run_stage_workers(
-    spec: StudySpec,
-    stage: str,
-    ranges: dict[str, sp.Range],
-    prepared: Prepared,
-    *,
-    workers: int,
-    threads: int | None = None,
-    progress: Callable[[], None] | None = None,
-    release_first: Sequence[object] = (),
-) -> None:
-    """Run ``workers`` worker processes on the stage's queue until it is empty."""
-    job = StageJob(
-        spec,
-        stage,
-        str(prepared.path),
-        prepared.checksum,
-        ranges,
-        threads or threads_per(workers),
-    )
-    run_workers(
-        job,
-        workers=workers,
-        progress=progress,
-        reap=functools.partial(reap_all, spec, stage),
-        release_first=release_first,
-    )
-
-
-def reap_all(spec: StudySpec, stage: str) -> list[int]:
-    """Fail and retry the stage's trials whose workers are gone; their numbers."""
-    storage = storage_for(spec)
-    study_id = storage.get_study_id_from_name(study_name(spec, stage))
-    return lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
-
-
-# One round: a predictable cost of (replicates - 1) x replicate_top runs per stage. The
-# ranking puts replicated configurations first, so a lucky single run cannot win anyway.
-MAX_REPLICATE_ROUNDS = 1
-
-
-def replicate_rounds(
-    spec: StudySpec, stage: str, study: optuna.Study, run: Callable[[int], None], *, log=print
-) -> None:
-    """Queue more seeds of the stage's best configurations and ``run(total)`` the workers,
-    until the best ones all have them (at most :data:`MAX_REPLICATE_ROUNDS` rounds).
-
-    Only once the stage's search trials are all finished: a machine whose queue
-    ran dry while others still train leaves the replicates to the last one.
-    ``total`` is the target plus the replicate runs, for the progress line.
-    """
-    stage_spec = spec.coarse if stage == "coarse" else spec.fine
-    for _ in range(MAX_REPLICATE_ROUNDS):  # one round per set of search results
-        trials = study.get_trials(deepcopy=False)
-        if any(t.state in LIVE and not is_replicate(t) for t in trials):
-            return
-        queued = queue_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
-        if not queued:
-            return
-        log(
-            f"replicates: the {stage_spec.replicate_top} best configurations get "
-            f"{stage_spec.replicates} seeds each; {queued} runs queued",
-            flush=True,
-        )
-        live = study.get_trials(deepcopy=False, states=FINISHED + LIVE)
-        run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))
 
 
 def pending(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:

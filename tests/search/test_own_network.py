@@ -306,7 +306,7 @@ SLOW = """
 
     def train(hp, data, report):
         for i in range(1, 21):
-            time.sleep(0.03)
+            time.sleep(0.1)  # a window of about a second in which both trials run
             report(i, 0.5 + hp["l2_lambda"])
         return 0.5 + hp["l2_lambda"]
 """

@@ -1,0 +1,212 @@
+"""The final stage: retrain the chosen configuration over several seeds and test it.
+
+The chosen configuration is the best mean over seeds of the fine study (else the
+coarse one); :func:`retrain` trains it with ``[final.training]`` on training +
+validation minus the holdout (:func:`final_split`) through the study's training
+function (:func:`search.sweep.user_train.run_final`), one run per seed, tests each
+once, records each seed's result on the study as soon as it is known (an
+interrupted final resumes with the seeds it has not done), and writes
+``result.json``. The command (``search/final.py``) prints and draws.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+
+from model.data import Dataset, Splits
+from model.train import History
+from search.config import space as sp
+from search.config.study import StudySpec
+from search.sweep import replicates as rep
+from search.sweep import studies as st
+from search.sweep import user_train
+
+
+def final_split(splits: Splits, holdout: int) -> Splits:
+    """Train on train + val[:-holdout]; validate on the last ``holdout`` val images
+    (with no holdout, on all of val, which is then trained on too)."""
+    cut = splits.val.n - holdout
+    X = np.concatenate([splits.train.X, splits.val.X[:cut]])
+    y = np.concatenate([splits.train.y, splits.val.y[:cut]])
+    meta: dict[str, Any] = {
+        "n_classes": splits.train.n_classes,
+        "label_names": splits.train.label_names,
+    }
+    train = Dataset(X, y, **meta)
+    rows = slice(cut, None) if holdout else slice(None)
+    val = Dataset(np.ascontiguousarray(splits.val.X[rows]), splits.val.y[rows], **meta)
+    return Splits(train, val, splits.test)
+
+
+def chosen_configuration(
+    spec: StudySpec, *, command: Callable[[str], str] = lambda stage: f"search.{stage}"
+) -> tuple[optuna.Study, rep.Configuration, float]:
+    """The study to take it from (fine, else coarse), its chosen configuration and that
+    one's smoothed validation accuracy (:func:`search.sweep.replicates.choose`).
+    ``command(stage)`` is the command the errors ask to run."""
+    for stage in ("fine", "coarse"):
+        study = st.load_existing(spec, stage)
+        replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
+        if study is not None and (configs := rep.study_configurations(study, replicates)):
+            if why := st.pending(spec, stage, study):
+                raise ValueError(
+                    f"{study.study_name} is not finished ({why}); final chooses from all of "
+                    f"it: run {command(stage)} again to finish it, "
+                    "or wait for the workers running it"
+                )
+            if spec.final.choose == "best":
+                value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
+                return study, configs[0], value
+            return (study, *rep.choose(configs))
+    raise ValueError(
+        f"no completed trials of {spec.name} in the fine or coarse study of "
+        f"{spec.storage_url()}; run {command('coarse')} first"
+    )
+
+
+@dataclass
+class Retrained:
+    """What :func:`retrain` did: the result (as in ``result.json``), whether it was only
+    read back (already recorded), and the notes to print."""
+
+    result: dict[str, Any]
+    recorded: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def retrain(
+    spec: StudySpec,
+    *,
+    n_seeds: int,
+    force: bool = False,
+    command: Callable[[str], str] = lambda stage: f"search.{stage}",
+    log: Callable[[str], None] = print,
+    on_first_run: Callable[[History], None] | None = None,
+) -> Retrained:
+    """Retrain the chosen configuration with ``n_seeds`` seeds and test each once.
+
+    A result recorded for the same choice, training, network, data and split is read
+    back instead (``force``: retrain). ``on_first_run(history)`` gets the first seed's
+    curves (the command draws them).
+    """
+    source, best, smooth = chosen_configuration(spec, command=command)
+    # The trial params as settings (a choice of layer widths back to its list).
+    params = sp.decode(sp.from_record(source.user_attrs.get("ranges", {})), best.params)
+    config0 = spec.train_config("final", {**params, "seed": spec.optuna.seed})
+    prepared = st.prepare_for(spec)
+    data = prepared.open()
+    holdout = st.holdout_size(spec, data.val.n)
+    saved_config: dict[str, Any] = asdict(config0)
+    if spec.model.train:
+        # A user's function also reads its own keys (n_hidden, ...).
+        saved_config |= {**spec.own_params("final", params), "train": spec.model.train}
+    # What a recorded run depends on: the choice, its training, the network, the data, the split.
+    key = json.dumps(
+        {
+            "params": best.params,
+            "config": saved_config,
+            "network": asdict(spec.network_for(params)),
+            "data": prepared.checksum,
+            "holdout": holdout,
+        },
+        sort_keys=True,
+        default=str,  # a TOML date among a user's keys
+    )
+    recorded = source.user_attrs.get("final")
+    if recorded and recorded.get("key") == key and recorded.get("n_seeds") == n_seeds:
+        if not force:
+            return Retrained(recorded, recorded=True)
+    user_train.check(spec)
+    st.record_data(source, prepared)
+    splits = final_split(data, holdout)
+    log(
+        f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "
+        f"{smooth:.4f} smoothed over its neighbours; {params_line(params)})\n"
+        f"  trains on {data.train.n} training + {data.val.n - holdout} validation images "
+        f"= {splits.train.n}; holdout {holdout} validation images for the curve; "
+        f"test {data.test.n} images, once per seed\n"
+        f"  {n_seeds} seed(s), {config0.total_steps(splits.train.n)} steps each"
+    )
+    runs = {} if force else dict(source.user_attrs.get("final_runs", {}).get(key, {}))
+    out = spec.out_dir() / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(n_seeds):
+        seed = spec.optuna.seed + i
+        if str(seed) in runs:
+            log(f"seed {seed}: recorded, test accuracy {runs[str(seed)]['test_acc']:.4f}")
+            continue
+        run = user_train.run_final(
+            spec, params, splits, seed=seed, out_dir=out if i == 0 else None, log=log
+        )
+        runs[str(seed)] = {
+            "test_acc": run.test["accuracy"],
+            "test_loss": run.test["loss"],
+            "holdout_val_acc": run.val_acc if holdout else None,
+            "wall_time": round(run.history.wall_time, 2),
+        }
+        log(f"seed {seed}: test accuracy {run.test['accuracy']:.4f}")
+        if i == 0:
+            if on_first_run is not None:
+                on_first_run(run.history)
+            (out / "history.json").write_text(json.dumps(run.history.to_dict()))
+        # Kept at once: an interrupted final resumes with the seeds it has not done.
+        source.set_user_attr("final_runs", {key: runs})
+    accs = [runs[str(spec.optuna.seed + i)]["test_acc"] for i in range(n_seeds)]
+    result = {
+        "study": source.study_name,
+        "configuration": best.number,
+        "trials": sorted(t.number for t in best.trials),
+        "params": best.params,
+        "search_val_acc": {
+            "mean": best.mean,
+            "sd": None if best.n < 2 else best.sd,
+            "n": best.n,
+            "smoothed": smooth,
+        },
+        "test_acc": statistics.fmean(accs),
+        "test_acc_sd": statistics.stdev(accs) if len(accs) > 1 else None,
+        "test_accs": accs,
+        "n_seeds": n_seeds,
+        "seeds": [spec.optuna.seed + i for i in range(n_seeds)],
+        "split": {
+            "train": splits.train.n,
+            "train_from_val": data.val.n - holdout,
+            "holdout": holdout,
+            "test": data.test.n,
+        },
+        "runs": runs,
+        "wall_time": round(time.perf_counter() - t0, 2),
+        "config": saved_config,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    source.set_user_attr(
+        "final", {**{k: v for k, v in result.items() if k not in ("config", "runs")}, "key": key}
+    )
+    notes = []
+    flat = (source.user_attrs.get("narrowing") or {}).get("flat", [])
+    if flat:
+        notes.append(
+            f"validation accuracy was flat within the seed noise along {', '.join(flat)}: "
+            "this choice is as good as any in the fine range, not better"
+        )
+    return Retrained(result, recorded=False, notes=notes)
+
+
+def describe_accs(accs: list[float]) -> str:
+    """``0.4213 +- 0.0061 (n=3)``, or the single value."""
+    if len(accs) > 1:
+        return f"{statistics.fmean(accs):.4f} +- {statistics.stdev(accs):.4f} (n={len(accs)})"
+    return f"{accs[0]:.4f} (n=1)"
+
+
+def params_line(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={sp.describe_value(v)}" for k, v in params.items())

@@ -1,0 +1,279 @@
+"""The stage driver: one way to open a stage, fill its queue and run workers on it.
+
+Every command that trains a search goes through here: ``coarse`` and ``fine``
+(:func:`run_stage`), ``worker --create`` (:func:`create_stage`), ``worker`` joining a
+study (:func:`join_stage`), and experiment grids (:func:`drive`, with their own
+queue). A stage is opened and recorded (:func:`open_stage`: data checksum, seed
+mode, ranges, study file), lost trials are reaped, the queue is topped up to the
+target, :func:`drive` runs the worker processes with the progress line until the
+queue is empty, and then the replicate rounds queue more seeds of the best
+configurations and run them the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.config import space as sp
+from search.config.study import StudySpec
+from search.sweep import lost, user_train
+from search.sweep import studies as st
+from search.sweep.loop import Sweep, worker_log
+from search.sweep.objective import Objective
+from search.sweep.pool import run_workers, threads_per
+from search.sweep.prepared import Prepared
+from search.sweep.progress import Progress
+from search.sweep.replicates import is_replicate, queue_replicates
+from search.sweep.storage import make_storage, safe_url, storage_of
+
+
+def open_stage(
+    spec: StudySpec,
+    stage: str,
+    prepared: Prepared,
+    *,
+    space: dict[str, sp.Range] | None = None,
+    attrs: dict[str, Any] | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
+    create: bool = True,
+) -> optuna.Study:
+    """The stage's study, with its data checksum, seed mode, ranges (``space``), study
+    file and ``attrs`` recorded (or checked against what it recorded)."""
+    study = st.open_study(spec, stage, storage, create=create)
+    st.record_data(study, prepared)
+    st.record_seed_mode(study, spec)
+    if space is not None:
+        study.set_user_attr("ranges", sp.to_record(space))
+    st.record_files(study, spec)
+    for k, v in (attrs or {}).items():
+        study.set_user_attr(k, v)
+    return study
+
+
+def reap(spec: StudySpec, stage: str) -> list[int]:
+    """Fail and retry the stage's trials whose workers are gone; their numbers."""
+    storage = st.storage_for(spec)
+    study_id = storage.get_study_id_from_name(st.study_name(spec, stage))
+    return lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """A worker of a coarse or fine study (picklable: it may cross to a spawned process)."""
+
+    spec: StudySpec
+    stage: str
+    prepared_path: str
+    checksum: str
+    ranges: dict[str, sp.Range]
+    threads: int
+    seed_offset: int = 0
+    poll: float = 1.0
+
+    def open(self, worker: int) -> Sweep:
+        storage = make_storage(self.spec.storage_url(), log=worker_log)
+        study = st.open_study(
+            self.spec, self.stage, storage, worker=worker + self.seed_offset, create=False
+        )
+        prepared = Prepared(Path(self.prepared_path), self.checksum)
+        st.record_data(study, prepared)
+        objective = Objective(self.spec, self.stage, prepared.open(), self.ranges)
+        return Sweep(
+            storage,
+            study,
+            objective,
+            heartbeat_interval=self.spec.optuna.heartbeat_interval,
+            grace_period=self.spec.optuna.grace_period,
+            poll=self.poll,
+        )
+
+
+def drive(
+    study: optuna.Study,
+    job: Any,
+    *,
+    workers: int,
+    total: int,
+    reap: Callable[[], list[int]],
+) -> None:
+    """Run ``workers`` worker processes of ``job`` on the study's queue until it is empty,
+    with the progress line counting to ``total``."""
+    run_workers(
+        job,
+        workers=workers,
+        progress=Progress(study, total),
+        reap=reap,
+        release_first=[storage_of(study)],
+    )
+
+
+def work(
+    spec: StudySpec,
+    stage: str,
+    study: optuna.Study,
+    space: dict[str, sp.Range],
+    prepared: Prepared,
+    *,
+    workers: int,
+    threads: int | None = None,
+    seed_offset: int = 0,
+    poll: float = 1.0,
+    log: Callable[..., None] = print,
+) -> None:
+    """Run the stage's queue, then its replicate rounds, with ``workers`` processes."""
+    job = StageJob(
+        spec,
+        stage,
+        str(prepared.path),
+        prepared.checksum,
+        space,
+        threads or threads_per(workers),
+        seed_offset=seed_offset,
+        poll=poll,
+    )
+    run = functools.partial(
+        drive, study, job, workers=workers, reap=functools.partial(reap, spec, stage)
+    )
+    # The progress line counts every finished trial, replicates of an earlier run too.
+    live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
+    target = int(study.user_attrs.get("target") or 0)
+    run(total=target + sum(is_replicate(t) for t in live))
+    replicate_rounds(spec, stage, study, lambda total: run(total=total), log=log)
+
+
+def run_stage(
+    spec: StudySpec,
+    stage: str,
+    *,
+    target: int,
+    space: dict[str, sp.Range],
+    enqueue: Sequence[dict[str, Any]] = (),
+    attrs: dict[str, Any] | None = None,
+    log: Callable[..., None] = print,
+) -> optuna.Study:
+    """Create or resume the stage's study, top it up to ``target``, run the workers and
+    the replicate rounds (``coarse`` and ``fine``)."""
+    user_train.check(spec)  # a user's function that cannot run is refused before any trial
+    prepared = st.prepare_for(spec)
+    study = open_stage(spec, stage, prepared, space=space, attrs=attrs)
+    reap(spec, stage)  # trials left RUNNING by a killed run are failed and re-queued first
+    queued = st.top_up(study, target, enqueue=list(enqueue))
+    c = st.counts(study)
+    workers = spec.optuna.workers
+    log(
+        f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials, "
+        f"{c['COMPLETE'] + c['PRUNED']} finished, {queued} newly queued, {workers} worker(s)",
+        flush=True,
+    )
+    work(spec, stage, study, space, prepared, workers=workers, log=log)
+    return study
+
+
+def create_stage(spec: StudySpec, *, target: int, prepared: Prepared) -> tuple[optuna.Study, int]:
+    """Create (or load) the coarse study and queue its target, running nothing (``worker
+    --create``); the study and how many trials were queued."""
+    user_train.check(spec)
+    study = open_stage(spec, "coarse", prepared, space=spec.search)
+    if spec.data.n_val is not None:  # workers that join take it from here, as the study file
+        study.set_user_attr("n_val", spec.data.n_val)
+    reap(spec, "coarse")
+    return study, st.top_up(study, target)
+
+
+def join_stage(
+    spec: StudySpec,
+    stage: str,
+    study: optuna.Study,
+    prepared: Prepared,
+    *,
+    workers: int,
+    threads: int | None,
+    poll: float,
+) -> None:
+    """Run ``workers`` processes on an existing stage's queue from this machine (``worker``
+    joining a study), then its replicate rounds when this machine is the last one."""
+    user_train.check(spec)
+    st.record_data(study, prepared)
+    st.record_seed_mode(study, spec)
+    work(
+        spec,
+        stage,
+        study,
+        space_of(spec, stage, study),
+        prepared,
+        workers=workers,
+        threads=threads,
+        seed_offset=st.machine_seed(),
+        poll=poll,
+    )
+
+
+def space_of(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, sp.Range]:
+    """The ranges a stage searches: the study file's for coarse, the recorded ones for fine."""
+    if stage == "coarse":
+        if not spec.search:
+            raise ValueError(f"{spec.path}: [search] is empty; nothing to search")
+        return dict(spec.search)
+    recorded = study.user_attrs.get("ranges")
+    if not recorded:
+        raise ValueError(
+            f"study {study.study_name} records no search ranges (user attr 'ranges'); "
+            "it must be set up by python -m search.fine"
+        )
+    return sp.from_record(recorded)
+
+
+# One round: a predictable cost of (replicates - 1) x replicate_top runs per stage. The
+# ranking puts replicated configurations first, so a lucky single run cannot win anyway.
+MAX_REPLICATE_ROUNDS = 1
+
+
+def replicate_rounds(
+    spec: StudySpec, stage: str, study: optuna.Study, run: Callable[[int], None], *, log=print
+) -> None:
+    """Queue more seeds of the stage's best configurations and ``run(total)`` the workers,
+    until the best ones all have them (at most :data:`MAX_REPLICATE_ROUNDS` rounds).
+
+    Only once the stage's search trials are all finished: a machine whose queue
+    ran dry while others still train leaves the replicates to the last one.
+    ``total`` is the target plus the replicate runs, for the progress line.
+    """
+    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    for _ in range(MAX_REPLICATE_ROUNDS):  # one round per set of search results
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state in st.LIVE and not is_replicate(t) for t in trials):
+            return
+        queued = queue_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
+        if not queued:
+            return
+        log(
+            f"replicates: the {stage_spec.replicate_top} best configurations get "
+            f"{stage_spec.replicates} seeds each; {queued} runs queued",
+            flush=True,
+        )
+        live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
+        run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))
+
+
+def run_stage_workers(
+    spec: StudySpec,
+    stage: str,
+    space: dict[str, sp.Range],
+    prepared: Prepared,
+    *,
+    workers: int,
+    threads: int | None = None,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Run ``workers`` worker processes on the stage's queue until it is empty, nothing
+    else (the benchmarks time this)."""
+    job = StageJob(
+        spec, stage, str(prepared.path), prepared.checksum, space, threads or threads_per(workers)
+    )
+    run_workers(job, workers=workers, progress=progress, reap=functools.partial(reap, spec, stage))
