@@ -33,7 +33,7 @@ from bench.worker_memory import descendants
 from search.config.study import load_spec
 from search.sweep import stage
 from search.sweep import studies as st
-from search.sweep.storage import storage_of
+from search.sweep.workers.storage import storage_of
 from tests.search.conftest import write_study
 
 

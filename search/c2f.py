@@ -124,7 +124,7 @@ def init(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     started = argv is None
     if started:  # the program itself: a Ctrl-C while the commands import ends it at once
-        from search.sweep.signals import exit_at_once_while_starting
+        from search.sweep.workers.signals import exit_at_once_while_starting
 
         exit_at_once_while_starting()
     args = sys.argv[1:] if argv is None else list(argv)

@@ -22,9 +22,9 @@ from search.config.space import Range
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.pool import WorkersFailed, check_workers
-from search.sweep.signals import Interrupted, StopFlag, signals_recorded
-from search.sweep.storage import StorageError, StorageUnavailable, safe_url
+from search.sweep.workers.pool import WorkersFailed, check_workers
+from search.sweep.workers.signals import Interrupted, StopFlag, signals_recorded
+from search.sweep.workers.storage import StorageError, StorageUnavailable, safe_url
 
 DEFAULT_STUDY = "studies/quickstart.toml"
 

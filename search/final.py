@@ -26,7 +26,7 @@ given the test set, returns its accuracy and saves what it wants in ``hp["out_di
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
-    from search.sweep.signals import exit_at_once_while_starting
+    from search.sweep.workers.signals import exit_at_once_while_starting
 
     exit_at_once_while_starting()
 

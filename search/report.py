@@ -13,7 +13,7 @@ The figures and Markdown are made in :mod:`search.reporting`.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
-    from search.sweep.signals import exit_at_once_while_starting
+    from search.sweep.workers.signals import exit_at_once_while_starting
 
     exit_at_once_while_starting()
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from search import cli
 from search.reporting import files_only, markdown
 from search.sweep import studies as st
-from search.sweep.storage import safe_url
+from search.sweep.workers.storage import safe_url
 
 
 @cli.guarded

@@ -3,7 +3,7 @@
 A study is
 
 - ``running`` if a RUNNING trial's worker is alive, by the rule every worker's
-  reaper uses (:func:`search.sweep.lost.lost_reason`: its process on this
+  reaper uses (:func:`search.sweep.workers.lost.lost_reason`: its process on this
   machine exists and its last heartbeat is newer than the grace period);
 - ``stale`` if RUNNING trials have no live worker: their workers were killed.
   Running the stage's command again fails them and retries their parameters;
@@ -18,7 +18,7 @@ to show (no database yet, or none in it).
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
-    from search.sweep.signals import exit_at_once_while_starting
+    from search.sweep.workers.signals import exit_at_once_while_starting
 
     exit_at_once_while_starting()
 
@@ -35,10 +35,10 @@ from optuna.trial import FrozenTrial, TrialState
 from search import cli
 from search.config.space import table_value as value_text
 from search.config.study import StudySpec, load_spec
-from search.sweep import lost
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.storage import make_storage, safe_url, sqlite_path
+from search.sweep.workers import lost
+from search.sweep.workers.storage import make_storage, safe_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 COMMANDS = ("coarse", "fine")

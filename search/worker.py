@@ -25,7 +25,7 @@ containers in ``docker/compose.yaml`` are configured; a flag wins over the varia
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
-    from search.sweep.signals import exit_at_once_while_starting
+    from search.sweep.workers.signals import exit_at_once_while_starting
 
     exit_at_once_while_starting()
 
@@ -40,9 +40,9 @@ from search.config.study import StudySpec, load_spec
 from search.sweep import stage as stage_driver
 from search.sweep import studies as st
 from search.sweep import user_train
-from search.sweep.pool import check_workers, threads_per
 from search.sweep.prepared import Prepared
-from search.sweep.storage import make_storage, safe_url, sqlite_path
+from search.sweep.workers.pool import check_workers, threads_per
+from search.sweep.workers.storage import make_storage, safe_url, sqlite_path
 
 ENV_PREFIX = "C2F_"
 

@@ -27,7 +27,7 @@ from search.reporting.tables import (
     top_table,
 )
 from search.sweep import studies as st
-from search.sweep.storage import relative_url, sqlite_path
+from search.sweep.workers.storage import relative_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 

@@ -26,14 +26,15 @@ from optuna.trial import TrialState
 from model.data import Dataset, Splits
 from search.config import space as sp
 from search.config.experiment import Experiment, load_experiment
-from search.sweep import lost, studies, user_train
+from search.sweep import studies, user_train
 from search.sweep import studies as st
-from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import run_trial
-from search.sweep.pool import threads_per
 from search.sweep.prepared import Prepared
 from search.sweep.stage import drive
-from search.sweep.storage import make_storage, sqlite_path, storage_of, with_retries
+from search.sweep.workers import lost
+from search.sweep.workers.loop import Sweep, worker_log
+from search.sweep.workers.pool import threads_per
+from search.sweep.workers.storage import make_storage, sqlite_path, storage_of, with_retries
 
 # ----------------------------------------------------------------------------- the study
 

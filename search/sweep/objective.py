@@ -25,9 +25,7 @@ from model.data import Splits
 from model.train import TrainConfig, TrainingDiverged
 from search.config import space as sp
 from search.config.study import StudySpec
-from search.sweep.loop import worker_log
 from search.sweep.replicates import replicate_index
-from search.sweep.storage import trial_id
 from search.sweep.user_train import (
     Data,
     Reporter,
@@ -39,6 +37,8 @@ from search.sweep.user_train import (
     user_data,
     warn_once,
 )
+from search.sweep.workers.loop import worker_log
+from search.sweep.workers.storage import trial_id
 
 CURVES = "c2f_curves"
 SEED_STRIDE = 1000  # between the seeds of a configuration's replicates

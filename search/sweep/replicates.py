@@ -197,7 +197,7 @@ def queue_replicates(study: optuna.Study, replicates: int, top: int) -> int:
 
 def _fail_duplicates(study: optuna.Study) -> None:
     """Fail the WAITING copies of a (params, seed index) queued twice, keeping the first."""
-    from search.sweep.storage import storage_of, trial_id
+    from search.sweep.workers.storage import storage_of, trial_id
 
     storage = storage_of(study)
     seen: set[tuple] = set()

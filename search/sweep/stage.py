@@ -22,15 +22,16 @@ import optuna
 
 from search.config import space as sp
 from search.config.study import StudySpec
-from search.sweep import lost, user_train
 from search.sweep import studies as st
-from search.sweep.loop import Sweep, worker_log
+from search.sweep import user_train
 from search.sweep.objective import Objective
-from search.sweep.pool import run_workers, threads_per
 from search.sweep.prepared import Prepared
 from search.sweep.progress import Progress
 from search.sweep.replicates import is_replicate, queue_replicates
-from search.sweep.storage import make_storage, safe_url, storage_of
+from search.sweep.workers import lost
+from search.sweep.workers.loop import Sweep, worker_log
+from search.sweep.workers.pool import run_workers, threads_per
+from search.sweep.workers.storage import make_storage, safe_url, storage_of
 
 
 def open_stage(

@@ -24,11 +24,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.config import space as sp
 from search.config.study import StudyDefinitionError, StudySpec
-from search.sweep import lost
 from search.sweep.prepared import Prepared, prepare
 from search.sweep.replicates import is_replicate, missing_replicates
-from search.sweep.signals import checkpoint
-from search.sweep.storage import (
+from search.sweep.workers import lost
+from search.sweep.workers.signals import checkpoint
+from search.sweep.workers.storage import (
     ResilientStorage,
     enqueue_blank,
     make_storage,
@@ -126,7 +126,7 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     """Make finished + running + waiting trials equal ``target``; how many were queued.
 
     First the retries that a dying process still owed are queued
-    (:func:`search.sweep.lost.repair_owed_retries`). ``enqueue`` gives parameters
+    (:func:`search.sweep.workers.lost.repair_owed_retries`). ``enqueue`` gives parameters
     for the first new trials (starting points); the rest are blank and get
     their parameters from the sampler when taken. Over the target (a command
     run again with a lower ``--trials``), the newest WAITING trials are failed

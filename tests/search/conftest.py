@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import missing
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "quickstart.toml"
@@ -83,3 +95,70 @@ def any_storage_url(request, tmp_path):
 
         with pg_util.temporary_database() as url:
             yield url
+
+
+# ----------------------------------------------------------------------------- the dashboard
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(storage_url: str, port: int) -> list[str]:
+    args = [storage_url, "--host", "127.0.0.1", "--port", str(port), "--server", "wsgiref"]
+    exe = shutil.which("optuna-dashboard")
+    if exe is not None:
+        return [exe, *args]
+    # The console script is not on PATH (a venv not activated): same entry point.
+    return [sys.executable, "-c", "from optuna_dashboard._cli import main; main()", *args]
+
+
+def get_json(url: str, timeout: float = 10.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def run_dashboard(storage_url: str, *, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """Start optuna-dashboard on a free loopback port; yield its base URL; always stop it."""
+    try:
+        import optuna_dashboard  # noqa: F401
+    except ImportError:
+        missing("optuna-dashboard is not installed")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        _command(storage_url, port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"optuna-dashboard exited with code {proc.returncode}: {proc.stderr.read()}"
+                )
+            try:
+                get_json(f"{base}/api/meta", timeout=2.0)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"optuna-dashboard did not answer on {base} within {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -10,7 +10,7 @@ import shlex
 import pytest
 
 from search import c2f, cli, coarse, experiment, final, fine, report, status, worker
-from search.sweep import pool
+from search.sweep.workers import pool
 from tests.search.conftest import REPO
 
 

@@ -23,7 +23,7 @@ import yaml  # PyYAML: a dependency of optuna
 from search import worker
 from search.sweep import studies as st
 from tests.search import pg_util
-from tests.search.test_dashboard import get_json, run_dashboard
+from tests.search.conftest import get_json, run_dashboard
 
 # One worker runs this module: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("docker")

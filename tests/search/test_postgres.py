@@ -16,11 +16,11 @@ from optuna.trial import TrialState
 
 from search import worker
 from search.config.study import load_spec
-from search.sweep import lost
 from search.sweep import studies as st
 from search.sweep.objective import curves_of
+from search.sweep.workers import lost
 from tests.search import pg_util
-from tests.search.test_dashboard import get_json, run_dashboard
+from tests.search.conftest import get_json, run_dashboard
 
 pytestmark = pytest.mark.postgres
 
@@ -265,7 +265,7 @@ def test_every_command_takes_a_postgresql_url(quick_study, pg_url, capsys):
 
 
 def test_messages_hide_the_password():
-    from search.sweep.storage import safe_url
+    from search.sweep.workers.storage import safe_url
 
     url = "postgresql+psycopg2://c2f:s3cret@db.example/optuna"
     assert "s3cret" not in safe_url(url) and "db.example/optuna" in safe_url(url)

@@ -121,7 +121,7 @@ def test_prepared_data_is_mmapped_and_checksum_guards_the_study(quick_study):
 
 def test_four_workers_on_sqlite_with_the_dashboard_reading(quick_study):
     """4 workers x 24 short trials on one SQLite file, optuna-dashboard reading: none FAIL."""
-    from tests.search.test_dashboard import get_json, run_dashboard
+    from tests.search.conftest import get_json, run_dashboard
 
     path = quick_study(
         coarse={"trials": 24},

@@ -11,8 +11,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from search import status
-from search.sweep import lost
-from search.sweep.storage import make_storage
+from search.sweep.workers import lost
+from search.sweep.workers.storage import make_storage
 from tests.search.conftest import write_study
 
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}

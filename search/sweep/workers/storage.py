@@ -108,7 +108,7 @@ def make_storage(
       before use, so a restarted server is survived).
     - ``journal:///path.log`` or a path ending in ``.log``: a journal file.
 
-    Workers record their own heartbeats (``search.sweep.lost``), on every kind of
+    Workers record their own heartbeats (``search.sweep.workers.lost``), on every kind of
     storage, so Optuna's heartbeat is not used. A URL that names no usable storage
     is a :class:`StorageURLError`; a storage that cannot be used (unreachable server,
     a file that cannot be written, a full disk, ...) a :class:`StorageError`, each

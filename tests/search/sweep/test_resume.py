@@ -10,11 +10,11 @@ from optuna.trial import TrialState
 
 from search import cli, coarse, final, fine
 from search.config.study import load_spec
-from search.sweep import lost
 from search.sweep import studies as st
-from search.sweep.loop import take
 from search.sweep.progress import Progress
-from search.sweep.storage import make_storage, storage_of
+from search.sweep.workers import lost
+from search.sweep.workers.loop import take
+from search.sweep.workers.storage import make_storage, storage_of
 from tests.search.conftest import REPO
 
 

@@ -16,12 +16,13 @@ from optuna.trial import TrialState
 from search import coarse, final, fine
 from search.config import space as sp
 from search.config.study import StudyDefinitionError, load_spec
-from search.sweep import lost, narrowing
+from search.sweep import narrowing
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.loop import take
 from search.sweep.objective import SEED_STRIDE, curves_of
-from search.sweep.storage import storage_of
+from search.sweep.workers import lost
+from search.sweep.workers.loop import take
+from search.sweep.workers.storage import storage_of
 from tests.search.conftest import REPO
 
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}

@@ -1,7 +1,7 @@
 """Starting N workers and owning their lives: the one place that starts worker processes.
 
 The command's process supervises; every worker is a child process running
-:func:`search.sweep.loop.run_queue`. The lifecycle is owned here:
+:func:`search.sweep.workers.loop.run_queue`. The lifecycle is owned here:
 
 - A stop signal (SIGINT, SIGTERM, SIGHUP) to the command alone or to its
   process group reaches every worker: each re-queues its running trial and
@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from search.sweep.loop import Sweep, run_queue
-from search.sweep.signals import STOP_SIGNALS, Interrupted, StopFlag, current
-from search.sweep.storage import release
+from search.sweep.workers.loop import Sweep, run_queue
+from search.sweep.workers.signals import STOP_SIGNALS, Interrupted, StopFlag, current
+from search.sweep.workers.storage import release
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 5.0  # then a worker that has not stopped is killed, its trial re-queued here
@@ -258,7 +258,7 @@ def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None
     import optuna
     from threadpoolctl import threadpool_limits
 
-    from search.sweep.storage import StorageError
+    from search.sweep.workers.storage import StorageError
 
     # The worker's own lines say what happened (dropped trials, storage outages);
     # Optuna's warnings about the same events would say it again, with SQL.

@@ -20,10 +20,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.sweep import lost
-from search.sweep.loop import Sweep, run_queue, take
-from search.sweep.signals import Interrupted, StopFlag, signals_recorded
-from search.sweep.storage import (
+from search.sweep.studies import top_up
+from search.sweep.workers import lost
+from search.sweep.workers.loop import Sweep, run_queue, take
+from search.sweep.workers.signals import Interrupted, StopFlag, signals_recorded
+from search.sweep.workers.storage import (
     ResilientStorage,
     StorageUnavailable,
     is_transient,
@@ -33,7 +34,6 @@ from search.sweep.storage import (
     trial_id,
     waiting_trial_ids,
 )
-from search.sweep.studies import top_up
 
 FORK = multiprocessing.get_context("fork")
 PARAMS = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
@@ -290,7 +290,7 @@ def test_resilient_storage_retries_only_what_may_pass(monkeypatch):
 
 
 def test_the_private_optuna_api_still_does_what_we_use_it_for(tmp_path):
-    """If Optuna changes these, this fails (search.sweep.storage wraps each use)."""
+    """If Optuna changes these, this fails (search.sweep.workers.storage wraps each use)."""
     storage, study, sid = new_study(f"sqlite:///{tmp_path / 'p.db'}")
     study.enqueue_trial({"x": 0.5})
     [frozen] = study.get_trials()
@@ -318,7 +318,7 @@ def test_waiting_trials_are_listed_oldest_first_as_optuna_lists_them(any_storage
 def test_blank_trials_queued_at_once_are_the_ones_optuna_queues(any_storage_url):
     """enqueue_blank (two statements a chunk on an RDB storage) makes what
     study.enqueue_trial({}) makes; numbers stay dense when both are mixed; workers run them."""
-    from search.sweep.storage import enqueue_blank
+    from search.sweep.workers.storage import enqueue_blank
 
     storage, study, sid = new_study(any_storage_url)
     study.enqueue_trial({})

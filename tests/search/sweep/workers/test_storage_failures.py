@@ -19,10 +19,10 @@ from optuna.trial import TrialState
 
 from search import coarse, status
 from search.sweep import studies as st
-from search.sweep.storage import StorageError, describe_failure, make_storage
+from search.sweep.workers.storage import StorageError, describe_failure, make_storage
 from tests.conftest import missing
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 
 
 @contextlib.contextmanager
@@ -82,7 +82,9 @@ def test_a_url_that_names_no_storage_is_a_setting(qs, capsys):
 
 
 def test_a_storage_that_cannot_be_used_is_one_line_and_exit_1(qs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("search.sweep.storage.time.sleep", lambda s: None)  # no waits to retry
+    monkeypatch.setattr(
+        "search.sweep.workers.storage.time.sleep", lambda s: None
+    )  # no waits to retry
     a_file = tmp_path / "notes.txt"
     a_file.write_text("some notes, not a database\n" * 100)
     pg_down = "postgresql+psycopg2://root@127.0.0.1:1/test"

@@ -9,8 +9,8 @@ import time
 import optuna
 import pytest
 
-from search.sweep.loop import take
-from search.sweep.storage import ResilientStorage, SQLiteStorage, make_storage
+from search.sweep.workers.loop import take
+from search.sweep.workers.storage import ResilientStorage, SQLiteStorage, make_storage
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_fast_report_matches_optuna(sqlite_study, tmp_path):
     """The upsert behind trial.report stores what Optuna's own implementation stores."""
     import math
 
-    from search.sweep import storage as storage_mod
+    from search.sweep.workers import storage as storage_mod
 
     assert storage_mod._FAST_REPORT, "the fast path is off: Optuna's tables changed"
     _, storage, study = sqlite_study

@@ -5,7 +5,7 @@ import pytest
 
 from search.config.study import StudyDefinitionError, load_spec, parse_spec
 
-STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.toml"))
+STUDIES = sorted((Path(__file__).resolve().parents[3] / "studies").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)

@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.sweep.storage import trial_id
+from search.sweep.workers.storage import trial_id
 
 # The system attrs this module owns.
 OWNER = "c2f_owner"

@@ -1,9 +1,9 @@
 """The worker loop: take a queued trial, run it, tell its result; the only one there is.
 
 Every command that trains (coarse, fine, experiment, ``search.worker``) runs
-this loop in worker processes started by :mod:`search.sweep.pool`.
+this loop in worker processes started by :mod:`search.sweep.workers.pool`.
 
-Signals (:mod:`search.sweep.signals`) raise :class:`Interrupted` only while
+Signals (:mod:`search.sweep.workers.signals`) raise :class:`Interrupted` only while
 the objective trains and no storage code is on the stack; between steps the
 loop looks at the flag. So a signal never interrupts a storage write, and the
 running trial is re-queued exactly once, by normal code, before the worker
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from search.sweep import lost
-from search.sweep.signals import Interrupted, StopFlag
-from search.sweep.storage import (
+from search.sweep.workers import lost
+from search.sweep.workers.signals import Interrupted, StopFlag
+from search.sweep.workers.storage import (
     ResilientStorage,
     StorageError,
     StorageUnavailable,
@@ -95,7 +95,7 @@ def take(storage: ResilientStorage, study_id: int) -> int | None:
     """Pop a WAITING trial (atomically: one worker only gets it) and claim it; its id.
 
     A worker killed between the two steps leaves a trial that no one claims;
-    :func:`search.sweep.lost.lost_reason` takes it for lost after the grace period.
+    :func:`search.sweep.workers.lost.lost_reason` takes it for lost after the grace period.
     Signals never fall between them (the loop is not interruptible there).
     """
     for tid in waiting_trial_ids(storage, study_id):

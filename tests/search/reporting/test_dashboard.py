@@ -1,95 +1,22 @@
 """optuna-dashboard, started for real, reads a coarse study from SQLite through its JSON API.
 
-``run_dashboard(url)`` is reusable: ``from tests.search.test_dashboard import run_dashboard``.
+``run_dashboard(url)`` and ``get_json`` live in ``tests/search/conftest.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import optuna
 import pytest
 
 from search import coarse
 from search.config.study import load_spec
-from tests.conftest import missing
-from tests.search.conftest import write_study
+from tests.search.conftest import get_json, run_dashboard, write_study
 
 # One worker runs this module: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("dashboard")
-
-STARTUP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _command(storage_url: str, port: int) -> list[str]:
-    args = [storage_url, "--host", "127.0.0.1", "--port", str(port), "--server", "wsgiref"]
-    exe = shutil.which("optuna-dashboard")
-    if exe is not None:
-        return [exe, *args]
-    # The console script is not on PATH (a venv not activated): same entry point.
-    return [sys.executable, "-c", "from optuna_dashboard._cli import main; main()", *args]
-
-
-def get_json(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-@contextlib.contextmanager
-def run_dashboard(storage_url: str, *, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
-    """Start optuna-dashboard on a free loopback port; yield its base URL; always stop it."""
-    try:
-        import optuna_dashboard  # noqa: F401
-    except ImportError:
-        missing("optuna-dashboard is not installed")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        _command(storage_url, port),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"optuna-dashboard exited with code {proc.returncode}: {proc.stderr.read()}"
-                )
-            try:
-                get_json(f"{base}/api/meta", timeout=2.0)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"optuna-dashboard did not answer on {base} within {timeout:.0f} s"
-                    ) from None
-                time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
 
 
 @pytest.fixture(scope="module")
