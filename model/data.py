@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import SettingError
+
 __all__ = [
     "DATASETS",
     "DataError",
@@ -161,13 +163,15 @@ def _check_held_out(name: str, value: int | float, total: int, what: str) -> int
     if isinstance(value, float) and 0 < value < 1:
         value = max(1, round(value * total))
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(
-            f"{name} must be a number of images or a fraction in (0, 1), got {value!r}"
+        raise SettingError(
+            f"{name} must be a number of images or a fraction in (0, 1), got {value!r}",
+            field=name,
         )
     if not 0 < value < total:
-        raise ValueError(
+        raise SettingError(
             f"{name} must satisfy 0 < {name} < {total} (the {what}), got {name}={value}; "
-            "hold out fewer images, at least one"
+            "hold out fewer images, at least one",
+            field=name,
         )
     return int(value)
 
@@ -501,8 +505,9 @@ def load_digits(
     n_val = _check_held_out("n_val", n_val, total, "number of digits")
     n_test = _check_held_out("n_test", n_test, total, "number of digits")
     if n_val + n_test >= total:
-        raise ValueError(
-            f"n_val + n_test must be < {total} (the digits), got {n_val=} + {n_test=}"
+        raise SettingError(
+            f"n_val + n_test must be < {total} (the digits), got {n_val=} + {n_test=}",
+            field="n_val",
         )
     perm = np.random.default_rng(seed).permutation(total)
     X = _to_float(digits.data[perm], dt, 16.0)

@@ -152,6 +152,14 @@ def _check_number(
     return value
 
 
+def _one_of(path: Path, field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """A StudyDefinitionError naming the field unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise StudyDefinitionError(
+            path, field_name, f"must be one of {list(allowed)}, got {value!r}"
+        )
+
+
 def _parse_name(path: Path, name: Any) -> str:
     if (
         not isinstance(name, str)
@@ -183,14 +191,8 @@ class DataSpec:
 def _parse_data(path: Path, raw: Any) -> DataSpec:
     # model.data checks these only when it loads the data, too late to name the file.
     data = _build(DataSpec, path, "data", raw)
-    if data.name not in DATASETS:
-        raise StudyDefinitionError(
-            path, "data.name", f"must be one of {list(DATASETS)}, got {data.name!r}"
-        )
-    if data.split not in CIFAR10_SPLITS:
-        raise StudyDefinitionError(
-            path, "data.split", f"must be one of {list(CIFAR10_SPLITS)}, got {data.split!r}"
-        )
+    _one_of(path, "data.name", data.name, DATASETS)
+    _one_of(path, "data.split", data.split, CIFAR10_SPLITS)
     if data.name != "cifar10" and data.split != "batch1":
         raise StudyDefinitionError(
             path, "data.split", f"applies to cifar10 only; leave it out for {data.name!r}"
@@ -318,10 +320,7 @@ def _parse_model(path: Path, raw: Any) -> ModelSpec:
             'must be "file.py:function" (a path relative to the study file) or '
             f'"package.module:function", got {model.train!r}',
         )
-    if model.layout not in LAYOUTS:
-        raise StudyDefinitionError(
-            path, "model.layout", f"must be one of {list(LAYOUTS)}, got {model.layout!r}"
-        )
+    _one_of(path, "model.layout", model.layout, LAYOUTS)
     if not model.train and model != ModelSpec():
         raise StudyDefinitionError(
             path, "model", "layout and [model.params] apply to a user's function: give train too"
@@ -527,10 +526,7 @@ def _parse_fine(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) -> 
     _check_number(path, "fine.top_k", fine.top_k, min=1)
     _check_number(path, "fine.margin", fine.margin, kind="float", min=0, unit="decades")
     _check_number(path, "fine.extend", fine.extend, kind="float", min=0, unit="decades")
-    if fine.narrow not in NARROWING:
-        raise StudyDefinitionError(
-            path, "fine.narrow", f"must be one of {list(NARROWING)}, got {fine.narrow!r}"
-        )
+    _one_of(path, "fine.narrow", fine.narrow, NARROWING)
     _check_replicates(path, "fine", fine.replicates, fine.replicate_top)
     return fine
 
@@ -558,10 +554,7 @@ def _parse_final(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) ->
             "must be a number of validation images >= 0 (0: no holdout) or a fraction of "
             f"them in (0, 1), got {h!r}",
         )
-    if final.choose not in CHOICES:
-        raise StudyDefinitionError(
-            path, "final.choose", f"must be one of {list(CHOICES)}, got {final.choose!r}"
-        )
+    _one_of(path, "final.choose", final.choose, CHOICES)
     if final.seeds < 1:
         raise StudyDefinitionError(
             path, "final.seeds", f"must be an integer >= 1, got {final.seeds!r}"
@@ -609,14 +602,8 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
         )
     if url and in_memory(url):
         raise StudyDefinitionError(path, "optuna.storage", IN_MEMORY)
-    if spec.pruner not in PRUNERS:
-        raise StudyDefinitionError(
-            path, "optuna.pruner", f"must be one of {list(PRUNERS)}, got {spec.pruner!r}"
-        )
-    if spec.sampler not in SAMPLERS:
-        raise StudyDefinitionError(
-            path, "optuna.sampler", f"must be one of {list(SAMPLERS)}, got {spec.sampler!r}"
-        )
+    _one_of(path, "optuna.pruner", spec.pruner, PRUNERS)
+    _one_of(path, "optuna.sampler", spec.sampler, SAMPLERS)
     if spec.seed_mode not in SEED_MODES:
         raise StudyDefinitionError(
             path,

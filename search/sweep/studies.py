@@ -223,7 +223,7 @@ def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> 
         if isinstance(exc, StudyDefinitionError):
             raise
         # The loader knows the size and the files, the study file the field.
-        field_name = "data.n_val" if "n_val" in str(exc) else "data"
+        field_name = "data.n_val" if getattr(exc, "field", None) == "n_val" else "data"
         raise StudyDefinitionError(spec.path or "<study>", field_name, str(exc)) from None
     check_fits(spec, prepared.sizes())
     return prepared

@@ -1,10 +1,15 @@
-"""Bring your own network: the service runs a training function the user wrote.
+"""The training-function contract, ``train(hp, data, report)``, and the user's own.
 
-A study names it in its ``[model]`` table::
+Every network the service tunes is such a function: the built-in one
+(:mod:`search.sweep.builtin`) or one the user wrote, named in the study's
+``[model]`` table with its own keys and their defaults::
 
     [model]
     train = "my_net.py:train"      # a file relative to the study file, or "package.module:train"
     layout = "d_by_n"              # X as features x samples (DD2424); default "n_by_d"
+
+    [model.params]                 # the function's own keys, searchable like any other
+    n_hidden = 50
 
 The contract
 ------------
@@ -20,7 +25,11 @@ searched values on top, the schedule resolved for this training set:
   ``decay`` for "step");
 - ``total_steps`` (update steps of the whole run) and ``eval_every`` (update
   steps between two calls of ``report``, as the built-in network evaluates);
-- every other key of ``[training]`` as written (``n_hidden = 50``, ``rho``...).
+- every other TrainConfig field (``rho``, ``train_eval_size``, ...);
+- the function's own keys: ``[model.params]``, the stage's ``[training]`` values of
+  them, the searched values on top (a list as a list); for the built-in network, the
+  ``[network]`` fields instead;
+- in the final run, ``out_dir``: a directory for the run's files.
 
 ``seed`` is :func:`search.sweep.objective.trial_seed`'s, as for the built-in
 network (shared by a stage's search trials by default, another for each

@@ -179,6 +179,7 @@ def test_an_experiment_naming_a_missing_function_is_refused_before_any_trial(tmp
         ({"training": {"batch_sise": 20, "n_s": 12}}, "[training.batch_sise] unknown key"),
         ({"training": {"n_cycels": 3, "n_s": 12}}, "did you mean 'n_cycles'"),
         ({"search": {"depth": {"int": [1, 3]}}}, "[search.depth] is not a parameter"),
+        ({"training": {"depth": 3, "n_s": 12}}, "declared with its default in [model.params]"),
         (
             {"search": {"rho": {"low": 0.5, "high": 1.5}}},
             "[search.rho] rho = 1 cannot run: rho must be in [0, 1)",
@@ -187,6 +188,8 @@ def test_an_experiment_naming_a_missing_function_is_refused_before_any_trial(tmp
 )
 def test_mistakes_get_one_line_and_exit_2_with_no_trial_run(tmp_path, capsys, change, words):
     doc = {**OWN, **change} if "depth" in str(change) else {**BUILT_IN, **change}
+    if "training" in change and "depth" in str(change):
+        doc["training"] = {**OWN["training"], **change["training"]}
     path = _write(tmp_path, doc, OWN_CODE)
     assert coarse.main(["--study", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

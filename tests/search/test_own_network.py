@@ -119,7 +119,8 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     assert all(run["test_loss"] > 0 for run in result["runs"].values())
     # its own n_hidden was searched: an integer of the range, the one final trained
     n_hidden = result["params"]["n_hidden"]
-    assert isinstance(n_hidden, int) and 20 <= n_hidden <= 200
+    fine_range = load(spec, "fine").user_attrs["ranges"]["n_hidden"]  # may pass an edge
+    assert isinstance(n_hidden, int) and fine_range["int"][0] <= n_hidden <= fine_range["int"][1]
     assert result["config"]["n_hidden"] == n_hidden and result["config"]["n_cycles"] == 2
     assert "network.npz" not in capsys.readouterr().out  # the user's network is the user's
 
