@@ -19,7 +19,7 @@ from pathlib import Path
 # name: (module, one line for `c2f --help`); init is this module's own.
 COMMANDS = {
     "init": ("", "copy the shipped study files into ./studies/ for editing"),
-    "coarse": ("search.coarse", "coarse search: log-uniform lambda (and eta)"),
+    "coarse": ("search.coarse", "coarse search over the study file's [search] ranges"),
     "fine": ("search.fine", "narrow the ranges around the best coarse trials, search again"),
     "final": ("search.final", "retrain the best configuration, report test accuracy"),
     "report": ("search.report", "figures and a Markdown report of a study"),

@@ -73,7 +73,7 @@ def stage_section(
     if stage == "fine" and "top_k" in study.user_attrs:
         lines += [narrowing_text(study.user_attrs), ""]
     lines += [
-        "Ranges (log-uniform):",
+        "Ranges:",
         "",
         ranges_table(ranges) if ranges else "(not recorded)",
     ]
