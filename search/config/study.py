@@ -452,7 +452,7 @@ def _parse_search(
             why = (
                 "is a setting, not a hyperparameter; set it in [training]"
                 if name in UNSEARCHABLE
-                else f"is not a parameter{did_you_mean(name, allowed)}"
+                else f"is not a parameter{did_you_mean(name, list(allowed))}"
             )
             own = (
                 "; a key of your function's own is declared with its default in [model.params]"
@@ -464,8 +464,8 @@ def _parse_search(
             r = parse_range(name, value)
         except RangeError as exc:
             raise StudyDefinitionError(path, where, str(exc)) from None
-        if (why := check_range_kind(name, r, allowed[name])) is not None:
-            raise StudyDefinitionError(path, where, why)
+        if (kind_error := check_range_kind(name, r, allowed[name])) is not None:
+            raise StudyDefinitionError(path, where, kind_error)
         search[name] = r
     for table, values in fixed.items():
         overlap = sorted(set(search) & set(values))
@@ -796,7 +796,7 @@ def _check_stages(spec: StudySpec) -> None:
             try:
                 check_point(spec, stage, point)
             except (ValueError, TypeError) as exc:
-                field_name = getattr(exc, "field", None)
+                field_name = getattr(exc, "field", None) or ""
                 searched = field_name in point
                 where = f"search.{field_name}" if searched else section
                 at = ", ".join(f"{k} = {describe_value(v)}" for k, v in point.items())

@@ -89,7 +89,7 @@ def retrain(
     force: bool = False,
     command: Callable[[str], str] = lambda stage: f"search.{stage}",
     log: Callable[[str], None] = print,
-    on_first_run: Callable[[History], None] | None = None,
+    on_first_run: Callable[[History], object] | None = None,
 ) -> Retrained:
     """Retrain the chosen configuration with ``n_seeds`` seeds and test each once.
 
