@@ -32,7 +32,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 
 from search import cli
 from search.reporting import files_only
-from search.reporting.figures import draw_training
+from search.reporting.figures import draw_final
 from search.sweep.retrain import describe_accs, final_split, retrain
 
 __all__ = ["final_split", "main"]
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         force=args.force,
         command=lambda stage: f"{cli.command(stage)}{cli.same_flags(args)}",
         log=lambda line: print(line, flush=True),
-        on_first_run=lambda history: draw_training(
-            history, out / "curves.png", title=f"{spec.name}: final training"
+        on_runs=lambda histories, accs: draw_final(
+            histories, accs, out / "curves.png", title=f"{spec.name}: final training"
         ),
     )
     r = done.result

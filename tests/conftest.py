@@ -75,8 +75,12 @@ def saved_figures(monkeypatch):
 
 
 def check_axes(fig) -> None:
-    """Every panel with data has a title, labelled axes and a legend."""
-    panels = [ax for ax in fig.axes if ax.lines or ax.collections]
+    """Every panel with data has a title, labelled axes and a legend (a colour bar is a
+    scale, not a panel: it has its label)."""
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    for bar in bars:
+        assert bar.get_ylabel() or bar.get_xlabel(), "a colour bar without a label"
+    panels = [ax for ax in fig.axes if (ax.lines or ax.collections) and ax not in bars]
     assert panels, "an empty figure"
     for ax in panels:
         assert ax.get_title(), "a panel without a title"

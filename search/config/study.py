@@ -373,8 +373,8 @@ def _parse_training(
                 path, f"{section}.{key}", f"{key} is computed from the schedule; leave it out"
             )
         hint = did_you_mean(key, allowed)
-        if own is not None and not hint:
-            hint = (
+        if own is not None:
+            hint += (
                 f"; a key of your function's own is declared with its default in "
                 f"[model.params] ({key} = ...)"
             )

@@ -21,7 +21,6 @@ from model.train import History
 from search.config import space as sp
 from search.reporting.tables import param_label, params_text
 from search.sweep import replicates as rep
-from search.sweep import studies as st
 from search.sweep.objective import curves_of
 
 STAGE_COLOURS = {"coarse": "tab:blue", "fine": "tab:orange"}
@@ -54,6 +53,37 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def zoom(values: Sequence[float], *, extra: Sequence[float] = ()) -> tuple[float, float]:
+    """y limits that show the region that matters: from a little below the lower
+    quartile's distance under the best (four times it) to just above the best;
+    ``extra`` (means +- sd) must fit too. Far-off points are drawn at the edge."""
+    finite = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not finite:
+        return 0.0, 1.0
+    top = max(finite + [v for v in extra if math.isfinite(v)])
+    q25 = finite[len(finite) // 4]
+    lo = max(finite[0], top - 4 * max(top - q25, 0.005))
+    lo = min([lo, *(v for v in extra if math.isfinite(v))])
+    pad = 0.08 * max(top - lo, 0.01)
+    return lo - pad, top + pad
+
+
+def _clipped(ax, xs: list[float], ys: list[float], lo: float, *, marker: str = "v") -> None:  # noqa: ANN001
+    """Points below the axis drawn on its lower edge, so none is hidden."""
+    low = [(x, y) for x, y in zip(xs, ys, strict=True) if y < lo]
+    if low:
+        ax.scatter(
+            [x for x, _ in low],
+            [lo] * len(low),
+            s=30,
+            marker=marker,
+            c="tab:red",
+            clip_on=False,
+            label=f"below the axis ({len(low)}: diverged or far off)",
+            zorder=6,
+        )
 
 
 def param_range(studies: dict[str, optuna.Study], param: str) -> sp.Range | None:
@@ -160,6 +190,21 @@ def draw_param(studies: dict[str, optuna.Study], param: str, path: Path, *, titl
             label=f"chosen: {stage} configuration {c.number} ({c.describe()})",
             zorder=5,
         )
+    values, xs, extra, completed = [], [], [], []
+    for study in studies.values():
+        complete, pruned = _finished(study)
+        for t in complete + pruned:
+            if param in t.params:
+                values.append(cast(float, last_value(t)))
+                xs.append(x(t.params[param], t.number))
+        completed += [cast(float, t.value) for t in complete if param in t.params]
+        for c in rep.study_configurations(study):
+            if c.n > 1 and param in c.params:
+                extra += [c.mean - c.sd, c.mean + c.sd]
+    # The limits from the completed runs: a pruned run's last report is mid-training.
+    lo, hi = zoom(completed or values, extra=extra)
+    ax.set_ylim(lo, hi)
+    _clipped(ax, xs, values, lo)
     if levels:
         ax.set_xticks(
             range(len(levels)), [sp.describe_value(r.decode(v)) if r else str(v) for v in levels]
@@ -227,6 +272,10 @@ def draw_history(studies: dict[str, optuna.Study], path: Path, *, title: str) ->
                 label="best so far",
                 zorder=4,
             )
+        values = [cast(float, last_value(t)) for t in complete + pruned]
+        lo, hi = zoom([cast(float, t.value) for t in complete] or values)
+        ax.set_ylim(lo, hi)
+        _clipped(ax, [t.number for t in complete + pruned], values, lo)
         ax.set_xlabel("trial number")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"{stage} ({study.study_name})")
@@ -251,61 +300,243 @@ def _series(curves: dict, name: str) -> list[float] | None:
     return [math.nan if v is None else v for v in values]
 
 
-def draw_curves(study: optuna.Study, stage: str, path: Path, *, title: str, k: int = 5) -> Path:
-    """Validation accuracy and train/validation loss against update step of the top ``k``.
+def _mean_curve(
+    trials: Sequence[FrozenTrial], name: str
+) -> tuple[list[int], list[float], list[float]] | None:
+    """(steps, mean, sd) of a metric over a configuration's runs, at the steps they share."""
+    series = []
+    for t in trials:
+        c = curves_of(t)
+        if c.get("step") and (values := _series(c, name)) is not None:
+            series.append(dict(zip(c["step"], values, strict=False)))
+    if not series:
+        return None
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    mean, sd = [], []
+    for step in steps:
+        at = [s[step] for s in series if math.isfinite(s[step])]
+        mean.append(sum(at) / len(at) if at else math.nan)
+        var = sum((v - mean[-1]) ** 2 for v in at) / (len(at) - 1) if len(at) > 1 else 0.0
+        sd.append(math.sqrt(var))
+    return steps, mean, sd
+
+
+def draw_curves(
+    study: optuna.Study,
+    stage: str,
+    path: Path,
+    *,
+    title: str,
+    k: int = 5,
+    replicates: int = 1,
+) -> Path:
+    """Validation accuracy and train/validation loss against update step of the ``k`` best
+    configurations, ranked as the tables rank them (mean over seeds, replicated ones
+    first): each configuration's mean over its runs, with a band of +- one sd.
 
     The right panel shows the cost where no loss was reported (a user's function).
     """
-    top = [t for t in st.top_trials(study, k) if curves_of(t)]
+    configs = [c for c in rep.study_configurations(study, replicates)[:k]]
     pruned = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
         if curves_of(t).get("step")
     ]
-    reported = [curves_of(t) for t in top + pruned]
+    reported = [curves_of(t) for c in configs for t in c.trials] + [curves_of(t) for t in pruned]
 
     def has(what: str) -> bool:
         return any(_series(c, f"val_{what}") or _series(c, f"train_{what}") for c in reported)
 
     what = "cost" if has("cost") and not has("loss") else "loss"
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 6))
     for i, t in enumerate(pruned):
-        c = curves_of(t)
+        curves = curves_of(t)
         label = f"pruned trials ({len(pruned)})" if i == 0 else None
-        acc_ax.plot(c["step"], _series(c, "val_acc"), color="0.8", lw=0.8, label=label, zorder=1)
-        if (val := _series(c, f"val_{what}")) is not None:
-            loss_ax.plot(c["step"], val, color="0.8", lw=0.8, label=label, zorder=1)
+        acc_ax.plot(
+            curves["step"], _series(curves, "val_acc"), color="0.85", lw=0.8, label=label, zorder=1
+        )
+        if (val := _series(curves, f"val_{what}")) is not None:
+            loss_ax.plot(curves["step"], val, color="0.85", lw=0.8, label=label, zorder=1)
     losses: list[float] = []
-    for colour, t in zip(CURVE_COLOURS, top, strict=False):
-        c = curves_of(t)
-        label = f"trial {t.number} ({t.value:.4f}; {params_text(t.params)})"
-        acc_ax.plot(c["step"], _series(c, "val_acc"), color=colour, lw=1.6, label=label, zorder=3)
-        if (val := _series(c, f"val_{what}")) is not None:
-            loss_ax.plot(c["step"], val, color=colour, lw=1.6, label=f"trial {t.number}")
-            losses += _finite(val)
-        if (train := _series(c, f"train_{what}")) is not None:
-            loss_ax.plot(c["step"], train, color=colour, lw=1.2, ls="--", zorder=3)
-            losses += _finite(train)
+    accs: list[float] = []
+    finals: list[float] = []
+    for colour, c in zip(CURVE_COLOURS, configs, strict=False):
+        label = f"#{c.number}: {c.describe()}; {params_text(c.params)}"
+        if (acc := _mean_curve(c.trials, "val_acc")) is not None:
+            steps, mean, sd = acc
+            acc_ax.plot(steps, mean, color=colour, lw=1.6, label=label, zorder=3)
+            if c.n > 1:
+                acc_ax.fill_between(
+                    steps,
+                    [m - d for m, d in zip(mean, sd, strict=True)],
+                    [m + d for m, d in zip(mean, sd, strict=True)],
+                    color=colour,
+                    alpha=0.15,
+                    zorder=2,
+                )
+            accs += _finite(mean)
+            finals += _finite(mean[-1:])
+        for part, style in (("val", "-"), ("train", "--")):
+            if (curve := _mean_curve(c.trials, f"{part}_{what}")) is not None:
+                loss_ax.plot(curve[0], curve[1], color=colour, lw=1.4, ls=style, zorder=3)
+                losses += _finite(curve[1])
     if losses:
         # Diverged pruned trials would stretch the axis to their exploding losses.
         loss_ax.set_ylim(0, 1.1 * max(losses))
+    if finals:
+        # Where the configurations end, not where they start, sets the view.
+        top, low = max(accs), min(finals)
+        acc_ax.set_ylim(max(0.0, low - 0.5 * (top - low) - 0.02), min(1.0, top + 0.02))
     acc_ax.set_xlabel("update step")
     acc_ax.set_ylabel("validation accuracy")
-    acc_ax.set_title(f"validation accuracy, top {len(top)} of {stage}")
+    acc_ax.set_title(
+        f"validation accuracy, the {len(configs)} best configurations of {stage}\n"
+        "(mean over seeds, band +- sd; ranked as the tables)",
+        fontsize=10,
+    )
     loss_ax.set_xlabel("update step")
     loss_ax.set_ylabel("cross-entropy loss" if what == "loss" else "cost (loss + L2)")
     loss_ax.set_title(
-        f"{what} (solid: validation, dashed: training)"
+        f"{what}, mean over seeds (solid: validation, dashed: training)"
         if losses or not reported
-        else "loss: not reported by the training function"
+        else "loss: not reported by the training function",
+        fontsize=10,
     )
     for ax in (acc_ax, loss_ax):
         ax.grid(True, alpha=0.3)
-    acc_ax.legend(loc="lower right", fontsize=7)
+    acc_ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.13), fontsize=7)  # below the curves
     loss_ax.plot([], [], color="black", lw=1.6, label="validation")
     loss_ax.plot([], [], color="black", lw=1.2, ls="--", label="training")
     loss_ax.legend(loc="upper right", fontsize=7, ncol=2)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def draw_final(
+    histories: Sequence[History], test_accs: Sequence[float], path: Path, *, title: str
+) -> Path:
+    """The final runs over all their seeds: validation (holdout) and training accuracy
+    and loss as a mean with a band (min to max over seeds), and the test accuracy of
+    each seed and their mean marked at the last step."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, what, label in zip(
+        axes, ("acc", "loss"), ("accuracy", "cross-entropy loss"), strict=True
+    ):
+        for part, name, colour in (
+            ("train", "training", "tab:blue"),
+            ("val", "holdout", "tab:orange"),
+        ):
+            runs = [h for h in histories if _finite(h.metrics.get(f"{part}_{what}", []))]
+            if not runs:
+                continue
+            n = min(len(h.step) for h in runs)
+            steps = runs[0].step[:n]
+            cols = [[h.metrics[f"{part}_{what}"][i] for h in runs] for i in range(n)]
+            mean = [sum(c) / len(c) for c in cols]
+            ax.plot(steps, mean, color=colour, label=f"{name} (mean of {len(runs)} seeds)")
+            if len(runs) > 1:
+                ax.fill_between(
+                    steps, [min(c) for c in cols], [max(c) for c in cols], color=colour, alpha=0.2
+                )
+        if what == "acc" and test_accs and histories:
+            last = max(h.step[-1] for h in histories if h.step)
+            ax.scatter(
+                [last] * len(test_accs), test_accs, marker="_", s=200, c="tab:red", zorder=5
+            )
+            test_mean = sum(test_accs) / len(test_accs)
+            ax.scatter(
+                [last],
+                [test_mean],
+                marker="*",
+                s=180,
+                c="tab:red",
+                edgecolors="black",
+                zorder=6,
+                label=f"test accuracy: {test_mean:.4f} (each seed: a dash)",
+            )
+        ax.set_xlabel("update step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def draw_pair(
+    studies: dict[str, optuna.Study], names: tuple[str, str], path: Path, *, title: str
+) -> Path:
+    """The two parameters that matter most, together: every finished run at its pair of
+    values, coloured by validation accuracy (the zoomed range), the chosen one starred."""
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    ranges = [param_range(studies, n) for n in names]
+
+    def coord(i: int, value: Any) -> float:
+        r = ranges[i]
+        if r is not None and r.kind == "choice":
+            levels = [sp.encode(c) for c in r.choices]
+            return float(levels.index(value)) if value in levels else math.nan
+        return float(value)
+
+    points = []
+    for stage, study in studies.items():
+        complete, pruned = _finished(study)
+        for t in complete + pruned:
+            if all(n in t.params for n in names):
+                points.append(
+                    (
+                        coord(0, t.params[names[0]]),
+                        coord(1, t.params[names[1]]),
+                        cast(float, last_value(t)),
+                        stage,
+                        t.state == TrialState.COMPLETE,
+                    )
+                )
+    values = [p[2] for p in points if p[4]] or [p[2] for p in points]
+    lo, hi = zoom(values)
+    for stage in studies:
+        mine = [p for p in points if p[3] == stage]
+        if not mine:
+            continue
+        art = ax.scatter(
+            [p[0] for p in mine],
+            [p[1] for p in mine],
+            c=[max(p[2], lo) for p in mine],
+            cmap="viridis",
+            vmin=lo,
+            vmax=hi,
+            s=[45 if p[4] else 15 for p in mine],
+            marker=STAGE_MARKERS[stage],
+            edgecolors="black",
+            linewidths=0.4,
+            label=f"{stage} ({len(mine)} runs; small: pruned)",
+        )
+    if points:
+        bar = fig.colorbar(art, ax=ax, label="validation accuracy (below the scale: its darkest)")
+    best = _best(studies)
+    if best is not None and all(n in best[1].params for n in names):
+        ax.scatter(
+            [coord(0, best[1].params[names[0]])],
+            [coord(1, best[1].params[names[1]])],
+            marker="*",
+            s=300,
+            c="gold",
+            edgecolors="black",
+            label=f"chosen: {best[0]} configuration {best[1].number} ({best[1].describe()})",
+            zorder=5,
+        )
+    for i, axis in enumerate((ax.xaxis, ax.yaxis)):
+        r = ranges[i]
+        if r is not None and r.kind == "choice":
+            axis.set_ticks(range(len(r.choices)), [sp.describe_value(c) for c in r.choices])
+            axis.set_label_text(f"{param_label(names[i])} (choice)")
+        elif r is None or r.log:
+            (ax.set_xscale if i == 0 else ax.set_yscale)("log")
+            axis.set_label_text(f"{param_label(names[i])} (log scale)")
+        else:
+            axis.set_label_text(param_label(names[i]))
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize=8)
     return _save(fig, path)
 
 

@@ -49,6 +49,42 @@ def _errors(out_dir: Path | None) -> dict[str, dict[str, float]]:
     return errors
 
 
+def user_gradcheck_section(entry: str, check: object) -> str:
+    """The gradient check of a user's own code: its module's ``gradcheck()``, which returns
+    ``{parameter: relative error}`` (or one number); or, without one, the built-in
+    network's check, said to be of the built-in network."""
+    if not callable(check):
+        return (
+            "## Gradient check (of the built-in network, not of your code)\n\n"
+            f"This study trains your own function, `{entry}`, whose module defines no "
+            "`gradcheck()`: the table below checks the built-in network's gradients, not "
+            "yours. Define `gradcheck()` in that module, returning `{parameter: relative "
+            "error}`, to have your own here.\n\n"
+        )
+    try:
+        result = check()
+    except Exception as exc:  # noqa: BLE001 - the report says what happened instead
+        return f"## Gradient check of `{entry}`\n\nIts `gradcheck()` raised {exc!r}.\n\n"
+    if isinstance(result, dict):
+        rows = [(str(k), f"{float(v):.1e}") for k, v in result.items()]
+        worst = max((float(v) for v in result.values()), default=float("nan"))
+    else:
+        rows, worst = [("all", f"{float(result):.1e}")], float(result)
+    return "\n".join(
+        [
+            f"## Gradient check of your code (`{entry}`)",
+            "",
+            "Relative errors between your analytic and numerical gradients, as your "
+            "module's `gradcheck()` returns them.",
+            "",
+            markdown_table(("parameter", "relative error"), rows),
+            "",
+            f"Largest relative error: {worst:.1e}.",
+            "",
+        ]
+    )
+
+
 def gradcheck_section(out_dir: Path | None = None) -> str:
     """A markdown table of the gradient check: max relative error per layer and parameter.
 

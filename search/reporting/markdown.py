@@ -9,16 +9,18 @@ heading outline: ``# Report``, ``## part``, ``### experiment or stage``.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
 import optuna
 
+from search.config import space as sp
 from search.config.experiment import list_experiments
 from search.config.study import StudySpec
 from search.reporting.experiment_figures import draw as draw_experiment
-from search.reporting.figures import draw_curves, draw_history, draw_param
-from search.reporting.gradcheck import gradcheck_section
+from search.reporting.figures import draw_curves, draw_history, draw_pair, draw_param
+from search.reporting.gradcheck import gradcheck_section, user_gradcheck_section
 from search.reporting.tables import (
     markdown_table,
     param_label,
@@ -26,6 +28,7 @@ from search.reporting.tables import (
     ranges_table,
     top_table,
 )
+from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.workers.storage import relative_url, sqlite_path
 
@@ -61,6 +64,94 @@ def epochs_trained(study: optuna.Study) -> float:
     return sum(float(t.user_attrs.get("epochs_run") or 0) for t in trials)
 
 
+RANKING = (
+    "Configurations are ranked by their mean over seeds, those run with every seed of "
+    "the stage's replicates first: a single lucky run must not outrank a mean, so an n=1 "
+    "row can stand below a lower mean of n=3."
+)
+
+
+def _top_title(study: optuna.Study, replicates: int, k: int = 10) -> str:
+    shown = min(k, len(rep.study_configurations(study, replicates)))
+    return f"The {shown} best configurations" if shown > 1 else "The best configuration"
+
+
+def important_pair(studies: dict[str, optuna.Study], params: list[str]) -> tuple[str, str] | None:
+    """The two searched parameters that matter most (Optuna's fANOVA importance on the
+    coarse study), or the first two when it cannot say; None with fewer than two."""
+    if len(params) < 2:
+        return None
+    study = studies.get("coarse") or next(iter(studies.values()))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ranked = list(optuna.importance.get_param_importances(study))
+    except (ValueError, RuntimeError, TypeError, IndexError):
+        ranked = []
+    ranked = [p for p in ranked if p in params] + [p for p in params if p not in ranked]
+    return ranked[0], ranked[1]
+
+
+def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
+    """What was trained, on what, with what fixed: the network or the user's function,
+    the fixed settings of each stage, the data sizes, the seeds."""
+    from dataclasses import asdict
+
+    lines = ["## Settings", ""]
+    if spec.model.train:
+        own = ", ".join(f"{k} = {sp.describe_value(v)}" for k, v in spec.model.params.items())
+        lines.append(
+            f"Network: your own, `{spec.model.train}` (layout `{spec.model.layout}`)"
+            + (f"; its own keys' defaults: {own}." if own else ".")
+        )
+    else:
+        n = spec.network
+        lines.append(
+            f"Network: the built-in one, hidden layers {list(n.hidden)}, batch norm "
+            f"{'on' if n.batch_norm else 'off'}, init `{n.init}`"
+            + (f" (sigma {n.sigma:g})" if n.sigma is not None else "")
+            + "."
+        )
+    sizes = next((s.user_attrs.get("data_sizes") for s in studies.values()), None) or {}
+    data = f"Data: `{spec.data.name}`" + (
+        f", split `{spec.data.split}`" if spec.data.name == "cifar10" else ""
+    )
+    if sizes:
+        data += (
+            f": {sizes.get('train', '?')} training, {sizes.get('val', '?')} validation and "
+            f"{sizes.get('test', '?')} test images"
+        )
+    lines += [data + ".", ""]
+    config = spec.train_config("coarse")
+    # The rates of another schedule are not settings of this one (a cyclical run has no eta).
+    other = {"cyclical": ("eta", "n_epochs", "decay")}.get(
+        config.schedule, ("eta_min", "eta_max", "n_s", "n_s_epochs", "n_cycles", "evals_per_cycle")
+    )
+    rows = [
+        ("all", key, sp.describe_value(value))
+        for key, value in asdict(config).items()
+        if key not in spec.search and key != "seed" and value is not None and key not in other
+    ]
+    for stage, overrides in (("fine", spec.fine.training), ("final", spec.final.training)):
+        rows += [(stage, key, sp.describe_value(value)) for key, value in overrides.items()]
+    lines += [
+        "Fixed training settings (all: every setting that is not searched; fine and final: "
+        "what they change for their stage):",
+        "",
+        markdown_table(("stage", "setting", "value"), rows),
+        "",
+        f"Seeds: study seed {spec.optuna.seed}, mode `{spec.optuna.seed_mode}` (shared: every "
+        f"search trial of a stage has the same data order and initial weights); replicates "
+        f"{spec.coarse.replicates} seeds for the {spec.coarse.replicate_top} best coarse and "
+        f"{spec.fine.replicates} for the {spec.fine.replicate_top} best fine configurations "
+        f"(seed + 1000 i); final over {spec.final.seeds} seeds (seed, seed + 1, ...). Pruner "
+        f"`{spec.optuna.pruner}` after {spec.optuna.warmup_cycles:g} cycles, sampler "
+        f"`{spec.optuna.sampler}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def stage_section(
     stage: str, study: optuna.Study, figures: dict[str, str], *, replicates: int = 1
 ) -> str:
@@ -84,8 +175,8 @@ def stage_section(
         f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values())} trials "
         f"({wall:.1f} s of training).",
         "",
-        "Top 10 configurations (validation accuracy: mean and sd over n seeds; a "
-        "configuration's replicates are its runs with other seeds):",
+        f"{_top_title(study, replicates)} (validation accuracy: mean and sd over n seeds; "
+        "a configuration's replicates are its runs with other seeds). " + RANKING,
         "",
         top_table(study, names, replicates=replicates)
         if c["COMPLETE"]
@@ -220,15 +311,28 @@ def build(spec: StudySpec, out: Path) -> tuple[str, list[Path]]:
         )
         figures.append(path)
         shared[f"validation accuracy vs {param_label(param)}"] = path.name
+    pair = important_pair(studies, params)
+    if pair is not None:
+        path = draw_pair(
+            studies,
+            pair,
+            out / f"{spec.name}_{pair[0]}_x_{pair[1]}.png",
+            title=f"{spec.name}: {param_label(pair[0])} x {param_label(pair[1])}, the two "
+            "parameters that matter most",
+        )
+        figures.append(path)
+        shared[f"{param_label(pair[0])} x {param_label(pair[1])}"] = path.name
     path = draw_history(studies, out / f"{spec.name}_history.png", title=f"{spec.name}: history")
     figures.append(path)
     shared["optimisation history"] = path.name
     for stage, study in studies.items():
+        replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
         path = draw_curves(
             study,
             stage,
             out / f"{spec.name}_curves_{stage}.png",
-            title=f"{spec.name} {stage}: learning curves of the top trials",
+            title=f"{spec.name} {stage}: learning curves of the best configurations",
+            replicates=replicates,
         )
         figures.append(path)
         per_stage[stage][f"learning curves, {stage}"] = path.name
@@ -236,6 +340,7 @@ def build(spec: StudySpec, out: Path) -> tuple[str, list[Path]]:
         f"Study file `{Path(spec.path).name}`, storage "
         f"`{relative_url(spec.storage_url(), spec.base_dir)}` (paths relative to the study file).",
         "",
+        settings_section(spec, studies),
         "## Figures",
         "",
         *(f"![{caption}]({name})\n" for caption, name in shared.items()),
@@ -292,7 +397,19 @@ def all_report(
     """
     figures: list[Path] = []
     # One outline: # Report, ## part, ### experiment or stage.
-    parts = ["# Report", "", gradcheck_section(out).rstrip(), "", "## Experiments", ""]
+    checked = gradcheck_section(out).rstrip()
+    if spec.model.train:
+        import inspect
+
+        from search.sweep.user_train import load_train
+
+        module = inspect.getmodule(load_train(spec))
+        own = user_gradcheck_section(spec.model.train, getattr(module, "gradcheck", None))
+        if own.startswith("## Gradient check (of the built-in"):
+            checked = own + checked.replace("## Gradient check\n", "", 1).lstrip()
+        else:
+            checked = own.rstrip()
+    parts = ["# Report", "", checked, "", "## Experiments", ""]
     found = list_experiments(exp_dir) if exp_dir.is_dir() else []
     if not found:
         parts += [f"No experiment files (*.toml) in `{exp_dir}`.", ""]

@@ -89,13 +89,14 @@ def retrain(
     force: bool = False,
     command: Callable[[str], str] = lambda stage: f"search.{stage}",
     log: Callable[[str], None] = print,
-    on_first_run: Callable[[History], object] | None = None,
+    on_runs: Callable[[list[History], list[float]], object] | None = None,
 ) -> Retrained:
     """Retrain the chosen configuration with ``n_seeds`` seeds and test each once.
 
     A result recorded for the same choice, training, network, data and split is read
-    back instead (``force``: retrain). ``on_first_run(history)`` gets the first seed's
-    curves (the command draws them).
+    back instead (``force``: retrain). Each seed's curves are kept in
+    ``history_seed<seed>.json``; ``on_runs(histories, test_accs)`` gets every seed's
+    (the command draws them).
     """
     source, best, smooth = chosen_configuration(spec, command=command)
     # The trial params as settings (a choice of layer widths back to its list).
@@ -154,13 +155,17 @@ def retrain(
             "wall_time": round(run.history.wall_time, 2),
         }
         log(f"seed {seed}: test accuracy {run.test['accuracy']:.4f}")
+        curves = json.dumps(run.history.to_dict())
+        (out / f"history_seed{seed}.json").write_text(curves)
         if i == 0:
-            if on_first_run is not None:
-                on_first_run(run.history)
-            (out / "history.json").write_text(json.dumps(run.history.to_dict()))
+            (out / "history.json").write_text(curves)
         # Kept at once: an interrupted final resumes with the seeds it has not done.
         source.set_user_attr("final_runs", {key: runs})
     accs = [runs[str(spec.optuna.seed + i)]["test_acc"] for i in range(n_seeds)]
+    if on_runs is not None:
+        kept = [out / f"history_seed{spec.optuna.seed + i}.json" for i in range(n_seeds)]
+        histories = [History.from_dict(json.loads(f.read_text())) for f in kept if f.exists()]
+        on_runs(histories, accs)
     result = {
         "study": source.study_name,
         "configuration": best.number,

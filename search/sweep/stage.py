@@ -52,6 +52,7 @@ def open_stage(
     if space is not None:
         study.set_user_attr("ranges", sp.to_record(space))
     st.record_files(study, spec)
+    study.set_user_attr("data_sizes", prepared.sizes())  # for the report's settings
     for k, v in (attrs or {}).items():
         study.set_user_attr(k, v)
     return study

@@ -588,7 +588,11 @@ def test_a_user_function_takes_its_declared_keys_and_a_stage_may_override_them()
 @pytest.mark.parametrize(
     "reported, ylabel, title",
     [
-        ({"val_cost": [2.0, 1.0], "train_cost": [2.1, None]}, "cost (loss + L2)", "cost (solid"),
+        (
+            {"val_cost": [2.0, 1.0], "train_cost": [2.1, None]},
+            "cost (loss + L2)",
+            "cost, mean over seeds (solid",
+        ),
         ({}, "cross-entropy loss", "loss: not reported by the training function"),
     ],
 )
