@@ -511,7 +511,7 @@ def draw_pair(
             label=f"{stage} ({len(mine)} runs; small: pruned)",
         )
     if points:
-        bar = fig.colorbar(art, ax=ax, label="validation accuracy (below the scale: its darkest)")
+        fig.colorbar(art, ax=ax, label="validation accuracy (below the scale: its darkest)")
     best = _best(studies)
     if best is not None and all(n in best[1].params for n in names):
         ax.scatter(
