@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
-from search.sweep import lost, user_train
+from search.sweep import bookkeeping, lost, user_train
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.pool import WorkersFailed, check_workers
@@ -199,8 +199,7 @@ def run_stage(
     study_id = storage.get_study_id_from_name(study.study_name)
     lost.reap(storage, study_id, grace_period=spec.optuna.grace_period)
     queued = st.top_up(study, target, enqueue=list(enqueue))
-    c = st.counts(study)
-    finished = c["COMPLETE"] + c["PRUNED"]
+    finished = st.finished(study)[0]
     workers = spec.optuna.workers
     print(
         f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials, "
@@ -270,13 +269,13 @@ def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
     """The ``k`` most common reasons of the study's FAILed trials, with their counts.
 
     Trials failed by the sweep itself (re-queued after an interrupt or a lost
-    worker, or dropped for a lowered target) are not failures of the settings.
+    worker, or retired as not needed) are not failures of the settings
+    (:mod:`search.sweep.bookkeeping`).
     """
-    own = ("interrupted", "worker lost", "not needed")
     reasons = Counter(
         str(t.user_attrs.get("reason", "no reason recorded")).splitlines()[0][:200]
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if not str(t.user_attrs.get("reason", "")).startswith(own)
+        if bookkeeping.kind(t) is None
     )
     return reasons.most_common(k)
 

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import cli
 from search.config.study import StudySpec, load_spec
-from search.sweep import lost
+from search.sweep import bookkeeping, lost
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.storage import make_storage, safe_url, sqlite_path
@@ -59,6 +59,9 @@ class StudyStatus:
     replicates: int = 0  # replicate runs finished (on top of the target)
     # Where each failure was raised (its traceback's last frame outside the service), or "".
     failed_at: tuple[str, ...] = ()
+    # The sweep's own FAILs, apart from counts["FAIL"] (search.sweep.bookkeeping).
+    requeued: int = 0
+    retired: int = 0
 
 
 def liveness(
@@ -162,7 +165,8 @@ def study_status(
         n_val=n_val_flag(study, spec),
     )
     trials = study.get_trials(deepcopy=False)
-    counts = {s: sum(t.state.name == s for t in trials) for s in STATES}
+    every = st.counts(study)
+    counts = {s: every[s] for s in STATES}
     configs = rep.configurations(trials, replicates=2)
     best = configs[0] if configs else None
     n_replicates = sum(rep.is_replicate(t) for t in trials if t.state in st.FINISHED)
@@ -196,11 +200,15 @@ def study_status(
         verdict=verdict,
         failures=tuple(failures),
         failed_at=_failed_at(study, failures),
+        requeued=every[bookkeeping.Kind.REQUEUED.name],
+        retired=every[bookkeeping.Kind.RETIRED.name],
     )
 
 
 def format_status(s: StudyStatus) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
+    if own := bookkeeping.shown({"REQUEUED": s.requeued, "RETIRED": s.retired}):
+        counts += "; " + ", ".join(own)
     finished = s.counts["COMPLETE"] + s.counts["PRUNED"] - s.replicates
     target = "?" if s.target is None else str(s.target)
     best = "-"

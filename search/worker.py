@@ -272,12 +272,7 @@ def join(args: argparse.Namespace) -> int:
     live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
     run(int(target or 0) + sum(rep.is_replicate(t) for t in live))
     st.replicate_rounds(spec, stage, study, run)
-    c = st.counts(study)
-    print(
-        f"queue of {args.study_name} empty: {c['COMPLETE'] + c['PRUNED']} finished "
-        f"({c['FAIL']} failed) of target {target}",
-        flush=True,
-    )
+    print(f"queue of {args.study_name} empty: {st.finished_text(study, target)}", flush=True)
     return 0
 
 

@@ -9,6 +9,7 @@ heading outline: ``# Report``, ``## part``, ``### experiment or stage``.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from search.reporting.tables import (
     ranges_table,
     top_table,
 )
+from search.sweep import bookkeeping
 from search.sweep import studies as st
 from search.sweep.storage import relative_url, sqlite_path
 
@@ -61,6 +63,15 @@ def epochs_trained(study: optuna.Study) -> float:
     return sum(float(t.user_attrs.get("epochs_run") or 0) for t in trials)
 
 
+def state_columns(c: Counter) -> tuple[list[str], list[list[int]]]:
+    """The header and row of the trials-per-state table (counts of :func:`st.counts`):
+    FAIL holds real failures; the sweep's re-queued and retired trials have columns of
+    their own when there are any."""
+    own = [k for k in bookkeeping.Kind if c[k.name]]
+    header = [*STATES, *(k.label for k in own)]
+    return header, [[c[s] for s in STATES] + [c[k.name] for k in own]]
+
+
 def stage_section(
     stage: str, study: optuna.Study, figures: dict[str, str], *, replicates: int = 1
 ) -> str:
@@ -78,7 +89,7 @@ def stage_section(
         ranges_table(ranges) if ranges else "(not recorded)",
     ]
     lines += ["", "Trials per state (target " + f"{study.user_attrs.get('target', '?')}):", ""]
-    lines += [markdown_table(STATES, [[c[s] for s in STATES]])]
+    lines += [markdown_table(*state_columns(c))]
     lines += [
         "",
         f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values())} trials "

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from model.data import Dataset, Splits
 from search.config.experiment import Experiment, load_experiment
-from search.sweep import lost, studies
+from search.sweep import bookkeeping, lost, studies
 from search.sweep import studies as st
 from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import build_network, fit_and_record
@@ -319,8 +319,13 @@ def rows(experiment: Experiment, study: optuna.Study) -> list[Row]:
 
 
 def why_not_run(experiment: Experiment, study: optuna.Study, grid_rows: list[Row]) -> list[str]:
-    """One line per grid point with no finished trial: the point and its last failure."""
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    """One line per grid point with no finished trial: the point and its last failure
+    (a real one: not an interrupted run, re-queued, see :mod:`search.sweep.bookkeeping`)."""
+    failed = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if bookkeeping.kind(t) is None
+    ]
     lines = []
     for row in grid_rows:
         if row.trial is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from search.sweep import lost
+from search.sweep import bookkeeping, lost
 from search.sweep.signals import Interrupted, StopFlag
 from search.sweep.storage import (
     ResilientStorage,
@@ -225,7 +225,8 @@ def _give_back(storage: ResilientStorage, study_id: int, tid: int, stop: StopFla
         try:
             frozen = storage.get_trial(tid)
             if not frozen.state.is_finished():
-                lost.requeue(storage, study_id, frozen, f"interrupted ({name})", limit=None)
+                reason = bookkeeping.interrupted(name)
+                lost.requeue(storage, study_id, frozen, reason, limit=None)
         finally:
             storage.patience = patience
 

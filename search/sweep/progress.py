@@ -1,5 +1,10 @@
 """The progress of a sweep: trials finished of the target, rate, ETA, states, best so far.
 
+The states are Optuna's, with the sweep's own FAILs (:mod:`search.sweep.bookkeeping`)
+shown as "re-queued" or "retired", never as "failed". The total follows what
+other commands add to this pool's queue or retire from it, so the count of
+finished trials never passes it.
+
 On a terminal it is one tqdm line redrawn in place, never wider than the terminal
 (its width is read at every redraw, so a resized window is followed and the line
 never wraps into broken copies of itself); the bar gets what the numbers leave,
@@ -13,11 +18,15 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import optuna
 from tqdm import tqdm
 
+from search.sweep import bookkeeping
 from search.sweep.studies import counts
+
+RETIRED = bookkeeping.Kind.RETIRED.name
 
 WITH_BAR = "{n_fmt}/{total_fmt} |{bar}| {desc}"
 WITHOUT_BAR = "{n_fmt}/{total_fmt} {desc}"
@@ -38,7 +47,11 @@ class Progress:
     """Called every half second by the pool while the workers run; :meth:`close` at the end.
 
     The rate and the ETA are of this run (trials finished before it began are not
-    counted), so a resumed sweep does not look faster than it is.
+    counted), so a resumed sweep does not look faster than it is. The total is
+    ``target``, less the trials retired during this run (a duplicate replicate
+    that another command queued too), or what the queue holds if that is more:
+    finished, running and waiting trials and those that failed during this run
+    (replicates that another command queued and this pool runs).
     """
 
     def __init__(
@@ -51,7 +64,9 @@ class Progress:
         self.every = every
         self.bar: tqdm | None = None
         self.t0 = time.monotonic()
+        self.total = target  # as of the last count
         self.first: int | None = None  # trials finished when this run began
+        self.before = Counter[str]()  # the counts when this run began
         self.last_plain = -math.inf
         self.last = ""  # the plain line as of the last call
         self.written = ""  # the plain line last written
@@ -60,20 +75,25 @@ class Progress:
         c = counts(self.study)
         done = c["COMPLETE"] + c["PRUNED"]
         if self.first is None:
-            self.first = done
+            self.first, self.before = done, c
+        failed, retired = (c[k] - self.before[k] for k in ("FAIL", RETIRED))
+        self.total = max(self.target - retired, done + c["RUNNING"] + c["WAITING"] + failed)
         best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
         per_second = (done - self.first) / max(time.monotonic() - self.t0, 1e-9)
         eta = "?"
-        if done >= self.target:
+        if done >= self.total:
             eta = "00:00"
         elif per_second > 0:
-            eta = tqdm.format_interval((self.target - done) / per_second)
-        states = f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed"
+            eta = tqdm.format_interval((self.total - done) / per_second)
+        states = ", ".join(
+            [f"{c['COMPLETE']} complete", f"{c['PRUNED']} pruned", f"{c['FAIL']} failed"]
+            + bookkeeping.shown(c)
+        )
         if self.tty:
             self._draw(done, f"{rate_text(per_second)} ETA {eta}, {states}, best {best}")
             return
         self.last = (
-            f"{done}/{self.target} finished ({states}, {c['RUNNING']} running), "
+            f"{done}/{self.total} finished ({states}, {c['RUNNING']} running), "
             f"{rate_text(per_second)}, ETA {eta}, best val acc {best}"
         )
         if time.monotonic() - self.last_plain >= self.every:
@@ -87,11 +107,11 @@ class Progress:
 
     def _draw(self, done: int, text: str) -> None:
         ncols = self._width() - 1  # not the last column: some terminals wrap on it
-        room = ncols - len(f"{done}/{self.target} || {text}")
+        room = ncols - len(f"{done}/{self.total} || {text}")
         bar_format = WITH_BAR if room >= MIN_BAR else WITHOUT_BAR
         if self.bar is None:
             self.bar = tqdm(
-                total=self.target,
+                total=self.total,
                 initial=done,
                 file=self.stream,
                 ncols=ncols,
@@ -107,7 +127,7 @@ class Progress:
             # would wrap. Clear the row instead and start a fresh status line.
             self.stream.write("\r\x1b[2K")
             self.bar.sp = self.bar.status_printer(self.stream)
-        self.bar.ncols, self.bar.bar_format = ncols, bar_format
+        self.bar.ncols, self.bar.bar_format, self.bar.total = ncols, bar_format, self.total
         self.bar.set_description_str(text, refresh=False)
         if done != self.bar.n:
             self.bar.update(done - self.bar.n)

@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config.study import StudyDefinitionError, StudySpec
-from search.sweep import lost
+from search.sweep import bookkeeping, lost
 from search.sweep.loop import Sweep, worker_log
 from search.sweep.objective import Objective
 from search.sweep.pool import run_workers, threads_per
@@ -124,8 +124,31 @@ def open_study(
 
 
 def counts(study: optuna.Study) -> Counter:
-    """Trials per state name."""
-    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    """Trials per state name; ``FAIL`` counts real failures only.
+
+    The sweep's own FAILs are counted apart (:mod:`search.sweep.bookkeeping`):
+    ``REQUEUED`` (stopped by an interrupt or a lost worker, a copy queued) and
+    ``RETIRED`` (a duplicate replicate, a trial beyond a lowered target).
+    """
+    return Counter(bookkeeping.state_name(t) for t in study.get_trials(deepcopy=False))
+
+
+def finished(study: optuna.Study) -> tuple[int, int]:
+    """(search trials finished, replicate runs finished): a target counts the first only."""
+    done = study.get_trials(deepcopy=False, states=FINISHED)
+    replicates = sum(is_replicate(t) for t in done)
+    return len(done) - replicates, replicates
+
+
+def finished_text(study: optuna.Study, target: int | None) -> str:
+    """``"500 finished of target 500 (+ 6 replicate runs; 0 failed, 11 re-queued)"``: the
+    search trials a target counts, the replicate runs on top, the real failures and the
+    sweep's own FAILs (:func:`counts`)."""
+    c = counts(study)
+    search, replicates = finished(study)
+    more = f"+ {replicates} replicate runs; " if replicates else ""
+    states = ", ".join([f"{c['FAIL']} failed", *bookkeeping.shown(c)])
+    return f"{search} finished of target {target} ({more}{states})"
 
 
 def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, float]] = ()) -> int:
@@ -158,7 +181,8 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
 
 
 def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], target: int) -> None:
-    """Fail the WAITING trials beyond ``target`` in trial order (blank ones first).
+    """Fail the WAITING trials beyond ``target`` in trial order (blank ones first), as
+    retired (:mod:`search.sweep.bookkeeping`).
 
     By trial number, so two commands trimming at once fail the same trials.
     """
@@ -170,7 +194,8 @@ def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], targ
     for t in reversed(waiting[-excess:] if excess <= len(waiting) else waiting):
         tid = trial_id(t)
         try:
-            storage.set_trial_user_attr(tid, "reason", f"not needed: target lowered to {target}")
+            storage.set_trial_user_attr(tid, "reason", bookkeeping.target_lowered(target))
+            storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.RETIRED)
             storage.set_trial_state_values(tid, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # taken and finished meanwhile
