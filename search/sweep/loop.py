@@ -61,7 +61,9 @@ class Heartbeat:
 
     A beat that finds the trial finished (another worker took this one for dead,
     after a stop or a network partition) sets ``lost``; the objective's next
-    report then ends the trial here.
+    report then ends the trial here. Beats go to the storage behind the
+    :class:`ResilientStorage`, without its retries and its log: while the database
+    is away the worker's own calls retry and say so, once.
     """
 
     def __init__(self, storage: ResilientStorage, tid: int, owner: dict, interval: float) -> None:
@@ -79,9 +81,12 @@ class Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
+        # One try a beat: a beat that fails is retried at the next one. Retrying here too
+        # would log each outage twice, from this thread and from the worker's.
+        storage = self.storage.backend
         while not self._done.wait(self.interval):
             try:
-                self.storage.set_trial_system_attr(
+                storage.set_trial_system_attr(
                     self.tid, lost.OWNER, {**self.owner, "t": time.time()}
                 )
             except optuna.exceptions.UpdateFinishedTrialError:
