@@ -147,20 +147,21 @@ def test_a_replicate_queued_by_two_commands_at_once_is_retired_not_failed(
     assert "FAIL 0, RUNNING 0, WAITING 0; 2 retired" in shown and "failed" not in shown
 
 
-RAISES = """
+# One worker runs the trials in order; its first call raises.
+FIRST_CALL_RAISES = """
     calls = []
 
     def train(hp, data, report):
+        calls.append(hp)
+        if len(calls) == 1:
+            raise MemoryError("no room for the first network")
         report(6, 0.5)
-        calls.append(1)
-        if len(calls) % 2 == 0:
-            raise ValueError(f"boom at call {len(calls)}")
         return 0.75
 """
 
 
 def test_a_real_failure_still_shows_with_its_reason(tmp_path, capsys):
-    (tmp_path / "net.py").write_text(textwrap.dedent(RAISES))
+    (tmp_path / "net.py").write_text(textwrap.dedent(FIRST_CALL_RAISES))
     doc = {
         "name": "own",
         "data": {"name": "digits", "n_val": 300},
@@ -174,16 +175,16 @@ def test_a_real_failure_still_shows_with_its_reason(tmp_path, capsys):
     path.write_text(dump_toml(doc))
     assert coarse.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
-    # Two of the target's four trials raised: the line says so and does not reach 4/4.
-    assert last_progress(out) == (2, 4, "2 complete, 0 pruned, 2 failed")
+    # One of the target's four trials raised: the line says so and does not reach 4/4.
+    assert last_progress(out) == (3, 4, "3 complete, 0 pruned, 1 failed")
     study = optuna.load_study(study_name="own-coarse", storage=load_spec(path).storage_url())
-    assert st.finished_text(study, 4) == "2 finished of target 4 (2 failed)"
+    assert st.finished_text(study, 4) == "3 finished of target 4 (1 failed)"
     shown = status_text(path, load_spec(path).storage_url(), capsys)
-    assert "COMPLETE 2, PRUNED 0, FAIL 2, RUNNING 0, WAITING 0\n" in shown
-    assert "failed   1 x ValueError: boom at call 2" in shown
+    assert "COMPLETE 3, PRUNED 0, FAIL 1, RUNNING 0, WAITING 0\n" in shown
+    assert "failed   1 x MemoryError: no room for the first network" in shown
     table = markdown.stage_section("coarse", study, {})
     assert "| COMPLETE | PRUNED | FAIL | RUNNING | WAITING |\n" in table
-    assert "| 2 | 0 | 2 | 0 | 0 |\n" in table
+    assert "| 3 | 0 | 1 | 0 | 0 |\n" in table
 
 
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
