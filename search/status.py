@@ -11,6 +11,11 @@ A study is
 - ``incomplete`` otherwise, with the command that resumes it: a complete command
   to copy, with the study file, the storage and the data directory the study ran with.
 
+Counts per state are :func:`search.sweep.studies.counts`': FAIL holds real failures,
+each shown with its reason; trials the sweep re-queued (after an interrupt or a lost
+worker) or retired (a duplicate replicate, a lowered target) follow as "re-queued"
+and "retired".
+
 Exit codes: 0 listed; 1 the storage cannot be used; 2 bad arguments, or no study
 to show (no database yet, or none in it).
 """
