@@ -5,7 +5,8 @@ SQLite coarse search of the quick start (``search.coarse`` in its own process
 group, as in a terminal) gets SIGINT to its group at a random moment (up to
 ``--max-delay`` s) after a trial starts training, ``--interrupts`` times, each
 run resuming the last; then it runs to its end.
-A second study is run by two ``search.coarse`` commands started together.
+Then ``--pairs`` studies are each run by two ``search.coarse`` commands
+started together (whether both queue the same replicates is a race).
 For each, prints the last progress line of every command, the ``top_up``
 line of the last one and what ``search.status`` shows, so the counts a user
 reads ("failed", "re-queued", "retired", finished of the target) can be
@@ -121,16 +122,16 @@ def interrupted_run(
     print("in the database, FAILed trials per reason:", failed_reasons(url, "probe-int-coarse"))
 
 
-def two_commands(directory: Path, *, trials: int, n_cycles: int) -> None:
+def two_commands(directory: Path, *, trials: int, n_cycles: int, run: int) -> None:
     path = study_file(directory, "probe-two", trials=trials, n_cycles=n_cycles)
-    url = f"sqlite:///{directory / 'two.db'}"
+    url = f"sqlite:///{directory / f'two{run}.db'}"
     # The first creates the study and its data cache; the second starts on its heels.
     first = subprocess.Popen(command(path, url), cwd=REPO, stdout=subprocess.PIPE, text=True)
     while not training(url, "probe-two-coarse"):
         time.sleep(0.05)
     second = subprocess.Popen(command(path, url), cwd=REPO, stdout=subprocess.PIPE, text=True)
     outs = [first.communicate(timeout=600)[0], second.communicate(timeout=600)[0]]
-    print(f"== two coarse commands on one study of {trials} trials")
+    print(f"== two coarse commands on one study of {trials} trials (pair {run})")
     for i, out in enumerate(outs, 1):
         lines = progress_lines(out)
         print(f"command {i}, last progress line:", lines[-1] if lines else "(none)")
@@ -144,16 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--n-cycles", type=int, default=6, help="per trial: long enough to interrupt")
     p.add_argument("--max-delay", type=float, default=1.0, help="s after training starts")
+    p.add_argument("--pairs", type=int, default=1, help="studies run by two commands at once")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        interrupted_run(
-            Path(tmp),
-            interrupts=args.interrupts,
-            trials=args.trials,
-            n_cycles=args.n_cycles,
-            max_delay=args.max_delay,
-        )
-        two_commands(Path(tmp), trials=args.trials, n_cycles=args.n_cycles)
+        if args.interrupts:
+            interrupted_run(
+                Path(tmp),
+                interrupts=args.interrupts,
+                trials=args.trials,
+                n_cycles=args.n_cycles,
+                max_delay=args.max_delay,
+            )
+        for run in range(args.pairs):
+            two_commands(Path(tmp), trials=args.trials, n_cycles=args.n_cycles, run=run)
     return 0
 
 

@@ -18,15 +18,12 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 
 import optuna
 from tqdm import tqdm
 
 from search.sweep import bookkeeping
 from search.sweep.studies import counts
-
-RETIRED = bookkeeping.Kind.RETIRED.name
 
 WITH_BAR = "{n_fmt}/{total_fmt} |{bar}| {desc}"
 WITHOUT_BAR = "{n_fmt}/{total_fmt} {desc}"
@@ -48,10 +45,11 @@ class Progress:
 
     The rate and the ETA are of this run (trials finished before it began are not
     counted), so a resumed sweep does not look faster than it is. The total is
-    ``target``, less the trials retired during this run (a duplicate replicate
-    that another command queued too), or what the queue holds if that is more:
-    finished, running and waiting trials and those that failed during this run
-    (replicates that another command queued and this pool runs).
+    what the pool's queue holds: finished, running and waiting trials, and those
+    that failed during this run. The command has topped the queue up to its target
+    before its pool starts, so it is the target (with the replicates), and it
+    follows the queue when another command adds replicates that this pool runs or
+    retires a duplicate. ``target`` is shown while the study holds no trial.
     """
 
     def __init__(
@@ -64,9 +62,9 @@ class Progress:
         self.every = every
         self.bar: tqdm | None = None
         self.t0 = time.monotonic()
-        self.total = target  # as of the last count
+        self.total = target  # the queue's, as of the last count
         self.first: int | None = None  # trials finished when this run began
-        self.before = Counter[str]()  # the counts when this run began
+        self.failed_before = 0  # real failures when this run began
         self.last_plain = -math.inf
         self.last = ""  # the plain line as of the last call
         self.written = ""  # the plain line last written
@@ -75,9 +73,9 @@ class Progress:
         c = counts(self.study)
         done = c["COMPLETE"] + c["PRUNED"]
         if self.first is None:
-            self.first, self.before = done, c
-        failed, retired = (c[k] - self.before[k] for k in ("FAIL", RETIRED))
-        self.total = max(self.target - retired, done + c["RUNNING"] + c["WAITING"] + failed)
+            self.first, self.failed_before = done, c["FAIL"]
+        failed = c["FAIL"] - self.failed_before
+        self.total = done + c["RUNNING"] + c["WAITING"] + failed or self.target
         best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
         per_second = (done - self.first) / max(time.monotonic() - self.t0, 1e-9)
         eta = "?"
