@@ -49,7 +49,8 @@ class Progress:
     that failed during this run. The command has topped the queue up to its target
     before its pool starts, so it is the target (with the replicates), and it
     follows the queue when another command adds replicates that this pool runs or
-    retires a duplicate. ``target`` is shown while the study holds no trial.
+    retires a duplicate. Trials queued after the workers stopped are not this
+    run's: the last line's total is at most the one before (``target`` at first).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class Progress:
         self.bar: tqdm | None = None
         self.t0 = time.monotonic()
         self.total = target  # the queue's, as of the last count
+        self.closing = False
         self.first: int | None = None  # trials finished when this run began
         self.failed_before = 0  # real failures when this run began
         self.last_plain = -math.inf
@@ -75,7 +77,10 @@ class Progress:
         if self.first is None:
             self.first, self.failed_before = done, c["FAIL"]
         failed = c["FAIL"] - self.failed_before
-        self.total = done + c["RUNNING"] + c["WAITING"] + failed or self.target
+        total = done + c["RUNNING"] + c["WAITING"] + failed
+        if self.closing:  # replicates another command queued as this pool's queue ran dry
+            total = max(done, min(total, self.total))
+        self.total = total or self.target
         best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
         per_second = (done - self.first) / max(time.monotonic() - self.t0, 1e-9)
         eta = "?"
@@ -140,6 +145,7 @@ class Progress:
 
     def close(self) -> None:
         """The last state: the bar's final line, or the plain line if it changed."""
+        self.closing = True
         self()
         if self.bar is not None:
             self.bar.close()

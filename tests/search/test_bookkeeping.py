@@ -269,3 +269,21 @@ def test_a_duplicate_retired_during_the_run_leaves_the_total():
         .splitlines()[-1]
         .startswith("2/2 finished (2 complete, 0 pruned, 0 failed, 1 retired, 0 running)")
     )
+
+
+def test_replicates_queued_after_the_pool_stopped_are_not_counted_in_its_last_line():
+    """The other command queues them as this pool's queue runs dry: the other one runs them."""
+    study = optuna.create_study(direction="maximize")
+    for _ in range(4):
+        study.enqueue_trial({"l2_lambda": 1e-3})
+    out = io.StringIO()
+    line = Progress(study, 4, stream=out, every=1e9)
+    for value in (0.5, 0.6, 0.7, 0.8):
+        study.tell(study.ask(DIST), value)
+    line()  # the last look while the workers run
+    for index in (1, 2):
+        study.enqueue_trial({"l2_lambda": 1e-3}, user_attrs={rep.REPLICATE: index})
+    line.close()
+    assert out.getvalue().splitlines()[-1].startswith(
+        "4/4 finished (4 complete, 0 pruned, 0 failed, 0 running)"
+    )
