@@ -11,7 +11,7 @@ A study is
 - ``incomplete`` otherwise, with the command that resumes it: a complete command
   to copy, with the study file, the storage and the data directory the study ran with.
 
-Counts per state are :func:`search.sweep.studies.counts`': FAIL holds real failures,
+Counts per state are :func:`search.sweep.studies.counts`: FAIL holds real failures,
 each shown with its reason; trials the sweep re-queued (after an interrupt or a lost
 worker) or retired (a duplicate replicate, a lowered target) follow as "re-queued"
 and "retired".
@@ -212,7 +212,8 @@ def study_status(
 
 def format_status(s: StudyStatus) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
-    if own := bookkeeping.shown({"REQUEUED": s.requeued, "RETIRED": s.retired}):
+    kinds = bookkeeping.Kind
+    if own := bookkeeping.shown({kinds.REQUEUED.name: s.requeued, kinds.RETIRED.name: s.retired}):
         counts += "; " + ", ".join(own)
     finished = s.counts["COMPLETE"] + s.counts["PRUNED"] - s.replicates
     target = "?" if s.target is None else str(s.target)

@@ -105,8 +105,8 @@ __all__ = [
     "interrupted",
     "kind",
     "not_retried",
-    "state_name",
     "shown",
+    "state_name",
     "target_lowered",
     "worker_lost",
 ]
