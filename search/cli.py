@@ -22,6 +22,7 @@ from search.config.space import Range
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.workers import bookkeeping
 from search.sweep.workers.pool import WorkersFailed, check_workers
 from search.sweep.workers.signals import Interrupted, StopFlag, signals_recorded
 from search.sweep.workers.storage import StorageError, StorageUnavailable, safe_url
@@ -218,13 +219,13 @@ def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
     """The ``k`` most common reasons of the study's FAILed trials, with their counts.
 
     Trials failed by the sweep itself (re-queued after an interrupt or a lost
-    worker, or dropped for a lowered target) are not failures of the settings.
+    worker, or retired as not needed) are not failures of the settings
+    (:mod:`search.sweep.workers.bookkeeping`).
     """
-    own = ("interrupted", "worker lost", "not needed")
     reasons = Counter(
         str(t.user_attrs.get("reason", "no reason recorded")).splitlines()[0][:200]
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if not str(t.user_attrs.get("reason", "")).startswith(own)
+        if bookkeeping.kind(t) is None
     )
     return reasons.most_common(k)
 

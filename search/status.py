@@ -11,6 +11,11 @@ A study is
 - ``incomplete`` otherwise, with the command that resumes it: a complete command
   to copy, with the study file, the storage and the data directory the study ran with.
 
+Counts per state are :func:`search.sweep.studies.counts`: FAIL holds real failures,
+each shown with its reason; trials the sweep re-queued (after an interrupt or a lost
+worker) or retired (a duplicate replicate, a lowered target) follow as "re-queued"
+and "retired".
+
 Exit codes: 0 listed; 1 the storage cannot be used; 2 bad arguments, or no study
 to show (no database yet, or none in it).
 """
@@ -37,7 +42,7 @@ from search.config.space import table_value as value_text
 from search.config.study import StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.workers import lost
+from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.storage import make_storage, safe_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -60,6 +65,9 @@ class StudyStatus:
     replicates: int = 0  # replicate runs finished (on top of the target)
     # Where each failure was raised (its traceback's last frame outside the service), or "".
     failed_at: tuple[str, ...] = ()
+    # The sweep's own FAILs, apart from counts["FAIL"] (search.sweep.workers.bookkeeping).
+    requeued: int = 0
+    retired: int = 0
 
 
 def liveness(
@@ -163,7 +171,8 @@ def study_status(
         n_val=n_val_flag(study, spec),
     )
     trials = study.get_trials(deepcopy=False)
-    counts = {s: sum(t.state.name == s for t in trials) for s in STATES}
+    every = st.counts(study)
+    counts = {s: every[s] for s in STATES}
     configs = rep.configurations(trials, replicates=2)
     best = configs[0] if configs else None
     n_replicates = sum(rep.is_replicate(t) for t in trials if t.state in st.FINISHED)
@@ -197,11 +206,16 @@ def study_status(
         verdict=verdict,
         failures=tuple(failures),
         failed_at=_failed_at(study, failures),
+        requeued=every[bookkeeping.Kind.REQUEUED.name],
+        retired=every[bookkeeping.Kind.RETIRED.name],
     )
 
 
 def format_status(s: StudyStatus) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in s.counts.items())
+    kinds = bookkeeping.Kind
+    if own := bookkeeping.shown({kinds.REQUEUED.name: s.requeued, kinds.RETIRED.name: s.retired}):
+        counts += "; " + ", ".join(own)
     finished = s.counts["COMPLETE"] + s.counts["PRUNED"] - s.replicates
     target = "?" if s.target is None else str(s.target)
     best = "-"

@@ -228,12 +228,7 @@ def join(args: argparse.Namespace) -> int:
     stage_driver.join_stage(
         spec, stage, study, prepared, workers=args.workers, threads=threads, poll=args.poll
     )
-    c = st.counts(study)
-    print(
-        f"queue of {args.study_name} empty: {c['COMPLETE'] + c['PRUNED']} finished "
-        f"({c['FAIL']} failed) of target {target}",
-        flush=True,
-    )
+    print(f"queue of {args.study_name} empty: {st.finished_text(study, target)}", flush=True)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ from search.reporting.tables import (
 )
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.workers import bookkeeping
 from search.sweep.workers.storage import relative_url, sqlite_path
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -152,6 +154,15 @@ def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
     return "\n".join(lines)
 
 
+def state_columns(c: Counter) -> tuple[list[str], list[list[int]]]:
+    """The header and row of the trials-per-state table (counts of :func:`st.counts`):
+    FAIL holds real failures; the sweep's re-queued and retired trials have columns of
+    their own when there are any."""
+    own = [k for k in bookkeeping.Kind if c[k.name]]
+    header = [*STATES, *(k.label for k in own)]
+    return header, [[c[s] for s in STATES] + [c[k.name] for k in own]]
+
+
 def stage_section(
     stage: str, study: optuna.Study, figures: dict[str, str], *, replicates: int = 1
 ) -> str:
@@ -169,7 +180,7 @@ def stage_section(
         ranges_table(ranges) if ranges else "(not recorded)",
     ]
     lines += ["", "Trials per state (target " + f"{study.user_attrs.get('target', '?')}):", ""]
-    lines += [markdown_table(STATES, [[c[s] for s in STATES]])]
+    lines += [markdown_table(*state_columns(c))]
     lines += [
         "",
         f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values())} trials "

@@ -31,7 +31,7 @@ from search.sweep import studies as st
 from search.sweep.objective import run_trial
 from search.sweep.prepared import Prepared
 from search.sweep.stage import drive
-from search.sweep.workers import lost
+from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.loop import Sweep, worker_log
 from search.sweep.workers.pool import threads_per
 from search.sweep.workers.storage import make_storage, sqlite_path, storage_of, with_retries
@@ -316,8 +316,13 @@ def rows(experiment: Experiment, study: optuna.Study) -> list[Row]:
 
 
 def why_not_run(experiment: Experiment, study: optuna.Study, grid_rows: list[Row]) -> list[str]:
-    """One line per grid point with no finished trial: the point and its last failure."""
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    """One line per grid point with no finished trial: the point and its last failure (a
+    real one: not an interrupted run, re-queued; :mod:`search.sweep.workers.bookkeeping`)."""
+    failed = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if bookkeeping.kind(t) is None
+    ]
     lines = []
     for row in grid_rows:
         if row.trial is not None:

@@ -1,5 +1,10 @@
 """The progress of a sweep: trials finished of the target, rate, ETA, states, best so far.
 
+The states are Optuna's, with the sweep's own FAILs (:mod:`search.sweep.workers.bookkeeping`)
+shown as "re-queued" or "retired", never as "failed". The total follows what
+other commands add to this pool's queue or retire from it, so the count of
+finished trials never passes it.
+
 On a terminal it is one tqdm line redrawn in place, never wider than the terminal
 (its width is read at every redraw, so a resized window is followed and the line
 never wraps into broken copies of itself); the bar gets what the numbers leave,
@@ -18,6 +23,7 @@ import optuna
 from tqdm import tqdm
 
 from search.sweep.studies import counts
+from search.sweep.workers import bookkeeping
 
 WITH_BAR = "{n_fmt}/{total_fmt} |{bar}| {desc}"
 WITHOUT_BAR = "{n_fmt}/{total_fmt} {desc}"
@@ -38,7 +44,13 @@ class Progress:
     """Called every half second by the pool while the workers run; :meth:`close` at the end.
 
     The rate and the ETA are of this run (trials finished before it began are not
-    counted), so a resumed sweep does not look faster than it is.
+    counted), so a resumed sweep does not look faster than it is. The total is
+    what the pool's queue holds: finished, running and waiting trials, and those
+    that failed during this run. The command has topped the queue up to its target
+    before its pool starts, so it is the target (with the replicates), and it
+    follows the queue when another command adds replicates that this pool runs or
+    retires a duplicate. Trials queued after the workers stopped are not this
+    run's: the last line's total is at most the one before (``target`` at first).
     """
 
     def __init__(
@@ -51,7 +63,10 @@ class Progress:
         self.every = every
         self.bar: tqdm | None = None
         self.t0 = time.monotonic()
+        self.total = target  # the queue's, as of the last count
+        self.closing = False
         self.first: int | None = None  # trials finished when this run began
+        self.failed_before = 0  # real failures when this run began
         self.last_plain = -math.inf
         self.last = ""  # the plain line as of the last call
         self.written = ""  # the plain line last written
@@ -60,20 +75,28 @@ class Progress:
         c = counts(self.study)
         done = c["COMPLETE"] + c["PRUNED"]
         if self.first is None:
-            self.first = done
+            self.first, self.failed_before = done, c["FAIL"]
+        failed = c["FAIL"] - self.failed_before
+        total = done + c["RUNNING"] + c["WAITING"] + failed
+        if self.closing:  # replicates another command queued as this pool's queue ran dry
+            total = max(done, min(total, self.total))
+        self.total = total or self.target
         best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
         per_second = (done - self.first) / max(time.monotonic() - self.t0, 1e-9)
         eta = "?"
-        if done >= self.target:
+        if done >= self.total:
             eta = "00:00"
         elif per_second > 0:
-            eta = tqdm.format_interval((self.target - done) / per_second)
-        states = f"{c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed"
+            eta = tqdm.format_interval((self.total - done) / per_second)
+        states = ", ".join(
+            [f"{c['COMPLETE']} complete", f"{c['PRUNED']} pruned", f"{c['FAIL']} failed"]
+            + bookkeeping.shown(c)
+        )
         if self.tty:
             self._draw(done, f"{rate_text(per_second)} ETA {eta}, {states}, best {best}")
             return
         self.last = (
-            f"{done}/{self.target} finished ({states}, {c['RUNNING']} running), "
+            f"{done}/{self.total} finished ({states}, {c['RUNNING']} running), "
             f"{rate_text(per_second)}, ETA {eta}, best val acc {best}"
         )
         if time.monotonic() - self.last_plain >= self.every:
@@ -87,11 +110,11 @@ class Progress:
 
     def _draw(self, done: int, text: str) -> None:
         ncols = self._width() - 1  # not the last column: some terminals wrap on it
-        room = ncols - len(f"{done}/{self.target} || {text}")
+        room = ncols - len(f"{done}/{self.total} || {text}")
         bar_format = WITH_BAR if room >= MIN_BAR else WITHOUT_BAR
         if self.bar is None:
             self.bar = tqdm(
-                total=self.target,
+                total=self.total,
                 initial=done,
                 file=self.stream,
                 ncols=ncols,
@@ -107,7 +130,7 @@ class Progress:
             # would wrap. Clear the row instead and start a fresh status line.
             self.stream.write("\r\x1b[2K")
             self.bar.sp = self.bar.status_printer(self.stream)
-        self.bar.ncols, self.bar.bar_format = ncols, bar_format
+        self.bar.ncols, self.bar.bar_format, self.bar.total = ncols, bar_format, self.total
         self.bar.set_description_str(text, refresh=False)
         if done != self.bar.n:
             self.bar.update(done - self.bar.n)
@@ -122,6 +145,7 @@ class Progress:
 
     def close(self) -> None:
         """The last state: the bar's final line, or the plain line if it changed."""
+        self.closing = True
         self()
         if self.bar is not None:
             self.bar.close()

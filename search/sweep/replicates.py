@@ -196,7 +196,9 @@ def queue_replicates(study: optuna.Study, replicates: int, top: int) -> int:
 
 
 def _fail_duplicates(study: optuna.Study) -> None:
-    """Fail the WAITING copies of a (params, seed index) queued twice, keeping the first."""
+    """Fail the WAITING copies of a (params, seed index) queued twice, keeping the first;
+    they are counted as retired, not failed (:mod:`search.sweep.workers.bookkeeping`)."""
+    from search.sweep.workers import bookkeeping
     from search.sweep.workers.storage import storage_of, trial_id
 
     storage = storage_of(study)
@@ -211,7 +213,8 @@ def _fail_duplicates(study: optuna.Study) -> None:
         elif t.state == TrialState.WAITING:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 tid = trial_id(t)
-                storage.set_trial_user_attr(tid, "reason", "not needed: duplicate replicate")
+                storage.set_trial_user_attr(tid, "reason", bookkeeping.DUPLICATE_REPLICATE)
+                storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.RETIRED)
                 storage.set_trial_state_values(tid, state=TrialState.FAIL)
 
 

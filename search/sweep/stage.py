@@ -166,11 +166,10 @@ def run_stage(
     study = open_stage(spec, stage, prepared, space=space, attrs=attrs)
     reap(spec, stage)  # trials left RUNNING by a killed run are failed and re-queued first
     queued = st.top_up(study, target, enqueue=list(enqueue))
-    c = st.counts(study)
     workers = spec.optuna.workers
     log(
         f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials, "
-        f"{c['COMPLETE'] + c['PRUNED']} finished, {queued} newly queued, {workers} worker(s)",
+        f"{st.finished(study)[0]} finished, {queued} newly queued, {workers} worker(s)",
         flush=True,
     )
     work(spec, stage, study, space, prepared, workers=workers, log=log)

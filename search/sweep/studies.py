@@ -26,7 +26,7 @@ from search.config import space as sp
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep.prepared import Prepared, prepare
 from search.sweep.replicates import is_replicate, missing_replicates
-from search.sweep.workers import lost
+from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.signals import checkpoint
 from search.sweep.workers.storage import (
     ResilientStorage,
@@ -118,8 +118,31 @@ def open_study(
 
 
 def counts(study: optuna.Study) -> Counter:
-    """Trials per state name."""
-    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    """Trials per state name; ``FAIL`` counts real failures only.
+
+    The sweep's own FAILs are counted apart (:mod:`search.sweep.workers.bookkeeping`):
+    ``REQUEUED`` (stopped by an interrupt or a lost worker, a copy queued) and
+    ``RETIRED`` (a duplicate replicate, a trial beyond a lowered target).
+    """
+    return Counter(bookkeeping.state_name(t) for t in study.get_trials(deepcopy=False))
+
+
+def finished(study: optuna.Study) -> tuple[int, int]:
+    """(search trials finished, replicate runs finished): a target counts the first only."""
+    done = study.get_trials(deepcopy=False, states=FINISHED)
+    replicates = sum(is_replicate(t) for t in done)
+    return len(done) - replicates, replicates
+
+
+def finished_text(study: optuna.Study, target: int | None) -> str:
+    """``"500 finished of target 500 (+ 6 replicate runs; 0 failed, 11 re-queued)"``: the
+    search trials a target counts, the replicate runs on top, the real failures and the
+    sweep's own FAILs (:func:`counts`)."""
+    c = counts(study)
+    search, replicates = finished(study)
+    more = f"+ {replicates} replicate runs; " if replicates else ""
+    states = ", ".join([f"{c['FAIL']} failed", *bookkeeping.shown(c)])
+    return f"{search} finished of target {target} ({more}{states})"
 
 
 def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, float]] = ()) -> int:
@@ -152,7 +175,8 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
 
 
 def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], target: int) -> None:
-    """Fail the WAITING trials beyond ``target`` in trial order (blank ones first).
+    """Fail the WAITING trials beyond ``target`` in trial order (blank ones first), as
+    retired (:mod:`search.sweep.workers.bookkeeping`).
 
     By trial number, so two commands trimming at once fail the same trials.
     """
@@ -164,7 +188,8 @@ def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], targ
     for t in reversed(waiting[-excess:] if excess <= len(waiting) else waiting):
         tid = trial_id(t)
         try:
-            storage.set_trial_user_attr(tid, "reason", f"not needed: target lowered to {target}")
+            storage.set_trial_user_attr(tid, "reason", bookkeeping.target_lowered(target))
+            storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.RETIRED)
             storage.set_trial_state_values(tid, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # taken and finished meanwhile

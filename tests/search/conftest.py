@@ -15,7 +15,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
+import sqlalchemy.exc
+from optuna.trial import TrialState
 
 from tests.conftest import missing
 
@@ -162,3 +165,35 @@ def run_dashboard(storage_url: str, *, timeout: float = STARTUP_TIMEOUT_S) -> It
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def start_coarse(path: Path, url: str, *flags: str) -> subprocess.Popen:
+    """``search.coarse`` as a terminal runs it: in a process group of its own, so a
+    Ctrl-C is ``os.killpg(proc.pid, signal.SIGINT)``; stdout and stderr captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url, *flags],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_until_training(proc: subprocess.Popen, url: str, name: str, timeout: float = 120) -> None:
+    """Until a trial of study ``name`` trains (RUNNING, its parameters drawn); raises if
+    ``proc`` ends first or nothing trains within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the command ended (exit {proc.returncode}) before training"
+        storage = optuna.storages.RDBStorage(url)
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the command is creating it
+            trials = []
+        finally:
+            storage.engine.dispose()
+        if any(t.state == TrialState.RUNNING and t.params for t in trials):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no trial of {name} trained within {timeout:g} s")

@@ -7,8 +7,10 @@ The workers are real subprocesses, as three machines would start them.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+from collections import Counter
 
 import optuna
 import pytest
@@ -302,6 +304,10 @@ def test_a_worker_rides_out_a_network_cut(quick_study, pg_url, cut_s):
         proxy.close()
     assert proc.returncode == 0, out
     assert "storage unreachable" in out and "reachable again" in out, out
+    # One cut, one line each from each worker that saw it (its heartbeat thread is silent).
+    for line in ("storage unreachable", "storage reachable again"):
+        per_worker = Counter(re.findall(rf"^worker (\d+): {line}", out, flags=re.M))
+        assert set(per_worker.values()) == {1}, out
     done = finished_params(study)
     assert len(done) == 6 and len(set(done)) == 6, st.counts(study)
     assert "Traceback" not in out

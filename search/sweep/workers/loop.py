@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from search.sweep.workers import lost
+from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.signals import Interrupted, StopFlag
 from search.sweep.workers.storage import (
     ResilientStorage,
@@ -61,7 +61,9 @@ class Heartbeat:
 
     A beat that finds the trial finished (another worker took this one for dead,
     after a stop or a network partition) sets ``lost``; the objective's next
-    report then ends the trial here.
+    report then ends the trial here. Beats go to the storage behind the
+    :class:`ResilientStorage`, without its retries and its log: while the database
+    is away the worker's own calls retry and say so, once.
     """
 
     def __init__(self, storage: ResilientStorage, tid: int, owner: dict, interval: float) -> None:
@@ -79,9 +81,12 @@ class Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
+        # One try a beat: a beat that fails is retried at the next one. Retrying here too
+        # would log each outage twice, from this thread and from the worker's.
+        storage = self.storage.backend
         while not self._done.wait(self.interval):
             try:
-                self.storage.set_trial_system_attr(
+                storage.set_trial_system_attr(
                     self.tid, lost.OWNER, {**self.owner, "t": time.time()}
                 )
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -225,7 +230,8 @@ def _give_back(storage: ResilientStorage, study_id: int, tid: int, stop: StopFla
         try:
             frozen = storage.get_trial(tid)
             if not frozen.state.is_finished():
-                lost.requeue(storage, study_id, frozen, f"interrupted ({name})", limit=None)
+                reason = bookkeeping.interrupted(name)
+                lost.requeue(storage, study_id, frozen, reason, limit=None)
         finally:
             storage.patience = patience
 

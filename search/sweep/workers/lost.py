@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.sweep.workers import bookkeeping
 from search.sweep.workers.storage import trial_id
 
 # The system attrs this module owns.
@@ -143,6 +144,9 @@ def requeue(
 ) -> bool:
     """Fail a RUNNING trial and queue its parameters again; False if another process did.
 
+    ``reason`` is one of :mod:`search.sweep.workers.bookkeeping`'s; the trial is marked
+    re-queued there, so no count shows it as failed.
+
     The state change to FAIL is the claim: only the process whose change
     succeeds queues the retry. ``limit`` bounds the tries in a row of a trial
     that keeps losing its worker (None for an interrupt, which is no fault of
@@ -152,12 +156,13 @@ def requeue(
     tries = len(trial.system_attrs.get("retry_history", [])) + 1
     owed = limit is None or tries <= limit
     if not owed:
-        reason += f" (not retried: lost {tries} times in a row)"
+        reason = bookkeeping.not_retried(reason, tries)
     try:
-        # Reason and debt first: a finished trial takes no more attributes.
+        # Reason, debt and mark first: a finished trial takes no more attributes.
         storage.set_trial_user_attr(tid, "reason", reason)
         if owed:
             storage.set_trial_system_attr(tid, RETRY, "owed")
+            storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.REQUEUED)
         if not storage.set_trial_state_values(tid, state=TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -176,7 +181,8 @@ def _add_retry(storage: optuna.storages.BaseStorage, study_id: int, failed: Froz
     ``failed_trial`` and ``retry_history`` follow Optuna's retry callback: the first
     trial of the series and every try so far. The owner of the dead run stays behind.
     """
-    system_attrs = {k: v for k, v in failed.system_attrs.items() if k not in (OWNER, RETRY)}
+    left = (OWNER, RETRY, bookkeeping.ATTR)
+    system_attrs = {k: v for k, v in failed.system_attrs.items() if k not in left}
     system_attrs |= {
         "requeued_from": failed.number,
         "failed_trial": system_attrs.get("failed_trial", failed.number),
@@ -200,7 +206,7 @@ def reap(storage: optuna.storages.BaseStorage, study_id: int, *, grace_period: f
     now = time.time()
     for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         reason = lost_reason(t, grace_period=grace_period, now=now)
-        if reason is not None and requeue(storage, study_id, t, f"worker lost: {reason}"):
+        if reason is not None and requeue(storage, study_id, t, bookkeeping.worker_lost(reason)):
             reaped.append(t.number)
     return reaped
 

@@ -8,7 +8,7 @@ import re
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
 from search.sweep import progress as progress_mod
 from search.sweep.progress import Progress, rate_text
@@ -30,16 +30,18 @@ class Terminal(io.StringIO):
         return [part for part in re.split(r"[\r\n]", text) if part.strip()]
 
 
+def queue(study: optuna.Study, target: int) -> None:
+    """What a command does before its pool starts: ``target`` trials waiting."""
+    for _ in range(target):
+        study.enqueue_trial({"l2_lambda": 1e-3})
+
+
 def add(study: optuna.Study, state: TrialState, value: float | None = None) -> None:
-    study.add_trial(
-        create_trial(
-            state=state,
-            value=value,
-            params={"l2_lambda": 1e-3},
-            distributions={"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)},
-            intermediate_values={1: 0.5} if state == TrialState.PRUNED else None,
-        )
-    )
+    """A worker takes the next waiting trial and ends it in ``state``."""
+    trial = study.ask({"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)})
+    if state == TrialState.PRUNED:
+        trial.report(0.5, 1)
+    study.tell(trial, value, state=state)
 
 
 @pytest.fixture
@@ -54,6 +56,7 @@ def test_the_line_fits_the_terminal_and_says_everything(study, monkeypatch, colu
     monkeypatch.setattr(Progress, "_width", lambda self: term.columns)
     clock = iter(range(0, 10**6, 10))  # 10 s between looks
     monkeypatch.setattr(progress_mod.time, "monotonic", lambda: float(next(clock)))
+    queue(study, 50)
     p = Progress(study, 50, stream=term)
     p()
     for i in range(20):
@@ -77,6 +80,7 @@ def test_the_line_fits_the_terminal_and_says_everything(study, monkeypatch, colu
 def test_the_bar_follows_a_resized_terminal(study, monkeypatch):
     term = Terminal(120)
     monkeypatch.setattr(Progress, "_width", lambda self: term.columns)
+    queue(study, 10)
     p = Progress(study, 10, stream=term)
     p()
     term.columns = 50
@@ -89,6 +93,7 @@ def test_without_a_terminal_one_plain_line_now_and_then(study, monkeypatch):
     out = io.StringIO()
     now = [0.0]
     monkeypatch.setattr(progress_mod.time, "monotonic", lambda: now[0])
+    queue(study, 4)
     p = Progress(study, 4, stream=out, every=30)
     p()
     for t in range(1, 20):  # called every second: no line until 30 s have passed

@@ -18,20 +18,9 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from tests.search.conftest import REPO
+from tests.search.conftest import REPO, start_coarse
 
 SLOW_TRIALS = {"n_cycles": 30}  # a few seconds a trial: signals land mid-training
-
-
-def start(path, url: str, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url, *flags],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def trials(url: str, name: str = "sig-coarse") -> list[optuna.trial.FrozenTrial]:
@@ -90,7 +79,7 @@ def sweep(quick_study, tmp_path):
 
 def test_ctrl_c_stops_every_worker_and_the_rerun_meets_the_target(sweep):
     path, url = sweep
-    proc = start(path, url, "--workers", "2")
+    proc = start_coarse(path, url, "--workers", "2")
     wait_for_training(url, running=2)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends
     t0 = time.monotonic()
@@ -122,7 +111,7 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_meets_the_target(sweep):
 )
 def test_a_signal_to_the_command_alone_reaches_its_workers(sweep, sig, code):
     path, url = sweep
-    proc = start(path, url)
+    proc = start_coarse(path, url)
     wait_for_training(url, running=2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=20)
@@ -135,7 +124,7 @@ def test_a_signal_to_the_command_alone_reaches_its_workers(sweep, sig, code):
 
 def test_workers_die_with_a_killed_command(sweep):
     path, url = sweep
-    proc = start(path, url)
+    proc = start_coarse(path, url)
     wait_for_training(url, running=2)
     proc.kill()  # SIGKILL, as the OOM killer would: the command cannot do anything
     proc.communicate(timeout=20)
@@ -156,7 +145,7 @@ def test_a_second_ctrl_c_ends_at_once(sweep, tmp_path):
     import sqlite3
 
     path, url = sweep
-    proc = start(path, url)
+    proc = start_coarse(path, url)
     wait_for_training(url, running=2)
     lock = sqlite3.connect(tmp_path / "sig.db", isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # every write waits from now on
