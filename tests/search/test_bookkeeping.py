@@ -27,6 +27,7 @@ from search import coarse, status
 from search.config.study import load_spec
 from search.reporting import markdown
 from search.sweep import replicates as rep
+from search.sweep import stage
 from search.sweep import studies as st
 from search.sweep.progress import Progress
 from search.sweep.workers import bookkeeping as bk
@@ -55,7 +56,7 @@ def test_many_ctrl_c_then_a_resume_shows_no_failure_and_the_exact_target(
     path = quick_study(
         "bk",
         coarse={"trials": 4},
-        training={"n_cycles": 6},  # a second a trial: each Ctrl-C lands mid-training
+        training={"n_cycles": 24},  # a second or more a trial: each Ctrl-C lands mid-training
         optuna={"pruner": "none", "workers": 2},
     )
     url = f"sqlite:///{tmp_path / 'bk.db'}"
@@ -134,7 +135,7 @@ def test_a_replicate_queued_by_two_commands_at_once_is_retired_not_failed(
         rep._fail_duplicates(study)  # as the other command does after queueing
         return queued
 
-    monkeypatch.setattr(st, "queue_replicates", both_commands)
+    monkeypatch.setattr(stage, "queue_replicates", both_commands)
     assert coarse.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
     assert last_progress(out)[:2] == (6, 6)
