@@ -89,7 +89,6 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def _prepare_sqlite(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
     try:
         # WAL is a property of the file: set once, every later connection uses it.
@@ -155,17 +154,9 @@ class StorageError(RuntimeError):
 
 
 def _open(url: str) -> BaseStorage:
+    check_url(url)
     if url.startswith("journal://") or (url.endswith(".log") and "://" not in url):
-        path = url.removeprefix("journal://")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in url:
-        raise StorageURLError(f"storage must be a URL like {SUPPORTED}; got {url!r}")
-    from search.config.study import IN_MEMORY, in_memory
-
-    if in_memory(url):
-        raise StorageURLError(f"storage {url!r}: {IN_MEMORY}")
-    _check_scheme(url)
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
     engine_kwargs: dict = {}
     db = sqlite_path(url)
     if db is not None:
@@ -202,6 +193,48 @@ def _open(url: str) -> BaseStorage:
     return storage
 
 
+def check_url(url: str) -> None:
+    """A :class:`StorageURLError` for a URL that names no storage this tool can use, found
+    without writing anything: not a URL, an in-memory database, an unknown scheme, a driver
+    that is not installed, the directory of a SQLite or journal file that does not exist."""
+    if "://" not in url and not url.endswith(".log"):
+        raise StorageURLError(f"storage must be a URL like {SUPPORTED}; got {url!r}")
+    if "://" in url and not url.startswith("journal://"):
+        from search.config.study import IN_MEMORY, in_memory
+
+        if in_memory(url):
+            raise StorageURLError(f"storage {url!r}: {IN_MEMORY}")
+        _check_scheme(url)
+    path = _file_of(url)
+    if path is not None and not path.parent.exists():
+        # A typo in a path must not leave a tree of directories behind it. (A file where a
+        # directory should be is a storage that cannot be opened, named when it is.)
+        existing = path.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.is_dir():
+            raise StorageURLError(
+                f"storage {safe_url(url)!r}: the directory {path.parent} does not exist; "
+                f"create it (mkdir -p {path.parent}) or give a file in an existing directory"
+            )
+
+
+def check_storage(url: str) -> None:
+    """Refuse a storage that cannot be used, before anything else is written.
+
+    A command calls this first, before it prepares data or makes a directory: a bad
+    URL (:func:`check_url`), then the storage opened once (an unreachable server, a
+    refused login, too many connections, a read-only or full disk, a file that is not
+    a database, a schema of another Optuna) and its connections closed. Raises
+    :class:`StorageURLError` (a setting: exit 2) or :class:`StorageError` (exit 1),
+    each one line with the fix. A new SQLite or journal file is created: it is the
+    storage the command goes on to use.
+    """
+    storage = make_storage(url, patience=0)
+    with contextlib.suppress(Exception):
+        release(storage)
+
+
 def _check_scheme(url: str) -> None:
     """A :class:`StorageURLError` for a URL SQLAlchemy cannot parse, a scheme it does not
     know (``sqllite:///``) or a driver that is not installed."""
@@ -222,16 +255,43 @@ def _check_scheme(url: str) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
-        extra = (
-            " (pip install 'coarse2fine[postgres]')"
-            if parsed.get_backend_name() == ("postgresql")
-            else ""
-        )
-        driver = exc.name or parsed.drivername
-        raise StorageURLError(
-            f"storage {safe_url(url)!r} needs the database driver {driver!r}, which is not "
-            f"installed{extra}"
-        ) from None
+        raise StorageURLError(_missing_driver(parsed, exc.name or dialect.driver)) from None
+
+
+# The drivers this tool is used with, per database, first the one its extras install;
+# and how to install each (by the module SQLAlchemy imports).
+_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "MySQLdb")}
+_INSTALL = {
+    "psycopg2": "pip install 'coarse2fine[postgres]'",
+    "psycopg": "pip install 'psycopg[binary]'",
+    "pymysql": "pip install pymysql",
+    "MySQLdb": "pip install mysqlclient",
+    "mysql": "pip install mysql-connector-python",
+}
+
+
+def _missing_driver(parsed: sqlalchemy.engine.URL, module: str) -> str:
+    """The message for a URL whose driver is not installed: the URL to write instead when
+    another driver of that database is installed, else what to install."""
+    import importlib.util
+
+    backend = parsed.get_backend_name()
+    url = parsed.render_as_string(hide_password=True)
+    implicit = "+" not in parsed.drivername
+    said = (
+        f"storage {url!r} names no driver, and SQLAlchemy {sqlalchemy.__version__} takes "
+        f"{module!r} for it, which is not installed"
+        if implicit
+        else f"storage {url!r} needs the driver {module!r}, which is not installed"
+    )
+    drivers = _DRIVERS.get(backend, ())
+    installed = [d for d in drivers if d != module and importlib.util.find_spec(d) is not None]
+    if installed:
+        return f"{said}; {installed[0]} is: start the URL with {backend}+{installed[0].lower()}://"
+    if implicit and drivers:
+        scheme = f"{backend}+{drivers[0].lower()}://"
+        return f"{said}: {_INSTALL[drivers[0]]} and start the URL with {scheme}"
+    return f"{said}: {_INSTALL.get(module, f'install the Python package {module!r}')}"
 
 
 def _named(exc: BaseException, url: str) -> BaseException:

@@ -83,3 +83,24 @@ def any_storage_url(request, tmp_path):
 
         with pg_util.temporary_database() as url:
             yield url
+
+
+@pytest.fixture
+def error_line(capsys):
+    """Call it after a command: the one line it printed on stderr, checked to be the only
+    line and to carry no traceback."""
+
+    def read() -> str:
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        return lines[0]
+
+    return read
+
+
+@pytest.fixture
+def qs_path(quick_study):
+    """A quick-start study of 2 trials of 1 cycle, as a path string for ``--study``."""
+    return str(quick_study(coarse={"trials": 2}, training={"n_cycles": 1}))

@@ -1,0 +1,63 @@
+"""Every message a user can meet names the value and gives the fix that works, in one line
+(exit 2 for a setting, 1 for a run that failed)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from search import coarse
+from search.sweep.storage import StorageURLError, check_storage
+
+
+def no_module(monkeypatch, *names: str) -> None:
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec finds nothing
+
+
+def test_a_postgresql_url_without_a_driver_says_which_scheme_to_write(
+    qs_path, error_line, monkeypatch
+):
+    pytest.importorskip("psycopg2")
+    no_module(monkeypatch, "psycopg")  # SQLAlchemy 2.1's default driver for postgresql://
+    url = "postgresql://me:secret@127.0.0.1:1/db"
+    assert coarse.main(["--study", qs_path, "--storage", url]) == 2
+    line = error_line()
+    assert line.startswith("error: storage 'postgresql://me:***@127.0.0.1:1/db' names no driver")
+    assert line.endswith("psycopg2 is: start the URL with postgresql+psycopg2://"), line
+    assert "secret" not in line
+
+
+def test_without_any_postgresql_driver_the_fix_is_the_extra_and_the_scheme(monkeypatch):
+    no_module(monkeypatch, "psycopg", "psycopg2")
+    with pytest.raises(StorageURLError) as caught:
+        check_storage("postgresql://me@db.example/x")
+    assert str(caught.value).endswith(
+        "pip install 'coarse2fine[postgres]' and start the URL with postgresql+psycopg2://"
+    ), caught.value
+
+
+def test_a_mysql_url_whose_driver_is_missing_says_what_to_install(
+    qs_path, error_line, monkeypatch
+):
+    no_module(monkeypatch, "MySQLdb", "pymysql")
+    assert coarse.main(["--study", qs_path, "--storage", "mysql://me@db.example/x"]) == 2
+    line = error_line()
+    assert "takes 'MySQLdb' for it, which is not installed" in line, line
+    assert line.endswith("pip install pymysql and start the URL with mysql+pymysql://"), line
+    assert coarse.main(["--study", qs_path, "--storage", "mysql+pymysql://me@db.example/x"]) == 2
+    assert error_line().endswith(
+        "needs the driver 'pymysql', which is not installed: pip install pymysql"
+    )
+
+
+def test_a_sqlite_file_in_a_directory_that_does_not_exist_is_refused_and_nothing_made(
+    qs_path, error_line, tmp_path
+):
+    missing = tmp_path / "no" / "such" / "dir"
+    for url in (f"sqlite:///{missing}/x.db", f"journal:///{missing}/x.log"):
+        assert coarse.main(["--study", qs_path, "--storage", url]) == 2
+        line = error_line()
+        assert f"the directory {missing} does not exist; create it (mkdir -p {missing})" in line
+        assert not (tmp_path / "no").exists()
