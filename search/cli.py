@@ -22,6 +22,7 @@ from search.sweep import lost, user_train
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.pool import WorkersFailed, check_workers
+from search.sweep.prepared import CacheWriteError
 from search.sweep.progress import Progress
 from search.sweep.signals import Interrupted, StopFlag, signals_recorded
 from search.sweep.storage import StorageError, StorageUnavailable, safe_url, storage_of
@@ -343,7 +344,13 @@ def _run(main_body, argv: list[str] | None, debug: bool) -> int:
         except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
             _error(exc, debug)
             return 2
-        except (WorkersFailed, StorageUnavailable, StorageError, StageFailed) as exc:
+        except (
+            WorkersFailed,
+            StorageUnavailable,
+            StorageError,
+            StageFailed,
+            CacheWriteError,
+        ) as exc:
             _error(exc, debug)
             return 1
         except BrokenPipeError:  # the output went to `head` or a closed pager

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import missing
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "studies" / "quickstart.toml"
@@ -104,3 +108,28 @@ def error_line(capsys):
 def qs_path(quick_study):
     """A quick-start study of 2 trials of 1 cycle, as a path string for ``--study``."""
     return str(quick_study(coarse={"trials": 2}, training={"n_cycles": 1}))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Factory: a tmpfs of ``size`` ("256k") mounted in tmp_path, unmounted after the test
+    (needs root: skipped elsewhere, failed in CI)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        path = tmp_path / name
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            missing(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        with contextlib.suppress(OSError):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -61,3 +62,19 @@ def test_a_sqlite_file_in_a_directory_that_does_not_exist_is_refused_and_nothing
         line = error_line()
         assert f"the directory {missing} does not exist; create it (mkdir -p {missing})" in line
         assert not (tmp_path / "no").exists()
+
+
+def test_a_full_disk_while_preparing_the_data_names_the_file_the_disk_and_the_fix(
+    qs_path, error_line, small_disk, monkeypatch
+):
+    disk = small_disk("cache", "256k")  # the digits' prepared arrays take about 480 kB
+    monkeypatch.setenv("C2F_CACHE_DIR", str(disk))
+    assert coarse.main(["--study", qs_path]) == 1
+    line = error_line()
+    assert re.match(
+        f"error: cannot write the prepared data {disk}/[0-9a-f]{{16}}/train_X.npy:", line
+    )
+    assert f"the disk holding {disk} (mounted at {disk}) is full (0." in line, line
+    assert "MB free, the data needs 0.5 MB)" in line, line
+    assert "free some space or set C2F_CACHE_DIR to a directory on another disk" in line, line
+    assert list(disk.iterdir()) == []  # no half-written cache left behind
