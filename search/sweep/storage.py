@@ -113,9 +113,15 @@ def make_storage(
     a file that cannot be written, a full disk, ...) a :class:`StorageError`, each
     one line saying what to do.
     """
+    path = _file_of(url)
+    new_file = path is not None and not path.exists()
     try:
         backend = _open(url)
     except Exception as exc:  # noqa: BLE001 - named by describe_failure, else re-raised
+        if new_file:  # a storage that could not be made leaves no empty file behind
+            for leftover in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(OSError):
+                    Path(f"{path}{leftover}").unlink()
         named = _named(exc, url)
         if named is exc:
             raise
