@@ -13,6 +13,7 @@ import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import optuna
 from optuna.trial import TrialState
@@ -86,6 +87,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse.ArgumentParser:
     """The flags every command shares; ``trains`` adds ``--workers`` and ``--trials``."""
     p = parser(prog, description)
+    p.error = functools.partial(usage_error, p)  # type: ignore[method-assign]
     p.add_argument("--study", default=DEFAULT_STUDY, help="study file")
     p.add_argument(
         "--data-dir",
@@ -104,18 +106,43 @@ def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse
     if trains:
         p.add_argument(
             "--workers",
-            type=int,
+            type=whole_number_arg,
             default=None,
             help="worker processes (default: the study file's [optuna] workers)",
         )
         p.add_argument(
             "--trials",
-            type=int,
+            type=whole_number_arg,
             default=None,
             help=f"target number of finished trials, at most {MAX_TRIALS:,} (default: the "
             "study file's)",
         )
     return p
+
+
+def usage_error(p: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A usage error in one line, as every other error is (argparse prints the usage
+    first, four lines that bury the message): ``error: ...`` and exit 2."""
+    print(f"error: {message} ({p.prog} --help lists the flags)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def whole_number_arg(text: str) -> int:
+    """A count (--trials, --workers) written in digits; ``1e3`` is refused with the digits
+    to write instead."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number in digits; write {int(value)}"
+        ) from None
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
 
 
 def n_val_arg(text: str) -> int | float:

@@ -78,3 +78,21 @@ def test_a_full_disk_while_preparing_the_data_names_the_file_the_disk_and_the_fi
     assert "MB free, the data needs 0.5 MB)" in line, line
     assert "free some space or set C2F_CACHE_DIR to a directory on another disk" in line, line
     assert list(disk.iterdir()) == []  # no half-written cache left behind
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (
+            ["--trials", "1e3"],
+            "argument --trials: '1e3' is not a whole number in digits; write 1000",
+        ),
+        (["--workers", "2.5"], "argument --workers: '2.5' is not a whole number"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_a_usage_error_is_one_line_and_exit_2(qs_path, error_line, flags, words):
+    with pytest.raises(SystemExit) as done:
+        coarse.main(["--study", qs_path, *flags])
+    assert done.value.code == 2
+    assert error_line() == f"error: {words} (python -m search.coarse --help lists the flags)"
