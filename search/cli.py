@@ -4,8 +4,10 @@ and turning errors and signals into one line and an exit code."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
+import gc
 import os
 import signal
 import sys
@@ -25,8 +27,20 @@ from search.sweep import studies as st
 from search.sweep.pool import WorkersFailed, check_workers
 from search.sweep.prepared import CacheWriteError
 from search.sweep.progress import Progress
-from search.sweep.signals import Interrupted, StopFlag, signals_recorded
-from search.sweep.storage import StorageError, StorageUnavailable, safe_url, storage_of
+from search.sweep.signals import (
+    STOP_SIGNALS,
+    Interrupted,
+    StopFlag,
+    exit_at_once_while_starting,
+    signals_recorded,
+)
+from search.sweep.storage import (
+    StorageError,
+    StorageUnavailable,
+    release_all,
+    safe_url,
+    storage_of,
+)
 
 DEFAULT_STUDY = "studies/quickstart.toml"
 
@@ -364,39 +378,106 @@ def guarded(main_body):
 
 
 def _run(main_body, argv: list[str] | None, debug: bool) -> int:
-    """``main_body(argv)`` with the signals owned and every error turned into an exit code."""
+    """``main_body(argv)`` with the signals owned and every error turned into an exit code.
+
+    When this process is the command itself, a stop signal after the work is done still
+    ends it with 128 + the signal and one line, never killed by the raw signal while the
+    interpreter tears down (see :func:`_end_after_work`).
+    """
+    program = _started_as_program()
     with signals_recorded(StopFlag(interruptible=True)) as stop:
-        try:
-            return main_body(argv)
-        except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
-            _error(exc, debug)
-            return 2
-        except (
-            WorkersFailed,
-            StorageUnavailable,
-            StorageError,
-            StageFailed,
-            CacheWriteError,
-        ) as exc:
-            _error(exc, debug)
-            return 1
-        except BrokenPipeError:  # the output went to `head` or a closed pager
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        except (Interrupted, KeyboardInterrupt) as exc:
-            signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+        code = _outcome(main_body, argv, debug, stop)
+        stop.interruptible = False  # from here a signal is recorded, not raised
+        if program:  # and held until the handlers below are in place
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if stop.signum is not None and not stop.acted:
+            # It landed where it could not be raised, and the command ended before it was.
             print(
-                f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
-                "stored, running ones re-queued. Run the same command again to resume.",
-                file=sys.stderr,
+                f"\ninterrupted ({signal.Signals(stop.signum).name}) {AFTER_WORK}", file=sys.stderr
             )
-            return 128 + signum
-        except Exception as exc:  # noqa: BLE001 - one line, the traceback on request
-            text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            hint = "" if debug else " (--debug or C2F_DEBUG=1 shows the traceback)"
-            _error(exc, debug, f"unexpected {text}{hint}")
-            return 1
+            code = stop.exit_code
+    if program:
+        _end_after_work(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return code
+
+
+def _started_as_program() -> bool:
+    """Whether this process is a command started from the shell: its SIGINT handler is
+    still the one :func:`exit_at_once_while_starting` installed (not a test's, not a
+    caller's)."""
+    handler = signal.getsignal(signal.SIGINT)
+    code = getattr(handler, "__code__", None)
+    return code is not None and code in exit_at_once_while_starting.__code__.co_consts
+
+
+AFTER_WORK = "after the command had finished: it is all stored"
+
+
+def _end_after_work(code: int) -> None:
+    """From now until the process is gone, a stop signal ends it with 128 + the signal.
+
+    Python puts the default handlers back before it tears its modules down (a few hundred
+    ms), and a Ctrl-C then killed the process with the raw signal. So the exit code is
+    given at the exit hooks, after the storages' connections are closed and the output
+    flushed, and the teardown (which has nothing left to save) is skipped.
+    """
+
+    def close_and_flush() -> None:
+        gc.collect()  # storages the command dropped: their connections close as they go
+        release_all()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+    def after_work(signum: int, _frame: object) -> None:
+        close_and_flush()
+        os.write(2, f"\ninterrupted ({signal.Signals(signum).name}) {AFTER_WORK}\n".encode())
+        os._exit(128 + signum)
+
+    def exit_now() -> None:
+        close_and_flush()
+        os._exit(code)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, after_work)
+    atexit.register(exit_now)
+
+
+def _outcome(main_body, argv: list[str] | None, debug: bool, stop: StopFlag) -> int:
+    """The exit code of ``main_body(argv)``, its error or its interruption said in one line."""
+    try:
+        code = main_body(argv)
+    except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
+        _error(exc, debug)
+        return 2
+    except (
+        WorkersFailed,
+        StorageUnavailable,
+        StorageError,
+        StageFailed,
+        CacheWriteError,
+    ) as exc:
+        _error(exc, debug)
+        return 1
+    except BrokenPipeError:  # the output went to `head` or a closed pager
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+        print(
+            f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
+            "stored, running ones re-queued. Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    except Exception as exc:  # noqa: BLE001 - one line, the traceback on request
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        hint = "" if debug else " (--debug or C2F_DEBUG=1 shows the traceback)"
+        _error(exc, debug, f"unexpected {text}{hint}")
+        return 1
+    return code
 
 
 def format_table(configs: list[rep.Configuration], names: list[str]) -> str:

@@ -20,6 +20,7 @@ import errno
 import functools
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -127,7 +128,24 @@ def make_storage(
             raise
         raise named from exc
     # Abstract to mypy only: every method is filled in below the class.
-    return ResilientStorage(backend, patience=patience, log=log, url=url)  # type: ignore[abstract]
+    storage = ResilientStorage(backend, patience=patience, log=log, url=url)  # type: ignore[abstract]
+    _MADE[:] = [r for r in _MADE if r() is not None] + [weakref.ref(storage)]
+    return storage
+
+
+# Every storage this process made and still holds, for release_all. Plain references
+# without callbacks: a weakref callback is code a stop signal could land in.
+_MADE: list[weakref.ref[ResilientStorage]] = []
+
+
+def release_all() -> None:
+    """Close the pooled connections of every storage this process still holds (a command
+    ending: SQLite then folds its -wal file back into the database and removes it)."""
+    for ref in _MADE:
+        storage = ref()
+        if storage is not None:
+            with contextlib.suppress(Exception):
+                release(storage)
 
 
 def _cached(backend: BaseStorage) -> BaseStorage:
