@@ -163,6 +163,57 @@ def _cached(backend: BaseStorage) -> BaseStorage:
     return backend
 
 
+def learn_trial(storage: BaseStorage, study_id: int, tid: int) -> None:
+    """Tell the storage's trial cache of trial ``tid``, which this process took by its id.
+
+    The cache learns of trials only by its own reads of the study and the trials it
+    creates. A trial queued by another process after this one's last read, then taken by
+    id (:func:`waiting_trial_ids`), was unknown to it, and the cache's
+    ``set_trial_param`` raised ``KeyError`` when the trial's objective asked for a
+    parameter: a queued replicate failed. Private (``_CachedStorage._studies``,
+    ``_add_trials_to_cache``, ``_StudyInfo.unfinished_trial_ids``, ``_lock``): the public
+    way, ``get_all_trials``, reads every waiting trial, the cost the queue avoids; it is
+    the fallback if Optuna changes them.
+    """
+    from optuna.storages import _cached_storage as cached
+
+    cache = getattr(storage, "inner", storage)
+    if not isinstance(cache, cached._CachedStorage):
+        return
+    retrying = storage.retrying if isinstance(storage, ResilientStorage) else _call
+    if not _CACHE_PRIVATES:
+        retrying(cache.get_all_trials, study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return
+    frozen = retrying(cache._backend.get_trial, tid)
+    with cache._lock:
+        info = cache._studies.setdefault(study_id, cached._StudyInfo())
+        cache._add_trials_to_cache(study_id, [frozen])
+        if not frozen.state.is_finished():
+            info.unfinished_trial_ids.add(tid)  # read again until it is finished
+
+
+def _call(method: Callable[..., T], *args, **kwargs) -> T:  # noqa: ANN002, ANN003
+    return method(*args, **kwargs)
+
+
+def _cache_privates() -> bool:
+    """Whether Optuna's trial cache still has what :func:`learn_trial` uses."""
+    from optuna.storages import _cached_storage as cached
+
+    info = cached._StudyInfo()
+    return (
+        all(
+            hasattr(cached._CachedStorage, name)
+            for name in ("_add_trials_to_cache", "_read_trials_from_remote_storage")
+        )
+        and isinstance(getattr(info, "unfinished_trial_ids", None), set)
+        and isinstance(getattr(info, "trials", None), dict)
+    )
+
+
+_CACHE_PRIVATES = _cache_privates()
+
+
 SUPPORTED = (
     "sqlite:///PATH.db, postgresql+psycopg2://USER@HOST:PORT/DB, mysql+pymysql://USER@HOST/DB "
     "or journal:///PATH.log"
