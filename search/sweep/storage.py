@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import errno
 import functools
+import random
 import sqlite3
 import time
 import weakref
@@ -33,6 +34,13 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 T = TypeVar("T")
+# A server at its connection limit (PostgreSQL's max_connections or a role's CONNECTION
+# LIMIT; MySQL's max_connections).
+_TOO_MANY_WORDS = (
+    "too many connections",
+    "too many clients",
+    "remaining connection slots are reserved",
+)
 SQLITE_TIMEOUT_S = 120
 MAX_RETRIES = 3
 # How long a worker keeps retrying an unreachable database before it gives up.
@@ -238,7 +246,9 @@ def _open(url: str) -> BaseStorage:
         _prepare_sqlite(db)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     elif url.startswith(("postgresql", "mysql")):
-        engine_kwargs = {"pool_pre_ping": True}
+        # One connection per process (see _one_connection); a second only while Optuna
+        # sets up its tables, which nests two sessions.
+        engine_kwargs = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 1}
         if (
             url.startswith("postgresql")
             and "psycopg" in url.split("://")[0]
@@ -259,13 +269,53 @@ def _open(url: str) -> BaseStorage:
             }
 
     def connect() -> RDBStorage:
-        cls = SQLiteStorage if db is not None else RDBStorage
-        return cls(url, engine_kwargs=engine_kwargs)
+        if db is not None:
+            return SQLiteStorage(url, engine_kwargs=engine_kwargs)
+        # Optuna's own check of the schema holds two connections at once; this one, one.
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=True)
+        _check_schema(storage)
+        return storage
 
     storage = with_retries(connect)
     if db is not None:
         _serialise_sqlite_writes(storage)
+    else:
+        _one_connection(storage.engine)
     return storage
+
+
+def _check_schema(storage: RDBStorage) -> None:
+    """Optuna's check that its tables are of this version, one connection at a time (the
+    same RuntimeError as Optuna's own, which :func:`describe_failure` names)."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current == head:
+        return
+    fix = (
+        "Please execute `$ optuna storage upgrade --storage $STORAGE_URL` for upgrading "
+        "the storage."
+        if current in storage.get_all_versions()
+        else "Please try updating optuna to the latest version by `$ pip install -U optuna`."
+    )
+    raise RuntimeError(
+        f"The runtime optuna version {optuna.__version__} is no longer compatible with the "
+        f"table schema (schema {current}, this Optuna's {head}). {fix}"
+    )
+
+
+def _one_connection(engine: sqlalchemy.engine.Engine) -> None:
+    """At most one connection to the server from this process from now on, shared by its
+    threads (a worker's heartbeat waits for the loop's query, a few ms): a server's
+    max_connections then caps the workers, not half as many.
+
+    Private (``QueuePool._max_overflow``): the pool's size is fixed when Optuna makes the
+    engine, and Optuna's table set-up needs a second connection; kept by ``dispose``. Left
+    as it is (two at most) if SQLAlchemy changes it.
+    """
+    pool = engine.pool
+    if isinstance(pool, sqlalchemy.pool.QueuePool) and isinstance(
+        getattr(pool, "_max_overflow", None), int
+    ):
+        pool._max_overflow = 0
 
 
 def check_url(url: str) -> None:
@@ -520,6 +570,8 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
             f"{where} holds tables made by another version of Optuna than this one "
             f"({optuna.__version__}): {fix}"
         )
+    if any(w in texts for w in _TOO_MANY_WORDS):
+        return f"{where} refused a connection, too many are open ({first}): {TOO_MANY_FIX}"
     if any(w in texts for w in ("password authentication failed", "does not exist", "role ")):
         if not url.startswith(("sqlite", "journal")) and "://" in url:
             return f"{where} refused the login ({first}): check user, password and database"
@@ -531,6 +583,13 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
     if "could not translate host name" in texts or "name or service not known" in texts:
         return f"{where}: unknown host ({first}); check the host in the storage URL"
     return None
+
+
+TOO_MANY_FIX = (
+    "run fewer workers (--workers, here and on other machines), raise "
+    "the server's max_connections (or the role's CONNECTION LIMIT), or put a connection "
+    "proxy such as PgBouncer in front of the server"
+)
 
 
 _READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("c2f_read_only", default=False)
@@ -682,16 +741,29 @@ def with_retries(fn: Callable[[], T], *, tries: int = MAX_RETRIES) -> T:
     """Call ``fn``, retrying a locked or briefly unreachable database a few times.
 
     For the commands' one-off calls; a worker's calls go through
-    :class:`ResilientStorage`, which retries for longer.
+    :class:`ResilientStorage`, which retries for longer. A server at its connection
+    limit is tried for longer (about 12 s), at jittered intervals: workers that start
+    together free and take their slots at different moments.
     """
-    for attempt in range(tries):
+    attempt = 0
+    while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
-            if not is_transient(exc) or attempt == tries - 1:
+            too_many = too_many_connections(exc)
+            if not is_transient(exc) or attempt >= (TOO_MANY_TRIES if too_many else tries) - 1:
                 raise
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
+            delay = min(0.5 * 2**attempt, 4.0)
+            time.sleep(delay * random.uniform(0.5, 1.5) if too_many else delay)
+            attempt += 1
+
+
+TOO_MANY_TRIES = 6
+
+
+def too_many_connections(exc: BaseException) -> bool:
+    """Whether ``exc`` (or a cause of it) is a server's refusal at its connection limit."""
+    return any(w in str(e).lower() for e in _chain(exc) for w in _TOO_MANY_WORDS)
 
 
 # Words of the errors a database gives while it restarts or the network is cut.
@@ -713,6 +785,9 @@ _TRANSIENT_WORDS = (
     "timeout expired",
     "could not receive data",
     "could not send data",
+    # A server at its connection limit: a slot frees when another process ends. Named
+    # (with the fixes) by describe_failure when the retries run out.
+    *_TOO_MANY_WORDS,
     # Two processes creating the tables of a new database at once: the second one's
     # try fails on the version row; tried again, it finds the tables made.
     "constraint failed: alembic_version",

@@ -133,3 +133,34 @@ def small_disk(tmp_path):
     for path in mounted:
         with contextlib.suppress(OSError):
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def limited_role():
+    """Factory: ``(url, admin_url)`` of a new PostgreSQL database owned by a new role that
+    may hold at most ``limit`` connections (``admin_url``: the same database as the admin
+    user, whose connections do not count). Both dropped after the test."""
+    import uuid
+
+    from tests.search import pg_util
+
+    made: list[tuple[str, str]] = []
+    admin = pg_util._admin_connection()
+    if admin is None:
+        missing(f"PostgreSQL does not answer on {pg_util.HOST}:{pg_util.PORT}")
+    user = admin.get_dsn_parameters()["user"]
+
+    def make(limit: int) -> tuple[str, str]:
+        name = f"c2f_lim_{uuid.uuid4().hex[:10]}"
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE ROLE "{name}" LOGIN CONNECTION LIMIT {int(limit)}')
+            cur.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
+        made.append((name, name))
+        return pg_util.url_for(name, name), pg_util.url_for(name, user)
+
+    yield make
+    for database, role in made:
+        pg_util.drop_database(admin, database)
+        with admin.cursor() as cur:
+            cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+    admin.close()

@@ -1,0 +1,116 @@
+"""A PostgreSQL server at its connection limit: the message says so with the fixes, a
+worker that cannot connect is said at once with how many run, and a command whose
+workers all fail to connect exits 1."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import optuna
+import psycopg2
+import pytest
+from sqlalchemy.engine import make_url
+
+from search import coarse
+from search.sweep import storage as storage_module
+from search.sweep.loop import Sweep
+from search.sweep.pool import WorkersFailed, run_pool, run_workers
+from search.sweep.signals import StopFlag
+from search.sweep.storage import make_storage
+
+pytestmark = pytest.mark.postgres
+
+FIXES = (
+    "run fewer workers (--workers, here and on other machines), raise the server's "
+    "max_connections (or the role's CONNECTION LIMIT), or put a connection proxy"
+)
+
+
+@dataclass
+class SlowQueue:
+    """A worker job: connect as the limited role, then one trial that takes a while (the
+    connection is held meanwhile)."""
+
+    url: str
+    threads: int = 1
+
+    def open(self, worker: int) -> Sweep:
+        storage = make_storage(self.url, patience=5.0)
+        study = optuna.load_study(study_name="s", storage=storage)
+
+        def objective(trial: optuna.Trial) -> float:
+            time.sleep(2.0)
+            return 1.0
+
+        return Sweep(storage, study, objective, heartbeat_interval=60.0, grace_period=120.0)
+
+
+def hold(url: str):
+    """A connection as the url's user (for the limited role: a slot taken)."""
+    u = make_url(url)
+    return psycopg2.connect(host=u.host, port=u.port, user=u.username, dbname=u.database)
+
+
+@pytest.fixture
+def no_waiting(monkeypatch):
+    # A refusal at the limit is retried for about 12 s: once is enough here.
+    monkeypatch.setattr(storage_module, "TOO_MANY_TRIES", 1)
+
+
+def queue(url: str, admin_url: str, n: int) -> None:
+    """The study ``s`` with ``n`` queued trials, made by the admin (Optuna's first set-up
+    of the tables takes two connections) for the role."""
+    storage = optuna.storages.RDBStorage(admin_url)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    for _ in range(n):
+        study.enqueue_trial({})
+    storage.engine.dispose()
+    role = make_url(url).username
+    with contextlib.closing(hold(admin_url)) as con, con, con.cursor() as cur:
+        cur.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        cur.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+
+
+def test_a_worker_that_cannot_connect_is_said_with_how_many_run(limited_role, no_waiting):
+    url, admin_url = limited_role(1)
+    queue(url, admin_url, 2)
+    lines: list[str] = []
+    result = run_pool(SlowQueue(url), workers=2, stop=StopFlag(), say=lines.append)
+    assert result.started == 1 and result.errors == [], (result, lines)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("worker ") and " could not start: PostgreSQL at " in lines[0]
+    assert "refused a connection, too many are open (" in lines[0] and FIXES in lines[0]
+    assert lines[1] == "1 of the 2 workers run"
+    study = optuna.load_study(study_name="s", storage=admin_url)
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+def test_when_no_worker_can_connect_the_run_fails_saying_why(limited_role, no_waiting):
+    url, admin_url = limited_role(1)
+    queue(url, admin_url, 1)
+    taken = hold(url)
+    try:
+        with pytest.raises(WorkersFailed) as caught:
+            run_workers(SlowQueue(url), workers=2)
+    finally:
+        taken.close()
+    text = str(caught.value)
+    assert text.startswith("none of the 2 workers could start: PostgreSQL at "), text
+    assert "too many connections for role" in text and FIXES in text, text
+
+
+def test_a_command_at_the_connection_limit_says_so_with_the_fixes(
+    limited_role, no_waiting, quick_study, error_line
+):
+    url, _ = limited_role(1)
+    study = quick_study(coarse={"trials": 2}, training={"n_cycles": 1})
+    taken = hold(url)
+    try:
+        assert coarse.main(["--study", str(study), "--storage", url]) == 1
+    finally:
+        taken.close()
+    line = error_line()
+    assert "refused a connection, too many are open" in line and FIXES in line, line
+    assert "check user, password" not in line
