@@ -164,3 +164,30 @@ def limited_role():
         with admin.cursor() as cur:
             cur.execute(f'DROP ROLE IF EXISTS "{role}"')
     admin.close()
+
+
+def connect_as(url: str):
+    """A psycopg2 connection as the URL's user (for a limited role: one of its slots)."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return psycopg2.connect(host=u.host, port=u.port, user=u.username, dbname=u.database)
+
+
+def queue_for_role(url: str, admin_url: str, n: int, study_name: str = "s") -> None:
+    """The study ``study_name`` with ``n`` queued trials in a :func:`limited_role` database,
+    set up by the admin (Optuna's first set-up of the tables takes two connections at
+    once) and granted to the role."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    storage = optuna.storages.RDBStorage(admin_url)
+    study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
+    for _ in range(n):
+        study.enqueue_trial({})
+    storage.engine.dispose()
+    role = make_url(url).username
+    with contextlib.closing(connect_as(admin_url)) as con, con, con.cursor() as cur:
+        cur.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        cur.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')

@@ -4,14 +4,11 @@ workers all fail to connect exits 1."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import optuna
-import psycopg2
 import pytest
-from sqlalchemy.engine import make_url
 
 from search import coarse
 from search.sweep import storage as storage_module
@@ -19,6 +16,7 @@ from search.sweep.loop import Sweep
 from search.sweep.pool import WorkersFailed, run_pool, run_workers
 from search.sweep.signals import StopFlag
 from search.sweep.storage import make_storage
+from tests.search.conftest import connect_as, queue_for_role
 
 pytestmark = pytest.mark.postgres
 
@@ -47,35 +45,15 @@ class SlowQueue:
         return Sweep(storage, study, objective, heartbeat_interval=60.0, grace_period=120.0)
 
 
-def hold(url: str):
-    """A connection as the url's user (for the limited role: a slot taken)."""
-    u = make_url(url)
-    return psycopg2.connect(host=u.host, port=u.port, user=u.username, dbname=u.database)
-
-
 @pytest.fixture
 def no_waiting(monkeypatch):
     # A refusal at the limit is retried for about 12 s: once is enough here.
     monkeypatch.setattr(storage_module, "TOO_MANY_TRIES", 1)
 
 
-def queue(url: str, admin_url: str, n: int) -> None:
-    """The study ``s`` with ``n`` queued trials, made by the admin (Optuna's first set-up
-    of the tables takes two connections) for the role."""
-    storage = optuna.storages.RDBStorage(admin_url)
-    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    for _ in range(n):
-        study.enqueue_trial({})
-    storage.engine.dispose()
-    role = make_url(url).username
-    with contextlib.closing(hold(admin_url)) as con, con, con.cursor() as cur:
-        cur.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
-        cur.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
-
-
 def test_a_worker_that_cannot_connect_is_said_with_how_many_run(limited_role, no_waiting):
     url, admin_url = limited_role(1)
-    queue(url, admin_url, 2)
+    queue_for_role(url, admin_url, 2)
     lines: list[str] = []
     result = run_pool(SlowQueue(url), workers=2, stop=StopFlag(), say=lines.append)
     assert result.started == 1 and result.errors == [], (result, lines)
@@ -89,8 +67,8 @@ def test_a_worker_that_cannot_connect_is_said_with_how_many_run(limited_role, no
 
 def test_when_no_worker_can_connect_the_run_fails_saying_why(limited_role, no_waiting):
     url, admin_url = limited_role(1)
-    queue(url, admin_url, 1)
-    taken = hold(url)
+    queue_for_role(url, admin_url, 1)
+    taken = connect_as(url)
     try:
         with pytest.raises(WorkersFailed) as caught:
             run_workers(SlowQueue(url), workers=2)
@@ -106,7 +84,7 @@ def test_a_command_at_the_connection_limit_says_so_with_the_fixes(
 ):
     url, _ = limited_role(1)
     study = quick_study(coarse={"trials": 2}, training={"n_cycles": 1})
-    taken = hold(url)
+    taken = connect_as(url)
     try:
         assert coarse.main(["--study", str(study), "--storage", url]) == 1
     finally:
