@@ -222,7 +222,7 @@ def _array_from_buffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarr
         raise pickle.UnpicklingError(f"_frombuffer with shape {shape!r} is not allowed")
     if order not in ("C", "F"):
         raise pickle.UnpicklingError(f"_frombuffer with order {order!r} is not allowed")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+    return np.frombuffer(memoryview(buf), dtype=dtype).reshape(shape, order=order)
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {

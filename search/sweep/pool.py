@@ -228,10 +228,10 @@ def _draw(progress: Callable[[], None], storages: Sequence[object]) -> None:
     except (StorageUnavailable, StorageError):
         pass
     finally:
-        for storage, patience in patient:
-            storage.patience = patience
-        for storage in storages:
-            release(storage)
+        for resilient, patience in patient:
+            resilient.patience = patience
+        for each in storages:
+            release(each)
 
 
 def run_workers(

@@ -178,11 +178,14 @@ def _cannot_write(exc: OSError, path: Path, target: Path, needed: int) -> str:
     )
     mb = 1 << 20
     if exc.errno == errno.ENOSPC or (exc.errno is None and free is not None and free < needed):
-        room = f" ({free / mb:.1f} MB free, the data needs {needed / mb:.1f} MB)"
+        room = (
+            ""
+            if free is None
+            else f" ({free / mb:.1f} MB free, the data needs {needed / mb:.1f} MB)"
+        )
         return (
             f"cannot write the prepared data {path}: the disk holding {target.parent} "
-            f"(mounted at {mount}) is full{room if free is not None else ''}; free some space "
-            f"{elsewhere}"
+            f"(mounted at {mount}) is full{room}; free some space {elsewhere}"
         )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         why = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
