@@ -240,33 +240,10 @@ def _open(url: str) -> BaseStorage:
     check_url(url)
     if url.startswith("journal://") or (url.endswith(".log") and "://" not in url):
         return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
-    engine_kwargs: dict = {}
     db = sqlite_path(url)
     if db is not None:
         _prepare_sqlite(db)
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-    elif url.startswith(("postgresql", "mysql")):
-        # One connection per process (see _one_connection); a second only while Optuna
-        # sets up its tables, which nests two sessions.
-        engine_kwargs = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 1}
-        if (
-            url.startswith("postgresql")
-            and "psycopg" in url.split("://")[0]
-            or url.startswith("postgresql://")
-        ):
-            # A partition that drops packets (no reset) must end in an error, not a query
-            # that waits for ever: keepalives find a dead connection in about 25 s.
-            engine_kwargs["connect_args"] = {
-                "connect_timeout": 10,
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 3,
-                # A worker stopped (SIGSTOP, a paused VM) inside a transaction would hold
-                # its row locks, and every other worker's write to that trial would wait
-                # for it: the server ends such a session after 30 s instead.
-                "options": "-c idle_in_transaction_session_timeout=30000",
-            }
+    engine_kwargs = _engine_kwargs(url)
 
     def connect() -> RDBStorage:
         if db is not None:
@@ -282,6 +259,36 @@ def _open(url: str) -> BaseStorage:
     else:
         _one_connection(storage.engine)
     return storage
+
+
+def _engine_kwargs(url: str) -> dict:
+    """How this tool connects to the database of ``url`` (SQLAlchemy's engine arguments)."""
+    if sqlite_path(url) is not None:
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    if not url.startswith(("postgresql", "mysql")):
+        return {}
+    # One connection per process (see _one_connection); a second only while Optuna
+    # sets up its tables, which nests two sessions.
+    kwargs: dict = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 1}
+    if (
+        url.startswith("postgresql")
+        and "psycopg" in url.split("://")[0]
+        or url.startswith("postgresql://")
+    ):
+        # A partition that drops packets (no reset) must end in an error, not a query
+        # that waits for ever: keepalives find a dead connection in about 25 s.
+        kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            # A worker stopped (SIGSTOP, a paused VM) inside a transaction would hold
+            # its row locks, and every other worker's write to that trial would wait
+            # for it: the server ends such a session after 30 s instead.
+            "options": "-c idle_in_transaction_session_timeout=30000",
+        }
+    return kwargs
 
 
 def _check_schema(storage: RDBStorage) -> None:
@@ -345,19 +352,80 @@ def check_url(url: str) -> None:
 
 
 def check_storage(url: str) -> None:
-    """Refuse a storage that cannot be used, before anything else is written.
+    """Refuse a storage that cannot be used, before anything is written.
 
-    A command calls this first, before it prepares data or makes a directory: a bad
-    URL (:func:`check_url`), then the storage opened once (an unreachable server, a
-    refused login, too many connections, a read-only or full disk, a file that is not
-    a database, a schema of another Optuna) and its connections closed. Raises
-    :class:`StorageURLError` (a setting: exit 2) or :class:`StorageError` (exit 1),
-    each one line with the fix. A new SQLite or journal file is created: it is the
-    storage the command goes on to use.
+    A command calls this first, before it prepares data, makes a directory or creates
+    its database: a bad URL (:func:`check_url`); a new SQLite or journal file whose
+    directory cannot be written or whose disk is full; an existing file that is not a
+    database, is corrupt or of another Optuna (opened once, then closed); a server that
+    does not answer, refuses the login, has no connection left or holds tables of
+    another Optuna (one connection, reads only, then closed). Raises
+    :class:`StorageURLError` (a setting: exit 2) or :class:`StorageError` (exit 1), each
+    one line with the fix. Creates nothing: a good new storage is made by the command
+    once its settings are known good too.
     """
-    storage = make_storage(url, patience=0)
-    with contextlib.suppress(Exception):
-        release(storage)
+    check_url(url)
+    path = _file_of(url)
+    try:
+        if path is None:
+            with_retries(lambda: _probe_server(url))
+        elif path.exists():
+            release(make_storage(url, patience=0))
+        else:
+            _check_new_file(path)
+    except Exception as exc:  # noqa: BLE001 - named by describe_failure, else re-raised
+        named = _named(exc, url)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+# A new storage file needs at least this much room (Optuna's tables in SQLite: ~0.3 MB).
+MIN_FREE_BYTES = 1 << 20
+
+
+def _check_new_file(path: Path) -> None:
+    """An OSError, as creating ``path`` would raise it, if its directory cannot be written
+    or its disk is full."""
+    import os
+    import shutil
+
+    parent = path.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, "Not a directory", str(path))
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, "Permission denied", str(path))
+    if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _probe_server(url: str) -> None:
+    """Connect once, as the storage will, and read the schema's version if Optuna's tables
+    are there; write nothing, keep no connection."""
+    engine = sqlalchemy.create_engine(
+        url,
+        poolclass=sqlalchemy.pool.NullPool,
+        **{k: v for k, v in _engine_kwargs(url).items() if k == "connect_args"},
+    )
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            tables = sqlalchemy.inspect(conn).get_table_names()
+        if "alembic_version" in tables and "version_info" in tables:
+            storage = RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                skip_table_creation=True,
+                skip_compatibility_check=True,
+            )
+            try:
+                _check_schema(storage)
+            finally:
+                storage.engine.dispose()
+    finally:
+        engine.dispose()
 
 
 def _check_scheme(url: str) -> None:

@@ -12,7 +12,14 @@ import optuna
 import pytest
 from sqlalchemy.engine import make_url
 
-from search.sweep.storage import StorageError, StorageURLError, check_storage
+from search.sweep.storage import (
+    StorageError,
+    StorageURLError,
+    check_storage,
+    make_storage,
+    release,
+)
+from tests.search.conftest import connect_as
 
 
 def entries(directory) -> set[str]:
@@ -86,19 +93,40 @@ def test_read_only_and_full_disks_are_refused_before_anything_is_written(tmp_pat
 
 
 @pytest.mark.postgres
-def test_a_refused_postgresql_login_or_database_is_refused_before_anything_is_written():
+def test_a_refused_postgresql_login_database_or_schema_is_refused_writing_nothing():
     from tests.search import pg_util
 
     with pg_util.temporary_database() as url:
-        check_storage(url)  # a good one passes
+        check_storage(url)  # a good one passes, and is not set up yet
+        with contextlib.closing(connect_as(url)) as con, con.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+            assert cur.fetchone()[0] == 0
         no_role = make_url(url).set(username="no_such_role").render_as_string(False)
         no_database = make_url(url).set(database="no_such_database").render_as_string(False)
         for bad in (no_role, no_database):
             with pytest.raises(StorageError, match="refused the login .* check user, password"):
                 check_storage(bad)
+        # Tables of another Optuna: named from a read of their version, nothing written.
+        release(make_storage(url))
+        with contextlib.closing(connect_as(url)) as con, con, con.cursor() as cur:
+            cur.execute("UPDATE alembic_version SET version_num = 'v9.9.9.z'")
+        with pytest.raises(StorageError, match="holds tables made by another version of Optuna"):
+            check_storage(url)
 
 
-def test_a_good_storage_passes_and_only_its_own_file_is_made(tmp_path):
+def test_a_good_new_storage_passes_and_nothing_is_made(tmp_path):
     check_storage(f"sqlite:///{tmp_path / 'good.db'}")
     check_storage(f"journal:///{tmp_path / 'good.log'}")
-    assert entries(tmp_path) == {"good.db", "good.log"}
+    assert entries(tmp_path) == set()
+
+
+def test_an_existing_good_storage_passes_unchanged(tmp_path):
+    url = f"sqlite:///{tmp_path / 'done.db'}"
+    storage = make_storage(url)
+    optuna.create_study(storage=storage, study_name="s").enqueue_trial({"x": 1.0})
+    release(storage)
+    before = (tmp_path / "done.db").read_bytes()
+    check_storage(url)
+    assert (tmp_path / "done.db").read_bytes() == before
