@@ -215,9 +215,25 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _array_from_buffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    # Protocol 5 stores an array as its raw buffer and numpy's _frombuffer(buf, dtype,
+    # shape, order). The same arguments, checked: bytes and a plain dtype only.
+    if not isinstance(buf, bytes | bytearray | memoryview | pickle.PickleBuffer):
+        raise pickle.UnpicklingError(f"_frombuffer of a {type(buf).__name__} is not allowed")
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError(f"_frombuffer with dtype {dtype!r} is not allowed")
+    if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError(f"_frombuffer with shape {shape!r} is not allowed")
+    if order not in ("C", "F"):
+        raise pickle.UnpicklingError(f"_frombuffer with order {order!r} is not allowed")
+    return np.frombuffer(memoryview(buf), dtype=dtype).reshape(shape, order=order)
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _resolve_reconstruct(),
     ("numpy._core.multiarray", "_reconstruct"): _resolve_reconstruct(),
+    ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,
+    ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
@@ -242,8 +258,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the globals a CIFAR-10 batch needs; anything else stops the load.
 
     The official batches name three globals: numpy.core.multiarray._reconstruct,
-    numpy.ndarray and numpy.dtype. The refusal happens when the GLOBAL opcode is read,
-    before any REDUCE could call the object, so a hostile pickle runs nothing.
+    numpy.ndarray and numpy.dtype. A batch re-pickled by Python 3 may name
+    _codecs.encode (protocol 2) or numpy's _frombuffer (protocol 5) too: both are
+    resolved to checked versions that only build bytes and plain arrays. A batch is
+    accepted by what it holds, whatever its protocol. The refusal happens when the
+    GLOBAL opcode is read, before any REDUCE could call the object, so a hostile
+    pickle runs nothing.
     """
 
     def find_class(self, module: str, name: str) -> Any:

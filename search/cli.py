@@ -4,8 +4,10 @@ and turning errors and signals into one line and an exit code."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
+import gc
 import os
 import signal
 import sys
@@ -13,7 +15,7 @@ import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.trial import TrialState
@@ -22,10 +24,22 @@ from search.config.space import Range
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.prepared import CacheWriteError
 from search.sweep.workers import bookkeeping
 from search.sweep.workers.pool import WorkersFailed, check_workers
-from search.sweep.workers.signals import Interrupted, StopFlag, signals_recorded
-from search.sweep.workers.storage import StorageError, StorageUnavailable, safe_url
+from search.sweep.workers.signals import (
+    STOP_SIGNALS,
+    Interrupted,
+    StopFlag,
+    exit_at_once_while_starting,
+    signals_recorded,
+)
+from search.sweep.workers.storage import (
+    StorageError,
+    StorageUnavailable,
+    release_all,
+    safe_url,
+)
 
 DEFAULT_STUDY = "studies/quickstart.toml"
 
@@ -80,6 +94,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         prog=_prog(prog), description=description, epilog=EXIT_CODES, formatter_class=HelpFormatter
     )
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # A usage error is one line and exit 2, like every other error.
+    p.error = functools.partial(usage_error, p)  # type: ignore[method-assign]
     return p
 
 
@@ -104,18 +120,43 @@ def base_parser(prog: str, description: str, *, trains: bool = True) -> argparse
     if trains:
         p.add_argument(
             "--workers",
-            type=int,
+            type=whole_number_arg,
             default=None,
             help="worker processes (default: the study file's [optuna] workers)",
         )
         p.add_argument(
             "--trials",
-            type=int,
+            type=whole_number_arg,
             default=None,
             help=f"target number of finished trials, at most {MAX_TRIALS:,} (default: the "
             "study file's)",
         )
     return p
+
+
+def usage_error(p: argparse.ArgumentParser, message: str) -> NoReturn:
+    """A usage error in one line, as every other error is (argparse prints the usage
+    first, four lines that bury the message): ``error: ...`` and exit 2."""
+    print(f"error: {message} ({p.prog} --help lists the flags)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def whole_number_arg(text: str) -> int:
+    """A count (--trials, --workers) written in digits; ``1e3`` is refused with the digits
+    to write instead."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number in digits; write {int(value)}"
+        ) from None
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
 
 
 def n_val_arg(text: str) -> int | float:
@@ -285,33 +326,106 @@ def guarded(main_body):
 
 
 def _run(main_body, argv: list[str] | None, debug: bool) -> int:
-    """``main_body(argv)`` with the signals owned and every error turned into an exit code."""
+    """``main_body(argv)`` with the signals owned and every error turned into an exit code.
+
+    When this process is the command itself, a stop signal after the work is done still
+    ends it with 128 + the signal and one line, never killed by the raw signal while the
+    interpreter tears down (see :func:`_end_after_work`).
+    """
+    program = _started_as_program()
     with signals_recorded(StopFlag(interruptible=True)) as stop:
-        try:
-            return main_body(argv)
-        except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
-            _error(exc, debug)
-            return 2
-        except (WorkersFailed, StorageUnavailable, StorageError, StageFailed) as exc:
-            _error(exc, debug)
-            return 1
-        except BrokenPipeError:  # the output went to `head` or a closed pager
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        except (Interrupted, KeyboardInterrupt) as exc:
-            signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+        code = _outcome(main_body, argv, debug, stop)
+        stop.interruptible = False  # from here a signal is recorded, not raised
+        if program:  # and held until the handlers below are in place
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if stop.signum is not None and not stop.acted:
+            # It landed where it could not be raised, and the command ended before it was.
             print(
-                f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
-                "stored, running ones re-queued. Run the same command again to resume.",
-                file=sys.stderr,
+                f"\ninterrupted ({signal.Signals(stop.signum).name}) {AFTER_WORK}", file=sys.stderr
             )
-            return 128 + signum
-        except Exception as exc:  # noqa: BLE001 - one line, the traceback on request
-            text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            hint = "" if debug else " (--debug or C2F_DEBUG=1 shows the traceback)"
-            _error(exc, debug, f"unexpected {text}{hint}")
-            return 1
+            code = stop.exit_code
+    if program:
+        _end_after_work(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return code
+
+
+def _started_as_program() -> bool:
+    """Whether this process is a command started from the shell: its SIGINT handler is
+    still the one :func:`exit_at_once_while_starting` installed (not a test's, not a
+    caller's)."""
+    handler = signal.getsignal(signal.SIGINT)
+    code = getattr(handler, "__code__", None)
+    return code is not None and code in exit_at_once_while_starting.__code__.co_consts
+
+
+AFTER_WORK = "after the command had finished: it is all stored"
+
+
+def _end_after_work(code: int) -> None:
+    """From now until the process is gone, a stop signal ends it with 128 + the signal.
+
+    Python puts the default handlers back before it tears its modules down (a few hundred
+    ms), and a Ctrl-C then killed the process with the raw signal. So the exit code is
+    given at the exit hooks, after the storages' connections are closed and the output
+    flushed, and the teardown (which has nothing left to save) is skipped.
+    """
+
+    def close_and_flush() -> None:
+        gc.collect()  # storages the command dropped: their connections close as they go
+        release_all()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+    def after_work(signum: int, _frame: object) -> None:
+        close_and_flush()
+        os.write(2, f"\ninterrupted ({signal.Signals(signum).name}) {AFTER_WORK}\n".encode())
+        os._exit(128 + signum)
+
+    def exit_now() -> None:
+        close_and_flush()
+        os._exit(code)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, after_work)
+    atexit.register(exit_now)
+
+
+def _outcome(main_body, argv: list[str] | None, debug: bool, stop: StopFlag) -> int:
+    """The exit code of ``main_body(argv)``, its error or its interruption said in one line."""
+    try:
+        code = main_body(argv)
+    except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
+        _error(exc, debug)
+        return 2
+    except (
+        WorkersFailed,
+        StorageUnavailable,
+        StorageError,
+        StageFailed,
+        CacheWriteError,
+    ) as exc:
+        _error(exc, debug)
+        return 1
+    except BrokenPipeError:  # the output went to `head` or a closed pager
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+        print(
+            f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
+            "stored, running ones re-queued. Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    except Exception as exc:  # noqa: BLE001 - one line, the traceback on request
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        hint = "" if debug else " (--debug or C2F_DEBUG=1 shows the traceback)"
+        _error(exc, debug, f"unexpected {text}{hint}")
+        return 1
+    return code
 
 
 def format_table(configs: list[rep.Configuration], space: dict[str, Range]) -> str:

@@ -42,7 +42,7 @@ from search.sweep import studies as st
 from search.sweep import user_train
 from search.sweep.prepared import Prepared
 from search.sweep.workers.pool import check_workers, threads_per
-from search.sweep.workers.storage import make_storage, safe_url, sqlite_path
+from search.sweep.workers.storage import check_storage, make_storage, safe_url, sqlite_path
 
 ENV_PREFIX = "C2F_"
 
@@ -161,6 +161,7 @@ def create(args: argparse.Namespace) -> int:
     if not spec.search:
         raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     cli.check_trials(args.trials)
+    check_storage(spec.storage_url())  # a bad storage: refused before anything is written
     prepared = prepare_data(spec, args.cache_dir)
     target = args.trials or spec.coarse_trials
     study, queued = stage_driver.create_stage(spec, target=target, prepared=prepared)
@@ -188,6 +189,7 @@ def join(args: argparse.Namespace) -> int:
     db = sqlite_path(args.storage)
     if db is not None and not db.is_file():
         raise ValueError(f"no database file {db}; a worker only joins an existing study")
+    check_storage(args.storage)
     storage = make_storage(args.storage)
     names = sorted(s.study_name for s in storage.get_all_studies())
     if args.study_name not in names:

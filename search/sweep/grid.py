@@ -34,7 +34,13 @@ from search.sweep.stage import drive
 from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.loop import Sweep, worker_log
 from search.sweep.workers.pool import threads_per
-from search.sweep.workers.storage import make_storage, sqlite_path, storage_of, with_retries
+from search.sweep.workers.storage import (
+    check_storage,
+    make_storage,
+    sqlite_path,
+    storage_of,
+    with_retries,
+)
 
 # ----------------------------------------------------------------------------- the study
 
@@ -214,6 +220,7 @@ def run(experiment: Experiment, *, log=print) -> optuna.Study:
     """Queue the missing grid points and run them with ``spec.optuna.workers`` processes."""
     spec = experiment.spec
     user_train.check(spec)  # a user's function that cannot run is refused before any trial
+    check_storage(spec.storage_url())  # a bad storage: refused before anything is written
     prepared = prepare_data(experiment, log=log)
     study = open_study(experiment)
     try:

@@ -12,6 +12,7 @@ checksum is recorded on each study and compared by every worker that joins.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -112,14 +113,19 @@ def prepare(
         return Prepared(target, digest)
     log(f"preparing {spec.name} data (once) into {target}")
     splits = data_mod.load(spec.name, data_dir, split=spec.split, n_val=spec.n_val, seed=seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written to a temporary directory and renamed, so a killed run leaves no half cache.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    needed = sum(getattr(splits, p).X.size * 4 + getattr(splits, p).n * 8 for p in PARTS)
+    writing = target.parent
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Written to a temporary directory and renamed, so a killed run leaves no half cache.
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         for part in PARTS:
             ds = getattr(splits, part)
-            np.save(tmp / f"{part}_X.npy", np.ascontiguousarray(ds.X, dtype=np.float32))
-            np.save(tmp / f"{part}_y.npy", ds.y.astype(np.int64))
+            writing = tmp / f"{part}_X.npy"
+            np.save(writing, np.ascontiguousarray(ds.X, dtype=np.float32))
+            writing = tmp / f"{part}_y.npy"
+            np.save(writing, ds.y.astype(np.int64))
         meta = {
             "checksum": digest,
             "dataset": spec.name,
@@ -127,13 +133,67 @@ def prepare(
             "label_names": list(splits.train.label_names),
             "sizes": {p: getattr(splits, p).n for p in PARTS},
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        writing = tmp / "meta.json"
+        writing.write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, target)
         except OSError:
             if not (target / "meta.json").exists():  # not a concurrent identical writer
                 raise
+    except OSError as exc:
+        if tmp is not None:  # first: the room it held counts as free in the message
+            shutil.rmtree(tmp, ignore_errors=True)
+        # The file as it would have been named, not its temporary directory's name.
+        shown = target / writing.name if tmp is not None and writing.parent == tmp else writing
+        raise CacheWriteError(_cannot_write(exc, shown, target, needed)) from exc
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(target, digest)
+
+
+class CacheWriteError(RuntimeError):
+    """The prepared data could not be written (a full or read-only disk); the message says
+    which file, which disk and what to do."""
+
+
+def _cannot_write(exc: OSError, path: Path, target: Path, needed: int) -> str:
+    """One line for a failed write of the prepared data: the file, the disk, the fix.
+
+    NumPy reports a short write as ``OSError("76608 requested and 37856 written")``, with
+    no errno: a disk with less room than the data needs is taken to be the reason then.
+    """
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    mount = existing.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    elsewhere = (
+        "or set C2F_CACHE_DIR to a directory on another disk, then run the same command again"
+    )
+    mb = 1 << 20
+    if exc.errno == errno.ENOSPC or (exc.errno is None and free is not None and free < needed):
+        room = (
+            ""
+            if free is None
+            else f" ({free / mb:.1f} MB free, the data needs {needed / mb:.1f} MB)"
+        )
+        return (
+            f"cannot write the prepared data {path}: the disk holding {target.parent} "
+            f"(mounted at {mount}) is full{room}; free some space {elsewhere}"
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        return (
+            f"cannot write the prepared data {path} ({why}): make {target.parent} writable "
+            f"{elsewhere}"
+        )
+    return (
+        f"cannot write the prepared data {path} ({type(exc).__name__}: {exc}); check the disk "
+        f"holding {target.parent} (mounted at {mount}) {elsewhere}"
+    )

@@ -28,6 +28,7 @@ from search.config.study import StudySpec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep import user_train
+from search.sweep.workers.storage import check_storage
 
 
 def final_split(splits: Splits, holdout: int) -> Splits:
@@ -98,6 +99,7 @@ def retrain(
     ``history_seed<seed>.json``; ``on_runs(histories, test_accs)`` gets every seed's
     (the command draws them).
     """
+    check_storage(spec.storage_url())
     source, best, smooth = chosen_configuration(spec, command=command)
     # The trial params as settings (a choice of layer widths back to its list).
     params = sp.decode(sp.from_record(source.user_attrs.get("ranges", {})), best.params)

@@ -31,7 +31,7 @@ from search.sweep.replicates import is_replicate, queue_replicates
 from search.sweep.workers import lost
 from search.sweep.workers.loop import Sweep, worker_log
 from search.sweep.workers.pool import run_workers, threads_per
-from search.sweep.workers.storage import make_storage, safe_url, storage_of
+from search.sweep.workers.storage import check_storage, make_storage, safe_url, storage_of
 
 
 def open_stage(
@@ -162,6 +162,7 @@ def run_stage(
     """Create or resume the stage's study, top it up to ``target``, run the workers and
     the replicate rounds (``coarse`` and ``fine``)."""
     user_train.check(spec)  # a user's function that cannot run is refused before any trial
+    check_storage(spec.storage_url())  # a bad storage: refused before anything is written
     prepared = st.prepare_for(spec)
     study = open_stage(spec, stage, prepared, space=space, attrs=attrs)
     reap(spec, stage)  # trials left RUNNING by a killed run are failed and re-queued first

@@ -197,3 +197,107 @@ def wait_until_training(proc: subprocess.Popen, url: str, name: str, timeout: fl
             return
         time.sleep(0.05)
     raise AssertionError(f"no trial of {name} trained within {timeout:g} s")
+
+
+@pytest.fixture
+def error_line(capsys):
+    """Call it after a command: the one line it printed on stderr, checked to be the only
+    line and to carry no traceback."""
+
+    def read() -> str:
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        return lines[0]
+
+    return read
+
+
+@pytest.fixture
+def qs_path(quick_study):
+    """A quick-start study of 2 trials of 1 cycle, as a path string for ``--study``."""
+    return str(quick_study(coarse={"trials": 2}, training={"n_cycles": 1}))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Factory: a tmpfs of ``size`` ("256k") mounted in tmp_path, unmounted after the test
+    (needs root: skipped elsewhere, failed in CI)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        path = tmp_path / name
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            missing(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        with contextlib.suppress(OSError):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def limited_role():
+    """Factory: ``(url, admin_url)`` of a new PostgreSQL database owned by a new role that
+    may hold at most ``limit`` connections (``admin_url``: the same database as the admin
+    user, whose connections do not count). Both dropped after the test."""
+    import uuid
+
+    from tests.search import pg_util
+
+    made: list[tuple[str, str]] = []
+    admin = pg_util._admin_connection()
+    if admin is None:
+        missing(f"PostgreSQL does not answer on {pg_util.HOST}:{pg_util.PORT}")
+    user = admin.get_dsn_parameters()["user"]
+
+    def make(limit: int) -> tuple[str, str]:
+        name = f"c2f_lim_{uuid.uuid4().hex[:10]}"
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE ROLE "{name}" LOGIN CONNECTION LIMIT {int(limit)}')
+            cur.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
+        made.append((name, name))
+        return pg_util.url_for(name, name), pg_util.url_for(name, user)
+
+    yield make
+    for database, role in made:
+        pg_util.drop_database(admin, database)
+        with admin.cursor() as cur:
+            cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+    admin.close()
+
+
+def connect_as(url: str):
+    """A psycopg2 connection as the URL's user (for a limited role: one of its slots)."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return psycopg2.connect(host=u.host, port=u.port, user=u.username, dbname=u.database)
+
+
+def queue_for_role(url: str, admin_url: str, n: int, study_name: str = "s") -> None:
+    """The study ``study_name`` with ``n`` queued trials in a :func:`limited_role` database,
+    set up by the admin (Optuna's first set-up of the tables takes two connections at
+    once) and granted to the role."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    storage = optuna.storages.RDBStorage(admin_url)
+    study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
+    for _ in range(n):
+        study.enqueue_trial({})
+    storage.engine.dispose()
+    role = make_url(url).username
+    with contextlib.closing(connect_as(admin_url)) as con, con, con.cursor() as cur:
+        cur.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        cur.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')

@@ -32,6 +32,7 @@ from search.sweep.workers.storage import (
     ResilientStorage,
     StorageError,
     StorageUnavailable,
+    learn_trial,
     waiting_trial_ids,
 )
 
@@ -107,6 +108,9 @@ def take(storage: ResilientStorage, study_id: int) -> int | None:
         try:
             if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
                 storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
+                # Queued by another process after this one's last read: the trial cache
+                # the trial runs with must know it before the objective sets a parameter.
+                learn_trial(storage, study_id, tid)
                 return tid
         except optuna.exceptions.UpdateFinishedTrialError:
             continue

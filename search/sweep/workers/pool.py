@@ -30,7 +30,12 @@ from typing import Any, Protocol
 
 from search.sweep.workers.loop import Sweep, run_queue
 from search.sweep.workers.signals import STOP_SIGNALS, Interrupted, StopFlag, current
-from search.sweep.workers.storage import release
+from search.sweep.workers.storage import (
+    ResilientStorage,
+    StorageError,
+    StorageUnavailable,
+    release,
+)
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 5.0  # then a worker that has not stopped is killed, its trial re-queued here
@@ -58,11 +63,25 @@ class WorkersFailed(RuntimeError):
 
 @dataclass
 class PoolResult:
-    """How the workers ended: the stop signal if any, and the workers that failed."""
+    """How the workers ended: the stop signal if any, and the workers that failed.
+
+    ``started`` counts the workers that opened the study and its data; ``not_started``
+    holds the line of each one that could not (a database at its connection limit).
+    """
 
     signum: int | None = None
     errors: list[str] = field(default_factory=list)
     killed: int = 0
+    started: int = 0
+    not_started: list[str] = field(default_factory=list)
+
+
+# What a worker tells the command through the pipe: (pid, index, what, line).
+STARTED, NOT_STARTED, FAILED = "started", "not started", "failed"
+
+
+def say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def cores() -> int:
@@ -110,6 +129,7 @@ def run_pool(
     reap: Callable[[], object] | None = None,
     release_first: Sequence[object] = (),
     stop_timeout: float = STOP_TIMEOUT_S,
+    say: Callable[[str], None] = say_on_stderr,
 ) -> PoolResult:
     """Run ``workers`` worker processes on ``job`` until its queue is empty or a stop signal.
 
@@ -117,7 +137,10 @@ def run_pool(
     at here, never raised. ``progress`` is called every half second. ``reap``
     re-queues the trials of workers that had to be killed. The storages in
     ``release_first`` drop their connections before the workers are forked
-    (a forked connection would be shared by two processes).
+    (a forked connection would be shared by two processes), and again after each
+    call of ``progress``: the command holds no connection while it only waits.
+    A worker that cannot start is said at once through ``say``, with how many of
+    the workers run; the others go on.
     """
     for storage in release_first:
         release(storage)
@@ -145,25 +168,75 @@ def run_pool(
     # has it already from the process group). A signal that came during the forks is
     # forwarded by the first look of _supervise.
     stop.forward_to = [p.pid for p in procs]
+    said: dict[int, str] = {}
+    not_started: set[int] = set()
+
+    told: list[bool] = []
+
+    def hear() -> None:
+        """The workers' messages so far: who started, who could not, who failed."""
+        with contextlib.suppress(EOFError, OSError):
+            while reader.poll():
+                pid, index, what, line = reader.recv()
+                if what == STARTED:
+                    result.started += 1
+                    continue
+                said[pid] = line
+                if what == NOT_STARTED:
+                    not_started.add(pid)
+                    again = line in result.not_started
+                    result.not_started.append(line)
+                    say(f"worker {index} could not start: {'the same' if again else line}")
+        heard = result.started + len(not_started)
+        if not_started and heard == workers and result.started and not told:
+            say(f"{result.started} of the {workers} workers run")
+            told.append(True)
+
+    def look() -> None:
+        hear()
+        if progress is not None:
+            _draw(progress, release_first)
+
     try:
-        _supervise(procs, stop, progress, reap, stop_timeout, result)
+        _supervise(procs, stop, look, reap, stop_timeout, result)
     finally:
         stop.forward_to = []
         stop.interruptible = was_interruptible
-    said: dict[int, str] = {}
-    with contextlib.suppress(EOFError, OSError):
-        while reader.poll():
-            pid, line = reader.recv()
-            said[pid] = line
+    hear()
     reader.close()
     for i, p in enumerate(procs):
         code = p.exitcode
+        if p.pid in not_started and result.started:
+            continue  # said when it happened; the others did the work
         if code not in (0, None) and code != -signal.SIGKILL and code - 128 not in STOP_SIGNALS:
             result.errors.append(
                 said.get(p.pid) or f"worker {i} (pid {p.pid}) exited with code {code}"
             )
+    if not_started and not result.started:
+        result.errors = [f"none of the {workers} workers could start: {e}" for e in result.errors]
     result.signum = stop.signum
     return result
+
+
+def _draw(progress: Callable[[], None], storages: Sequence[object]) -> None:
+    """One draw of the progress line, then the storages' connections closed.
+
+    A draw that cannot reach the storage at once (every connection the server allows
+    taken by the workers) is skipped, not waited for: the workers are what matters,
+    and the supervisor must go on watching them.
+    """
+    patient = [(s, s.patience) for s in storages if isinstance(s, ResilientStorage)]
+    for storage, _ in patient:
+        storage.patience = 0.0
+    try:
+        progress()
+    except (StorageUnavailable, StorageError):
+        pass
+    finally:
+        for resilient, patience in patient:
+            resilient.patience = patience
+        for each in storages:
+            release(each)
 
 
 def run_workers(
@@ -200,7 +273,7 @@ def run_workers(
 def _supervise(
     procs: list,
     stop: StopFlag,
-    progress: Callable[[], None] | None,
+    look: Callable[[], None] | None,
     reap: Callable[[], object] | None,
     stop_timeout: float,
     result: PoolResult,
@@ -226,8 +299,8 @@ def _supervise(
             if reap is not None:
                 reap()  # their PIDs are gone now: their trials count as lost
             return
-        if progress is not None and deadline is None:
-            progress()
+        if look is not None and deadline is None:
+            look()
         multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.5)
 
 
@@ -258,8 +331,6 @@ def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None
     import optuna
     from threadpoolctl import threadpool_limits
 
-    from search.sweep.workers.storage import StorageError
-
     # The worker's own lines say what happened (dropped trials, storage outages);
     # Optuna's warnings about the same events would say it again, with SQL.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -267,9 +338,20 @@ def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None
     stop.install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _die_with_parent(parent)
+    started = False
+
+    def tell(what: str, line: str) -> None:
+        try:
+            errors.send((os.getpid(), index, what, line))
+        except Exception:  # noqa: BLE001 - no command listening (or no pipe): say it here
+            if line:
+                print(f"worker {os.getpid()}: error: {line}", file=sys.stderr)
+
     try:
         with threadpool_limits(limits=job.threads):
             sweep = job.open(index)
+            started = True
+            tell(STARTED, "")
             if not stop:
                 run_queue(sweep, stop)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, then exit 1
@@ -277,10 +359,7 @@ def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None
             line = str(exc)
         else:
             line = f"worker {index} failed: {type(exc).__name__}: {exc}".splitlines()[0]
-        try:
-            errors.send((os.getpid(), line))
-        except Exception:  # noqa: BLE001 - no command listening (or no pipe): say it here
-            print(f"worker {os.getpid()}: error: {line}", file=sys.stderr)
+        tell(FAILED if started else NOT_STARTED, line)
         sys.stderr.flush()
         os._exit(1)
     sys.stdout.flush()

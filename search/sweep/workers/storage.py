@@ -18,8 +18,10 @@ import contextlib
 import contextvars
 import errno
 import functools
+import random
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -32,6 +34,13 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 T = TypeVar("T")
+# A server at its connection limit (PostgreSQL's max_connections or a role's CONNECTION
+# LIMIT; MySQL's max_connections).
+_TOO_MANY_WORDS = (
+    "too many connections",
+    "too many clients",
+    "remaining connection slots are reserved",
+)
 SQLITE_TIMEOUT_S = 120
 MAX_RETRIES = 3
 # How long a worker keeps retrying an unreachable database before it gives up.
@@ -89,7 +98,6 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def _prepare_sqlite(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
     try:
         # WAL is a property of the file: set once, every later connection uses it.
@@ -114,15 +122,38 @@ def make_storage(
     a file that cannot be written, a full disk, ...) a :class:`StorageError`, each
     one line saying what to do.
     """
+    path = _file_of(url)
+    new_file = path is not None and not path.exists()
     try:
         backend = _open(url)
     except Exception as exc:  # noqa: BLE001 - named by describe_failure, else re-raised
+        if new_file:  # a storage that could not be made leaves no empty file behind
+            for leftover in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(OSError):
+                    Path(f"{path}{leftover}").unlink()
         named = _named(exc, url)
         if named is exc:
             raise
         raise named from exc
     # Abstract to mypy only: every method is filled in below the class.
-    return ResilientStorage(backend, patience=patience, log=log, url=url)  # type: ignore[abstract]
+    storage = ResilientStorage(backend, patience=patience, log=log, url=url)  # type: ignore[abstract]
+    _MADE[:] = [r for r in _MADE if r() is not None] + [weakref.ref(storage)]
+    return storage
+
+
+# Every storage this process made and still holds, for release_all. Plain references
+# without callbacks: a weakref callback is code a stop signal could land in.
+_MADE: list[weakref.ref[ResilientStorage]] = []
+
+
+def release_all() -> None:
+    """Close the pooled connections of every storage this process still holds (a command
+    ending: SQLite then folds its -wal file back into the database and removes it)."""
+    for ref in _MADE:
+        storage = ref()
+        if storage is not None:
+            with contextlib.suppress(Exception):
+                release(storage)
 
 
 def _cached(backend: BaseStorage) -> BaseStorage:
@@ -140,6 +171,57 @@ def _cached(backend: BaseStorage) -> BaseStorage:
     return backend
 
 
+def learn_trial(storage: BaseStorage, study_id: int, tid: int) -> None:
+    """Tell the storage's trial cache of trial ``tid``, which this process took by its id.
+
+    The cache learns of trials only by its own reads of the study and the trials it
+    creates. A trial queued by another process after this one's last read, then taken by
+    id (:func:`waiting_trial_ids`), was unknown to it, and the cache's
+    ``set_trial_param`` raised ``KeyError`` when the trial's objective asked for a
+    parameter: a queued replicate failed. Private (``_CachedStorage._studies``,
+    ``_add_trials_to_cache``, ``_StudyInfo.unfinished_trial_ids``, ``_lock``): the public
+    way, ``get_all_trials``, reads every waiting trial, the cost the queue avoids; it is
+    the fallback if Optuna changes them.
+    """
+    from optuna.storages import _cached_storage as cached
+
+    cache = getattr(storage, "inner", storage)
+    if not isinstance(cache, cached._CachedStorage):
+        return
+    retrying = storage.retrying if isinstance(storage, ResilientStorage) else _call
+    if not _CACHE_PRIVATES:
+        retrying(cache.get_all_trials, study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return
+    frozen = retrying(cache._backend.get_trial, tid)
+    with cache._lock:
+        info = cache._studies.setdefault(study_id, cached._StudyInfo())
+        cache._add_trials_to_cache(study_id, [frozen])
+        if not frozen.state.is_finished():
+            info.unfinished_trial_ids.add(tid)  # read again until it is finished
+
+
+def _call(method: Callable[..., T], *args, **kwargs) -> T:  # noqa: ANN002, ANN003
+    return method(*args, **kwargs)
+
+
+def _cache_privates() -> bool:
+    """Whether Optuna's trial cache still has what :func:`learn_trial` uses."""
+    from optuna.storages import _cached_storage as cached
+
+    info = cached._StudyInfo()
+    return (
+        all(
+            hasattr(cached._CachedStorage, name)
+            for name in ("_add_trials_to_cache", "_read_trials_from_remote_storage")
+        )
+        and isinstance(getattr(info, "unfinished_trial_ids", None), set)
+        and isinstance(getattr(info, "trials", None), dict)
+    )
+
+
+_CACHE_PRIVATES = _cache_privates()
+
+
 SUPPORTED = (
     "sqlite:///PATH.db, postgresql+psycopg2://USER@HOST:PORT/DB, mysql+pymysql://USER@HOST/DB "
     "or journal:///PATH.log"
@@ -155,51 +237,195 @@ class StorageError(RuntimeError):
 
 
 def _open(url: str) -> BaseStorage:
+    check_url(url)
     if url.startswith("journal://") or (url.endswith(".log") and "://" not in url):
-        path = url.removeprefix("journal://")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in url:
-        raise StorageURLError(f"storage must be a URL like {SUPPORTED}; got {url!r}")
-    from search.config.study import IN_MEMORY, in_memory
-
-    if in_memory(url):
-        raise StorageURLError(f"storage {url!r}: {IN_MEMORY}")
-    _check_scheme(url)
-    engine_kwargs: dict = {}
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
     db = sqlite_path(url)
     if db is not None:
         _prepare_sqlite(db)
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-    elif url.startswith(("postgresql", "mysql")):
-        engine_kwargs = {"pool_pre_ping": True}
-        if (
-            url.startswith("postgresql")
-            and "psycopg" in url.split("://")[0]
-            or url.startswith("postgresql://")
-        ):
-            # A partition that drops packets (no reset) must end in an error, not a query
-            # that waits for ever: keepalives find a dead connection in about 25 s.
-            engine_kwargs["connect_args"] = {
-                "connect_timeout": 10,
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 3,
-                # A worker stopped (SIGSTOP, a paused VM) inside a transaction would hold
-                # its row locks, and every other worker's write to that trial would wait
-                # for it: the server ends such a session after 30 s instead.
-                "options": "-c idle_in_transaction_session_timeout=30000",
-            }
+    engine_kwargs = _engine_kwargs(url)
 
     def connect() -> RDBStorage:
-        cls = SQLiteStorage if db is not None else RDBStorage
-        return cls(url, engine_kwargs=engine_kwargs)
+        if db is not None:
+            return SQLiteStorage(url, engine_kwargs=engine_kwargs)
+        # Optuna's own check of the schema holds two connections at once; this one, one.
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=True)
+        _check_schema(storage)
+        return storage
 
     storage = with_retries(connect)
     if db is not None:
         _serialise_sqlite_writes(storage)
+    else:
+        _one_connection(storage.engine)
     return storage
+
+
+def _engine_kwargs(url: str) -> dict:
+    """How this tool connects to the database of ``url`` (SQLAlchemy's engine arguments)."""
+    if sqlite_path(url) is not None:
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    if not url.startswith(("postgresql", "mysql")):
+        return {}
+    # One connection per process (see _one_connection); a second only while Optuna
+    # sets up its tables, which nests two sessions.
+    kwargs: dict = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 1}
+    if (
+        url.startswith("postgresql")
+        and "psycopg" in url.split("://")[0]
+        or url.startswith("postgresql://")
+    ):
+        # A partition that drops packets (no reset) must end in an error, not a query
+        # that waits for ever: keepalives find a dead connection in about 25 s.
+        kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            # A worker stopped (SIGSTOP, a paused VM) inside a transaction would hold
+            # its row locks, and every other worker's write to that trial would wait
+            # for it: the server ends such a session after 30 s instead.
+            "options": "-c idle_in_transaction_session_timeout=30000",
+        }
+    return kwargs
+
+
+def _check_schema(storage: RDBStorage) -> None:
+    """Optuna's check that its tables are of this version, one connection at a time (the
+    same RuntimeError as Optuna's own, which :func:`describe_failure` names)."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current == head:
+        return
+    fix = (
+        "Please execute `$ optuna storage upgrade --storage $STORAGE_URL` for upgrading "
+        "the storage."
+        if current in storage.get_all_versions()
+        else "Please try updating optuna to the latest version by `$ pip install -U optuna`."
+    )
+    raise RuntimeError(
+        f"The runtime optuna version {optuna.__version__} is no longer compatible with the "
+        f"table schema (schema {current}, this Optuna's {head}). {fix}"
+    )
+
+
+def _one_connection(engine: sqlalchemy.engine.Engine) -> None:
+    """At most one connection to the server from this process from now on, shared by its
+    threads (a worker's heartbeat waits for the loop's query, a few ms): a server's
+    max_connections then caps the workers, not half as many.
+
+    Private (``QueuePool._max_overflow``): the pool's size is fixed when Optuna makes the
+    engine, and Optuna's table set-up needs a second connection; kept by ``dispose``. Left
+    as it is (two at most) if SQLAlchemy changes it.
+    """
+    pool = engine.pool
+    if isinstance(pool, sqlalchemy.pool.QueuePool) and isinstance(
+        getattr(pool, "_max_overflow", None), int
+    ):
+        pool._max_overflow = 0
+
+
+def check_url(url: str) -> None:
+    """A :class:`StorageURLError` for a URL that names no storage this tool can use, found
+    without writing anything: not a URL, an in-memory database, an unknown scheme, a driver
+    that is not installed, the directory of a SQLite or journal file that does not exist."""
+    if "://" not in url and not url.endswith(".log"):
+        raise StorageURLError(f"storage must be a URL like {SUPPORTED}; got {url!r}")
+    if "://" in url and not url.startswith("journal://"):
+        from search.config.study import IN_MEMORY, in_memory
+
+        if in_memory(url):
+            raise StorageURLError(f"storage {url!r}: {IN_MEMORY}")
+        _check_scheme(url)
+    path = _file_of(url)
+    if path is not None and not path.parent.exists():
+        # A typo in a path must not leave a tree of directories behind it. (A file where a
+        # directory should be is a storage that cannot be opened, named when it is.)
+        existing = path.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.is_dir():
+            raise StorageURLError(
+                f"storage {safe_url(url)!r}: the directory {path.parent} does not exist; "
+                f"create it (mkdir -p {path.parent}) or give a file in an existing directory"
+            )
+
+
+def check_storage(url: str) -> None:
+    """Refuse a storage that cannot be used, before anything is written.
+
+    A command calls this first, before it prepares data, makes a directory or creates
+    its database: a bad URL (:func:`check_url`); a new SQLite or journal file whose
+    directory cannot be written or whose disk is full; an existing file that is not a
+    database, is corrupt or of another Optuna (opened once, then closed); a server that
+    does not answer, refuses the login, has no connection left or holds tables of
+    another Optuna (one connection, reads only, then closed). Raises
+    :class:`StorageURLError` (a setting: exit 2) or :class:`StorageError` (exit 1), each
+    one line with the fix. Creates nothing: a good new storage is made by the command
+    once its settings are known good too.
+    """
+    check_url(url)
+    path = _file_of(url)
+    try:
+        if path is None:
+            with_retries(lambda: _probe_server(url))
+        elif path.exists():
+            release(make_storage(url, patience=0))
+        else:
+            _check_new_file(path)
+    except Exception as exc:  # noqa: BLE001 - named by describe_failure, else re-raised
+        named = _named(exc, url)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+# A new storage file needs at least this much room (Optuna's tables in SQLite: ~0.3 MB).
+MIN_FREE_BYTES = 1 << 20
+
+
+def _check_new_file(path: Path) -> None:
+    """An OSError, as creating ``path`` would raise it, if its directory cannot be written
+    or its disk is full."""
+    import os
+    import shutil
+
+    parent = path.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, "Not a directory", str(path))
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, "Permission denied", str(path))
+    if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _probe_server(url: str) -> None:
+    """Connect once, as the storage will, and read the schema's version if Optuna's tables
+    are there; write nothing, keep no connection."""
+    engine = sqlalchemy.create_engine(
+        url,
+        poolclass=sqlalchemy.pool.NullPool,
+        **{k: v for k, v in _engine_kwargs(url).items() if k == "connect_args"},
+    )
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            tables = sqlalchemy.inspect(conn).get_table_names()
+        if "alembic_version" in tables and "version_info" in tables:
+            storage = RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                skip_table_creation=True,
+                skip_compatibility_check=True,
+            )
+            try:
+                _check_schema(storage)
+            finally:
+                storage.engine.dispose()
+    finally:
+        engine.dispose()
 
 
 def _check_scheme(url: str) -> None:
@@ -222,16 +448,43 @@ def _check_scheme(url: str) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
-        extra = (
-            " (pip install 'coarse2fine[postgres]')"
-            if parsed.get_backend_name() == ("postgresql")
-            else ""
-        )
-        driver = exc.name or parsed.drivername
-        raise StorageURLError(
-            f"storage {safe_url(url)!r} needs the database driver {driver!r}, which is not "
-            f"installed{extra}"
-        ) from None
+        raise StorageURLError(_missing_driver(parsed, exc.name or dialect.driver)) from None
+
+
+# The drivers this tool is used with, per database, first the one its extras install;
+# and how to install each (by the module SQLAlchemy imports).
+_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "MySQLdb")}
+_INSTALL = {
+    "psycopg2": "pip install 'coarse2fine[postgres]'",
+    "psycopg": "pip install 'psycopg[binary]'",
+    "pymysql": "pip install pymysql",
+    "MySQLdb": "pip install mysqlclient",
+    "mysql": "pip install mysql-connector-python",
+}
+
+
+def _missing_driver(parsed: sqlalchemy.engine.URL, module: str) -> str:
+    """The message for a URL whose driver is not installed: the URL to write instead when
+    another driver of that database is installed, else what to install."""
+    import importlib.util
+
+    backend = parsed.get_backend_name()
+    url = parsed.render_as_string(hide_password=True)
+    implicit = "+" not in parsed.drivername
+    said = (
+        f"storage {url!r} names no driver, and SQLAlchemy {sqlalchemy.__version__} takes "
+        f"{module!r} for it, which is not installed"
+        if implicit
+        else f"storage {url!r} needs the driver {module!r}, which is not installed"
+    )
+    drivers = _DRIVERS.get(backend, ())
+    installed = [d for d in drivers if d != module and importlib.util.find_spec(d) is not None]
+    if installed:
+        return f"{said}; {installed[0]} is: start the URL with {backend}+{installed[0].lower()}://"
+    if implicit and drivers:
+        scheme = f"{backend}+{drivers[0].lower()}://"
+        return f"{said}: {_INSTALL[drivers[0]]} and start the URL with {scheme}"
+    return f"{said}: {_INSTALL.get(module, f'install the Python package {module!r}')}"
 
 
 def _named(exc: BaseException, url: str) -> BaseException:
@@ -385,6 +638,8 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
             f"{where} holds tables made by another version of Optuna than this one "
             f"({optuna.__version__}): {fix}"
         )
+    if any(w in texts for w in _TOO_MANY_WORDS):
+        return f"{where} refused a connection, too many are open ({first}): {TOO_MANY_FIX}"
     if any(w in texts for w in ("password authentication failed", "does not exist", "role ")):
         if not url.startswith(("sqlite", "journal")) and "://" in url:
             return f"{where} refused the login ({first}): check user, password and database"
@@ -396,6 +651,13 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
     if "could not translate host name" in texts or "name or service not known" in texts:
         return f"{where}: unknown host ({first}); check the host in the storage URL"
     return None
+
+
+TOO_MANY_FIX = (
+    "run fewer workers (--workers, here and on other machines), raise "
+    "the server's max_connections (or the role's CONNECTION LIMIT), or put a connection "
+    "proxy such as PgBouncer in front of the server"
+)
 
 
 _READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("c2f_read_only", default=False)
@@ -547,16 +809,29 @@ def with_retries(fn: Callable[[], T], *, tries: int = MAX_RETRIES) -> T:
     """Call ``fn``, retrying a locked or briefly unreachable database a few times.
 
     For the commands' one-off calls; a worker's calls go through
-    :class:`ResilientStorage`, which retries for longer.
+    :class:`ResilientStorage`, which retries for longer. A server at its connection
+    limit is tried for longer (about 12 s), at jittered intervals: workers that start
+    together free and take their slots at different moments.
     """
-    for attempt in range(tries):
+    attempt = 0
+    while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - narrowed by is_transient
-            if not is_transient(exc) or attempt == tries - 1:
+            too_many = too_many_connections(exc)
+            if not is_transient(exc) or attempt >= (TOO_MANY_TRIES if too_many else tries) - 1:
                 raise
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
+            delay = min(0.5 * 2**attempt, 4.0)
+            time.sleep(delay * random.uniform(0.5, 1.5) if too_many else delay)
+            attempt += 1
+
+
+TOO_MANY_TRIES = 6
+
+
+def too_many_connections(exc: BaseException) -> bool:
+    """Whether ``exc`` (or a cause of it) is a server's refusal at its connection limit."""
+    return any(w in str(e).lower() for e in _chain(exc) for w in _TOO_MANY_WORDS)
 
 
 # Words of the errors a database gives while it restarts or the network is cut.
@@ -578,6 +853,9 @@ _TRANSIENT_WORDS = (
     "timeout expired",
     "could not receive data",
     "could not send data",
+    # A server at its connection limit: a slot frees when another process ends. Named
+    # (with the fixes) by describe_failure when the retries run out.
+    *_TOO_MANY_WORDS,
     # Two processes creating the tables of a new database at once: the second one's
     # try fails on the version row; tried again, it finds the tables made.
     "constraint failed: alembic_version",
