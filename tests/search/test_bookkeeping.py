@@ -101,6 +101,7 @@ def test_two_commands_on_one_study_show_no_failure_and_the_exact_target(
     path = quick_study(
         "two",
         coarse={"trials": 4, "replicates": 2, "replicate_top": 2},
+        training={"n_cycles": 24},  # a second or more a trial: the first is seen training
         optuna={"pruner": "none", "workers": 1},
     )
     url = f"sqlite:///{tmp_path / 'two.db'}"
