@@ -141,17 +141,18 @@ def best_run_section(
         why.append("it is not counted in any configuration (a duplicate run of a seed)")
     else:
         enough = min(replicates, max(c.n for c in configs))
-        why.append(f"its configuration {own.number} has val acc {own.describe()}")
+        said = f"its configuration {own.number} has val acc {own.describe()}"
         if own.n < enough and chosen.n >= enough:
-            why.append(
-                f"it was run with {own.n} seed(s) and the chosen one with {chosen.n}: one "
-                "lucky seed does not beat a mean over seeds"
+            said += (
+                f": it was run with {own.n} seed(s) and the chosen one with {chosen.n}, and "
+                "one lucky seed does not beat a mean over seeds"
             )
         elif own.mean < chosen.mean:
-            why.append(
-                f"below the chosen mean {chosen.mean:.4f}: trial {best.number}'s value was "
+            said += (
+                f", below the chosen mean {chosen.mean:.4f}: trial {best.number}'s value was "
                 "a good seed, not a better configuration"
             )
+        why.append(said)
     if final is not None and chosen is not configs[0]:
         smoothed = (final.get("search_val_acc") or {}).get("smoothed")
         value = f" ({smoothed:.4f})" if isinstance(smoothed, float) else ""

@@ -24,6 +24,7 @@ from search.reporting.tables import narrowing_text
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.retrain import describe_accs
+from search.sweep.workers.storage import make_storage
 from tests.search.conftest import get_json, run_dashboard, write_study
 
 # One worker runs this module: its module-scoped fixture is built once.
@@ -168,14 +169,16 @@ def test_the_note_says_why_the_dashboards_best_run_is_not_the_choice():
     assert study.best_trial.number == 3
     assert "**Chosen: configuration 0**" in text and "**0.9600 +- 0.0100 (n=3)**" in text
     assert 'The dashboard\'s "Best Trial" is trial 3 (0.9900, one run)' in text
-    assert "its configuration 3 has val acc 0.9267 +- 0.0551 (n=3)" in text
-    assert "below the chosen mean 0.9600" in text
+    assert (
+        "its configuration 3 has val acc 0.9267 +- 0.0551 (n=3), below the chosen mean 0.9600"
+        in text
+    )
     # Without that run, the best is the lucky single seed, ranked after the means of 3.
     study = optuna.create_study(direction="maximize", study_name="lucky-coarse")
     _config(study, {"l2_lambda": 1e-3}, [0.95, 0.96, 0.97])
     _config(study, {"l2_lambda": 1e-1}, [0.985])
     text = note.study_note(study, replicates=3, next_command=None)
-    assert "run with 1 seed(s) and the chosen one with 3" in text
+    assert "has val acc 0.9850 (n=1): it was run with 1 seed(s) and the chosen one with 3" in text
     assert "### Next" not in text
 
 
@@ -186,6 +189,18 @@ def test_a_note_of_a_study_whose_best_run_is_the_choice_says_so():
     text = note.study_note(study, replicates=2, next_command="python -m search.fine")
     assert "is trial 0 (0.9700, one run): a run of the chosen configuration." in text
     assert "1 other configuration(s) are within one standard error" in text
+
+
+def test_the_note_is_replaced_whole_on_every_storage_kind(any_storage_url):
+    study = optuna.create_study(
+        storage=make_storage(any_storage_url), study_name="kinds-coarse", direction="maximize"
+    )
+    long = "## the first note\n\n" + "x" * 5000  # several system attrs of 2045 characters
+    assert note.write_note(study, long)
+    assert note.write_note(study, "## the second note")
+    again = optuna.load_study(study_name="kinds-coarse", storage=make_storage(any_storage_url))
+    assert optuna_dashboard.get_note(again) == "## the second note"
+    assert again.user_attrs == {}  # the note is no user attr: tables and status never see it
 
 
 class RefusingStorage(InMemoryStorage):
