@@ -247,9 +247,14 @@ def flags_text(
     return "".join(" " + shlex.quote(f) for f in flags)
 
 
+def next_command(name: str, args: argparse.Namespace, extra: str = "") -> str:
+    """The next command to copy, with the same flags (the ``next:`` line, the note)."""
+    return f"{command(name)}{same_flags(args)}{extra}"
+
+
 def next_step(name: str, args: argparse.Namespace, extra: str = "") -> None:
     """The line that ends a stage: the next command to copy, with the same flags."""
-    print(f"next: {command(name)}{same_flags(args)}{extra}")
+    print(f"next: {next_command(name, args, extra)}")
 
 
 class StageFailed(RuntimeError):

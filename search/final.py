@@ -33,6 +33,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 from search import cli
 from search.reporting import files_only
 from search.reporting.figures import draw_final
+from search.reporting.note import final_note, write_note
 from search.sweep.retrain import describe_accs, final_split, retrain
 
 __all__ = ["final_split", "main"]
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if not spec.model.train:
             written.insert(0, out / "network.npz")
         print("wrote " + ", ".join(str(p) for p in written))
+    source, text = final_note(spec, r, next_command=cli.next_command("report", args))
+    write_note(source, text)
     cli.next_step("report", args)
     return 0
 

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 from search import cli
+from search.reporting.note import study_note, write_note
 from search.sweep import stage
 from search.sweep.narrowing import plan_fine
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         attrs=plan.attrs,
     )
     if cli.finish(spec, study, plan.ranges):
+        text = study_note(
+            study, replicates=spec.fine.replicates, next_command=cli.next_command("final", args)
+        )
+        write_note(study, text)
         cli.next_step("final", args)
     return 0
 

@@ -24,6 +24,7 @@ from search.reporting.figures import draw_curves, draw_history, draw_pair, draw_
 from search.reporting.gradcheck import gradcheck_section, user_gradcheck_section
 from search.reporting.tables import (
     markdown_table,
+    narrowing_text,
     param_label,
     params_text,
     ranges_table,
@@ -197,33 +198,6 @@ def stage_section(
     for caption, name in figures.items():
         lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)
-
-
-def narrowing_text(attrs: dict[str, Any]) -> str:
-    """How the fine ranges were chosen, from the fine study's recorded ``narrowing``."""
-    n = attrs.get("narrowing")
-    margin = attrs.get("margin")
-    if not n:
-        return (
-            f"Ranges narrowed around the top {attrs['top_k']} coarse trials, "
-            f"widened by {margin} decades on each side."
-        )
-    if n.get("sigma") is None:
-        text = (
-            f"Ranges around the {attrs['top_k']} best coarse configurations, widened by "
-            f"{margin} decades on each side (no replicates: no estimate of the seed noise)."
-        )
-    else:
-        text = (
-            f"Ranges cover the {len(n['within'])} coarse configuration(s) within the seed "
-            f"noise of the best (one standard error, with the sd of one run "
-            f"{n['sigma']:.4f} pooled over the replicated configurations) and the "
-            f"{attrs['top_k']} best means, widened by {margin} decades on each side."
-        )
-    extra = [f"{name}: {what}." for name, what in n.get("extended", {}).items()]
-    for note in n.get("notes", []):
-        extra.append(f"**{note}.**" if "flat within noise" in note else f"{note}.")
-    return " ".join([text, *extra])
 
 
 def final_section(

@@ -52,6 +52,33 @@ def ranges_table(ranges: dict[str, Any]) -> str:
     return markdown_table(("parameter", "kind", "range"), rows)
 
 
+def narrowing_text(attrs: dict[str, Any]) -> str:
+    """How the fine ranges were chosen, from the fine study's recorded ``narrowing``."""
+    n = attrs.get("narrowing")
+    margin = attrs.get("margin")
+    if not n:
+        return (
+            f"Ranges narrowed around the top {attrs['top_k']} coarse trials, "
+            f"widened by {margin} decades on each side."
+        )
+    if n.get("sigma") is None:
+        text = (
+            f"Ranges around the {attrs['top_k']} best coarse configurations, widened by "
+            f"{margin} decades on each side (no replicates: no estimate of the seed noise)."
+        )
+    else:
+        text = (
+            f"Ranges cover the {len(n['within'])} coarse configuration(s) within the seed "
+            f"noise of the best (one standard error, with the sd of one run "
+            f"{n['sigma']:.4f} pooled over the replicated configurations) and the "
+            f"{attrs['top_k']} best means, widened by {margin} decades on each side."
+        )
+    extra = [f"{name}: {what}." for name, what in n.get("extended", {}).items()]
+    for note in n.get("notes", []):
+        extra.append(f"**{note}.**" if "flat within noise" in note else f"{note}.")
+    return " ".join([text, *extra])
+
+
 def top_table(study: optuna.Study, names: list[str], k: int = 10, *, replicates: int = 1) -> str:
     """The ``k`` best configurations: val acc mean +- sd over n seeds, params, epochs and
     wall time of one run."""
