@@ -118,59 +118,30 @@ def narrow(
     for name, r in coarse.items():
         if r.kind == "choice":
             keep_from = within if sigma is not None else chosen
-            tried = set(map(repr, values(name, configs)))
-            kept = set(map(repr, values(name, keep_from)))
-            keep = [v for v in r.choices if repr(v) in kept or repr(v) not in tried]
-            gone = [v for v in r.choices if v not in keep]
-            ranges[name] = r.with_choices(keep) if keep else r
+            why = (
+                "not within the seed noise of the best"
+                if sigma is not None
+                else (f"not among the {top_k} best")
+            )
+            ranges[name], gone, said = _narrow_choice(
+                r, tried=values(name, configs), kept=values(name, keep_from), why=why
+            )
+            notes += said
             if gone:
                 dropped[name] = gone
-                why = (
-                    "not within the seed noise of the best"
-                    if sigma is not None
-                    else (f"not among the {top_k} best")
-                )
-                notes.append(
-                    f"{name}: dropped {', '.join(sp.describe_value(v) for v in gone)} "
-                    f"({why}); kept {', '.join(sp.describe_value(v) for v in keep)}"
-                )
-            untried = [v for v in r.choices if repr(v) not in tried]
-            if untried:
-                notes.append(
-                    f"{name}: kept {', '.join(sp.describe_value(v) for v in untried)}, "
-                    "never tried in the coarse stage"
-                )
             continue
         chosen_values = values(name, chosen)
         if not chosen_values:
             ranges[name] = r
             continue
-        pos = r.scale
-        width = pos(r.high) - pos(r.low)
-        unit = 1.0 if r.log else sp.LINEAR_DECADE * width  # one "decade" on this axis
         span = values(name, within)
+        width = r.scale(r.high) - r.scale(r.low)
         if sigma is not None and span and len(within) > 1:
-            if pos(max(span)) - pos(min(span)) >= FLAT_SHARE * width:
+            if r.scale(max(span)) - r.scale(min(span)) >= FLAT_SHARE * width:
                 flat.append(name)
-        lo_p = max(pos(r.low) - extend * unit, pos(min(chosen_values)) - margin * unit)
-        hi_p = min(pos(r.high) + extend * unit, pos(max(chosen_values)) + margin * unit)
-        if hi_p <= lo_p:  # one value at a bound with margin 0: 1 % either side
-            half = math.log10(1.01) if r.log else 0.005 * width
-            lo_p, hi_p = lo_p - half, hi_p + half
-        back = (lambda p: 10.0**p) if r.log else (lambda p: p)
-        new = r.narrowed(back(lo_p), back(hi_p))
-        said = []
-        if new.low < r.low:
-            said.append(
-                f"below the coarse range's lower edge {r.format(r.low)} to {new.format(new.low)}"
-            )
-        if new.high > r.high:
-            said.append(
-                f"above the coarse range's upper edge {r.format(r.high)} to {new.format(new.high)}"
-            )
-        ranges[name] = new
-        if said:
-            extended[name] = "extended " + " and ".join(said)
+        ranges[name], said_edges = _narrow_number(r, chosen_values, margin=margin, extend=extend)
+        if said_edges:
+            extended[name] = "extended " + " and ".join(said_edges)
     # Each extension on its own: one that makes a corner invalid is given up, not the others.
     extended_ranges = dict(ranges)
     for name in extended:
@@ -182,21 +153,72 @@ def narrow(
             ranges = candidate
         else:
             extended[name] = "kept at the coarse edge: past it the training settings are invalid"
-    for name in flat:
-        r = coarse[name]
-        span = values(name, within)
-        axis = "decades" if r.log else "of its width"
-        measured = (
-            f"{r.scale(max(span)) - r.scale(min(span)):.1f} of the coarse range's "
-            f"{r.scale(r.high) - r.scale(r.low):.1f} decades"
-            if r.log
-            else f"{(max(span) - min(span)) / (r.high - r.low):.0%} {axis}"
-        )
-        notes.append(
-            f"{name}: flat within noise (sigma {sigma:.4f}) over {measured}; any value there "
-            "is as good as the best within the seed noise, and the fine range stays wide"
-        )
+    notes += [_flat_note(coarse[name], values(name, within), sigma or 0.0) for name in flat]
     return Narrowing(ranges, sigma, within, chosen, flat, extended, notes, dropped)
+
+
+def _narrow_choice(
+    r: sp.Range, *, tried: list[Any], kept: list[Any], why: str
+) -> tuple[sp.Range, list[Any], list[str]]:
+    """A choice keeps the levels in ``kept`` and those never ``tried``; (the range, the
+    levels dropped, what to say)."""
+    tried_set, kept_set = set(map(repr, tried)), set(map(repr, kept))
+    keep = [v for v in r.choices if repr(v) in kept_set or repr(v) not in tried_set]
+    gone = [v for v in r.choices if v not in keep]
+    notes = []
+    if gone:
+        notes.append(
+            f"{r.name}: dropped {', '.join(sp.describe_value(v) for v in gone)} "
+            f"({why}); kept {', '.join(sp.describe_value(v) for v in keep)}"
+        )
+    untried = [v for v in r.choices if repr(v) not in tried_set]
+    if untried:
+        notes.append(
+            f"{r.name}: kept {', '.join(sp.describe_value(v) for v in untried)}, "
+            "never tried in the coarse stage"
+        )
+    return (r.with_choices(keep) if keep else r), gone, notes
+
+
+def _narrow_number(
+    r: sp.Range, chosen: list[float], *, margin: float, extend: float
+) -> tuple[sp.Range, list[str]]:
+    """A float or integer range around the ``chosen`` values, widened by ``margin`` and
+    past a coarse edge by at most ``extend`` (decades, or their linear equivalent);
+    (the range, what was said of the edges it passed)."""
+    pos = r.scale
+    width = pos(r.high) - pos(r.low)
+    unit = 1.0 if r.log else sp.LINEAR_DECADE * width  # one "decade" on this axis
+    lo_p = max(pos(r.low) - extend * unit, pos(min(chosen)) - margin * unit)
+    hi_p = min(pos(r.high) + extend * unit, pos(max(chosen)) + margin * unit)
+    if hi_p <= lo_p:  # one value at a bound with margin 0: 1 % either side
+        half = math.log10(1.01) if r.log else 0.005 * width
+        lo_p, hi_p = lo_p - half, hi_p + half
+    back = (lambda p: 10.0**p) if r.log else (lambda p: p)
+    new = r.narrowed(back(lo_p), back(hi_p))
+    said = []
+    if new.low < r.low:
+        said.append(
+            f"below the coarse range's lower edge {r.format(r.low)} to {new.format(new.low)}"
+        )
+    if new.high > r.high:
+        said.append(
+            f"above the coarse range's upper edge {r.format(r.high)} to {new.format(new.high)}"
+        )
+    return new, said
+
+
+def _flat_note(r: sp.Range, span: list[float], sigma: float) -> str:
+    measured = (
+        f"{r.scale(max(span)) - r.scale(min(span)):.1f} of the coarse range's "
+        f"{r.scale(r.high) - r.scale(r.low):.1f} decades"
+        if r.log
+        else f"{(max(span) - min(span)) / (r.high - r.low):.0%} of its width"
+    )
+    return (
+        f"{r.name}: flat within noise (sigma {sigma:.4f}) over {measured}; any value there "
+        "is as good as the best within the seed noise, and the fine range stays wide"
+    )
 
 
 @dataclass
