@@ -148,7 +148,8 @@ def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
         f"{spec.coarse.replicates} seeds for the {spec.coarse.replicate_top} best coarse and "
         f"{spec.fine.replicates} for the {spec.fine.replicate_top} best fine configurations "
         f"(seed + 1000 i); final over {spec.final.seeds} seeds (seed, seed + 1, ...). Pruner "
-        f"`{spec.optuna.pruner}` after {spec.optuna.warmup_cycles:g} cycles, sampler "
+        f"`{spec.optuna.pruner}` after {spec.optuna.warmup_cycles:g} cycles (epochs for the step "
+        "and constant schedules), sampler "
         f"`{spec.optuna.sampler}`.",
         "",
     ]
