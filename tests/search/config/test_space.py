@@ -60,6 +60,7 @@ def test_a_suggested_list_choice_comes_back_as_the_list_and_records_round_trip()
     "value, words",
     [
         ([0.0, 1.0], "a log range needs bounds > 0"),
+        ([0.0, 1.0], "or search it uniformly ({low = 0.0, high = 1.0})"),  # the fix
         ([1.0, 0.1], "low must be < high"),
         ({"low": 0.0}, "needs low and high"),
         ({"int": [1.5, 3]}, "int must be [low, high] integers"),
