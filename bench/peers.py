@@ -71,6 +71,8 @@ NETWORK_FIELDS = ("hidden", "batch_norm", "init", "sigma", "bn_alpha")
 SCORE_SEED = 1_000_000  # truth seeds: SCORE_SEED + k; every search seed stays below it
 PEER_SEED_STRIDE = 1000  # a peer's trial n of run r trains with seed r * 1000 + n
 WILCOXON_SEEDS = 5  # instances per trial: with 4 paired losses Wilcoxon's p can reach 0.0625
+# Bumped when a method's code changes: runs stored by an earlier version are not reused.
+RUNS_VERSION = 2
 SERVICE = ("c2f", "c2f-off")
 PEERS = ("tpe", "tpe-median", "tpe-wilcoxon", "gp", "random")
 METHODS = SERVICE + PEERS
@@ -207,7 +209,7 @@ class Landscape:
         doc = {
             "truth": self.key(),
             "stages": [self.coarse, self.fine, self.optuna],
-            "peers": [WILCOXON_SEEDS, PEER_SEED_STRIDE, MECHANISMS_OFF],
+            "peers": [WILCOXON_SEEDS, PEER_SEED_STRIDE, MECHANISMS_OFF, RUNS_VERSION],
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -484,8 +486,12 @@ def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
                 land, params, run * PEER_SEED_STRIDE + trial.number, on_evaluate=on_evaluate
             )
         except TrainingDiverged as exc:
+            # What a plain user's network returns once its loss is NaN: chance. A completed
+            # trial, so that every sampler learns the region is bad (GPSampler ignores pruned
+            # trials and would sample there again and again).
             spent += exc.step + 1
-            raise optuna.TrialPruned(f"diverged at step {exc.step}") from None
+            trial.set_user_attr("diverged", True)
+            return 1.0 / splits_of(land).train.n_classes
         except optuna.TrialPruned:
             spent += last
             raise
@@ -506,7 +512,8 @@ def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
                 spent += full
             except TrainingDiverged as exc:
                 spent += exc.step + 1
-                value = 0.0
+                value = 1.0 / splits_of(land).train.n_classes
+                trial.set_user_attr("diverged", True)
             values.append(value)
             trial.report(value, k)
             if trial.should_prune():
@@ -529,6 +536,7 @@ def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
         best = max(trials, key=lambda t: list(t.intermediate_values.values() or [0.0])[-1])
         params, estimate = best.params, max(best.intermediate_values.values() or [0.0])
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    diverged = sum(bool(t.user_attrs.get("diverged")) for t in trials)
     if method == "tpe-wilcoxon":  # a pruned trial returns its mean so far: cut short
         pruned = sum(t.user_attrs.get("instances", 0) < WILCOXON_SEEDS for t in trials)
     return {
@@ -541,6 +549,7 @@ def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
         "trials": len(trials),
         "completed": len(done),
         "pruned": pruned,
+        "diverged": diverged,
         "wall": time.perf_counter() - t0,
     }
 
@@ -612,7 +621,7 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
                 raise RuntimeError(f"{' '.join(command)} exited {code}:\n" + "\n".join(tail))
     wall = time.perf_counter() - t0
     result = json.loads((work / "out" / doc["name"] / "final" / "result.json").read_text())
-    steps, trials, pruned = service_steps(work / f"{doc['name']}.db", land)
+    steps, trials, pruned, diverged = service_steps(work / f"{doc['name']}.db", land)
     final_config = TrainConfig.from_dict(result["config"])
     return {
         "method": variant,
@@ -624,24 +633,28 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
         "final_steps": result["n_seeds"] * final_config.total_steps(result["split"]["train"]),
         "trials": trials,
         "pruned": pruned,
+        "diverged": diverged,
         "wall": wall,
     }
 
 
-def service_steps(db: Path, land: Landscape) -> tuple[int, int, int]:
-    """(steps, trials, pruned) over every trial of every study in the service's database:
+def service_steps(db: Path, land: Landscape) -> tuple[int, int, int, int]:
+    """(steps, trials, pruned, diverged) over every trial of every study in the service's database:
     ``epochs_run`` x the trial's steps per epoch (diverged and pruned ones included)."""
     storage = f"sqlite:///{db}"
     n_train = splits_of(land).train.n
-    steps = trials = pruned = 0
+    steps = trials = pruned = diverged = 0
     for name in optuna.get_all_study_names(storage=storage):
         study = optuna.load_study(study_name=name, storage=storage)
         for t in study.get_trials(deepcopy=False):
             batch = int(t.params.get("batch_size", land.training.get("batch_size", 100)))
             steps += round(float(t.user_attrs.get("epochs_run") or 0.0) * (n_train // batch))
             trials += 1
-            pruned += t.state == optuna.trial.TrialState.PRUNED
-    return steps, trials, pruned
+            diverged += bool(t.user_attrs.get("diverged"))
+            pruned += t.state == optuna.trial.TrialState.PRUNED and not t.user_attrs.get(
+                "diverged"
+            )
+    return steps, trials, pruned, diverged
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -840,7 +853,8 @@ def _fmt(params: dict[str, Any]) -> str:
 def _run_line(rec: dict[str, Any], full: int) -> str:
     return (
         f"   run {rec['run']:>2} {rec['method']:<12} {rec['trials']:>3} trials "
-        f"({rec['pruned']} pruned), {rec['steps'] / full:5.1f} trial-equivalents, "
+        f"({rec['pruned']} pruned, {rec['diverged']} diverged), "
+        f"{rec['steps'] / full:5.1f} trial-equivalents, "
         f"{rec['wall']:4.0f} s; chose {_fmt(rec['params'])} (estimate "
         f"{100 * rec['estimate']:.2f}%)"
     )
