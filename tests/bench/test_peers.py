@@ -19,7 +19,7 @@ def test_quick_mode_scores_every_method_with_finite_regrets_at_the_services_budg
     assert peers.main(["--quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     tiny = out["landscapes"]["tiny"]
-    expected = set(peers.METHODS) - set(tiny["skipped"])
+    expected = set(peers.DEFAULT_METHODS) - set(tiny["skipped"])
     # gp is the only method that may be skipped, and only without torch.
     assert set(tiny["skipped"]) <= {"gp"}
     assert set(tiny["methods"]) == expected
