@@ -709,8 +709,14 @@ def paired(records: dict[str, list[dict[str, Any]]], base: str) -> dict[str, dic
         diffs = [mine[r["run"]] - r["regret"] for r in rows if r["run"] in mine]
         if diffs:
             mean, lo, hi = t_interval(diffs)
-            wins = sum(d < 0 for d in diffs)
-            out[method] = {"n": len(diffs), "mean": mean, "low": lo, "high": hi, "base_wins": wins}
+            out[method] = {
+                "n": len(diffs),
+                "mean": mean,
+                "low": lo,
+                "high": hi,
+                "base_wins": sum(d < 0 for d in diffs),
+                "base_losses": sum(d > 0 for d in diffs),
+            }
     return out
 
 
@@ -910,8 +916,8 @@ def print_tables(name: str, res: dict[str, Any], log: Callable[[str], None]) -> 
     for method, d in res["paired"].items():
         ci = "n < 2" if math.isnan(d["low"]) else f"[{d['low']:+.2f}, {d['high']:+.2f}]"
         log(
-            f"    vs {method:<13} {d['mean']:+.2f} {ci}  ({base} better in {d['base_wins']} "
-            f"of {d['n']})"
+            f"    vs {method:<20} {d['mean']:+.2f} {ci}  ({base} better in {d['base_wins']}, "
+            f"worse in {d['base_losses']} of {d['n']})"
         )
 
 
