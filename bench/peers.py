@@ -927,8 +927,8 @@ def draw(results: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items(), strict=True):
-        for i, (method, m) in enumerate(res["methods"].items()):
-            color = f"C{i}"
+        for method, m in res["methods"].items():
+            color = plt.get_cmap("tab20")(METHODS.index(method))  # the same in every panel
             xs = [100 * r["compute"] for r in m["runs"]]
             ys = [r["regret"] for r in m["runs"]]
             ax.scatter(xs, ys, s=14, alpha=0.4, color=color)
