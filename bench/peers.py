@@ -642,6 +642,7 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
         "params": result["params"],
         "estimate": result["search_val_acc"]["mean"],
         "estimate_n": result["search_val_acc"]["n"],
+        "chosen_from": result["study"],  # the fine study's name, or the coarse one's
         "steps": steps,
         "final_steps": result["n_seeds"] * final_config.total_steps(result["split"]["train"]),
         "trials": trials,
