@@ -1,0 +1,1024 @@
+"""Search quality against peers: coarse2fine side by side with Optuna at the same compute.
+
+For each landscape (a dataset, a network, a schedule and a search space) and each run
+seed r, every method searches the same space, trains the same network
+(:class:`model.network.Network`, :func:`model.train.fit`, :mod:`model.data`) with the
+same schedule, and is held to the same budget in training steps:
+
+- ``c2f``: the service as shipped, through its own commands on a generated study file
+  (``python -m search.coarse --study F``, then ``search.fine``, then ``search.final``);
+  its choice and its own estimate (the search mean) come from final's ``result.json``,
+  its steps from every trial in its database (``epochs_run`` x steps per epoch). Its
+  search steps are the budget of run r; final's retraining is counted apart.
+- ``c2f-off``: the same with its mechanisms off (a seed per trial, no replicates,
+  fine ranges around the top-k single runs, no pruning); its own compute. One at a time:
+  ``--methods c2f c2f-per-trial-seeds c2f-no-replicates c2f-top-k-narrowing c2f-no-pruning``.
+- ``tpe``, ``tpe-median``, ``gp``, ``random``: Optuna samplers seeded with r, the best
+  single trial chosen; trials until the next one would pass the budget (a pruned or
+  diverged trial costs the steps it ran). ``tpe-median`` prunes with Optuna's
+  MedianPruner (its defaults) at every evaluation point; ``gp`` needs torch.
+- ``tpe-wilcoxon``: WilcoxonPruner compares trials instance by instance, so it applies
+  to an objective that is a mean over instances: here a trial is the mean final
+  validation accuracy over WILCOXON_SEEDS training seeds (the same seeds in every trial,
+  so they pair), reported seed by seed. Over the evaluation points of one run it does
+  not apply: they are not exchangeable instances (a cyclical schedule puts them at
+  different learning rates).
+
+The truth: every choice (and every point of a grid over the space, cached under
+``bench/cache/``) is trained again with the search's settings on seeds no search used
+(from SCORE_SEED) and scored by its mean TEST accuracy. Regret = the best known test mean
+(the best grid point, or a chosen configuration if one beat it) minus the choice's, in
+points. Optimism = the method's own estimate of its choice minus that truth.
+
+    python -m bench.peers [--landscape fashion] [--runs 10] [--json] [--figure F.png]
+    python -m bench.peers --quick          # a tiny digits landscape, one run: a smoke test
+
+Asserts nothing; prints a table per landscape and the paired differences with 95% CIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from model import data as data_mod
+from model.network import Network
+from model.train import TrainConfig, TrainingDiverged, fit
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench" / "cache"
+CIFAR_DIR = REPO.parent / "shared" / "data" / "cifar-10-batches-py"
+NETWORK_FIELDS = ("hidden", "batch_norm", "init", "sigma", "bn_alpha")
+SCORE_SEED = 1_000_000  # truth seeds: SCORE_SEED + k; every search seed stays below it
+PEER_SEED_STRIDE = 1000  # a peer's trial n of run r trains with seed r * 1000 + n
+WILCOXON_SEEDS = 5  # instances per trial: with 4 paired losses Wilcoxon's p can reach 0.0625
+# Bumped when a method's code changes: runs stored by an earlier version are not reused.
+RUNS_VERSION = 2
+# One mechanism off at a time (opt-in with --methods: each costs a service run).
+ABLATIONS = {
+    "c2f-per-trial-seeds": {"optuna": {"seed_mode": "per_trial"}},
+    "c2f-no-replicates": {"coarse": {"replicates": 1}, "fine": {"replicates": 1}},
+    "c2f-top-k-narrowing": {"fine": {"narrow": "top_k"}},
+    "c2f-no-pruning": {"optuna": {"pruner": "none"}},
+}
+SERVICE = ("c2f", "c2f-off", *ABLATIONS)
+PEERS = ("tpe", "tpe-median", "tpe-wilcoxon", "gp", "random")
+METHODS = SERVICE + PEERS
+DEFAULT_METHODS = ("c2f", "c2f-off", *PEERS)
+LABELS = {
+    "c2f": "coarse2fine as shipped",
+    "c2f-off": "coarse2fine, mechanisms off",
+    "c2f-per-trial-seeds": "coarse2fine, a seed per trial",
+    "c2f-no-replicates": "coarse2fine, no replicates",
+    "c2f-top-k-narrowing": "coarse2fine, top-k narrowing",
+    "c2f-no-pruning": "coarse2fine, no pruning",
+    "tpe": "Optuna TPE, no pruning",
+    "tpe-median": "Optuna TPE + MedianPruner",
+    "tpe-wilcoxon": f"Optuna TPE + WilcoxonPruner ({WILCOXON_SEEDS} seeds/trial)",
+    "gp": "Optuna GPSampler",
+    "random": "random search",
+}
+# The ablation: each of the service's mechanisms off at once.
+MECHANISMS_OFF = {
+    "optuna": {"seed_mode": "per_trial", "pruner": "none"},
+    "coarse": {"replicates": 1},
+    "fine": {"replicates": 1, "narrow": "top_k"},
+}
+
+
+# ----------------------------------------------------------------------------- the space
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter, in the study files' [search] grammar.
+
+    ``kind``: "log" (``name = [low, high]``), "float" (``{low, high, log, step}``),
+    "int" (``{int = [low, high], log = ...}``) or "choice" (``{choice = [...]}``).
+    ``grid``: points per axis on the ground-truth grid (a choice uses all its values).
+    """
+
+    name: str
+    kind: str
+    low: float = 0.0
+    high: float = 1.0
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    grid: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("log", "float", "int", "choice"):
+            raise ValueError(f"kind must be log, float, int or choice, got kind={self.kind!r}")
+        if self.kind == "choice" and not self.choices:
+            raise ValueError(
+                f"a choice needs choices, got choices={self.choices!r} for {self.name}"
+            )
+        if self.kind != "choice" and not self.low < self.high:
+            raise ValueError(f"{self.name}: low must be < high, got {self.low!r}, {self.high!r}")
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "log":
+            return trial.suggest_float(self.name, self.low, self.high, log=True)
+        if self.kind == "float":
+            return trial.suggest_float(
+                self.name, self.low, self.high, log=self.log, step=self.step
+            )
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def toml(self) -> Any:
+        """The [search] entry of a study file."""
+        if self.kind == "log":
+            return [self.low, self.high]
+        if self.kind == "float":
+            entry: dict[str, Any] = {"low": self.low, "high": self.high}
+            if self.log:
+                entry["log"] = True
+            if self.step is not None:
+                entry["step"] = self.step
+            return entry
+        if self.kind == "int":
+            return {"int": [int(self.low), int(self.high)], "log": self.log}
+        return {"choice": list(self.choices)}
+
+    def axis(self) -> list[Any]:
+        """The grid's values along this parameter."""
+        if self.kind == "choice":
+            return list(self.choices)
+        log = self.kind == "log" or self.log
+        values = (
+            np.geomspace(self.low, self.high, self.grid)
+            if log
+            else np.linspace(self.low, self.high, self.grid)
+        )
+        if self.kind == "int":
+            return sorted({int(round(v)) for v in values})
+        return [float(v) for v in values]
+
+
+@dataclass(frozen=True)
+class Landscape:
+    """A dataset, a network, a schedule and a search space; how the truth is measured
+    (grid and score seeds) and how the service is set up on it (its study-file tables)."""
+
+    name: str
+    description: str
+    data: dict[str, Any]
+    network: dict[str, Any]
+    training: dict[str, Any]
+    space: tuple[Param, ...]
+    score_seeds: int = 3
+    coarse: dict[str, Any] = field(default_factory=dict)
+    fine: dict[str, Any] = field(default_factory=dict)
+    optuna: dict[str, Any] = field(default_factory=dict)
+    # digits are shuffled with the study's seed: the service's run r searches split r.
+    split_follows_seed: bool = False
+
+    def key(self) -> str:
+        """A digest of everything the truth depends on: names the grid's cache file."""
+        doc = {
+            "data": self.data,
+            "network": self.network,
+            "training": self.training,
+            "space": [dataclasses.asdict(p) for p in self.space],
+            "score_seeds": self.score_seeds,
+            "version": 1,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def config(self, params: dict[str, Any], seed: int) -> TrainConfig:
+        values = {**self.training, **{k: v for k, v in params.items() if k not in NETWORK_FIELDS}}
+        return TrainConfig.from_dict({**values, "seed": seed})
+
+    def net_args(self, params: dict[str, Any]) -> dict[str, Any]:
+        args = {**self.network, **{k: v for k, v in params.items() if k in NETWORK_FIELDS}}
+        args["hidden"] = tuple(args.get("hidden", (50,)))
+        return args
+
+    def runs_key(self) -> str:
+        """A digest of what a search's record depends on: names the file of stored runs."""
+        doc = {
+            "truth": self.key(),
+            "stages": [self.coarse, self.fine, self.optuna],
+            "peers": [WILCOXON_SEEDS, PEER_SEED_STRIDE, MECHANISMS_OFF, RUNS_VERSION],
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def grid(self) -> list[dict[str, Any]]:
+        points: list[dict[str, Any]] = [{}]
+        for p in self.space:
+            points = [{**pt, p.name: v} for pt in points for v in p.axis()]
+        return points
+
+    def nominal_trials(self) -> int:
+        """Trials (replicates included) the service's coarse and fine stages would run
+        unpruned: the budget when the service cannot run the landscape yet."""
+        c, f = self.coarse, self.fine
+        return (
+            c["trials"]
+            + (c.get("replicates", 3) - 1) * c.get("replicate_top", 3)
+            + f["trials"]
+            + (f.get("replicates", 3) - 1) * f.get("replicate_top", 3)
+        )
+
+
+LOG_LAMBDA = Param("l2_lambda", "log", 1e-5, 1e-1, grid=6)
+LOG_ETA_MAX = Param("eta_max", "log", 1e-3, 1.0, grid=6)
+SERVICE_STAGES = {
+    "coarse": {"trials": 12, "replicates": 3, "replicate_top": 2},
+    "fine": {"trials": 8, "top_k": 3, "margin": 0.3, "replicates": 2, "replicate_top": 2},
+    "optuna": {"pruner": "percentile", "warmup_cycles": 1.0, "n_startup_trials": 5},
+}
+
+LANDSCAPES = {
+    "fashion": Landscape(
+        name="fashion",
+        description="Fashion-MNIST 55,000 / 5,000 / 10,000, [50], lambda x eta_max",
+        data={"name": "fashion_mnist", "dir": data_mod.FASHION_MNIST_DIR},
+        network={"hidden": [50], "batch_norm": False, "init": "he"},
+        training={
+            "batch_size": 100,
+            "schedule": "cyclical",
+            "eta_min": 1e-5,
+            "n_s": 250,
+            "n_cycles": 2,
+            "evals_per_cycle": 4,
+            "train_eval_size": 1000,
+        },
+        space=(LOG_LAMBDA, LOG_ETA_MAX),
+        score_seeds=3,
+        **SERVICE_STAGES,
+    ),
+    "cifar3": Landscape(
+        name="cifar3",
+        description=(
+            "CIFAR-10 subset 4,068 / 1,017 / 1,017, [50, 50] batch norm, lambda x eta_max x rho"
+        ),
+        data={"name": "cifar10", "dir": str(CIFAR_DIR), "split": "all", "n_val": 1017},
+        network={"hidden": [50, 50], "batch_norm": True, "init": "he"},
+        training={
+            "batch_size": 100,
+            "schedule": "cyclical",
+            "eta_min": 1e-5,
+            "n_s": 200,
+            "n_cycles": 1,
+            "evals_per_cycle": 4,
+            "train_eval_size": 1000,
+        },
+        space=(
+            Param("l2_lambda", "log", 1e-5, 1e-1, grid=4),
+            Param("eta_max", "log", 1e-3, 1.0, grid=4),
+            Param("rho", "float", 0.0, 0.99, grid=3),
+        ),
+        score_seeds=5,
+        **SERVICE_STAGES,
+    ),
+    "digits": Landscape(
+        name="digits",
+        description=(
+            "digits 1,197 / 300 / 300, [50], lambda x eta_max x batch_size (int) x batch_norm"
+        ),
+        data={"name": "digits"},
+        network={"hidden": [50], "batch_norm": False, "init": "he"},
+        training={
+            "schedule": "cyclical",
+            "eta_min": 1e-5,
+            "n_s": 100,
+            "n_cycles": 2,
+            "evals_per_cycle": 4,
+        },
+        space=(
+            Param("l2_lambda", "log", 1e-5, 1e-1, grid=3),
+            Param("eta_max", "log", 1e-3, 1.0, grid=4),
+            Param("batch_size", "int", 16, 128, log=True, grid=2),
+            Param("batch_norm", "choice", choices=(False, True)),
+        ),
+        score_seeds=5,
+        split_follows_seed=True,
+        **SERVICE_STAGES,
+    ),
+    # --quick: seconds, for a smoke test of the whole pipeline.
+    "tiny": Landscape(
+        name="tiny",
+        description="digits, [20], 40 steps a trial, lambda x eta_max (smoke test)",
+        data={"name": "digits"},
+        network={"hidden": [20], "batch_norm": False, "init": "he"},
+        training={
+            "batch_size": 50,
+            "schedule": "cyclical",
+            "eta_min": 1e-4,
+            "n_s": 20,
+            "n_cycles": 1,
+            "evals_per_cycle": 2,
+        },
+        space=(
+            Param("l2_lambda", "log", 1e-4, 1e-1, grid=3),
+            Param("eta_max", "log", 1e-2, 0.5, grid=3),
+        ),
+        score_seeds=2,
+        coarse={"trials": 4, "replicates": 2, "replicate_top": 1},
+        fine={"trials": 3, "top_k": 2, "margin": 0.3, "replicates": 1, "replicate_top": 1},
+        optuna={"pruner": "percentile", "warmup_cycles": 0.5, "n_startup_trials": 2},
+        split_follows_seed=True,
+    ),
+}
+DEFAULT_LANDSCAPES = ("fashion", "digits", "cifar3")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+_SPLITS: dict[str, data_mod.Splits] = {}
+
+
+def splits_of(land: Landscape) -> data_mod.Splits:
+    """The landscape's data, loaded and normalised as the service prepares it (split seed 0)."""
+    if land.name not in _SPLITS:
+        d = land.data
+        _SPLITS[land.name] = data_mod.load(
+            d["name"], d.get("dir"), split=d.get("split", "batch1"), n_val=d.get("n_val")
+        )
+    return _SPLITS[land.name]
+
+
+def trial_steps(land: Landscape) -> int:
+    """Training steps of one full trial (n_s in steps: the same for every batch size)."""
+    return land.config({}, 0).total_steps(splits_of(land).train.n)
+
+
+def train(
+    land: Landscape,
+    params: dict[str, Any],
+    seed: int,
+    *,
+    on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[Network, float]:
+    """Train the landscape's network with ``params`` and ``seed``: (network, final val acc).
+
+    Raises TrainingDiverged as :func:`model.train.fit` does.
+    """
+    splits = splits_of(land)
+    config = land.config(params, seed)
+    net = Network(
+        splits.train.d, n_classes=splits.train.n_classes, seed=seed, **_net(land, params)
+    )
+    history = fit(net, splits, config, on_evaluate=on_evaluate)
+    value = history.final["val_acc"]
+    return net, value if math.isfinite(value) else 0.0
+
+
+def _net(land: Landscape, params: dict[str, Any]) -> dict[str, Any]:
+    args = land.net_args(params)
+    return {"hidden": args.pop("hidden"), **args}
+
+
+def test_accuracy(job: tuple[str, str, int]) -> float:
+    """Test accuracy of one truth run (``(landscape, params JSON, seed)``, for a pool);
+    a diverged run scores chance."""
+    name, params_json, seed = job
+    land = LANDSCAPES[name]
+    params = json.loads(params_json)
+    splits = splits_of(land)
+    try:
+        net, _ = train(land, params, seed)
+    except TrainingDiverged:
+        return 1.0 / splits.train.n_classes
+    lam = float(params.get("l2_lambda", land.training.get("l2_lambda", 0.0)))
+    acc = net.evaluate(splits.test.X, splits.test.y, l2_lambda=lam)["accuracy"]
+    return acc if math.isfinite(acc) else 1.0 / splits.train.n_classes
+
+
+# ----------------------------------------------------------------------------- the truth
+
+
+def params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+class Truth:
+    """Multi-seed test means of configurations, cached in ``bench/cache/``."""
+
+    def __init__(self, land: Landscape, *, cache_dir: Path, mapper: Callable) -> None:
+        self.land = land
+        self.path = cache_dir / f"peers-{land.name}-{land.key()[:12]}.json"
+        self.map = mapper
+        self.scores: dict[str, float] = {}
+        if self.path.is_file():
+            self.scores = json.loads(self.path.read_text())["scores"]
+
+    def seeds(self) -> list[int]:
+        return [SCORE_SEED + k for k in range(self.land.score_seeds)]
+
+    def score(self, configs: Iterable[dict[str, Any]]) -> list[float]:
+        """Each configuration's mean test accuracy over the score seeds (trained once)."""
+        configs = list(configs)
+        todo = sorted({params_key(c) for c in configs} - set(self.scores))
+        jobs = [(self.land.name, k, s) for k in todo for s in self.seeds()]
+        accs = list(self.map(test_accuracy, jobs))
+        n = len(self.seeds())
+        for i, k in enumerate(todo):
+            self.scores[k] = statistics.fmean(accs[i * n : (i + 1) * n])
+        if todo:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"landscape": self.land.name, "scores": self.scores}))
+            os.replace(tmp, self.path)
+        return [self.scores[params_key(c)] for c in configs]
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def make_sampler(method: str, seed: int) -> optuna.samplers.BaseSampler:
+    if method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if method == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(method: str) -> optuna.pruners.BasePruner:
+    if method == "tpe-median":
+        return optuna.pruners.MedianPruner()
+    if method == "tpe-wilcoxon":
+        with warnings.catch_warnings():  # experimental since Optuna 3.6: known
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner()
+    return optuna.pruners.NopPruner()
+
+
+def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
+    """One peer's search: ``(landscape, method, run, budget in steps)`` -> its record."""
+    name, method, run, budget = job
+    land = LANDSCAPES[name]
+    full = trial_steps(land)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", sampler=make_sampler(method, run), pruner=make_pruner(method)
+    )
+    spent = 0
+    t0 = time.perf_counter()
+    seeds = [run * PEER_SEED_STRIDE + PEER_SEED_STRIDE - 1 - k for k in range(WILCOXON_SEEDS)]
+
+    def curve_objective(trial: optuna.Trial) -> float:
+        nonlocal spent
+        params = {p.name: p.suggest(trial) for p in land.space}
+        last = 0
+
+        def on_evaluate(step: int, metrics: dict[str, float]) -> None:
+            nonlocal last
+            last = step
+            trial.report(metrics["val_acc"], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+        try:
+            _, value = train(
+                land, params, run * PEER_SEED_STRIDE + trial.number, on_evaluate=on_evaluate
+            )
+        except TrainingDiverged as exc:
+            # What a plain user's network returns once its loss is NaN: chance. A completed
+            # trial, so that every sampler learns the region is bad (GPSampler ignores pruned
+            # trials and would sample there again and again).
+            spent += exc.step + 1
+            trial.set_user_attr("diverged", True)
+            return 1.0 / splits_of(land).train.n_classes
+        except optuna.TrialPruned:
+            spent += last
+            raise
+        spent += full
+        return value
+
+    def wilcoxon_objective(trial: optuna.Trial) -> float:
+        # Optuna's recipe: report each instance's value under its id; when pruned, return
+        # the mean so far (the sampler learns from it) instead of raising TrialPruned.
+        nonlocal spent
+        params = {p.name: p.suggest(trial) for p in land.space}
+        values: list[float] = []
+        for k, seed in enumerate(seeds):
+            if spent + full > budget:
+                break
+            try:
+                _, value = train(land, params, seed)
+                spent += full
+            except TrainingDiverged as exc:
+                spent += exc.step + 1
+                value = 1.0 / splits_of(land).train.n_classes
+                trial.set_user_attr("diverged", True)
+            values.append(value)
+            trial.report(value, k)
+            if trial.should_prune():
+                break
+        trial.set_user_attr("instances", len(values))
+        return statistics.fmean(values) if values else 0.0
+
+    objective = wilcoxon_objective if method == "tpe-wilcoxon" else curve_objective
+    while spent + full <= budget:
+        study.optimize(objective, n_trials=1)
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if method == "tpe-wilcoxon":  # the choice has every instance, as a user would require
+        whole = [t for t in done if t.user_attrs.get("instances") == WILCOXON_SEEDS]
+        done = whole or done
+    if done:
+        best = max(done, key=lambda t: t.value)
+        params, estimate = best.params, best.value
+    else:  # every trial pruned or diverged: the best last reported value
+        best = max(trials, key=lambda t: list(t.intermediate_values.values() or [0.0])[-1])
+        params, estimate = best.params, max(best.intermediate_values.values() or [0.0])
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    diverged = sum(bool(t.user_attrs.get("diverged")) for t in trials)
+    if method == "tpe-wilcoxon":  # a pruned trial returns its mean so far: cut short
+        pruned = sum(t.user_attrs.get("instances", 0) < WILCOXON_SEEDS for t in trials)
+    return {
+        "method": method,
+        "run": run,
+        "params": params,
+        "estimate": estimate,
+        "budget": budget,
+        "steps": spent,
+        "trials": len(trials),
+        "completed": len(done),
+        "pruned": pruned,
+        "diverged": diverged,
+        "wall": time.perf_counter() - t0,
+    }
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+class Pending(Exception):
+    """The service cannot run this landscape yet (its study file is refused)."""
+
+
+def study_doc(land: Landscape, variant: str, run: int) -> dict[str, Any]:
+    """The study file of the service's run ``run`` (``variant``: "c2f" or "c2f-off")."""
+    search = {p.name: p.toml() for p in land.space}
+    network = {k: v for k, v in land.network.items() if k not in search}
+    doc: dict[str, Any] = {
+        "name": f"{variant.replace('-', '_')}_{land.name}_{run}",
+        "data": dict(land.data),
+        "network": network,
+        "training": dict(land.training),
+        "search": search,
+        "coarse": dict(land.coarse),
+        "fine": dict(land.fine),
+        "final": {"seeds": 1, "holdout": 0.2},
+        "optuna": {
+            **land.optuna,
+            "sampler": "tpe",
+            "seed": run,
+            "seed_mode": "shared",
+            "workers": 1,
+        },
+    }
+    changes = MECHANISMS_OFF if variant == "c2f-off" else ABLATIONS.get(variant, {})
+    for table, values in changes.items():
+        doc[table].update(values)
+    return doc
+
+
+def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[str, Any]:
+    """coarse -> fine -> final through the commands; the choice, its estimate and the steps.
+
+    Raises Pending when the study file is refused (a [search] the service cannot read yet).
+    """
+    from search.config.study import StudyDefinitionError, load_spec
+    from tests.search.conftest import dump_toml
+
+    work = root / f"{variant}_{run}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    doc = study_doc(land, variant, run)
+    path = work / "study.toml"
+    path.write_text(dump_toml(doc))
+    try:
+        load_spec(path)
+    except StudyDefinitionError as exc:
+        raise Pending(str(exc).replace(str(path), "study file")) from None
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "C2F_CACHE_DIR": str(CACHE / "prepared"),
+    }
+    t0 = time.perf_counter()
+    with open(work / "log.txt", "w") as log:
+        for stage in ("coarse", "fine", "final"):
+            command = [sys.executable, "-m", f"search.{stage}", "--study", str(path)]
+            code = subprocess.call(command, cwd=work, env=env, stdout=log, stderr=log)
+            if code != 0:
+                tail = (work / "log.txt").read_text().splitlines()[-15:]
+                raise RuntimeError(f"{' '.join(command)} exited {code}:\n" + "\n".join(tail))
+    wall = time.perf_counter() - t0
+    result = json.loads((work / "out" / doc["name"] / "final" / "result.json").read_text())
+    steps, trials, pruned, diverged = service_steps(work / f"{doc['name']}.db", land)
+    final_config = TrainConfig.from_dict(result["config"])
+    return {
+        "method": variant,
+        "run": run,
+        "params": result["params"],
+        "estimate": result["search_val_acc"]["mean"],
+        "estimate_n": result["search_val_acc"]["n"],
+        "chosen_from": result["study"],  # the fine study's name, or the coarse one's
+        "steps": steps,
+        "final_steps": result["n_seeds"] * final_config.total_steps(result["split"]["train"]),
+        "trials": trials,
+        "pruned": pruned,
+        "diverged": diverged,
+        "wall": wall,
+    }
+
+
+def service_steps(db: Path, land: Landscape) -> tuple[int, int, int, int]:
+    """(steps, trials, pruned, diverged) over every trial of every study in the service's database:
+    ``epochs_run`` x the trial's steps per epoch (diverged and pruned ones included)."""
+    storage = f"sqlite:///{db}"
+    n_train = splits_of(land).train.n
+    steps = trials = pruned = diverged = 0
+    for name in optuna.get_all_study_names(storage=storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        for t in study.get_trials(deepcopy=False):
+            batch = int(t.params.get("batch_size", land.training.get("batch_size", 100)))
+            steps += round(float(t.user_attrs.get("epochs_run") or 0.0) * (n_train // batch))
+            trials += 1
+            diverged += bool(t.user_attrs.get("diverged"))
+            pruned += t.state == optuna.trial.TrialState.PRUNED and not t.user_attrs.get(
+                "diverged"
+            )
+    return steps, trials, pruned, diverged
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t confidence interval of paired differences (NaN bounds for n < 2)."""
+    from scipy import stats
+
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    regrets = [r["regret"] for r in rows]
+    return {
+        "runs": len(rows),
+        "mean_regret": statistics.fmean(regrets),
+        "worst_regret": max(regrets),
+        "within_0.5": sum(r <= 0.5 for r in regrets) / len(rows),
+        "within_1": sum(r <= 1.0 for r in regrets) / len(rows),
+        "compute": statistics.fmean(r["compute"] for r in rows),
+        "optimism": statistics.fmean(r["optimism"] for r in rows),
+        "trials": statistics.fmean(r["trials"] for r in rows),
+        "wall": statistics.fmean(r["wall"] for r in rows),
+    }
+
+
+def paired(records: dict[str, list[dict[str, Any]]], base: str) -> dict[str, dict[str, Any]]:
+    """regret(base) - regret(other) per shared run seed: negative means base is better."""
+    mine = {r["run"]: r["regret"] for r in records.get(base, [])}
+    out = {}
+    for method, rows in records.items():
+        if method == base:
+            continue
+        diffs = [mine[r["run"]] - r["regret"] for r in rows if r["run"] in mine]
+        if diffs:
+            mean, lo, hi = t_interval(diffs)
+            out[method] = {
+                "n": len(diffs),
+                "mean": mean,
+                "low": lo,
+                "high": hi,
+                "base_wins": sum(d < 0 for d in diffs),
+                "base_losses": sum(d > 0 for d in diffs),
+            }
+    return out
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def serial_map(fn: Callable, items: Iterable) -> list:
+    return [fn(x) for x in items]
+
+
+def bench_landscape(
+    land: Landscape,
+    *,
+    runs: list[int],
+    methods: list[str],
+    mapper: Callable,
+    root: Path,
+    log: Callable[[str], None],
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Every method on every run seed of one landscape; the truth; the figures."""
+    truth = Truth(land, cache_dir=CACHE, mapper=mapper)
+    full = trial_steps(land)
+    splits = splits_of(land)
+    points = land.grid()
+    t0 = time.perf_counter()
+    grid_scores = truth.score(points)
+    grid_steps = len(points) * land.score_seeds * full
+    best_i = int(np.argmax(grid_scores))
+    log(
+        f"\n== {land.name}: {land.description}\n"
+        f"   {splits.train.n} train / {splits.val.n} val / {splits.test.n} test; "
+        f"{full} steps a trial ({_training(land)})\n"
+        f"   grid: {len(points)} points x {land.score_seeds} seeds = {grid_steps} steps "
+        f"({time.perf_counter() - t0:.0f} s, cached in {truth.path.name}); best "
+        f"{_fmt(points[best_i])}: test {100 * grid_scores[best_i]:.2f}%"
+    )
+    skipped: dict[str, str] = {}
+    if "gp" in methods and importlib.util.find_spec("torch") is None:
+        skipped["gp"] = "torch is not installed (pip install torch): GPSampler needs it"
+    records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods if m not in skipped}
+    nominal = land.nominal_trials() * full
+    store = CACHE / f"peers-{land.name}-{land.runs_key()[:12]}-runs.jsonl"
+    stored = {} if fresh else _stored(store)
+
+    def keep(rec: dict[str, Any], *, new: bool) -> None:
+        records[rec["method"]].append(rec)
+        log(_run_line(rec, full) + ("" if new else " [stored]"))
+        if new:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            with open(store, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    for run in runs:
+        budget = nominal
+        for variant in [m for m in SERVICE if m in records]:
+            if (variant, run) in stored:
+                rec = stored[variant, run]
+            else:
+                try:
+                    rec = run_service(land, variant, run, root=root)
+                except Pending as exc:
+                    skipped[variant] = f"pending: the service refuses this study file ({exc})"
+                    records.pop(variant, None)
+                    continue
+            keep(rec, new=(variant, run) not in stored)
+            if variant == "c2f":
+                budget = rec["steps"]
+        peers = [m for m in PEERS if m in records]
+        for m in peers:
+            if (m, run) in stored and stored[m, run]["budget"] == budget:
+                keep(stored[m, run], new=False)
+        todo = [
+            (land.name, m, run, budget)
+            for m in peers
+            if not ((m, run) in stored and stored[m, run]["budget"] == budget)
+        ]
+        for rec in mapper(run_peer, todo):
+            keep(rec, new=True)
+        chosen = [rec["params"] for rows in records.values() for rec in rows if rec["run"] == run]
+        truth.score(chosen)
+    best_known = max(
+        [
+            *grid_scores,
+            *(
+                truth.scores[params_key(rec["params"])]
+                for rows in records.values()
+                for rec in rows
+            ),
+        ]
+    )
+    for rows in records.values():
+        for rec in rows:
+            true = truth.scores[params_key(rec["params"])]
+            rec["truth"] = true
+            rec["regret"] = 100 * (best_known - true)
+            rec["optimism"] = 100 * (rec["estimate"] - true)
+            rec["compute"] = rec["steps"] / grid_steps
+    records = {m: rows for m, rows in records.items() if rows}
+    if land.split_follows_seed and any(m in records for m in SERVICE):
+        log(
+            f"   note: {land.data['name']} is shuffled with [optuna] seed, so the service's run r "
+            "searched split r; the peers and the truth use split 0"
+        )
+    base = "c2f" if "c2f" in records else "tpe"
+    return {
+        "description": land.description,
+        "settings": {
+            "training": land.training,
+            "network": land.network,
+            "space": {p.name: p.toml() for p in land.space},
+            "trial_steps": full,
+            "service": {"coarse": land.coarse, "fine": land.fine, "optuna": land.optuna},
+            "nominal_budget_steps": nominal,
+            "score_seeds": truth.seeds(),
+        },
+        "grid": {
+            "points": len(points),
+            "steps": grid_steps,
+            "best": points[best_i],
+            "best_test": grid_scores[best_i],
+            "best_known_test": best_known,
+        },
+        "skipped": skipped,
+        "methods": {m: {"summary": summarise(rows), "runs": rows} for m, rows in records.items()},
+        "paired_base": base,
+        "paired": paired(records, base),
+    }
+
+
+def _stored(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Records of earlier invocations with the same settings, by (method, run)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+            rec = json.loads(line)
+            out[rec["method"], rec["run"]] = rec
+    return out
+
+
+def _training(land: Landscape) -> str:
+    return ", ".join(f"{k} {v}" for k, v in land.training.items())
+
+
+def _fmt(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def _run_line(rec: dict[str, Any], full: int) -> str:
+    return (
+        f"   run {rec['run']:>2} {rec['method']:<12} {rec['trials']:>3} trials "
+        f"({rec['pruned']} pruned, {rec['diverged']} diverged), "
+        f"{rec['steps'] / full:5.1f} trial-equivalents, "
+        f"{rec['wall']:4.0f} s; chose {_fmt(rec['params'])} (estimate "
+        f"{100 * rec['estimate']:.2f}%)"
+    )
+
+
+def print_tables(name: str, res: dict[str, Any], log: Callable[[str], None]) -> None:
+    log(f"\n{name}: {res['description']}")
+    g = res["grid"]
+    log(
+        f"  best grid point {_fmt(g['best'])}: {100 * g['best_test']:.2f}%; best known "
+        f"{100 * g['best_known_test']:.2f}% (regrets are against it)"
+    )
+    log(
+        "  regret, optimism (estimate - truth): test accuracy points; <=0.5, <=1: runs within; "
+        "compute: training steps, % of the grid's"
+    )
+    log(
+        f"  {'method':<42} {'runs':>4} {'mean regret':>11} {'worst':>6} {'<=0.5':>6} "
+        f"{'<=1':>5} {'compute':>8} {'optimism':>8} {'trials':>6} {'s/run':>6}"
+    )
+    for method, m in res["methods"].items():
+        s = m["summary"]
+        log(
+            f"  {LABELS[method]:<42} {s['runs']:>4} {s['mean_regret']:>11.2f} "
+            f"{s['worst_regret']:>6.2f} {100 * s['within_0.5']:>5.0f}% "
+            f"{100 * s['within_1']:>4.0f}% {100 * s['compute']:>7.1f}% "
+            f"{s['optimism']:>+8.2f} {s['trials']:>6.1f} {s['wall']:>6.0f}"
+        )
+    finals = [r["final_steps"] for r in res["methods"].get("c2f", {}).get("runs", [])]
+    if finals:
+        log(
+            f"  (c2f's final retrains its choice: {statistics.fmean(finals):.0f} more steps a "
+            "run, outside the budget; every choice is retrained the same way for the truth)"
+        )
+    for method, why in res["skipped"].items():
+        log(f"  {LABELS[method]:<42} skipped: {why}")
+    base = res["paired_base"]
+    if res["paired"]:
+        log(f"  paired regret difference, {base} minus peer (negative: {base} better), 95% CI:")
+    for method, d in res["paired"].items():
+        ci = "n < 2" if math.isnan(d["low"]) else f"[{d['low']:+.2f}, {d['high']:+.2f}]"
+        log(
+            f"    vs {method:<20} {d['mean']:+.2f} {ci}  ({base} better in {d['base_wins']}, "
+            f"worse in {d['base_losses']} of {d['n']})"
+        )
+
+
+def draw(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Regret against compute, one panel per landscape: each run, and each method's mean."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+        for method, m in res["methods"].items():
+            color = plt.get_cmap("tab20")(METHODS.index(method))  # the same in every panel
+            xs = [100 * r["compute"] for r in m["runs"]]
+            ys = [r["regret"] for r in m["runs"]]
+            ax.scatter(xs, ys, s=14, alpha=0.4, color=color)
+            s = m["summary"]
+            ax.scatter(
+                [100 * s["compute"]],
+                [s["mean_regret"]],
+                s=90,
+                color=color,
+                edgecolor="black",
+                label=method,
+            )
+        ax.set_title(f"{name}: regret against compute")
+        ax.set_xlabel("training steps, % of the grid's")
+        ax.set_ylabel("regret (test accuracy points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n")[0])
+    p.add_argument("--landscape", nargs="+", choices=list(LANDSCAPES), default=None)
+    p.add_argument("--runs", type=int, default=None, help="paired runs (seeds 0..N-1); 10")
+    p.add_argument("--first-run", type=int, default=0, help="seed of the first run")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(DEFAULT_METHODS),
+        help=f"default: {' '.join(DEFAULT_METHODS)}; one mechanism off: {' '.join(ABLATIONS)}",
+    )
+    p.add_argument("--quick", action="store_true", help="the tiny landscape, one run")
+    p.add_argument("--jobs", type=int, default=1, help="processes for peers and the truth")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore the runs stored in bench/cache/ by earlier calls",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON, last line")
+    p.add_argument("--figure", type=Path, default=None, help="PNG of regret against compute")
+    args = p.parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        raise SystemExit(f"error: --runs must be >= 1, got {args.runs}")
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
+    names = args.landscape or (["tiny"] if args.quick else list(DEFAULT_LANDSCAPES))
+    n_runs = args.runs or (1 if args.quick else 10)
+    runs = list(range(args.first_run, args.first_run + n_runs))
+    log = print if not args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    results: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = stack.enter_context(ProcessPoolExecutor(args.jobs))
+            mapper: Callable = pool.map
+        else:
+            mapper = serial_map
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="c2f-peers-")))
+        for name in names:
+            t0 = time.perf_counter()
+            land = LANDSCAPES[name]
+            res = bench_landscape(
+                land,
+                runs=runs,
+                methods=args.methods,
+                mapper=mapper,
+                root=root,
+                log=log,
+                fresh=args.fresh,
+            )
+            res["wall"] = time.perf_counter() - t0
+            results[name] = res
+            print_tables(name, res, log)
+            log(f"  ({res['wall']:.0f} s)")
+    if args.figure is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        draw(results, args.figure)
+        log(f"wrote {args.figure}")
+    if args.json:
+        print(json.dumps({"runs": runs, "landscapes": results}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+import json
+import math
+
+import pytest
+
+from bench import peers
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The truth and the stored runs in a fresh directory, not the repository's cache."""
+    monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_quick_mode_scores_every_method_with_finite_regrets_at_the_services_budget_and_stores_them(
+    cache, capsys
+):
+    assert peers.main(["--quick", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tiny = out["landscapes"]["tiny"]
+    expected = set(peers.DEFAULT_METHODS) - set(tiny["skipped"])
+    # gp is the only method that may be skipped, and only without torch.
+    assert set(tiny["skipped"]) <= {"gp"}
+    assert set(tiny["methods"]) == expected
+    budget = tiny["methods"]["c2f"]["runs"][0]["steps"]
+    full = tiny["settings"]["trial_steps"]
+    for method, m in tiny["methods"].items():
+        (run,) = m["runs"]
+        assert math.isfinite(run["regret"]) and run["regret"] >= 0, method
+        assert math.isfinite(run["optimism"]), method
+        if method in peers.PEERS:
+            # the service's budget, spent until one more full trial would not fit
+            assert run["budget"] == budget
+            assert budget - full < run["steps"] <= budget, method
+    assert set(tiny["paired"]) == expected - {"c2f"}
+    # A second call reuses the stored runs and the cached truth: nothing trains again.
+    assert peers.main(["--quick"]) == 0
+    assert capsys.readouterr().out.count("[stored]") == len(expected)
+    assert len(list(cache.glob("peers-tiny-*-runs.jsonl"))) == 1
+
+
+def test_a_landscape_the_service_cannot_read_yet_is_pending_and_the_peers_still_run(
+    cache, capsys, monkeypatch
+):
+    tiny = peers.LANDSCAPES["tiny"]
+    choice = peers.Param("init", "choice", choices=("he", "xavier"))
+    monkeypatch.setitem(
+        peers.LANDSCAPES, "tiny", peers.dataclasses.replace(tiny, space=(*tiny.space, choice))
+    )
+    assert peers.main(["--quick", "--methods", "c2f", "tpe", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["landscapes"]["tiny"]
+    assert res["skipped"]["c2f"].startswith("pending")
+    assert list(res["methods"]) == ["tpe"]
+    # without the service's run, the peers get the service's nominal budget
+    assert res["methods"]["tpe"]["runs"][0]["budget"] == tiny.nominal_trials() * 40
+
+
+def test_the_grid_covers_every_value_of_a_choice_and_distinct_integers():
+    space = (
+        peers.Param("batch_size", "int", 16, 128, log=True, grid=5),
+        peers.Param("batch_norm", "choice", choices=(False, True)),
+    )
+    land = peers.dataclasses.replace(peers.LANDSCAPES["digits"], space=space)
+    points = land.grid()
+    assert {p["batch_norm"] for p in points} == {False, True}
+    sizes = sorted({p["batch_size"] for p in points})
+    assert sizes[0] == 16 and sizes[-1] == 128 and len(sizes) == len(points) // 2
