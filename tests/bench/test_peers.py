@@ -40,11 +40,12 @@ def test_quick_mode_scores_every_method_with_finite_regrets_at_the_services_budg
     assert len(list(cache.glob("peers-tiny-*-runs.jsonl"))) == 1
 
 
-def test_a_landscape_the_service_cannot_read_yet_is_pending_and_the_peers_still_run(
+def test_a_landscape_the_service_refuses_is_pending_and_the_peers_still_run(
     cache, capsys, monkeypatch
 ):
     tiny = peers.LANDSCAPES["tiny"]
-    choice = peers.Param("init", "choice", choices=("he", "xavier"))
+    # A setting the service does not search (it refuses the study file): the peers still run.
+    choice = peers.Param("evals_per_cycle", "int", 2, 4)
     monkeypatch.setitem(
         peers.LANDSCAPES, "tiny", peers.dataclasses.replace(tiny, space=(*tiny.space, choice))
     )
