@@ -457,7 +457,11 @@ def draw_final(
         ax.set_xlabel("update step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines or ax.collections:
+            ax.set_title(f"{label}, over the final seeds", fontsize=10)
+            ax.legend(fontsize=8)
+        else:  # a user's function that reports no loss
+            ax.set_title(f"{label}: not reported by the training function", fontsize=10)
     fig.suptitle(title)
     return _save(fig, path)
 
