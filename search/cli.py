@@ -294,6 +294,25 @@ def finish(spec: StudySpec, study: optuna.Study, space: dict[str, Range], k: int
     return bool(best)
 
 
+def end_stage(
+    spec: StudySpec,
+    study: optuna.Study,
+    space: dict[str, Range],
+    args: argparse.Namespace,
+    *,
+    next_name: str,
+    replicates: int,
+) -> None:
+    """How a search stage ends: its best configurations, the dashboard's note, ``next:``
+    (the note and the next command only when something completed)."""
+    if finish(spec, study, space):
+        from search.reporting.note import study_note, write_note
+
+        next_command_text = next_command(next_name, args)
+        write_note(study, study_note(study, replicates=replicates, next_command=next_command_text))
+        next_step(next_name, args)
+
+
 def debugging(argv: Sequence[str] | None) -> bool:
     """Whether errors show their traceback: ``--debug`` or ``C2F_DEBUG=1``."""
     args = sys.argv[1:] if argv is None else argv

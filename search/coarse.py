@@ -8,7 +8,6 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 from search import cli
-from search.reporting.note import study_note, write_note
 from search.sweep import stage
 
 
@@ -23,12 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     target = args.trials or spec.coarse_trials
     study = stage.run_stage(spec, "coarse", target=target, space=dict(spec.search))
-    if cli.finish(spec, study, spec.search):
-        text = study_note(
-            study, replicates=spec.coarse.replicates, next_command=cli.next_command("fine", args)
-        )
-        write_note(study, text)
-        cli.next_step("fine", args)
+    cli.end_stage(
+        spec, study, spec.search, args, next_name="fine", replicates=spec.coarse.replicates
+    )
     return 0
 
 

@@ -17,7 +17,6 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 from search import cli
-from search.reporting.note import study_note, write_note
 from search.sweep import stage
 from search.sweep.narrowing import plan_fine
 
@@ -47,12 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         enqueue=plan.starts,
         attrs=plan.attrs,
     )
-    if cli.finish(spec, study, plan.ranges):
-        text = study_note(
-            study, replicates=spec.fine.replicates, next_command=cli.next_command("final", args)
-        )
-        write_note(study, text)
-        cli.next_step("final", args)
+    cli.end_stage(
+        spec, study, plan.ranges, args, next_name="final", replicates=spec.fine.replicates
+    )
     return 0
 
 
