@@ -12,20 +12,18 @@ import os
 import signal
 import sys
 import traceback
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import optuna
-from optuna.trial import TrialState
 
 from search.config.space import Range
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.prepared import CacheWriteError
-from search.sweep.workers import bookkeeping
+from search.sweep.standing import failure_reasons
 from search.sweep.workers.pool import WorkersFailed, check_workers
 from search.sweep.workers.signals import (
     STOP_SIGNALS,
@@ -259,21 +257,6 @@ def next_step(name: str, args: argparse.Namespace, extra: str = "") -> None:
 
 class StageFailed(RuntimeError):
     """Every trial of a stage failed: nothing to go on with."""
-
-
-def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
-    """The ``k`` most common reasons of the study's FAILed trials, with their counts.
-
-    Trials failed by the sweep itself (re-queued after an interrupt or a lost
-    worker, or retired as not needed) are not failures of the settings
-    (:mod:`search.sweep.workers.bookkeeping`).
-    """
-    reasons = Counter(
-        str(t.user_attrs.get("reason", "no reason recorded")).splitlines()[0][:200]
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if bookkeeping.kind(t) is None
-    )
-    return reasons.most_common(k)
 
 
 def finish(spec: StudySpec, study: optuna.Study, space: dict[str, Range], k: int = 10) -> bool:

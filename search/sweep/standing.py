@@ -1,0 +1,146 @@
+"""Where a study stands: trials per state, its best configuration, whether its workers
+live, its real failures and where they were raised; what ``search.status`` shows.
+
+A study is ``running`` if a RUNNING trial's worker is alive (the rule every worker's
+reaper uses, :func:`search.sweep.workers.lost.lost_reason`), ``stale`` if RUNNING
+trials have no live worker, ``done`` when its finished search trials reach the
+target, ``incomplete`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.sweep import replicates as rep
+from search.sweep import studies as st
+from search.sweep.workers import bookkeeping, lost
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    name: str
+    counts: dict[str, int]
+    target: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    alive: int
+    stale: int
+    verdict: str
+    failures: tuple[tuple[str, int], ...] = ()
+    best_sd: float | None = None  # over the best configuration's seeds
+    best_n: int = 1
+    replicates: int = 0  # replicate runs finished (on top of the target)
+    # Where each failure was raised (its traceback's last frame outside the service), or "".
+    failed_at: tuple[str, ...] = ()
+    # The sweep's own FAILs, apart from counts["FAIL"] (search.sweep.workers.bookkeeping).
+    requeued: int = 0
+    retired: int = 0
+
+
+def liveness(
+    running: list[FrozenTrial], *, grace_period: float, now: float | None = None
+) -> tuple[int, int]:
+    """(alive, stale) counts among the RUNNING trials of a study."""
+    now = time.time() if now is None else now
+    stale = sum(
+        lost.lost_reason(t, grace_period=grace_period, now=now) is not None for t in running
+    )
+    return len(running) - stale, stale
+
+
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$', re.M)
+# The search package: frames inside it are the service's, not the user's code.
+_SERVICE = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def raised_at(traceback_text: str) -> str:
+    """``"my_net.py:31 in train: raise ValueError(...)"``: the last frame of a stored
+    traceback outside the search package (the user's code), or "" if there is none."""
+    frames = [m for m in _FRAME.finditer(traceback_text) if not m["file"].startswith(_SERVICE)]
+    if not frames:
+        return ""
+    m = frames[-1]
+    code = traceback_text[m.end() :].lstrip("\n").split("\n", 1)[0].strip()
+    where = f"{Path(m['file']).name}:{m['line']} in {m['func']}"
+    return f"{where}: {code}" if code else where
+
+
+def _failed_at(study: optuna.Study, reasons: list[tuple[str, int]]) -> tuple[str, ...]:
+    """For each reason, where its newest failed trial raised."""
+    newest: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        # The key failure_reasons counts by.
+        lines = str(t.user_attrs.get("reason", "no reason recorded")).splitlines()
+        newest[(lines or [""])[0][:200]] = str(t.user_attrs.get("traceback", ""))
+    return tuple(raised_at(newest.get(reason, "")) for reason, _ in reasons)
+
+
+def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
+    """The ``k`` most common reasons of the study's FAILed trials, with their counts.
+
+    Trials failed by the sweep itself (re-queued after an interrupt or a lost
+    worker, or retired as not needed) are not failures of the settings
+    (:mod:`search.sweep.workers.bookkeeping`).
+    """
+    reasons = Counter(
+        str(t.user_attrs.get("reason", "no reason recorded")).splitlines()[0][:200]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if bookkeeping.kind(t) is None
+    )
+    return reasons.most_common(k)
+
+
+def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyStatus:
+    """Where ``study`` stands; ``resume`` is the command that resumes it (said in the
+    verdict of a stale or incomplete study)."""
+    name = study.study_name
+    trials = study.get_trials(deepcopy=False)
+    every = st.counts(study)
+    counts = {s: every[s] for s in STATES}
+    configs = rep.configurations(trials, replicates=2)
+    best = configs[0] if configs else None
+    n_replicates = sum(rep.is_replicate(t) for t in trials if t.state in st.FINISHED)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    alive, stale = liveness(running, grace_period=grace_period)
+    target = study.user_attrs.get("target")
+    finished = counts["COMPLETE"] + counts["PRUNED"] - n_replicates
+    failures = failure_reasons(study)
+    if alive:
+        verdict = f"running ({alive} trial(s) with live workers)"
+    elif stale:
+        verdict = (
+            f"stale ({stale} RUNNING trial(s) without a live worker: run {resume} "
+            "again to retry them)"
+        )
+    elif target is not None and finished >= target and not counts["WAITING"]:
+        verdict = "done"
+    else:
+        verdict = f"incomplete (resume with {resume})"
+    return StudyStatus(
+        name=name,
+        counts=counts,
+        target=target,
+        best_value=None if best is None else best.mean,
+        best_params={} if best is None else dict(best.params),
+        best_sd=None if best is None or best.n < 2 else best.sd,
+        best_n=0 if best is None else best.n,
+        replicates=n_replicates,
+        alive=alive,
+        stale=stale,
+        verdict=verdict,
+        failures=tuple(failures),
+        failed_at=_failed_at(study, failures),
+        requeued=every[bookkeeping.Kind.REQUEUED.name],
+        retired=every[bookkeeping.Kind.RETIRED.name],
+    )
