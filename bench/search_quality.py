@@ -33,16 +33,17 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from model.network import Network  # noqa: E402
 from model.train import fit
 from search import coarse, final, fine
 from search.config.study import StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep.builtin import network_of  # noqa: E402
 from tests.search.conftest import dump_toml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,17 +112,8 @@ def _train_test(args: tuple[str, float, int]) -> float:
     if _SPLITS is None:
         _SPLITS = st.prepare_for(spec, log=lambda _: None).open()
     config = spec.train_config("coarse", {"l2_lambda": float(lam), "seed": seed})
-    n = spec.network
-    net = Network(
-        _SPLITS.train.d,
-        n.hidden,
-        _SPLITS.train.n_classes,
-        batch_norm=n.batch_norm,
-        init=n.init,
-        sigma=n.sigma,
-        bn_alpha=n.bn_alpha,
-        seed=seed,
-    )
+    hp = {**asdict(spec.network), "seed": seed}
+    net = network_of(hp, _SPLITS.train.d, _SPLITS.train.n_classes)
     fit(net, _SPLITS, config)
     return net.evaluate(_SPLITS.test.X, _SPLITS.test.y, l2_lambda=float(lam))["accuracy"]
 

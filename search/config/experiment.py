@@ -107,11 +107,14 @@ class Experiment:
         space = self.space()
         return {name: space[name].decode(params[name]) for name in self.grid if name in params}
 
-    def n_s_for(self, point: dict[str, Any], n_train: int) -> dict[str, int]:
-        """``{"n_s": ...}`` from ``n_s_epochs`` and the training set size, or {}."""
+    def n_s_for(
+        self, point: dict[str, Any], n_train: int, spec: StudySpec | None = None
+    ) -> dict[str, int]:
+        """``{"n_s": ...}`` from ``n_s_epochs`` and the training set size, or {}.
+        ``spec``: the point's spec, when the caller has it (:meth:`spec_for`)."""
         if self.n_s_epochs is None or "n_s" in point:
             return {}
-        batch = self.spec_for(point).train_config("coarse").batch_size
+        batch = (spec or self.spec_for(point)).train_config("coarse").batch_size
         return {"n_s": max(1, int(self.n_s_epochs * (n_train // batch)))}
 
     def spec_for(self, point: dict[str, Any]) -> StudySpec:

@@ -171,7 +171,7 @@ class GridObjective:
         spec = exp.spec_for(point)
         seed = exp.spec.optuna.seed
         n_train = self.splits.train.n
-        extra = exp.n_s_for(point, n_train)
+        extra = exp.n_s_for(point, n_train, spec)
         config = spec.train_config("coarse", {**extra, "seed": seed})
         trial.set_user_attr("config", dataclasses.asdict(config))
         trial.set_user_attr("n_train", n_train)

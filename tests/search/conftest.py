@@ -220,29 +220,42 @@ def qs_path(quick_study):
     return str(quick_study(coarse={"trials": 2}, training={"n_cycles": 1}))
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("256k") mounted at ``path``, unmounted after (needs root:
+    skipped elsewhere, failed in CI)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        missing(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """Factory: a tmpfs of ``size`` ("256k") mounted in tmp_path, unmounted after the test
     (needs root: skipped elsewhere, failed in CI)."""
-    mounted: list[Path] = []
+    with contextlib.ExitStack() as stack:
+        yield lambda name, size: stack.enter_context(tmpfs(tmp_path / name, size))
 
-    def mount(name: str, size: str) -> Path:
-        path = tmp_path / name
-        path.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            missing(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-        mounted.append(path)
-        return path
 
-    yield mount
-    for path in mounted:
-        with contextlib.suppress(OSError):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+def run_coarse(path: Path, url: str, *, timeout: float) -> subprocess.CompletedProcess:
+    """``search.coarse`` on a study file and storage, run to its end in a process of its
+    own; its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

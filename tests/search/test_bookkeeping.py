@@ -14,8 +14,6 @@ import io
 import os
 import re
 import signal
-import subprocess
-import sys
 import textwrap
 
 import optuna
@@ -31,7 +29,7 @@ from search.sweep import stage
 from search.sweep import studies as st
 from search.sweep.progress import Progress
 from search.sweep.workers import bookkeeping as bk
-from tests.search.conftest import REPO, dump_toml, start_coarse, wait_until_training
+from tests.search.conftest import dump_toml, run_coarse, start_coarse, wait_until_training
 
 INTERRUPTS = 4
 # The last progress line of a command: its finished trials of the total, and the states.
@@ -71,13 +69,7 @@ def test_many_ctrl_c_then_a_resume_shows_no_failure_and_the_exact_target(
     assert len(stopped) >= INTERRUPTS  # a trial trained at each Ctrl-C
     assert all(t.system_attrs[bk.ATTR] == "requeued" for t in stopped)
 
-    rerun = subprocess.run(
-        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    rerun = run_coarse(path, url, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     states = f"4 complete, 0 pruned, 0 failed, {len(stopped)} re-queued"
     assert last_progress(rerun.stdout) == (4, 4, states)

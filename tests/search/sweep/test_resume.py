@@ -15,7 +15,7 @@ from search.sweep.progress import Progress
 from search.sweep.workers import lost
 from search.sweep.workers.loop import take
 from search.sweep.workers.storage import make_storage, storage_of
-from tests.search.conftest import REPO
+from tests.search.conftest import run_coarse
 
 
 def _taken(study: optuna.Study, owner: dict) -> optuna.trial.FrozenTrial:
@@ -56,13 +56,7 @@ def test_rerun_retries_a_trial_whose_worker_process_exited(quick_study, tmp_path
     spec = load_spec(path)
     number = _orphan(spec, url)
     # Before the fix this waited for the RUNNING trial forever.
-    rerun = subprocess.run(
-        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    rerun = run_coarse(path, url, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     storage = make_storage(url)
     trials = optuna.load_study(study_name="qs-coarse", storage=storage).get_trials()

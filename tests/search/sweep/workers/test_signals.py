@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
@@ -18,7 +16,7 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from tests.search.conftest import REPO, start_coarse
+from tests.search.conftest import run_coarse, start_coarse
 
 SLOW_TRIALS = {"n_cycles": 30}  # a few seconds a trial: signals land mid-training
 
@@ -93,13 +91,7 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_meets_the_target(sweep):
     ]
     assert not group_left(proc.pid)
     check_requeued_once(url, "interrupted (SIGINT)")
-    rerun = subprocess.run(
-        [sys.executable, "-m", "search.coarse", "--study", str(path), "--storage", url],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    rerun = run_coarse(path, url, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
     ts = trials(url)
     assert sum(t.state == TrialState.COMPLETE for t in ts) == 4

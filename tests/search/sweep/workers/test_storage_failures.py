@@ -20,26 +20,9 @@ from optuna.trial import TrialState
 from search import coarse, status
 from search.sweep import studies as st
 from search.sweep.workers.storage import StorageError, describe_failure, make_storage
-from tests.conftest import missing
+from tests.search.conftest import tmpfs
 
 REPO = Path(__file__).resolve().parents[4]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """A tmpfs of ``size`` mounted at ``path`` (root only: skipped elsewhere, failed in CI)."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        missing(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def fill(directory: Path) -> Path:
