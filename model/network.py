@@ -235,10 +235,12 @@ class Network:
 
     def train_gradients(
         self, X: np.ndarray, y: np.ndarray, *, grad_scale: float = 1.0
-    ) -> tuple[float, np.ndarray]:
-        """One training pass on the batch X (N, d_in), y (N,): (loss, dS1).
+    ) -> tuple[float, int, np.ndarray]:
+        """One training pass on the batch X (N, d_in), y (N,): (loss, n_correct, dS1).
 
-        loss is the batch's mean cross-entropy. ``flat_grads`` receives ``grad_scale``
+        loss is the batch's mean cross-entropy and n_correct how many of its N
+        samples the scores of this pass classify right (argmax; batch norm on the
+        batch's own statistics, as the pass itself). ``flat_grads`` receives ``grad_scale``
         times the gradient of the mean loss (no L2 term) for every parameter except
         W1; W1's is X^T dS1 with dS1 (N, d_1) returned, left for the optimiser to fold
         into its step (one gemm, :func:`model.blas.gemm_update`). Batch norm uses and
@@ -413,7 +415,9 @@ class _TrainPass:
                 )
             )
 
-    def run(self, X: np.ndarray, y: np.ndarray, grad_scale: float) -> tuple[float, np.ndarray]:
+    def run(
+        self, X: np.ndarray, y: np.ndarray, grad_scale: float
+    ) -> tuple[float, int, np.ndarray]:
         """See :meth:`Network.train_gradients`."""
         *hidden, last = self.layers
         bn_caches: list[tuple] = []
@@ -428,8 +432,11 @@ class _TrainPass:
             H = S
         W, b, scores = last[:3]
         layers.affine_forward(H, W, b, out=scores)
+        # The argmax the loss needs anyway: the batch's accuracy costs one comparison.
+        predicted = scores.argmax(axis=1)
+        n_correct = int(np.count_nonzero(predicted == y))
         loss, dscores = layers.softmax_cross_entropy(
-            scores, y, grad_scale=grad_scale, overwrite=True
+            scores, y, grad_scale=grad_scale, overwrite=True, argmax=predicted
         )
         dS = cast(np.ndarray, dscores)  # need_grad=True: never None
         for i in range(len(self.layers) - 1, -1, -1):
@@ -450,6 +457,6 @@ class _TrainPass:
                 db_out=db,
             )
             if dX is None:
-                return loss, dS
+                return loss, n_correct, dS
             dS = dX
         raise AssertionError("unreachable")  # pragma: no cover

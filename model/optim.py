@@ -43,18 +43,20 @@ def sgd_step(
     l2_lambda: float = 0.0,
     rho: float = 0.0,
     velocity: np.ndarray | None = None,
-) -> float:
+) -> tuple[float, int]:
     """One step of SGD (with momentum ``rho`` > 0) on the cost for the batch X (N, d_in), y (N,).
 
     Updates ``net.params`` in place, folds the batch statistics into ``net.bn_state``
-    and returns the batch's mean cross-entropy before the step. ``velocity`` (from
+    and returns (loss, n_correct): the batch's mean cross-entropy before the step and
+    how many of its samples the network classified right before the step (in
+    training mode: batch norm on the batch's statistics). ``velocity`` (from
     :func:`init_velocity`) is needed when ``rho`` > 0 and is updated in place. A
     non-finite loss still takes the step: the caller stops training on it.
     """
     if rho and velocity is None:
         raise ValueError(f"rho={rho} needs a velocity; create one with init_velocity(net)")
     X = np.ascontiguousarray(X, dtype=net.dtype)
-    loss, dS1 = net.train_gradients(X, y, grad_scale=eta)
+    loss, n_correct, dS1 = net.train_gradients(X, y, grad_scale=eta)
     # dS1 and flat_grads are eta times the true gradients of the loss.
     decay = 2.0 * eta * l2_lambda
     P, G = net.flat_params, net.flat_grads
@@ -75,4 +77,4 @@ def sgd_step(
             velocity[:n_w] -= np.multiply(P[:n_w], decay, out=G[:n_w])
         P += velocity
     net.fold_batch_stats()
-    return loss
+    return loss, n_correct

@@ -1,9 +1,10 @@
 """Mini-batch training: learning-rate schedules, evaluation points, history, divergence.
 
 ``fit(net, splits, config, on_evaluate=...)`` trains ``net`` on ``splits.train``,
-evaluates on the training and validation sets at regular points, and calls
-``on_evaluate(step, metrics)`` at each one (the search package prunes through
-it). The step itself (SGD with momentum, weight decay on W only) is
+evaluates the validation set at regular points, takes the training metrics there
+(from the mini-batches since the previous point, or from a full evaluation: see
+:class:`TrainConfig`'s ``train_metrics``), and calls ``on_evaluate(step, metrics)``
+at each one (the search package prunes through it). The step itself (SGD with momentum, weight decay on W only) is
 :func:`model.optim.sgd_step`. The test set is never touched here.
 
 Run ``python -m model.train --help`` to train one network from the command line.
@@ -31,6 +32,7 @@ from model.network import Network
 from model.schedules import Constant, Cyclical, StepDecay
 
 SCHEDULES = ("constant", "step", "cyclical")
+TRAIN_METRICS = ("running", "full")
 METRICS = (
     "train_loss",
     "train_cost",
@@ -72,8 +74,22 @@ class TrainConfig:
       by ``decay`` after each epoch for "step"; one evaluation point per epoch.
     - ``eval_every`` (steps) overrides the evaluation rate of either.
     - ``rho``: momentum (0 = plain gradient descent).
-    - ``train_eval_size``: evaluate training metrics on the first this-many
-      training samples instead of all of them (None: all).
+    - ``train_metrics``: where the training curve comes from. "running" (the
+      default): the mean loss and the accuracy of the mini-batches trained on since
+      the previous evaluation point, as each batch's training pass computed them
+      before its step, at no extra cost; cost is that loss plus the L2 term of the
+      weights at the point. They are measured in training mode (batch norm on each
+      batch's own statistics) and while the weights move, so they trail a full
+      evaluation of the network at the point: early in training the running loss
+      is higher, and with batch norm the two differ by the batch statistics.
+      "full": a forward pass in evaluation mode over the training set (or its first
+      ``train_eval_size`` samples) at every point, exact and costly (an evaluation
+      of 10,000 images takes as long as about 50 training steps of 100).
+    - ``train_eval_size``: with ``train_metrics="full"``, evaluate the training
+      metrics on the first this-many training samples instead of all of them
+      (None: all). "running" metrics cover every batch and ignore it.
+
+    The validation set is evaluated in full, in evaluation mode, at every point.
     """
 
     l2_lambda: float = 0.0
@@ -90,6 +106,7 @@ class TrainConfig:
     rho: float = 0.0
     evals_per_cycle: int = 10
     eval_every: int | None = None
+    train_metrics: str = "running"
     train_eval_size: int | None = None
     seed: int = 0
 
@@ -136,6 +153,11 @@ class TrainConfig:
         if self.eval_every is not None and self.eval_every < 1:
             raise SettingError(
                 f"eval_every must be >= 1 or None, got {self.eval_every!r}", field="eval_every"
+            )
+        if self.train_metrics not in TRAIN_METRICS:
+            raise SettingError(
+                f"train_metrics must be one of {TRAIN_METRICS}, got {self.train_metrics!r}",
+                field="train_metrics",
             )
         if self.train_eval_size is not None and self.train_eval_size < 1:
             raise SettingError(
@@ -284,11 +306,12 @@ def fit(
     log: Callable[[str], None] | None = None,
     blas_threads: int | None = 1,
 ) -> History:
-    """Train ``net`` in place on ``splits.train``; evaluate on train and ``splits.val``.
+    """Train ``net`` in place on ``splits.train``; evaluate ``splits.val`` at every point.
 
     ``splits`` needs ``.train`` and ``.val`` with ``X (N, d)`` and ``y (N,)``.
     Batches are drawn from a fresh permutation each epoch (seeded by
     ``config.seed``); the remainder of N / batch_size is dropped each epoch.
+    The training metrics of a point are running or full (``config.train_metrics``).
     ``on_evaluate(step, metrics)`` is called at each evaluation point and may raise
     to stop training (the exception propagates). A non-finite batch loss raises
     :class:`TrainingDiverged` at once. ``log`` receives one line per evaluation.
@@ -349,6 +372,7 @@ def _fit(
     schedule = config.make_schedule(n)
     rng = np.random.default_rng(config.seed)
     m_train = n if config.train_eval_size is None else min(n, config.train_eval_size)
+    running = config.train_metrics == "running"
     lam = config.l2_lambda
 
     history = History()
@@ -357,6 +381,8 @@ def _fit(
     yb = np.empty(B, dtype=y.dtype)
     t0 = time.perf_counter()
     step = 0
+    # The mini-batches since the last evaluation point: the running training metrics.
+    loss_sum, n_correct_sum, n_batches = 0.0, 0, 0
     order = np.empty(0, dtype=np.intp)
     while step < total:
         pos = step % steps_per_epoch
@@ -368,7 +394,7 @@ def _fit(
         np.take(X, idx, axis=0, out=Xb, mode="clip")
         np.take(y, idx, out=yb, mode="clip")
         eta = schedule.lr_at(step)
-        loss = optim.sgd_step(
+        loss, n_correct = optim.sgd_step(
             net, Xb, yb, eta=eta, l2_lambda=lam, rho=config.rho, velocity=velocity
         )
         if not math.isfinite(loss):
@@ -376,8 +402,20 @@ def _fit(
             history.epochs_run = step / steps_per_epoch
             raise TrainingDiverged(step=step, eta=eta, loss=loss, history=history)
         step += 1
+        loss_sum += loss
+        n_correct_sum += n_correct
+        n_batches += 1
         if step % interval == 0 or step == total:
-            tr = net.evaluate(X[:m_train], y[:m_train], l2_lambda=lam)
+            if running:
+                train_loss = loss_sum / n_batches
+                tr = {
+                    "loss": train_loss,
+                    "cost": train_loss + lam * net.l2_penalty(),
+                    "accuracy": n_correct_sum / (n_batches * B),
+                }
+            else:
+                tr = net.evaluate(X[:m_train], y[:m_train], l2_lambda=lam)
+            loss_sum, n_correct_sum, n_batches = 0.0, 0, 0
             va = net.evaluate(Xv, yv, l2_lambda=lam)
             values = {
                 "train_loss": tr["loss"],
@@ -443,6 +481,13 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
     p.add_argument("--rho", type=float, default=0.0, help="momentum")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--evals-per-cycle", type=int, default=10)
+    p.add_argument(
+        "--train-metrics",
+        default="running",
+        choices=list(TRAIN_METRICS),
+        help="training curve: running (the mini-batches since the last point, free) or "
+        "full (an evaluation pass over the training set at every point)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train", help="directory for the PNG, npz and json")
     p.add_argument("--quiet", action="store_true")
@@ -468,6 +513,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") 
             decay=args.decay,
             rho=args.rho,
             evals_per_cycle=args.evals_per_cycle,
+            train_metrics=args.train_metrics,
             seed=args.seed,
         )
         splits = data_mod.load(

@@ -112,8 +112,10 @@ def test_train_gradients_are_the_scaled_gradients_of_the_loss(rng, hidden, bn):
     net = Network(12, hidden, 4, batch_norm=bn, dtype=np.float64, seed=2)
     X, y = rng.standard_normal((16, 12)), rng.integers(0, 4, 16)
     loss_ref, _, grads = net.loss(X, y)
-    loss, dS1 = net.train_gradients(X, y, grad_scale=0.3)
+    correct_ref = int(np.count_nonzero(net.forward(X, train=True)[0].argmax(axis=1) == y))
+    loss, n_correct, dS1 = net.train_gradients(X, y, grad_scale=0.3)
     assert loss == pytest.approx(loss_ref, rel=1e-12)
+    assert n_correct == correct_ref
     np.testing.assert_allclose(X.T @ dS1, 0.3 * grads["dW1"], rtol=0, atol=1e-12)
     for key in net.params:
         if key != "W1":
@@ -121,7 +123,7 @@ def test_train_gradients_are_the_scaled_gradients_of_the_loss(rng, hidden, bn):
                 net._grad_views[key], 0.3 * grads["d" + key], rtol=0, atol=1e-12, err_msg=key
             )
     # The pass reuses its arrays: the next batch's dS1 is written over this one.
-    assert net.train_gradients(X[::-1].copy(), y[::-1].copy(), grad_scale=0.3)[1] is dS1
+    assert net.train_gradients(X[::-1].copy(), y[::-1].copy(), grad_scale=0.3)[2] is dS1
     if bn:
         # Its batch statistics fold into bn_state as those of the reference pass do.
         ref = Network(12, hidden, 4, batch_norm=bn, dtype=np.float64, seed=2)

@@ -37,8 +37,11 @@ def test_fused_step_is_the_textbook_step(rng, hidden, bn, rho, gemm):
     for step in range(4):
         X, y = rng.standard_normal((30, 20)), rng.integers(0, 5, 30)
         eta = 0.1 / (step + 1)
-        loss = optim.sgd_step(net, X, y, eta=eta, l2_lambda=0.05, rho=rho, velocity=velocity)
+        loss, n_correct = optim.sgd_step(
+            net, X, y, eta=eta, l2_lambda=0.05, rho=rho, velocity=velocity
+        )
         assert loss == pytest.approx(ref.loss(X, y)[0], rel=1e-12)
+        assert n_correct == np.count_nonzero(ref.forward(X, train=True)[0].argmax(axis=1) == y)
         ref.update_running_stats(ref.forward(X, train=True)[1])  # statistics before the step
         textbook_step(ref, X, y, eta=eta, l2_lambda=0.05, rho=rho, v=v)
     for k in ref.params:
