@@ -305,7 +305,7 @@ _ENTRY = re.compile(r"(?:[^:]+\.py|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):[A-Za-z_]\w*
 # Computed by the service from the schedule and given to the user's function.
 USER_RESERVED = ("total_steps", "eval_every", "seed")
 # Settings, not hyperparameters: a search over them would measure nothing.
-UNSEARCHABLE = ("seed", "eval_every", "evals_per_cycle", "train_eval_size")
+UNSEARCHABLE = ("seed", "eval_every", "evals_per_cycle", "train_metrics", "train_eval_size")
 
 
 def _parse_model(path: Path, raw: Any) -> ModelSpec:

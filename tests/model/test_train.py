@@ -5,8 +5,9 @@ import pytest
 
 from model.data import Dataset, Splits
 from model.network import Network
+from model.optim import init_velocity, sgd_step
 from model.schedules import Constant, Cyclical, StepDecay
-from model.train import TrainConfig, TrainingDiverged, fit, main
+from model.train import METRICS, TrainConfig, TrainingDiverged, fit, main
 
 
 def test_cyclical_schedule_is_triangular():
@@ -194,6 +195,8 @@ def test_fit_limits_blas_threads_and_can_leave_them(tiny_splits):
         ({"n_s": float("nan")}, "n_s must be an integer"),
         ({"batch_size": True}, "batch_size must be an integer"),
         ({"train_eval_size": 0}, "train_eval_size must be >= 1"),
+        ({"train_metrics": "exact"}, "train_metrics must be one of"),
+        ({"train_metrics": 1}, "train_metrics must be a string"),
         ({"eta_min": float("nan")}, "eta_min must be a finite number"),
         ({"l2_lambda": float("inf")}, "l2_lambda must be a finite number"),
         ({"rho": "0.9"}, "rho must be a number"),
@@ -204,3 +207,104 @@ def test_config_fields_have_their_types(values, words):
     with pytest.raises(ValueError, match=words):
         TrainConfig(**values)
     assert TrainConfig(n_s=np.int64(5), eta_max=np.float32(0.5)).n_s == 5  # NumPy numbers pass
+
+
+# ------------------------------------------------------------ training metrics
+
+
+@pytest.mark.parametrize("bn,rho", [(False, 0.0), (True, 0.9)])
+def test_running_metrics_are_the_mean_over_the_batches_since_the_last_point(tiny_splits, bn, rho):
+    """Each point's running loss and accuracy are those of the batches trained on since the
+    previous point, computed apart by the reference pass (``Network.loss``, ``forward``)
+    on a twin network stepped alongside; points fall mid-epoch and the last window is
+    short (30 steps, a point every 7)."""
+    cfg = TrainConfig(
+        schedule="constant",
+        eta=0.05,
+        n_epochs=3,
+        batch_size=30,
+        eval_every=7,
+        l2_lambda=0.01,
+        rho=rho,
+        seed=3,
+    )
+    h = fit(Network(20, [16, 8], 3, batch_norm=bn, seed=5), tiny_splits, cfg)
+    twin = Network(20, [16, 8], 3, batch_norm=bn, seed=5)
+    velocity = init_velocity(twin) if rho else None
+    X, y = tiny_splits.train.X, tiny_splits.train.y
+    rng = np.random.default_rng(cfg.seed)
+    losses: list[float] = []
+    correct: list[int] = []
+    expected = []
+    for step in range(30):
+        if step % 10 == 0:
+            order = rng.permutation(300)
+        idx = order[(step % 10) * 30 : (step % 10 + 1) * 30]
+        Xb, yb = X[idx], y[idx]
+        losses.append(twin.loss(Xb, yb, train=True)[0])
+        correct.append(int(np.sum(twin.forward(Xb, train=True)[0].argmax(axis=1) == yb)))
+        sgd_step(twin, Xb, yb, eta=0.05, l2_lambda=0.01, rho=rho, velocity=velocity)
+        if (step + 1) % 7 == 0 or step + 1 == 30:
+            loss = float(np.mean(losses))
+            l2 = sum(np.sum(np.square(twin.params[f"W{l}"], dtype=np.float64)) for l in (1, 2, 3))
+            cost = loss + 0.01 * float(l2)
+            expected.append((step + 1, loss, cost, sum(correct) / (30 * len(correct))))
+            losses, correct = [], []
+    assert h.step == [s for s, *_ in expected] == [7, 14, 21, 28, 30]
+    np.testing.assert_allclose(h.metrics["train_loss"], [e[1] for e in expected], rtol=1e-5)
+    np.testing.assert_allclose(h.metrics["train_cost"], [e[2] for e in expected], rtol=1e-5)
+    # The same scores in float32, summed in another order: a tie could flip one sample.
+    np.testing.assert_allclose(h.metrics["train_acc"], [e[3] for e in expected], atol=1 / 210)
+    # The weights trained alike: validation at the last point is the twin's.
+    val = twin.evaluate(tiny_splits.val.X, tiny_splits.val.y, l2_lambda=0.01)
+    assert h.metrics["val_acc"][-1] == val["accuracy"]
+    assert h.metrics["val_loss"][-1] == pytest.approx(val["loss"], rel=1e-5)
+
+
+def test_running_metrics_match_a_full_evaluation_when_the_weights_stand_still(tiny_splits):
+    """With a learning rate too small to move float32 weights and no batch norm (training
+    and evaluation mode agree), a point each epoch sees every training sample once, so the
+    running accuracy is the full evaluation's and the running loss its loss."""
+
+    def run(train_metrics: str) -> dict[str, list[float]]:
+        cfg = TrainConfig(
+            schedule="constant",
+            eta=1e-30,
+            n_epochs=3,
+            batch_size=30,
+            l2_lambda=0.1,
+            train_metrics=train_metrics,
+        )
+        return fit(Network(20, [16], 3, seed=2), tiny_splits, cfg).metrics
+
+    running, full = run("running"), run("full")
+    assert running["train_acc"] == full["train_acc"] and len(full["train_acc"]) == 3
+    np.testing.assert_allclose(running["train_loss"], full["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(running["train_cost"], full["train_cost"], rtol=1e-5)
+    for m in ("val_loss", "val_cost", "val_acc"):
+        assert running[m] == full[m]
+
+
+def test_full_train_metrics_evaluate_the_first_train_eval_size_samples(tiny_splits):
+    net = Network(20, [16], 3, batch_norm=True, seed=0)
+    cfg = TrainConfig(batch_size=30, n_cycles=1, train_metrics="full", train_eval_size=50)
+    h = fit(net, tiny_splits, cfg)
+    # The last point is the end of training: the network as fit left it, in evaluation mode.
+    X, y = tiny_splits.train.X, tiny_splits.train.y
+    tr = net.evaluate(X[:50], y[:50], l2_lambda=cfg.l2_lambda)
+    assert h.final["train_acc"] == tr["accuracy"] and h.final["train_loss"] == tr["loss"]
+    assert net.evaluate(X, y)["loss"] != tr["loss"]
+
+
+@pytest.mark.parametrize("train_metrics", ["running", "full"])
+def test_every_point_reports_validation_and_every_curve(tiny_splits, train_metrics):
+    """The pruner's value (val_acc) at every point, and the same curves either way."""
+    seen = []
+    cfg = TrainConfig(batch_size=30, n_cycles=2, evals_per_cycle=4, train_metrics=train_metrics)
+    h = fit(
+        Network(20, [8], 3, seed=0), tiny_splits, cfg, on_evaluate=lambda s, m: seen.append((s, m))
+    )
+    assert [s for s, _ in seen] == h.step == list(range(10, 81, 10))
+    assert all(set(m) == set(METRICS) for _, m in seen)
+    assert [m["val_acc"] for _, m in seen] == h.metrics["val_acc"]
+    assert set(h.to_dict()) == {"step", "epoch", "eta", "wall_time", "epochs_run", *METRICS}
