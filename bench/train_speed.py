@@ -18,12 +18,17 @@ and, with ``--json``, a last line ``{"networks": [{"network", "ours_s", "floor_s
 ``--profile`` adds each network's time per part of a step (gather, matmuls, batch
 norm, softmax, update, ...), measured by wrapping each function with a timer.
 ``--eval-share`` trains the DD2424 settings instead (45,000 x 3072 train, 5,000
-validation, n_s 900, 2 cycles, 10 evaluation points a cycle on 10,000 training
-images and the validation set) and prints the share of time spent evaluating.
+validation, n_s 900, 2 cycles, 10 evaluation points a cycle), each network the old
+way ("before": 10,000 training images and the validation set evaluated at every
+point, ``train_metrics = "full"``) and the new way ("after": the validation set at
+every point, the training curve from the running mini-batch metrics), interleaved in
+one run, and prints the share of each trial's wall time spent evaluating (the median
+over ``--repeats``, default 1; ``--n`` scales the training set and with it the
+validation set and n_s).
 
     python -m bench.train_speed [--repeats 5] [--n 45000] [--threads 1] [--json]
     python -m bench.train_speed --profile
-    python -m bench.train_speed --eval-share
+    python -m bench.train_speed --eval-share [--repeats 3]
 """
 
 from __future__ import annotations
@@ -136,7 +141,12 @@ def time_torch(torch, splits: Splits, hidden: Sequence[int], batch_norm: bool, *
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__)
-    p.add_argument("--repeats", type=int, default=5, help="best of this many runs")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="best of this many runs (default 5); with --eval-share, the median (default 1)",
+    )
     p.add_argument("--n", type=int, default=45_000, help="training samples per epoch")
     p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads for all")
     p.add_argument("--json", action="store_true", help="end with one line of JSON")
@@ -147,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     # For this run only: main() is also called from tests.
     with threadpool_limits(args.threads):
         if args.eval_share:
-            return eval_share(threads=args.threads)
+            return eval_share(
+                n=args.n, repeats=args.repeats or 1, threads=args.threads, as_json=args.json
+            )
+        args.repeats = args.repeats or 5
         return speed_table(args)
 
 
@@ -310,54 +323,142 @@ def format_profile(profile: tuple[float, dict[str, float]]) -> str:
 
 # ---------------------------------------------------------------- eval share
 
+EVAL_WAYS = ("before", "after")
 
-def eval_share(*, threads: int) -> int:
-    """Train the DD2424 settings on synthetic CIFAR-sized data; print the evaluation share."""
+
+def eval_share(*, n: int, repeats: int, threads: int, as_json: bool) -> int:
+    """Train the DD2424 settings on synthetic CIFAR-sized data the old way and the new way,
+    interleaved; print the share of each trial's wall time spent evaluating."""
     rng = np.random.default_rng(0)
-    n, n_val = 45_000, 5_000
+    n_val = max(10, n // 9)  # 5,000 for 45,000: CIFAR-10's last 10% held out
     X = rng.standard_normal((n, D_IN), dtype=np.float32)
     Xv = rng.standard_normal((n_val, D_IN), dtype=np.float32)
     y, yv = rng.integers(0, N_CLASSES, n), rng.integers(0, N_CLASSES, n_val)
     splits = Splits(Dataset(X, y), Dataset(Xv, yv), Dataset(Xv, yv))
-    config = TrainConfig(
-        l2_lambda=L2_LAMBDA,
-        batch_size=BATCH,
-        eta_min=1e-5,
-        eta_max=1e-1,
-        n_s=900,
-        n_cycles=2,
-        evals_per_cycle=10,
-        train_eval_size=10_000,
+    n_s = 2 * (n // BATCH)  # DD2424's n_s = 2 floor(n / batch): 900 for 45,000
+    base = {
+        "l2_lambda": L2_LAMBDA,
+        "batch_size": BATCH,
+        "eta_min": 1e-5,
+        "eta_max": 1e-1,
+        "n_s": n_s,
+        "n_cycles": 2,
+        "evals_per_cycle": 10,
+    }
+    train_eval_size = min(10_000, n)
+    configs = {
+        "before": TrainConfig(**base, train_metrics="full", train_eval_size=train_eval_size),
+        "after": TrainConfig(**base, train_metrics="running"),
+    }
+    steps = configs["after"].total_steps(n)
+    per_step = time_running_bookkeeping(repeats=max(5, repeats))
+    print(
+        f"DD2424 settings: {n} x {D_IN} train, {n_val} validation, batch {BATCH}, n_s {n_s}, "
+        f"2 cycles ({steps} steps), 10 evaluation points a cycle; {threads} thread(s); "
+        f"median of {repeats} run(s) each, before and after interleaved"
     )
     print(
-        f"DD2424 settings: {n} x {D_IN} train, {n_val} validation, batch {BATCH}, n_s 900, "
-        f"2 cycles ({config.total_steps(n)} steps), {config.evals_per_cycle} evaluation "
-        f"points a cycle on 10,000 training images + the validation set; {threads} thread(s)"
+        f'before: train_metrics = "full", train_eval_size = {train_eval_size} (the training '
+        "images and the validation set evaluated at every point)"
     )
+    print(
+        'after:  train_metrics = "running" (the validation set evaluated at every point; the '
+        "training curve from the mini-batches)"
+    )
+    print(
+        "evaluating = the time in Network.evaluate and l2_penalty at the points, plus, after, "
+        f"the running bookkeeping of every step ({1e6 * per_step:.1f} us a step, timed apart)"
+    )
+    print()
+    header = (
+        f"{'network':<30} {'before s':>8} {'eval s':>7} {'share':>6}   "
+        f"{'after s':>8} {'eval s':>7} {'share':>6}   {'trial':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
     for name, hidden, bn in NETS:
-        net = Network(D_IN, hidden, N_CLASSES, batch_norm=bn, seed=0)
-        spent = [0.0]
-        real = net.evaluate
-
-        def evaluate(
-            *a: Any, _real: Callable = real, _spent: list[float] = spent, **k: Any
-        ) -> dict[str, float]:
-            t0 = time.perf_counter()
-            try:
-                return _real(*a, **k)
-            finally:
-                _spent[0] += time.perf_counter() - t0
-
-        net.evaluate = evaluate  # type: ignore[method-assign]
-        t0 = time.perf_counter()
-        history = fit(net, splits, config, blas_threads=threads)
-        total = time.perf_counter() - t0
+        runs: dict[str, list[tuple[float, float]]] = {way: [] for way in EVAL_WAYS}
+        for r in range(repeats):
+            for way in EVAL_WAYS:
+                total, evaluating = time_trial(splits, hidden, bn, configs[way], threads, seed=r)
+                if way == "after":
+                    evaluating += steps * per_step
+                runs[way].append((total, evaluating))
+        row: dict[str, Any] = {"network": name}
+        for way in EVAL_WAYS:
+            row[f"{way}_s"] = float(np.median([t for t, _ in runs[way]]))
+            row[f"{way}_eval_s"] = float(np.median([e for _, e in runs[way]]))
+            row[f"{way}_share"] = float(np.median([e / t for t, e in runs[way]]))
+        rows.append(row)
         print(
-            f"{name:<30} {total:6.2f} s, evaluating {spent[0]:5.2f} s = "
-            f"{100 * spent[0] / total:4.1f}% ({len(history)} points)",
+            f"{name:<30} {row['before_s']:>8.2f} {row['before_eval_s']:>7.2f} "
+            f"{100 * row['before_share']:>5.1f}%   {row['after_s']:>8.2f} "
+            f"{row['after_eval_s']:>7.2f} {100 * row['after_share']:>5.1f}%   "
+            f"{row['before_s'] / row['after_s']:>5.2f}x",
             flush=True,
         )
+    if as_json:
+        rounded = [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+        ]
+        print(json.dumps({"eval_share": rounded}))
     return 0
+
+
+def time_trial(
+    splits: Splits,
+    hidden: Sequence[int],
+    batch_norm: bool,
+    config: TrainConfig,
+    threads: int,
+    *,
+    seed: int,
+) -> tuple[float, float]:
+    """(seconds of the whole fit, seconds of it spent evaluating): every call of the
+    network's ``evaluate`` and ``l2_penalty`` is timed (the outermost only, as evaluate
+    calls l2_penalty)."""
+    net = Network(D_IN, hidden, N_CLASSES, batch_norm=batch_norm, seed=seed)
+    spent = [0.0]
+    depth = [0]
+
+    def stopwatch(real: Callable) -> Callable:
+        def timed(*a: Any, **k: Any) -> Any:
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    spent[0] += time.perf_counter() - t0
+
+        return timed
+
+    net.evaluate = stopwatch(net.evaluate)  # type: ignore[method-assign]
+    net.l2_penalty = stopwatch(net.l2_penalty)  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    fit(net, splits, config, blas_threads=threads)
+    return time.perf_counter() - t0, spent[0]
+
+
+def time_running_bookkeeping(*, repeats: int, steps: int = 3600) -> float:
+    """Seconds a step of what the running metrics add to it: counting the batch's correct
+    predictions from the argmax the loss computes anyway, and three sums in ``fit``."""
+    rng = np.random.default_rng(0)
+    predicted = rng.integers(0, N_CLASSES, BATCH)
+    yb = rng.integers(0, N_CLASSES, BATCH)
+    best = float("inf")
+    for _ in range(repeats):
+        loss_sum, n_correct_sum, n_batches = 0.0, 0, 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            n_correct = int(np.count_nonzero(predicted == yb))
+            loss_sum += 2.3
+            n_correct_sum += n_correct
+            n_batches += 1
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
 
 
 if __name__ == "__main__":
