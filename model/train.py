@@ -4,8 +4,9 @@
 evaluates the validation set at regular points, takes the training metrics there
 (from the mini-batches since the previous point, or from a full evaluation: see
 :class:`TrainConfig`'s ``train_metrics``), and calls ``on_evaluate(step, metrics)``
-at each one (the search package prunes through it). The step itself (SGD with momentum, weight decay on W only) is
-:func:`model.optim.sgd_step`. The test set is never touched here.
+at each one (the search package prunes through it). The step itself (SGD with
+momentum, weight decay on W only) is :func:`model.optim.sgd_step`. The test set is
+never touched here.
 
 Run ``python -m model.train --help`` to train one network from the command line.
 """

@@ -43,6 +43,11 @@ def network_of(hp: dict[str, Any], d: int, n_classes: int) -> Network:
 def train(hp: dict[str, Any], data: Any, report: Callable[..., None]) -> dict[str, float]:
     """Train the built-in network; report every evaluation point; the final metrics.
 
+    Each point reports the validation accuracy (the pruner's value: the validation set
+    evaluated in full) with the other curves (``train_loss``, ``train_cost``,
+    ``train_acc``, ``val_loss``, ``val_cost``); the training ones are running or full
+    as ``hp["train_metrics"]`` says (:class:`model.train.TrainConfig`).
+
     With ``data.test`` (the final run, experiment grids) the test set is evaluated
     once at the end; with ``hp["out_dir"]`` the network is saved there
     (``network.npz``, with its config).
