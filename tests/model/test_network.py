@@ -131,3 +131,20 @@ def test_train_gradients_are_the_scaled_gradients_of_the_loss(rng, hidden, bn):
         net.fold_batch_stats()
         for key in ref.bn_state:
             np.testing.assert_allclose(net.bn_state[key], ref.bn_state[key], atol=1e-12)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_evaluation_in_chunks_is_one_forward_pass_in_evaluation_mode(rng, bn):
+    """Chunks of rows (the last one short) give the scores, loss and accuracy of one
+    reference pass over every row, batch norm on its running statistics."""
+    net = Network(12, [9, 6], 4, batch_norm=bn, dtype=np.float64, seed=4)
+    X, y = rng.standard_normal((23, 12)), rng.integers(0, 4, 23)
+    sgd_step(net, X[:10], y[:10], eta=0.1)  # running statistics that are not the batch's
+    scores = net.forward(X, train=False)[0]
+    np.testing.assert_allclose(net.predict_scores(X, chunk=5), scores, rtol=1e-12)
+    result = net.evaluate(X, y, l2_lambda=0.1)
+    assert result["accuracy"] == np.mean(scores.argmax(axis=1) == y)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    loss = -np.mean(shifted[np.arange(23), y] - np.log(np.exp(shifted).sum(axis=1)))
+    assert result["loss"] == pytest.approx(loss, rel=1e-12)
+    assert result["cost"] == pytest.approx(loss + 0.1 * net.l2_penalty(), rel=1e-12)
