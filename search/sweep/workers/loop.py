@@ -33,6 +33,7 @@ from search.sweep.workers.storage import (
     StorageError,
     StorageUnavailable,
     learn_trial,
+    running_trials,
     waiting_trial_ids,
 )
 
@@ -151,9 +152,7 @@ def run_queue(
             lost.reap(storage, study_id, grace_period=sweep.grace_period)
             tid = take(storage, study_id)
             if tid is None:
-                running = storage.get_all_trials(
-                    study_id, deepcopy=False, states=(TrialState.RUNNING,)
-                )
+                running = running_trials(storage, study_id, attr=lost.OWNER)
         except StorageUnavailable as exc:
             if not stop:
                 log(f"{exc}; trying again")
