@@ -166,7 +166,11 @@ def serve(storage: BaseStorage, *, host: str, port: int, threads: int) -> tuple[
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
     from optuna.storages._grpc.servicer import OptunaStorageProxyService
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads))
+    # Not SO_REUSEPORT (gRPC's default): a second proxy on a taken port would share it
+    # silently, and the workers' calls would go to either one, maybe another database.
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)]
+    )
     api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), server)
     server.add_generic_rpc_handlers((_queue_handler(storage),))
     try:
