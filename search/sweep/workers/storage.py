@@ -9,9 +9,11 @@ retried with back-off instead of killing the worker. ``grpc://HOST:PORT`` is a
 workers of a large cluster hold no database connection of their own.
 
 This is also the one place that touches Optuna's private API, each use with
-the reason and a test (``tests/search/test_storage.py``) that fails if Optuna
-changes it: :func:`storage_of`, :func:`trial_id`, :func:`waiting_trial_ids`,
-Optuna's trial cache (:func:`_cached`) and the upsert of :class:`SQLiteStorage`.
+the reason and a test (``tests/search/test_storage.py``,
+``tests/search/sweep/workers/test_proxy.py``) that fails if Optuna changes it:
+:func:`storage_of`, :func:`trial_id`, :func:`waiting_trial_ids`, Optuna's trial cache
+(:func:`_cached`, :func:`learn_trial`), the upsert of :class:`SQLiteStorage`, and the
+gRPC proxy's client (:class:`ProxyStorage`) and server (:func:`proxy_server`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import functools
 import json
 import random
 import sqlite3
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage, GrpcStorageProxy, RDBStorage
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -281,11 +282,9 @@ def proxy_address(url: str) -> tuple[str, int] | None:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-def _connect_proxy(host: str, port: int) -> Any:
+def _connect_proxy(host: str, port: int) -> ProxyStorage:
     """A client of the proxy at ``host:port`` that answered one call, which reads the
     database behind it (so a proxy whose database is down is found here too)."""
-    from search.sweep.workers.proxy import ProxyStorage
-
     storage = ProxyStorage(host=host, port=port)
     try:
         storage.get_all_studies()
@@ -295,14 +294,114 @@ def _connect_proxy(host: str, port: int) -> Any:
     return storage
 
 
-def _proxy_of(storage: object) -> Any:
-    """The proxy client behind ``storage`` if it is one (:class:`ProxyStorage`), else None.
-
-    Without importing grpc: no proxy client exists before its module is imported.
-    """
-    module = sys.modules.get("search.sweep.workers.proxy")
+def _proxy_of(storage: object) -> ProxyStorage | None:
+    """The proxy client behind ``storage`` if it is one (:class:`ProxyStorage`), else None."""
     inner = getattr(storage, "backend", storage)
-    return inner if module is not None and isinstance(inner, module.ProxyStorage) else None
+    return inner if isinstance(inner, ProxyStorage) else None
+
+
+QUEUE_SERVICE = "c2f.Queue"  # the proxy's own service (search.sweep.workers.proxy)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without Optuna's ExperimentalWarning for its gRPC classes: said once, in the README."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+class ProxyStorage(GrpcStorageProxy):
+    """Optuna's client of a gRPC storage proxy, with the proxy's queue service beside it.
+
+    :meth:`ask` calls the queue service (``c2f.Queue``); it answers None when the proxy is
+    a plain Optuna one (the callers then use Optuna's own calls). :meth:`reconnect` opens
+    a new channel and keeps the trial cache (before a fork: a child must not share one).
+
+    Private (``GrpcStorageProxy._setup``, ``_channel``, ``_stub``, ``_cache`` and its
+    ``grpc_client``): the queue service shares Optuna's channel, made and remade (after
+    unpickling) in ``_setup``; and a new channel must not drop the cache, which would then
+    read the whole study again.
+    """
+
+    def __init__(self, *, host: str, port: int) -> None:
+        self.queue_service = True  # until the proxy says it has none
+        with _quiet():
+            super().__init__(host=host, port=port)
+
+    def _setup(self) -> None:
+        super()._setup()
+        self._queue = {
+            name: self._channel.unary_unary(
+                f"/{QUEUE_SERVICE}/{name}",
+                request_serializer=_dumps,
+                response_deserializer=json.loads,
+            )
+            for name in ("Waiting", "Running", "Enqueue")
+        }
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_queue", None)
+        return state
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def ask(self, name: str, **request: Any) -> dict[str, Any] | None:
+        """The queue service's answer to ``name`` (Waiting, Running, Enqueue), or None if
+        the proxy has no queue service."""
+        import grpc
+
+        if not self.queue_service:
+            return None
+        try:
+            return self._queue[name](request)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                self.queue_service = False
+                return None
+            raise
+
+    def reconnect(self) -> None:
+        """A new channel (connected at the next call), the trial cache kept."""
+        cache = self._cache
+        self._channel.close()
+        self._setup()
+        self._cache = cache
+        cache.grpc_client = self._stub
+
+
+def proxy_server(storage: BaseStorage, *, threads: int) -> Any:
+    """A gRPC server (not started, no port yet) with Optuna's storage proxy service on
+    ``storage``, serving ``threads`` calls at once.
+
+    Private (``optuna.storages._grpc``: ``OptunaStorageProxyService``,
+    ``add_StorageServiceServicer_to_server``): the server that
+    :func:`optuna.storages.run_grpc_proxy_server` builds and runs, built here, because
+    Optuna keeps it to itself: a stop signal must stop it gracefully, the queue service
+    must join it, and the port it binds must be known (``--port 0``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    # Not SO_REUSEPORT (gRPC's default): a second proxy on a taken port would share it
+    # silently, and the workers' calls would go to either one, maybe another database.
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)]
+    )
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), server)
+    return server
 
 
 def _proxy_installed() -> bool:

@@ -23,8 +23,8 @@ from search import proxy as proxy_command
 from search.sweep import studies as st
 from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.loop import take
-from search.sweep.workers.proxy import ProxyStorage
 from search.sweep.workers.storage import (
+    ProxyStorage,
     StorageError,
     StorageURLError,
     check_storage,
