@@ -1,7 +1,7 @@
 """Many workers on one machine, directly on PostgreSQL and through ``c2f proxy``.
 
     flock /tmp/c2f-bench.lock nice -n 10 python -m bench.scale \\
-        [--workers 8 32 64 96 128 256 400] [--direct-up-to 128] [--trial-seconds 8] \\
+        [--workers 8 32 64 96 128 256 400] [--direct-up-to 96] [--trial-seconds 20] \\
         [--trials-per-worker 3] [--group 8] [--events-at 400] [--pg URL]
 
 Each run makes a fresh PostgreSQL database, queues a coarse study of
@@ -130,12 +130,39 @@ def new_database(pg: str) -> tuple[str, str]:
 
 
 def drop_database(pg: str, name: str) -> None:
-    query(
-        pg,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-        (name,),
-    )
-    query(pg, f'DROP DATABASE IF EXISTS "{name}"')
+    for _ in range(60):  # a server at its limit refuses this too, until the workers go
+        try:
+            query(
+                pg,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            query(pg, f'DROP DATABASE IF EXISTS "{name}"')
+            return
+        except Exception:  # noqa: BLE001 - retried
+            time.sleep(1.0)
+
+
+class Monitor:
+    """One connection to the run's database, opened before the workers start (a server
+    at its limit would refuse a new one): the trials finished and the connections used."""
+
+    def __init__(self, db_url: str, name: str) -> None:
+        self.con = admin(db_url)
+        self.name = name
+
+    def connections(self) -> int:
+        with self.con.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (self.name,))
+            return int(cur.fetchone()[0])
+
+    def finished(self) -> int:
+        with self.con.cursor() as cur:
+            cur.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'")
+            return int(cur.fetchone()[0])
+
+    def close(self) -> None:
+        self.con.close()
 
 
 # ----------------------------------------------------------------------------- processes
@@ -266,6 +293,7 @@ def run(
                 check=True,
                 capture_output=True,
             )
+            monitor = Monitor(db_url, name)
             t_start = time.monotonic()
             pids = []
             left = workers
@@ -287,11 +315,8 @@ def run(
                     done, _ = os.waitpid(pid, os.WNOHANG)
                     if done:
                         alive.discard(pid)
-                [(connections,)] = query(
-                    pg, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)
-                )
-                most_connections = max(most_connections, connections)
-                finished = finished_count(pg, name)
+                most_connections = max(most_connections, monitor.connections())
+                finished = monitor.finished()
                 if not memory_kib and finished >= 0.2 * target:  # every worker started
                     procs = processes_of(set(pids))
                     memory_kib = sum(pss_kib(p) for p in procs)
@@ -312,6 +337,7 @@ def run(
                 os.waitpid(pid, 0)
             if proxy is not None:
                 proxy_cpu += cpu_seconds(proxy.pid)
+            monitor.close()
             result = measure(db_url, d / "runs", target)
             logs = "".join(p.read_text() for p in sorted(d.glob("group*.log")))
             result.update(
@@ -334,20 +360,6 @@ def run(
                 proxy.send_signal(signal.SIGTERM)
                 proxy.wait(60)
             drop_database(pg, name)
-
-
-def finished_count(pg: str, name: str) -> int:
-    from sqlalchemy.engine import make_url
-
-    con = admin(make_url(pg).set(database=name).render_as_string(hide_password=False))
-    try:
-        with con.cursor() as cur:
-            cur.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'")
-            return int(cur.fetchone()[0])
-    except Exception:  # noqa: BLE001 - the tables are being made
-        return 0
-    finally:
-        con.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -432,9 +444,15 @@ HEADER = (
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[8, 32, 64, 96, 128, 256, 400])
-    p.add_argument("--direct-up-to", type=int, default=128, help="direct runs up to this N")
+    p.add_argument(
+        "--direct-up-to",
+        type=int,
+        default=96,
+        help="direct runs up to this N (past the server's limit, the other users of the "
+        "server are refused too)",
+    )
     p.add_argument("--group", type=int, default=8, help="workers per group process")
-    p.add_argument("--trial-seconds", type=float, default=8.0)
+    p.add_argument("--trial-seconds", type=float, default=20.0)
     p.add_argument("--trials-per-worker", type=int, default=3)
     p.add_argument(
         "--events-at", type=int, nargs="*", default=[400], help="N of the proxy runs with events"
