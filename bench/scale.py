@@ -1,15 +1,16 @@
 """Many workers on one machine, directly on PostgreSQL and through ``c2f proxy``.
 
     flock /tmp/c2f-bench.lock nice -n 10 python -m bench.scale \\
-        [--workers 8 32 64 96 128 256 400] [--direct-up-to 96] [--trial-seconds 20] \\
-        [--trials-per-worker 3] [--group 8] [--events-at 400] [--pg URL]
+        [--workers 8 32 96 192 400] [--direct-up-to 96] [--trial-seconds 60] \\
+        [--trials-per-worker 2] [--group 8] [--events-at 400] [--pg URL]
 
 Each run makes a fresh PostgreSQL database, queues a coarse study of
 ``trials-per-worker x N`` trials (``python -m search.worker --create``) and starts N
 worker processes in groups of ``--group``: each group is a process of its own (a
 machine, as ``c2f worker --workers 8`` would be) running the project's forked pool
 on the study's queue, without the progress line. The training function sleeps
-``--trial-seconds`` and reports once (random sampler, no pruner): the workers are
+``--trial-seconds`` on average (0.5 to 1.5 times, drawn per trial) and reports once
+(random sampler, no pruner): the workers are
 mostly idle, as on a cluster whose trials train elsewhere, so hundreds of them fit
 on two cores and what is measured is the storage path, not training.
 
@@ -20,6 +21,8 @@ and the proxy restarted (SIGTERM, then started again on its port) at 60%.
 
 Per run: the workers that ran (distinct owners of trials), trials/s (finished over
 the span from the first start to the last end) against the ideal N / trial-seconds,
+"busy" (the share of the workers' time over that span spent in the training function:
+the start and the last trials' tail keep it below 100% even with no overhead),
 p50/p99 of take (a worker's previous trial recorded finished -> its next one
 recorded RUNNING: reaping, the queue, the claim) and tell (the function returned ->
 the trial recorded finished), the most connections to the database at once
@@ -35,7 +38,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,13 +83,15 @@ grace_period = 30
 
 # Each completed run leaves one line in runs/PID.jsonl: its parameters and times.
 SLEEPER = """\
-import json, os, time
+import json, os, random, time
 
 RUNS = {runs!r}
 
 def train(hp, data, report):
     t0 = time.time()
-    time.sleep({seconds})
+    # From half to one and a half times the mean: the workers' trials end at different
+    # moments, as real trainings do, not all in one wave.
+    time.sleep({seconds} * (0.5 + random.Random(hp["l2_lambda"]).random()))
     report(1, 0.5)
     t1 = time.time()
     with open(os.path.join(RUNS, f"{{os.getpid()}}.jsonl"), "a") as out:
@@ -396,7 +400,8 @@ def measure(db_url: str, runs: Path, target: int) -> dict:
     starts = [t.datetime_start for t in complete]
     ends = [t.datetime_complete for t in complete]
     span = (max(ends) - min(starts)).total_seconds() if complete else float("nan")
-    runs_done = sum(len(p.read_text().splitlines()) for p in runs.glob("*.jsonl"))
+    done = [json.loads(line) for p in runs.glob("*.jsonl") for line in p.read_text().splitlines()]
+    busy = sum(t1 - t0 for _, _, t0, t1 in done)
     return {
         "ran": len(by_owner),
         "finished": len(complete),
@@ -405,7 +410,9 @@ def measure(db_url: str, runs: Path, target: int) -> dict:
         "take_p99": percentile(takes, 0.99),
         "tell_p50": percentile(tells, 0.5),
         "tell_p99": percentile(tells, 0.99),
-        "duplicates": runs_done - len(complete),
+        "duplicates": len(done) - len(complete),
+        # The share of the workers' time spent in the training function.
+        "busy": busy / (len(by_owner) * span) if complete else 0.0,
         "lost": max(0, target - len(complete)),
         "requeued": states.count("REQUEUED"),
         "failed": states.count("FAIL"),
@@ -425,6 +432,7 @@ def row(r: dict) -> str:
         events.append("TIMED OUT")
     return (
         f"| {r['via']} | {r['workers']} | {r['ran']} | {r['rate']:.1f} / {r['ideal']:.1f} | "
+        f"{r['busy']:.0%} | "
         f"{r['take_p50'] * 1e3:.0f} / {r['take_p99'] * 1e3:.0f} | "
         f"{r['tell_p50'] * 1e3:.0f} / {r['tell_p99'] * 1e3:.0f} | {r['connections']} | "
         f"{r['finished']} / {r['target']} | {r['duplicates']} | {r['lost']} | "
@@ -434,16 +442,16 @@ def row(r: dict) -> str:
 
 
 HEADER = (
-    "| storage | workers | ran | trials/s (ideal) | take p50 / p99 ms | tell p50 / p99 ms | "
-    "connections | finished / target | duplicates | lost | re-queued | PSS MiB/worker | "
-    "proxy CPU s | events |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| storage | workers | ran | trials/s (ideal) | busy | take p50 / p99 ms | "
+    "tell p50 / p99 ms | connections | finished / target | duplicates | lost | re-queued | "
+    "PSS MiB/worker | proxy CPU s | events |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
-    p.add_argument("--workers", type=int, nargs="+", default=[8, 32, 64, 96, 128, 256, 400])
+    p.add_argument("--workers", type=int, nargs="+", default=[8, 32, 96, 192, 400])
     p.add_argument(
         "--direct-up-to",
         type=int,
@@ -452,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         "server are refused too)",
     )
     p.add_argument("--group", type=int, default=8, help="workers per group process")
-    p.add_argument("--trial-seconds", type=float, default=20.0)
-    p.add_argument("--trials-per-worker", type=int, default=3)
+    p.add_argument("--trial-seconds", type=float, default=60.0, help="mean of a trial")
+    p.add_argument("--trials-per-worker", type=int, default=2)
     p.add_argument(
         "--events-at", type=int, nargs="*", default=[400], help="N of the proxy runs with events"
     )
@@ -488,14 +496,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             results.append(r)
             print(row(r), flush=True)
-    sizes = [r["pss_per_worker_mib"] for r in results if r["pss_per_worker_mib"]]
-    if sizes:
-        per = statistics.median(sizes)
-        print(
-            f"\nmemory: {per:.1f} MiB per worker (median PSS, group processes included): "
-            f"{int(24 * 1024 / per)} workers in 24 GiB",
-            flush=True,
-        )
+    for via in ("direct", "proxy"):
+        sizes = [(r["workers"], r["pss_per_worker_mib"]) for r in results if r["via"] == via]
+        if sizes:
+            n, per = max(sizes)
+            print(
+                f"memory, {via}: {per:.1f} MiB per worker at {n} workers (PSS, the group "
+                f"processes included): {int(24 * 1024 / per)} such workers in 24 GiB",
+                flush=True,
+            )
     print(json.dumps(results, default=str), file=sys.stderr)
     return 0
 

@@ -239,11 +239,15 @@ sampler = "random"
 """
 
 
-def slow_study(tmp_path: Path, name: str, trials: int, workers: int) -> Path:
-    """A study of a user's function that takes 0.6 s a trial (digits, no pruner)."""
+def slow_study(
+    tmp_path: Path, name: str, trials: int, workers: int, storage: str | None = None
+) -> Path:
+    """A study of a user's function that takes 0.6 s a trial (digits, no pruner), with
+    its [optuna] storage if given."""
     (tmp_path / "slow.py").write_text(SLOW)
     path = tmp_path / f"{name}.toml"
-    path.write_text(SLOW_STUDY.format(name=name, trials=trials, workers=workers))
+    text = SLOW_STUDY.format(name=name, trials=trials, workers=workers)
+    path.write_text(text + (f'storage = "{storage}"\n' if storage else ""))
     return path
 
 
@@ -308,11 +312,19 @@ def test_workers_ride_out_a_proxy_restart_and_ctrl_c_requeues_their_trials(tmp_p
     workers: they retry, say so, and go on. Then Ctrl-C: 130, the running trials
     re-queued, every trial of the target there once; the proxy stops on SIGINT (130)."""
     url = f"sqlite:///{tmp_path / 'behind.db'}"
-    path = slow_study(tmp_path, "restart", trials=12, workers=2)
     proxy = start_proxy(url)
+    # The proxy named by the study file's [optuna] storage this time, not by --storage.
+    path = slow_study(tmp_path, "restart", trials=12, workers=2, storage=proxy.url)
     proc = None
     try:
-        proc = start_coarse(path, proxy.url)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "search.coarse", "--study", str(path)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         wait_until_training(proc, url, "restart-coarse")
         code, said = proxy.stop(signal.SIGTERM)
         assert code == 143 and "proxy: stopped (SIGTERM)" in said, said
