@@ -1,7 +1,7 @@
 """``c2f``: every command of coarse2fine under one name, and ``c2f init``.
 
 ``c2f coarse ARGS`` runs ``python -m search.coarse ARGS`` (and so on for fine, final,
-report, status, worker, experiment; train and gradcheck are ``model.train`` and
+report, status, worker, experiment, proxy; train and gradcheck are ``model.train`` and
 ``model.gradcheck``): the same function, with hints and --help naming the command
 as ``c2f coarse``. ``c2f init [DIR]`` copies the study files shipped with the
 package (the quick start, the DD2424 studies, the experiments) into ``DIR``
@@ -26,6 +26,7 @@ COMMANDS = {
     "status": ("search.status", "the studies in a storage: trials per state, running or not"),
     "worker": ("search.worker", "join a study on a shared storage (another machine)"),
     "experiment": ("search.experiment", "run an experiment file (a grid of trainings)"),
+    "proxy": ("search.proxy", "serve a database to many workers through one gRPC proxy"),
     "train": ("model.train", "train one network from the command line"),
     "gradcheck": ("model.gradcheck", "compare analytic and numerical gradients"),
 }

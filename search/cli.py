@@ -469,4 +469,7 @@ def dashboard_hint(spec: StudySpec) -> str:
     if url.startswith("journal:///"):
         # optuna-dashboard opens a journal file by its path, not by a URL.
         return f"optuna-dashboard {url[len('journal:///') :]}"
+    if url.startswith("grpc://"):
+        # optuna-dashboard reads the database itself, not through the proxy.
+        return f"optuna-dashboard DATABASE_URL (the --storage that c2f proxy at {url} serves)"
     return f"optuna-dashboard {safe_url(url)}"

@@ -20,10 +20,11 @@ import optuna
 import pytest
 import yaml  # PyYAML: a dependency of optuna
 
-from search import worker
+from search import proxy, worker
 from search.sweep import studies as st
 from tests.search import pg_util
 from tests.search.conftest import get_json, run_dashboard
+from tests.search.sweep.workers.conftest import start_proxy
 
 # One worker runs this module: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("docker")
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.xdist_group("docker")
 REPO = pg_util.REPO
 DOCKER = REPO / "docker"
 OUR_COMMANDS = {"create": "search.worker", "worker": "search.worker"}
+DATABASE = "postgresql+psycopg2://optuna:optuna@postgres:5432/optuna"
 
 
 def interpolate(value, env: dict[str, str]):
@@ -85,12 +87,14 @@ def app_path(compose: dict, service: str, path: str):
 
 def test_services_and_their_wiring(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "create", "worker", "dashboard"}
+    assert set(services) == {"postgres", "proxy", "create", "worker", "dashboard"}
     pg = services["postgres"]
     assert pg["image"] == "postgres:16"
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
     assert any(v.endswith(":/var/lib/postgresql/data") for v in pg["volumes"])
-    assert services["create"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["proxy"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "channel_ready_future" in " ".join(services["proxy"]["healthcheck"]["test"])
+    assert services["create"]["depends_on"]["proxy"]["condition"] == "service_healthy"
     dep = services["worker"]["depends_on"]["create"]["condition"]
     assert dep == "service_completed_successfully"
     assert services["worker"]["deploy"]["replicas"] >= 1
@@ -111,7 +115,7 @@ def test_commands_parse_with_the_project_parser(compose, service, monkeypatch):
     for key, value in svc["environment"].items():
         monkeypatch.setenv(key, str(value))
     args = worker.build_parser().parse_args(command[3:])  # SystemExit here fails the test
-    assert args.storage == "postgresql+psycopg2://optuna:optuna@postgres:5432/optuna"
+    assert args.storage == "grpc://proxy:13000"  # the proxy service, not the database
     assert args.study_name == "quickstart-coarse"
     assert args.create is (service == "create")
     assert args.threads == 1 and args.cache_dir == "/cache"
@@ -130,11 +134,23 @@ def test_data_dir_is_passed_only_when_given(monkeypatch):
     assert args.data_dir == "/data" and args.threads == 2
 
 
+def test_the_proxy_serves_the_database_to_the_workers(compose, monkeypatch):
+    svc = compose["services"]["proxy"]
+    assert svc["command"][:3] == ["python", "-m", "search.proxy"]
+    for key, value in svc["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    args = proxy.build_parser().parse_args(svc["command"][3:])
+    assert args.storage == DATABASE
+    assert (args.host, args.port) == ("0.0.0.0", 13000)  # the workers' grpc://proxy:13000
+    assert "13000" in " ".join(svc["healthcheck"]["test"])
+
+
 def test_dashboard_command_uses_the_same_storage(compose):
     svc = compose["services"]["dashboard"]
     command = svc["command"]
     assert command[0] == "optuna-dashboard"
-    assert command[1] == compose["services"]["worker"]["environment"]["C2F_STORAGE"]
+    # The database itself, as the proxy serves it: the dashboard does not read a proxy.
+    assert command[1] == compose["services"]["proxy"]["environment"]["C2F_STORAGE"] == DATABASE
     assert command[command.index("--port") + 1] == "8080"
     assert command[command.index("--host") + 1] == "0.0.0.0"  # inside the container
 
@@ -143,7 +159,7 @@ def test_dockerfile_installs_the_postgres_extra_as_non_root():
     steps = dockerfile()
     assert steps[0] == ("FROM", "python:3.11-slim")
     runs = " ".join(args for word, args in steps if word == "RUN")
-    assert 'pip install ".[postgres]"' in runs
+    assert 'pip install ".[postgres,proxy]"' in runs
     users = [args for word, args in steps if word == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert ("WORKDIR", "/app") in steps
@@ -174,13 +190,15 @@ def test_default_command_prints_help():
 
 @pytest.mark.postgres
 def test_compose_entry_commands_run_a_study(compose, tmp_path, quick_study):
-    """create, two worker replicas and the dashboard, as compose runs them, on local PostgreSQL."""
+    """The proxy, create, two worker replicas and the dashboard, as compose runs them, on
+    local PostgreSQL (the proxy on a free port of this machine)."""
     with pg_util.temporary_database() as url:
+        served = start_proxy(url)
         study_file = quick_study("quickstart", training={"n_cycles": 1, "evals_per_cycle": 4})
         services = compose["services"]
         # The container's environment, with the hosts and mounts of this machine.
         local = {
-            "C2F_STORAGE": url,
+            "C2F_STORAGE": served.url,
             "C2F_STUDY": str(study_file),
             "C2F_CACHE_DIR": str(tmp_path / "cache"),
         }
@@ -193,10 +211,13 @@ def test_compose_entry_commands_run_a_study(compose, tmp_path, quick_study):
             command = services[service]["command"]
             return pg_util.start_worker(*command[3:], env=env)
 
-        [out] = pg_util.finish([run("create")])
-        assert "target 5 trials" in out and "5 newly queued" in out, out
-        replicas = [run("worker"), run("worker")]
-        outputs = pg_util.finish(replicas)
+        try:
+            [out] = pg_util.finish([run("create")])
+            assert "target 5 trials" in out and "5 newly queued" in out, out
+            replicas = [run("worker"), run("worker")]
+            outputs = pg_util.finish(replicas)
+        finally:
+            served.stop()
         for p, out in zip(replicas, outputs, strict=True):
             assert p.returncode == 0 and "queue of quickstart-coarse empty" in out, out
         study = optuna.load_study(study_name="quickstart-coarse", storage=url)

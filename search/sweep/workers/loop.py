@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from search.sweep.workers.storage import (
     StorageError,
     StorageUnavailable,
     learn_trial,
+    running_trials,
     waiting_trial_ids,
 )
 
@@ -97,6 +99,14 @@ class Heartbeat:
                 continue
 
 
+# A take tries the oldest WAITING trial, then up to TAKE_TRIES - 1 others drawn from the
+# next TAKE_WINDOW: hundreds of workers that ask at once (through a proxy, all their
+# trials end together) each try a different trial, instead of all trying the same eight
+# and waiting when they lose.
+TAKE_WINDOW = 256
+TAKE_TRIES = 8
+
+
 def take(storage: ResilientStorage, study_id: int) -> int | None:
     """Pop a WAITING trial (atomically: one worker only gets it) and claim it; its id.
 
@@ -104,7 +114,9 @@ def take(storage: ResilientStorage, study_id: int) -> int | None:
     :func:`search.sweep.workers.lost.lost_reason` takes it for lost after the grace period.
     Signals never fall between them (the loop is not interruptible there).
     """
-    for tid in waiting_trial_ids(storage, study_id):
+    waiting = waiting_trial_ids(storage, study_id, limit=TAKE_WINDOW)
+    others = random.sample(waiting[1:], min(TAKE_TRIES - 1, max(0, len(waiting) - 1)))
+    for tid in waiting[:1] + others:
         try:
             if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
                 storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
@@ -151,9 +163,7 @@ def run_queue(
             lost.reap(storage, study_id, grace_period=sweep.grace_period)
             tid = take(storage, study_id)
             if tid is None:
-                running = storage.get_all_trials(
-                    study_id, deepcopy=False, states=(TrialState.RUNNING,)
-                )
+                running = running_trials(storage, study_id, attr=lost.OWNER)
         except StorageUnavailable as exc:
             if not stop:
                 log(f"{exc}; trying again")

@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.sweep.workers import bookkeeping
-from search.sweep.workers.storage import trial_id
+from search.sweep.workers.storage import running_trials, trial_id
 
 # The system attrs this module owns.
 OWNER = "c2f_owner"
@@ -115,11 +115,18 @@ def lost_reason(
     """
     if trial.state != TrialState.RUNNING:
         return None
+    started = trial.datetime_start.timestamp() if trial.datetime_start else None
+    return _gone(trial.system_attrs.get(OWNER), started, grace_period=grace_period, now=now)
+
+
+def _gone(
+    owner: dict[str, Any] | None, started: float | None, *, grace_period: float, now: float | None
+) -> str | None:
+    """:func:`lost_reason` of a RUNNING trial from its owner record and start time."""
     now = time.time() if now is None else now
-    owner = trial.system_attrs.get(OWNER)
     if not owner:
         # Taken by a process that died before it could say so (or not by a worker).
-        start = trial.datetime_start.timestamp() if trial.datetime_start else now
+        start = started if started is not None else now
         if now - start > grace_period:
             return f"no worker claimed it in {grace_period:g} s"
         return None
@@ -201,11 +208,23 @@ def _add_retry(storage: optuna.storages.BaseStorage, study_id: int, failed: Froz
 
 
 def reap(storage: optuna.storages.BaseStorage, study_id: int, *, grace_period: float) -> list[int]:
-    """Fail and retry every RUNNING trial of the study whose worker is gone; their numbers."""
+    """Fail and retry every RUNNING trial of the study whose worker is gone; their numbers.
+
+    The RUNNING trials and their owner records are read alone
+    (:func:`search.sweep.workers.storage.running_trials`: one query, also through a proxy),
+    not every trial: every worker reaps before it takes a trial. A trial that looks lost
+    is read in full and judged again before it is failed.
+    """
     reaped = []
     now = time.time()
-    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = lost_reason(t, grace_period=grace_period, now=now)
+    for r in running_trials(storage, study_id, attr=OWNER):
+        if _gone(r.owner, r.started, grace_period=grace_period, now=now) is None:
+            continue
+        try:
+            t = storage.get_trial(r.trial_id)
+        except KeyError:
+            continue  # deleted with its study meanwhile
+        reason = lost_reason(t, grace_period=grace_period, now=time.time())
         if reason is not None and requeue(storage, study_id, t, bookkeeping.worker_lost(reason)):
             reaped.append(t.number)
     return reaped

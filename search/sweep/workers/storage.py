@@ -1,15 +1,19 @@
-"""Optuna storages from a URL: SQLite (default), PostgreSQL, or a journal file.
+"""Optuna storages from a URL: SQLite (default), PostgreSQL, a journal file, or a proxy.
 
 SQLite is set up for many processes on one file: WAL journal (readers such as
 optuna-dashboard never block the writers) and a long busy timeout. Every
 storage is wrapped in :class:`ResilientStorage`: a call that meets a briefly
 unreachable database (a restarted server, a network cut, a locked file) is
-retried with back-off instead of killing the worker.
+retried with back-off instead of killing the worker. ``grpc://HOST:PORT`` is a
+``c2f proxy`` (:mod:`search.sweep.workers.proxy`) in front of a database: the
+workers of a large cluster hold no database connection of their own.
 
 This is also the one place that touches Optuna's private API, each use with
-the reason and a test (``tests/search/test_storage.py``) that fails if Optuna
-changes it: :func:`storage_of`, :func:`trial_id`, :func:`waiting_trial_ids`,
-Optuna's trial cache (:func:`_cached`) and the upsert of :class:`SQLiteStorage`.
+the reason and a test (``tests/search/test_storage.py``,
+``tests/search/sweep/workers/test_proxy.py``) that fails if Optuna changes it:
+:func:`storage_of`, :func:`trial_id`, :func:`waiting_trial_ids`, Optuna's trial cache
+(:func:`_cached`, :func:`learn_trial`), the upsert of :class:`SQLiteStorage`, and the
+gRPC proxy's client (:class:`ProxyStorage`) and server (:func:`proxy_server`).
 """
 
 from __future__ import annotations
@@ -18,17 +22,19 @@ import contextlib
 import contextvars
 import errno
 import functools
+import json
 import random
 import sqlite3
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage, GrpcStorageProxy, RDBStorage
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -107,14 +113,21 @@ def _prepare_sqlite(path: Path) -> None:
 
 
 def make_storage(
-    url: str, *, patience: float = PATIENCE_S, log: Callable[[str], None] | None = None
+    url: str,
+    *,
+    patience: float = PATIENCE_S,
+    log: Callable[[str], None] | None = None,
+    connections: int = 1,
 ) -> ResilientStorage:
     """An Optuna storage for ``url``, retrying calls while the database is unreachable.
 
     - ``sqlite:///path.db``: RDBStorage with WAL and a busy timeout.
     - ``postgresql[+driver]://...``, ``mysql...``: RDBStorage (connections checked
-      before use, so a restarted server is survived).
+      before use, so a restarted server is survived), holding at most ``connections``
+      connections (one for a worker or a command; a proxy serves with more).
     - ``journal:///path.log`` or a path ending in ``.log``: a journal file.
+    - ``grpc://HOST:PORT``: a ``c2f proxy`` in front of a database (no connection to the
+      database from this process).
 
     Workers record their own heartbeats (``search.sweep.workers.lost``), on every kind of
     storage, so Optuna's heartbeat is not used. A URL that names no usable storage
@@ -125,7 +138,7 @@ def make_storage(
     path = _file_of(url)
     new_file = path is not None and not path.exists()
     try:
-        backend = _open(url)
+        backend = _open(url, connections=connections)
     except Exception as exc:  # noqa: BLE001 - named by describe_failure, else re-raised
         if new_file:  # a storage that could not be made leaves no empty file behind
             for leftover in ("", "-wal", "-shm", "-journal"):
@@ -204,6 +217,30 @@ def _call(method: Callable[..., T], *args, **kwargs) -> T:  # noqa: ANN002, ANN0
     return method(*args, **kwargs)
 
 
+def _study_of_trial(storage: BaseStorage, tid: int) -> int | None:
+    """The study of trial ``tid`` if the storage keeps Optuna's trial cache in front of a
+    database (one indexed query on the private schema: a trial id is all the cache's
+    ``set_trial_param`` is given), else None; None too if there is no such trial."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    backend = getattr(storage, "backend", storage)
+    if not isinstance(getattr(storage, "inner", storage), _CachedStorage):
+        return None
+    if not isinstance(backend, RDBStorage):
+        return None
+
+    def query() -> int | None:
+        with backend.engine.connect() as conn:
+            return conn.execute(
+                sqlalchemy.text("SELECT study_id FROM trials WHERE trial_id = :t"), {"t": tid}
+            ).scalar()
+
+    retrying = storage.retrying if isinstance(storage, ResilientStorage) else _call
+    with read_only():
+        study_id = retrying(query)
+    return None if study_id is None else int(study_id)
+
+
 def _cache_privates() -> bool:
     """Whether Optuna's trial cache still has what :func:`learn_trial` uses."""
     from optuna.storages import _cached_storage as cached
@@ -223,9 +260,154 @@ _CACHE_PRIVATES = _cache_privates()
 
 
 SUPPORTED = (
-    "sqlite:///PATH.db, postgresql+psycopg2://USER@HOST:PORT/DB, mysql+pymysql://USER@HOST/DB "
-    "or journal:///PATH.log"
+    "sqlite:///PATH.db, postgresql+psycopg2://USER@HOST:PORT/DB, mysql+pymysql://USER@HOST/DB, "
+    "journal:///PATH.log or grpc://HOST:PORT (a c2f proxy)"
 )
+PROXY_SCHEME = "grpc://"
+PROXY_INSTALL = "pip install 'coarse2fine[proxy]'"
+
+
+def proxy_address(url: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``grpc://HOST:PORT`` storage (a ``c2f proxy``), else None; a
+    :class:`StorageURLError` for a ``grpc://`` URL that names no host and port."""
+    if not url.startswith(PROXY_SCHEME):
+        return None
+    rest = url[len(PROXY_SCHEME) :].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    example = "grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000 (c2f proxy's --host and --port)"
+    if not sep or not host or "/" in rest or "@" in rest or "?" in rest:
+        raise StorageURLError(f"storage {url!r}: a proxy's URL is {example}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise StorageURLError(f"storage {url!r}: the port must be 1 to 65535; {example}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _connect_proxy(host: str, port: int) -> ProxyStorage:
+    """A client of the proxy at ``host:port`` that answered one call, which reads the
+    database behind it (so a proxy whose database is down is found here too)."""
+    storage = ProxyStorage(host=host, port=port)
+    try:
+        storage.get_all_studies()
+    except BaseException:
+        storage.close()
+        raise
+    return storage
+
+
+def _proxy_of(storage: object) -> ProxyStorage | None:
+    """The proxy client behind ``storage`` if it is one (:class:`ProxyStorage`), else None."""
+    inner = getattr(storage, "backend", storage)
+    return inner if isinstance(inner, ProxyStorage) else None
+
+
+QUEUE_SERVICE = "c2f.Queue"  # the proxy's own service (search.sweep.workers.proxy)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without Optuna's ExperimentalWarning for its gRPC classes: said once, in the README."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+class ProxyStorage(GrpcStorageProxy):
+    """Optuna's client of a gRPC storage proxy, with the proxy's queue service beside it.
+
+    :meth:`ask` calls the queue service (``c2f.Queue``); it answers None when the proxy is
+    a plain Optuna one (the callers then use Optuna's own calls). :meth:`reconnect` opens
+    a new channel and keeps the trial cache (before a fork: a child must not share one).
+
+    Private (``GrpcStorageProxy._setup``, ``_channel``, ``_stub``, ``_cache`` and its
+    ``grpc_client``): the queue service shares Optuna's channel, made and remade (after
+    unpickling) in ``_setup``; and a new channel must not drop the cache, which would then
+    read the whole study again.
+    """
+
+    def __init__(self, *, host: str, port: int) -> None:
+        self.queue_service = True  # until the proxy says it has none
+        with _quiet():
+            super().__init__(host=host, port=port)
+
+    def _setup(self) -> None:
+        super()._setup()
+        self._queue = {
+            name: self._channel.unary_unary(
+                f"/{QUEUE_SERVICE}/{name}",
+                request_serializer=_dumps,
+                response_deserializer=json.loads,
+            )
+            for name in ("Waiting", "Running", "Enqueue")
+        }
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_queue", None)
+        return state
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def ask(self, name: str, **request: Any) -> dict[str, Any] | None:
+        """The queue service's answer to ``name`` (Waiting, Running, Enqueue), or None if
+        the proxy has no queue service."""
+        import grpc
+
+        if not self.queue_service:
+            return None
+        try:
+            return self._queue[name](request)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                self.queue_service = False
+                return None
+            raise
+
+    def reconnect(self) -> None:
+        """A new channel (connected at the next call), the trial cache kept."""
+        cache = self._cache
+        self._channel.close()
+        self._setup()
+        self._cache = cache
+        cache.grpc_client = self._stub
+
+
+def proxy_server(storage: BaseStorage, *, threads: int) -> Any:
+    """A gRPC server (not started, no port yet) with Optuna's storage proxy service on
+    ``storage``, serving ``threads`` calls at once.
+
+    Private (``optuna.storages._grpc``: ``OptunaStorageProxyService``,
+    ``add_StorageServiceServicer_to_server``): the server that
+    :func:`optuna.storages.run_grpc_proxy_server` builds and runs, built here, because
+    Optuna keeps it to itself: a stop signal must stop it gracefully, the queue service
+    must join it, and the port it binds must be known (``--port 0``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    # Not SO_REUSEPORT (gRPC's default): a second proxy on a taken port would share it
+    # silently, and the workers' calls would go to either one, maybe another database.
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)]
+    )
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), server)
+    return server
+
+
+def _proxy_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("grpc", "google.protobuf"))
 
 
 class StorageURLError(ValueError):
@@ -236,14 +418,17 @@ class StorageError(RuntimeError):
     """A storage that cannot be used as it is; the message says what happened and what to do."""
 
 
-def _open(url: str) -> BaseStorage:
+def _open(url: str, *, connections: int = 1) -> BaseStorage:
     check_url(url)
     if url.startswith("journal://") or (url.endswith(".log") and "://" not in url):
         return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+    address = proxy_address(url)
+    if address is not None:
+        return with_retries(lambda: _connect_proxy(*address))
     db = sqlite_path(url)
     if db is not None:
         _prepare_sqlite(db)
-    engine_kwargs = _engine_kwargs(url)
+    engine_kwargs = _engine_kwargs(url, connections=connections)
 
     def connect() -> RDBStorage:
         if db is not None:
@@ -261,15 +446,15 @@ def _open(url: str) -> BaseStorage:
     return storage
 
 
-def _engine_kwargs(url: str) -> dict:
+def _engine_kwargs(url: str, *, connections: int = 1) -> dict:
     """How this tool connects to the database of ``url`` (SQLAlchemy's engine arguments)."""
     if sqlite_path(url) is not None:
         return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     if not url.startswith(("postgresql", "mysql")):
         return {}
-    # One connection per process (see _one_connection); a second only while Optuna
-    # sets up its tables, which nests two sessions.
-    kwargs: dict = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 1}
+    # One connection per process (see _one_connection), ``connections`` for a proxy; one
+    # more only while Optuna sets up its tables, which nests two sessions.
+    kwargs: dict = {"pool_pre_ping": True, "pool_size": connections, "max_overflow": 1}
     if (
         url.startswith("postgresql")
         and "psycopg" in url.split("://")[0]
@@ -310,9 +495,10 @@ def _check_schema(storage: RDBStorage) -> None:
 
 
 def _one_connection(engine: sqlalchemy.engine.Engine) -> None:
-    """At most one connection to the server from this process from now on, shared by its
-    threads (a worker's heartbeat waits for the loop's query, a few ms): a server's
-    max_connections then caps the workers, not half as many.
+    """At most one connection to the server from this process from now on (the pool's
+    size: ``connections`` for a proxy), shared by its threads (a worker's heartbeat waits
+    for the loop's query, a few ms): a server's max_connections then caps the workers,
+    not half as many.
 
     Private (``QueuePool._max_overflow``): the pool's size is fixed when Optuna makes the
     engine, and Optuna's table set-up needs a second connection; kept by ``dispose``. Left
@@ -331,6 +517,13 @@ def check_url(url: str) -> None:
     that is not installed, the directory of a SQLite or journal file that does not exist."""
     if "://" not in url and not url.endswith(".log"):
         raise StorageURLError(f"storage must be a URL like {SUPPORTED}; got {url!r}")
+    if proxy_address(url) is not None:
+        if not _proxy_installed():
+            raise StorageURLError(
+                f"storage {url!r} is a c2f proxy, and talking to one needs grpcio and "
+                f"protobuf, which are not installed: {PROXY_INSTALL}"
+            )
+        return
     if "://" in url and not url.startswith("journal://"):
         from search.config.study import IN_MEMORY, in_memory
 
@@ -366,8 +559,11 @@ def check_storage(url: str) -> None:
     """
     check_url(url)
     path = _file_of(url)
+    address = proxy_address(url)
     try:
-        if path is None:
+        if address is not None:
+            with_retries(lambda: _connect_proxy(*address)).close()
+        elif path is None:
             with_retries(lambda: _probe_server(url))
         elif path.exists():
             release(make_storage(url, patience=0))
@@ -501,6 +697,10 @@ def _where(url: str) -> str:
     path = _file_of(url)
     if path is not None:
         return str(path)
+    with contextlib.suppress(StorageURLError):
+        address = proxy_address(url)
+        if address is not None:
+            return f"the storage proxy at {address[0]}:{address[1]}"
     try:
         from sqlalchemy.engine import make_url
 
@@ -560,7 +760,7 @@ def _from_storage(exc: BaseException) -> bool:
     module = type(exc).__module__.split(".")[0]
     return (
         isinstance(exc, OSError | sqlite3.Error)
-        or module in ("sqlalchemy", "psycopg2", "psycopg", "pymysql", "MySQLdb")
+        or module in ("sqlalchemy", "psycopg2", "psycopg", "pymysql", "MySQLdb", "grpc")
         or isinstance(exc, optuna.exceptions.StorageInternalError)
         or (isinstance(exc, RuntimeError) and "compatible with the table schema" in str(exc))
     )
@@ -572,9 +772,26 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
 
     Known: a server that does not answer or refuses the login; a file or directory that
     cannot be created or written, read-only, not a database, corrupt; a full disk; a
-    schema made by another Optuna version.
+    schema made by another Optuna version; a storage proxy that does not answer, and the
+    failures of the database behind it, which it passes on.
     """
     where = _where(url)
+    check_url_text = "check the host and port in the storage URL"
+    check_login = "check user, password and database"
+    with contextlib.suppress(StorageURLError):
+        address = proxy_address(url)
+        if address is not None:
+            codes_ = {_rpc_code(e) for e in _chain(exc)} - {None}
+            if codes_ & {"UNAVAILABLE", "DEADLINE_EXCEEDED"}:
+                return (
+                    f"{where} does not answer ({_one_line(exc)}): start it (c2f proxy --storage "
+                    f"DATABASE_URL --host HOST --port {address[1]}), or {check_url_text}"
+                )
+            if not codes_:
+                return None
+            # The database's own error, passed on by the proxy: said of that database.
+            where = f"the database behind {where}"
+            check_url_text = check_login = "check the database and the --storage of c2f proxy"
     # Only the errors of a database, its driver or the file system say what the storage
     # did: a KeyError("Record does not exist.") is Optuna's answer about a study.
     chain = [e for e in _chain(exc) if _from_storage(e)]
@@ -642,12 +859,9 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
         return f"{where} refused a connection, too many are open ({first}): {TOO_MANY_FIX}"
     if any(w in texts for w in ("password authentication failed", "does not exist", "role ")):
         if not url.startswith(("sqlite", "journal")) and "://" in url:
-            return f"{where} refused the login ({first}): check user, password and database"
+            return f"{where} refused the login ({first}): {check_login}"
     if is_transient(exc) and not url.startswith(("sqlite", "journal")) and "://" in url:
-        return (
-            f"{where} does not answer ({first}): start the server, or check the host and port "
-            "in the storage URL"
-        )
+        return f"{where} does not answer ({first}): start the server, or {check_url_text}"
     if "could not translate host name" in texts or "name or service not known" in texts:
         return f"{where}: unknown host ({first}); check the host in the storage URL"
     return None
@@ -656,7 +870,8 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
 TOO_MANY_FIX = (
     "run fewer workers (--workers, here and on other machines), raise "
     "the server's max_connections (or the role's CONNECTION LIMIT), or put a connection "
-    "proxy such as PgBouncer in front of the server"
+    "proxy in front of the server: c2f proxy --storage URL, and --storage grpc://HOST:PORT "
+    "for the workers and commands"
 )
 
 
@@ -878,6 +1093,8 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if getattr(e, "connection_invalidated", False):
             return True
+        if _rpc_code(e) in _TRANSIENT_RPC:
+            return True
         text = str(e).lower()
         if any(word in text for word in _TRANSIENT_WORDS):
             return True
@@ -974,13 +1191,57 @@ class ResilientStorage(BaseStorage):
         if named is not exc:
             raise named from exc
 
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: optuna.distributions.BaseDistribution,
+    ) -> None:
+        """The storage's ``set_trial_param``; a trial its cache does not know is learnt first.
+
+        Optuna's cache raises ``KeyError`` for a trial it has not read or made itself:
+        one taken by its id in a process whose cache predates it (:func:`learn_trial` at
+        the take), and, in a proxy, any trial a worker took through another proxy or the
+        database itself, or before this proxy restarted. The proxy's storage is this one.
+        """
+        args = (trial_id, param_name, param_value_internal, distribution)
+        try:
+            return self.call("set_trial_param", *args)
+        except KeyError:
+            study_id = _study_of_trial(self, trial_id)
+            if study_id is None:
+                raise  # no such trial, or a storage without Optuna's cache
+            learn_trial(self, study_id, trial_id)
+            return self.call("set_trial_param", *args)
+
 
 def _one_line(exc: BaseException) -> str:
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
+    rpc = next((e for e in _chain(exc) if _rpc_code(e) is not None), None)
+    if rpc is not None and not isinstance(cause, sqlite3.Error | OSError):
+        details = (rpc.details() or "").strip().splitlines()  # type: ignore[attr-defined]
+        text = details[0].removeprefix("Exception calling application: ") if details else ""
+        return f"{_rpc_code(rpc)}: {text}"
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def _rpc_code(exc: BaseException | None) -> str | None:
+    """The status of a failed gRPC call (a call to a storage proxy) by name, else None."""
+    code = getattr(exc, "code", None)
+    if exc is None or type(exc).__module__.split(".")[0] != "grpc" or not callable(code):
+        return None
+    try:
+        return code().name
+    except Exception:  # noqa: BLE001 - an RpcError that is not a finished call
+        return None
+
+
+# A proxy that is restarting or unreachable, or too busy to take the call now.
+_TRANSIENT_RPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
 
 
 def _delegate(name: str) -> Callable[..., object]:
@@ -991,11 +1252,12 @@ def _delegate(name: str) -> Callable[..., object]:
     return method
 
 
-# Every method of Optuna's storage interface goes through ResilientStorage.call.
+# Every other method of Optuna's storage interface goes through ResilientStorage.call.
 for _name in sorted(BaseStorage.__abstractmethods__) + [
     n for n in vars(BaseStorage) if not n.startswith("_") and callable(getattr(BaseStorage, n))
 ]:
-    setattr(ResilientStorage, _name, _delegate(_name))
+    if _name not in vars(ResilientStorage):
+        setattr(ResilientStorage, _name, _delegate(_name))
 ResilientStorage.__abstractmethods__ = frozenset()
 
 
@@ -1006,7 +1268,13 @@ def waiting_trial_ids(storage: BaseStorage, study_id: int, *, limit: int = 8) ->
     Optuna's public way, ``get_all_trials(states=(WAITING,))``, builds every waiting
     trial with its attrs, about 0.5 ms each, on every look at the queue, and a
     queue of 1,000 trials made each look cost longer than a quick-start trial.
+    Through a ``c2f proxy``, the same query, run by the proxy.
     """
+    proxy = _proxy_of(storage)
+    if proxy is not None:
+        answer = _retrying(storage)(proxy.ask, "Waiting", study_id=study_id, limit=limit)
+        if answer is not None:
+            return [int(i) for i in answer["ids"]]
     inner = getattr(storage, "backend", storage)
     if isinstance(inner, RDBStorage) and _FAST_WAITING:
 
@@ -1036,6 +1304,83 @@ _FAST_WAITING = {"trial_id", "study_id", "state"} <= set(
 )
 
 
+def _retrying(storage: BaseStorage) -> Callable[..., Any]:
+    return storage.retrying if isinstance(storage, ResilientStorage) else _call
+
+
+@dataclass(frozen=True)
+class Running:
+    """A RUNNING trial as the reaper sees it: its ids, when it started (seconds since the
+    epoch) and its owner record (system attr ``attr`` of :func:`running_trials`)."""
+
+    trial_id: int
+    number: int
+    started: float | None
+    owner: dict[str, Any] | None
+
+
+def running_trials(storage: BaseStorage, study_id: int, *, attr: str) -> list[Running]:
+    """The study's RUNNING trials, each with its system attr ``attr`` (the owner record).
+
+    On an RDB storage, one indexed query on the private schema (the trials and that one
+    attribute): Optuna's public way, ``get_all_trials(states=(RUNNING,))``, reads every
+    unfinished trial in full, the waiting ones too, and the reaper looks before every
+    take. Through a ``c2f proxy``, the same query, run by the proxy.
+    """
+    proxy = _proxy_of(storage)
+    if proxy is not None:
+        answer = _retrying(storage)(proxy.ask, "Running", study_id=study_id, attr=attr)
+        if answer is not None:
+            return [Running(int(t), int(n), s, o) for t, n, s, o in answer["trials"]]
+    inner = getattr(storage, "backend", storage)
+    if isinstance(inner, RDBStorage) and _FAST_RUNNING:
+
+        def query() -> list[Running]:
+            statement = sqlalchemy.text(
+                "SELECT t.trial_id, t.number, t.datetime_start, a.value_json FROM trials t "
+                "LEFT JOIN trial_system_attributes a ON a.trial_id = t.trial_id AND a.key = :k "
+                "WHERE t.study_id = :s AND t.state = 'RUNNING' ORDER BY t.trial_id"
+            ).columns(
+                sqlalchemy.column("trial_id", sqlalchemy.Integer),
+                sqlalchemy.column("number", sqlalchemy.Integer),
+                sqlalchemy.column("datetime_start", sqlalchemy.DateTime),
+                sqlalchemy.column("value_json", sqlalchemy.Text),
+            )
+            with inner.engine.connect() as conn:
+                rows = conn.execute(statement, {"s": study_id, "k": attr}).all()
+            return [
+                Running(
+                    int(tid),
+                    int(number),
+                    start.timestamp() if start is not None else None,
+                    json.loads(value) if value is not None else None,
+                )
+                for tid, number, start, value in rows
+            ]
+
+        with read_only():
+            return _retrying(storage)(query)
+    trials = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    return [
+        Running(
+            trial_id(t),
+            t.number,
+            t.datetime_start.timestamp() if t.datetime_start else None,
+            t.system_attrs.get(attr),
+        )
+        for t in trials
+    ]
+
+
+# The query above names these columns, as Optuna's models define them; Optuna stores a
+# system attr as JSON text and a start time as a naive local datetime.
+_FAST_RUNNING = {"trial_id", "number", "study_id", "state", "datetime_start"} <= set(
+    rdb_models.TrialModel.__table__.columns.keys()
+) and {"trial_id", "key", "value_json"} <= set(
+    rdb_models.TrialSystemAttributeModel.__table__.columns.keys()
+)
+
+
 def enqueue_blank(
     storage: BaseStorage,
     study_id: int,
@@ -1050,11 +1395,21 @@ def enqueue_blank(
     transaction that holds the study's row (as Optuna's own trial creation does, so
     numbers stay dense and unique): ``enqueue_trial`` costs 4-6 ms a trial, and a
     10,000-trial target took most of a minute before the first trial trained.
-    ``between`` is called before each chunk (a stop signal lands there). Elsewhere
-    (a journal file), Optuna's way, one trial at a time.
+    ``between`` is called before each chunk (a stop signal lands there). Through a
+    ``c2f proxy``, the same statements, run by the proxy a chunk a call. Elsewhere (a
+    journal file, a plain Optuna proxy), Optuna's way, one trial at a time.
     """
     from optuna.trial import create_trial
 
+    proxy = _proxy_of(storage)
+    sent = 0
+    while proxy is not None and sent < n:
+        between()
+        k = min(chunk, n - sent)
+        if _retrying(storage)(proxy.ask, "Enqueue", study_id=study_id, n=k) is None:
+            break  # a plain Optuna proxy: one trial at a time, below
+        sent += k
+    n -= sent
     inner = getattr(storage, "backend", storage)
     if not (isinstance(inner, RDBStorage) and _FAST_ENQUEUE):
         template = create_trial(state=TrialState.WAITING, system_attrs={"fixed_params": {}})
@@ -1109,7 +1464,11 @@ _FAST_ENQUEUE = {"trial_id", "number", "study_id", "state", "datetime_start"} <=
 
 
 def release(storage: object) -> None:
-    """Close a storage's pooled connections (before forking: a child must not share them)."""
+    """Close a storage's pooled connections (before forking: a child must not share them);
+    a proxy client's channel is closed too, and opened again at its next call."""
     inner = getattr(storage, "backend", storage)
     if isinstance(inner, RDBStorage):
         inner.engine.dispose()
+    proxy = _proxy_of(storage)
+    if proxy is not None:
+        proxy.reconnect()
