@@ -39,7 +39,13 @@ import joblib
 from joblib.parallel import ParallelBackendBase, get_active_backend
 
 from search.sweep.workers.loop import Sweep, run_queue
-from search.sweep.workers.signals import STOP_SIGNALS, Interrupted, StopFlag, current
+from search.sweep.workers.signals import (
+    STOP_SIGNALS,
+    Interrupted,
+    StopFlag,
+    current,
+    process_main,
+)
 from search.sweep.workers.storage import (
     ResilientStorage,
     StorageError,
@@ -314,7 +320,7 @@ def run_pool(
     register_backends()
     client = cluster_client()
     if client is not None:
-        from search.sweep.workers import cluster  # type: ignore[attr-defined]  # imports Dask: only when used
+        from search.sweep.workers import cluster  # imports Dask: only when it is used
 
         return cluster.run_on_cluster(
             job,
@@ -403,7 +409,7 @@ def run_forked(
     def look() -> None:
         hear()
         if progress is not None:
-            _draw(progress, release_first)
+            draw_progress(progress, release_first)
 
     try:
         _supervise(procs, stop, look, reap, stop_timeout, result)
@@ -419,7 +425,7 @@ def run_forked(
     return result
 
 
-def _draw(progress: Callable[[], None], storages: Sequence[object]) -> None:
+def draw_progress(progress: Callable[[], None], storages: Sequence[object]) -> None:
     """One draw of the progress line, then the storages' connections closed.
 
     A draw that cannot reach the storage at once (every connection the server allows
@@ -523,6 +529,7 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+@process_main
 def _task_main(func: Callable[[], list[int]], parent: int) -> None:
     """A child of :class:`ForkBackend`: it dies with ``parent``, runs its task and exits
     with the code the task returns.
