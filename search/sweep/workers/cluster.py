@@ -101,8 +101,8 @@ def connect(scheduler: str, *, timeout: float = 10.0) -> distributed.Client:
 
 def run_on_cluster(
     job: WorkerJob,
-    client: distributed.Client,
     *,
+    client: distributed.Client,
     workers: int,
     stop: StopFlag,
     progress: Callable[[], None] | None = None,

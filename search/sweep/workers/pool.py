@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -207,6 +207,7 @@ class ForkBackend(ParallelBackendBase):
         self._running: dict[Any, tuple[Any, concurrent.futures.Future, Any]] = {}
         self._lock = threading.Lock()
         self._watch: threading.Thread | None = None
+        self._watching = False
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
@@ -225,10 +226,23 @@ class ForkBackend(ParallelBackendBase):
         self.processes.append(process)
         with self._lock:
             self._running[process.sentinel] = (process, future, callback)
-            if self._watch is None:
+        if self._watching:  # a task dispatched late, from a completion: watched at once
+            self._watch_exits()
+        return future
+
+    @contextlib.contextmanager
+    def retrieval_context(self) -> Iterator[None]:
+        # Exits are watched once joblib retrieves (after the dispatch of every task with
+        # pre_dispatch "all"): no thread of this process runs while the children fork.
+        self._watching = True
+        self._watch_exits()
+        yield
+
+    def _watch_exits(self) -> None:
+        with self._lock:
+            if self._watch is None and self._running:
                 self._watch = threading.Thread(target=self._settle, name="c2f-fork", daemon=True)
                 self._watch.start()
-        return future
 
     def _settle(self) -> None:
         """Complete a task's future, and tell joblib, as its process exits."""
@@ -318,22 +332,13 @@ def run_pool(
     client=...)``, as ``search.worker --backend dask`` sets it).
     """
     register_backends()
+    run: Callable[..., PoolResult] = run_forked
     client = cluster_client()
     if client is not None:
         from search.sweep.workers import cluster  # imports Dask: only when it is used
 
-        return cluster.run_on_cluster(
-            job,
-            client,
-            workers=workers,
-            stop=stop,
-            progress=progress,
-            reap=reap,
-            release_first=release_first,
-            stop_timeout=stop_timeout,
-            say=say,
-        )
-    return run_forked(
+        run = functools.partial(cluster.run_on_cluster, client=client)
+    return run(
         job,
         workers=workers,
         stop=stop,

@@ -164,17 +164,21 @@ def test_a_worker_command_on_a_dask_cluster_runs_exactly_the_target(cluster, pg_
     cluster_idle(client)
 
 
+def training_on_cluster(quick_study, url: str, name: str, address: str) -> subprocess.Popen:
+    """The command on a study of 2 slow trials, once both train on the cluster."""
+    path = quick_study(name, coarse={"trials": 2}, training=SLOW_TRIALS, optuna={"pruner": "none"})
+    create(path, url, 2)
+    proc = start_on_cluster(url, f"{name}-coarse", address)
+    wait_for_training(url, f"{name}-coarse", running=2)
+    return proc
+
+
 @pytest.mark.postgres
 def test_ctrl_c_stops_the_cluster_workers_and_a_resume_meets_the_target(
     cluster, pg_url, quick_study
 ):
     address, client = cluster
-    path = quick_study(
-        "dkint", coarse={"trials": 2}, training=SLOW_TRIALS, optuna={"pruner": "none"}
-    )
-    create(path, pg_url, 2)
-    proc = start_on_cluster(pg_url, "dkint-coarse", address)
-    wait_for_training(pg_url, "dkint-coarse", running=2)
+    proc = training_on_cluster(quick_study, pg_url, "dkint", address)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
@@ -196,12 +200,7 @@ def test_ctrl_c_stops_the_cluster_workers_and_a_resume_meets_the_target(
 @pytest.mark.postgres
 def test_a_killed_command_stops_its_workers_on_the_cluster(cluster, pg_url, quick_study):
     address, client = cluster
-    path = quick_study(
-        "dkkill", coarse={"trials": 2}, training=SLOW_TRIALS, optuna={"pruner": "none"}
-    )
-    create(path, pg_url, 2)
-    proc = start_on_cluster(pg_url, "dkkill-coarse", address)
-    wait_for_training(pg_url, "dkkill-coarse", running=2)
+    proc = training_on_cluster(quick_study, pg_url, "dkkill", address)
     proc.kill()  # SIGKILL: the command can do nothing; its record on the scheduler goes silent
     proc.communicate(timeout=10)
     cluster_idle(client, timeout=20)
