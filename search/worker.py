@@ -17,6 +17,12 @@ ranges are the study file's ``[search]``, fine ranges the ones recorded on the
 study (user attr ``ranges``). The study file may be omitted when the study
 records one (user attr ``study_file``, written by ``--create``).
 
+With ``--backend dask --scheduler tcp://HOST:8786`` the ``--workers`` run on an
+existing Dask cluster instead of this machine (``pip install -e ".[dask]"``): each is a
+task that forks one worker process on its cluster machine, against a storage every
+machine reaches (PostgreSQL, or ``c2f proxy``). Ctrl-C or a kill of this command stops
+them there, and their trials are re-queued.
+
 Every flag can also be given as an environment variable ``C2F_<FLAG>``
 (``C2F_STORAGE``, ``C2F_STUDY_NAME``, ``C2F_THREADS``, ...), which is how the
 containers in ``docker/compose.yaml`` are configured; a flag wins over the variable.
@@ -30,9 +36,13 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
     exit_at_once_while_starting()
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import sys
+from typing import Any
 
+import joblib
 import optuna
 
 from search import cli
@@ -41,10 +51,12 @@ from search.sweep import stage as stage_driver
 from search.sweep import studies as st
 from search.sweep import user_train
 from search.sweep.prepared import Prepared
-from search.sweep.workers.pool import check_workers, threads_per
+from search.sweep.workers.pool import check_workers, register_backends, threads_per
 from search.sweep.workers.storage import check_storage, make_storage, safe_url, sqlite_path
 
 ENV_PREFIX = "C2F_"
+BACKENDS = ("fork", "dask")
+DASK_EXTRA = 'pip install -e ".[dask]" (or pip install "coarse2fine[dask]")'
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -92,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("workers", "1") or 1),
         help="worker processes on this machine (default 1)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=_env("backend", "fork"),
+        help="where the workers run: fork (processes on this machine, the default) or dask "
+        "(tasks on the Dask cluster of --scheduler) (C2F_BACKEND)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=_env("scheduler"),
+        help="with --backend dask: the Dask scheduler's address, e.g. tcp://HOST:8786 "
+        "(C2F_SCHEDULER)",
     )
     p.add_argument(
         "--threads",
@@ -183,7 +208,10 @@ def join(args: argparse.Namespace) -> int:
     prefix, stage = split_name(args.study_name)
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    check_workers(args.workers)
+    if args.backend == "dask":
+        check_cluster_flags(args)
+    else:
+        check_workers(args.workers)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     db = sqlite_path(args.storage)
@@ -220,18 +248,70 @@ def join(args: argparse.Namespace) -> int:
     stage_driver.space_of(spec, stage, study)  # a fine study without ranges: refused here
     target = study.user_attrs.get("target")
     threads = args.threads or threads_per(args.workers)
-    c = st.counts(study)
-    print(
-        f"{args.workers} worker(s) joined {args.study_name} in {safe_url(args.storage)} "
-        f"({stage} stage, {threads} thread(s) each): {c['COMPLETE'] + c['PRUNED']} finished, "
-        f"{c['RUNNING']} running, {c['WAITING']} waiting, target {target}",
-        flush=True,
-    )
-    stage_driver.join_stage(
-        spec, stage, study, prepared, workers=args.workers, threads=threads, poll=args.poll
-    )
+    with contextlib.ExitStack() as stack:
+        where = ""
+        if args.backend == "dask":
+            client = stack.enter_context(on_cluster(args.scheduler, args.workers))
+            where = f" on the Dask cluster at {client.scheduler.address}"
+        c = st.counts(study)
+        print(
+            f"{args.workers} worker(s){where} joined {args.study_name} in "
+            f"{safe_url(args.storage)} ({stage} stage, {threads} thread(s) each): "
+            f"{c['COMPLETE'] + c['PRUNED']} finished, {c['RUNNING']} running, "
+            f"{c['WAITING']} waiting, target {target}",
+            flush=True,
+        )
+        stage_driver.join_stage(
+            spec, stage, study, prepared, workers=args.workers, threads=threads, poll=args.poll
+        )
     print(f"queue of {args.study_name} empty: {st.finished_text(study, target)}", flush=True)
     return 0
+
+
+def check_cluster_flags(args: argparse.Namespace) -> None:
+    """``--backend dask`` needs a scheduler, Dask installed, and a storage that every
+    machine of the cluster reaches: ValueError naming the fix otherwise."""
+    if not args.scheduler:
+        raise ValueError(
+            "--backend dask needs --scheduler tcp://HOST:8786 (the Dask scheduler's address)"
+        )
+    if sqlite_path(args.storage) is not None or args.storage.startswith("journal:"):
+        raise ValueError(
+            f"--backend dask cannot use --storage {safe_url(args.storage)}: a file on this "
+            "machine, which the cluster's machines do not share; give a server they all "
+            "reach, postgresql+psycopg2://USER@HOST/DB (or a c2f proxy, grpc://HOST:PORT)"
+        )
+    cluster_module()
+
+
+def cluster_module() -> Any:
+    """:mod:`search.sweep.workers.cluster`, or ValueError naming the extra to install."""
+    try:
+        from search.sweep.workers import cluster
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in ("dask", "distributed"):
+            raise
+        raise ValueError(f"--backend dask needs Dask, an optional extra: {DASK_EXTRA}") from None
+    return cluster
+
+
+@contextlib.contextmanager
+def on_cluster(scheduler: str, workers: int) -> Any:
+    """While inside, the workers run on the Dask cluster of ``scheduler`` (joblib's active
+    backend is the service's ``"c2f-dask"``); yields the client, closed after."""
+    cluster = cluster_module()
+    register_backends()
+    with cluster.connect(scheduler) as client:
+        threads = sum(client.nthreads().values())
+        if workers > threads:
+            print(
+                f"warning: {workers} workers on a Dask cluster of {threads} thread(s): "
+                f"{workers - threads} wait for a free thread, which a worker leaves only "
+                "when the queue is empty",
+                file=sys.stderr,
+            )
+        with joblib.parallel_config(backend="c2f-dask", client=client):
+            yield client
 
 
 @cli.guarded

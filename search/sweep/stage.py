@@ -84,6 +84,8 @@ class StageJob:
             self.spec, self.stage, storage, worker=worker + self.seed_offset, create=False
         )
         prepared = Prepared(Path(self.prepared_path), self.checksum)
+        if not prepared.path.is_dir():  # a cluster's machine, without the command's copy
+            prepared = st.prepare_for(self.spec, log=worker_log)
         st.record_data(study, prepared)
         objective = Objective(self.spec, self.stage, prepared.open(), self.ranges)
         return Sweep(

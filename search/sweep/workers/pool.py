@@ -1,7 +1,12 @@
 """Starting N workers and owning their lives: the one place that starts worker processes.
 
 The command's process supervises; every worker is a child process running
-:func:`search.sweep.workers.loop.run_queue`. The lifecycle is owned here:
+:func:`search.sweep.workers.loop.run_queue`. ``joblib.Parallel`` launches them, one
+task per worker, through the service's own joblib backend, :class:`ForkBackend`
+(registered as ``"c2f-fork"``): each task is the main of a process forked for it, and
+its result is that process's exit code. A Dask backend made active with
+``joblib.parallel_config`` (``search.worker --backend dask``) runs the same workers on
+a cluster instead (:mod:`search.sweep.workers.cluster`). The lifecycle is owned here:
 
 - A stop signal (SIGINT, SIGTERM, SIGHUP) to the command alone or to its
   process group reaches every worker: each re-queues its running trial and
@@ -15,8 +20,10 @@ The command's process supervises; every worker is a child process running
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -24,12 +31,21 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import joblib
+from joblib.parallel import ParallelBackendBase, get_active_backend
+
 from search.sweep.workers.loop import Sweep, run_queue
-from search.sweep.workers.signals import STOP_SIGNALS, Interrupted, StopFlag, current
+from search.sweep.workers.signals import (
+    STOP_SIGNALS,
+    Interrupted,
+    StopFlag,
+    current,
+    process_main,
+)
 from search.sweep.workers.storage import (
     ResilientStorage,
     StorageError,
@@ -74,10 +90,53 @@ class PoolResult:
     killed: int = 0
     started: int = 0
     not_started: list[str] = field(default_factory=list)
+    codes: dict[int, int | None] = field(default_factory=dict)  # exit code by worker index
 
 
-# What a worker tells the command through the pipe: (pid, index, what, line).
+# What a worker tells the command through the pipe: (index, what, line).
 STARTED, NOT_STARTED, FAILED = "started", "not started", "failed"
+
+
+class Roll:
+    """The workers' messages as they come, kept in a :class:`PoolResult`: who started, who
+    could not (said at once through ``say``, and how many run once all were heard from),
+    and the line of each one that stopped on an error."""
+
+    def __init__(self, workers: int, result: PoolResult, say: Callable[[str], None]) -> None:
+        self.workers, self.result, self.say = workers, result, say
+        self.lines: dict[int, str] = {}
+        self.not_started: set[int] = set()
+        self._told = False
+
+    def hear(self, index: int, what: str, line: str) -> None:
+        result = self.result
+        if what == STARTED:
+            result.started += 1
+        else:
+            self.lines[index] = line
+            if what == NOT_STARTED:
+                self.not_started.add(index)
+                again = line in result.not_started
+                result.not_started.append(line)
+                self.say(f"worker {index} could not start: {'the same' if again else line}")
+        heard = result.started + len(self.not_started)
+        if self.not_started and heard == self.workers and result.started and not self._told:
+            self.say(f"{result.started} of the {self.workers} workers run")
+            self._told = True
+
+    def errors(self, codes: dict[int, int | None], name: Callable[[int], str]) -> list[str]:
+        """The line of each worker whose exit code says it failed (not a stop, not a kill
+        by its pool); ``name(index)`` names one that said no line."""
+        errors = []
+        for index, code in codes.items():
+            if index in self.not_started and self.result.started:
+                continue  # said when it happened; the others did the work
+            if code is None or code in (0, -signal.SIGKILL) or code - 128 in STOP_SIGNALS:
+                continue
+            errors.append(self.lines.get(index) or f"{name(index)} exited with code {code}")
+        if self.not_started and not self.result.started:
+            errors = [f"none of the {self.workers} workers could start: {e}" for e in errors]
+        return errors
 
 
 def say_on_stderr(line: str) -> None:
@@ -120,6 +179,132 @@ def threads_per(workers: int) -> int:
     return 1
 
 
+class ForkBackend(ParallelBackendBase):
+    """The service's joblib backend: each task is the main of a process forked for it.
+
+    ``joblib.Parallel(n_jobs=N, backend="c2f-fork", pre_dispatch="all")`` starts one
+    child a task at once, from the calling thread and with its signal mask (spawned
+    where fork is not safe); a task returns its process's exit code, and that is its
+    result. No process is reused: a worker's process is its life (its signals, its
+    parent's death, its exit code), which loky's reused workers did not give (orphans
+    after ``kill -9``, hangs at Ctrl-C). A child dies with the process that started it
+    (:func:`_die_with_parent`).
+    """
+
+    supports_retrieve_callback = True
+    supports_timeout = False
+    uses_threads = False
+    supports_sharedmem = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Fork where it exists: a worker starts in milliseconds, not the seconds of a new
+        # interpreter importing NumPy and Optuna.
+        self.context: Any = multiprocessing.get_context(
+            "fork" if sys.platform == "linux" else "spawn"
+        )
+        self.processes: list[Any] = []  # every child started, in the order of the tasks
+        self._running: dict[Any, tuple[Any, concurrent.futures.Future, Any]] = {}
+        self._lock = threading.Lock()
+        self._watch: threading.Thread | None = None
+        self._watching = False
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        n = 1 if n_jobs is None else n_jobs if n_jobs > 0 else max(cores() + 1 + n_jobs, 1)
+        # Never 1: joblib runs a lone job in the calling process, and a worker must not run
+        # in the command's.
+        return max(n, 2)
+
+    def submit(self, func: Callable[[], list[int]], callback: Any = None) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        process = self.context.Process(
+            target=_task_main, args=(func, os.getpid()), name=f"c2f-worker-{len(self.processes)}"
+        )
+        process.start()
+        self.processes.append(process)
+        with self._lock:
+            self._running[process.sentinel] = (process, future, callback)
+        if self._watching:  # a task dispatched late, from a completion: watched at once
+            self._watch_exits()
+        return future
+
+    @contextlib.contextmanager
+    def retrieval_context(self) -> Iterator[None]:
+        # Exits are watched once joblib retrieves (after the dispatch of every task with
+        # pre_dispatch "all"): no thread of this process runs while the children fork.
+        self._watching = True
+        self._watch_exits()
+        yield
+
+    def _watch_exits(self) -> None:
+        with self._lock:
+            if self._watch is None and self._running:
+                self._watch = threading.Thread(target=self._settle, name="c2f-fork", daemon=True)
+                self._watch.start()
+
+    def _settle(self) -> None:
+        """Complete a task's future, and tell joblib, as its process exits."""
+        while True:
+            with self._lock:
+                if not self._running:
+                    self._watch = None
+                    return
+                running = dict(self._running)
+            for sentinel in multiprocessing.connection.wait(list(running), timeout=0.5):
+                process, future, callback = running[sentinel]
+                code = process.exitcode
+                if code is None:  # the supervisor reaps it this instant: the next look sees it
+                    continue
+                with self._lock:
+                    del self._running[sentinel]
+                future.set_result(code)
+                if callback is not None:
+                    callback(future)
+
+    def retrieve_result_callback(self, out: concurrent.futures.Future) -> list[int]:
+        return [out.result()]
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        self.terminate()
+
+    def terminate(self) -> None:
+        """Stop the children still running (none after a complete call): SIGTERM, so a
+        worker re-queues its trial, then SIGKILL after STOP_TIMEOUT_S."""
+        alive = [p for p in self.processes if p.exitcode is None]
+        for p in alive:
+            p.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for p in alive:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+
+@functools.cache
+def register_backends() -> None:
+    """Name the service's joblib backends: ``"c2f-fork"`` (:class:`ForkBackend`) and
+    ``"c2f-dask"`` (a Dask cluster: :class:`search.sweep.workers.cluster.ClusterBackend`,
+    whose arguments are those of joblib's ``"dask"``)."""
+    joblib.register_parallel_backend("c2f-fork", ForkBackend)
+    joblib.register_parallel_backend("c2f-dask", _cluster_backend)
+
+
+def _cluster_backend(**kwargs: Any) -> Any:
+    from search.sweep.workers import cluster  # imports Dask: only when it is asked for
+
+    return cluster.ClusterBackend(**kwargs)
+
+
+def cluster_client() -> Any | None:
+    """The Dask client of the active joblib backend (``joblib.parallel_config``), if it
+    has one: the workers then run on that cluster."""
+    backend, _ = get_active_backend()
+    return getattr(backend, "client", None)
+
+
 def run_pool(
     job: WorkerJob,
     *,
@@ -141,61 +326,95 @@ def run_pool(
     call of ``progress``: the command holds no connection while it only waits.
     A worker that cannot start is said at once through ``say``, with how many of
     the workers run; the others go on.
+
+    The workers are forked here (:func:`run_forked`), or run on a Dask cluster when the
+    active joblib backend is a Dask one (``joblib.parallel_config(backend="c2f-dask",
+    client=...)``, as ``search.worker --backend dask`` sets it).
+    """
+    register_backends()
+    run: Callable[..., PoolResult] = run_forked
+    client = cluster_client()
+    if client is not None:
+        from search.sweep.workers import cluster  # imports Dask: only when it is used
+
+        run = functools.partial(cluster.run_on_cluster, client=client)
+    return run(
+        job,
+        workers=workers,
+        stop=stop,
+        progress=progress,
+        reap=reap,
+        release_first=release_first,
+        stop_timeout=stop_timeout,
+        say=say,
+    )
+
+
+def run_forked(
+    job: WorkerJob,
+    *,
+    workers: int,
+    stop: StopFlag,
+    progress: Callable[[], None] | None = None,
+    reap: Callable[[], object] | None = None,
+    release_first: Sequence[object] = (),
+    stop_timeout: float = STOP_TIMEOUT_S,
+    say: Callable[[str], None] = say_on_stderr,
+    first: int = 0,
+    forward: Callable[[tuple[int, str, str]], object] | None = None,
+) -> PoolResult:
+    """:func:`run_pool` with worker processes forked from this one, by ``joblib.Parallel``
+    and :class:`ForkBackend`; the workers are numbered from ``first``.
+
+    Each message of a worker (started, could not start, failed) is also passed to
+    ``forward``: a cluster's task sends them on to its command.
     """
     for storage in release_first:
         release(storage)
-    # Fork where it exists: a worker starts in milliseconds, not the seconds of a new
-    # interpreter importing NumPy and Optuna. The storages were released above.
-    ctx: Any = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    backend = ForkBackend()
     was_interruptible, stop.interruptible = stop.interruptible, False
+    # Each worker says whether it started, and the one line of the error that stopped it.
+    reader, writer = backend.context.Pipe(duplex=False)
+    tasks = [joblib.delayed(_worker)(job, first + i, writer) for i in range(workers)]
     # Blocked while forking: a signal must reach a worker after it installed its handlers.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    procs = []
-    # Each worker sends the one line of the error that stopped it, if one did.
-    reader, writer = ctx.Pipe(duplex=False)
     try:
-        for i in range(workers):
-            p = ctx.Process(
-                target=_worker, args=(job, i, os.getpid(), writer), name=f"c2f-worker-{i}"
-            )
-            p.start()
-            procs.append(p)
+        # Every worker at once (pre_dispatch "all"), one a process (batch_size 1); the
+        # exit codes come back in the workers' order once they have all exited.
+        codes = joblib.Parallel(
+            n_jobs=workers,
+            backend=backend,
+            pre_dispatch="all",
+            batch_size=1,
+            return_as="generator",
+        )(tasks)
+    except BaseException:
+        stop.interruptible = was_interruptible
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         writer.close()
+    procs = backend.processes
     result = PoolResult()
+    roll = Roll(workers, result, say)
     # A signal from now on reaches every worker at once (idempotent in a worker that
     # has it already from the process group). A signal that came during the forks is
     # forwarded by the first look of _supervise.
     stop.forward_to = [p.pid for p in procs]
-    said: dict[int, str] = {}
-    not_started: set[int] = set()
-
-    told: list[bool] = []
 
     def hear() -> None:
         """The workers' messages so far: who started, who could not, who failed."""
         with contextlib.suppress(EOFError, OSError):
             while reader.poll():
-                pid, index, what, line = reader.recv()
-                if what == STARTED:
-                    result.started += 1
-                    continue
-                said[pid] = line
-                if what == NOT_STARTED:
-                    not_started.add(pid)
-                    again = line in result.not_started
-                    result.not_started.append(line)
-                    say(f"worker {index} could not start: {'the same' if again else line}")
-        heard = result.started + len(not_started)
-        if not_started and heard == workers and result.started and not told:
-            say(f"{result.started} of the {workers} workers run")
-            told.append(True)
+                message = reader.recv()
+                roll.hear(*message)
+                if forward is not None:
+                    forward(message)
 
     def look() -> None:
         hear()
         if progress is not None:
-            _draw(progress, release_first)
+            draw_progress(progress, release_first)
 
     try:
         _supervise(procs, stop, look, reap, stop_timeout, result)
@@ -204,21 +423,14 @@ def run_pool(
         stop.interruptible = was_interruptible
     hear()
     reader.close()
-    for i, p in enumerate(procs):
-        code = p.exitcode
-        if p.pid in not_started and result.started:
-            continue  # said when it happened; the others did the work
-        if code not in (0, None) and code != -signal.SIGKILL and code - 128 not in STOP_SIGNALS:
-            result.errors.append(
-                said.get(p.pid) or f"worker {i} (pid {p.pid}) exited with code {code}"
-            )
-    if not_started and not result.started:
-        result.errors = [f"none of the {workers} workers could start: {e}" for e in result.errors]
+    result.codes = dict(zip(range(first, first + workers), codes, strict=True))
+    pids = {first + i: p.pid for i, p in enumerate(procs)}
+    result.errors = roll.errors(result.codes, lambda i: f"worker {i} (pid {pids[i]})")
     result.signum = stop.signum
     return result
 
 
-def _draw(progress: Callable[[], None], storages: Sequence[object]) -> None:
+def draw_progress(progress: Callable[[], None], storages: Sequence[object]) -> None:
     """One draw of the progress line, then the storages' connections closed.
 
     A draw that cannot reach the storage at once (every connection the server allows
@@ -322,11 +534,32 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None:
-    """A worker process: handlers first, then the data and the study, then the queue.
+@process_main
+def _task_main(func: Callable[[], list[int]], parent: int) -> None:
+    """A child of :class:`ForkBackend`: it dies with ``parent``, runs its task and exits
+    with the code the task returns.
 
-    An error that stops it is one line, sent to the command through ``errors`` (the
-    write end of a pipe), which says it once for all the workers it stopped.
+    ``_exit``: no interpreter shutdown, whose clean-up callbacks could print or hang.
+    """
+    _die_with_parent(parent)
+    code = 1
+    try:
+        code = next((c for c in func() if c), 0)
+    except SystemExit as exc:  # a user's training function may call sys.exit
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _worker(job: WorkerJob, index: int, messages: Any = None) -> int:
+    """A worker process's main (a task of :class:`ForkBackend`): handlers first, then the
+    data and the study, then the queue; its exit code.
+
+    It says through ``messages`` (the write end of a pipe) that it started, or the one
+    line of the error that stopped it; the command says it once for all the workers it
+    stopped.
     """
     import optuna
     from threadpoolctl import threadpool_limits
@@ -337,12 +570,11 @@ def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None
     stop = StopFlag(hard_exit=False)
     stop.install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    _die_with_parent(parent)
     started = False
 
     def tell(what: str, line: str) -> None:
         try:
-            errors.send((os.getpid(), index, what, line))
+            messages.send((index, what, line))
         except Exception:  # noqa: BLE001 - no command listening (or no pipe): say it here
             if line:
                 print(f"worker {os.getpid()}: error: {line}", file=sys.stderr)
@@ -360,9 +592,5 @@ def _worker(job: WorkerJob, index: int, parent: int, errors: Any = None) -> None
         else:
             line = f"worker {index} failed: {type(exc).__name__}: {exc}".splitlines()[0]
         tell(FAILED if started else NOT_STARTED, line)
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # _exit: no interpreter shutdown, whose clean-up callbacks could print or hang.
-    os._exit(stop.exit_code if stop else 0)
+        return 1
+    return stop.exit_code if stop else 0

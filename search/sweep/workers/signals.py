@@ -19,7 +19,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 RETRY_S = 0.02
@@ -53,9 +53,20 @@ def _library_dirs() -> tuple[str, ...]:
     return tuple(str(d) for d in dirs)
 
 
+_PROCESS_MAINS: set[CodeType] = set()
+
+
+def process_main(function):  # noqa: ANN001, ANN201 - returns the function it is given
+    """Mark ``function`` as the main of a forked process: the frames below it are the
+    forking thread's (a Dask worker's thread, say), which never run again in the child,
+    so :func:`_safe_to_raise` looks no further down than it."""
+    _PROCESS_MAINS.add(function.__code__)
+    return function
+
+
 def _safe_to_raise(frame: FrameType | None) -> bool:
     """No frame of a storage, a driver, a clean-up callback or an import on the stack."""
-    while frame is not None:
+    while frame is not None and frame.f_code not in _PROCESS_MAINS:
         name = frame.f_code.co_filename
         if name.startswith(_library_dirs()) or name.startswith("<frozen importlib"):
             return False
