@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -35,6 +36,7 @@ from search.sweep.workers.storage import (
     StorageError,
     StorageUnavailable,
     release,
+    release_all,
 )
 
 PR_SET_PDEATHSIG = 1
@@ -144,6 +146,14 @@ def run_pool(
     """
     for storage in release_first:
         release(storage)
+    # No SQLite connection may cross the fork. A storage the command dropped without
+    # releasing it waits in a reference cycle for the garbage collector; a worker whose
+    # collector frees the copy closes the file and so drops the worker's own locks on it.
+    # The next process to close a connection then took itself for the last one, folded the
+    # -wal file in and deleted it while the worker went on writing to it: every later
+    # trial of that worker was lost (45 of 200 in a one-worker run).
+    gc.collect()
+    release_all()
     # Fork where it exists: a worker starts in milliseconds, not the seconds of a new
     # interpreter importing NumPy and Optuna. The storages were released above.
     ctx: Any = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
