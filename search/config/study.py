@@ -49,8 +49,8 @@ from search.config.space import (
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
-NARROWING = ("noise", "top_k")
-CHOICES = ("best", "smoothed")
+NARROWING = ("model", "noise", "top_k")
+CHOICES = ("model", "best", "smoothed")
 TABLES = (
     "name",
     "data",
@@ -486,20 +486,28 @@ def _check_replicates(path: Path, section: str, replicates: int, replicate_top: 
         )
 
 
+def _check_race(path: Path, section: str, race_top: int, race_runs: int) -> None:
+    _check_number(path, f"{section}.race_top", race_top, min=2)
+    _check_number(path, f"{section}.race_runs", race_runs, min=0)
+
+
 @dataclass(frozen=True)
 class CoarseSpec:
     """``trials`` searched; then the ``replicate_top`` best configurations are run with
     ``replicates`` seeds in all (the first run included): choices use their mean."""
 
     trials: int = 40
-    replicates: int = 3
+    replicates: int = 1
     replicate_top: int = 3
+    race_top: int = 3
+    race_runs: int = 0
 
 
 def _parse_coarse(path: Path, raw: Any) -> CoarseSpec:
     coarse = _build(CoarseSpec, path, "coarse", raw)
     _check_number(path, "coarse.trials", coarse.trials, min=1, max=MAX_TRIALS)
     _check_replicates(path, "coarse", coarse.replicates, coarse.replicate_top)
+    _check_race(path, "coarse", coarse.race_top, coarse.race_runs)
     return coarse
 
 
@@ -513,10 +521,13 @@ class FineSpec:
     trials: int = 20
     top_k: int = 3
     margin: float = 0.25
-    narrow: str = "noise"
+    narrow: str = "model"
     extend: float = 1.0
-    replicates: int = 3
+    replicates: int = 1
     replicate_top: int = 3
+    race_top: int = 3
+    race_runs: int = 4
+    warm_start: bool = True
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -528,6 +539,7 @@ def _parse_fine(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) -> 
     _check_number(path, "fine.extend", fine.extend, kind="float", min=0, unit="decades")
     _one_of(path, "fine.narrow", fine.narrow, NARROWING)
     _check_replicates(path, "fine", fine.replicates, fine.replicate_top)
+    _check_race(path, "fine", fine.race_top, fine.race_runs)
     return fine
 
 
@@ -540,7 +552,7 @@ class FinalSpec:
 
     holdout: int | float = 0.2
     seeds: int = 3
-    choose: str = "best"
+    choose: str = "model"
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -564,7 +576,7 @@ def _parse_final(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) ->
 
 @dataclass(frozen=True)
 class OptunaSpec:
-    pruner: str = "percentile"
+    pruner: str = "none"
     sampler: str = "tpe"
     seed: int = 0
     workers: int = 1
