@@ -89,11 +89,14 @@ def narrow(
     """The fine ranges around ``configs`` (best first, as ranked by
     :func:`search.sweep.replicates.configurations`) inside ``coarse``.
 
-    ``mode = "model"`` ranks them by the model of the landscape fitted to every run in
-    ``trials`` (:func:`search.sweep.surrogate.rank`) instead; within noise of the best
-    are then those whose predicted value is within one standard error of the
-    difference (the model's own uncertainty at both), and sigma is the model's seed
-    noise. With too few runs to fit a model it narrows as ``"noise"`` does.
+    ``mode = "model"``: within noise of the best are the configurations whose value
+    predicted by the model of the landscape fitted to every run in ``trials``
+    (:func:`search.sweep.surrogate.rank`) is within one standard error of the
+    difference (the model's own uncertainty at both) of the best prediction, and sigma
+    is the model's seed noise. The ranges still cover the ``top_k`` best means: the
+    model marks down a configuration next to runs that diverged, and the fine stage
+    must still be able to look there (an optimum often sits just below such a cliff).
+    With too few runs to fit a model it narrows as ``"noise"`` does.
 
     ``valid(point)`` says whether a point of the new ranges can be trained (an
     eta_max extended below eta_min cannot); an extension that makes a corner
@@ -107,7 +110,6 @@ def narrow(
     if mode == "model":
         ranked, model = surrogate.rank(configs, trials, coarse, n_val=n_val)
         if model is not None:
-            configs = [r.config for r in ranked]
             best = ranked[0]
             sigma = model.noise_sd
             within = [

@@ -274,6 +274,9 @@ def choose(configs: Sequence[Configuration]) -> tuple[Configuration, float]:
 
 RACE = "race"  # study attr: the race's contenders, who is out, what it spent, how it ended
 RACE_Z = 1.0  # a contender is out when the leader beats it by this many standard errors
+# Seeds two contenders must share before one can be put out: with two, the sd of the
+# differences rests on one degree of freedom each and puts out good ones by chance.
+RACE_MIN_SEEDS = 3
 
 
 def paired_differences(leader: Configuration, other: Configuration) -> list[float]:
@@ -287,15 +290,14 @@ def separated(alive: Sequence[Configuration], *, z: float = RACE_Z) -> list[Conf
     """The contenders the paired comparison has separated from the leader (the best mean
     of ``alive``): mean difference over shared seeds above ``z`` standard errors.
 
-    The standard error pools the sd of the differences over every contender with two
-    or more shared seeds (with two seeds each, one contender alone would give one
-    degree of freedom); none is out before two seeds are shared.
+    The standard error pools the sd of the differences over every contender with
+    :data:`RACE_MIN_SEEDS` or more shared seeds; none is out before that.
     """
     if len(alive) < 2:
         return []
     leader = max(alive, key=lambda c: (c.mean, c.n, -c.number))
     diffs = {id(c): paired_differences(leader, c) for c in alive if c is not leader}
-    pairs = [d for d in diffs.values() if len(d) >= 2]
+    pairs = [d for d in diffs.values() if len(d) >= RACE_MIN_SEEDS]
     dof = sum(len(d) - 1 for d in pairs)
     if dof == 0:
         return []
@@ -303,7 +305,7 @@ def separated(alive: Sequence[Configuration], *, z: float = RACE_Z) -> list[Conf
     out = []
     for c in alive:
         d = diffs.get(id(c), [])
-        if len(d) >= 2 and statistics.fmean(d) > z * math.sqrt(var / len(d)):
+        if len(d) >= RACE_MIN_SEEDS and statistics.fmean(d) > z * math.sqrt(var / len(d)):
             out.append(c)
     return out
 
