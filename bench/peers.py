@@ -748,6 +748,84 @@ def paired(records: dict[str, list[dict[str, Any]]], base: str) -> dict[str, dic
     return out
 
 
+# ----------------------------------------------------------------------------- rungs
+
+
+def rung_job(job: tuple[str, dict[str, Any], int]) -> list[float]:
+    """Validation accuracy at every evaluation point of one full run (for a pool); a run
+    that diverged scores chance from there on."""
+    name, params, seed = job
+    land = LANDSCAPES[name]
+    curve: list[float] = []
+    chance = 1.0 / splits_of(land).train.n_classes
+    n_points = trial_steps(land) // land.config(params, seed).eval_interval(
+        splits_of(land).train.n
+    )
+    try:
+        train(land, params, seed, on_evaluate=lambda step, m: curve.append(m["val_acc"]))
+    except TrainingDiverged:
+        pass
+    return [v if math.isfinite(v) else chance for v in curve] + [chance] * (n_points - len(curve))
+
+
+def rungs(land: Landscape, *, trials: int, mapper: Callable) -> dict[str, Any]:
+    """Can a trial be judged before its end? ``trials`` random configurations of the space,
+    each trained to the end (seed = its index): at every evaluation point, the Spearman
+    rank correlation of the value there with the final value, and how often one of the
+    3 best finals sits in the bottom third there (where a percentile pruner at 33%
+    would cut it)."""
+    from scipy import stats
+
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    points = []
+    for _ in range(trials):
+        t = study.ask()
+        points.append({p.name: p.suggest(t) for p in land.space})
+        study.tell(t, 0.0)
+    curves = np.array(list(mapper(rung_job, [(land.name, p, k) for k, p in enumerate(points)])))
+    config = land.config({}, 0)
+    n_train = splits_of(land).train.n
+    every = config.eval_interval(n_train)
+    cycle = 2 * config.resolved_n_s(n_train) if config.schedule == "cyclical" else None
+    schedule = config.make_schedule(n_train)
+    final = curves[:, -1]
+    top = set(np.argsort(-final, kind="stable")[:3])
+    rows = []
+    for j in range(curves.shape[1]):
+        step = (j + 1) * every
+        rho = float(stats.spearmanr(curves[:, j], final).statistic)
+        bottom = set(np.argsort(curves[:, j], kind="stable")[: trials // 3])
+        rows.append(
+            {
+                "step": step,
+                "cycle_end": cycle is not None and step % cycle == 0,
+                "eta_over_eta_max": schedule.lr_at(step - 1) / config.eta_max
+                if config.schedule == "cyclical"
+                else None,
+                "spearman": rho,
+                "top3_in_bottom_third": len(top & bottom) / 3,
+            }
+        )
+    return {"trials": trials, "rows": rows}
+
+
+def print_rungs(name: str, res: dict[str, Any], log: Callable[[str], None]) -> None:
+    log(
+        f"\n{name}: can a trial be judged before its end? {res['trials']} random "
+        "configurations trained to the end"
+    )
+    log(f"  {'step':>6} {'where':<22} {'rank corr.':>11} {'top-3 final in bottom 1/3':>26}")
+    for r in res["rows"]:
+        where = "cycle end" if r["cycle_end"] else "mid-cycle"
+        if r["eta_over_eta_max"] is not None:
+            where += f" eta {r['eta_over_eta_max']:.2f}x"
+        log(
+            f"  {r['step']:>6} {where:<22} {r['spearman']:>11.2f} "
+            f"{100 * r['top3_in_bottom_third']:>25.0f}%"
+        )
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -1020,6 +1098,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"default: {' '.join(DEFAULT_METHODS)}; one mechanism off: {' '.join(ABLATIONS)}",
     )
     p.add_argument("--quick", action="store_true", help="the tiny landscape, one run")
+    p.add_argument(
+        "--rungs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N random configurations trained to the end; how well each "
+        "evaluation point ranks them (can pruning judge a trial there?)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="processes for peers and the truth")
     p.add_argument(
         "--fresh",
@@ -1033,6 +1119,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --runs must be >= 1, got {args.runs}")
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
+    if args.rungs and args.rungs < 6:
+        raise SystemExit(f"error: --rungs needs at least 6 configurations, got {args.rungs}")
     names = args.landscape or (["tiny"] if args.quick else list(DEFAULT_LANDSCAPES))
     n_runs = args.runs or (1 if args.quick else 10)
     runs = list(range(args.first_run, args.first_run + n_runs))
@@ -1050,6 +1138,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             t0 = time.perf_counter()
             land = LANDSCAPES[name]
+            if args.rungs:
+                results[name] = rungs(land, trials=args.rungs, mapper=mapper)
+                print_rungs(name, results[name], log)
+                continue
             res = bench_landscape(
                 land,
                 runs=runs,
@@ -1063,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = res
             print_tables(name, res, log)
             log(f"  ({res['wall']:.0f} s)")
-    if args.figure is not None:
+    if args.figure is not None and not args.rungs:
         import matplotlib
 
         matplotlib.use("Agg")
