@@ -73,13 +73,15 @@ SCORE_SEED = 1_000_000  # truth seeds: SCORE_SEED + k; every search seed stays b
 PEER_SEED_STRIDE = 1000  # a peer's trial n of run r trains with seed r * 1000 + n
 WILCOXON_SEEDS = 5  # instances per trial: with 4 paired losses Wilcoxon's p can reach 0.0625
 # Bumped when a method's code changes: runs stored by an earlier version are not reused.
-RUNS_VERSION = 2
+RUNS_VERSION = 3
 # One mechanism off at a time (opt-in with --methods: each costs a service run).
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-per-trial-seeds": {"optuna": {"seed_mode": "per_trial"}},
-    "c2f-no-replicates": {"coarse": {"replicates": 1}, "fine": {"replicates": 1}},
-    "c2f-top-k-narrowing": {"fine": {"narrow": "top_k"}},
-    "c2f-no-pruning": {"optuna": {"pruner": "none"}},
+    "c2f-no-race": {"fine": {"race_runs": 0}},
+    "c2f-mean-choice": {"final": {"choose": "best"}},
+    "c2f-no-warm-start": {"fine": {"warm_start": False}},
+    "c2f-noise-narrowing": {"fine": {"narrow": "noise"}},
+    "c2f-pruning": {"optuna": {"pruner": "percentile"}},
 }
 SERVICE = ("c2f", "c2f-off", *ABLATIONS)
 PEERS = ("tpe", "tpe-median", "tpe-wilcoxon", "gp", "random")
@@ -89,9 +91,11 @@ LABELS = {
     "c2f": "coarse2fine as shipped",
     "c2f-off": "coarse2fine, mechanisms off",
     "c2f-per-trial-seeds": "coarse2fine, a seed per trial",
-    "c2f-no-replicates": "coarse2fine, no replicates",
-    "c2f-top-k-narrowing": "coarse2fine, top-k narrowing",
-    "c2f-no-pruning": "coarse2fine, no pruning",
+    "c2f-no-race": "coarse2fine, no race",
+    "c2f-mean-choice": "coarse2fine, best mean chosen (no model)",
+    "c2f-no-warm-start": "coarse2fine, fine not warm-started",
+    "c2f-noise-narrowing": "coarse2fine, narrowing by means",
+    "c2f-pruning": "coarse2fine + percentile pruner",
     "tpe": "Optuna TPE, no pruning",
     "tpe-median": "Optuna TPE + MedianPruner",
     "tpe-wilcoxon": f"Optuna TPE + WilcoxonPruner ({WILCOXON_SEEDS} seeds/trial)",
@@ -99,10 +103,11 @@ LABELS = {
     "random": "random search",
 }
 # The ablation: each of the service's mechanisms off at once.
-MECHANISMS_OFF = {
+MECHANISMS_OFF: dict[str, dict[str, Any]] = {
     "optuna": {"seed_mode": "per_trial", "pruner": "none"},
     "coarse": {"replicates": 1},
-    "fine": {"replicates": 1, "narrow": "top_k"},
+    "fine": {"replicates": 1, "narrow": "top_k", "race_runs": 0, "warm_start": False},
+    "final": {"choose": "best"},
 }
 
 
@@ -192,9 +197,18 @@ class Landscape:
     score_seeds: int = 3
     coarse: dict[str, Any] = field(default_factory=dict)
     fine: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
     optuna: dict[str, Any] = field(default_factory=dict)
-    # digits are shuffled with the study's seed: the service's run r searches split r.
+    # The budget of every method, in full trials' steps: the peers spend it, the service
+    # must not pass it.
+    budget_trials: int = 26
+    # digits are shuffled with the study's seed, so the service's run r searches split r:
+    # then run r is split r for every method and for the truth.
     split_follows_seed: bool = False
+
+    def split(self, run: int) -> int:
+        """The data split of run ``run``."""
+        return run if self.split_follows_seed else 0
 
     def key(self) -> str:
         """A digest of everything the truth depends on: names the grid's cache file."""
@@ -221,8 +235,10 @@ class Landscape:
         """A digest of what a search's record depends on: names the file of stored runs."""
         doc = {
             "truth": self.key(),
-            "stages": [self.coarse, self.fine, self.optuna],
+            "stages": [self.coarse, self.fine, self.final, self.optuna],
             "peers": [WILCOXON_SEEDS, PEER_SEED_STRIDE, MECHANISMS_OFF, RUNS_VERSION],
+            "budget": self.budget_trials,
+            "splits": self.split_follows_seed,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -232,24 +248,15 @@ class Landscape:
             points = [{**pt, p.name: v} for pt in points for v in p.axis()]
         return points
 
-    def nominal_trials(self) -> int:
-        """Trials (replicates included) the service's coarse and fine stages would run
-        unpruned: the budget when the service cannot run the landscape yet."""
-        c, f = self.coarse, self.fine
-        return (
-            c["trials"]
-            + (c.get("replicates", 3) - 1) * c.get("replicate_top", 3)
-            + f["trials"]
-            + (f.get("replicates", 3) - 1) * f.get("replicate_top", 3)
-        )
-
 
 LOG_LAMBDA = Param("l2_lambda", "log", 1e-5, 1e-1, grid=6)
 LOG_ETA_MAX = Param("eta_max", "log", 1e-3, 1.0, grid=6)
-SERVICE_STAGES = {
-    "coarse": {"trials": 12, "replicates": 3, "replicate_top": 2},
-    "fine": {"trials": 8, "top_k": 3, "margin": 0.3, "replicates": 2, "replicate_top": 2},
-    "optuna": {"pruner": "percentile", "warmup_cycles": 1.0, "n_startup_trials": 5},
+# The service's stages at the budget of 26 trials: the shipped defaults but for the trials.
+SERVICE_STAGES: dict[str, dict[str, Any]] = {
+    "coarse": {"trials": 14},
+    "fine": {"trials": 8, "race_runs": 4},
+    "final": {},
+    "optuna": {},
 }
 
 LANDSCAPES = {
@@ -338,9 +345,10 @@ LANDSCAPES = {
             Param("eta_max", "log", 1e-2, 0.5, grid=3),
         ),
         score_seeds=2,
-        coarse={"trials": 4, "replicates": 2, "replicate_top": 1},
-        fine={"trials": 3, "top_k": 2, "margin": 0.3, "replicates": 1, "replicate_top": 1},
-        optuna={"pruner": "percentile", "warmup_cycles": 0.5, "n_startup_trials": 2},
+        coarse={"trials": 4},
+        fine={"trials": 2, "top_k": 2, "race_top": 2, "race_runs": 2},
+        optuna={"n_startup_trials": 2},
+        budget_trials=8,
         split_follows_seed=True,
     ),
 }
@@ -350,17 +358,22 @@ DEFAULT_LANDSCAPES = ("fashion", "digits", "cifar3")
 # ----------------------------------------------------------------------------- training
 
 
-_SPLITS: dict[str, data_mod.Splits] = {}
+_SPLITS: dict[tuple[str, int], data_mod.Splits] = {}
 
 
-def splits_of(land: Landscape) -> data_mod.Splits:
-    """The landscape's data, loaded and normalised as the service prepares it (split seed 0)."""
-    if land.name not in _SPLITS:
+def splits_of(land: Landscape, split: int = 0) -> data_mod.Splits:
+    """The landscape's data, loaded and normalised as the service prepares it with
+    [optuna] seed ``split`` (the seed shuffles digits only)."""
+    if (land.name, split) not in _SPLITS:
         d = land.data
-        _SPLITS[land.name] = data_mod.load(
-            d["name"], d.get("dir"), split=d.get("split", "batch1"), n_val=d.get("n_val")
+        _SPLITS[land.name, split] = data_mod.load(
+            d["name"],
+            d.get("dir"),
+            split=d.get("split", "batch1"),
+            n_val=d.get("n_val"),
+            seed=split,
         )
-    return _SPLITS[land.name]
+    return _SPLITS[land.name, split]
 
 
 def trial_steps(land: Landscape) -> int:
@@ -373,13 +386,15 @@ def train(
     params: dict[str, Any],
     seed: int,
     *,
+    split: int = 0,
     on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[Network, float]:
-    """Train the landscape's network with ``params`` and ``seed``: (network, final val acc).
+    """Train the landscape's network with ``params`` and ``seed`` on data split ``split``:
+    (network, final val acc).
 
     Raises TrainingDiverged as :func:`model.train.fit` does.
     """
-    splits = splits_of(land)
+    splits = splits_of(land, split)
     config = land.config(params, seed)
     net = Network(
         splits.train.d, n_classes=splits.train.n_classes, seed=seed, **_net(land, params)
@@ -394,15 +409,15 @@ def _net(land: Landscape, params: dict[str, Any]) -> dict[str, Any]:
     return {"hidden": args.pop("hidden"), **args}
 
 
-def test_accuracy(job: tuple[str, str, int]) -> float:
-    """Test accuracy of one truth run (``(landscape, params JSON, seed)``, for a pool);
-    a diverged run scores chance."""
-    name, params_json, seed = job
+def test_accuracy(job: tuple[str, str, int, int]) -> float:
+    """Test accuracy of one truth run (``(landscape, params JSON, seed, split)``, for a
+    pool); a diverged run scores chance."""
+    name, params_json, seed, split = job
     land = LANDSCAPES[name]
     params = json.loads(params_json)
-    splits = splits_of(land)
+    splits = splits_of(land, split)
     try:
-        net, _ = train(land, params, seed)
+        net, _ = train(land, params, seed, split=split)
     except TrainingDiverged:
         return 1.0 / splits.train.n_classes
     lam = float(params.get("l2_lambda", land.training.get("l2_lambda", 0.0)))
@@ -418,11 +433,15 @@ def params_key(params: dict[str, Any]) -> str:
 
 
 class Truth:
-    """Multi-seed test means of configurations, cached in ``bench/cache/``."""
+    """Multi-seed test means of configurations on one data split, cached in ``bench/cache/``."""
 
-    def __init__(self, land: Landscape, *, cache_dir: Path, mapper: Callable) -> None:
+    def __init__(
+        self, land: Landscape, *, cache_dir: Path, mapper: Callable, split: int = 0
+    ) -> None:
         self.land = land
-        self.path = cache_dir / f"peers-{land.name}-{land.key()[:12]}.json"
+        self.split = split
+        where = f"-split{split}" if split else ""
+        self.path = cache_dir / f"peers-{land.name}-{land.key()[:12]}{where}.json"
         self.map = mapper
         self.scores: dict[str, float] = {}
         if self.path.is_file():
@@ -435,7 +454,7 @@ class Truth:
         """Each configuration's mean test accuracy over the score seeds (trained once)."""
         configs = list(configs)
         todo = sorted({params_key(c) for c in configs} - set(self.scores))
-        jobs = [(self.land.name, k, s) for k in todo for s in self.seeds()]
+        jobs = [(self.land.name, k, s, self.split) for k in todo for s in self.seeds()]
         accs = list(self.map(test_accuracy, jobs))
         n = len(self.seeds())
         for i, k in enumerate(todo):
@@ -473,6 +492,7 @@ def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
     """One peer's search: ``(landscape, method, run, budget in steps)`` -> its record."""
     name, method, run, budget = job
     land = LANDSCAPES[name]
+    split = land.split(run)
     full = trial_steps(land)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -496,7 +516,11 @@ def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
 
         try:
             _, value = train(
-                land, params, run * PEER_SEED_STRIDE + trial.number, on_evaluate=on_evaluate
+                land,
+                params,
+                run * PEER_SEED_STRIDE + trial.number,
+                split=split,
+                on_evaluate=on_evaluate,
             )
         except TrainingDiverged as exc:
             # What a plain user's network returns once its loss is NaN: chance. A completed
@@ -521,7 +545,7 @@ def run_peer(job: tuple[str, str, int, int]) -> dict[str, Any]:
             if spent + full > budget:
                 break
             try:
-                _, value = train(land, params, seed)
+                _, value = train(land, params, seed, split=split)
                 spent += full
             except TrainingDiverged as exc:
                 spent += exc.step + 1
@@ -586,7 +610,7 @@ def study_doc(land: Landscape, variant: str, run: int) -> dict[str, Any]:
         "search": search,
         "coarse": dict(land.coarse),
         "fine": dict(land.fine),
-        "final": {"seeds": 1, "holdout": 0.2},
+        "final": {**land.final, "seeds": 1, "holdout": 0.2},
         "optuna": {
             **land.optuna,
             "sampler": "tpe",
@@ -661,6 +685,8 @@ def service_steps(db: Path, land: Landscape) -> tuple[int, int, int, int]:
     for name in optuna.get_all_study_names(storage=storage):
         study = optuna.load_study(study_name=name, storage=storage)
         for t in study.get_trials(deepcopy=False):
+            if "from_coarse" in t.user_attrs:  # a coarse run the fine study carries over
+                continue
             batch = int(t.params.get("batch_size", land.training.get("batch_size", 100)))
             steps += round(float(t.user_attrs.get("epochs_run") or 0.0) * (n_train // batch))
             trials += 1
@@ -697,6 +723,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "optimism": statistics.fmean(r["optimism"] for r in rows),
         "trials": statistics.fmean(r["trials"] for r in rows),
         "wall": statistics.fmean(r["wall"] for r in rows),
+        "over_budget": sum(bool(r.get("over_budget")) for r in rows),
     }
 
 
@@ -721,6 +748,84 @@ def paired(records: dict[str, list[dict[str, Any]]], base: str) -> dict[str, dic
     return out
 
 
+# ----------------------------------------------------------------------------- rungs
+
+
+def rung_job(job: tuple[str, dict[str, Any], int]) -> list[float]:
+    """Validation accuracy at every evaluation point of one full run (for a pool); a run
+    that diverged scores chance from there on."""
+    name, params, seed = job
+    land = LANDSCAPES[name]
+    curve: list[float] = []
+    chance = 1.0 / splits_of(land).train.n_classes
+    n_points = trial_steps(land) // land.config(params, seed).eval_interval(
+        splits_of(land).train.n
+    )
+    try:
+        train(land, params, seed, on_evaluate=lambda step, m: curve.append(m["val_acc"]))
+    except TrainingDiverged:
+        pass
+    return [v if math.isfinite(v) else chance for v in curve] + [chance] * (n_points - len(curve))
+
+
+def rungs(land: Landscape, *, trials: int, mapper: Callable) -> dict[str, Any]:
+    """Can a trial be judged before its end? ``trials`` random configurations of the space,
+    each trained to the end (seed = its index): at every evaluation point, the Spearman
+    rank correlation of the value there with the final value, and how often one of the
+    3 best finals sits in the bottom third there (where a percentile pruner at 33%
+    would cut it)."""
+    from scipy import stats
+
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    points = []
+    for _ in range(trials):
+        t = study.ask()
+        points.append({p.name: p.suggest(t) for p in land.space})
+        study.tell(t, 0.0)
+    curves = np.array(list(mapper(rung_job, [(land.name, p, k) for k, p in enumerate(points)])))
+    config = land.config({}, 0)
+    n_train = splits_of(land).train.n
+    every = config.eval_interval(n_train)
+    cycle = 2 * config.resolved_n_s(n_train) if config.schedule == "cyclical" else None
+    schedule = config.make_schedule(n_train)
+    final = curves[:, -1]
+    top = set(np.argsort(-final, kind="stable")[:3])
+    rows = []
+    for j in range(curves.shape[1]):
+        step = (j + 1) * every
+        rho = float(stats.spearmanr(curves[:, j], final).statistic)
+        bottom = set(np.argsort(curves[:, j], kind="stable")[: trials // 3])
+        rows.append(
+            {
+                "step": step,
+                "cycle_end": cycle is not None and step % cycle == 0,
+                "eta_over_eta_max": schedule.lr_at(step - 1) / config.eta_max
+                if config.schedule == "cyclical"
+                else None,
+                "spearman": rho,
+                "top3_in_bottom_third": len(top & bottom) / 3,
+            }
+        )
+    return {"trials": trials, "rows": rows}
+
+
+def print_rungs(name: str, res: dict[str, Any], log: Callable[[str], None]) -> None:
+    log(
+        f"\n{name}: can a trial be judged before its end? {res['trials']} random "
+        "configurations trained to the end"
+    )
+    log(f"  {'step':>6} {'where':<22} {'rank corr.':>11} {'top-3 final in bottom 1/3':>26}")
+    for r in res["rows"]:
+        where = "cycle end" if r["cycle_end"] else "mid-cycle"
+        if r["eta_over_eta_max"] is not None:
+            where += f" eta {r['eta_over_eta_max']:.2f}x"
+        log(
+            f"  {r['step']:>6} {where:<22} {r['spearman']:>11.2f} "
+            f"{100 * r['top3_in_bottom_third']:>25.0f}%"
+        )
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -739,27 +844,35 @@ def bench_landscape(
     fresh: bool = False,
 ) -> dict[str, Any]:
     """Every method on every run seed of one landscape; the truth; the figures."""
-    truth = Truth(land, cache_dir=CACHE, mapper=mapper)
     full = trial_steps(land)
     splits = splits_of(land)
     points = land.grid()
-    t0 = time.perf_counter()
-    grid_scores = truth.score(points)
     grid_steps = len(points) * land.score_seeds * full
-    best_i = int(np.argmax(grid_scores))
+    budget = land.budget_trials * full
     log(
         f"\n== {land.name}: {land.description}\n"
         f"   {splits.train.n} train / {splits.val.n} val / {splits.test.n} test; "
         f"{full} steps a trial ({_training(land)})\n"
-        f"   grid: {len(points)} points x {land.score_seeds} seeds = {grid_steps} steps "
-        f"({time.perf_counter() - t0:.0f} s, cached in {truth.path.name}); best "
-        f"{_fmt(points[best_i])}: test {100 * grid_scores[best_i]:.2f}%"
+        f"   budget: {land.budget_trials} trials' steps ({budget}) for every method, "
+        f"{100 * budget / grid_steps:.1f}% of the grid's"
     )
+    truths: dict[int, Truth] = {}
+    grids: dict[int, list[float]] = {}
+    for split in sorted({land.split(run) for run in runs}):
+        t0 = time.perf_counter()
+        truths[split] = Truth(land, cache_dir=CACHE, mapper=mapper, split=split)
+        grids[split] = truths[split].score(points)
+        best_i = int(np.argmax(grids[split]))
+        log(
+            f"   grid{f' of split {split}' if land.split_follows_seed else ''}: "
+            f"{len(points)} points x {land.score_seeds} seeds = {grid_steps} steps "
+            f"({time.perf_counter() - t0:.0f} s, cached in {truths[split].path.name}); best "
+            f"{_fmt(points[best_i])}: test {100 * grids[split][best_i]:.2f}%"
+        )
     skipped: dict[str, str] = {}
     if "gp" in methods and importlib.util.find_spec("torch") is None:
         skipped["gp"] = "torch is not installed (pip install torch): GPSampler needs it"
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods if m not in skipped}
-    nominal = land.nominal_trials() * full
     store = CACHE / f"peers-{land.name}-{land.runs_key()[:12]}-runs.jsonl"
     stored = {} if fresh else _stored(store)
 
@@ -772,7 +885,6 @@ def bench_landscape(
                 f.write(json.dumps(rec) + "\n")
 
     for run in runs:
-        budget = nominal
         for variant in [m for m in SERVICE if m in records]:
             if (variant, run) in stored:
                 rec = stored[variant, run]
@@ -784,8 +896,6 @@ def bench_landscape(
                     records.pop(variant, None)
                     continue
             keep(rec, new=(variant, run) not in stored)
-            if variant == "c2f":
-                budget = rec["steps"]
         peers = [m for m in PEERS if m in records]
         for m in peers:
             if (m, run) in stored and stored[m, run]["budget"] == budget:
@@ -798,30 +908,31 @@ def bench_landscape(
         for rec in mapper(run_peer, todo):
             keep(rec, new=True)
         chosen = [rec["params"] for rows in records.values() for rec in rows if rec["run"] == run]
-        truth.score(chosen)
-    best_known = max(
-        [
-            *grid_scores,
-            *(
-                truth.scores[params_key(rec["params"])]
-                for rows in records.values()
-                for rec in rows
-            ),
-        ]
-    )
+        truths[land.split(run)].score(chosen)
+    best_known = {
+        split: max(
+            [
+                *grids[split],
+                *(
+                    truths[split].scores[params_key(rec["params"])]
+                    for rows in records.values()
+                    for rec in rows
+                    if land.split(rec["run"]) == split
+                ),
+            ]
+        )
+        for split in truths
+    }
     for rows in records.values():
         for rec in rows:
-            true = truth.scores[params_key(rec["params"])]
+            split = land.split(rec["run"])
+            true = truths[split].scores[params_key(rec["params"])]
             rec["truth"] = true
-            rec["regret"] = 100 * (best_known - true)
+            rec["regret"] = 100 * (best_known[split] - true)
             rec["optimism"] = 100 * (rec["estimate"] - true)
             rec["compute"] = rec["steps"] / grid_steps
+            rec["over_budget"] = rec["steps"] > budget
     records = {m: rows for m, rows in records.items() if rows}
-    if land.split_follows_seed and any(m in records for m in SERVICE):
-        log(
-            f"   note: {land.data['name']} is shuffled with [optuna] seed, so the service's run r "
-            "searched split r; the peers and the truth use split 0"
-        )
     base = "c2f" if "c2f" in records else "tpe"
     return {
         "description": land.description,
@@ -831,15 +942,21 @@ def bench_landscape(
             "space": {p.name: p.toml() for p in land.space},
             "trial_steps": full,
             "service": {"coarse": land.coarse, "fine": land.fine, "optuna": land.optuna},
-            "nominal_budget_steps": nominal,
-            "score_seeds": truth.seeds(),
+            "budget_steps": budget,
+            "score_seeds": truths[min(truths)].seeds(),
+            "split_per_run": land.split_follows_seed,
         },
         "grid": {
             "points": len(points),
             "steps": grid_steps,
-            "best": points[best_i],
-            "best_test": grid_scores[best_i],
-            "best_known_test": best_known,
+            "splits": {
+                split: {
+                    "best": points[int(np.argmax(grids[split]))],
+                    "best_test": max(grids[split]),
+                    "best_known_test": best_known[split],
+                }
+                for split in truths
+            },
         },
         "skipped": skipped,
         "methods": {m: {"summary": summarise(rows), "runs": rows} for m, rows in records.items()},
@@ -882,11 +999,20 @@ def _run_line(rec: dict[str, Any], full: int) -> str:
 
 def print_tables(name: str, res: dict[str, Any], log: Callable[[str], None]) -> None:
     log(f"\n{name}: {res['description']}")
-    g = res["grid"]
-    log(
-        f"  best grid point {_fmt(g['best'])}: {100 * g['best_test']:.2f}%; best known "
-        f"{100 * g['best_known_test']:.2f}% (regrets are against it)"
-    )
+    g = res["grid"]["splits"]
+    if len(g) == 1:
+        (one,) = g.values()
+        log(
+            f"  best grid point {_fmt(one['best'])}: {100 * one['best_test']:.2f}%; best known "
+            f"{100 * one['best_known_test']:.2f}% (regrets are against it)"
+        )
+    else:
+        known = statistics.fmean(s["best_known_test"] for s in g.values())
+        log(
+            f"  run r searches and is scored on data split r ({len(g)} splits); the best known "
+            f"test accuracy of a split, {100 * known:.2f}% on average, is what its regrets "
+            "are against"
+        )
     log(
         "  regret, optimism (estimate - truth): test accuracy points; <=0.5, <=1: runs within; "
         "compute: training steps, % of the grid's"
@@ -909,6 +1035,12 @@ def print_tables(name: str, res: dict[str, Any], log: Callable[[str], None]) -> 
             f"  (c2f's final retrains its choice: {statistics.fmean(finals):.0f} more steps a "
             "run, outside the budget; every choice is retrained the same way for the truth)"
         )
+    for method, m in res["methods"].items():
+        if m["summary"]["over_budget"]:
+            log(
+                f"  {LABELS[method]:<42} passed the budget in {m['summary']['over_budget']} "
+                "run(s): its figures are not at the same compute"
+            )
     for method, why in res["skipped"].items():
         log(f"  {LABELS[method]:<42} skipped: {why}")
     base = res["paired_base"]
@@ -966,6 +1098,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"default: {' '.join(DEFAULT_METHODS)}; one mechanism off: {' '.join(ABLATIONS)}",
     )
     p.add_argument("--quick", action="store_true", help="the tiny landscape, one run")
+    p.add_argument(
+        "--rungs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N random configurations trained to the end; how well each "
+        "evaluation point ranks them (can pruning judge a trial there?)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="processes for peers and the truth")
     p.add_argument(
         "--fresh",
@@ -979,6 +1119,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --runs must be >= 1, got {args.runs}")
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
+    if args.rungs and args.rungs < 6:
+        raise SystemExit(f"error: --rungs needs at least 6 configurations, got {args.rungs}")
     names = args.landscape or (["tiny"] if args.quick else list(DEFAULT_LANDSCAPES))
     n_runs = args.runs or (1 if args.quick else 10)
     runs = list(range(args.first_run, args.first_run + n_runs))
@@ -996,6 +1138,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             t0 = time.perf_counter()
             land = LANDSCAPES[name]
+            if args.rungs:
+                results[name] = rungs(land, trials=args.rungs, mapper=mapper)
+                print_rungs(name, results[name], log)
+                continue
             res = bench_landscape(
                 land,
                 runs=runs,
@@ -1009,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = res
             print_tables(name, res, log)
             log(f"  ({res['wall']:.0f} s)")
-    if args.figure is not None:
+    if args.figure is not None and not args.rungs:
         import matplotlib
 
         matplotlib.use("Agg")

@@ -15,12 +15,16 @@ compute it used in epochs of the training set (every trial, pruned, failed and
 replicates included, plus final's training) relative to the grid's. The goal:
 mean regret <= 0.5 points at <= 50% of the grid's compute.
 
-``--mode before`` runs the search as it was: a seed per trial, no replicates,
-fine ranges around the top-k single runs, the best single run retrained. ``after`` (the
-defaults of study files now): shared seeds, replicates of the best
-configurations, noise-aware fine ranges. Prints a table; asserts nothing.
+``--mode before`` runs the search as it was first: a seed per trial, no replicates,
+fine ranges around the top-k single runs, the best single run retrained.
+``replicates``: shared seeds, blanket replicates of the best configurations,
+noise-aware fine ranges, the best mean retrained. ``after`` (the defaults of study
+files now): shared seeds, fine ranges and the choice by the model of the landscape,
+the coarse runs carried over into the fine stage, a race between the best on shared
+seeds. Prints a table; asserts nothing (``bench/peers.py`` is the benchmark against
+other methods).
 
-    python -m bench.search_quality [--runs 4] [--mode before after] [--data-dir DIR]
+    python -m bench.search_quality [--runs 4] [--mode before replicates after] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -62,16 +66,38 @@ TRAINING = {
     "train_eval_size": 2000,
 }
 
+OLD_FINE = {"race_runs": 0, "warm_start": False}  # the settings before the race and the model
 MODES = {
     "before": {
         "coarse": {"trials": 10, "replicates": 1},
-        "fine": {"trials": 6, "top_k": 3, "margin": 0.3, "narrow": "top_k", "replicates": 1},
-        "final": {"seeds": 1},
+        "fine": {
+            "trials": 6,
+            "top_k": 3,
+            "margin": 0.3,
+            "narrow": "top_k",
+            "replicates": 1,
+            **OLD_FINE,
+        },
+        "final": {"seeds": 1, "choose": "best"},
         "optuna": {"seed_mode": "per_trial"},
     },
-    "after": {
+    "replicates": {
         "coarse": {"trials": 8, "replicates": 3, "replicate_top": 2},
-        "fine": {"trials": 5, "top_k": 2, "margin": 0.3, "replicates": 2, "replicate_top": 2},
+        "fine": {
+            "trials": 5,
+            "top_k": 2,
+            "margin": 0.3,
+            "narrow": "noise",
+            "replicates": 2,
+            "replicate_top": 2,
+            **OLD_FINE,
+        },
+        "final": {"seeds": 1, "choose": "best"},
+        "optuna": {"seed_mode": "shared"},
+    },
+    "after": {  # the defaults of study files now, at the same number of runs
+        "coarse": {"trials": 10},
+        "fine": {"trials": 6, "top_k": 2, "margin": 0.3, "race_runs": 3},
         "final": {"seeds": 1},
         "optuna": {"seed_mode": "shared"},
     },
@@ -173,7 +199,9 @@ def run_search(root: Path, data_dir: Path, seed: int, mode: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=4, help="independent searches per mode")
-    p.add_argument("--mode", nargs="+", default=["before", "after"], choices=list(MODES))
+    p.add_argument(
+        "--mode", nargs="+", default=["before", "replicates", "after"], choices=list(MODES)
+    )
     p.add_argument("--data-dir", type=Path, default=DATA)
     args = p.parse_args(argv)
     if not (args.data_dir / "data_batch_1").exists():

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         target=target,
         space=plan.ranges,
         enqueue=plan.starts,
+        warm=plan.warm,
         attrs=plan.attrs,
     )
     cli.end_stage(

@@ -13,9 +13,9 @@ A file has these tables (every key but ``name`` has a default)::
     [search]    any [training] or [network] field, or with [model] any key of [model.params]:
                 name = [low, high] (log-uniform), {low, high, log, step} (float),
                 {int = [low, high], log} (integer), {choice = [...]} (search/config/space.py)
-    [coarse]    trials, replicates, replicate_top
+    [coarse]    trials, replicates, replicate_top, race_top, race_runs
     [fine]      trials, top_k, margin (decades on each side), narrow, extend, replicates,
-                replicate_top, [fine.training] overrides
+                replicate_top, race_top, race_runs, warm_start, [fine.training] overrides
     [final]     holdout, seeds, choose, [final.training] overrides
     [optuna]    pruner, sampler, seed, seed_mode, workers, storage, heartbeat_interval,
                 grace_period, warmup_cycles, n_startup_trials
@@ -49,8 +49,8 @@ from search.config.space import (
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
-NARROWING = ("noise", "top_k")
-CHOICES = ("best", "smoothed")
+NARROWING = ("model", "noise", "top_k")
+CHOICES = ("model", "best", "smoothed")
 TABLES = (
     "name",
     "data",
@@ -486,37 +486,57 @@ def _check_replicates(path: Path, section: str, replicates: int, replicate_top: 
         )
 
 
+def _check_race(path: Path, section: str, race_top: int, race_runs: int) -> None:
+    _check_number(path, f"{section}.race_top", race_top, min=2)
+    _check_number(path, f"{section}.race_runs", race_runs, min=0)
+
+
 @dataclass(frozen=True)
 class CoarseSpec:
-    """``trials`` searched; then the ``replicate_top`` best configurations are run with
-    ``replicates`` seeds in all (the first run included): choices use their mean."""
+    """``trials`` searched. With ``replicates`` > 1 the ``replicate_top`` best
+    configurations are then run with that many seeds in all (the first run included).
+    With ``race_runs`` > 0 the ``race_top`` best by the model of the landscape race on
+    shared extra seeds until the paired comparison separates them or ``race_runs``
+    runs are spent (:func:`search.sweep.replicates.race_round`). Both off by default
+    in the coarse stage: the fine stage races."""
 
     trials: int = 40
-    replicates: int = 3
+    replicates: int = 1
     replicate_top: int = 3
+    race_top: int = 3
+    race_runs: int = 0
 
 
 def _parse_coarse(path: Path, raw: Any) -> CoarseSpec:
     coarse = _build(CoarseSpec, path, "coarse", raw)
     _check_number(path, "coarse.trials", coarse.trials, min=1, max=MAX_TRIALS)
     _check_replicates(path, "coarse", coarse.replicates, coarse.replicate_top)
+    _check_race(path, "coarse", coarse.race_top, coarse.race_runs)
     return coarse
 
 
 @dataclass(frozen=True)
 class FineSpec:
-    """The fine ranges cover the coarse configurations within noise of the best (by the
-    mean over replicates) and the ``top_k`` best means, widened by ``margin`` decades;
-    past an edge of the coarse range by at most ``extend`` decades. ``narrow = "top_k"``:
-    the ``top_k`` best single runs only (no noise estimate)."""
+    """The fine ranges cover the coarse configurations within noise of the best and the
+    ``top_k`` best means, widened by ``margin`` decades; past an edge of the coarse range
+    by at most ``extend`` decades. Within noise: by the model of the landscape
+    (``narrow = "model"``), by the means over replicates (``"noise"``), or the ``top_k``
+    best single runs only (``"top_k"``). ``warm_start``: the coarse runs inside the fine
+    ranges are carried over into the fine study when both stages train alike (no
+    ``[fine.training]``), so its sampler starts from them. After its trials, the
+    ``race_top`` best by the model race on shared seeds for at most ``race_runs`` runs;
+    ``replicates`` > 1: blanket replicates of the ``replicate_top`` best, as coarse."""
 
     trials: int = 20
     top_k: int = 3
     margin: float = 0.25
-    narrow: str = "noise"
+    narrow: str = "model"
     extend: float = 1.0
-    replicates: int = 3
+    replicates: int = 1
     replicate_top: int = 3
+    race_top: int = 3
+    race_runs: int = 4
+    warm_start: bool = True
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -528,6 +548,7 @@ def _parse_fine(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) -> 
     _check_number(path, "fine.extend", fine.extend, kind="float", min=0, unit="decades")
     _one_of(path, "fine.narrow", fine.narrow, NARROWING)
     _check_replicates(path, "fine", fine.replicates, fine.replicate_top)
+    _check_race(path, "fine", fine.race_top, fine.race_runs)
     return fine
 
 
@@ -535,12 +556,14 @@ def _parse_fine(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) -> 
 class FinalSpec:
     """final trains on train + val minus ``holdout`` validation images (a number, or a
     fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
-    ``choose``: "best" (the best mean over seeds, replicated configurations first)
-    or "smoothed" (the best kernel-smoothed mean over neighbouring configurations)."""
+    ``choose``: "model" (the best value predicted by the model of the landscape, among
+    the contenders still in the race if one was run), "best" (the best mean over
+    seeds, replicated configurations first) or "smoothed" (the best kernel-smoothed
+    mean over neighbouring configurations)."""
 
     holdout: int | float = 0.2
     seeds: int = 3
-    choose: str = "best"
+    choose: str = "model"
     training: dict[str, Any] = field(default_factory=dict)
 
 
@@ -564,7 +587,7 @@ def _parse_final(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) ->
 
 @dataclass(frozen=True)
 class OptunaSpec:
-    pruner: str = "percentile"
+    pruner: str = "none"
     sampler: str = "tpe"
     seed: int = 0
     workers: int = 1

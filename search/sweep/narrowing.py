@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from search.config import space as sp
 from search.config.study import StudySpec, check_point
 from search.sweep import replicates as rep
 from search.sweep import studies as st
+from search.sweep import surrogate
 from search.sweep.replicates import Configuration, pooled_sd
 
 FLAT_SHARE = 2 / 3
@@ -81,9 +83,20 @@ def narrow(
     extend: float = 1.0,
     mode: str = "noise",
     valid: Callable[[dict[str, Any]], bool] = lambda point: True,
+    trials: Sequence[FrozenTrial] = (),
+    n_val: int | None = None,
 ) -> Narrowing:
     """The fine ranges around ``configs`` (best first, as ranked by
     :func:`search.sweep.replicates.configurations`) inside ``coarse``.
+
+    ``mode = "model"``: within noise of the best are the configurations whose value
+    predicted by the model of the landscape fitted to every run in ``trials``
+    (:func:`search.sweep.surrogate.rank`) is within one standard error of the
+    difference (the model's own uncertainty at both) of the best prediction, and sigma
+    is the model's seed noise. The ranges still cover the ``top_k`` best means: the
+    model marks down a configuration next to runs that diverged, and the fine stage
+    must still be able to look there (an optimum often sits just below such a cliff).
+    With too few runs to fit a model it narrows as ``"noise"`` does.
 
     ``valid(point)`` says whether a point of the new ranges can be trained (an
     eta_max extended below eta_min cannot); an extension that makes a corner
@@ -92,19 +105,30 @@ def narrow(
     if not configs:
         raise ValueError("no completed coarse trials to narrow around; run search.coarse first")
     configs = list(configs)
-    sigma = pooled_sd(configs) if mode == "noise" else None
+    within: list[Configuration] | None = None
+    sigma = None
+    if mode == "model":
+        ranked, model = surrogate.rank(configs, trials, coarse, n_val=n_val)
+        if model is not None:
+            best = ranked[0]
+            sigma = model.noise_sd
+            within = [
+                r.config for r in ranked if best.mean - r.mean <= math.sqrt(best.sd**2 + r.sd**2)
+            ]
+        else:
+            mode = "noise"
+    if mode == "noise":
+        sigma = pooled_sd(configs)
     if mode == "top_k":
         extend = 0.0  # the old rule: the top_k single runs, inside the coarse range
     notes = []
-    if sigma is None:
-        within = configs[:1]
-        if mode == "noise":
+    if within is None:
+        within = configs[:1] if sigma is None else within_noise(configs, sigma)
+        if sigma is None and mode == "noise":
             notes.append(
                 "no replicated configurations, so no estimate of the seed noise: the ranges "
                 f"cover the {top_k} best single runs (set [coarse] replicates >= 2)"
             )
-    else:
-        within = within_noise(configs, sigma)
     chosen = list(within) + [c for c in configs[:top_k] if c not in within]
     ranges: dict[str, sp.Range] = {}
     flat: list[str] = []
@@ -223,13 +247,50 @@ def _flat_note(r: sp.Range, span: list[float], sigma: float) -> str:
 
 @dataclass
 class FinePlan:
-    """What the fine stage searches: its ranges, the configurations it starts from, what
-    it records on its study, and the lines that say so."""
+    """What the fine stage searches: its ranges, the configurations it starts from (runs
+    to queue), the coarse runs it carries over (``warm``: copies of the coarse trials
+    inside its ranges, when both stages train alike), what it records on its study, and
+    the lines that say so."""
 
     ranges: dict[str, sp.Range]
     starts: list[dict[str, Any]]
     attrs: dict[str, Any]
     lines: list[str]
+    warm: list[FrozenTrial] = field(default_factory=list)
+
+
+FROM_COARSE = "from_coarse"  # user attr of a fine trial copied from the coarse study: its number
+CARRIED_ATTRS = ("seed", "diverged", "reason", rep.REPLICATE)
+
+
+def carried_over(trials: Sequence[FrozenTrial], ranges: dict[str, sp.Range]) -> list[FrozenTrial]:
+    """Copies of the finished ``trials`` whose parameters all lie inside ``ranges``, for the
+    fine study: the sampler starts from what the coarse stage learnt there (Optuna's way
+    to warm-start a study), and the fine stage's choice and race see those runs too.
+
+    They keep their value, curve points, seed and replicate index, and name their coarse
+    trial (user attr ``from_coarse``); not their training time, which was spent in the
+    coarse stage.
+    """
+    distributions = sp.distributions(ranges)
+    out = []
+    for t in trials:
+        if t.state not in st.FINISHED or set(t.params) != set(ranges):
+            continue
+        if not all(ranges[k].contains(v) for k, v in t.params.items()):
+            continue
+        attrs = {k: t.user_attrs[k] for k in CARRIED_ATTRS if k in t.user_attrs}
+        out.append(
+            optuna.trial.create_trial(
+                state=t.state,
+                value=t.value if t.state == TrialState.COMPLETE else None,
+                params=dict(t.params),
+                distributions=distributions,
+                intermediate_values=dict(t.intermediate_values),
+                user_attrs={**attrs, FROM_COARSE: t.number},
+            )
+        )
+    return out
 
 
 def plan_fine(
@@ -328,22 +389,35 @@ def _new_plan(spec: StudySpec, coarse: optuna.Study, *, top_k: int, margin: floa
         extend=spec.fine.extend,
         mode=spec.fine.narrow,
         valid=valid,
+        trials=coarse.get_trials(deepcopy=False),
+        n_val=surrogate.n_val_of(coarse),
     )
     noise = "" if n.sigma is None else f"; seed noise (sd of one run) {n.sigma:.4f}"
     lines = [
         f"best coarse configuration: trial {configs[0].number}, val acc "
         f"{configs[0].describe()}; {len(n.within)} configuration(s) within noise of it{noise}"
     ]
-    # The best configurations start the fine search, where the fine ranges hold them.
+    # Both stages train alike: the coarse runs inside the fine ranges are carried over
+    # (the same seed would only repeat them). Else the best configurations start the fine
+    # search, where the fine ranges hold them, trained the fine stage's way.
+    carry = spec.fine.warm_start and not spec.fine.training
+    warm = carried_over(coarse.get_trials(deepcopy=False), n.ranges) if carry else []
     starts = [
         dict(c.params)
         for c in configs[:top_k]
         if all(k in n.ranges and n.ranges[k].contains(v) for k, v in c.params.items())
     ]
+    if warm:
+        starts = []
+        lines.append(
+            f"{sum(not rep.is_replicate(t) for t in warm)} coarse trials (and "
+            f"{sum(rep.is_replicate(t) for t in warm)} replicate runs) inside the fine ranges "
+            "are carried over: the fine search starts from them"
+        )
     attrs = {
         "top_k": top_k,
         "margin": margin,
         "narrowing": n.as_dict(),
         "coarse_finished": len(coarse.get_trials(deepcopy=False, states=st.FINISHED)),
     }
-    return FinePlan(n.ranges, starts, attrs, lines)
+    return FinePlan(n.ranges, starts, attrs, lines, warm)

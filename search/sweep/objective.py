@@ -73,17 +73,24 @@ def record(
 
 
 def pruning_window(spec: StudySpec, config: TrainConfig, n_train: int) -> tuple[float, int]:
-    """(warm-up, last): a trial may be pruned at a step with ``warm-up <= step < last``.
+    """(from, to): a trial may be pruned at an evaluation step with ``from <= step < to``.
 
-    The warm-up is ``warmup_cycles`` cycles (epochs for the other schedules); the last
-    evaluation point is the result: a run that finished is never pruned.
+    On a cyclical schedule, only at the end of a cycle: the first evaluation point at
+    or after the end of the first whole cycle past ``warmup_cycles``. Mid-cycle, eta is
+    near eta_max and a trial's accuracy says more about its eta_max than about its
+    quality; at a cycle's end eta is back at eta_min and trials compare on equal terms.
+    No window when that cycle is the last (a run that finished is never pruned). On
+    the other schedules, from the warm-up (``warmup_cycles`` epochs) to the last
+    evaluation point.
     """
-    per_cycle = (
-        2 * config.resolved_n_s(n_train)
-        if config.schedule == "cyclical"
-        else config.steps_per_epoch(n_train)
-    )
-    return spec.optuna.warmup_cycles * per_cycle, config.total_steps(n_train)
+    total = config.total_steps(n_train)
+    if config.schedule != "cyclical":
+        return spec.optuna.warmup_cycles * config.steps_per_epoch(n_train), total
+    per_cycle = 2 * config.resolved_n_s(n_train)
+    rung = max(1, math.ceil(spec.optuna.warmup_cycles - 1e-9)) * per_cycle
+    if rung >= total:
+        return math.inf, 0
+    return rung, min(total, rung + config.eval_interval(n_train))
 
 
 def may_prune(spec: StudySpec, trial: optuna.Trial) -> bool:

@@ -268,3 +268,133 @@ def choose(configs: Sequence[Configuration]) -> tuple[Configuration, float]:
     if not configs:
         raise ValueError("no completed configurations to choose from")
     return smoothed(configs)[0]
+
+
+# ----------------------------------------------------------------------------- racing
+
+RACE = "race"  # study attr: the race's contenders, who is out, what it spent, how it ended
+RACE_Z = 1.0  # a contender is out when the leader beats it by this many standard errors
+# Seeds two contenders must share before one can be put out: with two, the sd of the
+# differences rests on one degree of freedom each and puts out good ones by chance.
+RACE_MIN_SEEDS = 3
+
+
+def paired_differences(leader: Configuration, other: Configuration) -> list[float]:
+    """leader - other on every seed index both ran (a diverged run counts as 0)."""
+    mine = {replicate_index(t): v for t, v in zip(leader.trials, leader.values, strict=True)}
+    theirs = {replicate_index(t): v for t, v in zip(other.trials, other.values, strict=True)}
+    return [mine[i] - theirs[i] for i in sorted(mine.keys() & theirs.keys())]
+
+
+def separated(alive: Sequence[Configuration], *, z: float = RACE_Z) -> list[Configuration]:
+    """The contenders the paired comparison has separated from the leader (the best mean
+    of ``alive``): mean difference over shared seeds above ``z`` standard errors.
+
+    The standard error pools the sd of the differences over every contender with
+    :data:`RACE_MIN_SEEDS` or more shared seeds; none is out before that.
+    """
+    if len(alive) < 2:
+        return []
+    leader = max(alive, key=lambda c: (c.mean, c.n, -c.number))
+    diffs = {id(c): paired_differences(leader, c) for c in alive if c is not leader}
+    pairs = [d for d in diffs.values() if len(d) >= RACE_MIN_SEEDS]
+    dof = sum(len(d) - 1 for d in pairs)
+    if dof == 0:
+        return []
+    var = sum((len(d) - 1) * statistics.variance(d) for d in pairs) / dof
+    out = []
+    for c in alive:
+        d = diffs.get(id(c), [])
+        if len(d) >= RACE_MIN_SEEDS and statistics.fmean(d) > z * math.sqrt(var / len(d)):
+            out.append(c)
+    return out
+
+
+@dataclass
+class Race:
+    """Where a stage's race stands: contenders (params), those out, runs spent, and why it
+    ended ("" while it runs)."""
+
+    contenders: list[dict]
+    out: list[dict] = field(default_factory=list)
+    spent: int = 0
+    ended: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "contenders": self.contenders,
+            "out": self.out,
+            "spent": self.spent,
+            "ended": self.ended,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Race:
+        return cls(list(d["contenders"]), list(d.get("out", [])), d.get("spent", 0), d["ended"])
+
+    def alive(self, configs: Sequence[Configuration]) -> list[Configuration]:
+        """The contenders among ``configs`` still in the race."""
+        keys = {params_key(p) for p in self.contenders} - {params_key(p) for p in self.out}
+        return [c for c in configs if params_key(c.params) in keys]
+
+
+def race_round(
+    study: optuna.Study, contenders: Sequence[Configuration], *, runs: int, z: float = RACE_Z
+) -> tuple[int, Race]:
+    """One round of the stage's race; (runs queued, the race as it stands).
+
+    The first call fixes the contenders (``contenders``: the best configurations by the
+    model, in its order) and records them on the study (user attr ``race``); later
+    calls read them back, so an interrupted race resumes where it was. Each round
+    puts out the contenders the paired comparison on shared seeds separates from the
+    leader (:func:`separated`), then queues the next seed of each one still in: the
+    same seed index for all, so their runs pair. It ends, queueing nothing, when one
+    is left or the next round would pass ``runs`` extra runs in all.
+    """
+    recorded = study.user_attrs.get(RACE)
+    race = (
+        Race.from_dict(recorded)
+        if recorded
+        else Race([dict(c.params) for c in contenders if c.n >= 1])
+    )
+    if race.ended:
+        return 0, race
+    configs = study_configurations(study)
+    trials = study.get_trials(deepcopy=False)
+    alive = race.alive(configs)
+    race.out += [dict(c.params) for c in separated(alive, z=z)]
+    alive = race.alive(configs)
+    present: dict[tuple, set[int]] = {}
+    for t in trials:
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        present.setdefault(params_key(params), set()).add(replicate_index(t))
+    seeds = max((max(present.get(params_key(c.params), {0})) for c in alive), default=0) + 1
+    missing = [
+        (c.params, i)
+        for c in alive
+        for i in range(1, seeds + 1)
+        if i not in present.get(params_key(c.params), set())
+    ]
+    if len(alive) <= 1:
+        race.ended = "one contender left" if alive else "no contender left"
+    elif race.spent + len(missing) > runs:
+        race.ended = f"its {runs} runs are spent" if race.spent else "no runs to spend"
+    if race.ended:
+        study.set_user_attr(RACE, race.as_dict())
+        return 0, race
+    for params, index in missing:
+        study.enqueue_trial(params, user_attrs={REPLICATE: index})
+    race.spent += len(missing)
+    study.set_user_attr(RACE, race.as_dict())
+    _fail_duplicates(study)
+    return len(missing), race
+
+
+def race_pending(study: optuna.Study, race_runs: int) -> str | None:
+    """What the stage's race still has to do, or None (no race asked for, or it ended)."""
+    if race_runs < 1:
+        return None
+    recorded = study.user_attrs.get(RACE)
+    if recorded and recorded.get("ended"):
+        return None
+    return "its race between the best configurations has not ended"

@@ -27,7 +27,7 @@ from search.config import space as sp
 from search.config.study import StudySpec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep import user_train
+from search.sweep import surrogate, user_train
 from search.sweep.workers.storage import check_storage
 
 
@@ -47,22 +47,36 @@ def final_split(splits: Splits, holdout: int) -> Splits:
     return Splits(train, val, splits.test)
 
 
+# How final's log line names the predicted value of each kind of choice.
+PREDICTED = {
+    "model": "predicted by the model of the landscape",
+    "best": "smoothed over its neighbours",
+    "smoothed": "smoothed over its neighbours",
+}
+
+
 def chosen_configuration(
     spec: StudySpec, *, command: Callable[[str], str] = lambda stage: f"search.{stage}"
 ) -> tuple[optuna.Study, rep.Configuration, float]:
     """The study to take it from (fine, else coarse), its chosen configuration and that
-    one's smoothed validation accuracy (:func:`search.sweep.replicates.choose`).
-    ``command(stage)`` is the command the errors ask to run."""
+    one's predicted validation accuracy: by the model of the landscape (``choose =
+    "model"``, :func:`model_choice`), else smoothed over its neighbours
+    (:func:`search.sweep.replicates.choose`). ``command(stage)`` is the command the
+    errors ask to run."""
     for stage in ("fine", "coarse"):
         study = st.load_existing(spec, stage)
         replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
         if study is not None and (configs := rep.study_configurations(study, replicates)):
-            if why := st.pending(spec, stage, study):
+            stage_spec = spec.fine if stage == "fine" else spec.coarse
+            why = st.pending(spec, stage, study) or rep.race_pending(study, stage_spec.race_runs)
+            if why:
                 raise ValueError(
                     f"{study.study_name} is not finished ({why}); final chooses from all of "
                     f"it: run {command(stage)} again to finish it, "
                     "or wait for the workers running it"
                 )
+            if spec.final.choose == "model":
+                return (study, *model_choice(study, configs))
             if spec.final.choose == "best":
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
                 return study, configs[0], value
@@ -71,6 +85,22 @@ def chosen_configuration(
         f"no completed trials of {spec.name} in the fine or coarse study of "
         f"{spec.storage_url()}; run {command('coarse')} first"
     )
+
+
+def model_choice(
+    study: optuna.Study, configs: list[rep.Configuration]
+) -> tuple[rep.Configuration, float]:
+    """The configuration the model of the landscape predicts best, and that prediction
+    (:func:`search.sweep.surrogate.rank` over every run of the study, in its recorded
+    ranges); after a race, the best of the contenders still in it."""
+    space = sp.from_record(study.user_attrs.get("ranges", {}))
+    trials = study.get_trials(deepcopy=False)
+    ranked, _ = surrogate.rank(configs, trials, space, n_val=surrogate.n_val_of(study))
+    recorded = study.user_attrs.get(rep.RACE)
+    if recorded:
+        alive = rep.Race.from_dict(recorded).alive(configs)
+        ranked = [r for r in ranked if any(r.config is c for c in alive)] or ranked
+    return ranked[0].config, ranked[0].mean
 
 
 @dataclass
@@ -132,7 +162,7 @@ def retrain(
     splits = final_split(data, holdout)
     log(
         f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "
-        f"{smooth:.4f} smoothed over its neighbours; {params_line(params)})\n"
+        f"{smooth:.4f} {PREDICTED[spec.final.choose]}; {params_line(params)})\n"
         f"  trains on {data.train.n} training + {data.val.n - holdout} validation images "
         f"= {splits.train.n}; holdout {holdout} validation images for the curve; "
         f"test {data.test.n} images, once per seed\n"

@@ -22,8 +22,10 @@ import optuna
 
 from search.config import space as sp
 from search.config.study import StudySpec
+from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep import user_train
+from search.sweep import surrogate, user_train
+from search.sweep.narrowing import FROM_COARSE
 from search.sweep.objective import Objective
 from search.sweep.prepared import Prepared
 from search.sweep.progress import Progress
@@ -149,6 +151,7 @@ def work(
     target = int(study.user_attrs.get("target") or 0)
     run(total=target + sum(is_replicate(t) for t in live))
     replicate_rounds(spec, stage, study, lambda total: run(total=total), log=log)
+    race_rounds(spec, stage, study, space, lambda total: run(total=total), log=log)
 
 
 def run_stage(
@@ -158,16 +161,28 @@ def run_stage(
     target: int,
     space: dict[str, sp.Range],
     enqueue: Sequence[dict[str, Any]] = (),
+    warm: Sequence[optuna.trial.FrozenTrial] = (),
     attrs: dict[str, Any] | None = None,
     log: Callable[..., None] = print,
 ) -> optuna.Study:
     """Create or resume the stage's study, top it up to ``target``, run the workers and
-    the replicate rounds (``coarse`` and ``fine``)."""
+    the replicate rounds and the race (``coarse`` and ``fine``).
+
+    ``warm``: finished trials to put in a new study first (the coarse runs a fine stage
+    carries over); they count towards ``target`` on top of it, being no new runs.
+    """
     user_train.check(spec)  # a user's function that cannot run is refused before any trial
     check_storage(spec.storage_url())  # a bad storage: refused before anything is written
     prepared = st.prepare_for(spec)
     study = open_stage(spec, stage, prepared, space=space, attrs=attrs)
     reap(spec, stage)  # trials left RUNNING by a killed run are failed and re-queued first
+    if warm and not study.get_trials(deepcopy=False):
+        study.add_trials(list(warm))
+    carried = sum(
+        FROM_COARSE in t.user_attrs and not is_replicate(t)
+        for t in study.get_trials(deepcopy=False)
+    )
+    target += carried
     queued = st.top_up(study, target, enqueue=list(enqueue))
     workers = spec.optuna.workers
     log(
@@ -261,6 +276,47 @@ def replicate_rounds(
             f"{stage_spec.replicates} seeds each; {queued} runs queued",
             flush=True,
         )
+        live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
+        run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))
+
+
+def race_rounds(
+    spec: StudySpec,
+    stage: str,
+    study: optuna.Study,
+    space: dict[str, sp.Range],
+    run: Callable[[int], None],
+    *,
+    log=print,
+) -> None:
+    """Race the stage's best configurations (by the model of the landscape) on shared
+    extra seeds until the paired comparison separates them or ``race_runs`` are spent
+    (:func:`search.sweep.replicates.race_round`), running the workers after each round.
+
+    Only once the stage's search trials are all finished, as the replicate rounds.
+    """
+    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    if stage_spec.race_runs < 1 or stage_spec.race_top < 2:
+        return
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state in st.LIVE for t in trials):
+            return
+        ranked, _ = surrogate.rank(
+            rep.study_configurations(study), trials, space, n_val=surrogate.n_val_of(study)
+        )
+        queued, race = rep.race_round(
+            study, [r.config for r in ranked[: stage_spec.race_top]], runs=stage_spec.race_runs
+        )
+        if not queued:
+            log(
+                f"race: ended ({race.ended}); {race.spent} runs spent on "
+                f"{len(race.contenders)} contenders, {len(race.out)} put out",
+                flush=True,
+            )
+            return
+        alive = len(race.contenders) - len(race.out)
+        log(f"race: {alive} contenders still in; {queued} runs on shared seeds queued", flush=True)
         live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
         run(int(study.user_attrs.get("target") or 0) + sum(is_replicate(t) for t in live))
 

@@ -13,7 +13,7 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_quick_mode_scores_every_method_with_finite_regrets_at_the_services_budget_and_stores_them(
+def test_quick_mode_scores_every_method_with_finite_regrets_at_one_budget_and_stores_them(
     cache, capsys
 ):
     assert peers.main(["--quick", "--json"]) == 0
@@ -23,14 +23,16 @@ def test_quick_mode_scores_every_method_with_finite_regrets_at_the_services_budg
     # gp is the only method that may be skipped, and only without torch.
     assert set(tiny["skipped"]) <= {"gp"}
     assert set(tiny["methods"]) == expected
-    budget = tiny["methods"]["c2f"]["runs"][0]["steps"]
     full = tiny["settings"]["trial_steps"]
+    budget = tiny["settings"]["budget_steps"]
+    assert budget == peers.LANDSCAPES["tiny"].budget_trials * full
     for method, m in tiny["methods"].items():
         (run,) = m["runs"]
         assert math.isfinite(run["regret"]) and run["regret"] >= 0, method
         assert math.isfinite(run["optimism"]), method
+        assert not run["over_budget"] and run["steps"] <= budget, method
         if method in peers.PEERS:
-            # the service's budget, spent until one more full trial would not fit
+            # the budget, spent until one more full trial would not fit
             assert run["budget"] == budget
             assert budget - full < run["steps"] <= budget, method
     assert set(tiny["paired"]) == expected - {"c2f"}
@@ -53,8 +55,8 @@ def test_a_landscape_the_service_refuses_is_pending_and_the_peers_still_run(
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["landscapes"]["tiny"]
     assert res["skipped"]["c2f"].startswith("pending")
     assert list(res["methods"]) == ["tpe"]
-    # without the service's run, the peers get the service's nominal budget
-    assert res["methods"]["tpe"]["runs"][0]["budget"] == tiny.nominal_trials() * 40
+    # the peers' budget does not depend on the service's run
+    assert res["methods"]["tpe"]["runs"][0]["budget"] == tiny.budget_trials * 40
 
 
 def test_the_grid_covers_every_value_of_a_choice_and_distinct_integers():

@@ -73,9 +73,9 @@ def quick_study(tmp_path):
         sections.setdefault("fine", {"trials": 4, "top_k": 2})
         sections.setdefault("optuna", {})
         sections["optuna"] = {"workers": 1, **sections["optuna"]}
-        # No replicates unless a test asks: most tests are about other things, and fast.
+        # No replicates and no race unless a test asks: most tests are about other things.
         sections["coarse"] = {"replicates": 1, **sections["coarse"]}
-        sections["fine"] = {"replicates": 1, **sections["fine"]}
+        sections["fine"] = {"replicates": 1, "race_runs": 0, **sections["fine"]}
         sections.setdefault("final", {})
         sections["final"] = {"seeds": 1, **sections["final"]}
         return write_study(tmp_path, name, **sections)

@@ -203,8 +203,8 @@ def test_the_best_on_an_edge_extends_the_range_past_it_within_the_limit():
 def test_fine_then_final_use_means_and_final_reports_over_seeds(quick_study, capsys):
     path = quick_study(
         coarse={"trials": 6, "replicates": 2, "replicate_top": 2},
-        fine={"trials": 3, "top_k": 1, "replicates": 2, "replicate_top": 1},
-        final={"seeds": 2, "holdout": 0.5},
+        fine={"trials": 3, "top_k": 1, "replicates": 2, "replicate_top": 1, "narrow": "noise"},
+        final={"seeds": 2, "holdout": 0.5, "choose": "best"},
     )
     spec = load_spec(path)
     assert quiet(coarse.main, ["--study", str(path)])[0] == 0

@@ -1,0 +1,172 @@
+"""A model of the landscape: a Gaussian process over every run a stage made.
+
+A configuration's mean over its runs is a poor estimate when it has one or two
+runs: the best of many noisy means is the luckiest, not the best (the winner's
+curse). The model pools every run of a stage, the runs of neighbouring
+configurations included: a Gaussian process over the searched parameters (each
+on its own axis, scaled to [0, 1] over its range; a choice as one column per
+level) with a Matern kernel, a length scale per parameter and a white-noise
+term fitted to the runs, so the seed noise is estimated from all of them.
+
+A run that diverged counts as the worst value any run reached: it trained nothing
+usable, and the model learns that its neighbourhood is risky (an eta_max just
+below where training diverges is predicted lower than its own lucky runs say),
+without the kink a value at chance would put into the surface. Runs stopped by
+the pruner are left out: their final value is unknown.
+
+:func:`fit` returns None when there is too little to fit (fewer than
+:data:`MIN_RUNS` runs, or all equal); callers then fall back to the means.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config import space as sp
+
+MIN_RUNS = 4
+
+
+def is_diverged(t: FrozenTrial) -> bool:
+    return t.state == TrialState.PRUNED and bool(t.user_attrs.get("diverged"))
+
+
+def encoder(space: Mapping[str, sp.Range]):
+    """A function from a trial's params to a point of the unit cube (choices one-hot)."""
+    ranges = list(space.values())
+
+    def encode(params: Mapping[str, Any]) -> list[float]:
+        x: list[float] = []
+        for r in ranges:
+            v = params.get(r.name)
+            if r.kind == "choice":
+                codes = [sp.encode(c) for c in r.choices]
+                x += [float(v == c or v == code) for c, code in zip(r.choices, codes, strict=True)]
+                continue
+            lo, hi = r.scale(r.low), r.scale(r.high)
+            if v is None or not isinstance(v, int | float) or (r.log and v <= 0):
+                x.append(0.5)  # not searched in this run: the middle
+                continue
+            x.append((r.scale(float(v)) - lo) / (hi - lo) if hi > lo else 0.5)
+        return x
+
+    return encode
+
+
+@dataclass
+class Surrogate:
+    """A fitted model: :meth:`predict` gives the posterior mean and sd of a run's value."""
+
+    gp: Any
+    encode: Any
+    noise_sd: float  # the fitted white noise: the seed noise of one run
+    n_runs: int
+
+    def predict(self, points: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, sd) of the expected value (noise excluded) at each point's params."""
+        if not points:
+            return np.zeros(0), np.zeros(0)
+        X = np.array([self.encode(p) for p in points], dtype=float)
+        mu, sd = self.gp.predict(X, return_std=True)
+        # sklearn's sd includes the white noise: take it out, leaving the mean's uncertainty.
+        var = np.maximum(np.asarray(sd) ** 2 - self.noise_sd**2, 0.0)
+        return np.asarray(mu, dtype=float), np.sqrt(var)
+
+
+def observations(trials: Sequence[FrozenTrial]) -> tuple[list[dict[str, Any]], list[float]]:
+    """(params, value) of every finished run: complete ones, and diverged ones at the floor."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    values = [float(t.value) for t in done if math.isfinite(float(t.value))]  # type: ignore[arg-type]
+    if not values:
+        return [], []
+    floor = min(values)
+    params = [dict(t.params) for t in done if math.isfinite(float(t.value))]  # type: ignore[arg-type]
+    diverged = [t for t in trials if is_diverged(t) and t.params]
+    return params + [dict(t.params) for t in diverged], values + [floor] * len(diverged)
+
+
+def n_val_of(study: Any) -> int | None:
+    """The number of validation examples a study's runs were scored on, if it recorded it."""
+    sizes = study.user_attrs.get("data_sizes") or {}
+    return sizes.get("val")
+
+
+def noise_floor(values: Sequence[float], n_val: int | None) -> float:
+    """The least variance of one run's validation accuracy: the binomial variance of an
+    accuracy near the best run's measured on ``n_val`` examples, 0 when unknown.
+
+    The runs of a stage share a seed, so the model cannot learn the seed noise from
+    them alone; and a validation set of n examples scores a network that is right on
+    a share p of all images with an sd of sqrt(p (1 - p) / n), the part of a lucky
+    run that does not carry over to the test set.
+    """
+    if not n_val or not values or not all(0.0 <= v <= 1.0 for v in values):
+        return 0.0
+    p = max(values)  # the noise where the choice is made
+    return p * (1 - p) / n_val
+
+
+def fit(
+    trials: Sequence[FrozenTrial], space: Mapping[str, sp.Range], *, n_val: int | None = None
+) -> Surrogate | None:
+    """The model of the runs in ``trials`` over ``space``, or None with too little to fit.
+
+    ``n_val``: the validation set's size, which bounds the fitted noise from below
+    (:func:`noise_floor`).
+    """
+    params, values = observations(trials)
+    if len(values) < MIN_RUNS or max(values) - min(values) <= 0 or not space:
+        return None
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    encode = encoder(space)
+    X = np.array([encode(p) for p in params], dtype=float)
+    y = np.array(values, dtype=float)
+    d = X.shape[1]
+    # normalize_y divides by the values' sd: the noise bounds are in that unit.
+    floor = max(1e-4, noise_floor(values, n_val) / float(np.var(y)))
+    kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
+        length_scale=[0.3] * d, length_scale_bounds=(0.03, 30.0), nu=2.5
+    ) + WhiteKernel(max(0.1, floor), (floor, max(1.0, 2 * floor)))
+    gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2, random_state=0)
+    with warnings.catch_warnings():  # a bound reached is an answer here, not an error
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gp.fit(X, y)
+    noise = float(gp.kernel_.k2.noise_level) * float(np.std(y)) ** 2  # normalize_y scales it
+    return Surrogate(gp, encode, math.sqrt(noise), len(values))
+
+
+@dataclass
+class Ranked:
+    """A configuration with the model's posterior mean and sd of its expected value."""
+
+    config: Any  # search.sweep.replicates.Configuration
+    mean: float
+    sd: float
+
+
+def rank(
+    configs: Sequence[Any],
+    trials: Sequence[FrozenTrial],
+    space: Mapping[str, sp.Range],
+    *,
+    n_val: int | None = None,
+) -> tuple[list[Ranked], Surrogate | None]:
+    """The configurations best first by the model's posterior mean (by their own means,
+    with the standard error as sd, when there is no model); and the model."""
+    model = fit(trials, space, n_val=n_val)
+    if model is None:
+        out = [Ranked(c, c.mean, c.sd / math.sqrt(c.n) if c.n > 1 else math.nan) for c in configs]
+    else:
+        mu, sd = model.predict([c.params for c in configs])
+        out = [Ranked(c, float(m), float(s)) for c, m, s in zip(configs, mu, sd, strict=True)]
+    return sorted(out, key=lambda r: (r.mean, r.config.n, -r.config.number), reverse=True), model
