@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import joblib
 import optuna
-import psutil
 import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
@@ -108,8 +107,10 @@ def wait_for_training(url: str, name: str, running: int, timeout: float = 60.0) 
     raise AssertionError(f"{running} trials of {name} never trained together")
 
 
-def cluster_children(client) -> list[psutil.Process]:
+def cluster_children(client) -> list:
     """The processes that the cluster's worker processes started (forked workers)."""
+    import psutil  # comes with Dask
+
     pids = client.run(os.getpid).values()
     return [c for pid in pids for c in psutil.Process(pid).children(recursive=True)]
 
