@@ -186,16 +186,22 @@ def run_on_cluster(
 
 
 def _codes(outputs: Any, tasks: list[Any], workers: int) -> dict[int, int | None]:
-    """Each task's exit code, through joblib when every task ended with one; else (the
-    command stopped waiting, or the cluster lost a task) None for those that did not."""
+    """Each task's exit code: through joblib when every task ended with one; else (the
+    command stopped waiting, or the cluster lost a task) from the tasks that ended, and
+    None for the others."""
     if len(tasks) == workers and all(t.done() and t.exception() is None for t in tasks):
-        return {i: code for i, code in enumerate(outputs)}
+        return dict(enumerate(outputs))
     # joblib would wait for every task: leave its generator, without its warning that
-    # some tasks ended unseen (the tasks stop on their own, as the record says).
+    # some tasks ended unseen (those stop on their own, as the record says).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outputs.close()
-    return {i: None for i in range(workers)}
+    codes: dict[int, int | None] = dict.fromkeys(range(workers))
+    for index, task in enumerate(tasks):
+        if task.done() and task.exception() is None:
+            batch = task.result()  # joblib's list of the batch's results: one exit code
+            codes[index] = batch[0] if isinstance(batch, list) and batch else None
+    return codes
 
 
 class _Record:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import joblib
 import optuna
-import psutil
 import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
@@ -108,8 +107,10 @@ def wait_for_training(url: str, name: str, running: int, timeout: float = 60.0) 
     raise AssertionError(f"{running} trials of {name} never trained together")
 
 
-def cluster_children(client) -> list[psutil.Process]:
+def cluster_children(client) -> list:
     """The processes that the cluster's worker processes started (forked workers)."""
+    import psutil  # comes with Dask
+
     pids = client.run(os.getpid).values()
     return [c for pid in pids for c in psutil.Process(pid).children(recursive=True)]
 
@@ -302,3 +303,25 @@ def test_no_scheduler_at_the_address_is_one_line():
         cluster.connect(f"tcp://127.0.0.1:{port}", timeout=1.0)
     assert str(caught.value).startswith(f"no Dask scheduler answers at tcp://127.0.0.1:{port}")
     assert "--scheduler tcp://HOST:8786" in str(caught.value)
+
+
+def test_tasks_the_command_stopped_waiting_for_have_no_exit_code():
+    import concurrent.futures
+
+    from search.sweep.workers.cluster import _codes
+
+    ended, lost, running = (concurrent.futures.Future() for _ in range(3))
+    ended.set_result([130])  # joblib's batch of one: the worker's exit code
+    lost.set_exception(RuntimeError("the cluster lost its machine"))
+    closed: list[bool] = []
+
+    def outputs():
+        try:
+            yield 130
+        finally:
+            closed.append(True)
+
+    results = outputs()
+    next(results)  # joblib's generator has started
+    assert _codes(results, [ended, lost, running], 3) == {0: 130, 1: None, 2: None}
+    assert closed == [True]  # joblib's generator left, not waited on
