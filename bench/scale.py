@@ -26,9 +26,11 @@ the start and the last trials' tail keep it below 100% even with no overhead),
 p50/p99 of take (a worker's previous trial recorded finished -> its next one
 recorded RUNNING: reaping, the queue, the claim) and tell (the function returned ->
 the trial recorded finished), the most connections to the database at once
-(pg_stat_activity), finished against the target, duplicate runs (runs of the
-function that completed beyond the finished trials) and lost trials (of the target,
-not finished), the memory per worker (PSS, so shared pages are counted once), and
+(pg_stat_activity), finished against the target, duplicates (finished trials of
+the same parameters: a trial finished twice), lost trials (of the target, not
+finished), trials re-queued (and, in brackets, runs of the function that ended but
+whose trial was re-queued: killed before the tell), the reasons of real failures, the
+memory per worker (PSS, so shared pages are counted once), and
 the proxy's CPU seconds. Asserts nothing.
 """
 
@@ -401,6 +403,8 @@ def measure(db_url: str, runs: Path, target: int) -> dict:
     ends = [t.datetime_complete for t in complete]
     span = (max(ends) - min(starts)).total_seconds() if complete else float("nan")
     done = [json.loads(line) for p in runs.glob("*.jsonl") for line in p.read_text().splitlines()]
+    # A trial's identity is its parameters (drawn at random; a retry keeps them).
+    identities = [(t.params["l2_lambda"], t.params["eta_max"]) for t in complete]
     busy = sum(t1 - t0 for _, _, t0, t1 in done)
     return {
         "ran": len(by_owner),
@@ -410,7 +414,17 @@ def measure(db_url: str, runs: Path, target: int) -> dict:
         "take_p99": percentile(takes, 0.99),
         "tell_p50": percentile(tells, 0.5),
         "tell_p99": percentile(tells, 0.99),
-        "duplicates": len(done) - len(complete),
+        "duplicates": len(identities) - len(set(identities)),
+        # Runs of the function that ended but whose trial did not (killed before the tell,
+        # or taken for lost): work done twice, not trials counted twice.
+        "rerun": len(done) - len(complete),
+        "fail_reasons": sorted(
+            {
+                str(t.user_attrs.get("reason", "?")).splitlines()[0][:200]
+                for t in trials
+                if bookkeeping.state_name(t) == "FAIL"
+            }
+        ),
         # The share of the workers' time spent in the training function.
         "busy": busy / (len(by_owner) * span) if complete else 0.0,
         "lost": max(0, target - len(complete)),
@@ -436,14 +450,15 @@ def row(r: dict) -> str:
         f"{r['take_p50'] * 1e3:.0f} / {r['take_p99'] * 1e3:.0f} | "
         f"{r['tell_p50'] * 1e3:.0f} / {r['tell_p99'] * 1e3:.0f} | {r['connections']} | "
         f"{r['finished']} / {r['target']} | {r['duplicates']} | {r['lost']} | "
-        f"{r['requeued']} | {r['pss_per_worker_mib']:.1f} | {r['proxy_cpu']:.0f} | "
+        f"{r['requeued']} ({r['rerun']}) | {r['pss_per_worker_mib']:.1f} | {r['proxy_cpu']:.0f} | "
         f"{', '.join(events) or '-'} |"
     )
 
 
 HEADER = (
     "| storage | workers | ran | trials/s (ideal) | busy | take p50 / p99 ms | "
-    "tell p50 / p99 ms | connections | finished / target | duplicates | lost | re-queued | "
+    "tell p50 / p99 ms | connections | finished / target | duplicates | lost | re-queued "
+    "(re-run) | "
     "PSS MiB/worker | proxy CPU s | events |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
@@ -465,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--events-at", type=int, nargs="*", default=[400], help="N of the proxy runs with events"
     )
+    p.add_argument(
+        "--only-events", action="store_true", help="at the --events-at N, that run alone"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a run may take")
     p.add_argument("--pg", default=PG, help="an existing database on the server to use")
     args = p.parse_args(argv)
@@ -482,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [("direct", False)] if n <= args.direct_up_to else []
         plan.append(("proxy", False))
         if n in args.events_at:
-            plan.append(("proxy", True))
+            plan = [*([] if args.only_events else plan), ("proxy", True)]
         for via, events in plan:
             r = run(
                 args.pg,
@@ -496,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             results.append(r)
             print(row(r), flush=True)
+            for reason in r["fail_reasons"]:
+                print(f"  a failed trial: {reason}", flush=True)
     for via in ("direct", "proxy"):
         sizes = [(r["workers"], r["pss_per_worker_mib"]) for r in results if r["via"] == via]
         if sizes:

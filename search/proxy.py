@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop = current()
     stop.interruptible = False  # from here the loop below looks at the flag
-    server, port = serve(storage, host=args.host, port=args.port, threads=args.connections)
+    serving = serve(storage, host=args.host, port=args.port, threads=args.connections)
+    port = serving.port
     address = f"{args.host}:{port}"
     print(
         f"proxy: serving {safe_url(args.storage)} at grpc://{address} with "
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             stop.wait(1.0)
     finally:
         stop.acted = True  # the signal is handled here: no "interrupted after work" line
-        server.stop(STOP_GRACE_S).wait()
+        serving.stop(STOP_GRACE_S)
         release(storage)
     name = signal.Signals(stop.signum or signal.SIGINT).name
     print(f"proxy: stopped ({name}); the calls under way were answered", file=sys.stderr)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from optuna.storages import BaseStorage
@@ -37,9 +39,9 @@ from search.sweep.workers.storage import (
 )
 
 DEFAULT_PORT = 13000  # Optuna's
-# How long a stopping proxy lets the calls under way finish: a worker's call is then
-# answered, or refused before it began (and retried by the worker), never cut halfway.
-STOP_GRACE_S = 10.0
+# How long a stopping proxy lets the calls under way, and those it has taken in and not
+# begun, finish: a worker's call is answered, or refused before it began and retried.
+STOP_GRACE_S = 30.0
 
 
 def _queue_handler(storage: BaseStorage) -> grpc.GenericRpcHandler:
@@ -79,13 +81,30 @@ class ProxyBindError(ValueError):
     """The proxy cannot listen where it was asked to (a setting to fix: exit 2)."""
 
 
-def serve(storage: BaseStorage, *, host: str, port: int, threads: int) -> tuple[grpc.Server, int]:
-    """Start Optuna's gRPC storage proxy on ``storage`` at ``host:port``, with the queue
-    service beside it; the server (running) and the port it listens on (``port`` 0: a
-    free one). ``threads`` calls are served at once (one database connection each).
+@dataclass
+class Serving:
+    """A proxy that serves: its gRPC server, its port, and the threads of its calls."""
 
-    """
-    server = proxy_server(storage, threads=threads)
+    server: grpc.Server
+    port: int
+    calls: ThreadPoolExecutor
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Take no new call; answer those under way and those waiting for a thread (for up
+        to ``grace`` seconds), and let every call that began end before returning: the
+        storage may be closed then."""
+        self.server.stop(grace).wait()
+        # Past the grace, the calls still waiting for a thread are dropped, not run: their
+        # workers, told CANCELLED, try them again on the next proxy, once.
+        self.calls.shutdown(wait=True, cancel_futures=True)
+
+
+def serve(storage: BaseStorage, *, host: str, port: int, threads: int) -> Serving:
+    """Start Optuna's gRPC storage proxy on ``storage`` at ``host:port``, with the queue
+    service beside it, listening on ``port`` (0: a free one, the one in the answer).
+    ``threads`` calls are served at once (one database connection each)."""
+    calls = ThreadPoolExecutor(max_workers=threads)
+    server = proxy_server(storage, calls=calls)
     server.add_generic_rpc_handlers((_queue_handler(storage),))
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -94,7 +113,7 @@ def serve(storage: BaseStorage, *, host: str, port: int, threads: int) -> tuple[
     if not bound:
         raise ProxyBindError(_bind_message(host, port))
     server.start()
-    return server, bound
+    return Serving(server, bound, calls)
 
 
 def _bind_message(host: str, port: int) -> str:

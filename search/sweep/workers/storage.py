@@ -379,9 +379,9 @@ class ProxyStorage(GrpcStorageProxy):
         cache.grpc_client = self._stub
 
 
-def proxy_server(storage: BaseStorage, *, threads: int) -> Any:
+def proxy_server(storage: BaseStorage, *, calls: Any) -> Any:
     """A gRPC server (not started, no port yet) with Optuna's storage proxy service on
-    ``storage``, serving ``threads`` calls at once.
+    ``storage``, serving its calls on the threads of ``calls`` (a ThreadPoolExecutor).
 
     Private (``optuna.storages._grpc``: ``OptunaStorageProxyService``,
     ``add_StorageServiceServicer_to_server``): the server that
@@ -389,17 +389,13 @@ def proxy_server(storage: BaseStorage, *, threads: int) -> Any:
     Optuna keeps it to itself: a stop signal must stop it gracefully, the queue service
     must join it, and the port it binds must be known (``--port 0``).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import grpc
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
     from optuna.storages._grpc.servicer import OptunaStorageProxyService
 
     # Not SO_REUSEPORT (gRPC's default): a second proxy on a taken port would share it
     # silently, and the workers' calls would go to either one, maybe another database.
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)]
-    )
+    server = grpc.server(calls, options=[("grpc.so_reuseport", 0)])
     api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), server)
     return server
 
@@ -1240,8 +1236,9 @@ def _rpc_code(exc: BaseException | None) -> str | None:
         return None
 
 
-# A proxy that is restarting or unreachable, or too busy to take the call now.
-_TRANSIENT_RPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
+# A proxy that is restarting or unreachable, or too busy to take the call now; CANCELLED:
+# a proxy that stopped before it answered (the call is tried again on the next one).
+_TRANSIENT_RPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED"}
 
 
 def _delegate(name: str) -> Callable[..., object]:
