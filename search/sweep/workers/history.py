@@ -15,12 +15,12 @@ ran at 0.35-3.5 trials/s instead of 20. :class:`History` answers them instead:
   what it cost, so looking never takes more than a tenth of the worker's time:
   another worker's finished trial is seen a few milliseconds later at most. A
   trial this process finished is always seen by the next read.
-- RUNNING and WAITING trials are listed only when asked for by state, and then
-  read afresh (one query, the state filtered by the database):
-  ``get_all_trials(states=None)`` lists the finished trials, the study's history.
-  That is what the samplers here read it for (TPE and the intersection search space
-  keep the finished trials of that list; TPE asks for RUNNING ones by state when it
-  uses them, as ``constant_liar`` does), and reading the queue was the cost.
+- RUNNING and WAITING trials are listed only when asked for by state (one query,
+  the state filtered by the database; again only once the last one is not recent,
+  as above): ``get_all_trials(states=None)`` lists the finished trials, the study's
+  history. That is what it is read for here (TPE and the intersection search space
+  keep the finished trials of that list; TPE's ``constant_liar``, Optuna's default,
+  asks for the RUNNING ones by state), and reading the queue was the cost.
 - Every write and every other read goes to the storage itself, with the worker's
   retries, not through Optuna's trial cache: a trial queued by another process
   after this one last looked runs like any other (that cache raised ``KeyError``
@@ -91,6 +91,15 @@ class _Finished:
         return sorted((t for s in states for t in self.by_state[s]), key=_number)
 
 
+@dataclass
+class _Read:
+    """Unfinished trials as last read, and when."""
+
+    trials: list[FrozenTrial]
+    looked_at: float
+    look_cost: float
+
+
 class History(BaseStorage):
     """``storage`` as the trials of a worker run with it (see the module's docstring).
 
@@ -108,6 +117,7 @@ class History(BaseStorage):
         # Finished trials read by id (a trial told here, read back by Optuna's tell), for
         # the next look to take instead of reading them again.
         self._read: dict[int, FrozenTrial] = {}
+        self._live: dict[tuple[int, tuple[TrialState, ...]], _Read] = {}
         self._studies: dict[str, int] = {}
         self._directions: dict[int, Any] = {}
         self._lock = threading.RLock()
@@ -139,14 +149,15 @@ class History(BaseStorage):
         states: Container[TrialState] | None = None,
     ) -> list[FrozenTrial]:
         wanted = FINISHED if states is None else tuple(s for s in TrialState if s in states)
-        with self._lock:
-            trials = self._held(study_id).listed(tuple(s for s in wanted if s in FINISHED))
         live = tuple(s for s in wanted if s not in FINISHED)
-        if live:
-            trials = sorted(
-                trials + self.call("get_all_trials", study_id, deepcopy=False, states=live),
-                key=_number,
-            )
+        with self._lock:
+            held = self._held(study_id)
+            trials = held.listed(tuple(s for s in wanted if s in FINISHED))
+            if live:
+                # Those finished since the unfinished ones were read are listed once, finished.
+                unfinished = self._unfinished(study_id, live)
+                trials += [t for t in unfinished if trial_id(t) not in held.by_id]
+                trials.sort(key=_number)
         return copy.deepcopy(trials) if deepcopy else trials
 
     def get_n_trials(
@@ -189,6 +200,18 @@ class History(BaseStorage):
                 for held in self._finished.values():
                     held.stale = True
         return changed
+
+    def _unfinished(self, study_id: int, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
+        """The study's trials in ``states`` (unfinished ones), read again unless the last read
+        is recent (as :meth:`_held` looks)."""
+        start = time.perf_counter()
+        last = self._live.get((study_id, states))
+        if last is not None and start - last.looked_at < self.look_share * last.look_cost:
+            return last.trials
+        trials = self.call("get_all_trials", study_id, deepcopy=False, states=states)
+        now = time.perf_counter()
+        self._live[(study_id, states)] = _Read(trials, looked_at=now, look_cost=now - start)
+        return trials
 
     def _held(self, study_id: int) -> _Finished:
         """The study's finished trials, brought up to date unless the last look is recent."""

@@ -83,10 +83,22 @@ def test_a_trial_finished_here_is_seen_at_once_another_processes_when_it_looks(t
     assert history.get_all_trials(sid) == []  # not looked at since
     finish(study, TrialState.COMPLETE, 0.6)
     assert [t.value for t in history.get_all_trials(sid)] == [0.3, 0.6]
+    # A running trial read before it finished here is listed once, finished.
+    running = study.ask(PARAMS)
+    assert [t.state for t in history.get_all_trials(sid, states=(TrialState.RUNNING,))] == [
+        TrialState.RUNNING
+    ]
+    study.tell(running, 0.9)
+    both = history.get_all_trials(sid, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    assert [(t.state, t.value) for t in both] == [
+        (TrialState.COMPLETE, 0.3),
+        (TrialState.COMPLETE, 0.6),
+        (TrialState.COMPLETE, 0.9),
+    ]
     # Looking every time: another process's trial is seen by the next read.
     fresh = History(storage, look_share=0.0)  # type: ignore[abstract]
     finish(other, TrialState.PRUNED, 0.1)
-    assert len(fresh.get_all_trials(sid)) == 3
+    assert len(fresh.get_all_trials(sid)) == 4
 
 
 def test_a_large_queue_is_never_read_by_a_workers_trials(tmp_path, monkeypatch):
