@@ -38,7 +38,7 @@ from search.sweep.user_train import (
     warn_once,
 )
 from search.sweep.workers.loop import worker_log
-from search.sweep.workers.storage import trial_id
+from search.sweep.workers.storage import set_trial_attrs, trial_id
 
 CURVES = "c2f_curves"
 SEED_STRIDE = 1000  # between the seeds of a configuration's replicates
@@ -57,19 +57,24 @@ def record(
     reporter: Reporter,
     wall_time: float,
     *,
+    seed: int,
     diverged: bool = False,
     reason: str = "",
+    more: dict[str, Any] | None = None,
 ) -> None:
-    """Store what a trial's run reported: the curves (system attr ``c2f_curves``), wall
-    time, epochs run, whether (and why) it stopped early."""
+    """Store what a trial's run reported, in one write: the seed, the curves (system attr
+    ``c2f_curves``), wall time, epochs run, whether (and why) it stopped early, and the
+    user attrs in ``more``."""
+    user: dict[str, Any] = {"seed": seed}
+    system: dict[str, Any] = {}
     if reporter.calls:
-        curves: dict[str, Any] = {**reporter.curves, "wall_time": round(wall_time, 3)}
-        trial.storage.set_trial_system_attr(trial_id(trial), CURVES, curves)
-        trial.set_user_attr("epochs_run", round(reporter.epochs_run or 0.0, 4))
-    trial.set_user_attr("wall_time", round(wall_time, 3))
-    trial.set_user_attr("diverged", diverged)
+        system[CURVES] = {**reporter.curves, "wall_time": round(wall_time, 3)}
+        user["epochs_run"] = round(reporter.epochs_run or 0.0, 4)
+    user |= {"wall_time": round(wall_time, 3), "diverged": diverged}
     if reason:
-        trial.set_user_attr("reason", reason)
+        user["reason"] = reason
+    user |= more or {}
+    set_trial_attrs(trial.storage, trial_id(trial), user=user, system=system)
 
 
 def pruning_window(spec: StudySpec, config: TrainConfig, n_train: int) -> tuple[float, int]:
@@ -134,9 +139,12 @@ def run_trial(
     """
     entry = entry_of(spec)
     n_train = data.train.n
-    trial.set_user_attr("seed", seed)
-    config = spec.train_config(stage, {**params, "seed": seed})
-    hp = hyperparameters(spec, stage, params, seed=seed, n_train=n_train)
+    try:
+        config = spec.train_config(stage, {**params, "seed": seed})
+        hp = hyperparameters(spec, stage, params, seed=seed, n_train=n_train)
+    except Exception:
+        trial.set_user_attr("seed", seed)
+        raise
     reporter = Reporter(
         entry,
         config,
@@ -158,21 +166,23 @@ def run_trial(
         reporter.check()
         value, metrics = parse_result(entry, result, final=data.test is not None)
     except TrainingDiverged as exc:
-        record(trial, reporter, time.perf_counter() - t0, diverged=True, reason=str(exc))
+        wall = time.perf_counter() - t0
+        record(trial, reporter, wall, seed=seed, diverged=True, reason=str(exc))
         raise optuna.TrialPruned(f"diverged: {exc}") from None
     except optuna.TrialPruned as exc:
-        record(trial, reporter, time.perf_counter() - t0, reason=str(exc))
+        record(trial, reporter, time.perf_counter() - t0, seed=seed, reason=str(exc))
         raise
     except Exception:
-        record(trial, reporter, time.perf_counter() - t0)
+        record(trial, reporter, time.perf_counter() - t0, seed=seed)
         raise
-    record(trial, reporter, time.perf_counter() - t0)
+    more: dict[str, Any] = {}
     if metrics and spec.model.train:
-        trial.set_user_attr("result", metrics)
+        more["result"] = metrics
     if not reporter.calls:
         warning = "never called report(): no learning curve and no pruning"
-        trial.set_user_attr("warning", warning)
+        more["warning"] = warning
         warn_once("no-report", f"warning: {entry} {warning}", log)
+    record(trial, reporter, time.perf_counter() - t0, seed=seed, more=more)
     return value, metrics
 
 

@@ -18,12 +18,15 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import optuna
+from optuna.trial import TrialState
 from tqdm import tqdm
 
-from search.sweep.studies import counts
 from search.sweep.workers import bookkeeping
+from search.sweep.workers.history import FINISHED, History
+from search.sweep.workers.storage import storage_of
 
 WITH_BAR = "{n_fmt}/{total_fmt} |{bar}| {desc}"
 WITHOUT_BAR = "{n_fmt}/{total_fmt} {desc}"
@@ -57,6 +60,9 @@ class Progress:
         self, study: optuna.Study, target: int, *, stream=None, every: float = PLAIN_EVERY_S
     ) -> None:
         self.study = study
+        # Read at the cost of what changed, not of the queue (a draw every half second).
+        # Abstract to mypy only: every method is filled in below the class.
+        self.history = History(storage_of(study), look_share=0.0)  # type: ignore[abstract]
         self.target = target
         self.stream = stream if stream is not None else sys.stdout
         self.tty = getattr(self.stream, "isatty", lambda: False)()
@@ -71,8 +77,19 @@ class Progress:
         self.last = ""  # the plain line as of the last call
         self.written = ""  # the plain line last written
 
+    def counts(self) -> Counter:
+        """Trials per state name, as :func:`search.sweep.studies.counts` counts them: the
+        finished ones as the :class:`History` holds them, the running and waiting ones
+        counted by the database."""
+        study_id = self.history.get_study_id_from_name(self.study.study_name)
+        finished = self.history.get_all_trials(study_id, deepcopy=False, states=FINISHED)
+        c = Counter(bookkeeping.state_name(t) for t in finished)
+        for state in (TrialState.RUNNING, TrialState.WAITING):
+            c[state.name] = self.history.get_n_trials(study_id, state)
+        return c
+
     def __call__(self) -> None:
-        c = counts(self.study)
+        c = self.counts()
         done = c["COMPLETE"] + c["PRUNED"]
         if self.first is None:
             self.first, self.failed_before = done, c["FAIL"]
@@ -81,7 +98,8 @@ class Progress:
         if self.closing:  # replicates another command queued as this pool's queue ran dry
             total = max(done, min(total, self.total))
         self.total = total or self.target
-        best = f"{self.study.best_value:.4f}" if c["COMPLETE"] else "-"
+        study_id = self.history.get_study_id_from_name(self.study.study_name)
+        best = f"{self.history.get_best_trial(study_id).value:.4f}" if c["COMPLETE"] else "-"
         per_second = (done - self.first) / max(time.monotonic() - self.t0, 1e-9)
         eta = "?"
         if done >= self.total:

@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.sweep.workers import bookkeeping, lost
+from search.sweep.workers.history import History
 from search.sweep.workers.signals import Interrupted, StopFlag
 from search.sweep.workers.storage import (
     ResilientStorage,
@@ -57,6 +58,24 @@ class Sweep:
     @functools.cached_property
     def study_id(self) -> int:
         return self.storage.get_study_id_from_name(self.study.study_name)
+
+    @functools.cached_property
+    def history(self) -> History:
+        """The storage the worker's trials run with and its reaper reads
+        (:class:`~search.sweep.workers.history.History`)."""
+        # Abstract to mypy only: every method is filled in below the class.
+        return History(self.storage)  # type: ignore[abstract]
+
+    @functools.cached_property
+    def trials_study(self) -> optuna.Study:
+        """The study as its trials see it: the same sampler and pruner, reading
+        :attr:`history`."""
+        return optuna.Study(
+            self.study.study_name,
+            storage=self.history,
+            sampler=self.study.sampler,
+            pruner=self.study.pruner,
+        )
 
 
 class Heartbeat:
@@ -120,9 +139,6 @@ def take(storage: ResilientStorage, study_id: int) -> int | None:
         try:
             if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
                 storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
-                # Queued by another process after this one's last read: the trial cache
-                # the trial runs with must know it before the objective sets a parameter.
-                learn_trial(storage, study_id, tid)
                 return tid
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
@@ -154,13 +170,18 @@ def run_queue(
     line of log. :class:`Interrupted` (or a stop seen between steps) re-queues
     the running trial and returns.
     """
-    storage = sweep.storage
+    storage, history = sweep.storage, sweep.history
     study_id = sweep.study_id
     storage.should_stop = lambda: bool(stop)
     ran = idle = 0
+    reap_at = 0.0  # when to look for lost trials next
     while not stop:
         try:
-            lost.reap(storage, study_id, grace_period=sweep.grace_period)
+            # A lost trial is one whose worker stayed silent for the grace period: looking
+            # once a heartbeat interval finds it as soon, and before the queue looks empty.
+            if idle or time.monotonic() >= reap_at:
+                lost.reap(storage, study_id, grace_period=sweep.grace_period)
+                reap_at = time.monotonic() + sweep.heartbeat_interval
             tid = take(storage, study_id)
             if tid is None:
                 running = running_trials(storage, study_id, attr=lost.OWNER)
@@ -189,7 +210,7 @@ def run_queue(
 
 def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None]) -> bool:
     """Run and tell one trial this worker has taken; False if it was dropped or given back."""
-    storage, study, study_id = sweep.storage, sweep.study, sweep.study_id
+    storage, study, study_id = sweep.storage, sweep.trials_study, sweep.study_id
     trial = optuna.Trial(study, tid)
     owner = lost.owner_record()  # what take() wrote; the heartbeat renews its time
     value: float | None = None
@@ -225,10 +246,15 @@ def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None])
         _give_back(storage, study_id, tid, stop)
         return False
     try:
-        if storage.get_trial(tid).state.is_finished():
+        try:
+            study.tell(trial, value, state=state)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # Optuna refuses to tell a finished trial (ValueError before its write,
+            # UpdateFinishedTrialError at it): another worker took this one for lost.
+            if not sweep.history.get_trial(tid).state.is_finished():
+                raise
             log(f"dropped trial {trial.number}: another worker finished it meanwhile")
             return False
-        study.tell(trial, value, state=state, skip_if_finished=True)
     except StorageUnavailable as exc:
         log(f"dropped trial {trial.number}: {exc}")
         return False

@@ -49,7 +49,7 @@ def _library_dirs() -> tuple[str, ...]:
         import psycopg2
 
         dirs.append(Path(psycopg2.__file__).parent)
-    dirs.append(Path(__file__).parent / "storage.py")
+    dirs += [Path(__file__).parent / "storage.py", Path(__file__).parent / "history.py"]
     return tuple(str(d) for d in dirs)
 
 

@@ -170,7 +170,8 @@ def test_the_target_is_never_overshot(any_storage_url):
     assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 6
 
 
-def test_a_worker_whose_trial_was_finished_elsewhere_goes_on(any_storage_url):
+@pytest.mark.parametrize("wakes_up_to", ["report", "return"])
+def test_a_worker_whose_trial_was_finished_elsewhere_goes_on(any_storage_url, wakes_up_to):
     storage, study, sid = new_study(any_storage_url)
     top_up(study, 3)
     other = make_storage(any_storage_url)  # another worker, which took this one for dead
@@ -180,7 +181,8 @@ def test_a_worker_whose_trial_was_finished_elsewhere_goes_on(any_storage_url):
         x = trial.suggest_float("x", 0.0, 1.0)
         if trial.number == 0:
             lost.requeue(other, sid, other.get_trial(trial_id_of(trial)), "worker lost: test")
-        trial.report(x, 1)  # the stale worker wakes up and reports
+        if wakes_up_to == "report":  # the stale worker wakes up and reports, or returns
+            trial.report(x, 1)
         return x
 
     ran = run_queue(sweep_of(storage, study, taken_for_dead), StopFlag(), log=lines.append)
@@ -220,7 +222,7 @@ def test_an_interrupt_requeues_the_running_trial_once(any_storage_url):
 def test_a_signal_never_interrupts_a_storage_write(tmp_path):
     storage, study, sid = new_study(f"sqlite:///{tmp_path / 'w.db'}")
     top_up(study, 1)
-    write = storage.inner.set_trial_intermediate_value
+    write = storage.backend.set_trial_intermediate_value  # what a trial's report calls
 
     def signalled_mid_write(trial_id, step, value):
         os.kill(os.getpid(), signal.SIGINT)  # lands inside the storage's own code
@@ -234,7 +236,7 @@ def test_a_signal_never_interrupts_a_storage_write(tmp_path):
             pass
         raise AssertionError("not interrupted")
 
-    storage.inner.set_trial_intermediate_value = signalled_mid_write
+    storage.backend.set_trial_intermediate_value = signalled_mid_write
     stop = StopFlag(hard_exit=False)
     with signals_recorded(stop):
         assert run_queue(sweep_of(storage, study, reports_then_trains), stop) == 0
