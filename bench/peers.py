@@ -74,7 +74,7 @@ PEER_SEED_STRIDE = 1000  # a peer's trial n of run r trains with seed r * 1000 +
 WILCOXON_SEEDS = 5  # instances per trial: with 4 paired losses Wilcoxon's p can reach 0.0625
 # Bumped when a method's code changes: runs stored by an earlier version are not reused.
 PEERS_VERSION = 2
-SERVICE_VERSION = 1  # the service's search code (search/): bump when it changes
+SERVICE_VERSION = 2  # the service's search code (search/): bump when it changes
 # One mechanism off at a time (opt-in with --methods: each costs a service run).
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-per-trial-seeds": {"optuna": {"seed_mode": "per_trial"}},
@@ -650,7 +650,7 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
     path = work / "study.toml"
     path.write_text(dump_toml(doc))
     try:
-        load_spec(path)
+        spec = load_spec(path)
     except StudyDefinitionError as exc:
         raise Pending(str(exc).replace(str(path), "study file")) from None
     env = {
@@ -674,7 +674,12 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
         "method": variant,
         "run": run,
         "params": result["params"],
-        "estimate": result["search_val_acc"]["mean"],
+        # What the service says its choice will score: the model's prediction when the
+        # model chose, else the choice's mean over its runs (both are in result.json).
+        "estimate": result["search_val_acc"][
+            "smoothed" if spec.final.choose == "model" else "mean"
+        ],
+        "estimate_mean": result["search_val_acc"]["mean"],
         "estimate_n": result["search_val_acc"]["n"],
         "chosen_from": result["study"],  # the fine study's name, or the coarse one's
         "steps": steps,
