@@ -73,7 +73,8 @@ SCORE_SEED = 1_000_000  # truth seeds: SCORE_SEED + k; every search seed stays b
 PEER_SEED_STRIDE = 1000  # a peer's trial n of run r trains with seed r * 1000 + n
 WILCOXON_SEEDS = 5  # instances per trial: with 4 paired losses Wilcoxon's p can reach 0.0625
 # Bumped when a method's code changes: runs stored by an earlier version are not reused.
-RUNS_VERSION = 3
+PEERS_VERSION = 2
+SERVICE_VERSION = 2  # the service's search code (search/): bump when it changes
 # One mechanism off at a time (opt-in with --methods: each costs a service run).
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-per-trial-seeds": {"optuna": {"seed_mode": "per_trial"}},
@@ -232,15 +233,24 @@ class Landscape:
         return args
 
     def runs_key(self) -> str:
-        """A digest of what a search's record depends on: names the file of stored runs."""
+        """A digest of what a peer's record depends on: names the file of stored runs."""
         doc = {
             "truth": self.key(),
-            "stages": [self.coarse, self.fine, self.final, self.optuna],
-            "peers": [WILCOXON_SEEDS, PEER_SEED_STRIDE, MECHANISMS_OFF, RUNS_VERSION],
+            "peers": [WILCOXON_SEEDS, PEER_SEED_STRIDE, PEERS_VERSION],
             "budget": self.budget_trials,
             "splits": self.split_follows_seed,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def service_key(self, variant: str) -> str:
+        """A digest of what a service run's record depends on: its study file (run 0's, the
+        name and seed aside), the truth and :data:`SERVICE_VERSION`."""
+        doc = study_doc(self, variant, 0)
+        doc.pop("name")
+        doc["optuna"].pop("seed")
+        doc["truth"] = self.key()
+        doc["version"] = SERVICE_VERSION
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     def grid(self) -> list[dict[str, Any]]:
         points: list[dict[str, Any]] = [{}]
@@ -640,7 +650,7 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
     path = work / "study.toml"
     path.write_text(dump_toml(doc))
     try:
-        load_spec(path)
+        spec = load_spec(path)
     except StudyDefinitionError as exc:
         raise Pending(str(exc).replace(str(path), "study file")) from None
     env = {
@@ -664,7 +674,12 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
         "method": variant,
         "run": run,
         "params": result["params"],
-        "estimate": result["search_val_acc"]["mean"],
+        # What the service says its choice will score: the model's prediction when the
+        # model chose, else the choice's mean over its runs (both are in result.json).
+        "estimate": result["search_val_acc"][
+            "smoothed" if spec.final.choose == "model" else "mean"
+        ],
+        "estimate_mean": result["search_val_acc"]["mean"],
         "estimate_n": result["search_val_acc"]["n"],
         "chosen_from": result["study"],  # the fine study's name, or the coarse one's
         "steps": steps,
@@ -873,29 +888,34 @@ def bench_landscape(
     if "gp" in methods and importlib.util.find_spec("torch") is None:
         skipped["gp"] = "torch is not installed (pip install torch): GPSampler needs it"
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods if m not in skipped}
+    # The peers' runs in one file; the service's, each with the key of its study file.
     store = CACHE / f"peers-{land.name}-{land.runs_key()[:12]}-runs.jsonl"
+    service_store = CACHE / f"peers-{land.name}-service.jsonl"
     stored = {} if fresh else _stored(store)
+    service_stored = {} if fresh else _stored(service_store, keyed=True)
+    keys = {m: land.service_key(m) for m in SERVICE if m in records}
 
     def keep(rec: dict[str, Any], *, new: bool) -> None:
         records[rec["method"]].append(rec)
         log(_run_line(rec, full) + ("" if new else " [stored]"))
         if new:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            with open(store, "a") as f:
+            path = service_store if rec["method"] in SERVICE else store
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     for run in runs:
         for variant in [m for m in SERVICE if m in records]:
-            if (variant, run) in stored:
-                rec = stored[variant, run]
-            else:
-                try:
-                    rec = run_service(land, variant, run, root=root)
-                except Pending as exc:
-                    skipped[variant] = f"pending: the service refuses this study file ({exc})"
-                    records.pop(variant, None)
-                    continue
-            keep(rec, new=(variant, run) not in stored)
+            if (variant, run, keys[variant]) in service_stored:
+                keep(service_stored[variant, run, keys[variant]], new=False)
+                continue
+            try:
+                rec = run_service(land, variant, run, root=root)
+            except Pending as exc:
+                skipped[variant] = f"pending: the service refuses this study file ({exc})"
+                records.pop(variant, None)
+                continue
+            keep({**rec, "key": keys[variant]}, new=True)
         peers = [m for m in PEERS if m in records]
         for m in peers:
             if (m, run) in stored and stored[m, run]["budget"] == budget:
@@ -965,15 +985,18 @@ def bench_landscape(
     }
 
 
-def _stored(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """Records of earlier invocations with the same settings, by (method, run)."""
+def _stored(path: Path, *, keyed: bool = False) -> dict[tuple, dict[str, Any]]:
+    """Records of earlier invocations, by (method, run), or (method, run, key) when the
+    records carry the key of their settings."""
     if not path.is_file():
         return {}
     out = {}
     for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+        with contextlib.suppress(json.JSONDecodeError, KeyError):  # a line cut by a kill
             rec = json.loads(line)
-            out[rec["method"], rec["run"]] = rec
+            out[
+                (rec["method"], rec["run"], rec["key"]) if keyed else (rec["method"], rec["run"])
+            ] = rec
     return out
 
 
