@@ -34,7 +34,6 @@ from search.sweep.workers.storage import (
     ResilientStorage,
     StorageError,
     StorageUnavailable,
-    learn_trial,
     running_trials,
     waiting_trial_ids,
 )
@@ -170,7 +169,7 @@ def run_queue(
     line of log. :class:`Interrupted` (or a stop seen between steps) re-queues
     the running trial and returns.
     """
-    storage, history = sweep.storage, sweep.history
+    storage = sweep.storage
     study_id = sweep.study_id
     storage.should_stop = lambda: bool(stop)
     ran = idle = 0
