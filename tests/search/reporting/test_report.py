@@ -39,9 +39,10 @@ def ran(tmp_path_factory) -> types.SimpleNamespace:
             "replicate_top": 1,
             "training": {"n_cycles": 1},
         },
-        training={"n_cycles": 1},
+        # Two cycles: a trial can be pruned only at the end of its first (the pruner on).
+        training={"n_cycles": 2},
         final={"seeds": 2, "training": {"n_cycles": 1}},
-        optuna={"workers": 1, "n_startup_trials": 2},
+        optuna={"workers": 1, "n_startup_trials": 2, "pruner": "percentile"},
     )
     assert coarse.main(["--study", str(path)]) == 0
     coarse_out = root / "coarse_only"
