@@ -314,3 +314,12 @@ def queue_for_role(url: str, admin_url: str, n: int, study_name: str = "s") -> N
     with contextlib.closing(connect_as(admin_url)) as con, con, con.cursor() as cur:
         cur.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
         cur.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+
+
+def is_new_fine_trial(trial: optuna.trial.FrozenTrial) -> bool:
+    """A fine trial of the stage's own target: not a coarse run carried over, not a race
+    or replicate run."""
+    from search.sweep.narrowing import FROM_COARSE
+    from search.sweep.replicates import is_replicate
+
+    return FROM_COARSE not in trial.user_attrs and not is_replicate(trial)

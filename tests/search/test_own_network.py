@@ -33,7 +33,7 @@ from search.sweep.prepared import prepare
 from search.sweep.user_train import Reporter, UserResultError
 from search.sweep.workers import lost
 from tests.conftest import check_axes
-from tests.search.conftest import REPO, dump_toml
+from tests.search.conftest import REPO, dump_toml, is_new_fine_trial
 
 EXAMPLE = REPO / "examples" / "own_network"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -112,7 +112,8 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     assert 1 <= len(pids) <= 2 and os.getpid() not in pids
 
     assert fine.main(["--study", str(path)]) == 0
-    assert len(load(spec, "fine").get_trials()) == 3
+    # Its 3 trials, on top of the coarse runs it carried over and the race's runs.
+    assert sum(is_new_fine_trial(t) for t in load(spec, "fine").get_trials()) == 3
     assert final.main(["--study", str(path)]) == 0
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
     assert len(result["test_accs"]) == 2 and min(result["test_accs"]) > 0.9  # one per seed
@@ -493,7 +494,7 @@ class _AlwaysPrune(optuna.pruners.BasePruner):
 def test_a_function_that_catches_the_pruning_exception_is_still_pruned(tmp_path, tiny_splits):
     code = """
         def train(hp, data, report):
-            for step in range(1, 5):
+            for step in range(48, 52):  # the end of the first of two cycles: 48 steps
                 try:
                     report(step, 0.1)
                 except Exception:
@@ -501,14 +502,19 @@ def test_a_function_that_catches_the_pruning_exception_is_still_pruned(tmp_path,
             return 0.1
     """
     objective = _objective(
-        tmp_path, tiny_splits, code, optuna={"pruner": "percentile", "warmup_cycles": 0.0}
+        tmp_path,
+        tiny_splits,
+        code,
+        optuna={"pruner": "percentile", "warmup_cycles": 0.0},
+        # Pruning happens only at the end of a cycle, and never at the last point.
+        training={"batch_size": 50, "n_s": 24, "n_cycles": 2, "evals_per_cycle": 4},
     )
     study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
-    with pytest.raises(optuna.TrialPruned, match="pruned at step 1"):
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 48"):
         objective(study.ask())
     trial = study.trials[0]
-    assert curves_of(trial)["step"] == [1]  # the reports after the prune were refused
-    assert trial.user_attrs["reason"] == "pruned at step 1: val_acc 0.1000"
+    assert curves_of(trial)["step"] == [48]  # the reports after the prune were refused
+    assert trial.user_attrs["reason"] == "pruned at step 48: val_acc 0.1000"
 
 
 @pytest.mark.parametrize(
