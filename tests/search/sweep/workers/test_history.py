@@ -1,5 +1,6 @@
 """The history a worker's trials run with: the same finished trials as Optuna reads, the
-queue never read, a trial finished here seen at once; one write to take a trial, one for its record."""
+queue never read, a trial finished here seen at once; one write to take a trial and one
+for its record."""
 
 from __future__ import annotations
 
