@@ -34,6 +34,7 @@ from search.sweep.workers.storage import (
     ResilientStorage,
     StorageError,
     StorageUnavailable,
+    claim,
     running_trials,
     waiting_trial_ids,
 )
@@ -126,21 +127,19 @@ TAKE_TRIES = 8
 
 
 def take(storage: ResilientStorage, study_id: int) -> int | None:
-    """Pop a WAITING trial (atomically: one worker only gets it) and claim it; its id.
+    """Pop a WAITING trial and claim it with this worker's owner record, atomically (one
+    worker only gets it, :func:`~search.sweep.workers.storage.claim`); its id.
 
-    A worker killed between the two steps leaves a trial that no one claims;
-    :func:`search.sweep.workers.lost.lost_reason` takes it for lost after the grace period.
-    Signals never fall between them (the loop is not interruptible there).
+    Where the storage takes two steps for it (a journal file), a worker killed between
+    them leaves a trial that no one claims; :func:`search.sweep.workers.lost.lost_reason`
+    takes it for lost after the grace period. Signals never fall between them (the loop
+    is not interruptible there).
     """
     waiting = waiting_trial_ids(storage, study_id, limit=TAKE_WINDOW)
     others = random.sample(waiting[1:], min(TAKE_TRIES - 1, max(0, len(waiting) - 1)))
     for tid in waiting[:1] + others:
-        try:
-            if storage.set_trial_state_values(tid, state=TrialState.RUNNING):
-                storage.set_trial_system_attr(tid, lost.OWNER, lost.owner_record())
-                return tid
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+        if claim(storage, tid, {lost.OWNER: lost.owner_record()}):
+            return tid
     return None
 
 

@@ -1,8 +1,10 @@
 """The history a worker's trials run with: the same finished trials as Optuna reads, the
-queue never read, a trial finished here seen at once, one write for a trial's record."""
+queue never read, a trial finished here seen at once; one write to take a trial and one
+for its record."""
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import optuna
@@ -16,6 +18,7 @@ from search.sweep.workers.history import FINISHED, History
 from search.sweep.workers.loop import Sweep, run_queue
 from search.sweep.workers.signals import StopFlag
 from search.sweep.workers.storage import (
+    claim,
     finished_trial_ids,
     make_storage,
     release,
@@ -156,8 +159,8 @@ def test_one_query_says_which_trials_finished_and_how_many_are_in_each_state(any
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_a_trials_attrs_are_written_together_as_one_by_one(any_storage_url, monkeypatch, batched):
-    if not batched:  # as if Optuna had changed what set_trial_attrs uses
-        monkeypatch.setattr(storage_module, "_BATCH_ATTRS", False)
+    if not batched:  # as if Optuna had changed the tables set_trial_attrs writes
+        monkeypatch.setattr(storage_module, "_FAST_ATTRS", False)
     storage, study, sid = new_study(any_storage_url)
     trial = study.ask(PARAMS)
     trial.set_user_attr("seed", 1)
@@ -171,7 +174,26 @@ def test_a_trials_attrs_are_written_together_as_one_by_one(any_storage_url, monk
         set_trial_attrs(storage, trial_id(trial), user={"late": 1})
 
 
-def test_optunas_rdb_storage_still_has_what_set_trial_attrs_uses():
+def test_optunas_tables_still_have_what_set_trial_attrs_writes():
     """Fails when Optuna changes them: set_trial_attrs then writes one attr at a time
     (correct, slower); update it."""
-    assert storage_module._BATCH_ATTRS
+    assert storage_module._FAST_ATTRS
+
+
+def test_claiming_a_trial_takes_it_once_and_says_who_runs_it(any_storage_url):
+    storage, study, sid = new_study(any_storage_url)
+    study.enqueue_trial({"x": 0.5})
+    finish(study, TrialState.COMPLETE, 0.3)  # takes the queued trial
+    study.enqueue_trial({"x": 0.25})
+    done, queued = (trial_id(t) for t in study.get_trials())
+    before = datetime.datetime.now()
+    assert claim(storage, queued, {"c2f_owner": {"pid": 1}})
+    assert not claim(storage, queued, {"c2f_owner": {"pid": 2}})  # taken: RUNNING
+    assert not claim(storage, done, {"c2f_owner": {"pid": 2}})  # finished
+    frozen = study.get_trials()[1]
+    assert frozen.state == TrialState.RUNNING and frozen.system_attrs["c2f_owner"] == {"pid": 1}
+    assert frozen.system_attrs["fixed_params"] == {"x": 0.25}
+    assert before - datetime.timedelta(seconds=1) <= frozen.datetime_start
+    assert frozen.datetime_start <= datetime.datetime.now()
+    study.tell(1, 0.25)  # told as any trial
+    assert study.get_trials()[1].state == TrialState.COMPLETE
