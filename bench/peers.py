@@ -74,7 +74,7 @@ PEER_SEED_STRIDE = 1000  # a peer's trial n of run r trains with seed r * 1000 +
 WILCOXON_SEEDS = 5  # instances per trial: with 4 paired losses Wilcoxon's p can reach 0.0625
 # Bumped when a method's code changes: runs stored by an earlier version are not reused.
 PEERS_VERSION = 2
-SERVICE_VERSION = 2  # the service's search code (search/): bump when it changes
+SERVICE_VERSION = 3  # the service's search code (search/): bump when it changes
 # One mechanism off at a time (opt-in with --methods: each costs a service run).
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-per-trial-seeds": {"optuna": {"seed_mode": "per_trial"}},

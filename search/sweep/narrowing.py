@@ -11,7 +11,8 @@ range of each parameter spans every configuration within noise and the
   (:data:`FLAT_SHARE` of its decades), the landscape is flat within noise along
   that parameter; the range stays wide and the choice is said to be noise.
 - Edges: when that span comes within ``margin`` of an edge of the coarse
-  range, the fine range goes past the edge by up to ``extend`` decades.
+  range, the fine range goes past the edge by up to ``extend`` decades (not
+  along a flat parameter: a flat landscape says nothing of what lies past it).
 - Without replicates there is no noise estimate: the ``top_k`` best single
   runs make the range (``narrow = "top_k"`` asks for that always).
 
@@ -163,7 +164,9 @@ def narrow(
         if sigma is not None and span and len(within) > 1:
             if r.scale(max(span)) - r.scale(min(span)) >= FLAT_SHARE * width:
                 flat.append(name)
-        ranges[name], said_edges = _narrow_number(r, chosen_values, margin=margin, extend=extend)
+        # Flat within noise up to an edge says nothing about what lies past it.
+        past = 0.0 if name in flat else extend
+        ranges[name], said_edges = _narrow_number(r, chosen_values, margin=margin, extend=past)
         if said_edges:
             extended[name] = "extended " + " and ".join(said_edges)
     # Each extension on its own: one that makes a corner invalid is given up, not the others.

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.config import space as sp
 
 MIN_RUNS = 4
+MIN_LENGTH_SCALE = 0.1  # of a range's width (the unit cube's side)
 
 
 def is_diverged(t: FrozenTrial) -> bool:
@@ -134,8 +135,10 @@ def fit(
     d = X.shape[1]
     # normalize_y divides by the values' sd: the noise bounds are in that unit.
     floor = max(1e-4, noise_floor(values, n_val) / float(np.var(y)))
+    # Length scales of at least a tenth of a range: a landscape of hyperparameters bends
+    # slowly on these axes, and shorter ones would fit the noise of single runs.
     kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
-        length_scale=[0.3] * d, length_scale_bounds=(0.03, 30.0), nu=2.5
+        length_scale=[0.3] * d, length_scale_bounds=(MIN_LENGTH_SCALE, 30.0), nu=2.5
     ) + WhiteKernel(max(0.1, floor), (floor, max(1.0, 2 * floor)))
     gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2, random_state=0)
     with warnings.catch_warnings():  # a bound reached is an answer here, not an error

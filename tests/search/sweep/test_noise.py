@@ -181,6 +181,8 @@ def test_a_flat_landscape_keeps_the_range_wide_and_says_so():
     assert any("flat within noise" in note for note in n.notes)
     lo, hi = n.ranges["l2_lambda"].bounds
     assert math.log10(hi / lo) > 3
+    # flat up to the lower edge: nothing says it is better past it, so no extension
+    assert lo == pytest.approx(1e-5) and not n.extended
 
 
 def test_the_best_on_an_edge_extends_the_range_past_it_within_the_limit():
