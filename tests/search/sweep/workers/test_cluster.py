@@ -198,6 +198,7 @@ def test_ctrl_c_stops_the_cluster_workers_and_a_resume_meets_the_target(
     assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
+@pytest.mark.slow  # over the suite's time budget; run with -m slow
 @pytest.mark.postgres
 def test_a_killed_command_stops_its_workers_on_the_cluster(cluster, pg_url, quick_study):
     address, client = cluster
@@ -224,6 +225,7 @@ class HalfBroken:
         return Sweep(storage, study, lambda trial: 1.0, heartbeat_interval=1, grace_period=60)
 
 
+@pytest.mark.slow  # over the suite's time budget; run with -m slow
 @pytest.mark.postgres
 def test_a_cluster_worker_that_cannot_start_is_said_with_how_many_run(cluster, pg_url):
     _, client = cluster
@@ -242,6 +244,7 @@ def test_a_cluster_worker_that_cannot_start_is_said_with_how_many_run(cluster, p
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 3
 
 
+@pytest.mark.slow  # over the suite's time budget; run with -m slow
 @pytest.mark.postgres
 def test_a_cluster_machine_without_the_prepared_data_prepares_its_own(
     cluster, pg_url, quick_study, tmp_path

@@ -307,6 +307,7 @@ def finished_count(url: str, name: str) -> int:
     return st.finished(optuna.load_study(study_name=name, storage=url))[0]
 
 
+@pytest.mark.slow  # over the suite's time budget; run with -m slow
 def test_workers_ride_out_a_proxy_restart_and_ctrl_c_requeues_their_trials(tmp_path):
     """The proxy is stopped (SIGTERM: 143) and started again on its port under running
     workers: they retry, say so, and go on. Then Ctrl-C: 130, the running trials
