@@ -98,7 +98,8 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_stage_overrides_and_storage_default(quick_study):
-    spec = load_spec(quick_study())
+    spec = load_spec(quick_study(fine={"trials": 4, "training": {"n_cycles": 3}}))
+    assert spec.train_config("coarse", {"l2_lambda": 1e-3}).n_cycles == 2
     assert spec.train_config("fine", {"l2_lambda": 1e-3}).n_cycles == 3
     assert spec.train_config("final", {"l2_lambda": 1e-3}).n_cycles == 4
     assert spec.storage_url() == f"sqlite:///{spec.base_dir / 'qs.db'}"
