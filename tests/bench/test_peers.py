@@ -13,6 +13,7 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+@pytest.mark.slow  # over the suite's time budget (tens of seconds of training); run with -m slow
 def test_quick_mode_scores_every_method_with_finite_regrets_at_one_budget_and_stores_them(
     cache, capsys
 ):
