@@ -7,7 +7,7 @@ from model.gradcheck import main as gradcheck_main
 from model.network import Network
 from model.optim import sgd_step
 
-HIDDEN = {2: [50], 3: [50, 50], 4: [50, 30, 20], 9: [50, 30, 20, 20, 10, 10, 10, 10]}
+HIDDEN = {2: [50], 3: [50, 50], 4: [50, 30, 20], 9: [20, 15, 10, 10, 10, 10, 10, 10]}
 
 
 @pytest.mark.parametrize("k", sorted(HIDDEN))

@@ -31,7 +31,7 @@ from search.sweep.progress import Progress
 from search.sweep.workers import bookkeeping as bk
 from tests.search.conftest import dump_toml, run_coarse, start_coarse, wait_until_training
 
-INTERRUPTS = 4
+INTERRUPTS = 2
 # The last progress line of a command: its finished trials of the total, and the states.
 LAST_LINE = re.compile(r"^(\d+)/(\d+) finished \((.*), (\d+) running\)", re.M)
 

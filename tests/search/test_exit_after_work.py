@@ -63,7 +63,10 @@ def test_a_signal_after_the_work_is_done_ends_the_command_with_128_plus_it(tmp_p
     assert err == f"\ninterrupted ({name}) after the command had finished: it is all stored\n"
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.005, 0.05])
+@pytest.mark.parametrize(
+    "delay",
+    [pytest.param(0.0, marks=pytest.mark.slow), 0.005, pytest.param(0.05, marks=pytest.mark.slow)],
+)
 def test_a_ctrl_c_after_next_never_kills_the_command_with_the_raw_signal(qs_path, delay):
     proc = command("-m", "search.coarse", "--study", qs_path)
     err = signal_after(proc, "next:", signal.SIGINT, delay)

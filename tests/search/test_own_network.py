@@ -72,7 +72,7 @@ def user_study(directory: Path, code: str, name: str = "own", **sections) -> Pat
 def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figures):
     doc = tomllib.loads((EXAMPLE / "study.toml").read_text())
     doc["model"]["train"] = str(EXAMPLE / "my_net.py") + ":train"
-    doc["coarse"] = {"trials": 10, "replicates": 2, "replicate_top": 2}
+    doc["coarse"] = {"trials": 7, "replicates": 2, "replicate_top": 2}
     doc["fine"] = {"trials": 3, "top_k": 2, "replicates": 1, "training": {"n_cycles": 2}}
     doc["final"] = {"holdout": 100, "seeds": 2, "training": {"n_cycles": 2}}
     doc["optuna"] |= {"workers": 2, "n_startup_trials": 3}
@@ -86,7 +86,7 @@ def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figur
     assert all(t.state in st.FINISHED for t in everything)
     trials = [t for t in everything if not rep.is_replicate(t)]
     replicates = [t for t in everything if rep.is_replicate(t)]
-    assert len(trials) == 10 and len(replicates) >= 2
+    assert len(trials) == 7 and len(replicates) >= 2
     for t in replicates:  # the best configurations again with other seeds, never pruned
         assert t.state == TrialState.COMPLETE
         assert t.user_attrs["seed"] == spec.optuna.seed + 1000 * rep.replicate_index(t)

@@ -56,6 +56,7 @@ def states(study: optuna.Study) -> dict[str, int]:
     return dict(st.counts(study))
 
 
+@pytest.mark.slow  # test_queue's exactly-once on PostgreSQL covers it (the time budget)
 def test_three_workers_run_exactly_the_target(quick_study, pg_url):
     path = quick_study(
         "pg",
@@ -84,6 +85,7 @@ def test_three_workers_run_exactly_the_target(quick_study, pg_url):
     assert all(curves_of(t)["val_acc"] for t in finished)
 
 
+@pytest.mark.slow  # test_queue's lost trial retried on PostgreSQL covers it (the time budget)
 def test_killed_worker_trial_is_retried_by_the_others(quick_study, pg_url):
     # Slower trials (more cycles, no pruning) so one is certainly running when we kill.
     path = quick_study(

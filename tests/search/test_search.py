@@ -184,7 +184,7 @@ def _run_until(cmd, cond, timeout=120):
 
 def test_sigkill_mid_trial_then_resume(quick_study):
     path = quick_study(
-        coarse={"trials": 6},
+        coarse={"trials": 3},
         training={"n_cycles": 40},  # long enough that the kill lands mid-trial
         optuna={"heartbeat_interval": 1, "grace_period": 3, "pruner": "none"},
     )
@@ -227,7 +227,7 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     assert rerun.returncode == 0, rerun.stderr
     after = state()
     assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert sum(t.state in st.FINISHED for t in after) == 6
+    assert sum(t.state in st.FINISHED for t in after) == 3
     for number, value in before.items():  # earlier results intact
         assert after[number].state == TrialState.COMPLETE and after[number].value == value
     assert after[killed[0].number].state == TrialState.FAIL

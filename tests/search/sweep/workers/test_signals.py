@@ -75,6 +75,7 @@ def sweep(quick_study, tmp_path):
     return path, f"sqlite:///{tmp_path / 'sig.db'}"
 
 
+@pytest.mark.slow  # the same path as test_bookkeeping's Ctrl-C then resume (the time budget)
 def test_ctrl_c_stops_every_worker_and_the_rerun_meets_the_target(sweep):
     path, url = sweep
     proc = start_coarse(path, url, "--workers", "2")
@@ -99,7 +100,13 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_meets_the_target(sweep):
 
 
 @pytest.mark.parametrize(
-    "sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)]
+    "sig, code",
+    [
+        (signal.SIGTERM, 143),
+        # SIGHUP takes the path SIGTERM takes (the suite's time budget).
+        pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow),
+        (signal.SIGINT, 130),
+    ],
 )
 def test_a_signal_to_the_command_alone_reaches_its_workers(sweep, sig, code):
     path, url = sweep
