@@ -5,14 +5,14 @@ the worker processes is amortised: a wider network (``--hidden``), more cycles
 (``--cycles``) and pruner "none", so that both runs train exactly the same number of
 steps. The data is prepared once beforehand and not timed; each run gets a fresh
 SQLite database in a scratch directory and is timed from ``run_workers`` start to
-end (process start-up included). The 1-worker run trains in this process with
+end (process start-up included). The 1-worker run is one forked worker process with
 cores BLAS threads; the N-worker run gives each process cores // N threads. A
-control run (one worker in this process limited to one BLAS thread) shows what the
+control run (one worker limited to one BLAS thread) shows what the
 BLAS threads cost. Columns: "sum fit s" is the trials' training time (user attr
 ``wall_time``), "overhead s" is workers x wall minus that (start-up, sampling,
 SQLite, idle tail), "cpu s" the CPU seconds of this process and its worker
-processes during the run (read from /proc, so it holds when other processes load
-the machine) and "load" the 1-minute load average around the run: above the core
+processes during the run (getrusage, so it holds when other processes load the
+machine) and "load" the 1-minute load average around the run: above the core
 count, other processes competed for the CPU and wall times are not comparable.
 Prints a table, asserts nothing.
 
@@ -25,31 +25,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
 
-from bench.worker_memory import descendants
 from search.config.study import load_spec
 from search.sweep import stage
 from search.sweep import studies as st
-from search.sweep.workers.storage import storage_of
 from tests.search.conftest import write_study
 
 
-def cpu_seconds() -> dict[int, float]:
-    """User + system CPU seconds of this process and each live descendant (loky keeps
-    its workers alive between calls, so a run's share is the difference)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {os.getpid(): time.process_time()}
-    for pid in descendants(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return out
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited
+    and been waited for (the pool waits for every worker process it forks)."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_once(
@@ -70,14 +64,12 @@ def run_once(
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     cpu0 = cpu_seconds()
+    # The pool releases this process's database connections before it forks.
     stage.run_stage_workers(
-        spec, "coarse", dict(spec.search), prepared, workers=workers, threads=threads,
-        release_first=[storage_of(study)],
-    )  # fmt: skip
+        spec, "coarse", dict(spec.search), prepared, workers=workers, threads=threads
+    )
     wall = time.perf_counter() - t0
-    # Per process: loky may retire an idle worker of an earlier run meanwhile.
-    cpu1 = cpu_seconds()
-    cpu = sum(c - cpu0.get(pid, 0.0) for pid, c in cpu1.items())
+    cpu = cpu_seconds() - cpu0
     done = study.get_trials(deepcopy=False, states=st.FINISHED)
     train = sum(t.user_attrs.get("wall_time", 0.0) for t in done)
     epochs = sum(t.user_attrs.get("epochs_run", 0.0) for t in done)
