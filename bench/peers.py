@@ -10,9 +10,11 @@ same schedule, and is held to the same budget in training steps:
   its choice and its own estimate (the search mean) come from final's ``result.json``,
   its steps from every trial in its database (``epochs_run`` x steps per epoch). Its
   search steps are the budget of run r; final's retraining is counted apart.
-- ``c2f-off``: the same with its mechanisms off (a seed per trial, no replicates,
-  fine ranges around the top-k single runs, no pruning); its own compute. One at a time:
-  ``--methods c2f c2f-per-trial-seeds c2f-no-replicates c2f-top-k-narrowing c2f-no-pruning``.
+- ``c2f-off``: the same with its mechanisms off (a seed per trial, no replicates, no
+  race, no warm start, fine ranges around the top-k single runs, the best mean chosen);
+  its own compute. One at a time (:data:`ABLATIONS`): ``--methods c2f
+  c2f-per-trial-seeds c2f-no-race c2f-mean-choice c2f-no-warm-start
+  c2f-noise-narrowing c2f-pruning``.
 - ``tpe``, ``tpe-median``, ``gp``, ``random``: Optuna samplers seeded with r, the best
   single trial chosen; trials until the next one would pass the budget (a pruned or
   diverged trial costs the steps it ran). ``tpe-median`` prunes with Optuna's
