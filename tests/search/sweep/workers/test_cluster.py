@@ -165,9 +165,11 @@ def test_a_worker_command_on_a_dask_cluster_runs_exactly_the_target(cluster, pg_
     cluster_idle(client)
 
 
-def training_on_cluster(quick_study, url: str, name: str, address: str) -> subprocess.Popen:
+def training_on_cluster(
+    quick_study, url: str, name: str, address: str, training: dict = SLOW_TRIALS
+) -> subprocess.Popen:
     """The command on a study of 2 slow trials, once both train on the cluster."""
-    path = quick_study(name, coarse={"trials": 2}, training=SLOW_TRIALS, optuna={"pruner": "none"})
+    path = quick_study(name, coarse={"trials": 2}, training=training, optuna={"pruner": "none"})
     create(path, url, 2)
     proc = start_on_cluster(url, f"{name}-coarse", address)
     wait_for_training(url, f"{name}-coarse", running=2)
@@ -202,7 +204,8 @@ def test_ctrl_c_stops_the_cluster_workers_and_a_resume_meets_the_target(
 @pytest.mark.postgres
 def test_a_killed_command_stops_its_workers_on_the_cluster(cluster, pg_url, quick_study):
     address, client = cluster
-    proc = training_on_cluster(quick_study, pg_url, "dkkill", address)
+    # Trials that outlast the silence the tasks wait for (COMMAND_SILENCE_S) several times.
+    proc = training_on_cluster(quick_study, pg_url, "dkkill", address, {"n_cycles": 150})
     proc.kill()  # SIGKILL: the command can do nothing; its record on the scheduler goes silent
     proc.communicate(timeout=10)
     cluster_idle(client, timeout=20)
