@@ -43,13 +43,13 @@ from tests.search.sweep.workers.conftest import running_proxy, start_proxy
 
 FORK = multiprocessing.get_context("fork")
 PARAMS = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
-# A user's training function slow enough to be killed mid-trial: 0.6 s a trial.
+# A user's training function slow enough to be killed mid-trial: 1.2 s a trial (a kill lands mid-trial on a loaded machine too).
 SLOW = """\
 import time
 
 def train(hp, data, report):
     for step in (1, 2, 3, 4):
-        time.sleep(0.15)
+        time.sleep(0.3)
         report(step, 0.5)
     return 0.5
 """
@@ -242,7 +242,7 @@ sampler = "random"
 def slow_study(
     tmp_path: Path, name: str, trials: int, workers: int, storage: str | None = None
 ) -> Path:
-    """A study of a user's function that takes 0.6 s a trial (digits, no pruner), with
+    """A study of a user's function that takes 1.2 s a trial (digits, no pruner), with
     its [optuna] storage if given."""
     (tmp_path / "slow.py").write_text(SLOW)
     path = tmp_path / f"{name}.toml"
