@@ -43,7 +43,8 @@ from tests.search.sweep.workers.conftest import running_proxy, start_proxy
 
 FORK = multiprocessing.get_context("fork")
 PARAMS = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
-# A user's training function slow enough to be killed mid-trial: 1.2 s a trial (a kill lands mid-trial on a loaded machine too).
+# A user's training function slow enough to be killed mid-trial, on a loaded machine too:
+# 1.2 s a trial.
 SLOW = """\
 import time
 
