@@ -85,6 +85,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-no-warm-start": {"fine": {"warm_start": False}},
     "c2f-noise-narrowing": {"fine": {"narrow": "noise"}},
     "c2f-pruning": {"optuna": {"pruner": "percentile"}},
+    # Not an ablation: a choice that keeps away from a cliff's edge (opt-in in the service).
+    "c2f-robust-choice": {"final": {"choose": "robust"}},
 }
 SERVICE = ("c2f", "c2f-off", *ABLATIONS)
 PEERS = ("tpe", "tpe-median", "tpe-wilcoxon", "gp", "random")
@@ -99,6 +101,7 @@ LABELS = {
     "c2f-no-warm-start": "coarse2fine, fine not warm-started",
     "c2f-noise-narrowing": "coarse2fine, narrowing by means",
     "c2f-pruning": "coarse2fine + percentile pruner",
+    "c2f-robust-choice": "coarse2fine, robust choice (choose = robust)",
     "tpe": "Optuna TPE, no pruning",
     "tpe-median": "Optuna TPE + MedianPruner",
     "tpe-wilcoxon": f"Optuna TPE + WilcoxonPruner ({WILCOXON_SEEDS} seeds/trial)",
@@ -679,7 +682,7 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
         # What the service says its choice will score: the model's prediction when the
         # model chose, else the choice's mean over its runs (both are in result.json).
         "estimate": result["search_val_acc"][
-            "smoothed" if spec.final.choose == "model" else "mean"
+            "smoothed" if spec.final.choose in ("model", "robust") else "mean"
         ],
         "estimate_mean": result["search_val_acc"]["mean"],
         "estimate_n": result["search_val_acc"]["n"],

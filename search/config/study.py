@@ -50,7 +50,7 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
 NARROWING = ("model", "noise", "top_k")
-CHOICES = ("model", "best", "smoothed")
+CHOICES = ("model", "robust", "best", "smoothed")
 TABLES = (
     "name",
     "data",
@@ -557,7 +557,9 @@ class FinalSpec:
     """final trains on train + val minus ``holdout`` validation images (a number, or a
     fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
     ``choose``: "model" (the best value predicted by the model of the landscape, among
-    the contenders still in the race if one was run), "best" (the best mean over
+    the contenders still in the race if one was run), "robust" (as "model", judged by
+    the worst prediction within 5% of each range around it: not at a cliff's edge),
+    "best" (the best mean over
     seeds, replicated configurations first) or "smoothed" (the best kernel-smoothed
     mean over neighbouring configurations)."""
 

@@ -50,6 +50,7 @@ def final_split(splits: Splits, holdout: int) -> Splits:
 # How final's log line names the predicted value of each kind of choice.
 PREDICTED = {
     "model": "predicted by the model of the landscape",
+    "robust": "predicted by the model of the landscape",
     "best": "smoothed over its neighbours",
     "smoothed": "smoothed over its neighbours",
 }
@@ -75,8 +76,8 @@ def chosen_configuration(
                     f"it: run {command(stage)} again to finish it, "
                     "or wait for the workers running it"
                 )
-            if spec.final.choose == "model":
-                return (study, *model_choice(study, configs))
+            if spec.final.choose in ("model", "robust"):
+                return (study, *model_choice(study, configs, robust=spec.final.choose == "robust"))
             if spec.final.choose == "best":
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
                 return study, configs[0], value
@@ -88,14 +89,17 @@ def chosen_configuration(
 
 
 def model_choice(
-    study: optuna.Study, configs: list[rep.Configuration]
+    study: optuna.Study, configs: list[rep.Configuration], *, robust: bool = False
 ) -> tuple[rep.Configuration, float]:
     """The configuration the model of the landscape predicts best, and that prediction
     (:func:`search.sweep.surrogate.rank` over every run of the study, in its recorded
-    ranges); after a race, the best of the contenders still in it."""
+    ranges); after a race, the best of the contenders still in it. ``robust``: the one
+    whose worst prediction in its close neighbourhood is best."""
     space = sp.from_record(study.user_attrs.get("ranges", {}))
     trials = study.get_trials(deepcopy=False)
-    ranked, _ = surrogate.rank(configs, trials, space, n_val=surrogate.n_val_of(study))
+    ranked, _ = surrogate.rank(
+        configs, trials, space, n_val=surrogate.n_val_of(study), robust=robust
+    )
     recorded = study.user_attrs.get(rep.RACE)
     if recorded:
         alive = rep.Race.from_dict(recorded).alive(configs)

@@ -33,6 +33,9 @@ from search.config import space as sp
 
 MIN_RUNS = 4
 MIN_LENGTH_SCALE = 0.1  # of a range's width (the unit cube's side)
+# The robust choice judges a configuration by the worst prediction within this share of
+# each numeric range's width (on its own scale) around it.
+ROBUST_STEP = 0.05
 
 
 def is_diverged(t: FrozenTrial) -> bool:
@@ -61,6 +64,19 @@ def encoder(space: Mapping[str, sp.Range]):
     return encode
 
 
+def numeric_columns(space: Mapping[str, sp.Range]) -> list[int]:
+    """The columns of :func:`encoder`'s points that hold a float or integer parameter."""
+    cols: list[int] = []
+    at = 0
+    for r in space.values():
+        if r.kind == "choice":
+            at += len(r.choices)
+        else:
+            cols.append(at)
+            at += 1
+    return cols
+
+
 @dataclass
 class Surrogate:
     """A fitted model: :meth:`predict` gives the posterior mean and sd of a run's value."""
@@ -69,6 +85,7 @@ class Surrogate:
     encode: Any
     noise_sd: float  # the fitted white noise: the seed noise of one run
     n_runs: int
+    numeric: Sequence[int] = ()  # the columns of the numeric parameters
 
     def predict(self, points: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """(mean, sd) of the expected value (noise excluded) at each point's params."""
@@ -79,6 +96,26 @@ class Surrogate:
         # sklearn's sd includes the white noise: take it out, leaving the mean's uncertainty.
         var = np.maximum(np.asarray(sd) ** 2 - self.noise_sd**2, 0.0)
         return np.asarray(mu, dtype=float), np.sqrt(var)
+
+    def robust(self, points: Sequence[Mapping[str, Any]], step: float = ROBUST_STEP) -> np.ndarray:
+        """The worst posterior mean at each point and at its neighbours ``step`` away
+        along each numeric axis (in the unit cube, clipped to it).
+
+        A configuration at the edge of a cliff (an eta_max just below where training
+        diverges) has as good a mean as one inside the plateau, but a small change, or
+        another seed, puts it over the edge; this value tells them apart.
+        """
+        if not points:
+            return np.zeros(0)
+        X = np.array([self.encode(p) for p in points], dtype=float)
+        shifted = [X]
+        for col in self.numeric:
+            for sign in (-1.0, 1.0):
+                Y = X.copy()
+                Y[:, col] = np.clip(Y[:, col] + sign * step, 0.0, 1.0)
+                shifted.append(Y)
+        mu = np.asarray(self.gp.predict(np.vstack(shifted)), dtype=float)
+        return mu.reshape(len(shifted), len(points)).min(axis=0)
 
 
 def observations(trials: Sequence[FrozenTrial]) -> tuple[list[dict[str, Any]], list[float]]:
@@ -145,7 +182,7 @@ def fit(
         warnings.simplefilter("ignore", ConvergenceWarning)
         gp.fit(X, y)
     noise = float(gp.kernel_.k2.noise_level) * float(np.std(y)) ** 2  # normalize_y scales it
-    return Surrogate(gp, encode, math.sqrt(noise), len(values))
+    return Surrogate(gp, encode, math.sqrt(noise), len(values), numeric_columns(space))
 
 
 @dataclass
@@ -163,13 +200,23 @@ def rank(
     space: Mapping[str, sp.Range],
     *,
     n_val: int | None = None,
+    robust: bool = False,
 ) -> tuple[list[Ranked], Surrogate | None]:
     """The configurations best first by the model's posterior mean (by their own means,
-    with the standard error as sd, when there is no model); and the model."""
+    with the standard error as sd, when there is no model); and the model. ``robust``:
+    best first by :meth:`Surrogate.robust` instead (each keeps its posterior mean)."""
     model = fit(trials, space, n_val=n_val)
     if model is None:
         out = [Ranked(c, c.mean, c.sd / math.sqrt(c.n) if c.n > 1 else math.nan) for c in configs]
+        score = [r.mean for r in out]
     else:
-        mu, sd = model.predict([c.params for c in configs])
+        points = [c.params for c in configs]
+        mu, sd = model.predict(points)
         out = [Ranked(c, float(m), float(s)) for c, m, s in zip(configs, mu, sd, strict=True)]
-    return sorted(out, key=lambda r: (r.mean, r.config.n, -r.config.number), reverse=True), model
+        score = [float(v) for v in (model.robust(points) if robust else mu)]
+    order = sorted(
+        range(len(out)),
+        key=lambda i: (score[i], out[i].config.n, -out[i].config.number),
+        reverse=True,
+    )
+    return [out[i] for i in order], model

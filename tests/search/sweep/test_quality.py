@@ -88,6 +88,39 @@ def test_diverged_neighbours_lower_a_point_near_the_cliff():
     assert min(values) == 0.70 and len(values) == len(points)
 
 
+def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
+    # A plateau from 0.05 to 0.3, rising a little towards its edge; from 0.4 on, training
+    # diverges, and at 0.35 it falls off. The robust choice sits further from the edge
+    # than the model's best mean.
+    etas = [0.001, 0.003, 0.01, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25, 0.3, 0.35, 0.4, 0.6, 1.0]
+    acc = {0.001: 0.70, 0.003: 0.78, 0.01: 0.84, 0.03: 0.88, 0.35: 0.80}
+
+    def value(e: float) -> float | None:
+        if e >= 0.4:
+            return None
+        return acc.get(e, 0.895 + 0.01 * math.log10(e / 0.05))  # 0.895 .. 0.903 on the plateau
+
+    study = _study([({"eta_max": e}, value(e), 0) for e in etas])
+    configs = rep.study_configurations(study)
+    trials = study.get_trials()
+    by_mean, model = surrogate.rank(configs, trials, ETA, n_val=5000)
+    by_worst, _ = surrogate.rank(configs, trials, ETA, n_val=5000, robust=True)
+    assert model is not None
+    edge, safe = by_mean[0].config.params["eta_max"], by_worst[0].config.params["eta_max"]
+    assert 0.05 <= safe < edge, (edge, safe)
+    # Judged by the worst prediction 5% of the range around each, the safe one is better.
+    worst = dict(
+        zip(
+            [c.params["eta_max"] for c in configs],
+            model.robust([c.params for c in configs]),
+            strict=True,
+        )
+    )
+    assert worst[safe] > worst[edge]
+    # Each keeps its own posterior mean: the estimate of the choice is not the worst case.
+    assert by_worst[0].mean == next(r.mean for r in by_mean if r.config is by_worst[0].config)
+
+
 def test_the_noise_floor_is_the_binomial_variance_of_the_best_accuracy():
     assert surrogate.noise_floor([0.5, 0.9], 100) == pytest.approx(0.9 * 0.1 / 100)
     assert surrogate.noise_floor([0.5, 0.9], None) == 0.0
