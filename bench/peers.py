@@ -255,6 +255,8 @@ class Landscape:
         doc["optuna"].pop("seed")
         doc["truth"] = self.key()
         doc["version"] = SERVICE_VERSION
+        if doc.get("final", {}).get("choose") == "robust":
+            doc["robust"] = 2  # robust only when a run diverged (1: always)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     def grid(self) -> list[dict[str, Any]]:

@@ -204,7 +204,10 @@ def rank(
 ) -> tuple[list[Ranked], Surrogate | None]:
     """The configurations best first by the model's posterior mean (by their own means,
     with the standard error as sd, when there is no model); and the model. ``robust``:
-    best first by :meth:`Surrogate.robust` instead (each keeps its posterior mean)."""
+    best first by :meth:`Surrogate.robust` instead (each keeps its posterior mean), when
+    a run of ``trials`` diverged: a cliff is there to keep away from; with none, by the
+    posterior mean (on a landscape without one, keeping away from every slope gives up
+    the best region when it is narrow or at a range's edge)."""
     model = fit(trials, space, n_val=n_val)
     if model is None:
         out = [Ranked(c, c.mean, c.sd / math.sqrt(c.n) if c.n > 1 else math.nan) for c in configs]
@@ -213,7 +216,8 @@ def rank(
         points = [c.params for c in configs]
         mu, sd = model.predict(points)
         out = [Ranked(c, float(m), float(s)) for c, m, s in zip(configs, mu, sd, strict=True)]
-        score = [float(v) for v in (model.robust(points) if robust else mu)]
+        cliff = robust and any(is_diverged(t) for t in trials)
+        score = [float(v) for v in (model.robust(points) if cliff else mu)]
     order = sorted(
         range(len(out)),
         key=lambda i: (score[i], out[i].config.n, -out[i].config.number),

@@ -119,6 +119,12 @@ def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
     assert worst[safe] > worst[edge]
     # Each keeps its own posterior mean: the estimate of the choice is not the worst case.
     assert by_worst[0].mean == next(r.mean for r in by_mean if r.config is by_worst[0].config)
+    # No run diverged: no cliff to keep away from, and the choice is the model's.
+    slope = _study([({"eta_max": e}, value(e) or 0.75, 0) for e in etas])
+    configs = rep.study_configurations(slope)
+    by_mean, _ = surrogate.rank(configs, slope.get_trials(), ETA, n_val=5000)
+    robust, _ = surrogate.rank(configs, slope.get_trials(), ETA, n_val=5000, robust=True)
+    assert [r.config.number for r in robust] == [r.config.number for r in by_mean]
 
 
 def test_the_noise_floor_is_the_binomial_variance_of_the_best_accuracy():
