@@ -315,6 +315,7 @@ SLOW = """
 """
 
 
+@pytest.mark.slow  # the loop test_bookkeeping's Ctrl-C and resume runs (the suite's time budget)
 def test_a_slow_function_interrupted_with_ctrl_c_is_resumed_to_the_exact_target(tmp_path):
     path = user_study(tmp_path, SLOW, coarse={"trials": 4}, optuna={"workers": 2})
     spec = load_spec(path)

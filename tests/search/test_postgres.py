@@ -315,6 +315,7 @@ def test_a_worker_rides_out_a_network_cut(quick_study, pg_url, cut_s):
     assert "Traceback" not in out
 
 
+@pytest.mark.slow  # test_resume's silent worker covers the rule (the suite's time budget)
 def test_a_worker_stopped_past_the_grace_period_drops_its_trial_and_goes_on(quick_study, pg_url):
     path = quick_study(
         "pgstop",

@@ -122,6 +122,7 @@ def test_prepared_data_is_mmapped_and_checksum_guards_the_study(quick_study):
         st.record_data(study, prepared)
 
 
+@pytest.mark.slow  # test_dashboard and test_postgres read a study live (the suite's time budget)
 def test_four_workers_on_sqlite_with_the_dashboard_reading(quick_study):
     """4 workers x 24 short trials on one SQLite file, optuna-dashboard reading: none FAIL."""
     from tests.search.conftest import get_json, run_dashboard
