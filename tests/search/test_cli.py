@@ -110,6 +110,8 @@ def hint(out: str) -> list[str]:
     return shlex.split(line[len("next: ") :].split("   ")[0])
 
 
+# test_hints_of_a_command_that_cannot_start_keep_every_flag covers the hints (the time budget)
+@pytest.mark.slow
 def test_every_stage_ends_with_its_next_command_with_the_same_flags(study, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     flags = ["--study", study, "--storage", url]
