@@ -188,6 +188,9 @@ def test_default_command_prints_help():
     assert "--study-name" in out.stdout and "C2F_" in out.stdout
 
 
+# test_proxy runs the proxy and its workers; the tests above check the compose commands
+# (the suite's time budget).
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_compose_entry_commands_run_a_study(compose, tmp_path, quick_study):
     """The proxy, create, two worker replicas and the dashboard, as compose runs them, on

@@ -87,7 +87,15 @@ def _trials(path, stage: str) -> list[optuna.trial.FrozenTrial]:
     return st.load_existing(spec, stage).get_trials(deepcopy=False)
 
 
-@pytest.mark.parametrize("doc, code", [(BUILT_IN, None), (OWN, OWN_CODE)], ids=["built-in", "own"])
+@pytest.mark.parametrize(
+    "doc, code",
+    [
+        (BUILT_IN, None),
+        # The grids of every kind run the user's code below (the suite's time budget).
+        pytest.param(OWN, OWN_CODE, marks=pytest.mark.slow),
+    ],
+    ids=["built-in", "own"],
+)
 def test_every_kind_runs_coarse_fine_and_final(tmp_path, doc, code, capsys):
     path = _write(tmp_path, doc, code)
     args = ["--study", str(path)]
