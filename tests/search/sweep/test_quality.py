@@ -127,6 +127,18 @@ def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
     assert [r.config.number for r in robust] == [r.config.number for r in by_mean]
 
 
+def test_the_robust_neighbours_move_only_the_numeric_columns():
+    space = {
+        "act": sp.parse_range("act", {"choice": ["relu", "tanh", "elu"]}),
+        "eta_max": sp.parse_range("eta_max", [1e-3, 1.0]),
+        "width": sp.parse_range("width", {"int": [8, 64]}),
+    }
+    point = {"act": "tanh", "eta_max": 0.01, "width": 20}
+    x = surrogate.encoder(space)(point)
+    assert len(x) == 5 and x[:3] == [0.0, 1.0, 0.0]  # the choice's one-hot columns
+    assert surrogate.numeric_columns(space) == [3, 4]
+
+
 def test_the_noise_floor_is_the_binomial_variance_of_the_best_accuracy():
     assert surrogate.noise_floor([0.5, 0.9], 100) == pytest.approx(0.9 * 0.1 / 100)
     assert surrogate.noise_floor([0.5, 0.9], None) == 0.0
