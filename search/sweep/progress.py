@@ -71,6 +71,7 @@ class Progress:
         self.t0 = time.monotonic()
         self.total = target  # the queue's, as of the last count
         self.closing = False
+        self.dry = False  # the pool ran dry: what still waits is another command's
         self.first: int | None = None  # trials finished when this run began
         self.failed_before = 0  # real failures when this run began
         self.last_plain = -math.inf
@@ -96,6 +97,8 @@ class Progress:
         failed = c["FAIL"] - self.failed_before
         total = done + c["RUNNING"] + c["WAITING"] + failed
         if self.closing:  # replicates another command queued as this pool's queue ran dry
+            if self.dry:  # this pool's workers found no trial waiting and stopped
+                total -= c["WAITING"]
             total = max(done, min(total, self.total))
         self.total = total or self.target
         study_id = self.history.get_study_id_from_name(self.study.study_name)
@@ -161,9 +164,15 @@ class Progress:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def close(self) -> None:
-        """The last state: the bar's final line, or the plain line if it changed."""
-        self.closing = True
+    def close(self, *, dry: bool = False) -> None:
+        """The last state: the bar's final line, or the plain line if it changed.
+
+        ``dry``: the pool ended because its queue ran dry (no stop, no failure). A trial
+        waiting then was queued after its workers looked (another command's replicates,
+        which that command runs), even if an earlier draw counted it; after a stop, the
+        waiting trials are this run's unfinished work and stay in the total.
+        """
+        self.closing, self.dry = True, dry
         self()
         if self.bar is not None:
             self.bar.close()

@@ -265,6 +265,26 @@ def test_a_duplicate_retired_during_the_run_leaves_the_total():
     )
 
 
+@pytest.mark.parametrize("dry", [True, False])
+def test_replicates_a_look_counted_after_the_workers_stopped_leave_the_last_line_when_dry(dry):
+    """The other command queues them as this pool's workers stop, and a draw of the line
+    counts them before the pool returns: a pool that ran dry ends at its own total; a
+    stopped one keeps what waits, as its unfinished work."""
+    study = optuna.create_study(direction="maximize")
+    for _ in range(4):
+        study.enqueue_trial({"l2_lambda": 1e-3})
+    out = io.StringIO()
+    line = Progress(study, 4, stream=out, every=1e9)
+    for value in (0.5, 0.6, 0.7, 0.8):
+        study.tell(study.ask(DIST), value)
+    for index in (1, 2):
+        study.enqueue_trial({"l2_lambda": 1e-3}, user_attrs={rep.REPLICATE: index})
+    line()  # the supervisor's last draw, before it sees the workers gone
+    line.close(dry=dry)
+    last = out.getvalue().splitlines()[-1]
+    assert last.startswith("4/4 finished" if dry else "4/6 finished"), last
+
+
 def test_replicates_queued_after_the_pool_stopped_are_not_counted_in_its_last_line():
     """The other command queues them as this pool's queue runs dry: the other one runs them."""
     study = optuna.create_study(direction="maximize")

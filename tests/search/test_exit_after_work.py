@@ -26,8 +26,12 @@ def main(argv=None):
     return 0
 
 code = main()
-print("after main", flush=True)  # the process lingers, as the interpreter's teardown does
-time.sleep(60)
+print("after main", flush=True)
+# The process lingers, running code as the interpreter's teardown does: short sleeps, so a
+# signal the kernel gives to another thread (numpy's) is acted on within 0.1 s, not at the
+# end of one long sleep.
+for _ in range(600):
+    time.sleep(0.1)
 raise SystemExit(code)
 """
 

@@ -177,7 +177,8 @@ def _run_until(cmd, cond, timeout=120):
         if cond():
             return proc
         if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read().decode())
+            err = proc.stderr.read().decode()
+            raise AssertionError(f"the command ended ({proc.returncode}) first: {err}")
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("condition not reached")
@@ -198,9 +199,11 @@ def test_sigkill_mid_trial_then_resume(quick_study):
             return []
         return trials
 
-    def two_done_one_running():
+    def one_done_one_running():
         t = state()
-        return sum(x.state == TrialState.COMPLETE for x in t) >= 2 and any(
+        # One finished result to keep intact; the second or the third trial to kill, so a
+        # slow look at the study (a loaded machine) still has two windows to land in.
+        return sum(x.state == TrialState.COMPLETE for x in t) >= 1 and any(
             # in the first half of its 320 evaluation points: the kill lands mid-trial
             x.state == TrialState.RUNNING
             and len(x.params) == 2
@@ -209,7 +212,7 @@ def test_sigkill_mid_trial_then_resume(quick_study):
         )
 
     proc = _run_until(
-        [sys.executable, "-m", "search.coarse", "--study", str(path)], two_done_one_running
+        [sys.executable, "-m", "search.coarse", "--study", str(path)], one_done_one_running
     )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -471,6 +471,7 @@ def run_workers(
 ) -> None:
     """:func:`run_pool` with the command's stop flag; raises what ended it early
     (:class:`Interrupted`, :class:`WorkersFailed`)."""
+    result: PoolResult | None = None
     try:
         result = run_pool(
             job,
@@ -483,7 +484,7 @@ def run_workers(
     finally:
         close = getattr(progress, "close", None)
         if close is not None:
-            close()
+            close(dry=result is not None and not result.signum and not result.errors)
     if result.signum:
         raise Interrupted(result.signum)
     if result.errors:

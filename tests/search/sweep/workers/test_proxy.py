@@ -4,6 +4,7 @@ proxy restarted under running workers, and a proxy that is down said in one line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -272,12 +273,29 @@ def owner_of_a_running_trial(
     raise AssertionError(f"no trial of {name} trained within {timeout:g} s")
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        # The proxy in front of SQLite: test_proxy's other tests (the suite's time budget).
+        pytest.param("sqlite", marks=pytest.mark.slow),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ],
+)
 def test_a_coarse_stage_through_the_proxy_reaches_its_target_with_a_worker_killed(
-    proxied, tmp_path
+    backend, tmp_path
 ):
     """Two workers through the proxy; one is killed (-9) mid-trial; the stage still ends
     with its exact target, the killed trial re-queued once with its parameters."""
-    url, proxy = proxied
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'behind.db'}"
+        else:
+            url = stack.enter_context(pg_util.temporary_database())
+        proxy = stack.enter_context(running_proxy(url))
+        killed_run_through_the_proxy(url, proxy, tmp_path)
+
+
+def killed_run_through_the_proxy(url: str, proxy, tmp_path: Path) -> None:
     path = slow_study(tmp_path, "killed", trials=4, workers=2)
     proc = start_coarse(path, proxy.url)
     killed, pid = owner_of_a_running_trial(proc, url, "killed-coarse")

@@ -171,6 +171,8 @@ def _counts(db: Path) -> dict[str, int]:
     return dict(rows)
 
 
+# The full disk's message: test_read_only_database_and_full_disk_before_the_run (the time budget).
+@pytest.mark.slow
 def test_disk_full_mid_run_loses_nothing_and_resumes_to_the_exact_target(quick_study, tmp_path):
     """Fill the disk under a running coarse search: it stops with one line and exit 1, the
     database stays sound with every finished trial; freed, the same command finishes
