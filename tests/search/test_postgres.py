@@ -240,6 +240,9 @@ def test_sigterm_requeues_the_running_trial_at_once(quick_study, pg_url):
     assert requeued[0].params == running.params
 
 
+# Each stage on PostgreSQL: test_create_then_join_fine_stage_uses_recorded_ranges, the
+# dashboard's and the network cut's tests (the suite's time budget).
+@pytest.mark.slow
 def test_every_command_takes_a_postgresql_url(quick_study, pg_url, capsys):
     """coarse -> fine -> final -> report -> status, all on --storage postgresql+psycopg2://."""
     from search import coarse, final, fine, report, status

@@ -184,6 +184,9 @@ def _run_until(cmd, cond, timeout=120):
     raise AssertionError("condition not reached")
 
 
+# A lost trial retried on the rerun: test_resume's worker that exited, test_signals' killed
+# command (the suite's time budget).
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(quick_study):
     path = quick_study(
         coarse={"trials": 3},
