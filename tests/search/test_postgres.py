@@ -190,6 +190,8 @@ def test_create_then_join_fine_stage_uses_recorded_ranges(quick_study, pg_url, c
     assert states(coarse) == {"WAITING": 3}  # the fine worker left the coarse study alone
 
 
+# A live study in the dashboard: test_dashboard (SQLite); PostgreSQL: its other tests.
+@pytest.mark.slow
 def test_dashboard_reads_the_postgres_study(quick_study, pg_url):
     path = quick_study("pgdash", optuna={"storage": pg_url})
     study = create_study(path, target=2)

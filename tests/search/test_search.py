@@ -77,6 +77,8 @@ def test_coarse_fine_final_end_to_end(quick_study, capsys):
     assert "already recorded" in capsys.readouterr().out
 
 
+# The same and a larger target again: test_noise's stage run again (the suite's time budget).
+@pytest.mark.slow
 def test_target_is_total_not_more(quick_study):
     path = quick_study()
     assert coarse.main(["--study", str(path), "--trials", "3"]) == 0

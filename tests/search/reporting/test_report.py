@@ -169,6 +169,8 @@ def test_experiment_flag_writes_its_markdown(tmp_path, monkeypatch, capsys):
     assert f"wrote {out / 'lr_range.png'}" in capsys.readouterr().out
 
 
+# --all beside a study: test_experiment's report of every experiment (the time budget).
+@pytest.mark.slow
 def test_all_flag_combines_gradcheck_experiments_and_study(ran, tmp_path, monkeypatch):
     calls: list = []
     _fake_experiments(tmp_path, calls, monkeypatch)

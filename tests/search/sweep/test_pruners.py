@@ -16,7 +16,15 @@ from search.sweep.objective import curves_of
 
 
 @pytest.mark.parametrize(
-    "pruner", ["median", "percentile", "successive_halving", "hyperband", "none"]
+    "pruner",
+    [
+        "median",
+        "percentile",
+        # Optuna's rung pruners take the path of the two above (the suite's time budget).
+        pytest.param("successive_halving", marks=pytest.mark.slow),
+        pytest.param("hyperband", marks=pytest.mark.slow),
+        "none",
+    ],
 )
 def test_each_pruner_prunes_and_pruned_trials_keep_their_curves(quick_study, pruner):
     path = quick_study(

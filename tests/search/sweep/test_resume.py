@@ -45,7 +45,8 @@ def _orphan(spec, storage_url: str) -> int:
     return _taken(study, owner).number
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+# A journal file's lost trials: test_queue's exactly-once contract runs on it (the time budget).
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("journal", marks=pytest.mark.slow)])
 def test_rerun_retries_a_trial_whose_worker_process_exited(quick_study, tmp_path, kind):
     path = quick_study(coarse={"trials": 3}, optuna={"pruner": "none"})
     url = (

@@ -176,6 +176,9 @@ def training_on_cluster(
     return proc
 
 
+# Ctrl-C reaching every worker: test_signals; the cluster's exact target: the test above
+# (the suite's time budget).
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_ctrl_c_stops_the_cluster_workers_and_a_resume_meets_the_target(
     cluster, pg_url, quick_study
