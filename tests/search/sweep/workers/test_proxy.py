@@ -44,12 +44,19 @@ from tests.search.sweep.workers.conftest import running_proxy, start_proxy
 
 FORK = multiprocessing.get_context("fork")
 PARAMS = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
-# A user's training function slow enough to be killed mid-trial, on a loaded machine too:
-# 1.2 s a trial.
+# A user's training function slow enough to be killed mid-trial: 1.2 s a trial, and held
+# at its start while a file "hold" lies beside it (a test kills a worker meanwhile, so the
+# kill lands mid-trial however loaded the machine).
 SLOW = """\
+import pathlib
 import time
 
+HOLD = pathlib.Path(__file__).with_name("hold")
+
 def train(hp, data, report):
+    deadline = time.monotonic() + 60
+    while HOLD.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     for step in (1, 2, 3, 4):
         time.sleep(0.3)
         report(step, 0.5)
@@ -297,9 +304,12 @@ def test_a_coarse_stage_through_the_proxy_reaches_its_target_with_a_worker_kille
 
 def killed_run_through_the_proxy(url: str, proxy, tmp_path: Path) -> None:
     path = slow_study(tmp_path, "killed", trials=4, workers=2)
+    hold = tmp_path / "hold"
+    hold.touch()  # the trials wait at their start until the kill
     proc = start_coarse(path, proxy.url)
     killed, pid = owner_of_a_running_trial(proc, url, "killed-coarse")
     os.kill(pid, signal.SIGKILL)
+    hold.unlink()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "target 4 trials" in out
