@@ -216,8 +216,14 @@ def join_stage(
     poll: float,
 ) -> None:
     """Run ``workers`` processes on an existing stage's queue from this machine (``worker``
-    joining a study), then its replicate rounds when this machine is the last one."""
+    joining a study), then its replicate rounds when this machine is the last one.
+
+    First the retries a dying process still owed are queued, as a command that tops the
+    queue up does: a study that only joining workers run is not left a trial short.
+    """
     user_train.check(spec)
+    storage = storage_of(study)
+    lost.repair_owed_retries(storage, storage.get_study_id_from_name(study.study_name))
     st.record_data(study, prepared)
     st.record_seed_mode(study, spec)
     work(

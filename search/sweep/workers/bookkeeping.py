@@ -56,6 +56,7 @@ def not_retried(reason: str, tries: int) -> str:
 
 
 DUPLICATE_REPLICATE = "not needed: duplicate replicate"
+DUPLICATE_RETRY = "not needed: duplicate retry"  # two processes repaired one owed retry
 
 
 def target_lowered(target: int) -> str:
@@ -101,6 +102,7 @@ def shown(counts: Mapping[str, int]) -> list[str]:
 __all__ = [
     "ATTR",
     "DUPLICATE_REPLICATE",
+    "DUPLICATE_RETRY",
     "Kind",
     "interrupted",
     "kind",

@@ -9,13 +9,18 @@ One rule retries a lost trial, :func:`requeue`: the process that moves the
 trial from RUNNING to FAIL (an atomic state change in every storage, so exactly
 one process succeeds) is the one that queues its parameters again. A process
 that dies between those two steps leaves the trial marked ``c2f_retry = owed``;
-:func:`repair_owed_retries` (run by every command before it tops its queue up)
-queues those. So a lost trial is retried once, never twice.
+:func:`repair_owed_retries` (run by every command before it tops its queue up,
+and by ``worker`` joining a study) queues those. Two processes that repair the
+same debt at once (or a repair while the dying process's retry is being queued)
+each queue a copy; :func:`retire_duplicate_retries`, run after every repair,
+keeps the first and retires the others while they wait. So a lost trial is
+retried once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import socket
@@ -33,6 +38,9 @@ from search.sweep.workers.storage import running_trials, trial_id
 OWNER = "c2f_owner"
 RETRY = "c2f_retry"  # "owed" between failing a lost trial and queueing its retry
 MAX_RETRIES_OF_LOST_TRIAL = 3
+# A process queues the retry of a trial it failed within milliseconds; a debt older than
+# this is one whose process died (a second Ctrl-C), and a repair may pay it.
+OWED_SETTLE_S = 5.0
 
 
 @functools.cache
@@ -233,17 +241,48 @@ def reap(storage: optuna.storages.BaseStorage, study_id: int, *, grace_period: f
 def repair_owed_retries(storage: optuna.storages.BaseStorage, study_id: int) -> list[int]:
     """Queue the retries that a process died before queueing; the failed trials' numbers.
 
-    Runs where one process tops the queue up, before its workers start.
+    Runs before a process's workers start; a copy another process queued at the same
+    time is retired at once (:func:`retire_duplicate_retries`).
     """
     trials = storage.get_all_trials(study_id, deepcopy=False)
     retried = {t.system_attrs.get("requeued_from") for t in trials}
     repaired = []
+    # A debt younger than this may be one whose process is queueing the retry right now.
+    settled = datetime.datetime.now() - datetime.timedelta(seconds=OWED_SETTLE_S)
     for t in trials:
         if t.state == TrialState.FAIL and t.system_attrs.get(RETRY) == "owed":
+            if t.datetime_complete is not None and t.datetime_complete > settled:
+                continue
             if t.number not in retried:
                 _add_retry(storage, study_id, t)
                 repaired.append(t.number)
+    if repaired:
+        retire_duplicate_retries(storage, study_id)
     return repaired
+
+
+def retire_duplicate_retries(storage: optuna.storages.BaseStorage, study_id: int) -> list[int]:
+    """Fail the WAITING retries of a lost trial queued twice, keeping the first (the
+    lowest number, which workers take first); the retired trials' numbers. They count as
+    retired, not failed (:mod:`search.sweep.workers.bookkeeping`). Every process that runs
+    this keeps the same one, so two at once retire the same copies."""
+    seen: set[int] = set()
+    retired = []
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    for t in sorted(trials, key=lambda t: t.number):
+        source = t.system_attrs.get("requeued_from")
+        if source is None:
+            continue
+        if source not in seen:
+            seen.add(source)
+        elif t.state == TrialState.WAITING:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                tid = trial_id(t)
+                storage.set_trial_user_attr(tid, "reason", bookkeeping.DUPLICATE_RETRY)
+                storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.RETIRED)
+                if storage.set_trial_state_values(tid, state=TrialState.FAIL):
+                    retired.append(t.number)
+    return retired
 
 
 __all__ = [
@@ -254,6 +293,7 @@ __all__ = [
     "owner_record",
     "reap",
     "repair_owed_retries",
+    "retire_duplicate_retries",
     "requeue",
     "this_machine",
 ]

@@ -313,6 +313,28 @@ def test_workers_that_join_a_study_run_its_replicates(quick_study, tmp_path):
     assert rep.study_configurations(study, 2)[0].n == 2
 
 
+def test_a_worker_joining_a_study_queues_the_retry_a_dead_process_owed(
+    quick_study, tmp_path, monkeypatch
+):
+    """A process failed a lost trial and died before queueing its retry (a second Ctrl-C):
+    a worker that joins pays the debt, so the study still meets its target."""
+    from search import worker
+    from search.sweep.workers import bookkeeping
+
+    monkeypatch.setattr(lost, "OWED_SETTLE_S", 0.0)  # the debt is old enough at once
+    path = quick_study(coarse={"trials": 3})
+    url = f"sqlite:///{tmp_path / 'owed.db'}"
+    assert quiet(worker.main, ["--create", "--study", str(path), "--storage", url])[0] == 0
+    study = optuna.load_study(study_name="qs-coarse", storage=url)
+    storage, dead = study._storage, study.ask()  # the dying process's trial
+    storage.set_trial_system_attr(dead._trial_id, lost.RETRY, "owed")
+    storage.set_trial_system_attr(dead._trial_id, bookkeeping.ATTR, bookkeeping.Kind.REQUEUED)
+    storage.set_trial_state_values(dead._trial_id, state=TrialState.FAIL)
+    assert quiet(worker.main, ["--storage", url, "--study-name", "qs-coarse"])[0] == 0
+    c = st.counts(optuna.load_study(study_name="qs-coarse", storage=url))
+    assert c["COMPLETE"] + c["PRUNED"] == 3 and c["REQUEUED"] == 1 and c["FAIL"] == 0, c
+
+
 def test_the_smoothed_choice_prefers_a_good_neighbourhood_to_a_lucky_point():
     configs = [
         _config(1e-5, [0.47], 0),  # lucky, among poor neighbours

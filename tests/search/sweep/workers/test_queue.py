@@ -20,8 +20,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.sweep import studies as st
 from search.sweep.studies import top_up
-from search.sweep.workers import lost
+from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.loop import Sweep, run_queue, take
 from search.sweep.workers.signals import Interrupted, StopFlag, signals_recorded
 from search.sweep.workers.storage import (
@@ -128,7 +129,8 @@ def test_a_lost_trial_is_retried_once_however_many_reap_it(any_storage_url):
         assert lost.OWNER not in retries[0].system_attrs
 
 
-def test_a_retry_owed_by_a_process_that_died_is_queued_once(any_storage_url):
+def test_a_retry_owed_by_a_process_that_died_is_queued_once(any_storage_url, monkeypatch):
+    monkeypatch.setattr(lost, "OWED_SETTLE_S", 0.0)  # the debt is old enough at once
     storage, study, sid = new_study(any_storage_url)
     tid = lose_a_trial(storage, sid, 0.5)
     # Died between failing the trial and queueing its retry.
@@ -139,6 +141,37 @@ def test_a_retry_owed_by_a_process_that_died_is_queued_once(any_storage_url):
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].params == {"x": 0.5} and trials[1].system_attrs["requeued_from"] == 0
+
+
+def test_a_fresh_debt_is_left_to_the_process_queueing_its_retry(any_storage_url):
+    """A debt younger than OWED_SETTLE_S may be one whose process is queueing the retry
+    this moment: a repair then would queue a second."""
+    storage, study, sid = new_study(any_storage_url)
+    tid = lose_a_trial(storage, sid, 0.5)
+    storage.set_trial_system_attr(tid, lost.RETRY, "owed")
+    storage.set_trial_state_values(tid, state=TrialState.FAIL)
+    assert lost.repair_owed_retries(storage, sid) == []
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+
+
+def test_two_repairs_of_one_debt_at_once_leave_one_retry(any_storage_url, monkeypatch):
+    """Two processes (workers joining a study) each see the debt unpaid and queue a retry:
+    the second copy is retired while it waits, whichever process looks."""
+    monkeypatch.setattr(lost, "OWED_SETTLE_S", 0.0)
+    storage, study, sid = new_study(any_storage_url)
+    tid = lose_a_trial(storage, sid, 0.5)
+    storage.set_trial_system_attr(tid, lost.RETRY, "owed")  # as lost.requeue marks it
+    storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.REQUEUED)
+    storage.set_trial_state_values(tid, state=TrialState.FAIL)
+    lost._add_retry(storage, sid, storage.get_trial(tid))  # the other process's repair
+    lost._add_retry(storage, sid, storage.get_trial(tid))  # this one's, at the same moment
+    assert lost.retire_duplicate_retries(storage, sid) == [2]
+    assert lost.retire_duplicate_retries(storage, sid) == []  # the other process's look
+    trials = study.get_trials()
+    assert [bookkeeping.state_name(t) for t in trials] == ["REQUEUED", "WAITING", "RETIRED"]
+    assert trials[2].user_attrs["reason"] == bookkeeping.DUPLICATE_RETRY
+    counts = st.counts(study)
+    assert counts["FAIL"] == 0 and counts["WAITING"] == 1, counts
 
 
 def test_retries_stop_after_three_losses_in_a_row(any_storage_url):
