@@ -87,6 +87,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-pruning": {"optuna": {"pruner": "percentile"}},
     # Not an ablation: a choice that keeps away from a cliff's edge (opt-in in the service).
     "c2f-robust-choice": {"final": {"choose": "robust"}},
+    # Not an ablation: a longer race (6 runs on shared seeds, not 4), within the peers' steps.
+    "c2f-race-6": {"fine": {"race_runs": 6}},
 }
 SERVICE = ("c2f", "c2f-off", *ABLATIONS)
 PEERS = ("tpe", "tpe-median", "tpe-wilcoxon", "gp", "random")
@@ -102,6 +104,7 @@ LABELS = {
     "c2f-noise-narrowing": "coarse2fine, narrowing by means",
     "c2f-pruning": "coarse2fine + percentile pruner",
     "c2f-robust-choice": "coarse2fine, robust choice (choose = robust)",
+    "c2f-race-6": "coarse2fine, a race of 6 runs (race_runs = 6)",
     "tpe": "Optuna TPE, no pruning",
     "tpe-median": "Optuna TPE + MedianPruner",
     "tpe-wilcoxon": f"Optuna TPE + WilcoxonPruner ({WILCOXON_SEEDS} seeds/trial)",

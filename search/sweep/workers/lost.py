@@ -39,7 +39,7 @@ OWNER = "c2f_owner"
 RETRY = "c2f_retry"  # "owed" between failing a lost trial and queueing its retry
 MAX_RETRIES_OF_LOST_TRIAL = 3
 # A process queues the retry of a trial it failed within milliseconds; a debt older than
-# this is one whose process died (a second Ctrl-C), and a repair may pay it.
+# this is one whose process died (a second Ctrl-C), and a repair pays it.
 OWED_SETTLE_S = 5.0
 
 
@@ -241,21 +241,35 @@ def reap(storage: optuna.storages.BaseStorage, study_id: int, *, grace_period: f
 def repair_owed_retries(storage: optuna.storages.BaseStorage, study_id: int) -> list[int]:
     """Queue the retries that a process died before queueing; the failed trials' numbers.
 
-    Runs before a process's workers start; a copy another process queued at the same
-    time is retired at once (:func:`retire_duplicate_retries`).
+    Runs before a process's workers start. A debt younger than :data:`OWED_SETTLE_S`
+    may be one whose process is queueing the retry this moment: it is waited for (a
+    command started within seconds of a second Ctrl-C), then read again. A copy another
+    process queued at the same time is retired at once (:func:`retire_duplicate_retries`).
     """
-    trials = storage.get_all_trials(study_id, deepcopy=False)
-    retried = {t.system_attrs.get("requeued_from") for t in trials}
+
+    def unpaid() -> list[FrozenTrial]:
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        retried = {t.system_attrs.get("requeued_from") for t in trials}
+        return [
+            t
+            for t in trials
+            if t.state == TrialState.FAIL
+            and t.system_attrs.get(RETRY) == "owed"
+            and t.number not in retried
+        ]
+
+    owed = unpaid()
+    ended = [t.datetime_complete for t in owed if t.datetime_complete is not None]
+    if ended:
+        settled = max(ended) + datetime.timedelta(seconds=OWED_SETTLE_S)
+        wait = (settled - datetime.datetime.now()).total_seconds()
+        if wait > 0:
+            time.sleep(min(wait, OWED_SETTLE_S))
+            owed = unpaid()
     repaired = []
-    # A debt younger than this may be one whose process is queueing the retry right now.
-    settled = datetime.datetime.now() - datetime.timedelta(seconds=OWED_SETTLE_S)
-    for t in trials:
-        if t.state == TrialState.FAIL and t.system_attrs.get(RETRY) == "owed":
-            if t.datetime_complete is not None and t.datetime_complete > settled:
-                continue
-            if t.number not in retried:
-                _add_retry(storage, study_id, t)
-                repaired.append(t.number)
+    for t in owed:
+        _add_retry(storage, study_id, t)
+        repaired.append(t.number)
     if repaired:
         retire_duplicate_retries(storage, study_id)
     return repaired

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,15 +144,26 @@ def test_a_retry_owed_by_a_process_that_died_is_queued_once(any_storage_url, mon
     assert trials[1].params == {"x": 0.5} and trials[1].system_attrs["requeued_from"] == 0
 
 
-def test_a_fresh_debt_is_left_to_the_process_queueing_its_retry(any_storage_url):
+@pytest.mark.parametrize("payer", ["the failing process", "nobody"])
+def test_a_fresh_debt_is_waited_for_then_paid_once(any_storage_url, monkeypatch, payer):
     """A debt younger than OWED_SETTLE_S may be one whose process is queueing the retry
-    this moment: a repair then would queue a second."""
+    this moment: the repair waits for it to settle, then pays it only if still unpaid."""
+    monkeypatch.setattr(lost, "OWED_SETTLE_S", 1.0)
     storage, study, sid = new_study(any_storage_url)
     tid = lose_a_trial(storage, sid, 0.5)
     storage.set_trial_system_attr(tid, lost.RETRY, "owed")
     storage.set_trial_state_values(tid, state=TrialState.FAIL)
-    assert lost.repair_owed_retries(storage, sid) == []
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    if payer == "nobody":  # it died: the repair pays, after the wait
+        assert lost.repair_owed_retries(storage, sid) == [0]
+    else:  # alive: it queues the retry while the repair waits
+        failed = storage.get_trial(tid)
+        timer = threading.Timer(0.2, lost._add_retry, (storage, sid, failed))
+        timer.start()
+        assert lost.repair_owed_retries(storage, sid) == []
+        timer.join()
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["requeued_from"] == 0
 
 
 def test_two_repairs_of_one_debt_at_once_leave_one_retry(any_storage_url, monkeypatch):
