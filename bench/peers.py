@@ -259,7 +259,9 @@ class Landscape:
         doc["truth"] = self.key()
         doc["version"] = SERVICE_VERSION
         if doc.get("final", {}).get("choose") == "robust":
-            doc["robust"] = 2  # robust only when a run diverged (1: always)
+            # 3: among the model's ties, when a run diverged (2: all, when one diverged;
+            # 1: all, always)
+            doc["robust"] = 3
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     def grid(self) -> list[dict[str, Any]]:

@@ -558,8 +558,8 @@ class FinalSpec:
     fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
     ``choose``: "model" (the best value predicted by the model of the landscape, among
     the contenders still in the race if one was run), "robust" (as "model", but when a run
-    diverged, judged by the worst prediction within 5% of each range around it: not at
-    a cliff's edge), "best" (the best mean over seeds, replicated configurations first)
+    diverged, the configurations the model cannot tell from the best are judged by the
+    worst prediction within 5% of each range around them: not at a cliff's edge), "best" (the best mean over seeds, replicated configurations first)
     or "smoothed" (the best kernel-smoothed mean over neighbouring configurations)."""
 
     holdout: int | float = 0.2

@@ -204,20 +204,27 @@ def rank(
 ) -> tuple[list[Ranked], Surrogate | None]:
     """The configurations best first by the model's posterior mean (by their own means,
     with the standard error as sd, when there is no model); and the model. ``robust``:
-    best first by :meth:`Surrogate.robust` instead (each keeps its posterior mean), when
-    a run of ``trials`` diverged: a cliff is there to keep away from; with none, by the
-    posterior mean (on a landscape without one, keeping away from every slope gives up
-    the best region when it is narrow or at a range's edge)."""
+    when a run of ``trials`` diverged (a cliff is there to keep away from), the
+    configurations the model cannot tell from the best (posterior means within the two
+    posterior sds combined) come first, ordered by :meth:`Surrogate.robust` (each keeps
+    its posterior mean); the rest follow by posterior mean. With no run diverged, by the
+    posterior mean alone (on a landscape without a cliff, keeping away from every slope
+    gives up the best region when it is narrow or at a range's edge)."""
     model = fit(trials, space, n_val=n_val)
     if model is None:
         out = [Ranked(c, c.mean, c.sd / math.sqrt(c.n) if c.n > 1 else math.nan) for c in configs]
-        score = [r.mean for r in out]
+        score = [(0, r.mean) for r in out]
     else:
         points = [c.params for c in configs]
         mu, sd = model.predict(points)
         out = [Ranked(c, float(m), float(s)) for c, m, s in zip(configs, mu, sd, strict=True)]
-        cliff = robust and any(is_diverged(t) for t in trials)
-        score = [float(v) for v in (model.robust(points) if cliff else mu)]
+        score = [(0, float(m)) for m in mu]
+        if robust and any(is_diverged(t) for t in trials):
+            top = int(np.argmax(mu))
+            worst = model.robust(points)
+            for i in range(len(out)):
+                if mu[i] >= mu[top] - math.hypot(sd[top], sd[i]):  # within the model's doubt
+                    score[i] = (1, float(worst[i]))
     order = sorted(
         range(len(out)),
         key=lambda i: (score[i], out[i].config.n, -out[i].config.number),

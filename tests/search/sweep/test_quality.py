@@ -127,6 +127,25 @@ def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
     assert [r.config.number for r in robust] == [r.config.number for r in by_mean]
 
 
+def test_the_robust_choice_keeps_a_peak_the_model_can_tell_from_the_rest():
+    """Only configurations the model cannot tell from the best are judged by their worst
+    neighbour: a clear peak next to a cliff is still chosen, not a plateau 10 points
+    lower that is further from the edge."""
+    etas = [0.001, 0.003, 0.01, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25, 0.5, 0.6, 1.0]
+    acc = {0.001: 0.70, 0.25: 0.86, 0.5: 0.85}  # the plateau 0.85; from 0.6 on, it diverges
+    points = [({"eta_max": e}, None if e >= 0.6 else acc.get(e, 0.85), 0) for e in etas]
+    points += [({"eta_max": 0.35}, v, i) for i, v in enumerate((0.92, 0.921, 0.919))]
+    study = _study(points)
+    configs, trials = rep.study_configurations(study), study.get_trials()
+    by_mean, model = surrogate.rank(configs, trials, ETA, n_val=5000)
+    robust, _ = surrogate.rank(configs, trials, ETA, n_val=5000, robust=True)
+    assert model is not None and by_mean[0].config.params["eta_max"] == 0.35
+    worst = model.robust([c.params for c in configs])
+    peak = next(i for i, c in enumerate(configs) if c.params["eta_max"] == 0.35)
+    assert worst[peak] < max(worst)  # by its worst neighbour alone, the peak would lose
+    assert robust[0].config.params["eta_max"] == 0.35
+
+
 def test_the_robust_neighbours_move_only_the_numeric_columns():
     space = {
         "act": sp.parse_range("act", {"choice": ["relu", "tanh", "elu"]}),
