@@ -557,10 +557,11 @@ class FinalSpec:
     """final trains on train + val minus ``holdout`` validation images (a number, or a
     fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
     ``choose``: "model" (the best value predicted by the model of the landscape, among
-    the contenders still in the race if one was run), "robust" (as "model", but when a run
-    diverged, the configurations the model cannot tell from the best are judged by the
-    worst prediction within 5% of each range around them: not at a cliff's edge), "best" (the best mean over seeds, replicated configurations first)
-    or "smoothed" (the best kernel-smoothed mean over neighbouring configurations)."""
+    the contenders still in the race if one was run), "robust" (as "model", but when a
+    run of the search diverged: of the configurations predicted within one run's seed
+    noise of the best, the one furthest from a diverged run), "best" (the best mean over
+    seeds, replicated configurations first) or "smoothed" (the best kernel-smoothed mean
+    over neighbouring configurations)."""
 
     holdout: int | float = 0.2
     seeds: int = 3

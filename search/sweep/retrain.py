@@ -76,8 +76,10 @@ def chosen_configuration(
                     f"it: run {command(stage)} again to finish it, "
                     "or wait for the workers running it"
                 )
-            if spec.final.choose in ("model", "robust"):
-                return (study, *model_choice(study, configs, robust=spec.final.choose == "robust"))
+            if spec.final.choose == "model":
+                return (study, *model_choice(study, configs))
+            if spec.final.choose == "robust":
+                return (study, *model_choice(study, configs, robust=_failures(spec)))
             if spec.final.choose == "best":
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
                 return study, configs[0], value
@@ -88,17 +90,40 @@ def chosen_configuration(
     )
 
 
+def _failures(spec: StudySpec) -> tuple[list[dict[str, Any]], dict[str, sp.Range]]:
+    """The parameters of every diverged run of the search (coarse and fine), and the
+    coarse ranges they are measured in."""
+    broke = []
+    for stage in ("coarse", "fine"):
+        study = st.load_existing(spec, stage)
+        if study is not None:
+            trials = study.get_trials(deepcopy=False)
+            broke += [dict(t.params) for t in trials if surrogate.is_diverged(t) and t.params]
+    return broke, dict(spec.search)
+
+
 def model_choice(
-    study: optuna.Study, configs: list[rep.Configuration], *, robust: bool = False
+    study: optuna.Study,
+    configs: list[rep.Configuration],
+    *,
+    robust: tuple[list[dict[str, Any]], dict[str, sp.Range]] | None = None,
 ) -> tuple[rep.Configuration, float]:
     """The configuration the model of the landscape predicts best, and that prediction
     (:func:`search.sweep.surrogate.rank` over every run of the study, in its recorded
-    ranges); after a race, the best of the contenders still in it. ``robust``: the one
-    whose worst prediction in its close neighbourhood is best."""
+    ranges); after a race, the best of the contenders still in it. ``robust`` (the
+    diverged runs of the search and the coarse ranges): of those within one run's seed
+    noise of the best, the one furthest from a diverged run."""
     space = sp.from_record(study.user_attrs.get("ranges", {}))
     trials = study.get_trials(deepcopy=False)
+    failures, failure_space = robust if robust is not None else ([], None)
     ranked, _ = surrogate.rank(
-        configs, trials, space, n_val=surrogate.n_val_of(study), robust=robust
+        configs,
+        trials,
+        space,
+        n_val=surrogate.n_val_of(study),
+        robust=robust is not None,
+        failures=failures,
+        failure_space=failure_space,
     )
     recorded = study.user_attrs.get(rep.RACE)
     if recorded:

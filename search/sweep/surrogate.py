@@ -201,15 +201,21 @@ def rank(
     *,
     n_val: int | None = None,
     robust: bool = False,
+    failures: Sequence[Mapping[str, Any]] = (),
+    failure_space: Mapping[str, sp.Range] | None = None,
 ) -> tuple[list[Ranked], Surrogate | None]:
     """The configurations best first by the model's posterior mean (by their own means,
     with the standard error as sd, when there is no model); and the model. ``robust``:
-    when a run of ``trials`` diverged (a cliff is there to keep away from), the
-    configurations the model cannot tell from the best (posterior means within the two
-    posterior sds combined) come first, ordered by :meth:`Surrogate.robust` (each keeps
-    its posterior mean); the rest follow by posterior mean. With no run diverged, by the
-    posterior mean alone (on a landscape without a cliff, keeping away from every slope
-    gives up the best region when it is narrow or at a range's edge)."""
+    when a run diverged (``failures``: the parameters of every diverged run of the
+    search, the coarse stage's included; by default those of ``trials``), the
+    configurations whose posterior mean is within one run's seed noise of the best come
+    first, the one furthest from the nearest diverged run first (distances in the unit
+    cube of ``failure_space``, the coarse ranges; by default ``space``); each keeps its
+    posterior mean, and the rest follow by it. A test seed moves a run by the seed noise,
+    so these are alike in what they promise and differ in how close they sit to where
+    training breaks down. With no run diverged, by the posterior mean alone (on a
+    landscape without a cliff, keeping away from every slope gives up the best region
+    when it is narrow or at a range's edge)."""
     model = fit(trials, space, n_val=n_val)
     if model is None:
         out = [Ranked(c, c.mean, c.sd / math.sqrt(c.n) if c.n > 1 else math.nan) for c in configs]
@@ -219,12 +225,15 @@ def rank(
         mu, sd = model.predict(points)
         out = [Ranked(c, float(m), float(s)) for c, m, s in zip(configs, mu, sd, strict=True)]
         score = [(0, float(m)) for m in mu]
-        if robust and any(is_diverged(t) for t in trials):
+        broke = list(failures) or [dict(t.params) for t in trials if is_diverged(t) and t.params]
+        if robust and broke:
             top = int(np.argmax(mu))
-            worst = model.robust(points)
-            for i in range(len(out)):
-                if mu[i] >= mu[top] - math.hypot(sd[top], sd[i]):  # within the model's doubt
-                    score[i] = (1, float(worst[i]))
+            encode = encoder(failure_space or space)
+            F = np.array([encode(f) for f in broke], dtype=float)
+            for i, p in enumerate(points):
+                if mu[i] >= mu[top] - model.noise_sd:  # alike, one test seed apart
+                    away = float(np.min(np.linalg.norm(F - np.array(encode(p)), axis=1)))
+                    score[i] = (1, away)
     order = sorted(
         range(len(out)),
         key=lambda i: (score[i], out[i].config.n, -out[i].config.number),

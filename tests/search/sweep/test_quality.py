@@ -91,7 +91,7 @@ def test_diverged_neighbours_lower_a_point_near_the_cliff():
 def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
     # A plateau from 0.05 to 0.3, rising a little towards its edge; from 0.4 on, training
     # diverges, and at 0.35 it falls off. The robust choice sits further from the edge
-    # than the model's best mean.
+    # than the model's best mean, and within one run's seed noise of it.
     etas = [0.001, 0.003, 0.01, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25, 0.3, 0.35, 0.4, 0.6, 1.0]
     acc = {0.001: 0.70, 0.003: 0.78, 0.01: 0.84, 0.03: 0.88, 0.35: 0.80}
 
@@ -107,16 +107,8 @@ def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
     by_worst, _ = surrogate.rank(configs, trials, ETA, n_val=5000, robust=True)
     assert model is not None
     edge, safe = by_mean[0].config.params["eta_max"], by_worst[0].config.params["eta_max"]
-    assert 0.05 <= safe < edge, (edge, safe)
-    # Judged by the worst prediction 5% of the range around each, the safe one is better.
-    worst = dict(
-        zip(
-            [c.params["eta_max"] for c in configs],
-            model.robust([c.params for c in configs]),
-            strict=True,
-        )
-    )
-    assert worst[safe] > worst[edge]
+    assert safe < edge, (edge, safe)
+    assert by_worst[0].mean >= by_mean[0].mean - model.noise_sd
     # Each keeps its own posterior mean: the estimate of the choice is not the worst case.
     assert by_worst[0].mean == next(r.mean for r in by_mean if r.config is by_worst[0].config)
     # No run diverged: no cliff to keep away from, and the choice is the model's.
@@ -128,21 +120,19 @@ def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
 
 
 def test_the_robust_choice_keeps_a_peak_the_model_can_tell_from_the_rest():
-    """Only configurations the model cannot tell from the best are judged by their worst
-    neighbour: a clear peak next to a cliff is still chosen, not a plateau 10 points
-    lower that is further from the edge."""
+    """Only configurations within one run's seed noise of the best are judged by their
+    distance from the cliff: a clear peak next to it is still chosen, not a plateau 10
+    points lower that is further from the edge."""
     etas = [0.001, 0.003, 0.01, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25, 0.5, 0.6, 1.0]
     acc = {0.001: 0.70, 0.25: 0.86, 0.5: 0.85}  # the plateau 0.85; from 0.6 on, it diverges
     points = [({"eta_max": e}, None if e >= 0.6 else acc.get(e, 0.85), 0) for e in etas]
-    points += [({"eta_max": 0.35}, v, i) for i, v in enumerate((0.92, 0.921, 0.919))]
+    points += [({"eta_max": 0.35}, v, i) for i, v in enumerate((0.95, 0.951, 0.949))]
     study = _study(points)
     configs, trials = rep.study_configurations(study), study.get_trials()
     by_mean, model = surrogate.rank(configs, trials, ETA, n_val=5000)
     robust, _ = surrogate.rank(configs, trials, ETA, n_val=5000, robust=True)
     assert model is not None and by_mean[0].config.params["eta_max"] == 0.35
-    worst = model.robust([c.params for c in configs])
-    peak = next(i for i, c in enumerate(configs) if c.params["eta_max"] == 0.35)
-    assert worst[peak] < max(worst)  # by its worst neighbour alone, the peak would lose
+    assert by_mean[1].mean < by_mean[0].mean - model.noise_sd  # no other is alike
     assert robust[0].config.params["eta_max"] == 0.35
 
 
