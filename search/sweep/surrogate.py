@@ -33,9 +33,6 @@ from search.config import space as sp
 
 MIN_RUNS = 4
 MIN_LENGTH_SCALE = 0.1  # of a range's width (the unit cube's side)
-# The robust choice judges a configuration by the worst prediction within this share of
-# each numeric range's width (on its own scale) around it.
-ROBUST_STEP = 0.05
 
 
 def is_diverged(t: FrozenTrial) -> bool:
@@ -64,19 +61,6 @@ def encoder(space: Mapping[str, sp.Range]):
     return encode
 
 
-def numeric_columns(space: Mapping[str, sp.Range]) -> list[int]:
-    """The columns of :func:`encoder`'s points that hold a float or integer parameter."""
-    cols: list[int] = []
-    at = 0
-    for r in space.values():
-        if r.kind == "choice":
-            at += len(r.choices)
-        else:
-            cols.append(at)
-            at += 1
-    return cols
-
-
 @dataclass
 class Surrogate:
     """A fitted model: :meth:`predict` gives the posterior mean and sd of a run's value."""
@@ -85,7 +69,6 @@ class Surrogate:
     encode: Any
     noise_sd: float  # the fitted white noise: the seed noise of one run
     n_runs: int
-    numeric: Sequence[int] = ()  # the columns of the numeric parameters
 
     def predict(self, points: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """(mean, sd) of the expected value (noise excluded) at each point's params."""
@@ -96,26 +79,6 @@ class Surrogate:
         # sklearn's sd includes the white noise: take it out, leaving the mean's uncertainty.
         var = np.maximum(np.asarray(sd) ** 2 - self.noise_sd**2, 0.0)
         return np.asarray(mu, dtype=float), np.sqrt(var)
-
-    def robust(self, points: Sequence[Mapping[str, Any]], step: float = ROBUST_STEP) -> np.ndarray:
-        """The worst posterior mean at each point and at its neighbours ``step`` away
-        along each numeric axis (in the unit cube, clipped to it).
-
-        A configuration at the edge of a cliff (an eta_max just below where training
-        diverges) has as good a mean as one inside the plateau, but a small change, or
-        another seed, puts it over the edge; this value tells them apart.
-        """
-        if not points:
-            return np.zeros(0)
-        X = np.array([self.encode(p) for p in points], dtype=float)
-        shifted = [X]
-        for col in self.numeric:
-            for sign in (-1.0, 1.0):
-                Y = X.copy()
-                Y[:, col] = np.clip(Y[:, col] + sign * step, 0.0, 1.0)
-                shifted.append(Y)
-        mu = np.asarray(self.gp.predict(np.vstack(shifted)), dtype=float)
-        return mu.reshape(len(shifted), len(points)).min(axis=0)
 
 
 def observations(trials: Sequence[FrozenTrial]) -> tuple[list[dict[str, Any]], list[float]]:
@@ -182,7 +145,7 @@ def fit(
         warnings.simplefilter("ignore", ConvergenceWarning)
         gp.fit(X, y)
     noise = float(gp.kernel_.k2.noise_level) * float(np.std(y)) ** 2  # normalize_y scales it
-    return Surrogate(gp, encode, math.sqrt(noise), len(values), numeric_columns(space))
+    return Surrogate(gp, encode, math.sqrt(noise), len(values))
 
 
 @dataclass

@@ -136,7 +136,34 @@ def test_the_robust_choice_keeps_a_peak_the_model_can_tell_from_the_rest():
     assert robust[0].config.params["eta_max"] == 0.35
 
 
-def test_the_robust_neighbours_move_only_the_numeric_columns():
+def test_the_robust_choice_measures_from_diverged_runs_of_the_coarse_stage_too():
+    """A fine stage's runs all trained (its ranges stop short of the cliff), but the
+    coarse stage's diverged above: of the fine configurations alike within the seed
+    noise, the one furthest from those is chosen, the distances in the coarse ranges."""
+    fine_eta = {"eta_max": sp.parse_range("eta_max", [0.1, 0.5])}
+    values = {0.1: 0.868, 0.15: 0.870, 0.2: 0.871, 0.3: 0.871, 0.4: 0.872, 0.45: 0.872}
+    study = _study([({"eta_max": e}, v, 0) for e, v in values.items()], space=fine_eta)
+    configs, trials = rep.study_configurations(study), study.get_trials()
+    by_mean, model = surrogate.rank(configs, trials, fine_eta, n_val=5000)
+    assert model is not None and by_mean[0].config.params["eta_max"] >= 0.4
+    robust, _ = surrogate.rank(configs, trials, fine_eta, n_val=5000, robust=True)
+    assert [r.config.number for r in robust] == [r.config.number for r in by_mean]  # none
+    coarse_failures = [{"eta_max": 0.6}, {"eta_max": 0.9}]
+    robust, _ = surrogate.rank(
+        configs,
+        trials,
+        fine_eta,
+        n_val=5000,
+        robust=True,
+        failures=coarse_failures,
+        failure_space=ETA,
+    )
+    chosen = robust[0]
+    assert chosen.config.params["eta_max"] < by_mean[0].config.params["eta_max"]
+    assert chosen.mean >= by_mean[0].mean - model.noise_sd
+
+
+def test_the_encoder_puts_a_choice_in_one_hot_columns_and_numbers_in_the_unit_range():
     space = {
         "act": sp.parse_range("act", {"choice": ["relu", "tanh", "elu"]}),
         "eta_max": sp.parse_range("eta_max", [1e-3, 1.0]),
@@ -145,7 +172,7 @@ def test_the_robust_neighbours_move_only_the_numeric_columns():
     point = {"act": "tanh", "eta_max": 0.01, "width": 20}
     x = surrogate.encoder(space)(point)
     assert len(x) == 5 and x[:3] == [0.0, 1.0, 0.0]  # the choice's one-hot columns
-    assert surrogate.numeric_columns(space) == [3, 4]
+    assert x[3] == pytest.approx(1 / 3) and x[4] == pytest.approx(12 / 56)  # log; linear
 
 
 def test_the_noise_floor_is_the_binomial_variance_of_the_best_accuracy():
