@@ -148,7 +148,7 @@ def test_a_retry_owed_by_a_process_that_died_is_queued_once(any_storage_url, mon
 def test_a_fresh_debt_is_waited_for_then_paid_once(any_storage_url, monkeypatch, payer):
     """A debt younger than OWED_SETTLE_S may be one whose process is queueing the retry
     this moment: the repair waits for it to settle, then pays it only if still unpaid."""
-    monkeypatch.setattr(lost, "OWED_SETTLE_S", 1.0)
+    monkeypatch.setattr(lost, "OWED_SETTLE_S", 0.4)
     storage, study, sid = new_study(any_storage_url)
     tid = lose_a_trial(storage, sid, 0.5)
     storage.set_trial_system_attr(tid, lost.RETRY, "owed")
@@ -157,7 +157,7 @@ def test_a_fresh_debt_is_waited_for_then_paid_once(any_storage_url, monkeypatch,
         assert lost.repair_owed_retries(storage, sid) == [0]
     else:  # alive: it queues the retry while the repair waits
         failed = storage.get_trial(tid)
-        timer = threading.Timer(0.2, lost._add_retry, (storage, sid, failed))
+        timer = threading.Timer(0.05, lost._add_retry, (storage, sid, failed))
         timer.start()
         assert lost.repair_owed_retries(storage, sid) == []
         timer.join()
