@@ -362,6 +362,8 @@ def test_cifar_holds_out_a_tenth_and_a_grid_that_cannot_run_fails_loudly(tmp_pat
     assert "[training.batch_size] batch_size = 100 is larger than the training set (27" in err
 
 
+# A diverged run recorded and drawn: the test of that name above (the suite's time budget).
+@pytest.mark.slow
 def test_diverged_and_blown_up_runs_stay_visible_and_do_not_squash_the_rest(
     tmp_path, saved_figures
 ):
