@@ -12,7 +12,6 @@ ordinary WAITING trials, which any worker runs; every choice then uses
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 from collections.abc import Sequence
@@ -211,11 +210,7 @@ def _fail_duplicates(study: optuna.Study) -> None:
         if key not in seen:
             seen.add(key)
         elif t.state == TrialState.WAITING:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                tid = trial_id(t)
-                storage.set_trial_user_attr(tid, "reason", bookkeeping.DUPLICATE_REPLICATE)
-                storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.RETIRED)
-                storage.set_trial_state_values(tid, state=TrialState.FAIL)
+            bookkeeping.retire(storage, trial_id(t), bookkeeping.DUPLICATE_REPLICATE)
 
 
 SMOOTHING_DECADES = 0.3  # the kernel's sd in decades of each searched parameter

@@ -186,13 +186,7 @@ def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], targ
         key=lambda t: (not t.system_attrs.get("fixed_params"), t.number),
     )
     for t in reversed(waiting[-excess:] if excess <= len(waiting) else waiting):
-        tid = trial_id(t)
-        try:
-            storage.set_trial_user_attr(tid, "reason", bookkeeping.target_lowered(target))
-            storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.RETIRED)
-            storage.set_trial_state_values(tid, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # taken and finished meanwhile
+        bookkeeping.retire(storage, trial_id(t), bookkeeping.target_lowered(target))
 
 
 def record_seed_mode(study: optuna.Study, spec: StudySpec) -> None:

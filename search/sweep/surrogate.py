@@ -188,8 +188,10 @@ def rank(
         mu, sd = model.predict(points)
         out = [Ranked(c, float(m), float(s)) for c, m, s in zip(configs, mu, sd, strict=True)]
         score = [(0, float(m)) for m in mu]
-        broke = list(failures) or [dict(t.params) for t in trials if is_diverged(t) and t.params]
-        if robust and broke:
+        broke = robust and (
+            list(failures) or [dict(t.params) for t in trials if is_diverged(t) and t.params]
+        )
+        if broke:
             top = int(np.argmax(mu))
             encode = encoder(failure_space or space)
             F = np.array([encode(f) for f in broke], dtype=float)

@@ -269,11 +269,9 @@ def test_a_duplicate_retired_during_the_run_leaves_the_total():
     )
 
 
-@pytest.mark.parametrize("dry", [True, False])
-def test_replicates_a_look_counted_after_the_workers_stopped_leave_the_last_line_when_dry(dry):
-    """The other command queues them as this pool's workers stop, and a draw of the line
-    counts them before the pool returns: a pool that ran dry ends at its own total; a
-    stopped one keeps what waits, as its unfinished work."""
+def four_finished_then_replicates_queued(*, look_between: bool) -> tuple[io.StringIO, Progress]:
+    """A progress line of a pool that finished its 4 trials, and 2 replicates another
+    command queued then; ``look_between``: the line drew once before they were queued."""
     study = optuna.create_study(direction="maximize")
     for _ in range(4):
         study.enqueue_trial({"l2_lambda": 1e-3})
@@ -281,8 +279,19 @@ def test_replicates_a_look_counted_after_the_workers_stopped_leave_the_last_line
     line = Progress(study, 4, stream=out, every=1e9)
     for value in (0.5, 0.6, 0.7, 0.8):
         study.tell(study.ask(DIST), value)
+    if look_between:
+        line()  # the last look while the workers run
     for index in (1, 2):
         study.enqueue_trial({"l2_lambda": 1e-3}, user_attrs={rep.REPLICATE: index})
+    return out, line
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_replicates_a_look_counted_after_the_workers_stopped_leave_the_last_line_when_dry(dry):
+    """The other command queues them as this pool's workers stop, and a draw of the line
+    counts them before the pool returns: a pool that ran dry ends at its own total; a
+    stopped one keeps what waits, as its unfinished work."""
+    out, line = four_finished_then_replicates_queued(look_between=False)
     line()  # the supervisor's last draw, before it sees the workers gone
     line.close(dry=dry)
     last = out.getvalue().splitlines()[-1]
@@ -291,16 +300,7 @@ def test_replicates_a_look_counted_after_the_workers_stopped_leave_the_last_line
 
 def test_replicates_queued_after_the_pool_stopped_are_not_counted_in_its_last_line():
     """The other command queues them as this pool's queue runs dry: the other one runs them."""
-    study = optuna.create_study(direction="maximize")
-    for _ in range(4):
-        study.enqueue_trial({"l2_lambda": 1e-3})
-    out = io.StringIO()
-    line = Progress(study, 4, stream=out, every=1e9)
-    for value in (0.5, 0.6, 0.7, 0.8):
-        study.tell(study.ask(DIST), value)
-    line()  # the last look while the workers run
-    for index in (1, 2):
-        study.enqueue_trial({"l2_lambda": 1e-3}, user_attrs={rep.REPLICATE: index})
+    out, line = four_finished_then_replicates_queued(look_between=True)
     line.close()
     assert (
         out.getvalue()

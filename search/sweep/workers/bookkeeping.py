@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 ATTR = "c2f_retired"
@@ -62,6 +63,17 @@ DUPLICATE_RETRY = "not needed: duplicate retry"  # two processes repaired one ow
 def target_lowered(target: int) -> str:
     """The reason of a WAITING trial retired because the target was lowered below it."""
     return f"not needed: target lowered to {target}"
+
+
+def retire(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """End a WAITING trial that is not needed after all as a retired FAIL with ``reason``
+    (one of this module's); False when a worker took and finished it meanwhile."""
+    try:
+        storage.set_trial_user_attr(trial_id, "reason", reason)
+        storage.set_trial_system_attr(trial_id, ATTR, Kind.RETIRED)
+        return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 # Studies made before ATTR existed: the reasons above, as they were recorded.
@@ -107,6 +119,7 @@ __all__ = [
     "interrupted",
     "kind",
     "not_retried",
+    "retire",
     "shown",
     "state_name",
     "target_lowered",

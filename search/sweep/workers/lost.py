@@ -290,12 +290,8 @@ def retire_duplicate_retries(storage: optuna.storages.BaseStorage, study_id: int
         if source not in seen:
             seen.add(source)
         elif t.state == TrialState.WAITING:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                tid = trial_id(t)
-                storage.set_trial_user_attr(tid, "reason", bookkeeping.DUPLICATE_RETRY)
-                storage.set_trial_system_attr(tid, bookkeeping.ATTR, bookkeeping.Kind.RETIRED)
-                if storage.set_trial_state_values(tid, state=TrialState.FAIL):
-                    retired.append(t.number)
+            if bookkeeping.retire(storage, trial_id(t), bookkeeping.DUPLICATE_RETRY):
+                retired.append(t.number)
     return retired
 
 
