@@ -69,6 +69,9 @@ def user_study(directory: Path, code: str, name: str = "own", **sections) -> Pat
 # ----------------------------------------------------------------------------- the example
 
 
+# A user's function in trials, grids and failures: test_kinds' grid and this file's lighter
+# tests; two workers: test_signals and test_bookkeeping (the suite's time budget).
+@pytest.mark.slow
 def test_example_tuned_end_to_end_with_two_workers(tmp_path, capsys, saved_figures):
     doc = tomllib.loads((EXAMPLE / "study.toml").read_text())
     doc["model"]["train"] = str(EXAMPLE / "my_net.py") + ":train"
