@@ -482,8 +482,11 @@ class Truth:
         for i, k in enumerate(todo):
             self.scores[k] = statistics.fmean(accs[i * n : (i + 1) * n])
         if todo:
+            # Another bench process may have scored others since this one read the file.
+            if self.path.is_file():
+                self.scores = {**json.loads(self.path.read_text())["scores"], **self.scores}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"landscape": self.land.name, "scores": self.scores}))
             os.replace(tmp, self.path)
         return [self.scores[params_key(c)] for c in configs]
@@ -1149,6 +1152,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON, last line")
     p.add_argument("--figure", type=Path, default=None, help="PNG of regret against compute")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the service's runs (study files, databases, logs) in DIR",
+    )
     args = p.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         raise SystemExit(f"error: --runs must be >= 1, got {args.runs}")
@@ -1169,7 +1179,11 @@ def main(argv: list[str] | None = None) -> int:
             mapper: Callable = pool.map
         else:
             mapper = serial_map
-        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="c2f-peers-")))
+        if args.keep is not None:
+            root = args.keep
+            root.mkdir(parents=True, exist_ok=True)
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="c2f-peers-")))
         for name in names:
             t0 = time.perf_counter()
             land = LANDSCAPES[name]

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from bench import peers, rechoose
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The truth and the stored runs in a fresh directory, not the repository's cache."""
+    monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+# over the suite's time budget (a whole search on the tiny landscape, about 10 s); the
+# finished-run filter and the errors are covered by the tests below
+@pytest.mark.slow
+def test_kept_searches_are_rechosen_by_every_rule_and_model_repeats_what_final_chose(
+    cache, tmp_path, capsys
+):
+    kept = tmp_path / "kept"
+    assert peers.main(["--quick", "--methods", "c2f", "--keep", str(kept), "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (run,) = bench["landscapes"]["tiny"]["methods"]["c2f"]["runs"]
+    assert rechoose.main([str(kept), "--landscape", "tiny", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["runs"] == [0]
+    assert set(res["rules"]) == {"model", "robust", "best", "smoothed"}
+    # the shipped rule, re-made on the kept studies, is the choice search.final trained
+    assert res["rules"]["model"]["runs"][0]["params"] == run["params"]
+    for rule in res["rules"].values():
+        assert 0 <= rule["runs"][0]["regret"] == rule["mean"] == rule["worst"]
+
+
+def test_only_finished_runs_of_the_variant_asked_for_are_read(tmp_path):
+    def kept(name, *, finished):
+        work = tmp_path / name
+        work.mkdir()
+        (work / "study.toml").write_text("")
+        if finished:
+            (work / "out" / "s" / "final").mkdir(parents=True)
+            (work / "out" / "s" / "final" / "result.json").write_text("{}")
+        return work
+
+    done = [kept("c2f_3", finished=True), kept("c2f_12", finished=True)]
+    kept("c2f_4", finished=False)  # killed before its final stage
+    kept("c2f-robust-choice_3", finished=True)
+    kept("tpe_3", finished=True)
+    assert rechoose.kept_runs(tmp_path, "c2f") == [(3, done[0]), (12, done[1])]
+    assert [run for run, _ in rechoose.kept_runs(tmp_path, "c2f-robust-choice")] == [3]
+
+
+def test_a_folder_without_kept_runs_says_how_to_keep_them(tmp_path, cache):
+    with pytest.raises(SystemExit, match="bench.peers --landscape tiny --methods c2f --keep"):
+        rechoose.main([str(tmp_path), "--landscape", "tiny"])
+    with pytest.raises(SystemExit, match="not a folder.*--keep DIR"):
+        rechoose.main([str(tmp_path / "missing")])
