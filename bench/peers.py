@@ -66,6 +66,7 @@ import optuna
 from model import data as data_mod
 from model.network import Network
 from model.train import TrainConfig, TrainingDiverged, fit
+from search.config.study import FinalSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "cache"
@@ -82,11 +83,11 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-per-trial-seeds": {"optuna": {"seed_mode": "per_trial"}},
     "c2f-no-race": {"fine": {"race_runs": 0}},
     "c2f-mean-choice": {"final": {"choose": "best"}},
+    # the model's best, diverged runs or not (the default keeps off a cliff's edge)
+    "c2f-model-choice": {"final": {"choose": "model"}},
     "c2f-no-warm-start": {"fine": {"warm_start": False}},
     "c2f-noise-narrowing": {"fine": {"narrow": "noise"}},
     "c2f-pruning": {"optuna": {"pruner": "percentile"}},
-    # Not an ablation: a choice that keeps away from a cliff's edge (opt-in in the service).
-    "c2f-robust-choice": {"final": {"choose": "robust"}},
     # Not an ablation: a longer race (6 runs on shared seeds, not 4), within the peers' steps.
     "c2f-race-6": {"fine": {"race_runs": 6}},
 }
@@ -100,10 +101,10 @@ LABELS = {
     "c2f-per-trial-seeds": "coarse2fine, a seed per trial",
     "c2f-no-race": "coarse2fine, no race",
     "c2f-mean-choice": "coarse2fine, best mean chosen (no model)",
+    "c2f-model-choice": "coarse2fine, the model's best chosen (choose = model)",
     "c2f-no-warm-start": "coarse2fine, fine not warm-started",
     "c2f-noise-narrowing": "coarse2fine, narrowing by means",
     "c2f-pruning": "coarse2fine + percentile pruner",
-    "c2f-robust-choice": "coarse2fine, robust choice (choose = robust)",
     "c2f-race-6": "coarse2fine, a race of 6 runs (race_runs = 6)",
     "tpe": "Optuna TPE, no pruning",
     "tpe-median": "Optuna TPE + MedianPruner",
@@ -635,7 +636,8 @@ def study_doc(land: Landscape, variant: str, run: int) -> dict[str, Any]:
         "search": search,
         "coarse": dict(land.coarse),
         "fine": dict(land.fine),
-        "final": {**land.final, "seeds": 1, "holdout": 0.2},
+        # choose written out: a record names the rule it was chosen by, default or not
+        "final": {"choose": FinalSpec.choose, **land.final, "seeds": 1, "holdout": 0.2},
         "optuna": {
             **land.optuna,
             "sampler": "tpe",
@@ -921,8 +923,14 @@ def bench_landscape(
 
     for run in runs:
         for variant in [m for m in SERVICE if m in records]:
-            if (variant, run, keys[variant]) in service_stored:
-                keep(service_stored[variant, run, keys[variant]], new=False)
+            same = [
+                rec
+                for (_, r, key), rec in service_stored.items()
+                if r == run and key == keys[variant]
+            ]
+            if same:
+                # the same study file as a stored run's (the default spelt out): the same run
+                keep({**same[0], "method": variant}, new=False)
                 continue
             try:
                 rec = run_service(land, variant, run, root=root)

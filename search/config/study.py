@@ -50,7 +50,7 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
 NARROWING = ("model", "noise", "top_k")
-CHOICES = ("model", "robust", "best", "smoothed")
+CHOICES = ("robust", "model", "best", "smoothed")
 TABLES = (
     "name",
     "data",
@@ -556,16 +556,16 @@ def _parse_fine(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) -> 
 class FinalSpec:
     """final trains on train + val minus ``holdout`` validation images (a number, or a
     fraction of val in (0, 1); 0: none) with ``seeds`` seeds, and tests each once.
-    ``choose``: "model" (the best value predicted by the model of the landscape, among
-    the contenders still in the race if one was run), "robust" (as "model", but when a
-    run of the search diverged: of the configurations predicted within one run's seed
-    noise of the best, the one furthest from a diverged run), "best" (the best mean over
-    seeds, replicated configurations first) or "smoothed" (the best kernel-smoothed mean
-    over neighbouring configurations)."""
+    ``choose``: "robust" (the best value predicted by the model of the landscape, among
+    the contenders still in the race if one was run; but when a run of the search
+    diverged, of the configurations predicted within one run's seed noise of the best,
+    the one furthest from a diverged run), "model" (the best predicted value, diverged
+    runs or not), "best" (the best mean over seeds, replicated configurations first) or
+    "smoothed" (the best kernel-smoothed mean over neighbouring configurations)."""
 
     holdout: int | float = 0.2
     seeds: int = 3
-    choose: str = "model"
+    choose: str = "robust"
     training: dict[str, Any] = field(default_factory=dict)
 
 

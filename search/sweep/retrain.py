@@ -1,11 +1,12 @@
 """The final stage: retrain the chosen configuration over several seeds and test it.
 
-The chosen configuration is the best mean over seeds of the fine study (else the
-coarse one); :func:`retrain` trains it with ``[final.training]`` on training +
-validation minus the holdout (:func:`final_split`) through the study's training
-function (:func:`search.sweep.user_train.run_final`), one run per seed, tests each
-once, records each seed's result on the study as soon as it is known (an
-interrupted final resumes with the seeds it has not done), and writes
+The chosen configuration is the one the model of the landscape predicts best in the
+fine study (else the coarse one), kept away from a cliff's edge when a run of the search
+diverged (:func:`chosen_configuration`). :func:`retrain` trains it with
+``[final.training]`` on training + validation minus the holdout (:func:`final_split`)
+through the study's training function (:func:`search.sweep.user_train.run_final`), one
+run per seed, tests each once, records each seed's result on the study as soon as it is
+known (an interrupted final resumes with the seeds it has not done), and writes
 ``result.json``. The command (``search/final.py``) prints and draws.
 """
 
@@ -61,7 +62,8 @@ def chosen_configuration(
 ) -> tuple[optuna.Study, rep.Configuration, float]:
     """The study to take it from (fine, else coarse), its chosen configuration and that
     one's predicted validation accuracy: by the model of the landscape (``choose =
-    "model"``, :func:`model_choice`), else smoothed over its neighbours
+    "robust"``, the default, away from the diverged runs among those alike; ``"model"``;
+    :func:`model_choice`), else smoothed over its neighbours
     (:func:`search.sweep.replicates.choose`). ``command(stage)`` is the command the
     errors ask to run."""
     for stage in ("fine", "coarse"):
@@ -87,6 +89,28 @@ def chosen_configuration(
     raise ValueError(
         f"no completed trials of {spec.name} in the fine or coarse study of "
         f"{spec.storage_url()}; run {command('coarse')} first"
+    )
+
+
+def kept_off_the_edge(
+    spec: StudySpec, source: optuna.Study, chosen: rep.Configuration
+) -> str | None:
+    """What the robust choice did, when it took another configuration than the model's
+    best: a line naming both and the diverged runs it kept away from (None otherwise)."""
+    if spec.final.choose != "robust":
+        return None
+    fine = source.study_name == st.study_name(spec, "fine")
+    stage = spec.fine if fine else spec.coarse
+    configs = rep.study_configurations(source, stage.replicates)
+    plain, value = model_choice(source, configs)
+    if plain.number == chosen.number:
+        return None
+    failures, _ = _failures(spec)
+    return (
+        f"note: chose configuration {chosen.number} over {plain.number} (predicted "
+        f"{value:.4f}): alike within one run's seed noise, and further from the "
+        f"{len(failures)} diverged run(s) of the search, where a test seed is more likely "
+        'to fall off; [final] choose = "model" takes the best prediction'
     )
 
 
@@ -197,6 +221,8 @@ def retrain(
         f"test {data.test.n} images, once per seed\n"
         f"  {n_seeds} seed(s), {config0.total_steps(splits.train.n)} steps each"
     )
+    if note := kept_off_the_edge(spec, source, best):
+        log(note)
     runs = {} if force else dict(source.user_attrs.get("final_runs", {}).get(key, {}))
     out = spec.out_dir() / "final"
     out.mkdir(parents=True, exist_ok=True)

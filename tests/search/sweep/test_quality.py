@@ -5,6 +5,7 @@ whose right answer is known."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -22,7 +23,7 @@ from search.sweep import narrowing, surrogate
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.objective import pruning_window
-from search.sweep.retrain import chosen_configuration
+from search.sweep.retrain import chosen_configuration, kept_off_the_edge
 
 ETA = {"eta_max": sp.parse_range("eta_max", [1e-3, 1.0])}
 
@@ -335,3 +336,32 @@ def test_coarse_fine_final_carry_race_and_choose_by_the_model(quick_study):
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
     alive = rep.Race.from_dict(race).alive(rep.study_configurations(f))
     assert result["params"] in [c.params for c in alive]
+
+
+def test_final_keeps_off_a_cliff_edge_by_default_and_says_which_it_passed_over(quick_study):
+    """A study file's default choice is "robust": of the configurations alike within the
+    seed noise, the one furthest from the search's diverged runs, with a note naming the
+    model's best it passed over; ``choose = "model"`` takes that best."""
+    path = quick_study(search={"eta_max": [1e-3, 1.0]}, coarse={"trials": 8})
+    spec = load_spec(path)
+    assert spec.final.choose == "robust"
+    study = st.open_study(spec, "coarse")
+    study.set_user_attr("ranges", sp.to_record(ETA))
+    study.set_user_attr("data_sizes", {"val": 5000})
+    values = {0.1: 0.868, 0.15: 0.870, 0.2: 0.871, 0.3: 0.871, 0.4: 0.872, 0.45: 0.872}
+    for params, value, _ in [({"eta_max": e}, v, 0) for e, v in values.items()] + [
+        ({"eta_max": 0.7}, None, 0),
+        ({"eta_max": 0.9}, None, 0),
+    ]:
+        study.add_trial(_study([(params, value, 0)]).trials[0])
+    source, chosen, _ = chosen_configuration(spec)
+    model = dataclasses.replace(spec, final=dataclasses.replace(spec.final, choose="model"))
+    _, best, _ = chosen_configuration(model)
+    # the model's best is nearer the cliff than the choice, and alike within the noise
+    assert chosen.params["eta_max"] < best.params["eta_max"]
+    note = kept_off_the_edge(spec, source, chosen)
+    assert note is not None
+    assert f"chose configuration {chosen.number} over {best.number}" in note
+    assert "2 diverged run(s)" in note and 'choose = "model"' in note
+    assert kept_off_the_edge(model, source, best) is None
+    assert kept_off_the_edge(spec, source, best) is None or best.number == chosen.number
