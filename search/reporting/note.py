@@ -117,6 +117,25 @@ def chosen_section(
     ]
 
 
+def final_rule(choose: str | None, value: str) -> str:
+    """How final chose, by the ``[final] choose`` its result recorded (``value``: the
+    predicted value, as " (0.8731)")."""
+    if choose == "robust":
+        return (
+            f"final chose by the model of the landscape{value}, and of the configurations "
+            "it predicts alike within the seed noise, the one furthest from the search's "
+            'diverged runs ([final] choose = "robust", the default)'
+        )
+    if choose == "model":
+        return f'final chose by the model of the landscape{value} ([final] choose = "model")'
+    if choose == "smoothed":
+        return (
+            f"final chose by the smoothed value over neighbouring configurations{value} "
+            '([final] choose = "smoothed")'
+        )
+    return f"final chose by its predicted value{value} (a result that does not say its rule)"
+
+
 def best_run_section(
     study: optuna.Study,
     configs: list[rep.Configuration],
@@ -156,10 +175,7 @@ def best_run_section(
     if final is not None and chosen is not configs[0]:
         smoothed = (final.get("search_val_acc") or {}).get("smoothed")
         value = f" ({smoothed:.4f})" if isinstance(smoothed, float) else ""
-        why.append(
-            f"final chose by the smoothed value over neighbouring configurations{value} "
-            '([final] choose = "smoothed")'
-        )
+        why.append(final_rule(final.get("choose"), value))
     return [
         f"{head}; the service chose configuration {chosen.number} instead: "
         + "; ".join(why)

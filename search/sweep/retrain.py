@@ -256,6 +256,7 @@ def retrain(
     result = {
         "study": source.study_name,
         "configuration": best.number,
+        "choose": spec.final.choose,
         "trials": sorted(t.number for t in best.trials),
         "params": best.params,
         "search_val_acc": {

@@ -182,13 +182,26 @@ def test_the_note_says_why_the_dashboards_best_run_is_not_the_choice():
     assert "### Next" not in text
 
 
-def test_the_final_note_names_finals_choice_when_it_chose_by_the_smoothed_value():
+@pytest.mark.parametrize(
+    "choose, said",
+    [
+        (
+            "smoothed",
+            "final chose by the smoothed value over neighbouring configurations (0.9561)",
+        ),
+        ("model", 'final chose by the model of the landscape (0.9561) ([final] choose = "model")'),
+        ("robust", 'one furthest from the search\'s diverged runs ([final] choose = "robust"'),
+        (None, "final chose by its predicted value (0.9561) (a result that does not say its"),
+    ],
+)
+def test_the_final_note_names_the_rule_final_chose_by(choose, said):
     study = optuna.create_study(direction="maximize", study_name="smooth-fine")
     _config(study, {"l2_lambda": 1e-3}, [0.95, 0.96, 0.97])  # the best mean: configuration 0
     _config(study, {"l2_lambda": 1e-2}, [0.99, 0.90, 0.89])  # the best run: trial 3
     _config(study, {"l2_lambda": 2e-3}, [0.955, 0.95, 0.96])  # final's choice: 6
     result = {
         "configuration": 6,
+        "choose": choose,
         "search_val_acc": {"mean": 0.955, "sd": 0.005, "n": 3, "smoothed": 0.9561},
         "test_accs": [0.96, 0.97],
         "seeds": [0, 1],
@@ -199,7 +212,7 @@ def test_the_final_note_names_finals_choice_when_it_chose_by_the_smoothed_value(
     )
     assert "**Chosen: configuration 6** (retrained by final)" in text
     assert "**test accuracy 0.9650 +- 0.0071 (n=2)**" in text
-    assert "final chose by the smoothed value over neighbouring configurations (0.9561)" in text
+    assert said in text
 
 
 def test_a_note_of_a_study_whose_best_run_is_the_choice_says_so():
