@@ -14,7 +14,8 @@ same schedule, and is held to the same budget in training steps:
   race, no warm start, fine ranges around the top-k single runs, the best mean chosen);
   its own compute. One at a time (:data:`ABLATIONS`): ``--methods c2f
   c2f-per-trial-seeds c2f-no-race c2f-mean-choice c2f-no-warm-start
-  c2f-noise-narrowing c2f-pruning``.
+  c2f-noise-narrowing c2f-pruning c2f-model-choice``. ``--keep DIR`` keeps the service's
+  searches for ``python -m bench.rechoose DIR``.
 - ``tpe``, ``tpe-median``, ``gp``, ``random``: Optuna samplers seeded with r, the best
   single trial chosen; trials until the next one would pass the budget (a pruned or
   diverged trial costs the steps it ran). ``tpe-median`` prunes with Optuna's
@@ -660,7 +661,7 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
     from search.config.study import StudyDefinitionError, load_spec
     from tests.search.conftest import dump_toml
 
-    work = root / f"{variant}_{run}"
+    work = root / land.name / f"{variant}_{run}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     doc = study_doc(land, variant, run)
@@ -874,8 +875,10 @@ def bench_landscape(
     root: Path,
     log: Callable[[str], None],
     fresh: bool = False,
+    kept: bool = False,
 ) -> dict[str, Any]:
-    """Every method on every run seed of one landscape; the truth; the figures."""
+    """Every method on every run seed of one landscape; the truth; the figures. ``kept``:
+    the service's runs are kept under ``root``, so each is run, none read from the store."""
     full = trial_steps(land)
     splits = splits_of(land)
     points = land.grid()
@@ -928,7 +931,7 @@ def bench_landscape(
                 for (_, r, key), rec in service_stored.items()
                 if r == run and key == keys[variant]
             ]
-            if same:
+            if same and not kept:
                 # the same study file as a stored run's (the default spelt out): the same run
                 keep({**same[0], "method": variant}, new=False)
                 continue
@@ -1165,7 +1168,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         metavar="DIR",
-        help="keep the service's runs (study files, databases, logs) in DIR",
+        help="keep the service's runs (study files, databases, logs) in DIR/<landscape>/; "
+        "each is run again, not read from bench/cache",
     )
     args = p.parse_args(argv)
     if args.runs is not None and args.runs < 1:
@@ -1188,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             mapper = serial_map
         if args.keep is not None:
-            root = args.keep
+            root = args.keep.resolve()  # the stages run inside each run's folder
             root.mkdir(parents=True, exist_ok=True)
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="c2f-peers-")))
@@ -1207,6 +1211,7 @@ def main(argv: list[str] | None = None) -> int:
                 root=root,
                 log=log,
                 fresh=args.fresh,
+                kept=args.keep is not None,
             )
             res["wall"] = time.perf_counter() - t0
             results[name] = res

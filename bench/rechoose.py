@@ -1,18 +1,22 @@
 """The final choice alone, re-made on finished searches: each ``[final] choose`` rule on
 the same studies, scored by the same truth as ``bench.peers``.
 
-A run of ``bench.peers`` takes about 40 s a seed on Fashion-MNIST, almost all of it the
-search; a choice rule reads the finished studies and takes well under a second. So the
-searches are kept once (``python -m bench.peers --keep DIR``) and every rule is judged
-on them here, paired run by run, with no search re-run::
+The service's search takes about 15 s a seed on Fashion-MNIST; a choice rule reads the
+finished studies and takes well under a second, and only a choice the truth has not
+scored before is trained (3 seeds of one configuration). So the searches are kept once
+(``python -m bench.peers --keep DIR``) and every rule is judged on them here, paired run
+by run, with no search re-run::
 
     python -m bench.peers --landscape fashion --runs 30 --methods c2f --keep runs/kept
     python -m bench.rechoose runs/kept --landscape fashion
 
-Each kept run (``DIR/<variant>_<run>/``: its study file, databases and outputs) is read
-with ``search.sweep.retrain.chosen_configuration``, the code ``search.final`` runs, with
-``[final] choose`` set to each rule in turn. Regret is against the best known test mean
-(the best grid point, or a choice that beat it), as in ``bench.peers``.
+Each kept run (``DIR/<landscape>/<variant>_<run>/``: its study file, databases and
+outputs) is read with ``search.sweep.retrain.chosen_configuration``, the code
+``search.final`` runs, with ``[final] choose`` set to each rule in turn. Regret is
+against the best of the grid and of the choices compared here: the peers' choices are
+not in it, so a figure here is comparable with the others of one call, and sits a little
+below the same run's regret in ``bench.peers`` (whose best known counts every method's
+choice).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def _inside(work: Path) -> Iterator[None]:
 def kept_runs(root: Path, variant: str) -> list[tuple[int, Path]]:
     """(run, folder) of every finished run of ``variant`` kept under ``root``, by run."""
     if not root.is_dir():
-        raise SystemExit(f"error: {root} is not a folder; keep runs with bench.peers --keep DIR")
+        return []
     found = []
     for work in root.iterdir():
         m = RUN_DIR.match(work.name)
@@ -66,7 +70,7 @@ def choice(work: Path, choose: str) -> dict[str, Any]:
     from search.sweep import retrain
 
     with _inside(work):
-        spec = load_spec(work / "study.toml")
+        spec = load_spec(Path("study.toml"))
         spec = dataclasses.replace(spec, final=dataclasses.replace(spec.final, choose=choose))
         _, best, _ = retrain.chosen_configuration(spec)
         return dict(best.params)
@@ -76,10 +80,10 @@ def rechoose(
     root: Path, land: peers.Landscape, rules: list[str], *, variant: str = "c2f"
 ) -> dict[str, Any]:
     """Every rule's choice and regret on every kept run of ``variant`` under ``root``."""
-    runs = kept_runs(root, variant)
+    runs = kept_runs(root / land.name, variant)
     if not runs:
         raise SystemExit(
-            f"error: no kept runs of {variant} in {root}; keep them with "
+            f"error: no kept runs of {variant} in {root / land.name}; keep them with "
             f"python -m bench.peers --landscape {land.name} --methods {variant} --keep {root}"
         )
     chosen = {rule: {run: choice(work, rule) for run, work in runs} for rule in rules}
@@ -150,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="c2f", help="whose kept runs (a bench.peers method)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON, last line")
     args = p.parse_args(argv)
-    res = rechoose(args.root, peers.LANDSCAPES[args.landscape], args.choose, variant=args.variant)
+    if not args.root.is_dir():
+        raise SystemExit(
+            f"error: {args.root} is not a folder; keep runs with bench.peers --keep DIR"
+        )
+    land = peers.LANDSCAPES[args.landscape]
+    res = rechoose(args.root.resolve(), land, args.choose, variant=args.variant)
     print_table(args.landscape, res, args.choose)
     if args.json:
         print(json.dumps(res, default=str))

@@ -1,7 +1,9 @@
 """``python -m search.final``: retrain the chosen configuration longer and test it.
 
-The chosen configuration is the best mean over seeds of the fine study (else
-the coarse one). It is retrained with ``[final.training]`` on this split:
+The chosen configuration is the one the model of the landscape predicts best in the fine
+study (else the coarse one), kept off a cliff's edge when a run of the search diverged
+(``[final] choose``; :func:`search.sweep.retrain.chosen_configuration`). It is retrained
+with ``[final.training]`` on this split:
 
 - train: the training images plus the validation images except the holdout;
 - holdout: the last ``[final] holdout`` validation images (a number, or a

@@ -201,6 +201,16 @@ def stage_section(
     return "\n".join(lines)
 
 
+# How the report names final's choice, by the [final] choose its result recorded.
+CHOSEN_BY = {
+    "robust": "the best predicted by the model of the landscape, kept off a cliff's edge "
+    'among those alike within the seed noise: [final] choose = "robust"',
+    "model": 'the best predicted by the model of the landscape: [final] choose = "model"',
+    "best": 'the best mean over seeds: [final] choose = "best"',
+    "smoothed": 'the best smoothed over neighbouring configurations: [final] choose = "smoothed"',
+}
+
+
 def final_section(
     spec: StudySpec, studies: dict[str, optuna.Study], final_curves: str | None = None
 ) -> str:
@@ -246,7 +256,8 @@ def final_section(
         ("wall time (s)", final.get("wall_time", "-")),
     ]
     lines += [
-        "The chosen configuration (the best mean over seeds), retrained with "
+        f"The chosen configuration ({CHOSEN_BY.get(final.get('choose'), 'as final chose')}), "
+        "retrained with "
         "`[final.training]` on training + validation data minus the holdout: "
         f"test accuracy **{test}**.",
         "",

@@ -117,15 +117,24 @@ def chosen_section(
     ]
 
 
-def final_rule(choose: str | None, value: str) -> str:
+def final_rule(choose: str | None, value: str, *, moved: str | None = None) -> str:
     """How final chose, by the ``[final] choose`` its result recorded (``value``: the
-    predicted value, as " (0.8731)")."""
-    if choose == "robust":
+    predicted value, as " (0.8731)"; ``moved``: the note final printed when the robust
+    rule passed the model's best over)."""
+    if choose == "robust" and moved:
         return (
             f"final chose by the model of the landscape{value}, and of the configurations "
             "it predicts alike within the seed noise, the one furthest from the search's "
             'diverged runs ([final] choose = "robust", the default)'
         )
+    if choose == "robust":
+        return (
+            f"final chose the best prediction of the model of the landscape{value} "
+            '([final] choose = "robust", the default; no configuration alike sat further '
+            "from a diverged run)"
+        )
+    if choose == "best":
+        return 'final chose the best mean over seeds ([final] choose = "best")'
     if choose == "model":
         return f'final chose by the model of the landscape{value} ([final] choose = "model")'
     if choose == "smoothed":
@@ -175,7 +184,7 @@ def best_run_section(
     if final is not None and chosen is not configs[0]:
         smoothed = (final.get("search_val_acc") or {}).get("smoothed")
         value = f" ({smoothed:.4f})" if isinstance(smoothed, float) else ""
-        why.append(final_rule(final.get("choose"), value))
+        why.append(final_rule(final.get("choose"), value, moved=final.get("kept_off_the_edge")))
     return [
         f"{head}; the service chose configuration {chosen.number} instead: "
         + "; ".join(why)

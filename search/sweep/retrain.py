@@ -26,9 +26,9 @@ from model.data import Dataset, Splits
 from model.train import History
 from search.config import space as sp
 from search.config.study import StudySpec
+from search.sweep import narrowing, surrogate, user_train
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep import surrogate, user_train
 from search.sweep.workers.storage import check_storage
 
 
@@ -122,7 +122,13 @@ def _failures(spec: StudySpec) -> tuple[list[dict[str, Any]], dict[str, sp.Range
         study = st.load_existing(spec, stage)
         if study is not None:
             trials = study.get_trials(deepcopy=False)
-            broke += [dict(t.params) for t in trials if surrogate.is_diverged(t) and t.params]
+            broke += [
+                dict(t.params)
+                for t in trials
+                if surrogate.is_diverged(t)
+                and t.params
+                and narrowing.FROM_COARSE not in t.user_attrs  # the coarse run, counted there
+            ]
     return broke, dict(spec.search)
 
 
@@ -221,8 +227,9 @@ def retrain(
         f"test {data.test.n} images, once per seed\n"
         f"  {n_seeds} seed(s), {config0.total_steps(splits.train.n)} steps each"
     )
-    if note := kept_off_the_edge(spec, source, best):
-        log(note)
+    moved = kept_off_the_edge(spec, source, best)
+    if moved:
+        log(moved)
     runs = {} if force else dict(source.user_attrs.get("final_runs", {}).get(key, {}))
     out = spec.out_dir() / "final"
     out.mkdir(parents=True, exist_ok=True)
@@ -257,6 +264,7 @@ def retrain(
         "study": source.study_name,
         "configuration": best.number,
         "choose": spec.final.choose,
+        "kept_off_the_edge": moved,  # the note, when the robust rule passed the model's best over
         "trials": sorted(t.number for t in best.trials),
         "params": best.params,
         "search_val_acc": {

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from bench import peers, rechoose
+from search.config.study import FinalSpec
 
 
 @pytest.fixture
@@ -15,19 +16,25 @@ def cache(tmp_path, monkeypatch):
 # over the suite's time budget (a whole search on the tiny landscape, about 10 s); the
 # finished-run filter and the errors are covered by the tests below
 @pytest.mark.slow
-def test_kept_searches_are_rechosen_by_every_rule_and_model_repeats_what_final_chose(
-    cache, tmp_path, capsys
+def test_kept_searches_are_rechosen_by_every_rule_and_the_default_repeats_what_final_chose(
+    cache, tmp_path, capsys, monkeypatch
 ):
-    kept = tmp_path / "kept"
-    assert peers.main(["--quick", "--methods", "c2f", "--keep", str(kept), "--json"]) == 0
+    monkeypatch.chdir(tmp_path)
+    kept = "kept"  # relative: the stages run inside each run's own folder
+    assert peers.main(["--quick", "--methods", "c2f", "--keep", kept, "--json"]) == 0
     bench = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (run,) = bench["landscapes"]["tiny"]["methods"]["c2f"]["runs"]
-    assert rechoose.main([str(kept), "--landscape", "tiny", "--json"]) == 0
+    assert (tmp_path / "kept" / "tiny" / "c2f_0" / "study.toml").is_file()
+    assert rechoose.main([kept, "--landscape", "tiny", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["runs"] == [0]
     assert set(res["rules"]) == {"robust", "model", "best", "smoothed"}
-    # the shipped rule, re-made on the kept studies, is the choice search.final trained
-    assert res["rules"]["model"]["runs"][0]["params"] == run["params"]
+    # the default rule, re-made on the kept studies, is the choice search.final trained
+    assert res["rules"][FinalSpec.choose]["runs"][0]["params"] == run["params"]
+    # kept runs are run again, never read from the store (their folders must exist)
+    assert peers.main(["--quick", "--methods", "c2f", "--keep", "again"]) == 0
+    assert "[stored]" not in capsys.readouterr().out
+    assert (tmp_path / "again" / "tiny" / "c2f_0" / "study.toml").is_file()
     for rule in res["rules"].values():
         assert 0 <= rule["runs"][0]["regret"] == rule["mean"] == rule["worst"]
 

@@ -109,6 +109,11 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     # the final result over 2 seeds
     assert result["n_seeds"] == 2 and len(result["test_accs"]) == 2
     assert f"test accuracy **{result['test_acc']:.4f} +- {result['test_acc_sd']:.4f}" in md
+    # the rule it was chosen by, the default
+    assert (
+        "kept off a cliff's edge among those alike within the seed noise: "
+        '[final] choose = "robust"' in md
+    )
     for name in ("history", "curves_coarse", "curves_fine", "final_curves"):
         assert f"(qs_{name}.png)" in md
     coarse_md = (ran.coarse_out / "report.md").read_text()
