@@ -211,7 +211,9 @@ def test_sigterm_requeues_the_running_trial_at_once(quick_study, pg_url):
     # not after the heartbeat's grace period.
     path = quick_study(
         "pgterm",
-        training={"n_cycles": 6},
+        # a long trial: the signal lands mid-trial on a loaded machine too (the worker
+        # stops at the signal, so the length costs nothing)
+        training={"n_cycles": 40},
         optuna={"storage": pg_url, "pruner": "none", "grace_period": 600},
     )
     study = create_study(path, target=2)
