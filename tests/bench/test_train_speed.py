@@ -27,6 +27,9 @@ def test_eval_share_times_both_ways_for_every_network(capsys):
     for r in rows:
         for way in train_speed.EVAL_WAYS:
             assert 0 < r[f"{way}_eval_s"] < r[f"{way}_s"]
-            # One run each: the median share is that run's (rounded to 4 places).
+            # One run each: the median share is that run's. Each figure is rounded to 4
+            # places, which moves a ratio of times of a few hundredths of a second by
+            # more than 1e-3: the tolerance allows for it.
             share = r[f"{way}_eval_s"] / r[f"{way}_s"]
-            assert r[f"{way}_share"] == pytest.approx(share, abs=1e-3)
+            rounding = 1e-4 + 1e-4 / r[f"{way}_s"]
+            assert r[f"{way}_share"] == pytest.approx(share, abs=1e-3 + rounding)
