@@ -25,11 +25,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import statistics
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +35,6 @@ from bench import peers
 from search.config.study import CHOICES
 
 RUN_DIR = re.compile(r"^(?P<variant>c2f[\w-]*)_(?P<run>\d+)$")
-
-
-@contextlib.contextmanager
-def _inside(work: Path) -> Iterator[None]:
-    """A kept study file names its storage relative to its own folder."""
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        yield
-    finally:
-        os.chdir(cwd)
 
 
 def kept_runs(root: Path, variant: str) -> list[tuple[int, Path]]:
@@ -69,7 +56,7 @@ def choice(work: Path, choose: str) -> dict[str, Any]:
     from search.config.study import load_spec
     from search.sweep import retrain
 
-    with _inside(work):
+    with contextlib.chdir(work):  # a kept study file names its storage relative to it
         spec = load_spec(Path("study.toml"))
         spec = dataclasses.replace(spec, final=dataclasses.replace(spec.final, choose=choose))
         _, best, _ = retrain.chosen_configuration(spec)

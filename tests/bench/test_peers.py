@@ -6,13 +6,6 @@ import pytest
 from bench import peers
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """The truth and the stored runs in a fresh directory, not the repository's cache."""
-    monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
-    return tmp_path / "cache"
-
-
 @pytest.mark.slow  # over the suite's time budget (tens of seconds of training); run with -m slow
 def test_quick_mode_scores_every_method_with_finite_regrets_at_one_budget_and_stores_them(
     cache, capsys

@@ -6,13 +6,6 @@ from bench import peers, rechoose
 from search.config.study import FinalSpec
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """The truth and the stored runs in a fresh directory, not the repository's cache."""
-    monkeypatch.setattr(peers, "CACHE", tmp_path / "cache")
-    return tmp_path / "cache"
-
-
 # over the suite's time budget (a whole search on the tiny landscape, about 10 s); the
 # finished-run filter and the errors are covered by the tests below
 @pytest.mark.slow
