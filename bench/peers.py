@@ -761,15 +761,22 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def paired(records: dict[str, list[dict[str, Any]]], base: str) -> dict[str, dict[str, Any]]:
-    """regret(base) - regret(other) per shared run seed: negative means base is better."""
-    mine = {r["run"]: r["regret"] for r in records.get(base, [])}
+    """regret(base) - regret(other) per shared run seed: negative means base is better;
+    and under ``"optimism"``, optimism(base) - optimism(other) (negative: base's own
+    estimate overstates its choice by less). A data split's validation set that is
+    easier than its test set makes every method look optimistic on that run; the paired
+    difference takes that out."""
+    mine = {r["run"]: r for r in records.get(base, [])}
     out = {}
     for method, rows in records.items():
         if method == base:
             continue
-        diffs = [mine[r["run"]] - r["regret"] for r in rows if r["run"] in mine]
+        shared = [r for r in rows if r["run"] in mine]
+        diffs = [mine[r["run"]]["regret"] - r["regret"] for r in shared]
         if diffs:
             mean, lo, hi = t_interval(diffs)
+            opt = [mine[r["run"]]["optimism"] - r["optimism"] for r in shared]
+            o_mean, o_lo, o_hi = t_interval(opt)
             out[method] = {
                 "n": len(diffs),
                 "mean": mean,
@@ -777,6 +784,7 @@ def paired(records: dict[str, list[dict[str, Any]]], base: str) -> dict[str, dic
                 "high": hi,
                 "base_wins": sum(d < 0 for d in diffs),
                 "base_losses": sum(d > 0 for d in diffs),
+                "optimism": {"mean": o_mean, "low": o_lo, "high": o_hi},
             }
     return out
 
@@ -1101,6 +1109,12 @@ def print_tables(name: str, res: dict[str, Any], log: Callable[[str], None]) -> 
             f"    vs {method:<20} {d['mean']:+.2f} {ci}  ({base} better in {d['base_wins']}, "
             f"worse in {d['base_losses']} of {d['n']})"
         )
+    if res["paired"]:
+        log(f"  paired optimism difference, {base} minus peer (negative: {base} more honest):")
+    for method, d in res["paired"].items():
+        o = d["optimism"]
+        ci = "n < 2" if math.isnan(o["low"]) else f"[{o['low']:+.2f}, {o['high']:+.2f}]"
+        log(f"    vs {method:<20} {o['mean']:+.2f} {ci}")
 
 
 def draw(results: dict[str, dict[str, Any]], path: Path) -> None:

@@ -63,3 +63,24 @@ def test_the_grid_covers_every_value_of_a_choice_and_distinct_integers():
     assert {p["batch_norm"] for p in points} == {False, True}
     sizes = sorted({p["batch_size"] for p in points})
     assert sizes[0] == 16 and sizes[-1] == 128 and len(sizes) == len(points) // 2
+
+
+def test_paired_differences_take_the_run_out_of_regret_and_optimism():
+    # Run 1's validation set flatters every method by 2 points: the paired optimism
+    # difference does not see it, and a run only one method has is left out.
+    rows = {
+        "c2f": [
+            {"run": 0, "regret": 0.2, "optimism": 0.1},
+            {"run": 1, "regret": 0.4, "optimism": 2.3},
+            {"run": 2, "regret": 0.0, "optimism": 0.0},
+        ],
+        "tpe": [
+            {"run": 0, "regret": 0.5, "optimism": 0.6},
+            {"run": 1, "regret": 0.3, "optimism": 2.8},
+        ],
+    }
+    d = peers.paired(rows, "c2f")["tpe"]
+    assert d["n"] == 2 and d["base_wins"] == 1 and d["base_losses"] == 1
+    assert d["mean"] == pytest.approx((-0.3 + 0.1) / 2)
+    assert d["optimism"]["mean"] == pytest.approx(-0.5)
+    assert d["optimism"]["low"] == pytest.approx(-0.5) == d["optimism"]["high"]
