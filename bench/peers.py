@@ -449,6 +449,24 @@ def test_accuracy(job: tuple[str, str, int, int]) -> float:
     return acc if math.isfinite(acc) else 1.0 / splits.train.n_classes
 
 
+def val_minus_test(job: tuple[str, str, int, int]) -> float:
+    """Validation minus test accuracy of one truth run (``(landscape, params JSON, seed,
+    split)``, for a pool); 0 for a run that diverged."""
+    name, params_json, seed, split = job
+    land = LANDSCAPES[name]
+    params = json.loads(params_json)
+    splits = splits_of(land, split)
+    try:
+        net, _ = train(land, params, seed, split=split)
+    except TrainingDiverged:
+        return 0.0
+    lam = float(params.get("l2_lambda", land.training.get("l2_lambda", 0.0)))
+    val = net.evaluate(splits.val.X, splits.val.y, l2_lambda=lam)["accuracy"]
+    test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=lam)["accuracy"]
+    gap = val - test
+    return gap if math.isfinite(gap) else 0.0
+
+
 # ----------------------------------------------------------------------------- the truth
 
 
@@ -468,8 +486,10 @@ class Truth:
         self.path = cache_dir / f"peers-{land.name}-{land.key()[:12]}{where}.json"
         self.map = mapper
         self.scores: dict[str, float] = {}
+        self.shifts: dict[str, float] = {}
         if self.path.is_file():
-            self.scores = json.loads(self.path.read_text())["scores"]
+            doc = json.loads(self.path.read_text())
+            self.scores, self.shifts = doc["scores"], doc.get("shifts", {})
 
     def seeds(self) -> list[int]:
         return [SCORE_SEED + k for k in range(self.land.score_seeds)]
@@ -484,14 +504,32 @@ class Truth:
         for i, k in enumerate(todo):
             self.scores[k] = statistics.fmean(accs[i * n : (i + 1) * n])
         if todo:
-            # Another bench process may have scored others since this one read the file.
-            if self.path.is_file():
-                self.scores = {**json.loads(self.path.read_text())["scores"], **self.scores}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"landscape": self.land.name, "scores": self.scores}))
-            os.replace(tmp, self.path)
+            self._save()
         return [self.scores[params_key(c)] for c in configs]
+
+    def shift(self, params: dict[str, Any]) -> float:
+        """How much easier the split's validation set is than its test set: validation
+        minus test accuracy of ``params`` (the grid's best), mean over the score seeds.
+        Every method's estimate is a validation accuracy and its truth a test accuracy,
+        so this part of their optimism is the data's, the same for every method."""
+        k = params_key(params)
+        if k not in self.shifts:
+            jobs = [(self.land.name, k, s, self.split) for s in self.seeds()]
+            self.shifts[k] = statistics.fmean(self.map(val_minus_test, jobs))
+            self._save()
+        return self.shifts[k]
+
+    def _save(self) -> None:
+        # Another bench process may have scored others since this one read the file.
+        if self.path.is_file():
+            doc = json.loads(self.path.read_text())
+            self.scores = {**doc["scores"], **self.scores}
+            self.shifts = {**doc.get("shifts", {}), **self.shifts}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        doc = {"landscape": self.land.name, "scores": self.scores, "shifts": self.shifts}
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.path)
 
 
 # ----------------------------------------------------------------------------- peers
@@ -754,6 +792,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "within_1": sum(r <= 1.0 for r in regrets) / len(rows),
         "compute": statistics.fmean(r["compute"] for r in rows),
         "optimism": statistics.fmean(r["optimism"] for r in rows),
+        # net of the validation set's shift from the test set (Truth.shift): the part of
+        # the optimism that is the method's own, as in the winner's curse
+        "net_optimism": statistics.fmean(r["net_optimism"] for r in rows),
         "trials": statistics.fmean(r["trials"] for r in rows),
         "wall": statistics.fmean(r["wall"] for r in rows),
         "over_budget": sum(bool(r.get("over_budget")) for r in rows),
@@ -901,16 +942,19 @@ def bench_landscape(
     )
     truths: dict[int, Truth] = {}
     grids: dict[int, list[float]] = {}
+    shifts: dict[int, float] = {}
     for split in sorted({land.split(run) for run in runs}):
         t0 = time.perf_counter()
         truths[split] = Truth(land, cache_dir=CACHE, mapper=mapper, split=split)
         grids[split] = truths[split].score(points)
         best_i = int(np.argmax(grids[split]))
+        shifts[split] = truths[split].shift(points[best_i])
         log(
             f"   grid{f' of split {split}' if land.split_follows_seed else ''}: "
             f"{len(points)} points x {land.score_seeds} seeds = {grid_steps} steps "
             f"({time.perf_counter() - t0:.0f} s, cached in {truths[split].path.name}); best "
-            f"{_fmt(points[best_i])}: test {100 * grids[split][best_i]:.2f}%"
+            f"{_fmt(points[best_i])}: test {100 * grids[split][best_i]:.2f}%, validation "
+            f"{100 * shifts[split]:+.2f} points from it"
         )
     skipped: dict[str, str] = {}
     if "gp" in methods and importlib.util.find_spec("torch") is None:
@@ -984,6 +1028,8 @@ def bench_landscape(
             rec["truth"] = true
             rec["regret"] = 100 * (best_known[split] - true)
             rec["optimism"] = 100 * (rec["estimate"] - true)
+            rec["shift"] = 100 * shifts[split]
+            rec["net_optimism"] = rec["optimism"] - rec["shift"]
             rec["compute"] = rec["steps"] / grid_steps
             rec["over_budget"] = rec["steps"] > budget
     records = {m: rows for m, rows in records.items() if rows}
@@ -1074,9 +1120,15 @@ def print_tables(name: str, res: dict[str, Any], log: Callable[[str], None]) -> 
         "  regret, optimism (estimate - truth): test accuracy points; <=0.5, <=1: runs within; "
         "compute: training steps, % of the grid's"
     )
+    shift = statistics.fmean(r["shift"] for m in res["methods"].values() for r in m["runs"])
+    log(
+        "  net: the optimism minus the validation set's shift from the test set "
+        f"({shift:+.2f} points on average: validation minus test accuracy of the grid's "
+        "best over the score seeds), the part that is the method's own"
+    )
     log(
         f"  {'method':<42} {'runs':>4} {'mean regret':>11} {'worst':>6} {'<=0.5':>6} "
-        f"{'<=1':>5} {'compute':>8} {'optimism':>8} {'trials':>6} {'s/run':>6}"
+        f"{'<=1':>5} {'compute':>8} {'optimism':>8} {'net':>6} {'trials':>6} {'s/run':>6}"
     )
     for method, m in res["methods"].items():
         s = m["summary"]
@@ -1084,7 +1136,8 @@ def print_tables(name: str, res: dict[str, Any], log: Callable[[str], None]) -> 
             f"  {LABELS[method]:<42} {s['runs']:>4} {s['mean_regret']:>11.2f} "
             f"{s['worst_regret']:>6.2f} {100 * s['within_0.5']:>5.0f}% "
             f"{100 * s['within_1']:>4.0f}% {100 * s['compute']:>7.1f}% "
-            f"{s['optimism']:>+8.2f} {s['trials']:>6.1f} {s['wall']:>6.0f}"
+            f"{s['optimism']:>+8.2f} {s['net_optimism']:>+6.2f} {s['trials']:>6.1f} "
+            f"{s['wall']:>6.0f}"
         )
     finals = [r["final_steps"] for r in res["methods"].get("c2f", {}).get("runs", [])]
     if finals:

@@ -24,6 +24,7 @@ def test_quick_mode_scores_every_method_with_finite_regrets_at_one_budget_and_st
         (run,) = m["runs"]
         assert math.isfinite(run["regret"]) and run["regret"] >= 0, method
         assert math.isfinite(run["optimism"]), method
+        assert run["net_optimism"] == pytest.approx(run["optimism"] - run["shift"]), method
         assert not run["over_budget"] and run["steps"] <= budget, method
         if method in peers.PEERS:
             # the budget, spent until one more full trial would not fit
@@ -84,3 +85,37 @@ def test_paired_differences_take_the_run_out_of_regret_and_optimism():
     assert d["mean"] == pytest.approx((-0.3 + 0.1) / 2)
     assert d["optimism"]["mean"] == pytest.approx(-0.5)
     assert d["optimism"]["low"] == pytest.approx(-0.5) == d["optimism"]["high"]
+
+
+def test_the_validation_shift_is_measured_once_and_kept_beside_the_scores(cache):
+    tiny = peers.LANDSCAPES["tiny"]
+    calls = []
+
+    def mapper(fn, jobs):
+        jobs = list(jobs)
+        calls.append((fn, len(jobs)))
+        return [0.02 if fn is peers.val_minus_test else 0.9 for _ in jobs]
+
+    params = {"l2_lambda": 0.01, "eta_max": 0.1}
+    truth = peers.Truth(tiny, cache_dir=cache, mapper=mapper)
+    assert truth.score([params]) == [0.9]
+    assert truth.shift(params) == pytest.approx(0.02)
+    assert truth.shift(params) == pytest.approx(0.02)  # read back, not trained again
+    assert calls == [
+        (peers.test_accuracy, tiny.score_seeds),
+        (peers.val_minus_test, tiny.score_seeds),
+    ]
+    again = peers.Truth(tiny, cache_dir=cache, mapper=mapper)
+    assert again.scores == truth.scores and again.shifts == truth.shifts
+
+
+def test_val_minus_test_is_validation_minus_test_accuracy_of_one_run():
+    tiny = peers.LANDSCAPES["tiny"]
+    params = {"l2_lambda": 0.01, "eta_max": 0.1}
+    key = peers.params_key(params)
+    gap = peers.val_minus_test(("tiny", key, 3, 0))
+    splits = peers.splits_of(tiny, 0)
+    net, _ = peers.train(tiny, params, 3, split=0)
+    val = net.evaluate(splits.val.X, splits.val.y, l2_lambda=0.01)["accuracy"]
+    test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=0.01)["accuracy"]
+    assert gap == pytest.approx(val - test) and gap != 0
