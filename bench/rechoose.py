@@ -63,10 +63,39 @@ def choice(work: Path, choose: str) -> dict[str, Any]:
         return dict(best.params)
 
 
+VISITED = (
+    "best-trained"  # not a rule: the configuration the search trained that the truth scores best
+)
+
+
+def trained(work: Path) -> list[dict[str, Any]]:
+    """The parameters of every configuration the kept run in ``work`` trained (coarse and
+    fine), each once."""
+    from search.config.study import load_spec
+    from search.sweep import replicates, studies
+
+    found: dict[str, dict[str, Any]] = {}
+    with contextlib.chdir(work):
+        spec = load_spec(Path("study.toml"))
+        for stage in ("coarse", "fine"):
+            study = studies.load_existing(spec, stage)
+            for c in replicates.study_configurations(study) if study is not None else []:
+                found.setdefault(peers.params_key(c.params), dict(c.params))
+    return list(found.values())
+
+
 def rechoose(
-    root: Path, land: peers.Landscape, rules: list[str], *, variant: str = "c2f"
+    root: Path,
+    land: peers.Landscape,
+    rules: list[str],
+    *,
+    variant: str = "c2f",
+    visited: bool = False,
 ) -> dict[str, Any]:
-    """Every rule's choice and regret on every kept run of ``variant`` under ``root``."""
+    """Every rule's choice and regret on every kept run of ``variant`` under ``root``.
+    ``visited``: also, under :data:`VISITED`, the best by the truth of every
+    configuration the search trained (every one is scored): the regret the search's
+    runs allowed, so that the rest is the choice's."""
     runs = kept_runs(root / land.name, variant)
     if not runs:
         raise SystemExit(
@@ -81,6 +110,13 @@ def rechoose(
             by_split[split] = peers.Truth(
                 land, cache_dir=peers.CACHE, mapper=peers.serial_map, split=split
             )
+    if visited:
+        rules = [*rules, VISITED]
+        chosen[VISITED] = {}
+        for run, work in runs:
+            configs = trained(work)
+            scores = by_split[land.split(run)].score(configs)
+            chosen[VISITED][run] = configs[max(range(len(configs)), key=scores.__getitem__)]
     best: dict[int, float] = {}
     for split, truth in by_split.items():
         mine = [chosen[r][run] for r in rules for run, _ in runs if land.split(run) == split]
@@ -109,7 +145,8 @@ def print_table(name: str, res: dict[str, Any], rules: list[str]) -> None:
     mine = [r["regret"] for r in res["rules"][base]["runs"]]
     for rule in rules:
         r = res["rules"][rule]
-        line = f"  choose = {rule!r:12} mean {r['mean']:.2f}  worst {r['worst']:.2f}"
+        label = f"choose = {rule!r:12}" if rule != VISITED else f"{'best trained (truth)':21}"
+        line = f"  {label} mean {r['mean']:.2f}  worst {r['worst']:.2f}"
         if rule != base:
             diffs = [a - b["regret"] for a, b in zip(mine, r["runs"], strict=True)]
             better = sum(d < 0 for d in diffs)
@@ -139,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         f"default: {' '.join(CHOICES)}",
     )
     p.add_argument("--variant", default="c2f", help="whose kept runs (a bench.peers method)")
+    p.add_argument(
+        "--visited",
+        action="store_true",
+        help="also the best configuration each search trained, by the truth (each is "
+        "scored): what the search's runs allowed, the rest being the choice's",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON, last line")
     args = p.parse_args(argv)
     if not args.root.is_dir():
@@ -146,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {args.root} is not a folder; keep runs with bench.peers --keep DIR"
         )
     land = peers.LANDSCAPES[args.landscape]
-    res = rechoose(args.root.resolve(), land, args.choose, variant=args.variant)
-    print_table(args.landscape, res, args.choose)
+    res = rechoose(
+        args.root.resolve(), land, args.choose, variant=args.variant, visited=args.visited
+    )
+    print_table(args.landscape, res, list(res["rules"]))
     if args.json:
         print(json.dumps(res, default=str))
     return 0

@@ -30,6 +30,16 @@ def test_kept_searches_are_rechosen_by_every_rule_and_the_default_repeats_what_f
     assert (tmp_path / "again" / "tiny" / "c2f_0" / "study.toml").is_file()
     for rule in res["rules"].values():
         assert 0 <= rule["runs"][0]["regret"] == rule["mean"] == rule["worst"]
+    # --visited: the best the search trained, by the truth, is one it trained, and no
+    # rule's choice (each a configuration it trained) can beat it
+    assert rechoose.main([kept, "--landscape", "tiny", "--visited", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "best trained (truth)" in out
+    seen = json.loads(out.strip().splitlines()[-1])["rules"]
+    trained = rechoose.trained(tmp_path / "kept" / "tiny" / "c2f_0")
+    assert seen[rechoose.VISITED]["runs"][0]["params"] in trained
+    assert len(trained) > 1
+    assert all(seen[rechoose.VISITED]["mean"] <= r["mean"] for r in seen.values())
 
 
 def test_only_finished_runs_of_the_variant_asked_for_are_read(tmp_path):
