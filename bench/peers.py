@@ -434,34 +434,37 @@ def _net(land: Landscape, params: dict[str, Any]) -> dict[str, Any]:
     return {"hidden": args.pop("hidden"), **args}
 
 
-def test_accuracy(job: tuple[str, str, int, int]) -> float:
-    """Test accuracy of one truth run (``(landscape, params JSON, seed, split)``, for a
-    pool); a diverged run scores chance."""
+def truth_run(job: tuple[str, str, int, int]) -> tuple[Network | None, data_mod.Splits, float]:
+    """One truth run, ``(landscape, params JSON, seed, split)``: the trained network (None
+    when training diverged), the split and the run's lambda."""
     name, params_json, seed, split = job
     land = LANDSCAPES[name]
     params = json.loads(params_json)
-    splits = splits_of(land, split)
+    lam = float(params.get("l2_lambda", land.training.get("l2_lambda", 0.0)))
     try:
         net, _ = train(land, params, seed, split=split)
     except TrainingDiverged:
-        return 1.0 / splits.train.n_classes
-    lam = float(params.get("l2_lambda", land.training.get("l2_lambda", 0.0)))
+        net = None
+    return net, splits_of(land, split), lam
+
+
+def test_accuracy(job: tuple[str, str, int, int]) -> float:
+    """Test accuracy of one truth run (:func:`truth_run`, for a pool); a diverged run
+    scores chance."""
+    net, splits, lam = truth_run(job)
+    chance = 1.0 / splits.train.n_classes
+    if net is None:
+        return chance
     acc = net.evaluate(splits.test.X, splits.test.y, l2_lambda=lam)["accuracy"]
-    return acc if math.isfinite(acc) else 1.0 / splits.train.n_classes
+    return acc if math.isfinite(acc) else chance
 
 
 def val_minus_test(job: tuple[str, str, int, int]) -> float:
-    """Validation minus test accuracy of one truth run (``(landscape, params JSON, seed,
-    split)``, for a pool); 0 for a run that diverged."""
-    name, params_json, seed, split = job
-    land = LANDSCAPES[name]
-    params = json.loads(params_json)
-    splits = splits_of(land, split)
-    try:
-        net, _ = train(land, params, seed, split=split)
-    except TrainingDiverged:
+    """Validation minus test accuracy of one truth run (:func:`truth_run`, for a pool);
+    0 for a run that diverged."""
+    net, splits, lam = truth_run(job)
+    if net is None:
         return 0.0
-    lam = float(params.get("l2_lambda", land.training.get("l2_lambda", 0.0)))
     val = net.evaluate(splits.val.X, splits.val.y, l2_lambda=lam)["accuracy"]
     test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=lam)["accuracy"]
     gap = val - test
