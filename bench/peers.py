@@ -75,6 +75,7 @@ CIFAR_DIR = REPO.parent / "shared" / "data" / "cifar-10-batches-py"
 NETWORK_FIELDS = ("hidden", "batch_norm", "init", "sigma", "bn_alpha")
 SCORE_SEED = 1_000_000  # truth seeds: SCORE_SEED + k; every search seed stays below it
 SHIFT_SEED = 2_000_000  # the validation shift's seeds (Truth.shift): none of the above
+VAL_SEED = 3_000_000  # seeds of Truth.validation: none of the above
 PEER_SEED_STRIDE = 1000  # a peer's trial n of run r trains with seed r * 1000 + n
 WILCOXON_SEEDS = 5  # instances per trial: with 4 paired losses Wilcoxon's p can reach 0.0625
 # Bumped when a method's code changes: runs stored by an earlier version are not reused.
@@ -471,6 +472,17 @@ def val_minus_test(job: tuple[str, str, int, int]) -> float:
     return gap if math.isfinite(gap) else 0.0
 
 
+def val_accuracy(job: tuple[str, str, int, int]) -> float:
+    """Validation accuracy of one truth run (:func:`truth_run`, for a pool); a diverged
+    run scores chance."""
+    net, splits, lam = truth_run(job)
+    chance = 1.0 / splits.train.n_classes
+    if net is None:
+        return chance
+    acc = net.evaluate(splits.val.X, splits.val.y, l2_lambda=lam)["accuracy"]
+    return acc if math.isfinite(acc) else chance
+
+
 # ----------------------------------------------------------------------------- the truth
 
 
@@ -491,9 +503,11 @@ class Truth:
         self.map = mapper
         self.scores: dict[str, float] = {}
         self.shifts: dict[str, float] = {}
+        self.vals: dict[str, float] = {}
         if self.path.is_file():
             doc = json.loads(self.path.read_text())
             self.scores, self.shifts = doc["scores"], doc.get("shifts", {})
+            self.vals = doc.get("vals", {})
 
     def seeds(self) -> list[int]:
         return [SCORE_SEED + k for k in range(self.land.score_seeds)]
@@ -526,15 +540,36 @@ class Truth:
             self._save()
         return self.shifts[k]
 
+    def validation(self, configs: Iterable[dict[str, Any]]) -> list[float]:
+        """Each configuration's mean validation accuracy over as many seeds as the
+        truth's but others (:data:`VAL_SEED`): what a choice by validation accuracy
+        would see with the seed noise averaged out (``bench.rechoose --visited``)."""
+        configs = list(configs)
+        todo = sorted({params_key(c) for c in configs} - set(self.vals))
+        if todo:
+            seeds = [VAL_SEED + k for k in range(self.land.score_seeds)]
+            jobs = [(self.land.name, k, s, self.split) for k in todo for s in seeds]
+            accs = list(self.map(val_accuracy, jobs))
+            for i, k in enumerate(todo):
+                self.vals[k] = statistics.fmean(accs[i * len(seeds) : (i + 1) * len(seeds)])
+            self._save()
+        return [self.vals[params_key(c)] for c in configs]
+
     def _save(self) -> None:
         # Another bench process may have scored others since this one read the file.
         if self.path.is_file():
             doc = json.loads(self.path.read_text())
             self.scores = {**doc["scores"], **self.scores}
             self.shifts = {**doc.get("shifts", {}), **self.shifts}
+            self.vals = {**doc.get("vals", {}), **self.vals}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        doc = {"landscape": self.land.name, "scores": self.scores, "shifts": self.shifts}
+        doc = {
+            "landscape": self.land.name,
+            "scores": self.scores,
+            "shifts": self.shifts,
+            "vals": self.vals,
+        }
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.path)
 

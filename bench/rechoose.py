@@ -66,6 +66,11 @@ def choice(work: Path, choose: str) -> dict[str, Any]:
 VISITED = (
     "best-trained"  # not a rule: the configuration the search trained that the truth scores best
 )
+# Not a rule either: of the configurations the search trained, the best by a validation
+# mean over fresh seeds (peers.Truth.validation): the best a choice by validation
+# accuracy could make among them, with the seed noise averaged out.
+VALIDATED = "best-trained-by-validation"
+LABELS = {VISITED: "best trained (truth)", VALIDATED: "best trained (validation)"}
 
 
 def trained(work: Path) -> list[dict[str, Any]]:
@@ -95,7 +100,9 @@ def rechoose(
     """Every rule's choice and regret on every kept run of ``variant`` under ``root``.
     ``visited``: also, under :data:`VISITED`, the best by the truth of every
     configuration the search trained (every one is scored): the regret the search's
-    runs allowed, so that the rest is the choice's."""
+    runs allowed, so that the rest is the choice's; and under :data:`VALIDATED`, the best
+    of them by a validation mean over fresh seeds: what a choice by validation accuracy
+    could do with no seed noise, so that the rest is the validation set's."""
     runs = kept_runs(root / land.name, variant)
     if not runs:
         raise SystemExit(
@@ -111,12 +118,16 @@ def rechoose(
                 land, cache_dir=peers.CACHE, mapper=peers.serial_map, split=split
             )
     if visited:
-        rules = [*rules, VISITED]
-        chosen[VISITED] = {}
+        rules = [*rules, VISITED, VALIDATED]
+        chosen[VISITED], chosen[VALIDATED] = {}, {}
         for run, work in runs:
             configs = trained(work)
-            scores = by_split[land.split(run)].score(configs)
-            chosen[VISITED][run] = configs[max(range(len(configs)), key=scores.__getitem__)]
+            truth = by_split[land.split(run)]
+            for rule, scores in (
+                (VISITED, truth.score(configs)),
+                (VALIDATED, truth.validation(configs)),
+            ):
+                chosen[rule][run] = configs[max(range(len(configs)), key=scores.__getitem__)]
     best: dict[int, float] = {}
     for split, truth in by_split.items():
         mine = [chosen[r][run] for r in rules for run, _ in runs if land.split(run) == split]
@@ -145,7 +156,7 @@ def print_table(name: str, res: dict[str, Any], rules: list[str]) -> None:
     mine = [r["regret"] for r in res["rules"][base]["runs"]]
     for rule in rules:
         r = res["rules"][rule]
-        label = f"choose = {rule!r:12}" if rule != VISITED else f"{'best trained (truth)':21}"
+        label = f"{LABELS[rule]:26}" if rule in LABELS else f"choose = {rule!r:17}"
         line = f"  {label} mean {r['mean']:.2f}  worst {r['worst']:.2f}"
         if rule != base:
             diffs = [a - b["regret"] for a, b in zip(mine, r["runs"], strict=True)]
@@ -180,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "--visited",
         action="store_true",
         help="also the best configuration each search trained, by the truth (each is "
-        "scored): what the search's runs allowed, the rest being the choice's",
+        "scored): what the search's runs allowed, the rest being the choice's; and the "
+        "best of them by a validation mean over fresh seeds: what a choice by validation "
+        "accuracy could do without seed noise",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON, last line")
     args = p.parse_args(argv)

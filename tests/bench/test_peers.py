@@ -109,6 +109,37 @@ def test_the_validation_shift_is_measured_once_and_kept_beside_the_scores(cache)
     assert again.scores == truth.scores and again.shifts == truth.shifts
 
 
+def test_validation_means_are_trained_once_on_seeds_of_their_own_and_kept(cache):
+    tiny = peers.LANDSCAPES["tiny"]
+    calls = []
+
+    def mapper(fn, jobs):
+        jobs = list(jobs)
+        calls.append((fn, [seed for _, _, seed, _ in jobs]))
+        return [0.8 if json.loads(k)["eta_max"] == 0.1 else 0.7 for _, k, _, _ in jobs]
+
+    a, b = {"l2_lambda": 0.01, "eta_max": 0.1}, {"l2_lambda": 0.01, "eta_max": 0.2}
+    truth = peers.Truth(tiny, cache_dir=cache, mapper=mapper)
+    assert truth.validation([a, b]) == [pytest.approx(0.8), pytest.approx(0.7)]
+    assert truth.validation([b, a]) == [pytest.approx(0.7), pytest.approx(0.8)]  # kept
+    ((fn, seeds),) = calls
+    assert fn is peers.val_accuracy
+    assert sorted(set(seeds)) == [peers.VAL_SEED + k for k in range(tiny.score_seeds)]
+    assert not set(seeds) & {*truth.seeds(), peers.SHIFT_SEED}
+    assert len(seeds) == 2 * tiny.score_seeds
+    again = peers.Truth(tiny, cache_dir=cache, mapper=mapper)
+    assert again.vals == truth.vals and len(again.vals) == 2
+
+
+def test_val_accuracy_is_the_validation_accuracy_of_one_run():
+    tiny = peers.LANDSCAPES["tiny"]
+    params = {"l2_lambda": 0.01, "eta_max": 0.1}
+    splits = peers.splits_of(tiny, 0)
+    net, _ = peers.train(tiny, params, 3, split=0)
+    val = net.evaluate(splits.val.X, splits.val.y, l2_lambda=0.01)["accuracy"]
+    assert peers.val_accuracy(("tiny", peers.params_key(params), 3, 0)) == pytest.approx(val)
+
+
 def test_val_minus_test_is_validation_minus_test_accuracy_of_one_run():
     tiny = peers.LANDSCAPES["tiny"]
     params = {"l2_lambda": 0.01, "eta_max": 0.1}

@@ -40,6 +40,12 @@ def test_kept_searches_are_rechosen_by_every_rule_and_the_default_repeats_what_f
     assert seen[rechoose.VISITED]["runs"][0]["params"] in trained
     assert len(trained) > 1
     assert all(seen[rechoose.VISITED]["mean"] <= r["mean"] for r in seen.values())
+    # and the best of them by a validation mean over fresh seeds
+    assert "best trained (validation)" in out
+    validated = seen[rechoose.VALIDATED]["runs"][0]["params"]
+    truth = peers.Truth(peers.LANDSCAPES["tiny"], cache_dir=peers.CACHE, mapper=peers.serial_map)
+    vals = truth.validation(trained)
+    assert validated == trained[vals.index(max(vals))]
 
 
 def test_only_finished_runs_of_the_variant_asked_for_are_read(tmp_path):
