@@ -449,15 +449,21 @@ def truth_run(job: tuple[str, str, int, int]) -> tuple[Network | None, data_mod.
     return net, splits_of(land, split), lam
 
 
-def test_accuracy(job: tuple[str, str, int, int]) -> float:
-    """Test accuracy of one truth run (:func:`truth_run`, for a pool); a diverged run
-    scores chance."""
+def _accuracy(job: tuple[str, str, int, int], part: str) -> float:
+    """Accuracy on ``part`` ("test" or "val") of one truth run; chance when it diverged."""
     net, splits, lam = truth_run(job)
     chance = 1.0 / splits.train.n_classes
     if net is None:
         return chance
-    acc = net.evaluate(splits.test.X, splits.test.y, l2_lambda=lam)["accuracy"]
+    data = getattr(splits, part)
+    acc = net.evaluate(data.X, data.y, l2_lambda=lam)["accuracy"]
     return acc if math.isfinite(acc) else chance
+
+
+def test_accuracy(job: tuple[str, str, int, int]) -> float:
+    """Test accuracy of one truth run (:func:`truth_run`, for a pool); a diverged run
+    scores chance."""
+    return _accuracy(job, "test")
 
 
 def val_minus_test(job: tuple[str, str, int, int]) -> float:
@@ -475,12 +481,7 @@ def val_minus_test(job: tuple[str, str, int, int]) -> float:
 def val_accuracy(job: tuple[str, str, int, int]) -> float:
     """Validation accuracy of one truth run (:func:`truth_run`, for a pool); a diverged
     run scores chance."""
-    net, splits, lam = truth_run(job)
-    chance = 1.0 / splits.train.n_classes
-    if net is None:
-        return chance
-    acc = net.evaluate(splits.val.X, splits.val.y, l2_lambda=lam)["accuracy"]
-    return acc if math.isfinite(acc) else chance
+    return _accuracy(job, "val")
 
 
 # ----------------------------------------------------------------------------- the truth
