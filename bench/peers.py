@@ -515,16 +515,7 @@ class Truth:
 
     def score(self, configs: Iterable[dict[str, Any]]) -> list[float]:
         """Each configuration's mean test accuracy over the score seeds (trained once)."""
-        configs = list(configs)
-        todo = sorted({params_key(c) for c in configs} - set(self.scores))
-        jobs = [(self.land.name, k, s, self.split) for k in todo for s in self.seeds()]
-        accs = list(self.map(test_accuracy, jobs))
-        n = len(self.seeds())
-        for i, k in enumerate(todo):
-            self.scores[k] = statistics.fmean(accs[i * n : (i + 1) * n])
-        if todo:
-            self._save()
-        return [self.scores[params_key(c)] for c in configs]
+        return self._means(test_accuracy, SCORE_SEED, self.scores, configs)
 
     def shift(self, params: dict[str, Any]) -> float:
         """How much easier the split's validation set is than its test set: validation
@@ -533,36 +524,46 @@ class Truth:
         test accuracy, which would lower it by that luck. Every method's estimate is a
         validation accuracy and its truth a test accuracy, so this part of their
         optimism is the data's, the same for every method."""
-        k = params_key(params)
-        if k not in self.shifts:
-            seeds = [SHIFT_SEED + s for s in range(self.land.score_seeds)]
-            jobs = [(self.land.name, k, s, self.split) for s in seeds]
-            self.shifts[k] = statistics.fmean(self.map(val_minus_test, jobs))
-            self._save()
-        return self.shifts[k]
+        return self._means(val_minus_test, SHIFT_SEED, self.shifts, [params])[0]
 
     def validation(self, configs: Iterable[dict[str, Any]]) -> list[float]:
         """Each configuration's mean validation accuracy over as many seeds as the
         truth's but others (:data:`VAL_SEED`): what a choice by validation accuracy
         would see with the seed noise averaged out (``bench.rechoose --visited``)."""
+        return self._means(val_accuracy, VAL_SEED, self.vals, configs)
+
+    def _means(
+        self,
+        fn: Callable[[tuple[str, str, int, int]], float],
+        first_seed: int,
+        cache: dict[str, float],
+        configs: Iterable[dict[str, Any]],
+    ) -> list[float]:
+        """``fn``'s mean over seeds ``first_seed + k`` (as many as the truth's) of each
+        configuration, from ``cache`` or trained once and kept there."""
         configs = list(configs)
-        todo = sorted({params_key(c) for c in configs} - set(self.vals))
+        todo = sorted({params_key(c) for c in configs} - set(cache))
         if todo:
-            seeds = [VAL_SEED + k for k in range(self.land.score_seeds)]
-            jobs = [(self.land.name, k, s, self.split) for k in todo for s in seeds]
-            accs = list(self.map(val_accuracy, jobs))
+            seeds = [first_seed + k for k in range(self.land.score_seeds)]
+            values = list(
+                self.map(fn, [(self.land.name, k, s, self.split) for k in todo for s in seeds])
+            )
             for i, k in enumerate(todo):
-                self.vals[k] = statistics.fmean(accs[i * len(seeds) : (i + 1) * len(seeds)])
+                cache[k] = statistics.fmean(values[i * len(seeds) : (i + 1) * len(seeds)])
             self._save()
-        return [self.vals[params_key(c)] for c in configs]
+        return [cache[params_key(c)] for c in configs]
 
     def _save(self) -> None:
         # Another bench process may have scored others since this one read the file.
         if self.path.is_file():
             doc = json.loads(self.path.read_text())
-            self.scores = {**doc["scores"], **self.scores}
-            self.shifts = {**doc.get("shifts", {}), **self.shifts}
-            self.vals = {**doc.get("vals", {}), **self.vals}
+            for mine, part in (
+                (self.scores, "scores"),
+                (self.shifts, "shifts"),
+                (self.vals, "vals"),
+            ):
+                for k, v in doc.get(part, {}).items():
+                    mine.setdefault(k, v)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         doc = {
