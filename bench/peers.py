@@ -93,6 +93,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-pruning": {"optuna": {"pruner": "percentile"}},
     # Not an ablation: a longer race (6 runs on shared seeds, not 4), within the peers' steps.
     "c2f-race-6": {"fine": {"race_runs": 6}},
+    # Not an ablation: the stop rule on in the fine stage (off by default).
+    "c2f-stop": {"fine": {"stop_below_noise": True}},
 }
 SERVICE = ("c2f", "c2f-off", *ABLATIONS)
 PEERS = ("tpe", "tpe-median", "tpe-wilcoxon", "gp", "random")
@@ -109,6 +111,7 @@ LABELS = {
     "c2f-noise-narrowing": "coarse2fine, narrowing by means",
     "c2f-pruning": "coarse2fine + percentile pruner",
     "c2f-race-6": "coarse2fine, a race of 6 runs (race_runs = 6)",
+    "c2f-stop": "coarse2fine, fine stops below the noise",
     "tpe": "Optuna TPE, no pruning",
     "tpe-median": "Optuna TPE + MedianPruner",
     "tpe-wilcoxon": f"Optuna TPE + WilcoxonPruner ({WILCOXON_SEEDS} seeds/trial)",

@@ -13,9 +13,10 @@ A file has these tables (every key but ``name`` has a default)::
     [search]    any [training] or [network] field, or with [model] any key of [model.params]:
                 name = [low, high] (log-uniform), {low, high, log, step} (float),
                 {int = [low, high], log} (integer), {choice = [...]} (search/config/space.py)
-    [coarse]    trials, replicates, replicate_top, race_top, race_runs
+    [coarse]    trials, replicates, replicate_top, race_top, race_runs, stop_below_noise
     [fine]      trials, top_k, margin (decades on each side), narrow, extend, replicates,
-                replicate_top, race_top, race_runs, warm_start, [fine.training] overrides
+                replicate_top, race_top, race_runs, warm_start, stop_below_noise,
+                [fine.training] overrides
     [final]     holdout, seeds, choose, [final.training] overrides
     [optuna]    pruner, sampler, seed, seed_mode, workers, storage, heartbeat_interval,
                 grace_period, warmup_cycles, n_startup_trials
@@ -498,13 +499,16 @@ class CoarseSpec:
     With ``race_runs`` > 0 the ``race_top`` best by the model of the landscape race on
     shared extra seeds until the paired comparison separates them or ``race_runs``
     runs are spent (:func:`search.sweep.replicates.race_round`). Both off by default
-    in the coarse stage: the fine stage races."""
+    in the coarse stage: the fine stage races. ``stop_below_noise``: end the search
+    early when the model of the landscape bounds what is left to find below the seed
+    noise of one run (:mod:`search.sweep.stopping`)."""
 
     trials: int = 40
     replicates: int = 1
     replicate_top: int = 3
     race_top: int = 3
     race_runs: int = 0
+    stop_below_noise: bool = False
 
 
 def _parse_coarse(path: Path, raw: Any) -> CoarseSpec:
@@ -525,7 +529,8 @@ class FineSpec:
     ranges are carried over into the fine study when both stages train alike (no
     ``[fine.training]``), so its sampler starts from them. After its trials, the
     ``race_top`` best by the model race on shared seeds for at most ``race_runs`` runs;
-    ``replicates`` > 1: blanket replicates of the ``replicate_top`` best, as coarse."""
+    ``replicates`` > 1: blanket replicates of the ``replicate_top`` best, as coarse;
+    ``stop_below_noise`` as coarse."""
 
     trials: int = 20
     top_k: int = 3
@@ -537,6 +542,7 @@ class FineSpec:
     race_top: int = 3
     race_runs: int = 4
     warm_start: bool = True
+    stop_below_noise: bool = False
     training: dict[str, Any] = field(default_factory=dict)
 
 

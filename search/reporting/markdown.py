@@ -31,6 +31,7 @@ from search.reporting.tables import (
     top_table,
 )
 from search.sweep import replicates as rep
+from search.sweep import stopping
 from search.sweep import studies as st
 from search.sweep.workers import bookkeeping
 from search.sweep.workers.storage import relative_url, sqlite_path
@@ -183,6 +184,9 @@ def stage_section(
     ]
     lines += ["", "Trials per state (target " + f"{study.user_attrs.get('target', '?')}):", ""]
     lines += [markdown_table(*state_columns(c))]
+    stop = stopping.stopped(study)
+    if stop:
+        lines += ["", f"{stopping.line(stop).capitalize()} (counted as retired)."]
     lines += [
         "",
         f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values())} trials "

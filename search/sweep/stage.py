@@ -23,8 +23,8 @@ import optuna
 from search.config import space as sp
 from search.config.study import StudySpec
 from search.sweep import replicates as rep
+from search.sweep import stopping, surrogate, user_train
 from search.sweep import studies as st
-from search.sweep import surrogate, user_train
 from search.sweep.narrowing import FROM_COARSE
 from search.sweep.objective import Objective
 from search.sweep.prepared import Prepared
@@ -107,13 +107,18 @@ def drive(
     workers: int,
     total: int,
     reap: Callable[[], list[int]],
+    stop_in: dict[str, sp.Range] | None = None,
 ) -> None:
     """Run ``workers`` worker processes of ``job`` on the study's queue until it is empty,
-    with the progress line counting to ``total``."""
+    with the progress line counting to ``total``; ``stop_in``: the stage's ranges, to end
+    its search by the stop rule (:class:`search.sweep.stopping.Stopper`)."""
+    progress: Any = Progress(study, total)
+    if stop_in is not None:
+        progress = stopping.Stopper(study, stop_in, progress)
     run_workers(
         job,
         workers=workers,
-        progress=Progress(study, total),
+        progress=progress,
         reap=reap,
         release_first=[storage_of(study)],
     )
@@ -149,7 +154,9 @@ def work(
     # The progress line counts every finished trial, replicates of an earlier run too.
     live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
     target = int(study.user_attrs.get("target") or 0)
-    run(total=target + sum(is_replicate(t) for t in live))
+    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    stop_in = space if stage_spec.stop_below_noise else None
+    run(total=target + sum(is_replicate(t) for t in live), stop_in=stop_in)
     replicate_rounds(spec, stage, study, lambda total: run(total=total), log=log)
     race_rounds(spec, stage, study, space, lambda total: run(total=total), log=log)
 
@@ -183,6 +190,8 @@ def run_stage(
         for t in study.get_trials(deepcopy=False)
     )
     target += carried
+    stop = (spec.coarse if stage == "coarse" else spec.fine).stop_below_noise
+    target = stopping.resumed_target(study, target, enabled=stop, log=log)
     queued = st.top_up(study, target, enqueue=list(enqueue))
     workers = spec.optuna.workers
     log(

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.sweep import replicates as rep
+from search.sweep import stopping
 from search.sweep import studies as st
 from search.sweep.workers import bookkeeping, lost
 
@@ -124,7 +125,8 @@ def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyS
             "again to retry them)"
         )
     elif target is not None and finished >= target and not counts["WAITING"]:
-        verdict = "done"
+        stop = stopping.stopped(study)
+        verdict = f"done ({stopping.line(stop)})" if stop else "done"
     else:
         verdict = f"incomplete (resume with {resume})"
     return StudyStatus(

@@ -1,0 +1,201 @@
+"""The stop rule: end a stage's search when what is left to find is below the seed noise.
+
+After each search trial of the stage, the model of the landscape
+(:mod:`search.sweep.surrogate`) bounds how much better than the best configuration
+already run any configuration of the stage's ranges can be
+(:func:`search.sweep.surrogate.regret_bound`, the bound of Optuna's terminator).
+When that bound is below the seed noise of one run, a configuration still to be
+found could not be told from the best one already run, so the search stops: its
+waiting trials are retired (bookkeeping, not failures) and the stage goes on to its
+replicates and its race. The study records when and why (user attr ``stopped``),
+and a command run again with the same target does not queue them again; a larger
+target than the one it stopped under searches on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config import space as sp
+from search.sweep import surrogate
+from search.sweep.narrowing import FROM_COARSE
+from search.sweep.replicates import is_replicate
+from search.sweep.workers import bookkeeping
+from search.sweep.workers.storage import storage_of, trial_id
+
+STOPPED = "stopped"  # study attr: when the search stopped, under which target, and why
+# Search trials of the stage's own (not carried over from coarse) that must be finished
+# before the rule is asked: the first ones run the configurations the stage starts from.
+MIN_OWN_TRIALS = 2
+REASON = "not needed: the search stopped, its expected gain below the seed noise"
+
+
+@dataclass(frozen=True)
+class Gain:
+    """What the model says is left to find: the bound and the seed noise of one run (both
+    in accuracy), over ``runs`` runs."""
+
+    bound: float
+    noise: float
+    runs: int
+
+    @property
+    def below_noise(self) -> bool:
+        return self.bound < self.noise
+
+    def describe(self) -> str:
+        return (
+            f"expected gain at most {100 * self.bound:.2f} points, below the seed noise of "
+            f"one run ({100 * self.noise:.2f}) over {self.runs} runs"
+        )
+
+
+def own_search_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The stage's own search trials: no replicate, no run carried over from coarse."""
+    return [t for t in trials if not is_replicate(t) and FROM_COARSE not in t.user_attrs]
+
+
+def expected_gain(
+    trials: Sequence[FrozenTrial], space: Mapping[str, sp.Range], *, n_val: int | None = None
+) -> Gain | None:
+    """The bound on what is left to find among ``trials``' runs over ``space``, or None
+    when the model has too little to fit."""
+    model = surrogate.fit(trials, space, n_val=n_val)
+    if model is None:
+        return None
+    visited, _ = surrogate.observations(trials)
+    return Gain(surrogate.regret_bound(model, visited, space), model.noise_sd, model.n_runs)
+
+
+def due(trials: Sequence[FrozenTrial]) -> bool:
+    """Whether the rule may be asked: enough of the stage's own search trials finished,
+    and some still waiting (there is something to save)."""
+    own = own_search_trials(trials)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in own)
+    waiting = any(t.state == TrialState.WAITING for t in own)
+    return finished >= MIN_OWN_TRIALS and waiting
+
+
+def stop(study: optuna.Study, gain: Gain) -> int:
+    """Retire the stage's waiting search trials and record why (user attr ``stopped``);
+    how many were retired. None left waiting (the workers took the last ones
+    meanwhile): nothing is recorded, the search ended by itself."""
+    storage = storage_of(study)
+    trials = study.get_trials(deepcopy=False)
+    asked = int(study.user_attrs.get("target") or 0)
+    retired = sum(
+        bookkeeping.retire(storage, trial_id(t), REASON)
+        for t in own_search_trials(trials)
+        if t.state == TrialState.WAITING
+    )
+    if not retired:
+        return 0
+    trials = study.get_trials(deepcopy=False)
+    kept = sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        for t in trials
+        if not is_replicate(t)
+    )
+    study.set_user_attr(
+        STOPPED,
+        {
+            "asked": asked,
+            "target": kept,
+            "saved": retired,
+            "bound": gain.bound,
+            "noise": gain.noise,
+            "runs": gain.runs,
+        },
+    )
+    study.set_user_attr("target", kept)
+    return retired
+
+
+def stopped(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's record of its stop, or None (never stopped, or asked to search on)."""
+    return study.user_attrs.get(STOPPED) or None
+
+
+def line(record: Mapping[str, Any]) -> str:
+    """How a stop reads, on the command's screen and in the report."""
+    return (
+        f"the search stopped at {record['target']} of {record['asked']} trials: "
+        f"{Gain(record['bound'], record['noise'], record['runs']).describe()}; "
+        f"{record['saved']} trial(s) not run"
+    )
+
+
+def resumed_target(
+    study: optuna.Study, target: int, *, enabled: bool, log: Callable[..., None] = print
+) -> int:
+    """The target a command run again tops the stage up to: the one it stopped at, unless
+    ``target`` is larger than the one it stopped under or the rule is no longer
+    ``enabled`` (then the record is cleared and the search goes on)."""
+    record = stopped(study)
+    if record is None:
+        return target
+    if enabled and target <= int(record["asked"]):
+        log(f"{line(record)}; a larger --trials searches on", flush=True)
+        return int(record["target"])
+    study.set_user_attr(STOPPED, None)
+    return target
+
+
+class Stopper:
+    """The pool's progress callback with the stop rule: after each finished trial of the
+    study, while search trials wait, ask the rule (:func:`expected_gain`); when the
+    expected gain is below the seed noise, :func:`stop` the search."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: Mapping[str, sp.Range],
+        progress: Any,
+        *,
+        log: Callable[..., None] = print,
+    ) -> None:
+        self.study = study
+        self.space = space
+        self.progress = progress
+        self.log = log
+        self.seen = -1  # finished trials when the rule was last asked
+        self.done = stopped(study) is not None
+
+    def __call__(self) -> None:
+        if self.progress is not None:
+            self.progress()
+        if self.done:
+            return
+        n = self._finished()
+        if n == self.seen:
+            return
+        self.seen = n
+        trials = self.study.get_trials(deepcopy=False)
+        if not due(trials):
+            return
+        gain = expected_gain(trials, self.space, n_val=surrogate.n_val_of(self.study))
+        if gain is None or not gain.below_noise:
+            return
+        self.done = True
+        if stop(self.study, gain):
+            self.log(f"\nstop: {line(stopped(self.study) or {})}", flush=True)
+
+    def _finished(self) -> int:
+        """Finished trials of the study, from the progress line's cache when it has one
+        (read at the cost of what changed, twice a second)."""
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        history = getattr(self.progress, "history", None)
+        if history is None:
+            return len(self.study.get_trials(deepcopy=False, states=states))
+        study_id = history.get_study_id_from_name(self.study.study_name)
+        return len(history.get_all_trials(study_id, deepcopy=False, states=states))
+
+    def close(self, *, dry: bool) -> None:
+        close = getattr(self.progress, "close", None)
+        if close is not None:
+            close(dry=dry)
