@@ -23,11 +23,13 @@ from search.reporting.experiment_figures import draw as draw_experiment
 from search.reporting.figures import draw_curves, draw_history, draw_pair, draw_param
 from search.reporting.gradcheck import gradcheck_section, user_gradcheck_section
 from search.reporting.tables import (
+    RULES,
     markdown_table,
     narrowing_text,
     param_label,
     params_text,
     ranges_table,
+    rule_setting,
     top_table,
 )
 from search.sweep import replicates as rep
@@ -205,14 +207,11 @@ def stage_section(
     return "\n".join(lines)
 
 
-# How the report names final's choice, by the [final] choose its result recorded.
-CHOSEN_BY = {
-    "robust": "the best predicted by the model of the landscape, kept off a cliff's edge "
-    'among those alike within the seed noise: [final] choose = "robust"',
-    "model": 'the best predicted by the model of the landscape: [final] choose = "model"',
-    "best": 'the best mean over seeds: [final] choose = "best"',
-    "smoothed": 'the best smoothed over neighbouring configurations: [final] choose = "smoothed"',
-}
+def chosen_by(choose: str | None) -> str:
+    """How the report names final's choice, by the [final] choose its result recorded."""
+    if choose not in RULES:
+        return "as final chose"
+    return f"{RULES[choose]}: {rule_setting(choose)}"
 
 
 def final_section(
@@ -260,7 +259,7 @@ def final_section(
         ("wall time (s)", final.get("wall_time", "-")),
     ]
     lines += [
-        f"The chosen configuration ({CHOSEN_BY.get(final.get('choose'), 'as final chose')}), "
+        f"The chosen configuration ({chosen_by(final.get('choose'))}), "
         "retrained with "
         "`[final.training]` on training + validation data minus the holdout: "
         f"test accuracy **{test}**.",

@@ -24,7 +24,13 @@ import optuna
 
 from search.config import space as sp
 from search.config.study import StudySpec
-from search.reporting.tables import markdown_table, narrowing_text, param_label
+from search.reporting.tables import (
+    RULES,
+    markdown_table,
+    narrowing_text,
+    param_label,
+    rule_setting,
+)
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.narrowing import within_noise
@@ -133,15 +139,9 @@ def final_rule(choose: str | None, value: str, *, moved: str | None = None) -> s
             '([final] choose = "robust", the default; no configuration alike sat further '
             "from a diverged run)"
         )
-    if choose == "best":
-        return 'final chose the best mean over seeds ([final] choose = "best")'
-    if choose == "model":
-        return f'final chose by the model of the landscape{value} ([final] choose = "model")'
-    if choose == "smoothed":
-        return (
-            f"final chose by the smoothed value over neighbouring configurations{value} "
-            '([final] choose = "smoothed")'
-        )
+    if choose in RULES:
+        shown = "" if choose == "best" else value  # the mean it chose by is in the table
+        return f"final chose {RULES[choose]}{shown} ({rule_setting(choose)})"
     return f"final chose by its predicted value{value} (a result that does not say its rule)"
 
 

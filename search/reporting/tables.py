@@ -17,6 +17,21 @@ from search.sweep.objective import curves_of
 LABELS = {"l2_lambda": "lambda", "eta_max": "eta_max", "eta_min": "eta_min", "eta": "eta"}
 
 
+# How the notes and the report name each [final] choose rule (one table for both).
+RULES = {
+    "robust": "the best predicted by the model of the landscape, kept off a cliff's edge "
+    "among those alike within the seed noise",
+    "model": "the best predicted by the model of the landscape",
+    "best": "the best mean over seeds",
+    "smoothed": "the best smoothed over neighbouring configurations",
+}
+
+
+def rule_setting(choose: str) -> str:
+    """The study-file line of a rule: ``[final] choose = "model"``."""
+    return f'[final] choose = "{choose}"'
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table: a header row, the rule, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

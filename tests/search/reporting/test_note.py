@@ -185,8 +185,8 @@ def test_the_note_says_why_the_dashboards_best_run_is_not_the_choice():
 @pytest.mark.parametrize(
     "choose, moved, said",
     [
-        ("smoothed", None, "final chose by the smoothed value over neighbouring configurations"),
-        ("model", None, 'final chose by the model of the landscape (0.9561) ([final] choose = "'),
+        ("smoothed", None, "final chose the best smoothed over neighbouring configurations (0."),
+        ("model", None, "final chose the best predicted by the model of the landscape (0.9561) ("),
         ("robust", "note: chose", "the one furthest from the search's diverged runs ([final]"),
         ("robust", None, "the best prediction of the model of the landscape (0.9561) ([final]"),
         ("best", None, 'final chose the best mean over seeds ([final] choose = "best")'),
