@@ -68,6 +68,7 @@ from model import data as data_mod
 from model.network import Network
 from model.train import TrainConfig, TrainingDiverged, fit
 from search.config.study import FinalSpec
+from search.sweep.workers import bookkeeping
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "cache"
@@ -796,7 +797,8 @@ def run_service(land: Landscape, variant: str, run: int, *, root: Path) -> dict[
 
 def service_steps(db: Path, land: Landscape) -> tuple[int, int, int, int]:
     """(steps, trials, pruned, diverged) over every trial of every study in the service's database:
-    ``epochs_run`` x the trial's steps per epoch (diverged and pruned ones included)."""
+    ``epochs_run`` x the trial's steps per epoch (diverged and pruned ones included; retired
+    ones, which never ran, left out)."""
     storage = f"sqlite:///{db}"
     n_train = splits_of(land).train.n
     steps = trials = pruned = diverged = 0
@@ -804,6 +806,8 @@ def service_steps(db: Path, land: Landscape) -> tuple[int, int, int, int]:
         study = optuna.load_study(study_name=name, storage=storage)
         for t in study.get_trials(deepcopy=False):
             if "from_coarse" in t.user_attrs:  # a coarse run the fine study carries over
+                continue
+            if bookkeeping.kind(t) is bookkeeping.Kind.RETIRED:  # queued, never run
                 continue
             batch = int(t.params.get("batch_size", land.training.get("batch_size", 100)))
             steps += round(float(t.user_attrs.get("epochs_run") or 0.0) * (n_train // batch))

@@ -150,3 +150,36 @@ def test_val_minus_test_is_validation_minus_test_accuracy_of_one_run():
     val = net.evaluate(splits.val.X, splits.val.y, l2_lambda=0.01)["accuracy"]
     test = net.evaluate(splits.test.X, splits.test.y, l2_lambda=0.01)["accuracy"]
     assert gap == pytest.approx(val - test) and gap != 0
+
+
+def test_service_steps_count_what_ran_and_leave_out_retired_and_carried_trials(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.sweep.workers import bookkeeping
+    from search.sweep.workers.storage import storage_of, trial_id
+
+    land = peers.LANDSCAPES["tiny"]
+    db = tmp_path / "s.db"
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="s-fine")
+    dist = {"l2_lambda": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+
+    def add(epochs, state=TrialState.COMPLETE, **attrs):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=0.9 if state == TrialState.COMPLETE else None,
+                params={"l2_lambda": 1e-3},
+                distributions=dist,
+                user_attrs={"epochs_run": epochs, **attrs},
+            )
+        )
+
+    add(2.0)
+    add(1.0, state=TrialState.PRUNED)
+    add(2.0, from_coarse=3)  # counted in the coarse study
+    study.enqueue_trial({})  # queued, then retired by the stop rule: it never ran
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert bookkeeping.retire(storage_of(study), trial_id(waiting), "not needed: test")
+    per_epoch = peers.splits_of(land).train.n // land.training["batch_size"]
+    assert peers.service_steps(db, land) == (3 * per_epoch, 2, 1, 0)
