@@ -96,6 +96,9 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-race-6": {"fine": {"race_runs": 6}},
     # Not an ablation: the stop rule on in the fine stage (off by default).
     "c2f-stop": {"fine": {"stop_below_noise": True}},
+    # Fine ranges kept inside the coarse ones (the default goes past an edge the best sits
+    # on by up to a decade).
+    "c2f-no-extend": {"fine": {"extend": 0.0}},
     # Past the peers' budget: a fine stage of 20 trials (as the quick start's), with and
     # without the stop rule: what it saves where there is more to save.
     "c2f-fine-20": {"fine": {"trials": 20}},
@@ -117,6 +120,7 @@ LABELS = {
     "c2f-pruning": "coarse2fine + percentile pruner",
     "c2f-race-6": "coarse2fine, a race of 6 runs (race_runs = 6)",
     "c2f-stop": "coarse2fine, fine stops below the noise",
+    "c2f-no-extend": "coarse2fine, fine ranges inside coarse",
     "c2f-fine-20": "coarse2fine, 20 fine trials (over budget)",
     "c2f-fine-20-stop": "coarse2fine, 20 fine trials, stop rule",
     "tpe": "Optuna TPE, no pruning",
