@@ -122,6 +122,9 @@ def drive(
         reap=reap,
         release_first=[storage_of(study)],
     )
+    said = progress.summary() if isinstance(progress, stopping.Stopper) else None
+    if said:
+        print(said, flush=True)
 
 
 def work(

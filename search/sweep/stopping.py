@@ -165,6 +165,7 @@ class Stopper:
         self.log = log
         self.seen = -1  # finished trials when the rule was last asked
         self.done = stopped(study) is not None
+        self.last: Gain | None = None  # the rule's last answer, when it did not stop
 
     def __call__(self) -> None:
         if self.progress is not None:
@@ -180,10 +181,28 @@ class Stopper:
             return
         gain = expected_gain(trials, self.space, n_val=surrogate.n_val_of(self.study))
         if gain is None or not gain.below_noise:
+            self.last = gain or self.last
             return
         self.done = True
         if stop(self.study, gain):
             self.log(f"\nstop: {line(stopped(self.study) or {})}", flush=True)
+        else:  # the workers took the last waiting trials meanwhile
+            self.last = gain
+
+    def summary(self) -> str | None:
+        """What the rule said when the search ran to its target: None when it stopped the
+        search or was never asked (nothing waited once two trials of the stage's own had
+        finished)."""
+        if stopped(self.study) is not None:
+            return None
+        if self.last is None:
+            return "stop rule: not asked (no trial waited once the stage had run two)"
+        where = "below" if self.last.below_noise else "above"
+        return (
+            f"stop rule: the search ran to its target; the last bound on its expected gain, "
+            f"{100 * self.last.bound:.2f} points, was {where} the seed noise of one run "
+            f"({100 * self.last.noise:.2f}) over {self.last.runs} runs"
+        )
 
     def _finished(self) -> int:
         """Finished trials of the study, from the progress line's cache when it has one

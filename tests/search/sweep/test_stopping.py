@@ -141,6 +141,7 @@ def test_the_stopper_retires_the_waiting_search_trials_and_records_why(tmp_path)
     assert study.user_attrs["target"] == 8
     assert len(lines) == 1 and "the search stopped at 8 of 12 trials" in lines[0]
     assert "4 trial(s) not run" in lines[0]
+    assert stopper.summary() is None  # said once, when it stopped
     # Asked again, it does nothing more.
     stopper()
     assert len(lines) == 1
@@ -153,9 +154,17 @@ def test_the_stopper_leaves_a_search_that_still_has_something_to_find(tmp_path):
     for eta in np.geomspace(1e-3, 0.03, 6):
         _add(study, float(eta), 0.6 + 0.1 * (math.log10(eta) + 3))
     study.enqueue_trial({})
-    stopping.Stopper(study, ETA, None)()
+    stopper = stopping.Stopper(study, ETA, None)
+    assert stopper.summary() == (
+        "stop rule: not asked (no trial waited once the stage had run two)"
+    )
+    stopper()
     assert [t.state for t in study.get_trials()].count(TrialState.WAITING) == 1
     assert stopping.stopped(study) is None
+    # The command says why the search ran on: the rule's last answer.
+    said = stopper.summary()
+    assert said is not None and said.startswith("stop rule: the search ran to its target")
+    assert "was above the seed noise of one run" in said and "over 6 runs" in said
 
 
 def test_a_stage_run_again_keeps_its_stop_and_a_larger_target_searches_on(tmp_path):
