@@ -59,8 +59,7 @@ def choice(work: Path, choose: str) -> dict[str, Any]:
     with contextlib.chdir(work):  # a kept study file names its storage relative to it
         spec = load_spec(Path("study.toml"))
         spec = dataclasses.replace(spec, final=dataclasses.replace(spec.final, choose=choose))
-        _, best, _ = retrain.chosen_configuration(spec)
-        return dict(best.params)
+        return dict(retrain.chosen_configuration(spec).config.params)
 
 
 VISITED = (

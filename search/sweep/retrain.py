@@ -57,9 +57,21 @@ PREDICTED = {
 }
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """What final chose: the study it took it from, the configuration, that one's predicted
+    validation accuracy, and (the robust rule) the model's best it passed over with that
+    one's prediction (None when it took the model's best, or by another rule)."""
+
+    study: optuna.Study
+    config: rep.Configuration
+    value: float
+    passed_over: tuple[rep.Configuration, float] | None = None
+
+
 def chosen_configuration(
     spec: StudySpec, *, command: Callable[[str], str] = lambda stage: f"search.{stage}"
-) -> tuple[optuna.Study, rep.Configuration, float]:
+) -> Chosen:
     """The study to take it from (fine, else coarse), its chosen configuration and that
     one's predicted validation accuracy: by the model of the landscape (``choose =
     "robust"``, the default, away from the diverged runs among those alike; ``"model"``;
@@ -79,32 +91,26 @@ def chosen_configuration(
                     "or wait for the workers running it"
                 )
             if spec.final.choose == "model":
-                return (study, *model_choice(study, configs))
+                return Chosen(study, *model_choice(study, configs)[:2])
             if spec.final.choose == "robust":
-                return (study, *model_choice(study, configs, robust=_failures(spec)))
+                return Chosen(study, *model_choice(study, configs, robust=_failures(spec)))
             if spec.final.choose == "best":
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
-                return study, configs[0], value
-            return (study, *rep.choose(configs))
+                return Chosen(study, configs[0], value)
+            return Chosen(study, *rep.choose(configs))
     raise ValueError(
         f"no completed trials of {spec.name} in the fine or coarse study of "
         f"{spec.storage_url()}; run {command('coarse')} first"
     )
 
 
-def kept_off_the_edge(
-    spec: StudySpec, source: optuna.Study, chosen: rep.Configuration
-) -> str | None:
+def kept_off_the_edge(spec: StudySpec, choice: Chosen) -> str | None:
     """What the robust choice did, when it took another configuration than the model's
     best: a line naming both and the diverged runs it kept away from (None otherwise)."""
-    if spec.final.choose != "robust":
+    if spec.final.choose != "robust" or choice.passed_over is None:
         return None
-    fine = source.study_name == st.study_name(spec, "fine")
-    stage = spec.fine if fine else spec.coarse
-    configs = rep.study_configurations(source, stage.replicates)
-    plain, value = model_choice(source, configs)
-    if plain.number == chosen.number:
-        return None
+    chosen = choice.config
+    plain, value = choice.passed_over
     failures, _ = _failures(spec)
     return (
         f"note: chose configuration {chosen.number} over {plain.number} (predicted "
@@ -137,12 +143,14 @@ def model_choice(
     configs: list[rep.Configuration],
     *,
     robust: tuple[list[dict[str, Any]], dict[str, sp.Range]] | None = None,
-) -> tuple[rep.Configuration, float]:
+) -> tuple[rep.Configuration, float, tuple[rep.Configuration, float] | None]:
     """The configuration the model of the landscape predicts best, and that prediction
     (:func:`search.sweep.surrogate.rank` over every run of the study, in its recorded
     ranges); after a race, the best of the contenders still in it. ``robust`` (the
     diverged runs of the search and the coarse ranges): of those within one run's seed
-    noise of the best, the one furthest from a diverged run."""
+    noise of the best, the one furthest from a diverged run; then the third item is the
+    model's best it passed over and its prediction (None when it took that one), from
+    the same fit."""
     space = sp.from_record(study.user_attrs.get("ranges", {}))
     trials = study.get_trials(deepcopy=False)
     failures, failure_space = robust if robust is not None else ([], None)
@@ -159,7 +167,10 @@ def model_choice(
     if recorded:
         alive = rep.Race.from_dict(recorded).alive(configs)
         ranked = [r for r in ranked if any(r.config is c for c in alive)] or ranked
-    return ranked[0].config, ranked[0].mean
+    # The model's best, as rank orders it without the robust rule (the same fit).
+    plain = max(ranked, key=lambda r: (r.mean, r.config.n, -r.config.number))
+    passed = None if plain is ranked[0] else (plain.config, plain.mean)
+    return ranked[0].config, ranked[0].mean, passed
 
 
 @dataclass
@@ -189,7 +200,8 @@ def retrain(
     (the command draws them).
     """
     check_storage(spec.storage_url())
-    source, best, smooth = chosen_configuration(spec, command=command)
+    choice = chosen_configuration(spec, command=command)
+    source, best, smooth = choice.study, choice.config, choice.value
     # The trial params as settings (a choice of layer widths back to its list).
     params = sp.decode(sp.from_record(source.user_attrs.get("ranges", {})), best.params)
     config0 = spec.train_config("final", {**params, "seed": spec.optuna.seed})
@@ -227,7 +239,7 @@ def retrain(
         f"test {data.test.n} images, once per seed\n"
         f"  {n_seeds} seed(s), {config0.total_steps(splits.train.n)} steps each"
     )
-    moved = kept_off_the_edge(spec, source, best)
+    moved = kept_off_the_edge(spec, choice)
     if moved:
         log(moved)
     runs = {} if force else dict(source.user_attrs.get("final_runs", {}).get(key, {}))

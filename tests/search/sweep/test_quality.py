@@ -336,8 +336,8 @@ def test_coarse_fine_final_carry_race_and_choose_by_the_model_by_default(quick_s
     result = json.loads((spec.out_dir() / "final" / "result.json").read_text())
     assert result["choose"] == "robust"  # the default, recorded
     # what final printed and recorded is what the robust rule did
-    source, chosen, _ = chosen_configuration(spec)
-    assert result["kept_off_the_edge"] == kept_off_the_edge(spec, source, chosen)
+    choice = chosen_configuration(spec)
+    assert result["kept_off_the_edge"] == kept_off_the_edge(spec, choice)
     assert ("note: chose" in out) == bool(result["kept_off_the_edge"])
     alive = rep.Race.from_dict(race).alive(rep.study_configurations(f))
     assert result["params"] in [c.params for c in alive]
@@ -359,14 +359,19 @@ def test_final_keeps_off_a_cliff_edge_by_default_and_says_which_it_passed_over(q
         ({"eta_max": 0.9}, None, 0),
     ]:
         study.add_trial(_study([(params, value, 0)]).trials[0])
-    source, chosen, _ = chosen_configuration(spec)
+    choice = chosen_configuration(spec)
+    chosen = choice.config
     model = dataclasses.replace(spec, final=dataclasses.replace(spec.final, choose="model"))
-    _, best, _ = chosen_configuration(model)
+    by_model = chosen_configuration(model)
+    best = by_model.config
     # the model's best is nearer the cliff than the choice, and alike within the noise
     assert chosen.params["eta_max"] < best.params["eta_max"]
-    note = kept_off_the_edge(spec, source, chosen)
+    # the robust rule names the model's best it passed over, from the same fit
+    assert choice.passed_over is not None
+    assert choice.passed_over[0].number == best.number
+    assert choice.passed_over[1] == by_model.value
+    note = kept_off_the_edge(spec, choice)
     assert note is not None
     assert f"chose configuration {chosen.number} over {best.number}" in note
     assert "2 diverged run(s)" in note and 'choose = "model"' in note
-    assert kept_off_the_edge(model, source, best) is None
-    assert kept_off_the_edge(spec, source, best) is None
+    assert by_model.passed_over is None and kept_off_the_edge(model, by_model) is None
