@@ -276,8 +276,6 @@ class Landscape:
         doc["optuna"].pop("seed")
         doc["truth"] = self.key()
         doc["version"] = SERVICE_VERSION
-        if doc.get("fine", {}).get("stop_below_noise"):
-            doc["stop"] = 2  # 2: the trials it saves go to the race (1: saved)
         if doc.get("final", {}).get("choose") == "robust":
             # 4: of those within the seed noise, the furthest from a diverged run (3: the
             # worst neighbour among the model's ties; 2: of all, when one diverged)

@@ -308,9 +308,8 @@ def race_rounds(
     log=print,
 ) -> None:
     """Race the stage's best configurations (by the model of the landscape) on shared
-    extra seeds until the paired comparison separates them or ``race_runs`` are spent,
-    and as many more as the stop rule saved (:func:`search.sweep.replicates.race_round`,
-    :func:`search.sweep.stopping.saved`), running the workers after each round.
+    extra seeds until the paired comparison separates them or ``race_runs`` are spent
+    (:func:`search.sweep.replicates.race_round`), running the workers after each round.
 
     Only once the stage's search trials are all finished, as the replicate rounds.
     """
@@ -325,9 +324,7 @@ def race_rounds(
             rep.study_configurations(study), trials, space, n_val=surrogate.n_val_of(study)
         )
         queued, race = rep.race_round(
-            study,
-            [r.config for r in ranked[: stage_spec.race_top]],
-            runs=stage_spec.race_runs + stopping.saved(study),  # what the stop rule saved
+            study, [r.config for r in ranked[: stage_spec.race_top]], runs=stage_spec.race_runs
         )
         if not queued:
             log(

@@ -7,9 +7,7 @@ already run any configuration of the stage's ranges can be
 When that bound is below the seed noise of one run, a configuration still to be
 found could not be told from the best one already run, so the search stops: its
 waiting trials are retired (bookkeeping, not failures) and the stage goes on to its
-replicates and its race, which may run as many more runs as the search saved
-(:func:`saved`): the compute moves from configurations that cannot win to the choice
-between those that can. The study records when and why (user attr ``stopped``),
+replicates and its race. The study records when and why (user attr ``stopped``),
 and a command run again with the same target does not queue them again; a larger
 target than the one it stopped under searches on.
 """
@@ -121,13 +119,6 @@ def stop(study: optuna.Study, gain: Gain) -> int:
 def stopped(study: optuna.Study) -> dict[str, Any] | None:
     """The study's record of its stop, or None (never stopped, or asked to search on)."""
     return study.user_attrs.get(STOPPED) or None
-
-
-def saved(study: optuna.Study) -> int:
-    """The search trials the rule did not run (0 when it did not stop the search): the
-    stage's race may run that many more."""
-    record = stopped(study)
-    return int(record["saved"]) if record else 0
 
 
 def line(record: Mapping[str, Any]) -> str:

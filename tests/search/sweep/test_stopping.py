@@ -180,7 +180,7 @@ def test_a_stage_run_again_keeps_its_stop_and_a_larger_target_searches_on(tmp_pa
     assert stopping.stopped(study) is None
     stopping.stop(study, stopping.Gain(0.001, 0.01, 8))
     assert stopping.resumed_target(study, 20, enabled=True) == 20
-    assert stopping.stopped(study) is None and stopping.saved(study) == 0
+    assert stopping.stopped(study) is None
 
 
 def test_stop_below_noise_must_be_a_boolean(quick_study):
@@ -196,7 +196,7 @@ def _quiet(fn, *args):
     return code, out.getvalue()
 
 
-def test_fine_stops_by_the_rule_races_with_what_it_saved_final_chooses_a_rerun_adds_nothing(
+def test_fine_stops_by_the_rule_then_races_final_chooses_and_a_rerun_adds_nothing(
     quick_study, monkeypatch
 ):
     # The rule's answer is forced (a plateau is not guaranteed on real data); the rest is
@@ -222,12 +222,7 @@ def test_fine_stops_by_the_rule_races_with_what_it_saved_final_chooses_a_rerun_a
     assert len(ran) >= stopping.MIN_OWN_TRIALS and retired
     assert len(ran) + len(retired) == 8 and record["saved"] == len(retired)
     assert all(bookkeeping.kind(t) is bookkeeping.Kind.RETIRED for t in retired)
-    # The race ran after the stop, with the saved trials on top of its own 2 runs: a
-    # second round of 2 (the same seed for both contenders), which its 2 alone forbid.
-    race = study.user_attrs[rep.RACE]
-    assert race["ended"] and record["saved"] >= 2
-    assert 2 < race["spent"] <= 2 + record["saved"]
-    assert stopping.saved(study) == record["saved"]
+    assert study.user_attrs[rep.RACE]["ended"]  # the race ran after the stop
     code, out = _quiet(final.main, ["--study", str(path)])
     assert code == 0, out
     # The report and status say it; the retired trials are no failures there.
