@@ -214,6 +214,7 @@ def create_stage(spec: StudySpec, *, target: int, prepared: Prepared) -> tuple[o
     if spec.data.n_val is not None:  # workers that join take it from here, as the study file
         study.set_user_attr("n_val", spec.data.n_val)
     reap(spec, "coarse")
+    target = stopping.resumed_target(study, target, enabled=spec.coarse.stop_below_noise)
     return study, st.top_up(study, target)
 
 

@@ -81,39 +81,52 @@ def due(trials: Sequence[FrozenTrial]) -> bool:
     return finished >= MIN_OWN_TRIALS and waiting
 
 
-def stop(study: optuna.Study, gain: Gain) -> int:
+def stop(study: optuna.Study, gain: Gain) -> dict[str, Any] | None:
     """Retire the stage's waiting search trials and record why (user attr ``stopped``);
-    how many were retired. None left waiting (the workers took the last ones
-    meanwhile): nothing is recorded, the search ended by itself."""
+    the record, or None when none was left waiting (the workers took the last ones
+    meanwhile: the search ended by itself, nothing is recorded).
+
+    The record and the lowered target are written before the first trial is retired:
+    a command killed halfway leaves a stop that its rerun completes (its target is the
+    lowered one, and :func:`search.sweep.studies.top_up` retires what still waits above
+    it). Then the record is written again with what was left: a worker may have taken a
+    trial first, and another process may have stopped the same search at once, so the
+    trials saved are the asked target minus the one kept.
+    """
     storage = storage_of(study)
     trials = study.get_trials(deepcopy=False)
-    asked = int(study.user_attrs.get("target") or 0)
-    retired = sum(
-        bookkeeping.retire(storage, trial_id(t), REASON)
-        for t in own_search_trials(trials)
-        if t.state == TrialState.WAITING
-    )
-    if not retired:
-        return 0
+    waiting = [t for t in own_search_trials(trials) if t.state == TrialState.WAITING]
+    if not waiting:
+        return None
+    earlier = stopped(study) or {}
+    asked = int(earlier.get("asked") or study.user_attrs.get("target") or 0)
+    record = {
+        "asked": asked,
+        "target": _kept(trials) - len(waiting),
+        "saved": len(waiting),
+        "bound": gain.bound,
+        "noise": gain.noise,
+        "runs": gain.runs,
+    }
+    study.set_user_attr(STOPPED, record)
+    study.set_user_attr("target", record["target"])
+    for t in waiting:
+        bookkeeping.retire(storage, trial_id(t), REASON)  # False: a worker took it first
     trials = study.get_trials(deepcopy=False)
-    kept = sum(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        for t in trials
-        if not is_replicate(t)
+    record["target"] = _kept(trials) - sum(
+        t.state == TrialState.WAITING for t in own_search_trials(trials)
     )
-    study.set_user_attr(
-        STOPPED,
-        {
-            "asked": asked,
-            "target": kept,
-            "saved": retired,
-            "bound": gain.bound,
-            "noise": gain.noise,
-            "runs": gain.runs,
-        },
-    )
-    study.set_user_attr("target", kept)
-    return retired
+    record["saved"] = max(0, asked - record["target"])
+    study.set_user_attr(STOPPED, record)
+    study.set_user_attr("target", record["target"])
+    return record
+
+
+def _kept(trials: Sequence[FrozenTrial]) -> int:
+    """Search trials that count towards a target (as :func:`search.sweep.studies.top_up`
+    counts them): finished, running or waiting, replicates aside."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return sum(t.state in live for t in trials if not is_replicate(t))
 
 
 def stopped(study: optuna.Study) -> dict[str, Any] | None:
@@ -141,7 +154,7 @@ def resumed_target(
         return target
     if enabled and target <= int(record["asked"]):
         log(f"{line(record)}; a larger --trials searches on", flush=True)
-        return int(record["target"])
+        return min(target, int(record["target"]))
     study.set_user_attr(STOPPED, None)
     return target
 
@@ -166,6 +179,7 @@ class Stopper:
         self.seen = -1  # finished trials when the rule was last asked
         self.done = stopped(study) is not None
         self.last: Gain | None = None  # the rule's last answer, when it did not stop
+        self.asked = False
 
     def __call__(self) -> None:
         if self.progress is not None:
@@ -179,13 +193,15 @@ class Stopper:
         trials = self.study.get_trials(deepcopy=False)
         if not due(trials):
             return
+        self.asked = True
         gain = expected_gain(trials, self.space, n_val=surrogate.n_val_of(self.study))
         if gain is None or not gain.below_noise:
             self.last = gain or self.last
             return
-        self.done = True
-        if stop(self.study, gain):
-            self.log(f"\nstop: {line(stopped(self.study) or {})}", flush=True)
+        record = stop(self.study, gain)
+        self.done = True  # only once stop() has written its record: else asked again
+        if record is not None:
+            self.log(f"\nstop: {line(record)}", flush=True)
         else:  # the workers took the last waiting trials meanwhile
             self.last = gain
 
@@ -195,8 +211,10 @@ class Stopper:
         finished)."""
         if stopped(self.study) is not None:
             return None
-        if self.last is None:
+        if not self.asked:
             return "stop rule: not asked (no trial waited once the stage had run two)"
+        if self.last is None:
+            return "stop rule: the search ran to its target; the model had too few runs to fit"
         where = "below" if self.last.below_noise else "above"
         return (
             f"stop rule: the search ran to its target; the last bound on its expected gain, "

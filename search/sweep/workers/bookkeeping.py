@@ -26,6 +26,8 @@ from collections.abc import Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.sweep.workers.storage import claim
+
 ATTR = "c2f_retired"
 
 
@@ -67,10 +69,15 @@ def target_lowered(target: int) -> str:
 
 def retire(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
     """End a WAITING trial that is not needed after all as a retired FAIL with ``reason``
-    (one of this module's); False when a worker took and finished it meanwhile."""
+    (one of this module's); False when a worker took it meanwhile (it runs on).
+
+    First taken from the queue as a worker takes one (:func:`claim`: WAITING to RUNNING
+    in one step, marked retired), so a trial a worker has just started is never ended
+    under it."""
+    if not claim(storage, trial_id, {ATTR: Kind.RETIRED}):
+        return False
     try:
         storage.set_trial_user_attr(trial_id, "reason", reason)
-        storage.set_trial_system_attr(trial_id, ATTR, Kind.RETIRED)
         return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False

@@ -20,6 +20,7 @@ from search.sweep import narrowing, standing, stopping, surrogate
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.workers import bookkeeping
+from search.sweep.workers.storage import storage_of, trial_id
 
 ETA = {"eta_max": sp.parse_range("eta_max", [1e-3, 1.0])}
 
@@ -175,12 +176,48 @@ def test_a_stage_run_again_keeps_its_stop_and_a_larger_target_searches_on(tmp_pa
     assert stopping.resumed_target(study, 12, enabled=True, log=say) == 8
     assert "a larger --trials searches on" in lines[0]
     assert stopping.resumed_target(study, 10, enabled=True, log=say) == 8
+    assert stopping.resumed_target(study, 6, enabled=True, log=say) == 6  # fewer: fewer
     # Off in the study file, or more trials asked for: the search goes on.
     assert stopping.resumed_target(study, 12, enabled=False) == 12
     assert stopping.stopped(study) is None
-    stopping.stop(study, stopping.Gain(0.001, 0.01, 8))
+    assert st.top_up(study, 12) == 4  # the retired ones queued again
+    record = stopping.stop(study, stopping.Gain(0.001, 0.01, 8))
+    assert record is not None and record["asked"] == 12 and record["saved"] == 4
     assert stopping.resumed_target(study, 20, enabled=True) == 20
     assert stopping.stopped(study) is None
+
+
+def test_retiring_never_ends_a_trial_a_worker_has_taken(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}", study_name="s")
+    study.enqueue_trial({})
+    study.enqueue_trial({})
+    taken = study.ask()  # a worker took the first: RUNNING
+    storage = storage_of(study)
+    assert not bookkeeping.retire(storage, trial_id(taken), stopping.REASON)
+    first, second = study.get_trials()
+    assert first.state == TrialState.RUNNING and bookkeeping.kind(first) is None
+    assert bookkeeping.retire(storage, trial_id(second), stopping.REASON)
+    second = study.get_trials()[1]
+    assert second.state == TrialState.FAIL and bookkeeping.kind(second) is bookkeeping.Kind.RETIRED
+
+
+def test_a_stop_cut_short_before_retiring_is_completed_by_the_rerun(tmp_path, monkeypatch):
+    study = _flat(tmp_path)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bookkeeping, "retire", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stopping.stop(study, stopping.Gain(0.001, 0.01, 8))
+    monkeypatch.undo()
+    # The record and the lowered target were written first; the rerun tops up to that
+    # target, which retires what still waits above it.
+    assert stopping.stopped(study)["target"] == 8
+    target = stopping.resumed_target(study, 12, enabled=True, log=lambda *a, **k: None)
+    assert target == 8 and st.top_up(study, target) == 0
+    own = stopping.own_search_trials(study.get_trials())
+    assert not [t for t in own if t.state == TrialState.WAITING]
 
 
 def test_stop_below_noise_must_be_a_boolean(quick_study):
