@@ -159,9 +159,14 @@ def test_four_workers_on_sqlite_with_the_dashboard_reading(quick_study):
         finally:
             stop.set()
             thread.join()
-        final_detail = get_json(
-            f"{base}/api/studies/{get_json(f'{base}/api/studies')['study_summaries'][0]['study_id']}"
-        )
+        study_id = get_json(f"{base}/api/studies")["study_summaries"][0]["study_id"]
+        # The dashboard serves a study's trials from a cache up to 2 s old (optuna-dashboard
+        # 0.21: a TTL of 2 s under 100 trials): the last read waits that out.
+        deadline = time.monotonic() + 10
+        final_detail = get_json(f"{base}/api/studies/{study_id}")
+        while len(final_detail["trials"]) < 24 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            final_detail = get_json(f"{base}/api/studies/{study_id}")
     trials = load(spec, "coarse").get_trials()
     states = {t.state for t in trials}
     assert len(trials) == 24 and states <= set(st.FINISHED), states
