@@ -700,6 +700,10 @@ class StudySpec:
         d = Path(self.data.dir).expanduser()
         return str(d if d.is_absolute() else (self.base_dir / d).resolve())
 
+    def search_stage(self, stage: str) -> CoarseSpec | FineSpec:
+        """The table of a search stage: [coarse] for "coarse", [fine] for "fine"."""
+        return self.coarse if stage == "coarse" else self.fine
+
     def stage_training(self, stage: str) -> dict[str, Any]:
         """The [training] values of a stage ("coarse", "fine", "final"), overrides applied."""
         values = dict(self.training)

@@ -82,7 +82,7 @@ def chosen_configuration(
         study = st.load_existing(spec, stage)
         replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
         if study is not None and (configs := rep.study_configurations(study, replicates)):
-            stage_spec = spec.fine if stage == "fine" else spec.coarse
+            stage_spec = spec.search_stage(stage)
             why = st.pending(spec, stage, study) or rep.race_pending(study, stage_spec.race_runs)
             if why:
                 raise ValueError(

@@ -157,7 +157,7 @@ def work(
     # The progress line counts every finished trial, replicates of an earlier run too.
     live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
     target = int(study.user_attrs.get("target") or 0)
-    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    stage_spec = spec.search_stage(stage)
     stop_in = space if stage_spec.stop_below_noise else None
     run(total=target + sum(is_replicate(t) for t in live), stop_in=stop_in)
     replicate_rounds(spec, stage, study, lambda total: run(total=total), log=log)
@@ -193,7 +193,7 @@ def run_stage(
         for t in study.get_trials(deepcopy=False)
     )
     target += carried
-    stop = (spec.coarse if stage == "coarse" else spec.fine).stop_below_noise
+    stop = spec.search_stage(stage).stop_below_noise
     target = stopping.resumed_target(study, target, enabled=stop, log=log)
     queued = st.top_up(study, target, enqueue=list(enqueue))
     workers = spec.optuna.workers
@@ -282,7 +282,7 @@ def replicate_rounds(
     ran dry while others still train leaves the replicates to the last one.
     ``total`` is the target plus the replicate runs, for the progress line.
     """
-    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    stage_spec = spec.search_stage(stage)
     for _ in range(MAX_REPLICATE_ROUNDS):  # one round per set of search results
         trials = study.get_trials(deepcopy=False)
         if any(t.state in st.LIVE and not is_replicate(t) for t in trials):
@@ -314,7 +314,7 @@ def race_rounds(
 
     Only once the stage's search trials are all finished, as the replicate rounds.
     """
-    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    stage_spec = spec.search_stage(stage)
     if stage_spec.race_runs < 1 or stage_spec.race_top < 2:
         return
     while True:

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config import space as sp
+from search.sweep import studies as st
 from search.sweep import surrogate
 from search.sweep.narrowing import FROM_COARSE
 from search.sweep.replicates import is_replicate
@@ -76,7 +77,7 @@ def due(trials: Sequence[FrozenTrial]) -> bool:
     """Whether the rule may be asked: enough of the stage's own search trials finished,
     and some still waiting (there is something to save)."""
     own = own_search_trials(trials)
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in own)
+    finished = sum(t.state in st.FINISHED for t in own)
     waiting = any(t.state == TrialState.WAITING for t in own)
     return finished >= MIN_OWN_TRIALS and waiting
 
@@ -100,10 +101,11 @@ def stop(study: optuna.Study, gain: Gain) -> dict[str, Any] | None:
         return None
     earlier = stopped(study) or {}
     asked = int(earlier.get("asked") or study.user_attrs.get("target") or 0)
+    kept = _kept(trials) - len(waiting)
     record = {
         "asked": asked,
-        "target": _kept(trials) - len(waiting),
-        "saved": len(waiting),
+        "target": kept,
+        "saved": max(0, asked - kept),
         "bound": gain.bound,
         "noise": gain.noise,
         "runs": gain.runs,
@@ -125,8 +127,7 @@ def stop(study: optuna.Study, gain: Gain) -> dict[str, Any] | None:
 def _kept(trials: Sequence[FrozenTrial]) -> int:
     """Search trials that count towards a target (as :func:`search.sweep.studies.top_up`
     counts them): finished, running or waiting, replicates aside."""
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    return sum(t.state in live for t in trials if not is_replicate(t))
+    return sum(t.state in st.FINISHED + st.LIVE for t in trials if not is_replicate(t))
 
 
 def stopped(study: optuna.Study) -> dict[str, Any] | None:
@@ -225,7 +226,7 @@ class Stopper:
     def _finished(self) -> int:
         """Finished trials of the study, from the progress line's cache when it has one
         (read at the cost of what changed, twice a second)."""
-        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        states = st.FINISHED
         history = getattr(self.progress, "history", None)
         if history is None:
             return len(self.study.get_trials(deepcopy=False, states=states))

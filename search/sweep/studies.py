@@ -349,7 +349,7 @@ def pending(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:
     c = counts(study)
     if c["WAITING"] or c["RUNNING"]:
         return f"{c['WAITING']} trial(s) waiting and {c['RUNNING']} running"
-    stage_spec = spec.coarse if stage == "coarse" else spec.fine
+    stage_spec = spec.search_stage(stage)
     missing = missing_replicates(study, stage_spec.replicates, stage_spec.replicate_top)
     if missing:
         return f"{missing} replicate run(s) of its best configurations not yet queued"
