@@ -80,9 +80,9 @@ def chosen_configuration(
     errors ask to run."""
     for stage in ("fine", "coarse"):
         study = st.load_existing(spec, stage)
-        replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
-        if study is not None and (configs := rep.study_configurations(study, replicates)):
-            stage_spec = spec.search_stage(stage)
+        stage_spec = spec.search_stage(stage)
+        configs = rep.study_configurations(study, stage_spec.replicates) if study else []
+        if study is not None and configs:
             why = st.pending(spec, stage, study) or rep.race_pending(study, stage_spec.race_runs)
             if why:
                 raise ValueError(
