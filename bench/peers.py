@@ -94,6 +94,10 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-pruning": {"optuna": {"pruner": "percentile"}},
     # Not an ablation: a longer race (6 runs on shared seeds, not 4), within the peers' steps.
     "c2f-race-6": {"fine": {"race_runs": 6}},
+    # Not an ablation: a wider race at the same budget, 6 contenders on one extra seed each
+    # (the shipped race is 3 on one extra seed: race_runs = 4 stops before a second round),
+    # paid for by 2 fewer fine trials.
+    "c2f-race-wide": {"fine": {"trials": 6, "race_top": 6, "race_runs": 6}},
     # Not an ablation: the stop rule on in the fine stage (off by default).
     "c2f-stop": {"fine": {"stop_below_noise": True}},
     # Fine ranges kept inside the coarse ones (the default goes past an edge the best sits
@@ -119,6 +123,7 @@ LABELS = {
     "c2f-noise-narrowing": "coarse2fine, narrowing by means",
     "c2f-pruning": "coarse2fine + percentile pruner",
     "c2f-race-6": "coarse2fine, a race of 6 runs (race_runs = 6)",
+    "c2f-race-wide": "coarse2fine, 6 fine trials, race of 6 contenders",
     "c2f-stop": "coarse2fine, fine stops below the noise",
     "c2f-no-extend": "coarse2fine, fine ranges inside coarse",
     "c2f-fine-20": "coarse2fine, 20 fine trials (over budget)",

@@ -234,8 +234,11 @@ def test_the_race_puts_out_the_contenders_the_paired_seeds_separate():
 def test_the_race_stops_before_passing_its_runs():
     close = {0.01: 0.90, 0.1: 0.899, 0.5: 0.898}  # within the noise: nobody is put out
     study, race, rounds = _race(runs=4, rng=np.random.default_rng(2), means=close, noise=0.01)
-    assert race.ended == "its 4 runs are spent" and race.out == []
+    # said as it is: 3 of the 4 runs spent, not "spent"
+    assert race.ended == "another round of 3 would pass its 4 runs" and race.out == []
     assert rounds == [3] and race.spent == 3  # a second round of 3 would pass the 4 runs
+    study, race, rounds = _race(runs=6, rng=np.random.default_rng(2), means=close, noise=0.01)
+    assert race.ended == "its 6 runs are spent" and rounds == [3, 3] and race.spent == 6
 
 
 def test_a_race_that_has_not_ended_keeps_final_waiting(quick_study):
