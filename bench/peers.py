@@ -92,6 +92,13 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "c2f-no-warm-start": {"fine": {"warm_start": False}},
     "c2f-noise-narrowing": {"fine": {"narrow": "noise"}},
     "c2f-pruning": {"optuna": {"pruner": "percentile"}},
+    # Not an ablation: the percentile pruner with the steps it saves spent on more trials
+    # (17 coarse, 11 fine: about the peers' budget when a sixth of the steps are pruned).
+    "c2f-pruning-more": {
+        "optuna": {"pruner": "percentile"},
+        "coarse": {"trials": 17},
+        "fine": {"trials": 11},
+    },
     # Not an ablation: a longer race (6 runs on shared seeds, not 4), within the peers' steps.
     "c2f-race-6": {"fine": {"race_runs": 6}},
     # Not an ablation: a wider race at the same budget, 6 contenders on one extra seed each
@@ -122,6 +129,7 @@ LABELS = {
     "c2f-no-warm-start": "coarse2fine, fine not warm-started",
     "c2f-noise-narrowing": "coarse2fine, narrowing by means",
     "c2f-pruning": "coarse2fine + percentile pruner",
+    "c2f-pruning-more": "coarse2fine + percentile pruner, 17 + 11 trials",
     "c2f-race-6": "coarse2fine, a race of 6 runs (race_runs = 6)",
     "c2f-race-wide": "coarse2fine, 6 fine trials, race of 6 contenders",
     "c2f-stop": "coarse2fine, fine stops below the noise",

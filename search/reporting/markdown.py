@@ -150,10 +150,14 @@ def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
         f"search trial of a stage has the same data order and initial weights); replicates "
         f"{spec.coarse.replicates} seeds for the {spec.coarse.replicate_top} best coarse and "
         f"{spec.fine.replicates} for the {spec.fine.replicate_top} best fine configurations "
-        f"(seed + 1000 i); final over {spec.final.seeds} seeds (seed, seed + 1, ...). Pruner "
-        f"`{spec.optuna.pruner}` after {spec.optuna.warmup_cycles:g} cycles (epochs for the step "
-        "and constant schedules), sampler "
-        f"`{spec.optuna.sampler}`.",
+        f"(seed + 1000 i); final over {spec.final.seeds} seeds (seed, seed + 1, ...). "
+        + (
+            "No pruner: every trial trained to its end"
+            if spec.optuna.pruner == "none"
+            else f"Pruner `{spec.optuna.pruner}` after {spec.optuna.warmup_cycles:g} cycles "
+            "(epochs for the step and constant schedules)"
+        )
+        + f", sampler `{spec.optuna.sampler}`.",
         "",
     ]
     return "\n".join(lines)

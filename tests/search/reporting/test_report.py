@@ -120,6 +120,15 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     assert "Not run yet: `python -m search.final" in coarse_md and "Fine search" not in coarse_md
 
 
+def test_the_settings_say_which_pruner_and_none_as_none(ran, tmp_path):
+    md = (ran.out / "report.md").read_text()
+    assert "Pruner `percentile` after 0.5 cycles" in md
+    spec = load_spec(write_study(tmp_path, "np", optuna={"pruner": "none"}))
+    text = markdown.settings_section(spec, {})
+    assert "No pruner: every trial trained to its end, sampler `tpe`." in text
+    assert "Pruner `none`" not in text and "after 0.5 cycles" not in text
+
+
 def test_pruned_trials_are_placed_at_their_last_report():
     dist = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
     pruned = optuna.trial.create_trial(
