@@ -147,10 +147,9 @@ def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
         markdown_table(("stage", "setting", "value"), rows),
         "",
         f"Seeds: study seed {spec.optuna.seed}, mode `{spec.optuna.seed_mode}` (shared: every "
-        f"search trial of a stage has the same data order and initial weights); replicates "
-        f"{spec.coarse.replicates} seeds for the {spec.coarse.replicate_top} best coarse and "
-        f"{spec.fine.replicates} for the {spec.fine.replicate_top} best fine configurations "
-        f"(seed + 1000 i); final over {spec.final.seeds} seeds (seed, seed + 1, ...). "
+        f"search trial of a stage has the same data order and initial weights); "
+        + "; ".join(_extra_seeds(spec))
+        + f"; final over {spec.final.seeds} seeds (seed, seed + 1, ...). "
         + (
             "No pruner: every trial trained to its end"
             if spec.optuna.pruner == "none"
@@ -161,6 +160,27 @@ def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _extra_seeds(spec: StudySpec) -> list[str]:
+    """What each search stage spends on seeds past one run a configuration: replicates
+    (seed + 1000 i) and the race on shared seeds."""
+    said = []
+    for stage in ("coarse", "fine"):
+        table = spec.search_stage(stage)
+        if table.replicates > 1:
+            best = (
+                "best configuration"
+                if table.replicate_top == 1
+                else f"{table.replicate_top} best configurations"
+            )
+            said.append(f"{stage}: {table.replicates} seeds for its {best} (seed + 1000 i)")
+        if table.race_runs > 0:
+            said.append(
+                f"{stage}: its {table.race_top} best by the model race on shared extra seeds, "
+                f"{table.race_runs} runs at most"
+            )
+    return said or ["one run a configuration in both search stages (no replicates, no race)"]
 
 
 def state_columns(c: Counter) -> tuple[list[str], list[list[int]]]:

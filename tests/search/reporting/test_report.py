@@ -123,10 +123,20 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
 def test_the_settings_say_which_pruner_and_none_as_none(ran, tmp_path):
     md = (ran.out / "report.md").read_text()
     assert "Pruner `percentile` after 0.5 cycles" in md
+    # what each stage spends on seeds, as set: replicates, and the quick start's race
+    assert (
+        "coarse: 2 seeds for its 2 best configurations (seed + 1000 i); fine: 2 seeds for "
+        "its best configuration (seed + 1000 i); fine: its 3 best by the model race on "
+        "shared extra seeds, 4 runs at most; final over 2 seeds" in md
+    )
     spec = load_spec(write_study(tmp_path, "np", optuna={"pruner": "none"}))
     text = markdown.settings_section(spec, {})
     assert "No pruner: every trial trained to its end, sampler `tpe`." in text
     assert "Pruner `none`" not in text and "after 0.5 cycles" not in text
+    assert "replicates 1 seeds" not in text and "(seed + 1000 i)" not in text
+    spec = load_spec(write_study(tmp_path, "nr", fine={"race_runs": 0}))
+    text = markdown.settings_section(spec, {})
+    assert "one run a configuration in both search stages (no replicates, no race)" in text
 
 
 def test_pruned_trials_are_placed_at_their_last_report():
