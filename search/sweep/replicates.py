@@ -373,13 +373,12 @@ def race_round(
     if len(alive) <= 1:
         race.ended = "one contender left" if alive else "no contender left"
     elif race.spent + len(missing) > runs:
-        race.ended = (
-            "no runs to spend"
-            if not race.spent
-            else f"its {runs} runs are spent"
-            if race.spent == runs
-            else f"another round of {len(missing)} would pass its {runs} runs"
-        )
+        if not race.spent:
+            race.ended = "no runs to spend"
+        elif race.spent == runs:
+            race.ended = f"its {runs} runs are spent"
+        else:
+            race.ended = f"another round of {len(missing)} would pass its {runs} runs"
     if race.ended:
         study.set_user_attr(RACE, race.as_dict())
         return 0, race

@@ -39,13 +39,17 @@ def test_the_shipped_study_files_are_all_checked():
 
 
 def _differences(shipped, measured) -> list[str]:
-    return [
-        f"[{table}] {name}: {getattr(getattr(shipped, table), name)!r} shipped, "
-        f"{getattr(getattr(measured, table), name)!r} measured"
+    pairs = (
+        (
+            table,
+            name,
+            getattr(getattr(shipped, table), name),
+            getattr(getattr(measured, table), name),
+        )
         for table, names in MECHANISMS.items()
         for name in names
-        if getattr(getattr(shipped, table), name) != getattr(getattr(measured, table), name)
-    ]
+    )
+    return [f"[{t}] {n}: {a!r} shipped, {b!r} measured" for t, n, a, b in pairs if a != b]
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
