@@ -50,6 +50,7 @@ from search.config.space import (
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 SEED_MODES = ("shared", "per_trial")
+BUDGETS = ("trials", "steps")
 NARROWING = ("model", "noise", "top_k")
 CHOICES = ("robust", "model", "best", "smoothed")
 TABLES = (
@@ -595,6 +596,12 @@ def _parse_final(path: Path, raw: Any, *, own: tuple[str, ...] | None = None) ->
 
 @dataclass(frozen=True)
 class OptunaSpec:
+    """How the stages run their trials. ``budget``: what a stage's ``trials`` counts.
+    "trials" (the default): trials, however early they stopped. "steps": training steps,
+    in whole trials' worth: a trial pruned or diverged counts the share of its epochs it
+    trained, and the steps it left buy more trials until the next would pass the target
+    (:func:`search.sweep.studies.top_up`)."""
+
     pruner: str = "none"
     sampler: str = "tpe"
     seed: int = 0
@@ -605,6 +612,7 @@ class OptunaSpec:
     warmup_cycles: float = 0.5
     n_startup_trials: int = 5
     seed_mode: str = "shared"
+    budget: str = "trials"
 
 
 def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
@@ -635,6 +643,7 @@ def _parse_optuna(path: Path, raw: Any) -> OptunaSpec:
         raise StudyDefinitionError(path, "optuna.storage", IN_MEMORY)
     _one_of(path, "optuna.pruner", spec.pruner, PRUNERS)
     _one_of(path, "optuna.sampler", spec.sampler, SAMPLERS)
+    _one_of(path, "optuna.budget", spec.budget, BUDGETS)
     if spec.seed_mode not in SEED_MODES:
         raise StudyDefinitionError(
             path,

@@ -61,15 +61,20 @@ def record(
     diverged: bool = False,
     reason: str = "",
     more: dict[str, Any] | None = None,
+    epochs_run: float | None = None,
 ) -> None:
     """Store what a trial's run reported, in one write: the seed, the curves (system attr
-    ``c2f_curves``), wall time, epochs run, whether (and why) it stopped early, and the
+    ``c2f_curves``), wall time, epochs run (``epochs_run``: a diverged run's, to where it
+    diverged) of those planned, whether (and why) it stopped early, and the
     user attrs in ``more``."""
     user: dict[str, Any] = {"seed": seed}
     system: dict[str, Any] = {}
     if reporter.calls:
         system[CURVES] = {**reporter.curves, "wall_time": round(wall_time, 3)}
-        user["epochs_run"] = round(reporter.epochs_run or 0.0, 4)
+    if reporter.calls or epochs_run is not None:
+        user["epochs_run"] = round(max(reporter.epochs_run or 0.0, epochs_run or 0.0), 4)
+        # what a budget in steps counts a trial that stopped early by (studies.spent)
+        user["epochs_planned"] = round(reporter.epochs_planned, 4)
     user |= {"wall_time": round(wall_time, 3), "diverged": diverged}
     if reason:
         user["reason"] = reason
@@ -167,7 +172,11 @@ def run_trial(
         value, metrics = parse_result(entry, result, final=data.test is not None)
     except TrainingDiverged as exc:
         wall = time.perf_counter() - t0
-        record(trial, reporter, wall, seed=seed, diverged=True, reason=str(exc))
+        # the steps it trained: up to the divergence, past the last report
+        trained = (exc.step + 1) / reporter.per_epoch
+        record(
+            trial, reporter, wall, seed=seed, diverged=True, reason=str(exc), epochs_run=trained
+        )
         raise optuna.TrialPruned(f"diverged: {exc}") from None
     except optuna.TrialPruned as exc:
         record(trial, reporter, time.perf_counter() - t0, seed=seed, reason=str(exc))

@@ -398,6 +398,7 @@ class Reporter:
         self.warmup, self.last = window
         self.prunes = prunes and trial is not None
         self.per_epoch = config.steps_per_epoch(n_train)
+        self.epochs_planned = config.total_steps(n_train) / self.per_epoch
         self.schedule = config.make_schedule(n_train)
         self.log = log
         self.curves: dict[str, list[Any]] = {"step": [], "epoch": [], "eta": [], "val_acc": []}

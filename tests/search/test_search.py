@@ -100,6 +100,12 @@ def test_diverging_trial_is_recorded_and_study_goes_on(quick_study):
     diverged = [t for t in trials if t.user_attrs.get("diverged")]
     assert diverged and all(t.state == TrialState.PRUNED for t in diverged)
     assert all("diverged" in t.user_attrs["reason"] for t in diverged)
+    for t in diverged:
+        # the steps it trained: to where it diverged (said in its reason), not to its last report
+        at = int(t.user_attrs["reason"].split("diverged at step ")[1].split(" ")[0])
+        planned = t.user_attrs["epochs_planned"]
+        total = 2 * 48 * 2  # steps: 2 cycles of 2 x n_s
+        assert t.user_attrs["epochs_run"] == pytest.approx((at + 1) * planned / total, abs=1e-4)
 
 
 def test_bad_study_file_gives_one_line_error(tmp_path, capsys):
