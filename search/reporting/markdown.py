@@ -156,7 +156,13 @@ def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
             else f"Pruner `{spec.optuna.pruner}` after {spec.optuna.warmup_cycles:g} cycles "
             "(epochs for the step and constant schedules)"
         )
-        + f", sampler `{spec.optuna.sampler}`.",
+        + f", sampler `{spec.optuna.sampler}`. "
+        + (
+            "Trials per stage counted in training steps: a pruned or diverged trial counts "
+            "the share it trained, and the steps it left bought more trials."
+            if spec.optuna.budget == "steps"
+            else "Trials per stage counted as trials, however early they stopped."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -55,6 +55,7 @@ def open_stage(
         study.set_user_attr("ranges", sp.to_record(space))
     st.record_files(study, spec)
     study.set_user_attr("data_sizes", prepared.sizes())  # for the report's settings
+    study.set_user_attr(st.BUDGET, spec.optuna.budget)  # what its target counts
     for k, v in (attrs or {}).items():
         study.set_user_attr(k, v)
     return study
@@ -160,6 +161,7 @@ def work(
     stage_spec = spec.search_stage(stage)
     stop_in = space if stage_spec.stop_below_noise else None
     run(total=target + sum(is_replicate(t) for t in live), stop_in=stop_in)
+    spend_saved_steps(study, lambda total: run(total=total, stop_in=stop_in), log=log)
     replicate_rounds(spec, stage, study, lambda total: run(total=total), log=log)
     race_rounds(spec, stage, study, space, lambda total: run(total=total), log=log)
 
@@ -197,9 +199,11 @@ def run_stage(
     target = stopping.resumed_target(study, target, enabled=stop, log=log)
     queued = st.top_up(study, target, enqueue=list(enqueue))
     workers = spec.optuna.workers
+    steps = " in steps (a pruned or diverged trial counts the share it trained)"
     log(
-        f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials, "
-        f"{st.finished(study)[0]} finished, {queued} newly queued, {workers} worker(s)",
+        f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials"
+        f"{steps if st.in_steps(study) else ''}, {st.finished(study)[0]} finished, "
+        f"{queued} newly queued, {workers} worker(s)",
         flush=True,
     )
     work(spec, stage, study, space, prepared, workers=workers, log=log)
@@ -265,6 +269,39 @@ def space_of(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, sp.R
             "it must be set up by python -m search.fine"
         )
     return sp.from_record(recorded)
+
+
+# Each round spends what the last one's pruned trials left: a fraction of it at most.
+MAX_STEP_ROUNDS = 20
+
+
+def spend_saved_steps(study: optuna.Study, run: Callable[[int], None], *, log=print) -> None:
+    """With a budget in steps (``[optuna] budget = "steps"``): queue the trials that the
+    steps left by pruned and diverged ones buy (:func:`search.sweep.studies.top_up`) and
+    ``run(total)`` the workers, until no whole trial fits in what is left.
+
+    Only once the stage's search trials are all finished, and not after the stop rule
+    ended the search (it keeps what it has).
+    """
+    for _ in range(MAX_STEP_ROUNDS):
+        if not st.in_steps(study) or stopping.stopped(study):
+            return
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state in st.LIVE and not is_replicate(t) for t in trials):
+            return
+        target = int(study.user_attrs.get("target") or 0)
+        before = st.counted_toward(study, trials)
+        queued = st.top_up(study, target)
+        if not queued:
+            return
+        log(
+            f"budget in steps: {before:.1f} of {target} trials' steps spent (pruned and "
+            f"diverged trials count the share they trained); {queued} more "
+            f"{'trial' if queued == 1 else 'trials'} queued",
+            flush=True,
+        )
+        live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
+        run(len(live))
 
 
 # One round: a predictable cost of (replicates - 1) x replicate_top runs per stage. The

@@ -4,7 +4,8 @@ live, its real failures and where they were raised; what ``search.status`` shows
 A study is ``running`` if a RUNNING trial's worker is alive (the rule every worker's
 reaper uses, :func:`search.sweep.workers.lost.lost_reason`), ``stale`` if RUNNING
 trials have no live worker, ``done`` when its finished search trials reach the
-target, ``incomplete`` otherwise.
+target (with a budget in steps, when their steps leave no room for a whole trial more),
+``incomplete`` otherwise.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class StudyStatus:
     # The sweep's own FAILs, apart from counts["FAIL"] (search.sweep.workers.bookkeeping).
     requeued: int = 0
     retired: int = 0
+    # With a budget in steps: the finished search trials' steps, in whole trials' worth.
+    steps: float | None = None
 
 
 def liveness(
@@ -116,6 +119,13 @@ def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyS
     alive, stale = liveness(running, grace_period=grace_period)
     target = study.user_attrs.get("target")
     finished = counts["COMPLETE"] + counts["PRUNED"] - n_replicates
+    steps = None
+    if st.in_steps(study):  # the target counts steps: done when no whole trial fits
+        done = [t for t in trials if t.state in st.FINISHED and not rep.is_replicate(t)]
+        steps = sum(map(st.spent, done))
+    reached = target is not None and (
+        finished >= target if steps is None else steps > target - 1 + 1e-9
+    )
     failures = failure_reasons(study)
     if alive:
         verdict = f"running ({alive} trial(s) with live workers)"
@@ -124,7 +134,7 @@ def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyS
             f"stale ({stale} RUNNING trial(s) without a live worker: run {resume} "
             "again to retry them)"
         )
-    elif target is not None and finished >= target and not counts["WAITING"]:
+    elif reached and not counts["WAITING"]:
         stop = stopping.stopped(study)
         verdict = f"done ({stopping.line(stop)})" if stop else "done"
     else:
@@ -145,4 +155,5 @@ def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyS
         failed_at=_failed_at(study, failures),
         requeued=every[bookkeeping.Kind.REQUEUED.name],
         retired=every[bookkeeping.Kind.RETIRED.name],
+        steps=steps,
     )

@@ -14,6 +14,7 @@ target than the one it stopped under searches on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,8 @@ def stop(study: optuna.Study, gain: Gain) -> dict[str, Any] | None:
         return None
     earlier = stopped(study) or {}
     asked = int(earlier.get("asked") or study.user_attrs.get("target") or 0)
-    kept = _kept(trials) - len(waiting)
+    taken = {t.number for t in waiting}
+    kept = _kept(study, [t for t in trials if t.number not in taken])
     record = {
         "asked": asked,
         "target": kept,
@@ -115,19 +117,18 @@ def stop(study: optuna.Study, gain: Gain) -> dict[str, Any] | None:
     for t in waiting:
         bookkeeping.retire(storage, trial_id(t), REASON)  # False: a worker took it first
     trials = study.get_trials(deepcopy=False)
-    record["target"] = _kept(trials) - sum(
-        t.state == TrialState.WAITING for t in own_search_trials(trials)
-    )
+    record["target"] = _kept(study, [t for t in trials if t.state != TrialState.WAITING])
     record["saved"] = max(0, asked - record["target"])
     study.set_user_attr(STOPPED, record)
     study.set_user_attr("target", record["target"])
     return record
 
 
-def _kept(trials: Sequence[FrozenTrial]) -> int:
-    """Search trials that count towards a target (as :func:`search.sweep.studies.top_up`
-    counts them): finished, running or waiting, replicates aside."""
-    return sum(t.state in st.FINISHED + st.LIVE for t in trials if not is_replicate(t))
+def _kept(study: optuna.Study, trials: Sequence[FrozenTrial]) -> int:
+    """What ``trials`` count towards a target, as :func:`search.sweep.studies.top_up`
+    counts them (finished, running or waiting, replicates aside; with a budget in steps
+    their shares), rounded up: a target that queues nothing more."""
+    return math.ceil(st.counted_toward(study, trials) - 1e-9)
 
 
 def stopped(study: optuna.Study) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ of machines run exactly the target between them.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 import warnings
@@ -136,17 +137,52 @@ def finished(study: optuna.Study) -> tuple[int, int]:
 
 def finished_text(study: optuna.Study, target: int | None) -> str:
     """``"500 finished of target 500 (+ 6 replicate runs; 0 failed, 11 re-queued)"``: the
-    search trials a target counts, the replicate runs on top, the real failures and the
-    sweep's own FAILs (:func:`counts`)."""
+    search trials a target counts (with a budget in steps, the steps they took too), the
+    replicate runs on top, the real failures and the sweep's own FAILs (:func:`counts`)."""
     c = counts(study)
     search, replicates = finished(study)
     more = f"+ {replicates} replicate runs; " if replicates else ""
     states = ", ".join([f"{c['FAIL']} failed", *bookkeeping.shown(c)])
+    if in_steps(study):  # "38 finished, 35.2 trials' steps, of target 40"
+        done = study.get_trials(deepcopy=False, states=FINISHED)
+        steps = sum(spent(t) for t in done if not is_replicate(t))
+        return f"{search} finished, {steps:.1f} trials' steps, of target {target} ({more}{states})"
     return f"{search} finished of target {target} ({more}{states})"
+
+
+BUDGET = "budget"  # study attr: what the target counts, trials or steps (OptunaSpec.budget)
+
+
+def spent(trial: FrozenTrial) -> float:
+    """The share of its planned training steps a trial took: the epochs a pruned or
+    diverged trial ran of those planned, 1 for any other (a complete, running or
+    waiting one, or one that recorded no epochs)."""
+    planned = float(trial.user_attrs.get("epochs_planned") or 0.0)
+    if trial.state != TrialState.PRUNED or planned <= 0 or "epochs_run" not in trial.user_attrs:
+        return 1.0
+    return min(1.0, float(trial.user_attrs["epochs_run"]) / planned)
+
+
+def in_steps(study: optuna.Study) -> bool:
+    """Whether the study's target counts training steps (``[optuna] budget = "steps"``)."""
+    return study.user_attrs.get(BUDGET) == "steps"
+
+
+def counted_toward(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> float:
+    """What the study's finished, running and waiting search trials count towards its
+    target: trials, or with a budget in steps their shares (:func:`spent`)."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    counted = [t for t in trials if t.state in FINISHED + LIVE and not is_replicate(t)]
+    return sum(map(spent, counted)) if in_steps(study) else float(len(counted))
 
 
 def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, float]] = ()) -> int:
     """Make finished + running + waiting trials equal ``target``; how many were queued.
+
+    With a budget in steps (:func:`in_steps`) a pruned or diverged trial counts the share
+    of its steps it took (:func:`spent`), so the steps it left buy new trials, as many
+    as fit in whole: the target is never passed.
 
     First the retries that a dying process still owed are queued
     (:func:`search.sweep.workers.lost.repair_owed_retries`). ``enqueue`` gives parameters
@@ -161,9 +197,10 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     trials = study.get_trials(deepcopy=False)
     # Replicates of the best configurations come on top of the target.
     counted = [t for t in trials if t.state in FINISHED + LIVE and not is_replicate(t)]
-    missing = target - len(counted)
-    if missing < 0:
-        _trim(storage, counted, target)
+    short = target - counted_toward(study, trials)
+    if short < -1e-9:
+        _trim(storage, counted, math.ceil(-short - 1e-9), target)
+    missing = math.floor(short + 1e-9)  # whole trials that fit
     already = {tuple(sorted(t.params.items())) for t in trials}
     starts = [p for p in enqueue if tuple(sorted(p.items())) not in already][: max(0, missing)]
     for params in starts:
@@ -174,13 +211,14 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     return max(0, missing)
 
 
-def _trim(storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], target: int) -> None:
-    """Fail the WAITING trials beyond ``target`` in trial order (blank ones first), as
-    retired (:mod:`search.sweep.workers.bookkeeping`).
+def _trim(
+    storage: optuna.storages.BaseStorage, counted: list[FrozenTrial], excess: int, target: int
+) -> None:
+    """Fail ``excess`` WAITING trials, the last in trial order (blank ones first), as
+    retired (:mod:`search.sweep.workers.bookkeeping`): those beyond ``target``.
 
     By trial number, so two commands trimming at once fail the same trials.
     """
-    excess = len(counted) - target
     waiting = sorted(
         (t for t in counted if t.state == TrialState.WAITING),
         key=lambda t: (not t.system_attrs.get("fixed_params"), t.number),

@@ -1,0 +1,165 @@
+"""A stage's budget in training steps (``[optuna] budget = "steps"``): pruned and diverged
+trials count the share of their steps they took, and what they left buys more trials."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import coarse
+from search.config.study import StudyDefinitionError, load_spec
+from search.reporting import markdown
+from search.status import format_status
+from search.sweep import replicates as rep
+from search.sweep import standing, stopping
+from search.sweep import studies as st
+
+PLANNED = 8.0  # epochs a trial plans
+
+
+def _study(tmp_path, budget="steps"):
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="s", direction="maximize"
+    )
+    study.set_user_attr(st.BUDGET, budget)
+    return study
+
+
+def _add(study, epochs_run, *, state=TrialState.PRUNED, replicate=0):
+    """A finished trial that trained ``epochs_run`` of PLANNED epochs."""
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=state,
+            value=0.9 if state == TrialState.COMPLETE else None,
+            user_attrs={
+                "epochs_run": epochs_run,
+                "epochs_planned": PLANNED,
+                rep.REPLICATE: replicate,
+            },
+        )
+    )
+
+
+def _waiting(study):
+    return sum(t.state == TrialState.WAITING for t in study.get_trials())
+
+
+def test_a_pruned_trial_counts_the_share_it_trained_and_any_other_one_whole(tmp_path):
+    study = _study(tmp_path)
+    _add(study, 2.0)  # pruned a quarter of the way
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    _add(study, 100.0)  # more than planned: never more than one trial
+    first, second, third = study.get_trials()
+    assert (st.spent(first), st.spent(second), st.spent(third)) == (0.25, 1.0, 1.0)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))  # no epochs recorded
+    assert st.spent(study.get_trials()[-1]) == 1.0
+    assert st.counted_toward(study) == pytest.approx(3.25)
+
+
+def test_the_steps_left_buy_whole_trials_and_never_pass_the_target(tmp_path):
+    study = _study(tmp_path)
+    for _ in range(4):
+        _add(study, 2.0)  # 4 trials pruned at a quarter: one trial's steps
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    _add(study, 8.0, state=TrialState.COMPLETE, replicate=1)  # on top of the target
+    # 2 trials' steps spent of 6: 4 more fit
+    assert st.top_up(study, 6) == 4 and _waiting(study) == 4
+    assert st.top_up(study, 6) == 0  # the waiting ones count whole
+
+
+def test_counted_as_trials_the_same_trials_fill_the_target(tmp_path):
+    study = _study(tmp_path, budget="trials")
+    for _ in range(4):
+        _add(study, 2.0)
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    assert st.counted_toward(study) == 5.0
+    assert st.top_up(study, 6) == 1
+
+
+def test_a_fraction_of_a_trial_left_queues_nothing_and_a_lower_target_trims(tmp_path):
+    study = _study(tmp_path)
+    _add(study, 4.0)  # half a trial
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    assert st.top_up(study, 2) == 0  # 1.5 spent: half a trial left does not fit one
+    assert st.top_up(study, 5) == 3 and _waiting(study) == 3
+    # A lower target: 1.5 + 3 waiting = 4.5 over a target of 3, so 2 waiting are retired.
+    assert st.top_up(study, 3) == 0 and _waiting(study) == 1
+
+
+def test_a_stop_in_steps_keeps_a_target_that_queues_nothing_more(tmp_path):
+    study = _study(tmp_path)
+    _add(study, 2.0)
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    st.top_up(study, 6)  # 4 waiting
+    record = stopping.stop(study, stopping.Gain(0.001, 0.01, 2))
+    # 1.25 trials' steps kept: the target is 2 (rounded up), 4 saved of the 6 asked
+    assert record is not None and (record["target"], record["saved"]) == (2, 4)
+    assert st.top_up(study, record["target"]) == 0 and _waiting(study) == 0
+
+
+def test_status_is_done_only_when_no_whole_trial_fits(tmp_path):
+    study = _study(tmp_path)
+    for _ in range(4):
+        _add(study, 2.0)
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    study.set_user_attr("target", 4)
+    # 5 trials finished of a target of 4, but only 2 trials' steps: not done
+    s = standing.standing(study, grace_period=30, resume="c2f coarse")
+    assert s.verdict.startswith("incomplete") and s.steps == pytest.approx(2.0)
+    assert "5/4 finished, 2.0 trials' steps;" in format_status(s)
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    _add(study, 4.0)  # 3.5 of 4: half a trial left, no whole one fits
+    assert standing.standing(study, grace_period=30, resume="c2f coarse").verdict == "done"
+    assert "7 finished, 3.5 trials' steps, of target 4" in st.finished_text(study, 4)
+
+
+def test_budget_must_be_trials_or_steps(quick_study):
+    with pytest.raises(StudyDefinitionError, match=r"optuna.budget.*\['trials', 'steps'\]"):
+        load_spec(quick_study(optuna={"budget": "epochs"}))
+    assert load_spec(quick_study()).optuna.budget == "trials"  # the default
+
+
+def test_coarse_spends_the_steps_of_diverged_trials_on_more_trials(quick_study, capsys):
+    # Past eta_max 2 the quick start's network diverges within its first epochs: those
+    # trials take a sliver of their steps, and the rest buys more trials.
+    path = quick_study(
+        search={"l2_lambda": [1e-5, 1e-1], "eta_max": [1e-2, 1e3]},
+        coarse={"trials": 6},
+        training={"n_cycles": 1},
+        optuna={"budget": "steps"},
+    )
+    assert coarse.main(["--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    spec = load_spec(path)
+    study = optuna.load_study(study_name=f"{spec.name}-coarse", storage=spec.storage_url())
+    trials = [t for t in study.get_trials() if t.state in st.FINISHED]
+    diverged = [t for t in trials if t.user_attrs.get("diverged")]
+    assert diverged and all(st.spent(t) < 1 for t in diverged)
+    assert len(trials) > 6  # more trials than the target: the diverged ones' steps bought them
+    used = st.counted_toward(study)
+    assert 5 < used <= 6 + 1e-9  # the target in steps, never passed
+    # The epochs recorded are the steps trained: what the budget counted.
+    planned = trials[0].user_attrs["epochs_planned"]
+    assert sum(t.user_attrs["epochs_run"] for t in trials) == pytest.approx(used * planned)
+    assert "target 6 trials in steps" in out and "budget in steps:" in out
+    assert "more trial" in out and "queued" in out
+    report = markdown.settings_section(spec, {"coarse": study})
+    assert "counted in training steps" in report
+
+
+def test_counted_as_trials_diverged_trials_buy_nothing(quick_study):
+    path = quick_study(
+        search={"l2_lambda": [1e-5, 1e-1], "eta_max": [1e-2, 1e3]},
+        coarse={"trials": 6},
+        training={"n_cycles": 1},
+    )
+    assert coarse.main(["--study", str(path)]) == 0
+    spec = load_spec(path)
+    study = optuna.load_study(study_name=f"{spec.name}-coarse", storage=spec.storage_url())
+    trials = [t for t in study.get_trials() if t.state in st.FINISHED]
+    assert len(trials) == 6 and any(t.user_attrs.get("diverged") for t in trials)
+    assert not math.isclose(sum(map(st.spent, trials)), 6)  # they took less, and count 1
+    assert st.counted_toward(study) == 6
