@@ -99,6 +99,10 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "coarse": {"trials": 17},
         "fine": {"trials": 11},
     },
+    # Not an ablation: the budget in steps (a diverged trial's unspent steps buy more trials),
+    # without and with the percentile pruner (whose saved steps then buy more trials too).
+    "c2f-steps": {"optuna": {"budget": "steps"}},
+    "c2f-pruning-steps": {"optuna": {"pruner": "percentile", "budget": "steps"}},
     # Not an ablation: a longer race (6 runs on shared seeds, not 4), within the peers' steps.
     "c2f-race-6": {"fine": {"race_runs": 6}},
     # Not an ablation: a wider race at the same budget, 6 contenders on one extra seed each
@@ -130,6 +134,8 @@ LABELS = {
     "c2f-noise-narrowing": "coarse2fine, narrowing by means",
     "c2f-pruning": "coarse2fine + percentile pruner",
     "c2f-pruning-more": "coarse2fine + percentile pruner, 17 + 11 trials",
+    "c2f-steps": "coarse2fine, budget in steps",
+    "c2f-pruning-steps": "coarse2fine + percentile pruner, budget in steps",
     "c2f-race-6": "coarse2fine, a race of 6 runs (race_runs = 6)",
     "c2f-race-wide": "coarse2fine, 6 fine trials, race of 6 contenders",
     "c2f-stop": "coarse2fine, fine stops below the noise",
