@@ -18,8 +18,8 @@ A file has these tables (every key but ``name`` has a default)::
                 replicate_top, race_top, race_runs, warm_start, stop_below_noise,
                 [fine.training] overrides
     [final]     holdout, seeds, choose, [final.training] overrides
-    [optuna]    pruner, sampler, seed, seed_mode, workers, storage, heartbeat_interval,
-                grace_period, warmup_cycles, n_startup_trials
+    [optuna]    pruner, sampler, seed, seed_mode, budget, workers, storage,
+                heartbeat_interval, grace_period, warmup_cycles, n_startup_trials
 
 Errors are :class:`StudyDefinitionError` naming the file, the field and what is allowed.
 """
