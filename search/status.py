@@ -121,11 +121,12 @@ def format_status(s: StudyStatus) -> str:
         sd = f" +- {s.best_sd:.4f}" if s.best_sd is not None else ""
         best = f"{s.best_value:.4f}{sd} (n={s.best_n}; {params})"
     more = f" (+ {s.replicates} replicate runs)" if s.replicates else ""
+    done = f"{finished}/{target} finished"
     if s.steps is not None:  # a budget in steps: pruned and diverged trials count their share
-        more = f", {s.steps:.1f} trials' steps{more}"
+        done = f"{finished} finished, {s.steps:.1f}/{target} trials' steps"
     lines = [
         f"{s.name}: {s.verdict}",
-        f"  trials   {finished}/{target} finished{more}; {counts}",
+        f"  trials   {done}{more}; {counts}",
         f"  best     {best}",
     ]
     for i, (reason, n) in enumerate(s.failures):

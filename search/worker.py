@@ -192,7 +192,7 @@ def create(args: argparse.Namespace) -> int:
     study, queued = stage_driver.create_stage(spec, target=target, prepared=prepared)
     c = st.counts(study)
     print(
-        f"study {name} in {safe_url(spec.storage_url())}: target {target} trials, "
+        f"study {name} in {safe_url(spec.storage_url())}: {st.target_text(study, target)}, "
         f"{c['COMPLETE'] + c['PRUNED']} finished, {queued} newly queued, "
         f"{c['WAITING']} waiting; start workers with: {cli.command('worker')}"
         f"{cli.flags_text(storage=args.storage)} --study-name {name}",

@@ -160,7 +160,7 @@ def settings_section(spec: StudySpec, studies: dict[str, optuna.Study]) -> str:
         + (
             "Trials per stage counted in training steps: a pruned or diverged trial counts "
             "the share it trained, and the steps it left bought more trials."
-            if spec.optuna.budget == "steps"
+            if any(st.in_steps(s) for s in studies.values())  # as the stages ran
             else "Trials per stage counted as trials, however early they stopped."
         ),
         "",

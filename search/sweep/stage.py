@@ -13,6 +13,7 @@ configurations and run them the same way.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from search.sweep.replicates import is_replicate, queue_replicates
 from search.sweep.workers import lost
 from search.sweep.workers.loop import Sweep, worker_log
 from search.sweep.workers.pool import run_workers, threads_per
+from search.sweep.workers.signals import current
 from search.sweep.workers.storage import check_storage, make_storage, safe_url, storage_of
 
 
@@ -55,6 +57,13 @@ def open_stage(
         study.set_user_attr("ranges", sp.to_record(space))
     st.record_files(study, spec)
     study.set_user_attr("data_sizes", prepared.sizes())  # for the report's settings
+    recorded = study.user_attrs.get(st.BUDGET)
+    if recorded and recorded != spec.optuna.budget:  # legitimate, but its target now means more
+        print(
+            f"{study.study_name}: its target counted {recorded}, the study file now says "
+            f'budget = "{spec.optuna.budget}": it counts {spec.optuna.budget} from here on',
+            flush=True,
+        )
     study.set_user_attr(st.BUDGET, spec.optuna.budget)  # what its target counts
     for k, v in (attrs or {}).items():
         study.set_user_attr(k, v)
@@ -109,13 +118,19 @@ def drive(
     total: int,
     reap: Callable[[], list[int]],
     stop_in: dict[str, sp.Range] | None = None,
+    search: bool = False,
 ) -> None:
     """Run ``workers`` worker processes of ``job`` on the study's queue until it is empty,
     with the progress line counting to ``total``; ``stop_in``: the stage's ranges, to end
-    its search by the stop rule (:class:`search.sweep.stopping.Stopper`)."""
+    its search by the stop rule (:class:`search.sweep.stopping.Stopper`); ``search``: the
+    stage's search trials (not its replicates or race), whose queue a budget in steps
+    keeps topped up (:class:`SpendSaved`)."""
     progress: Any = Progress(study, total)
+    stopper = None
     if stop_in is not None:
-        progress = stopping.Stopper(study, stop_in, progress)
+        progress = stopper = stopping.Stopper(study, stop_in, progress)
+    if search and st.in_steps(study):
+        progress = SpendSaved(study, progress)
     run_workers(
         job,
         workers=workers,
@@ -123,7 +138,7 @@ def drive(
         reap=reap,
         release_first=[storage_of(study)],
     )
-    said = progress.summary() if isinstance(progress, stopping.Stopper) else None
+    said = stopper.summary() if stopper is not None else None
     if said:
         print(said, flush=True)
 
@@ -160,8 +175,8 @@ def work(
     target = int(study.user_attrs.get("target") or 0)
     stage_spec = spec.search_stage(stage)
     stop_in = space if stage_spec.stop_below_noise else None
-    run(total=target + sum(is_replicate(t) for t in live), stop_in=stop_in)
-    spend_saved_steps(study, lambda total: run(total=total, stop_in=stop_in), log=log)
+    run(total=target + sum(is_replicate(t) for t in live), stop_in=stop_in, search=True)
+    spend_saved_steps(study, lambda n: run(total=n, stop_in=stop_in, search=True), log=log)
     replicate_rounds(spec, stage, study, lambda total: run(total=total), log=log)
     race_rounds(spec, stage, study, space, lambda total: run(total=total), log=log)
 
@@ -199,10 +214,9 @@ def run_stage(
     target = stopping.resumed_target(study, target, enabled=stop, log=log)
     queued = st.top_up(study, target, enqueue=list(enqueue))
     workers = spec.optuna.workers
-    steps = " in steps (a pruned or diverged trial counts the share it trained)"
     log(
-        f"study {study.study_name} in {safe_url(spec.storage_url())}: target {target} trials"
-        f"{steps if st.in_steps(study) else ''}, {st.finished(study)[0]} finished, "
+        f"study {study.study_name} in {safe_url(spec.storage_url())}: "
+        f"{st.target_text(study, target)}, {st.finished(study)[0]} finished, "
         f"{queued} newly queued, {workers} worker(s)",
         flush=True,
     )
@@ -271,8 +285,9 @@ def space_of(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, sp.R
     return sp.from_record(recorded)
 
 
-# Each round spends what the last one's pruned trials left: a fraction of it at most.
-MAX_STEP_ROUNDS = 20
+# A safety net only: each round queues what the last one's pruned trials left, and a trial
+# counts at least studies.MIN_SHARE, so the rounds shrink geometrically.
+MAX_STEP_ROUNDS = 100
 
 
 def spend_saved_steps(study: optuna.Study, run: Callable[[int], None], *, log=print) -> None:
@@ -280,28 +295,58 @@ def spend_saved_steps(study: optuna.Study, run: Callable[[int], None], *, log=pr
     steps left by pruned and diverged ones buy (:func:`search.sweep.studies.top_up`) and
     ``run(total)`` the workers, until no whole trial fits in what is left.
 
-    Only once the stage's search trials are all finished, and not after the stop rule
-    ended the search (it keeps what it has).
+    While the workers run, :class:`SpendSaved` keeps the queue topped up; this finishes
+    what is left when the queue ran dry. Search trials still waiting or running (another
+    machine's round) are run or waited for here too, so every machine's workers take
+    part. Not after the stop rule ended the search (it keeps what it has).
     """
     for _ in range(MAX_STEP_ROUNDS):
         if not st.in_steps(study) or stopping.stopped(study):
             return
         trials = study.get_trials(deepcopy=False)
-        if any(t.state in st.LIVE and not is_replicate(t) for t in trials):
-            return
-        target = int(study.user_attrs.get("target") or 0)
-        before = st.counted_toward(study, trials)
-        queued = st.top_up(study, target)
-        if not queued:
-            return
-        log(
-            f"budget in steps: {before:.1f} of {target} trials' steps spent (pruned and "
-            f"diverged trials count the share they trained); {queued} more "
-            f"{'trial' if queued == 1 else 'trials'} queued",
-            flush=True,
-        )
+        if not any(t.state in st.LIVE and not is_replicate(t) for t in trials):
+            target = int(study.user_attrs.get("target") or 0)
+            before = st.counted_toward(study, trials)
+            queued = st.top_up(study, target)
+            if not queued:
+                return
+            st.top_up(study, target)  # another machine queued the same round: retire doubles
+            log(
+                f"budget in steps: {before:.1f} of {target} trials' steps spent (pruned and "
+                f"diverged trials count the share they trained); {queued} more "
+                f"{'trial' if queued == 1 else 'trials'} queued",
+                flush=True,
+            )
         live = study.get_trials(deepcopy=False, states=st.FINISHED + st.LIVE)
         run(len(live))
+    log(f"budget in steps: stopped after {MAX_STEP_ROUNDS} rounds", flush=True)
+
+
+class SpendSaved:
+    """The progress callback of a stage with a budget in steps: at most every ``every``
+    seconds, when no search trial waits, top the queue up to the target
+    (:func:`search.sweep.studies.top_up`), so the steps a pruned trial left buy a trial
+    while the other workers still run, not after them. Then the wrapped callback."""
+
+    def __init__(self, study: optuna.Study, inner: Any, *, every: float = 2.0) -> None:
+        self.study = study
+        self.inner = inner
+        self.every = every
+        self.next = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        # Not once a signal or the stop rule stopped the stage: it ends with what it has.
+        if now >= self.next and not current() and not stopping.stopped(self.study):
+            self.next = now + self.every
+            storage = storage_of(self.study)
+            study_id = storage.get_study_id_from_name(self.study.study_name)
+            if not storage.get_n_trials(study_id, optuna.trial.TrialState.WAITING):
+                st.top_up(self.study, int(self.study.user_attrs.get("target") or 0))
+        self.inner()
+
+    def __getattr__(self, name: str) -> Any:  # close, summary: the wrapped callback's
+        return getattr(self.inner, name)
 
 
 # One round: a predictable cost of (replicates - 1) x replicate_top runs per stage. The

@@ -124,7 +124,10 @@ def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyS
         done = [t for t in trials if t.state in st.FINISHED and not rep.is_replicate(t)]
         steps = sum(map(st.spent, done))
     reached = target is not None and (
-        finished >= target if steps is None else steps > target - 1 + 1e-9
+        finished >= target
+        if steps is None
+        # or stopped by the rule, which keeps what it has (studies.top_up queues no more)
+        else steps > target - 1 + 1e-9 or stopping.stopped(study) is not None
     )
     failures = failure_reasons(study)
     if alive:

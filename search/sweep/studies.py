@@ -153,19 +153,31 @@ def finished_text(study: optuna.Study, target: int | None) -> str:
 BUDGET = "budget"  # study attr: what the target counts, trials or steps (OptunaSpec.budget)
 
 
+# The least a trial counts towards a budget in steps: a search whose every trial diverges at
+# once runs at most 1 / MIN_SHARE times its target in trials, whose own costs (the sampler,
+# the storage) are real even when their training steps are not.
+MIN_SHARE = 0.25
+
+
 def spent(trial: FrozenTrial) -> float:
     """The share of its planned training steps a trial took: the epochs a pruned or
-    diverged trial ran of those planned, 1 for any other (a complete, running or
-    waiting one, or one that recorded no epochs)."""
+    diverged trial ran of those planned (at least :data:`MIN_SHARE`), 1 for any other (a
+    complete, running or waiting one, or one that recorded no epochs)."""
     planned = float(trial.user_attrs.get("epochs_planned") or 0.0)
     if trial.state != TrialState.PRUNED or planned <= 0 or "epochs_run" not in trial.user_attrs:
         return 1.0
-    return min(1.0, float(trial.user_attrs["epochs_run"]) / planned)
+    return min(1.0, max(MIN_SHARE, float(trial.user_attrs["epochs_run"]) / planned))
 
 
 def in_steps(study: optuna.Study) -> bool:
     """Whether the study's target counts training steps (``[optuna] budget = "steps"``)."""
     return study.user_attrs.get(BUDGET) == "steps"
+
+
+def target_text(study: optuna.Study, target: int) -> str:
+    """``"target 40 trials"``, and what it counts when that is steps."""
+    steps = " in steps (a pruned or diverged trial counts the share it trained)"
+    return f"target {target} trials{steps if in_steps(study) else ''}"
 
 
 def counted_toward(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> float:
@@ -182,7 +194,7 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
 
     With a budget in steps (:func:`in_steps`) a pruned or diverged trial counts the share
     of its steps it took (:func:`spent`), so the steps it left buy new trials, as many
-    as fit in whole: the target is never passed.
+    as fit in whole: the target is never passed. A search the stop rule ended gets none.
 
     First the retries that a dying process still owed are queued
     (:func:`search.sweep.workers.lost.repair_owed_retries`). ``enqueue`` gives parameters
@@ -201,6 +213,10 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
     if short < -1e-9:
         _trim(storage, counted, math.ceil(-short - 1e-9), target)
     missing = math.floor(short + 1e-9)  # whole trials that fit
+    if in_steps(study) and study.user_attrs.get("stopped"):
+        # The stop rule ended the search (search.sweep.stopping.STOPPED): it keeps what it
+        # has, though a trial running when it fired was pruned since and left steps.
+        missing = min(missing, 0)
     already = {tuple(sorted(t.params.items())) for t in trials}
     starts = [p for p in enqueue if tuple(sorted(p.items())) not in already][: max(0, missing)]
     for params in starts:

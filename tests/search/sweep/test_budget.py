@@ -14,7 +14,7 @@ from search.config.study import StudyDefinitionError, load_spec
 from search.reporting import markdown
 from search.status import format_status
 from search.sweep import replicates as rep
-from search.sweep import standing, stopping
+from search.sweep import stage, standing, stopping
 from search.sweep import studies as st
 
 PLANNED = 8.0  # epochs a trial plans
@@ -109,7 +109,7 @@ def test_status_is_done_only_when_no_whole_trial_fits(tmp_path):
     # 5 trials finished of a target of 4, but only 2 trials' steps: not done
     s = standing.standing(study, grace_period=30, resume="c2f coarse")
     assert s.verdict.startswith("incomplete") and s.steps == pytest.approx(2.0)
-    assert "5/4 finished, 2.0 trials' steps;" in format_status(s)
+    assert "5 finished, 2.0/4 trials' steps;" in format_status(s)
     _add(study, 8.0, state=TrialState.COMPLETE)
     _add(study, 4.0)  # 3.5 of 4: half a trial left, no whole one fits
     assert standing.standing(study, grace_period=30, resume="c2f coarse").verdict == "done"
@@ -122,14 +122,16 @@ def test_budget_must_be_trials_or_steps(quick_study):
     assert load_spec(quick_study()).optuna.budget == "trials"  # the default
 
 
-def test_coarse_spends_the_steps_of_diverged_trials_on_more_trials(quick_study, capsys):
-    # Past eta_max 2 the quick start's network diverges within its first epochs: those
-    # trials take a sliver of their steps, and the rest buys more trials.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_coarse_spends_the_steps_of_diverged_trials_on_more_trials(quick_study, capsys, workers):
+    # Past eta_max 15 or so the quick start's network diverges before its cycle's peak:
+    # those trials take under half their steps, and the rest buys more trials (with 2
+    # workers, queued while the other one still trains, by SpendSaved).
     path = quick_study(
-        search={"l2_lambda": [1e-5, 1e-1], "eta_max": [1e-2, 1e3]},
+        search={"l2_lambda": [1e-5, 1e-1], "eta_max": [10.0, 1e3]},
         coarse={"trials": 6},
         training={"n_cycles": 1},
-        optuna={"budget": "steps"},
+        optuna={"budget": "steps", "workers": workers},
     )
     assert coarse.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
@@ -141,11 +143,14 @@ def test_coarse_spends_the_steps_of_diverged_trials_on_more_trials(quick_study, 
     assert len(trials) > 6  # more trials than the target: the diverged ones' steps bought them
     used = st.counted_toward(study)
     assert 5 < used <= 6 + 1e-9  # the target in steps, never passed
-    # The epochs recorded are the steps trained: what the budget counted.
+    # The epochs recorded are the steps trained: never more than the budget counted.
     planned = trials[0].user_attrs["epochs_planned"]
-    assert sum(t.user_attrs["epochs_run"] for t in trials) == pytest.approx(used * planned)
+    assert sum(t.user_attrs["epochs_run"] for t in trials) <= used * planned + 1e-6
+    s = standing.standing(study, grace_period=30, resume="c2f coarse")
+    assert s.verdict == "done" and s.steps == pytest.approx(used)
     assert "target 6 trials in steps" in out and "budget in steps:" in out
-    assert "more trial" in out and "queued" in out
+    if workers == 1:  # with 2, SpendSaved may have queued them all while the other ran
+        assert "more trial" in out and "queued" in out
     report = markdown.settings_section(spec, {"coarse": study})
     assert "counted in training steps" in report
 
@@ -163,3 +168,55 @@ def test_counted_as_trials_diverged_trials_buy_nothing(quick_study):
     assert len(trials) == 6 and any(t.user_attrs.get("diverged") for t in trials)
     assert not math.isclose(sum(map(st.spent, trials)), 6)  # they took less, and count 1
     assert st.counted_toward(study) == 6
+
+
+def test_a_search_that_diverges_at_once_runs_at_most_four_times_its_target(tmp_path):
+    study = _study(tmp_path)
+    for _ in range(6):
+        _add(study, 0.01)  # diverged in its first steps: counts a quarter all the same
+    assert st.counted_toward(study) == pytest.approx(6 * st.MIN_SHARE)
+    assert st.top_up(study, 6) == 4
+    # However many rounds: 6 / MIN_SHARE trials at most fill a target of 6.
+    (tmp_path / "more").mkdir()
+    study2 = _study(tmp_path / "more")
+    for _ in range(int(6 / st.MIN_SHARE)):
+        _add(study2, 0.0)
+    assert st.top_up(study2, 6) == 0
+
+
+def test_a_stop_with_a_trial_running_is_done_when_that_one_is_pruned_later(tmp_path):
+    study = _study(tmp_path)
+    _add(study, 8.0, state=TrialState.COMPLETE)
+    _add(study, 2.0)
+    st.top_up(study, 6)
+    running = study.ask()  # a worker took one: RUNNING, counted whole by the stop
+    record = stopping.stop(study, stopping.Gain(0.001, 0.01, 2))
+    assert record is not None and record["target"] == 3
+    running.set_user_attr("epochs_run", 2.0)  # pruned since, a quarter of the way
+    running.set_user_attr("epochs_planned", PLANNED)
+    study.tell(running.number, state=TrialState.PRUNED)
+    assert st.counted_toward(study) == pytest.approx(1.5)  # 1.5 left of 3, yet:
+    assert st.top_up(study, 3) == 0  # the stop keeps what it has
+    assert standing.standing(study, grace_period=30, resume="c2f coarse").verdict.startswith(
+        "done"
+    )
+
+
+def test_while_the_workers_run_a_pruned_trial_buys_one_at_once(tmp_path):
+    study = _study(tmp_path)
+    _add(study, 4.0)
+    _add(study, 4.0)  # two halves: one whole trial left of a target of 2
+    study.set_user_attr("target", 2)
+    drawn = []
+    tick = stage.SpendSaved(study, lambda: drawn.append(1))
+    tick()
+    assert drawn == [1] and _waiting(study) == 1
+    tick()  # within its interval: no second look at the queue
+    study.set_user_attr("target", 3)
+    tick.next = 0.0
+    tick()  # one waits already: nothing more queued until the queue is empty
+    assert _waiting(study) == 1 and len(drawn) == 3
+    stopping.stop(study, stopping.Gain(0.001, 0.01, 2))  # retires the waiting one
+    tick.next = 0.0
+    tick()
+    assert _waiting(study) == 0  # the stop rule ended the search: nothing queued
