@@ -324,7 +324,7 @@ def spend_saved_steps(study: optuna.Study, run: Callable[[int], None], *, log=pr
 
 class SpendSaved:
     """The progress callback of a stage with a budget in steps: at most every ``every``
-    seconds, when no search trial waits, top the queue up to the target
+    seconds, when no trial waits, top the queue up to the target
     (:func:`search.sweep.studies.top_up`), so the steps a pruned trial left buy a trial
     while the other workers still run, not after them. Then the wrapped callback."""
 
@@ -336,13 +336,14 @@ class SpendSaved:
 
     def __call__(self) -> None:
         now = time.monotonic()
-        # Not once a signal or the stop rule stopped the stage: it ends with what it has.
-        if now >= self.next and not current() and not stopping.stopped(self.study):
+        if now >= self.next:
             self.next = now + self.every
-            storage = storage_of(self.study)
-            study_id = storage.get_study_id_from_name(self.study.study_name)
-            if not storage.get_n_trials(study_id, optuna.trial.TrialState.WAITING):
-                st.top_up(self.study, int(self.study.user_attrs.get("target") or 0))
+            # Not once a signal or the stop rule stopped the stage: it ends with what it has.
+            if not current() and not stopping.stopped(self.study):
+                storage = storage_of(self.study)
+                study_id = storage.get_study_id_from_name(self.study.study_name)
+                if not storage.get_n_trials(study_id, optuna.trial.TrialState.WAITING):
+                    st.top_up(self.study, int(self.study.user_attrs.get("target") or 0))
         self.inner()
 
     def __getattr__(self, name: str) -> Any:  # close, summary: the wrapped callback's
