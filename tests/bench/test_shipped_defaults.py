@@ -12,7 +12,7 @@ from tests.search.conftest import dump_toml
 STUDIES = sorted((peers.REPO / "studies").glob("*.toml"))
 # What decides how a search searches and chooses; not what it trains, nor for how long.
 MECHANISMS = {
-    "optuna": ("pruner", "sampler", "seed_mode"),
+    "optuna": ("pruner", "sampler", "seed_mode", "budget"),
     "coarse": ("replicates", "race_runs", "stop_below_noise"),
     "fine": (
         "narrow",
