@@ -220,3 +220,48 @@ def test_while_the_workers_run_a_pruned_trial_buys_one_at_once(tmp_path):
     tick.next = 0.0
     tick()
     assert _waiting(study) == 0  # the stop rule ended the search: nothing queued
+
+
+def test_ctrl_c_in_a_budget_in_steps_leaves_a_study_the_rerun_completes(quick_study, tmp_path):
+    """A real SIGINT to the group once a diverged trial has left steps and another trains:
+    exit 130, nothing left running, and the rerun spends the target in steps, no more."""
+    import os
+    import signal
+    import time
+
+    from tests.search.conftest import run_coarse, start_coarse
+
+    path = quick_study(
+        "sig",
+        search={"l2_lambda": [1e-5, 1e-1], "eta_max": [10.0, 1e4]},  # most diverge
+        coarse={"trials": 4},
+        training={"n_cycles": 10},  # a second or two a trial: the signal lands mid-training
+        optuna={"budget": "steps", "workers": 2},
+    )
+    url = f"sqlite:///{tmp_path / 'sig.db'}"
+    proc = start_coarse(path, url)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            states = [
+                t.state for t in optuna.load_study(study_name="sig-coarse", storage=url).trials
+            ]
+        except KeyError:  # the command is creating it
+            states = []
+        if TrialState.PRUNED in states and TrialState.RUNNING in states:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("no trial diverged while another trained")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    study = optuna.load_study(study_name="sig-coarse", storage=url)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    rerun = run_coarse(path, url, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    study = optuna.load_study(study_name="sig-coarse", storage=url)
+    assert not [t for t in study.trials if t.state in st.LIVE]
+    assert 3 < st.counted_toward(study) <= 4 + 1e-9
+    assert standing.standing(study, grace_period=30, resume="c2f coarse").verdict == "done"
