@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 
 from model.data import Dataset, Splits
-from model.train import History
+from model.train import History, TrainingDiverged
 from search.config import space as sp
 from search.config.study import StudySpec
 from search.sweep import narrowing, surrogate, user_train
@@ -251,9 +251,21 @@ def retrain(
         if str(seed) in runs:
             log(f"seed {seed}: recorded, test accuracy {runs[str(seed)]['test_acc']:.4f}")
             continue
-        run = user_train.run_final(
-            spec, params, splits, seed=seed, out_dir=out if i == 0 else None, log=log
-        )
+        try:
+            run = user_train.run_final(
+                spec, params, splits, seed=seed, out_dir=out if i == 0 else None, log=log
+            )
+        except user_train.UserCodeFailed as exc:
+            if not isinstance(exc.__cause__, TrainingDiverged):
+                raise
+            raise user_train.FinalDiverged(
+                f"final: configuration {best.number} ({params_line(params)}) diverged in "
+                f"final training with seed {seed} ({exc.__cause__.args[0].split(';')[0]}), "
+                f"though its search runs did not: it sits near the edge where runs diverge, "
+                f"and final trains on more images ({splits.train.n} against "
+                f"{data.train.n}). Search lower learning rates (lower the upper bound of "
+                f"[search] eta_max or eta) and run {command('fine')} again"
+            ) from exc
         runs[str(seed)] = {
             "test_acc": run.test["accuracy"],
             "test_loss": run.test["loss"],

@@ -113,6 +113,10 @@ class UserResultError(ValueError):
     """The user's function returned (or reported) something that is not a usable result."""
 
 
+class FinalDiverged(RuntimeError):
+    """The final run of the chosen configuration diverged (its search runs did not)."""
+
+
 class UserCodeFailed(RuntimeError):
     """The user's function raised outside a trial (in ``search.final``)."""
 

@@ -257,3 +257,27 @@ def test_sigkill_mid_trial_then_resume(quick_study):
     )
     if killed[0].params:  # killed after it drew its parameters: the retry has the same
         assert retried[0].params == killed[0].params
+
+
+def test_a_final_run_that_diverges_says_so_with_the_fix(quick_study, capsys, monkeypatch):
+    """The chosen configuration diverges in final training (its search runs did not, as
+    happened to a pruned Fashion-MNIST search at eta_max 0.54): one line, exit 1, the fix."""
+    import math
+
+    from model.train import History, TrainingDiverged
+    from search.sweep import user_train
+
+    path = quick_study(coarse={"trials": 3}, fine={"trials": 2}, training={"n_cycles": 1})
+    assert coarse.main(["--study", str(path)]) == 0
+    assert fine.main(["--study", str(path)]) == 0
+
+    def diverges(hp, data, report):
+        raise TrainingDiverged(step=767, eta=0.505, loss=math.inf, history=History())
+
+    monkeypatch.setattr(user_train, "train_function", lambda spec: diverges)
+    capsys.readouterr()
+    assert final.main(["--study", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "diverged in final training with seed 0 (training diverged at step 767" in err
+    assert "though its search runs did not" in err and "lower the upper bound" in err
+    assert "unexpected" not in err and "Traceback" not in err
