@@ -265,3 +265,33 @@ def test_ctrl_c_in_a_budget_in_steps_leaves_a_study_the_rerun_completes(quick_st
     assert not [t for t in study.trials if t.state in st.LIVE]
     assert 3 < st.counted_toward(study) <= 4 + 1e-9
     assert standing.standing(study, grace_period=30, resume="c2f coarse").verdict == "done"
+
+
+def test_a_round_another_machine_queued_is_run_here_too_and_doubles_are_retired(tmp_path):
+    """spend_saved_steps runs the workers on search trials another machine queued (it
+    does not leave them to that machine), and a round queued twice is cut back."""
+    study = _study(tmp_path)
+    for _ in range(4):
+        _add(study, 4.0)  # four halves: 2 trials' steps of a target of 4
+    study.set_user_attr("target", 4)
+    study.enqueue_trial({})  # another machine's round, waiting
+    runs: list[int] = []
+
+    def run(total):  # the workers: every waiting trial trains to its end
+        runs.append(total)
+        for t in study.get_trials(states=(TrialState.WAITING,)):
+            trial = study.ask()
+            assert trial.number == t.number
+            study.tell(trial, 0.9)
+
+    stage.spend_saved_steps(study, run, log=lambda *a, **k: None)
+    # the other machine's trial first, then this one's round: 1 more fits (3 + 1 = 4)
+    assert len(runs) == 2 and st.counted_toward(study) == pytest.approx(4.0)
+    # Two machines queue the same round at once: the second top_up retires the double.
+    (tmp_path / "two").mkdir()
+    study2 = _study(tmp_path / "two")
+    for _ in range(4):
+        _add(study2, 4.0)
+    assert st.top_up(study2, 4) == 2
+    study2.enqueue_trial({})  # the other machine's copy of the same round, one more
+    assert st.top_up(study2, 4) == 0 and _waiting(study2) == 2
