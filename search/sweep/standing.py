@@ -119,10 +119,8 @@ def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyS
     alive, stale = liveness(running, grace_period=grace_period)
     target = study.user_attrs.get("target")
     finished = counts["COMPLETE"] + counts["PRUNED"] - n_replicates
-    steps = None
-    if st.in_steps(study):  # the target counts steps: done when no whole trial fits
-        done = [t for t in trials if t.state in st.FINISHED and not rep.is_replicate(t)]
-        steps = sum(map(st.spent, done))
+    # the target counts steps: done when no whole trial fits
+    steps = st.steps_finished(trials) if st.in_steps(study) else None
     reached = target is not None and (
         finished >= target
         if steps is None

@@ -144,8 +144,7 @@ def finished_text(study: optuna.Study, target: int | None) -> str:
     more = f"+ {replicates} replicate runs; " if replicates else ""
     states = ", ".join([f"{c['FAIL']} failed", *bookkeeping.shown(c)])
     if in_steps(study):  # "38 finished, 35.2 trials' steps, of target 40"
-        done = study.get_trials(deepcopy=False, states=FINISHED)
-        steps = sum(spent(t) for t in done if not is_replicate(t))
+        steps = steps_finished(study.get_trials(deepcopy=False, states=FINISHED))
         return f"{search} finished, {steps:.1f} trials' steps, of target {target} ({more}{states})"
     return f"{search} finished of target {target} ({more}{states})"
 
@@ -167,6 +166,11 @@ def spent(trial: FrozenTrial) -> float:
     if trial.state != TrialState.PRUNED or planned <= 0 or "epochs_run" not in trial.user_attrs:
         return 1.0
     return min(1.0, max(MIN_SHARE, float(trial.user_attrs["epochs_run"]) / planned))
+
+
+def steps_finished(trials: Sequence[FrozenTrial]) -> float:
+    """The steps the finished search trials among ``trials`` took, in whole trials' worth."""
+    return sum(spent(t) for t in trials if t.state in FINISHED and not is_replicate(t))
 
 
 def in_steps(study: optuna.Study) -> bool:
