@@ -256,11 +256,13 @@ def retrain(
                 spec, params, splits, seed=seed, out_dir=out if i == 0 else None, log=log
             )
         except user_train.UserCodeFailed as exc:
-            if not isinstance(exc.__cause__, TrainingDiverged):
+            cause = exc.__cause__
+            if not isinstance(cause, TrainingDiverged):
                 raise
             raise user_train.FinalDiverged(
                 f"final: configuration {best.number} ({params_line(params)}) diverged in "
-                f"final training with seed {seed} ({exc.__cause__.args[0].split(';')[0]}), "
+                f"final training with seed {seed} (at step {cause.step}, eta={cause.eta:.3g}, "
+                f"loss={cause.loss}), "
                 f"though its search runs did not: it sits near the edge where runs diverge, "
                 f"and final trains on more images ({splits.train.n} against "
                 f"{data.train.n}). Search lower learning rates (lower the upper bound of "

@@ -324,15 +324,20 @@ def spend_saved_steps(study: optuna.Study, run: Callable[[int], None], *, log=pr
 
 class SpendSaved:
     """The progress callback of a stage with a budget in steps: at most every ``every``
-    seconds, when no trial waits, top the queue up to the target
-    (:func:`search.sweep.studies.top_up`), so the steps a pruned trial left buy a trial
-    while the other workers still run, not after them. Then the wrapped callback."""
+    seconds, when no trial waits and a trial was pruned since the last top-up, top the
+    queue up to the target (:func:`search.sweep.studies.top_up`), so the steps a pruned
+    trial left buy a trial while the other workers still run, not after them. Then the
+    wrapped callback.
+
+    Only a pruned trial leaves steps (:func:`search.sweep.studies.spent`), so between
+    top-ups it asks the storage two counts, never for every trial."""
 
     def __init__(self, study: optuna.Study, inner: Any, *, every: float = 2.0) -> None:
         self.study = study
         self.inner = inner
         self.every = every
         self.next = 0.0
+        self.pruned = -1  # pruned trials at the last top-up; -1: none done yet
 
     def __call__(self) -> None:
         now = time.monotonic()
@@ -340,11 +345,19 @@ class SpendSaved:
             self.next = now + self.every
             # Not once a signal or the stop rule stopped the stage: it ends with what it has.
             if not current() and not stopping.stopped(self.study):
-                storage = storage_of(self.study)
-                study_id = storage.get_study_id_from_name(self.study.study_name)
-                if not storage.get_n_trials(study_id, optuna.trial.TrialState.WAITING):
-                    st.top_up(self.study, int(self.study.user_attrs.get("target") or 0))
+                self._top_up()
         self.inner()
+
+    def _top_up(self) -> None:
+        storage = storage_of(self.study)
+        study_id = storage.get_study_id_from_name(self.study.study_name)
+        pruned = storage.get_n_trials(study_id, optuna.trial.TrialState.PRUNED)
+        if pruned == self.pruned or storage.get_n_trials(
+            study_id, optuna.trial.TrialState.WAITING
+        ):
+            return
+        st.top_up(self.study, int(self.study.user_attrs.get("target") or 0))
+        self.pruned = pruned
 
     def __getattr__(self, name: str) -> Any:  # close, summary: the wrapped callback's
         return getattr(self.inner, name)

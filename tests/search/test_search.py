@@ -278,6 +278,6 @@ def test_a_final_run_that_diverges_says_so_with_the_fix(quick_study, capsys, mon
     capsys.readouterr()
     assert final.main(["--study", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "diverged in final training with seed 0 (training diverged at step 767" in err
+    assert "diverged in final training with seed 0 (at step 767, eta=0.505, loss=inf)" in err
     assert "though its search runs did not" in err and "lower the upper bound" in err
     assert "unexpected" not in err and "Traceback" not in err

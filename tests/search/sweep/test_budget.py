@@ -202,24 +202,40 @@ def test_a_stop_with_a_trial_running_is_done_when_that_one_is_pruned_later(tmp_p
     )
 
 
-def test_while_the_workers_run_a_pruned_trial_buys_one_at_once(tmp_path):
+def test_while_the_workers_run_a_pruned_trial_buys_one_at_once(tmp_path, monkeypatch):
     study = _study(tmp_path)
-    _add(study, 4.0)
-    _add(study, 4.0)  # two halves: one whole trial left of a target of 2
-    study.set_user_attr("target", 2)
+    _add(study, 4.0)  # pruned half way
+    study.set_user_attr("target", 4)
+    top_ups = []
+    real_top_up = st.top_up
+    monkeypatch.setattr(st, "top_up", lambda *a, **k: top_ups.append(1) or real_top_up(*a, **k))
     drawn = []
     tick = stage.SpendSaved(study, lambda: drawn.append(1))
-    tick()
-    assert drawn == [1] and _waiting(study) == 1
-    tick()  # within its interval: no second look at the queue
-    study.set_user_attr("target", 3)
-    tick.next = 0.0
-    tick()  # one waits already: nothing more queued until the queue is empty
-    assert _waiting(study) == 1 and len(drawn) == 3
+    tick()  # the first look tops up: 3 whole trials fit in 3.5
+    assert drawn == [1] and top_ups == [1] and _waiting(study) == 3
+    tick()  # within its interval: no second look
+    assert len(drawn) == 2 and top_ups == [1]
+
+    def due():
+        tick.next = 0.0
+        tick()
+
+    first, second = study.ask(), study.ask()  # two workers take two; one waits
+    study.tell(first, 0.9)
+    due()  # a completed trial left no steps: no read of the trials
+    assert top_ups == [1]
+    second.set_user_attr("epochs_run", 4.0)
+    second.set_user_attr("epochs_planned", PLANNED)
+    study.tell(second, state=TrialState.PRUNED)  # half its steps left: 1 trial fits
+    due()  # but one waits already: nothing until the queue is empty
+    assert top_ups == [1] and _waiting(study) == 1
+    study.ask()
+    due()  # the queue is empty and a trial was pruned since the last top-up
+    assert top_ups == [1, 1] and _waiting(study) == 1
+    assert st.counted_toward(study) == pytest.approx(4.0)
     stopping.stop(study, stopping.Gain(0.001, 0.01, 2))  # retires the waiting one
-    tick.next = 0.0
-    tick()
-    assert _waiting(study) == 0  # the stop rule ended the search: nothing queued
+    due()
+    assert _waiting(study) == 0 and top_ups == [1, 1]  # the stop ended it: nothing queued
 
 
 def test_ctrl_c_in_a_budget_in_steps_leaves_a_study_the_rerun_completes(quick_study, tmp_path):
