@@ -244,7 +244,7 @@ def _trim(
         key=lambda t: (not t.system_attrs.get("fixed_params"), t.number),
     )
     for t in reversed(waiting[-excess:] if excess <= len(waiting) else waiting):
-        bookkeeping.retire(storage, trial_id(t), bookkeeping.target_lowered(target))
+        bookkeeping.retire(storage, trial_id(t), bookkeeping.over_target(target))
 
 
 def record_seed_mode(study: optuna.Study, spec: StudySpec) -> None:

@@ -222,7 +222,7 @@ def test_every_reason_the_sweep_records_is_read_back_as_its_kind():
         bk.worker_lost("no worker claimed it in 30 s"): bk.Kind.REQUEUED,
         bk.DUPLICATE_REPLICATE: bk.Kind.RETIRED,
         bk.DUPLICATE_RETRY: bk.Kind.RETIRED,
-        bk.target_lowered(7): bk.Kind.RETIRED,
+        bk.over_target(7): bk.Kind.RETIRED,
         bk.not_retried(bk.worker_lost("no heartbeat"), 4): None,
     }
     for reason, kind in reasons.items():

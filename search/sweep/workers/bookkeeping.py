@@ -35,7 +35,7 @@ class Kind(enum.StrEnum):
     """What the sweep did with one of its own FAILs; the value is stored in :data:`ATTR`."""
 
     REQUEUED = "requeued"  # stopped, and a WAITING copy queued
-    RETIRED = "retired"  # not needed: a duplicate replicate, a lowered target
+    RETIRED = "retired"  # not needed: a duplicate replicate, over the target
 
     @property
     def label(self) -> str:
@@ -62,9 +62,10 @@ DUPLICATE_REPLICATE = "not needed: duplicate replicate"
 DUPLICATE_RETRY = "not needed: duplicate retry"  # two processes repaired one owed retry
 
 
-def target_lowered(target: int) -> str:
-    """The reason of a WAITING trial retired because the target was lowered below it."""
-    return f"not needed: target lowered to {target}"
+def over_target(target: int) -> str:
+    """The reason of a WAITING trial retired because it is over the target: the target was
+    lowered below it, or two commands that started at once both queued it."""
+    return f"not needed: over the target of {target} (lowered, or queued by two commands at once)"
 
 
 def retire(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
@@ -129,6 +130,6 @@ __all__ = [
     "retire",
     "shown",
     "state_name",
-    "target_lowered",
+    "over_target",
     "worker_lost",
 ]

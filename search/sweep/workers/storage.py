@@ -107,8 +107,11 @@ def sqlite_path(url: str) -> Path | None:
 def _prepare_sqlite(path: Path) -> None:
     con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
     try:
-        # WAL is a property of the file: set once, every later connection uses it.
-        con.execute("PRAGMA journal_mode=WAL")
+        # WAL is a property of the file: set once, every later connection uses it. Setting
+        # it takes a lock SQLite does not wait for, so only when it is not set yet (and a
+        # process doing the same at that moment is retried: with_retries).
+        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
     finally:
         con.close()
 
@@ -424,10 +427,10 @@ def _open(url: str, *, connections: int = 1) -> BaseStorage:
         return with_retries(lambda: _connect_proxy(*address))
     db = sqlite_path(url)
     if db is not None:
-        _prepare_sqlite(db)
+        with_retries(lambda: _prepare_sqlite(db))
     engine_kwargs = _engine_kwargs(url, connections=connections)
 
-    def connect() -> RDBStorage:
+    def connect_once() -> RDBStorage:
         if db is not None:
             return SQLiteStorage(url, engine_kwargs=engine_kwargs)
         # Optuna's own check of the schema holds two connections at once; this one, one.
@@ -435,12 +438,40 @@ def _open(url: str, *, connections: int = 1) -> BaseStorage:
         _check_schema(storage)
         return storage
 
+    def connect() -> RDBStorage:
+        for attempt in range(CREATION_TRIES):
+            try:
+                return connect_once()
+            except Exception as exc:  # noqa: BLE001 - narrowed by _made_by_another
+                if not _made_by_another(exc) or attempt == CREATION_TRIES - 1:
+                    raise
+                time.sleep(random.uniform(0.05, 0.3))  # apart, or they collide again
+        raise AssertionError("unreachable")
+
     storage = with_retries(connect)
     if db is not None:
         _serialise_sqlite_writes(storage)
     else:
         _one_connection(storage.engine)
     return storage
+
+
+# Processes that open a new database at once (two machines' first commands, a compose
+# file's workers) each create Optuna's tables and record its schema's version: Optuna
+# checks, then creates, so all but the first find a table, a type or a row another one
+# has just made. Opened again, the storage finds them there and creates nothing.
+_MADE_BY_ANOTHER_WORDS = (
+    "already exists",  # SQLite, PostgreSQL, MySQL: a table (or PostgreSQL's type) made
+    "duplicate key value",  # PostgreSQL: an enum type or a version row made
+    "unique constraint failed",  # SQLite: a version row made
+    "duplicate entry",  # MySQL: a version row made
+)
+CREATION_TRIES = 8
+
+
+def _made_by_another(exc: BaseException) -> bool:
+    """Whether ``exc`` is Optuna's table creation finding what another process made."""
+    return any(w in str(e).lower() for e in _chain(exc) for w in _MADE_BY_ANOTHER_WORDS)
 
 
 def _engine_kwargs(url: str, *, connections: int = 1) -> dict:

@@ -311,3 +311,32 @@ def test_a_round_another_machine_queued_is_run_here_too_and_doubles_are_retired(
     assert st.top_up(study2, 4) == 2
     study2.enqueue_trial({})  # the other machine's copy of the same round, one more
     assert st.top_up(study2, 4) == 0 and _waiting(study2) == 2
+
+
+def test_two_commands_on_one_study_in_steps_spend_its_target_and_at_most_a_trial_more(
+    quick_study, tmp_path
+):
+    """Two real ``search.coarse`` commands at once on one study (two machines): both end
+    with exit 0, nothing is left waiting or running, the study is done, and the steps
+    spent pass the target by at most the one trial a doubled round can add."""
+    from tests.search.conftest import start_coarse
+
+    path = quick_study(
+        "two",
+        search={"l2_lambda": [1e-5, 1e-1], "eta_max": [10.0, 1e3]},  # many diverge
+        coarse={"trials": 6},
+        training={"n_cycles": 1},
+        optuna={"budget": "steps", "workers": 1},
+    )
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    procs = [start_coarse(path, url) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        assert "target 6 trials in steps" in out
+    study = optuna.load_study(study_name="two-coarse", storage=url)
+    assert not [t for t in study.trials if t.state in st.LIVE]
+    trials = [t for t in study.trials if t.state in st.FINISHED]
+    assert any(st.spent(t) < 1 for t in trials)  # some diverged and left steps
+    assert 5 < st.counted_toward(study) <= 6 + 1 + 1e-9
+    assert standing.standing(study, grace_period=30, resume="c2f coarse").verdict == "done"

@@ -101,3 +101,41 @@ def test_fast_report_matches_optuna(sqlite_study, tmp_path):
         storage.set_trial_intermediate_value(trial._trial_id, 0, 0.1)
     with pytest.raises(KeyError):
         storage.set_trial_intermediate_value(10_000, 0, 0.1)
+
+
+def test_processes_that_open_a_new_storage_at_once_all_get_it(any_storage_url):
+    """Workers that start together on a new database (a compose file's, two machines'
+    first commands) each create Optuna's tables and record its schema's version: none
+    fails on a table, type or row another one has just made, and the schema is recorded
+    once."""
+    barrier = threading.Barrier(6)
+    opened: list[ResilientStorage] = []
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            opened.append(make_storage(any_storage_url))
+        except BaseException as exc:  # noqa: BLE001 - the test's verdict
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failed, failed
+    assert len(opened) == 6
+    optuna.create_study(storage=opened[0], study_name="together")
+    assert [s.study_name for s in optuna.study.get_all_study_summaries(opened[5])] == ["together"]
+    if not any_storage_url.startswith("journal"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(any_storage_url)
+        try:
+            with engine.connect() as conn:
+                for table in ("version_info", "alembic_version"):
+                    rows = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar()
+                    assert rows == 1, table
+        finally:
+            engine.dispose()
