@@ -291,10 +291,15 @@ def _number_range(
 ) -> Range:
     if not (math.isfinite(low) and math.isfinite(high)):
         raise RangeError(f"bounds must be finite numbers, got low={low!r}, high={high!r}")
-    if low >= high:
+    if low > high:
         raise RangeError(
-            f"low must be < high, got [{low!r}, {high!r}]; to fix {name}, set it in "
-            "[training] instead"
+            f"low must be < high, got [{low!r}, {high!r}]: swap the bounds ([{high!r}, {low!r}])"
+        )
+    if low == high:
+        raise RangeError(
+            f"low must be < high, got [{low!r}, {high!r}]: to hold {name} at {low!r}, take it "
+            "out of [search] and set it in its own section ([training], [network] or "
+            "[model.params])"
         )
     if log and low <= 0:
         raise RangeError(

@@ -62,6 +62,9 @@ def test_a_suggested_list_choice_comes_back_as_the_list_and_records_round_trip()
         ([0.0, 1.0], "a log range needs bounds > 0"),
         ([0.0, 1.0], "or search it uniformly ({low = 0.0, high = 1.0})"),  # the fix
         ([1.0, 0.1], "low must be < high"),
+        ([1.0, 0.1], "swap the bounds ([0.1, 1.0])"),  # the fix
+        ({"low": 0.5, "high": 0.5}, "to hold x at 0.5, take it out of [search]"),
+        ({"int": [3, 1]}, "swap the bounds ([1, 3])"),
         ({"low": 0.0}, "needs low and high"),
         ({"int": [1.5, 3]}, "int must be [low, high] integers"),
         ({"choice": []}, "non-empty list"),
