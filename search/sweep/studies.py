@@ -67,6 +67,75 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
 
 
+class SeededDraws(optuna.samplers.BaseSampler):
+    """The spec's sampler as one seeded stream while this process takes the study's trials
+    one after another, as a lone command does (its draws reproducible); seeded afresh from
+    each trial's number once another process took a trial in between.
+
+    Processes that open a study at the same moment (two commands started together, a
+    command's workers) see the same trials and so the same seed: one stream each would
+    draw the same values for different trials. A trial's number is its own (the storage
+    gives it), so draws seeded from it differ from trial to trial, in any process.
+    """
+
+    def __init__(self, spec: StudySpec, seed_offset: int, next_number: int) -> None:
+        self._spec = spec
+        self._inner = make_sampler(spec, seed_offset)
+        self._next = next_number  # the number this process takes next when alone
+        self._alone = True
+        self._number: int | None = None  # the trial the inner sampler draws for
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number != self._number:
+            self._number = trial.number
+            self._alone = self._alone and trial.number == self._next
+            self._next = trial.number + 1
+            if not self._alone:
+                self._inner = make_sampler(self._spec, PER_TRIAL_OFFSET + 7919 * trial.number)
+        return self._inner
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+# Apart from the offsets of the streams (1000 a worker, 7919 a trial sampled before).
+PER_TRIAL_OFFSET = 500_009
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The pruner named in the spec. Warm-up is handled by the objective (in cycles)."""
     name, startup = spec.optuna.pruner, spec.optuna.n_startup_trials
@@ -93,7 +162,8 @@ def open_study(
 
     The sampler's seed is moved by the worker's number and by the trials already
     sampled, so a resumed sweep does not replay the draws of the first run
-    (still reproducible for one worker).
+    (still reproducible for one worker); processes taking trials at once draw
+    from each trial's own number (:class:`SeededDraws`).
     """
     storage = storage if storage is not None else storage_for(spec)
     name = study_name(spec, stage)
@@ -114,7 +184,7 @@ def open_study(
     else:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
     n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(spec, 1000 * worker + 7919 * n_sampled)
+    study.sampler = SeededDraws(spec, 1000 * worker + 7919 * n_sampled, n_sampled)
     return study
 
 

@@ -338,5 +338,7 @@ def test_two_commands_on_one_study_in_steps_spend_its_target_and_at_most_a_trial
     assert not [t for t in study.trials if t.state in st.LIVE]
     trials = [t for t in study.trials if t.state in st.FINISHED]
     assert any(st.spent(t) < 1 for t in trials)  # some diverged and left steps
+    drawn = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(drawn)) == len(drawn)  # no configuration drawn by both commands
     assert 5 < st.counted_toward(study) <= 6 + 1 + 1e-9
     assert standing.standing(study, grace_period=30, resume="c2f coarse").verdict == "done"

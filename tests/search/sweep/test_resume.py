@@ -207,3 +207,34 @@ def test_a_stage_in_which_every_trial_failed_exits_1_with_the_reasons(
     assert "  failed   6 x ValueError: batch_size" in capsys.readouterr().out
     trial = st.open_study(load_spec(path), "coarse").get_trials()[0]
     assert "Traceback" in trial.user_attrs["traceback"]  # for the dashboard
+
+
+def _draw(study, space):
+    from search.config import space as sp
+
+    trial = study.ask()  # takes the first WAITING trial, as a worker does
+    params = sp.suggest(trial, space)
+    study.tell(trial, 0.5)
+    return trial.number, params
+
+
+def test_processes_that_open_a_study_at_once_draw_different_configurations(quick_study):
+    """Two commands started together open the study with the same trials, so the same
+    seed: taking turns, they must still draw a new configuration for every trial. A lone
+    process draws what one seeded sampler draws (reproducible, as before)."""
+    spec = load_spec(quick_study())
+    space = spec.search
+    first = st.open_study(spec, "coarse")
+    st.top_up(first, 8)
+    second = st.open_study(spec, "coarse")  # the other command, at the same moment
+    drawn = [_draw(study, space) for _ in range(4) for study in (first, second)]
+    assert [n for n, _ in drawn] == list(range(8))
+    configs = {tuple(sorted(p.items())) for _, p in drawn}
+    assert len(configs) == 8, drawn  # one seed per process drew each value twice
+
+    alone = st.open_study(load_spec(quick_study("alone")), "coarse")
+    st.top_up(alone, 4)
+    plain = optuna.create_study(sampler=st.make_sampler(spec), direction="maximize")
+    for _ in range(4):
+        plain.enqueue_trial({})
+    assert [_draw(alone, space)[1] for _ in range(4)] == [_draw(plain, space)[1] for _ in range(4)]
