@@ -34,7 +34,7 @@ from search.sweep.replicates import is_replicate, queue_replicates
 from search.sweep.workers import lost
 from search.sweep.workers.loop import Sweep, worker_log
 from search.sweep.workers.pool import run_workers, threads_per
-from search.sweep.workers.signals import current
+from search.sweep.workers.signals import checkpoint, current
 from search.sweep.workers.storage import check_storage, make_storage, safe_url, storage_of
 
 
@@ -203,8 +203,8 @@ def run_stage(
     prepared = st.prepare_for(spec)
     study = open_stage(spec, stage, prepared, space=space, attrs=attrs)
     reap(spec, stage)  # trials left RUNNING by a killed run are failed and re-queued first
-    if warm and not study.get_trials(deepcopy=False):
-        study.add_trials(list(warm))
+    if warm:
+        carry_over(study, warm, log=log)
     carried = sum(
         FROM_COARSE in t.user_attrs and not is_replicate(t)
         for t in study.get_trials(deepcopy=False)
@@ -222,6 +222,43 @@ def run_stage(
     )
     work(spec, stage, study, space, prepared, workers=workers, log=log)
     return study
+
+
+CARRIED = "carried"  # study attr: how many coarse runs the fine study was given
+CARRY_WAIT_S = 30.0
+
+
+def carry_over(
+    study: optuna.Study,
+    warm: Sequence[optuna.trial.FrozenTrial],
+    *,
+    wait: float = CARRY_WAIT_S,
+    log: Callable[..., None] = print,
+) -> None:
+    """Put the ``warm`` trials in a new study, once, whatever the number of commands that
+    open it at the same moment: the one that created it adds them; the others wait until
+    it recorded that it did (:data:`CARRIED`) before they count or queue anything.
+
+    After ``wait`` seconds in vain (its creator was stopped before it recorded it, or an
+    earlier version of this tool made the study), a study with trials is left as it is
+    and one without gets them.
+    """
+    if CARRIED in study.user_attrs:
+        return
+    if not st.created_here(study):
+        deadline = time.monotonic() + wait
+        log(f"{study.study_name}: another command is creating it; waiting", flush=True)
+        while time.monotonic() < deadline:
+            checkpoint()
+            time.sleep(0.2)
+            if CARRIED in study.user_attrs:  # read from the storage each time
+                return
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        study.add_trials(list(warm))
+    study.set_user_attr(
+        CARRIED, len(warm) if not trials else sum(FROM_COARSE in t.user_attrs for t in trials)
+    )
 
 
 def create_stage(spec: StudySpec, *, target: int, prepared: Prepared) -> tuple[optuna.Study, int]:

@@ -168,6 +168,7 @@ def open_study(
     storage = storage if storage is not None else storage_for(spec)
     name = study_name(spec, stage)
     if create:
+        created = with_retries(lambda: _create(storage, name))
         study = with_retries(
             lambda: optuna.create_study(
                 storage=storage,
@@ -177,6 +178,7 @@ def open_study(
                 load_if_exists=True,
             )
         )
+        setattr(study, _CREATED, created)
         if study.metric_names != [METRIC]:
             with warnings.catch_warnings():  # experimental since Optuna 3.2, and in use
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -186,6 +188,24 @@ def open_study(
     n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
     study.sampler = SeededDraws(spec, 1000 * worker + 7919 * n_sampled, n_sampled)
     return study
+
+
+_CREATED = "_c2f_created_here"
+
+
+def _create(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    """Create the study ``name``; False when it exists (another process made it first:
+    of processes opening a new study at once, exactly one gets True)."""
+    try:
+        storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
+
+
+def created_here(study: optuna.Study) -> bool:
+    """Whether this process created ``study`` when it opened it (:func:`open_study`)."""
+    return bool(getattr(study, _CREATED, False))
 
 
 def counts(study: optuna.Study) -> Counter:

@@ -281,3 +281,89 @@ def test_a_final_run_that_diverges_says_so_with_the_fix(quick_study, capsys, mon
     assert "diverged in final training with seed 0 (at step 767, eta=0.505, loss=inf)" in err
     assert "though its search runs did not" in err and "lower the upper bound" in err
     assert "unexpected" not in err and "Traceback" not in err
+
+
+def test_fine_commands_started_together_carry_the_coarse_runs_over_once(quick_study):
+    """Three ``search.fine`` at once on a finished coarse study: the coarse runs are
+    copied into the fine study once, every command counts the same target, and no
+    configuration is drawn twice."""
+    path = quick_study(coarse={"trials": 4}, fine={"trials": 4, "top_k": 2})
+    assert coarse.main(["--study", str(path)]) == 0
+    spec = load_spec(path)
+    command = [sys.executable, "-m", "search.fine", "--study", str(path)]
+    procs = [
+        subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        outs.append(out)
+    study = optuna.load_study(study_name=f"{spec.name}-fine", storage=spec.storage_url())
+    carried = [t for t in study.trials if "from_coarse" in t.user_attrs]
+    coarse_runs = {t.user_attrs["from_coarse"] for t in carried}
+    assert len(carried) == len(coarse_runs) > 0  # each coarse run once
+    targets = {
+        line.split("target ")[1].split(" trials")[0]
+        for o in outs
+        for line in o.splitlines()
+        if "target " in line and "trials" in line
+    }
+    assert targets == {str(len(carried) + 4)}, outs
+    new = [
+        tuple(sorted(t.params.items()))
+        for t in study.trials
+        if "from_coarse" not in t.user_attrs
+        and t.state == TrialState.COMPLETE
+        and t.user_attrs.get("replicate", 0) == 0
+    ]
+    assert len(set(new)) == len(new)
+
+
+def _warm(n):
+    x = optuna.distributions.FloatDistribution(0, 9)
+    return [
+        optuna.trial.create_trial(
+            params={"x": float(i)},
+            distributions={"x": x},
+            value=0.5,
+            user_attrs={"from_coarse": i},
+        )
+        for i in range(n)
+    ]
+
+
+def test_a_command_that_finds_the_fine_study_made_waits_for_its_creator_to_carry_over(
+    quick_study,
+):
+    from search.sweep import stage
+
+    spec = load_spec(quick_study())
+    made = st.open_study(spec, "fine")
+    other = st.open_study(spec, "fine")  # a command started at the same moment
+    assert st.created_here(made) and not st.created_here(other)
+    waiting = threading.Thread(target=stage.carry_over, args=(other, _warm(3)))
+    waiting.start()  # first to look, it finds the study empty, and waits
+    time.sleep(0.5)
+    assert other.get_trials() == [] and waiting.is_alive()
+    stage.carry_over(made, _warm(3))
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    assert len(other.get_trials()) == 3 and other.user_attrs[stage.CARRIED] == 3
+
+
+def test_a_fine_study_whose_creator_stopped_before_carrying_over_gets_the_runs(quick_study):
+    from search.sweep import stage
+
+    spec = load_spec(quick_study())
+    made = st.open_study(spec, "fine")  # created here, then "stopped": nothing carried
+    other = st.open_study(spec, "fine")  # a command that finds it made
+    said = []
+    stage.carry_over(other, _warm(3), wait=0.3, log=lambda *a, **k: said.append(a[0]))
+    assert len(other.get_trials()) == 3 and other.user_attrs[stage.CARRIED] == 3
+    assert "another command is creating it" in said[0]
+    stage.carry_over(made, _warm(3))  # the creator, run again: recorded, nothing added twice
+    assert len(made.get_trials()) == 3
