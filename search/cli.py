@@ -288,13 +288,26 @@ def end_stage(
     replicates: int,
 ) -> None:
     """How a search stage ends: its best configurations, the dashboard's note, ``next:``
-    (the note and the next command only when something completed)."""
-    if finish(spec, study, space):
-        from search.reporting.note import study_note, write_note
+    (the note and the next command only when something completed, and only when no
+    other command or machine still has work of the stage: the last one to end says it)."""
+    if not finish(spec, study, space):
+        return
+    stage = "fine" if study.study_name.endswith("-fine") else "coarse"
+    left = st.pending(spec, stage, study) or rep.race_pending(
+        study, spec.search_stage(stage).race_runs
+    )
+    if left:
+        print(
+            f"\n{study.study_name}: {left}, by another command or machine: the table above "
+            f"is as it stands; the last one to end goes on (`{command('status')}` says "
+            "when the stage is done)"
+        )
+        return
+    from search.reporting.note import study_note, write_note
 
-        next_command_text = next_command(next_name, args)
-        write_note(study, study_note(study, replicates=replicates, next_command=next_command_text))
-        next_step(next_name, args)
+    next_command_text = next_command(next_name, args)
+    write_note(study, study_note(study, replicates=replicates, next_command=next_command_text))
+    next_step(next_name, args)
 
 
 def debugging(argv: Sequence[str] | None) -> bool:

@@ -305,6 +305,9 @@ def separated(alive: Sequence[Configuration], *, z: float = RACE_Z) -> list[Conf
     return out
 
 
+RACE_RUN = "race_run"  # user attr of a run the race queued
+
+
 @dataclass
 class Race:
     """Where a stage's race stands: contenders (params), those out, runs spent, and why it
@@ -360,9 +363,15 @@ def race_round(
     race.out += [dict(c.params) for c in separated(alive, z=z)]
     alive = race.alive(configs)
     present: dict[tuple, set[int]] = {}
+    queued: set[tuple] = set()  # (params, seed index) of the race's runs, from the trials
     for t in trials:
         params = t.params or t.system_attrs.get("fixed_params", {})
         present.setdefault(params_key(params), set()).add(replicate_index(t))
+        if t.user_attrs.get(RACE_RUN):
+            queued.add((params_key(params), replicate_index(t)))
+    # What the trials say was spent: a command started at the same moment may have
+    # queued a round after this one read the record, which then counts too few.
+    race.spent = max(race.spent, len(queued))
     seeds = max((max(present.get(params_key(c.params), {0})) for c in alive), default=0) + 1
     missing = [
         (c.params, i)
@@ -383,7 +392,7 @@ def race_round(
         study.set_user_attr(RACE, race.as_dict())
         return 0, race
     for params, index in missing:
-        study.enqueue_trial(params, user_attrs={REPLICATE: index})
+        study.enqueue_trial(params, user_attrs={REPLICATE: index, RACE_RUN: True})
     race.spent += len(missing)
     study.set_user_attr(RACE, race.as_dict())
     _fail_duplicates(study)

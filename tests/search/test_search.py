@@ -367,3 +367,26 @@ def test_a_fine_study_whose_creator_stopped_before_carrying_over_gets_the_runs(q
     assert "another command is creating it" in said[0]
     stage.carry_over(made, _warm(3))  # the creator, run again: recorded, nothing added twice
     assert len(made.get_trials()) == 3
+
+
+def test_a_command_that_ends_while_another_still_trains_the_stage_says_so(quick_study, capsys):
+    """No ``next:`` and no note from a command whose stage another command or machine is
+    still running: it says what is left and who goes on."""
+    import argparse
+
+    from search import cli
+
+    path = quick_study(coarse={"trials": 3})
+    assert coarse.main(["--study", str(path)]) == 0
+    spec = load_spec(path)
+    study = st.open_study(spec, "coarse")
+    args = argparse.Namespace(study=str(path), storage=None)
+    capsys.readouterr()
+    st.top_up(study, 4)  # another command's trial, waiting
+    cli.end_stage(spec, study, spec.search, args, next_name="fine", replicates=1)
+    out = capsys.readouterr().out
+    assert "1 trial(s) waiting and 0 running, by another command or machine" in out
+    assert "next:" not in out and "top 3 configurations" in out
+    study.tell(study.ask(), 0.5)  # it ran: now this command's end is the stage's
+    cli.end_stage(spec, study, spec.search, args, next_name="fine", replicates=1)
+    assert "next: python -m search.fine" in capsys.readouterr().out

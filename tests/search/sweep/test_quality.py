@@ -241,6 +241,19 @@ def test_the_race_stops_before_passing_its_runs():
     assert race.ended == "its 6 runs are spent" and rounds == [3, 3] and race.spent == 6
 
 
+def test_a_command_that_read_the_race_before_another_queued_its_round_passes_no_runs():
+    close = {0.01: 0.90, 0.1: 0.899, 0.5: 0.898}
+    study = _study([({"eta_max": e}, m, 0) for e, m in close.items()])
+    contenders = rep.study_configurations(study)
+    before = study.user_attrs.get(rep.RACE)  # what a second command read: no race yet
+    assert rep.race_round(study, contenders, runs=4)[0] == 3  # the first command's round
+    study.set_user_attr(rep.RACE, before or rep.Race([c.params for c in contenders]).as_dict())
+    queued, race = rep.race_round(study, contenders, runs=4)  # the second: trials as now
+    assert queued == 0 and race.spent == 3  # the round it sees queued counts: no second
+    assert race.ended == "another round of 3 would pass its 4 runs"
+    assert sum(rep.is_replicate(t) for t in study.get_trials()) == 3
+
+
 def test_a_race_that_has_not_ended_keeps_final_waiting(quick_study):
     path = quick_study(coarse={"trials": 4}, fine={"race_runs": 2})
     spec = load_spec(path)
