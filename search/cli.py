@@ -454,6 +454,8 @@ def format_table(configs: list[rep.Configuration], space: dict[str, Range]) -> s
     """One row a configuration: its first trial, mean +- sd of val acc over n seeds, and
     each searched value as its range formats it (log floats in e-notation, integers,
     choices as written)."""
+    from search.reporting import tables
+
     cells_of = [[_cell(space, name, c.params.get(name)) for name in space] for c in configs]
     widths = [max([len(name), *(len(row[i]) for row in cells_of)]) for i, name in enumerate(space)]
     header = f"{'trial':>5}  {'val acc':>7}  {'+- sd':>6}  {'n':>2}  "
@@ -464,10 +466,9 @@ def format_table(configs: list[rep.Configuration], space: dict[str, Range]) -> s
         first = min(c.trials, key=lambda t: t.number)
         sd = f"{c.sd:6.4f}" if c.n > 1 else f"{'':>6}"
         text = "  ".join(f"{v:>{w}}" for v, w in zip(cells, widths, strict=True))
+        epochs, wall = tables.run_cost(first, "coarse")
         lines.append(
-            f"{c.number:>5}  {c.mean:7.4f}  {sd}  {c.n:>2}  {text}  "
-            f"{first.user_attrs.get('epochs_run', 0):6.2f}  "
-            f"{first.user_attrs.get('wall_time', 0):6.1f}"
+            f"{c.number:>5}  {c.mean:7.4f}  {sd}  {c.n:>2}  {text}  {epochs:>6}  {wall:>6}"
         )
     return "\n".join(lines)
 

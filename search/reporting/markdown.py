@@ -35,6 +35,7 @@ from search.reporting.tables import (
 from search.sweep import replicates as rep
 from search.sweep import stopping
 from search.sweep import studies as st
+from search.sweep.narrowing import FROM_COARSE
 from search.sweep.workers import bookkeeping
 from search.sweep.workers.storage import relative_url, sqlite_path
 
@@ -219,10 +220,12 @@ def stage_section(
     stop = stopping.stopped(study)
     if stop:
         lines += ["", f"{stopping.line(stop).capitalize()} (counted as retired)."]
+    carried = sum(FROM_COARSE in t.user_attrs for t in study.get_trials(deepcopy=False))
+    also = f", and {carried} runs carried over from the coarse stage (trained there)"
     lines += [
         "",
-        f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values())} trials "
-        f"({wall:.1f} s of training).",
+        f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values()) - carried} trials "
+        f"({wall:.1f} s of training){also if carried else ''}.",
         "",
         f"{_top_title(study, replicates)} (validation accuracy: mean and sd over n seeds; "
         "a configuration's replicates are its runs with other seeds). " + RANKING,

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from search.config import space as sp
 from search.config.experiment import Experiment
 from search.sweep import replicates as rep
 from search.sweep.grid import Row
+from search.sweep.narrowing import FROM_COARSE
 from search.sweep.objective import curves_of
 
 LABELS = {"l2_lambda": "lambda", "eta_max": "eta_max", "eta_min": "eta_min", "eta": "eta"}
@@ -94,6 +96,17 @@ def narrowing_text(attrs: dict[str, Any]) -> str:
     return " ".join([text, *extra])
 
 
+def run_cost(trial: FrozenTrial, carried: str) -> tuple[str, str]:
+    """A run's epochs and wall time, as cells; a run the fine stage carried over from the
+    coarse one trained there: ``carried`` and "-" (its cost is counted in that stage)."""
+    if FROM_COARSE in trial.user_attrs:
+        return carried, "-"
+    return (
+        f"{trial.user_attrs.get('epochs_run', 0):.2f}",
+        f"{trial.user_attrs.get('wall_time', 0):.1f}",
+    )
+
+
 def top_table(study: optuna.Study, names: list[str], k: int = 10, *, replicates: int = 1) -> str:
     """The ``k`` best configurations: val acc mean +- sd over n seeds, params, epochs and
     wall time of one run."""
@@ -107,8 +120,7 @@ def top_table(study: optuna.Study, names: list[str], k: int = 10, *, replicates:
                 f"{c.sd:.4f}" if c.n > 1 else "-",
                 c.n,
                 *(value_text(c.params[n]) if n in c.params else "-" for n in names),
-                f"{first.user_attrs.get('epochs_run', 0):.2f}",
-                f"{first.user_attrs.get('wall_time', 0):.1f}",
+                *run_cost(first, "(coarse)"),
             )
         )
     header = (

@@ -390,3 +390,26 @@ def test_a_command_that_ends_while_another_still_trains_the_stage_says_so(quick_
     study.tell(study.ask(), 0.5)  # it ran: now this command's end is the stage's
     cli.end_stage(spec, study, spec.search, args, next_name="fine", replicates=1)
     assert "next: python -m search.fine" in capsys.readouterr().out
+
+
+def test_runs_carried_over_from_coarse_say_so_in_the_tables_and_count_apart(quick_study, capsys):
+    from search.reporting import markdown
+
+    path = quick_study(coarse={"trials": 6}, fine={"trials": 3, "top_k": 6})
+    assert coarse.main(["--study", str(path)]) == 0
+    capsys.readouterr()
+    assert fine.main(["--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    spec = load_spec(path)
+    study = optuna.load_study(study_name=f"{spec.name}-fine", storage=spec.storage_url())
+    carried = [t for t in study.trials if "from_coarse" in t.user_attrs]
+    assert carried  # the fine stage starts from the coarse runs in its ranges
+    rows = [line.split() for line in out.splitlines()]
+    numbers = {t.number for t in carried}
+    carried_rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) in numbers]
+    assert carried_rows and all(r[-2:] == ["coarse", "-"] for r in carried_rows)
+    md = markdown.stage_section("fine", study, {})
+    new = len(study.trials) - len(carried)
+    assert f"over {new} trials" in md
+    assert f"and {len(carried)} runs carried over from the coarse stage (trained there)." in md
+    assert "| (coarse) | - |" in md

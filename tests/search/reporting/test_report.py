@@ -104,6 +104,8 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     assert n_trials >= 6 + 2
     epochs = markdown.epochs_trained(coarse_study)
     assert epochs > 0 and f"Epochs trained: {epochs:.1f} over {n_trials} trials" in md
+    # the final's wall time: its seeds' runs
+    assert result["wall_time"] == round(sum(r["wall_time"] for r in result["runs"].values()), 2)
     # how fine narrowed, with the noise estimate
     assert "within the seed noise of the best" in md
     # the final result over 2 seeds
