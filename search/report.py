@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         md, figures = markdown.experiment_report(exp_path, out, storage=args.storage)
     else:
         spec = cli.load(args)
+        # made by the report itself: a refused one leaves no empty folder behind
         out = Path(args.out) if args.out else spec.out_dir() / "report"
-        out.mkdir(parents=True, exist_ok=True)
         if args.all:
             if args.experiments_dir:
                 exp_dir = Path(args.experiments_dir)

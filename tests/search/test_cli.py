@@ -137,6 +137,9 @@ def test_hints_of_a_command_that_cannot_start_keep_every_flag(study, tmp_path, c
     flags = f"--study {study} --storage {url}"
     assert report.main(["--study", study, "--storage", url]) == 2
     assert f"run python -m search.coarse {flags} first" in error_line(capsys)
+    from search.config.study import load_spec
+
+    assert not (load_spec(study).out_dir() / "report").exists()  # no empty folder left
     assert fine.main(["--study", study, "--storage", url]) == 2
     assert f"run python -m search.coarse {flags} first" in error_line(capsys)
     assert final.main(["--study", study, "--storage", url]) == 2
