@@ -429,6 +429,7 @@ def all_report(
     Returns the file and the PNGs.
     """
     figures: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
     # One outline: # Report, ## part, ### experiment or stage.
     checked = gradcheck_section(out).rstrip()
     if spec.model.train:
@@ -463,7 +464,6 @@ def all_report(
     figures += pngs
     demoted = [("#" + line) if line.startswith("## ") else line for line in section.splitlines()]
     parts += ["\n".join(demoted), ""]
-    out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"
     md.write_text("\n".join(parts))
     return md, figures
