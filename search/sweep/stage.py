@@ -239,13 +239,15 @@ def carry_over(
     open it at the same moment: the one that created it adds them; the others wait until
     it recorded that it did (:data:`CARRIED`) before they count or queue anything.
 
-    After ``wait`` seconds in vain (its creator was stopped before it recorded it, or an
-    earlier version of this tool made the study), a study with trials is left as it is
-    and one without gets them.
+    After ``wait`` seconds in vain (its creator was stopped before it recorded it), a
+    study with trials is left as it is and one without gets them.
     """
     if CARRIED in study.user_attrs:
         return
-    if not st.created_here(study):
+    # A trial of the stage's own comes after the carried ones are in (a study made by an
+    # earlier version of this tool, which did not record them): nothing to wait for.
+    own = any(FROM_COARSE not in t.user_attrs for t in study.get_trials(deepcopy=False))
+    if not st.created_here(study) and not own:
         deadline = time.monotonic() + wait
         log(f"{study.study_name}: another command is creating it; waiting", flush=True)
         while time.monotonic() < deadline:

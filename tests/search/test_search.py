@@ -413,3 +413,20 @@ def test_runs_carried_over_from_coarse_say_so_in_the_tables_and_count_apart(quic
     assert f"over {new} trials" in md
     assert f"and {len(carried)} runs carried over from the coarse stage (trained there)." in md
     assert "| (coarse) | - |" in md
+
+
+def test_a_fine_study_of_an_earlier_version_is_not_waited_for(quick_study):
+    """Made before the carried runs were recorded: it has runs of its own, so it was given
+    them long ago; a command that opens it goes on at once and adds nothing."""
+    from search.sweep import stage
+
+    spec = load_spec(quick_study())
+    made = st.open_study(spec, "fine")
+    made.add_trials(_warm(2))
+    made.enqueue_trial({})  # a run of its own
+    other = st.open_study(spec, "fine")
+    said = []
+    t0 = time.monotonic()
+    stage.carry_over(other, _warm(2), wait=30, log=lambda *a, **k: said.append(a[0]))
+    assert time.monotonic() - t0 < 5 and not said
+    assert len(other.get_trials()) == 3 and other.user_attrs[stage.CARRIED] == 2
