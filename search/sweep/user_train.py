@@ -591,7 +591,7 @@ def run_final(
         reporter.check()
     except UserResultError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a sys.exit() in the function must not end final
         raise UserCodeFailed(f"{entry} raised {type(exc).__name__}: {exc}") from exc
     wall = time.perf_counter() - t0
     value, metrics = parse_result(entry, result, final=True)

@@ -244,6 +244,40 @@ def test_a_nan_result_fails_the_trial_and_the_sweep_goes_on(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "stop, reason",
+    [
+        (
+            'sys.exit("done training")',
+            "SystemExit: the trial's code called sys.exit('done training')",
+        ),
+        ("exit()", "SystemExit: the trial's code called sys.exit(None)"),
+        (
+            "raise KeyboardInterrupt",
+            "KeyboardInterrupt: raised by the trial's code, not by a signal",
+        ),
+    ],
+)
+def test_a_function_that_exits_fails_its_trial_and_the_sweep_goes_on(tmp_path, stop, reason):
+    """sys.exit() in the user's function must not end the worker (its trial would stay
+    RUNNING, be retried and end the next worker too)."""
+    code = f"""
+        import sys
+        calls = []
+
+        def train(hp, data, report):
+            calls.append(1)
+            if len(calls) == 1:
+                {stop}
+            return 0.5
+    """
+    path = user_study(tmp_path, code, coarse={"trials": 2})
+    assert coarse.main(["--study", str(path)]) == 0
+    trials = load(load_spec(path)).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["reason"].startswith(reason)
+
+
 def test_a_function_that_never_reports_runs_with_one_warning(tmp_path, capfd):
     code = """
         def train(hp, data, report):

@@ -430,3 +430,20 @@ def test_a_fine_study_of_an_earlier_version_is_not_waited_for(quick_study):
     stage.carry_over(other, _warm(2), wait=30, log=lambda *a, **k: said.append(a[0]))
     assert time.monotonic() - t0 < 5 and not said
     assert len(other.get_trials()) == 3 and other.user_attrs[stage.CARRIED] == 2
+
+
+def test_a_final_run_whose_function_calls_sys_exit_is_one_line(quick_study, capsys, monkeypatch):
+    from search.sweep import user_train
+
+    path = quick_study(coarse={"trials": 3}, fine={"trials": 2}, training={"n_cycles": 1})
+    assert coarse.main(["--study", str(path)]) == 0
+    assert fine.main(["--study", str(path)]) == 0
+
+    def exits(hp, data, report):
+        sys.exit("done training")
+
+    monkeypatch.setattr(user_train, "train_function", lambda spec: exits)
+    capsys.readouterr()
+    assert final.main(["--study", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "raised SystemExit: done training" in err and "Traceback" not in err

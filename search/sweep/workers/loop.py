@@ -149,6 +149,13 @@ def worker_log(line: str) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return (
+            f"SystemExit: the trial's code called sys.exit({exc.code!r}) (or exit()); "
+            "return the result instead"
+        )
+    if isinstance(exc, KeyboardInterrupt):  # a signal to this worker raises Interrupted
+        return "KeyboardInterrupt: raised by the trial's code, not by a signal"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -232,7 +239,10 @@ def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None])
             # The storage, not the trial, failed (a full disk): the worker stops; the trial
             # stays RUNNING and is retried, with the same parameters, as a lost one.
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed trial must not stop the sweep
+        # A failed trial must not stop the sweep. SystemExit and KeyboardInterrupt too: the
+        # user's code calling sys.exit() would end the worker, and its trial would be
+        # retried, and fail, again and again
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
             state = TrialState.FAIL
             try:
                 storage.set_trial_user_attr(tid, "reason", _reason(exc))
