@@ -1090,6 +1090,7 @@ _TRANSIENT_WORDS = (
     "no connection to the server",
     "connection already closed",
     "the database system is",  # starting up, shutting down, in recovery mode
+    "is not currently accepting connections",  # ALTER DATABASE ... ALLOW_CONNECTIONS false
     "ssl syscall error",
     "eof detected",
     "broken pipe",

@@ -327,6 +327,8 @@ def test_resilient_storage_retries_only_what_may_pass(monkeypatch):
     storage = ResilientStorage(Flaky(3, reset), patience=60, log=lines.append)  # type: ignore
     assert storage.get_all_studies() == ["ok"]
     assert len(lines) == 2 and "unreachable" in lines[0] and "again" in lines[1]
+    closed = 'FATAL:  database "x" is not currently accepting connections'  # maintenance
+    assert is_transient(OperationalError("SELECT 1", {}, Exception(closed)))
     full = OperationalError("INSERT", {}, Exception("database or disk is full"))
     assert not is_transient(full)
     with pytest.raises(OperationalError):
