@@ -220,11 +220,18 @@ def stage_section(
     stop = stopping.stopped(study)
     if stop:
         lines += ["", f"{stopping.line(stop).capitalize()} (counted as retired)."]
-    carried = sum(FROM_COARSE in t.user_attrs for t in study.get_trials(deepcopy=False))
+    every = study.get_trials(deepcopy=False)
+    carried = sum(FROM_COARSE in t.user_attrs for t in every)
     also = f", and {carried} runs carried over from the coarse stage (trained there)"
+    # Trials that ran to an end here: not the waiting, running, re-queued or retired ones.
+    ran = sum(
+        FROM_COARSE not in t.user_attrs
+        and bookkeeping.state_name(t) in ("COMPLETE", "PRUNED", "FAIL")
+        for t in every
+    )
     lines += [
         "",
-        f"Epochs trained: {epochs_trained(study):.1f} over {sum(c.values()) - carried} trials "
+        f"Epochs trained: {epochs_trained(study):.1f} over {ran} trials that ran "
         f"({wall:.1f} s of training){also if carried else ''}.",
         "",
         f"{_top_title(study, replicates)} (validation accuracy: mean and sd over n seeds; "

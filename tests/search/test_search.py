@@ -410,7 +410,7 @@ def test_runs_carried_over_from_coarse_say_so_in_the_tables_and_count_apart(quic
     assert carried_rows and all(r[-2:] == ["coarse", "-"] for r in carried_rows)
     md = markdown.stage_section("fine", study, {})
     new = len(study.trials) - len(carried)
-    assert f"over {new} trials" in md
+    assert f"over {new} trials that ran" in md
     assert f"and {len(carried)} runs carried over from the coarse stage (trained there)." in md
     assert "| (coarse) | - |" in md
 
@@ -447,3 +447,20 @@ def test_a_final_run_whose_function_calls_sys_exit_is_one_line(quick_study, caps
     assert final.main(["--study", str(path)]) == 1
     err = capsys.readouterr().err
     assert "raised SystemExit: done training" in err and "Traceback" not in err
+
+
+def test_the_report_counts_the_trials_that_ran_not_those_that_wait_or_were_retired(
+    quick_study,
+):
+    from search.reporting import markdown
+
+    spec = load_spec(quick_study())
+    study = st.open_study(spec, "coarse")
+    st.top_up(study, 5)
+    for _ in range(2):
+        t = study.ask()
+        t.set_user_attr("epochs_run", 4.0)
+        study.tell(t, 0.9)
+    st.top_up(study, 3)  # a lower target: 2 of the 3 waiting are retired, 1 waits
+    md = markdown.stage_section("coarse", study, {})
+    assert "Epochs trained: 8.0 over 2 trials that ran" in md
