@@ -50,7 +50,9 @@ def load_stages(spec: StudySpec) -> dict[str, optuna.Study]:
     """The spec's coarse and fine studies that exist in its storage (never creates one)."""
     url = spec.storage_url()
     db = sqlite_path(url)
-    hint = f"run python -m search.coarse --study {spec.path} first"
+    from search.cli import command
+
+    hint = f"run {command('coarse')} --study {spec.path} first"
     if db is not None and not db.exists():
         raise NoStudyError(f"no database at {db}; {hint}")
     storage = st.storage_for(spec)
@@ -265,7 +267,14 @@ def final_section(
         if final:
             break
     else:
-        lines.append(f"Not run yet: `python -m search.final --study {spec.path}`.")
+        from search.cli import command
+
+        final_run = f"`{command('final')} --study {spec.path}`"
+        if "fine" in studies:
+            lines.append(f"Not run yet: {final_run}.")
+        else:
+            fine_run = f"`{command('fine')} --study {spec.path}`"
+            lines.append(f"Not run yet: the fine search first ({fine_run}), then {final_run}.")
         return "\n".join(lines) + "\n"
     # The loop breaks only on a study with a recorded result, so study is not None.
     study = cast(optuna.Study, study)

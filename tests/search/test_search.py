@@ -464,3 +464,19 @@ def test_the_report_counts_the_trials_that_ran_not_those_that_wait_or_were_retir
     st.top_up(study, 3)  # a lower target: 2 of the 3 waiting are retired, 1 waits
     md = markdown.stage_section("coarse", study, {})
     assert "Epochs trained: 8.0 over 2 trials that ran" in md
+
+
+def test_the_report_names_the_commands_as_the_user_runs_them(quick_study, monkeypatch):
+    from search import cli
+    from search.reporting import markdown
+
+    spec = load_spec(quick_study())
+    coarse_study = st.open_study(spec, "coarse")
+    monkeypatch.setattr(cli, "LAUNCHER", "c2f")  # started as c2f report
+    md = markdown.final_section(spec, {"coarse": coarse_study})
+    assert f"the fine search first (`c2f fine --study {spec.path}`)" in md
+    assert f"then `c2f final --study {spec.path}`" in md
+    md = markdown.final_section(
+        spec, {"coarse": coarse_study, "fine": st.open_study(spec, "fine")}
+    )
+    assert f"Not run yet: `c2f final --study {spec.path}`." in md

@@ -120,7 +120,8 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     for name in ("history", "curves_coarse", "curves_fine", "final_curves"):
         assert f"(qs_{name}.png)" in md
     coarse_md = (ran.coarse_out / "report.md").read_text()
-    assert "Not run yet: `python -m search.final" in coarse_md and "Fine search" not in coarse_md
+    assert "Not run yet: the fine search first (`python -m search.fine --study" in coarse_md
+    assert "then `python -m search.final --study" in coarse_md and "Fine search" not in coarse_md
 
 
 def test_the_settings_say_which_pruner_and_none_as_none(ran, tmp_path):
