@@ -303,11 +303,38 @@ def end_stage(
             "when the stage is done)"
         )
         return
+    failed_lines(spec, study, stage, args)
     from search.reporting.note import study_note, write_note
 
     next_command_text = next_command(next_name, args)
     write_note(study, study_note(study, replicates=replicates, next_command=next_command_text))
     next_step(next_name, args)
+
+
+def failed_lines(
+    spec: StudySpec, study: optuna.Study, stage: str, args: argparse.Namespace
+) -> None:
+    """When trials of the stage failed (their settings or code, not the sweep's own
+    bookkeeping): how many, why and where, as ``c2f status`` says it, and how to resume."""
+    from search.sweep.standing import standing
+
+    again = f"{command(stage)}{same_flags(args)}"
+    s = standing(study, grace_period=spec.optuna.grace_period, resume=again)
+    if not s.failures:
+        return
+    finished = s.counts["COMPLETE"] + s.counts["PRUNED"] - s.replicates
+    print(
+        f"\n{study.study_name}: {s.counts['FAIL']} trial(s) failed; {finished} of the target "
+        f"{s.target} finished"
+    )
+    for i, (reason, n) in enumerate(s.failures):
+        print(f"  failed   {n} x {reason}")
+        if i < len(s.failed_at) and s.failed_at[i]:
+            print(f"           at {s.failed_at[i]}")
+    print(
+        f"fix the cause and run {again} again: it runs new trials in their place; or go "
+        "on with the trials that finished:"
+    )
 
 
 def debugging(argv: Sequence[str] | None) -> bool:
