@@ -98,6 +98,10 @@ def check_served(url: str) -> None:
 
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's own log lines (a port taken: "E1206 ... add_port.cc:83] Failed to add port")
+    # would come before this command's one-line errors; read when gRPC starts, so set
+    # before it is imported. GRPC_VERBOSITY=ERROR (or lower) in the environment shows them.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     args = build_parser().parse_args(argv)
     if not args.storage:
         raise ValueError(

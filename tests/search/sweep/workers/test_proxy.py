@@ -404,6 +404,19 @@ def test_the_proxy_refuses_what_it_cannot_serve(capsys, tmp_path, proxied):
     assert proxy_command.main([*taken, "--port", str(proxy.port)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert f"cannot listen on 127.0.0.1:{proxy.port}: the port is taken" in line
+    # As its own process: gRPC's log line of the failed bind does not come before it.
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "search.proxy", *taken, "--port", str(proxy.port)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[4],
+        timeout=60,
+    )
+    assert ran.returncode == 2
+    [line] = ran.stderr.strip().splitlines()
+    assert line.startswith("error: cannot listen on"), ran.stderr
 
 
 # ----------------------------------------------------------------------------- Optuna's privates
