@@ -86,8 +86,11 @@ def _failed_at(study: optuna.Study, reasons: list[tuple[str, int]]) -> tuple[str
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         # The key failure_reasons counts by.
         lines = str(t.user_attrs.get("reason", "no reason recorded")).splitlines()
-        newest[(lines or [""])[0][:200]] = str(t.user_attrs.get("traceback", ""))
-    return tuple(raised_at(newest.get(reason, "")) for reason, _ in reasons)
+        newest[_NUMBER.sub("#", (lines or [""])[0][:200])] = str(t.user_attrs.get("traceback", ""))
+    return tuple(
+        raised_at(newest.get(_NUMBER.sub("#", reason.removesuffix(VARY)), ""))
+        for reason, _ in reasons
+    )
 
 
 def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
@@ -97,12 +100,23 @@ def failure_reasons(study: optuna.Study, k: int = 3) -> list[tuple[str, int]]:
     worker, or retired as not needed) are not failures of the settings
     (:mod:`search.sweep.workers.bookkeeping`).
     """
-    reasons = Counter(
-        str(t.user_attrs.get("reason", "no reason recorded")).splitlines()[0][:200]
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if bookkeeping.kind(t) is None
-    )
-    return reasons.most_common(k)
+    counts: Counter[str] = Counter()
+    said: dict[str, set[str]] = {}  # the reasons of each kind, as written
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if bookkeeping.kind(t) is None:
+            reason = str(t.user_attrs.get("reason", "no reason recorded")).splitlines()[0][:200]
+            kind = _NUMBER.sub("#", reason)  # alike but for the values they name
+            counts[kind] += 1
+            said.setdefault(kind, set()).add(reason)
+    return [
+        (min(said[kind]) + (VARY if len(said[kind]) > 1 else ""), n)
+        for kind, n in counts.most_common(k)
+    ]
+
+
+VARY = " (values vary)"  # said of a reason whose trials named different values
+# A number in a reason: trials that failed alike but for the value they name count as one.
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyStatus:

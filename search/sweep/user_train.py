@@ -427,13 +427,14 @@ class Reporter:
             raise
 
     def _report(self, step: Any, val_acc: Any, metrics: dict[str, Any]) -> None:
-        where = f"{self.entry} called report(step={step!r}, val_acc={val_acc!r}, ...)"
+        # The bad value is in each reason below; not every argument, so that trials that
+        # failed alike read alike (c2f status counts them as one reason).
+        where = f"{self.entry} called report()"
         try:
             step = _step(step)
             if self.calls and step <= self.curves["step"][-1]:
                 raise UserResultError(
-                    f"steps must increase; the previous report was at step "
-                    f"{self.curves['step'][-1]}"
+                    f"steps must increase, got {step} after step {self.curves['step'][-1]}"
                 )
             value = _number("val_acc", val_acc)
             if not math.isfinite(value):

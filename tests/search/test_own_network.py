@@ -189,7 +189,7 @@ def test_an_exception_fails_its_trial_with_the_traceback_and_the_sweep_goes_on(t
     capsys.readouterr()
     assert status.main(["--study", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "failed   1 x ValueError: boom at call 2" in out
+    assert "failed   2 x ValueError: boom at call 2 (values vary)" in out  # one kind
     assert 'at net.py:8 in train: raise ValueError(f"boom at call {len(calls)}")' in out
 
     from tests.search.conftest import get_json, run_dashboard
@@ -596,7 +596,7 @@ def test_report_refuses_what_it_cannot_use(args, words):
 def test_report_steps_must_increase():
     report = _reporter(None)
     report(4, 0.5)
-    with pytest.raises(UserResultError, match="steps must increase; the previous report was at"):
+    with pytest.raises(UserResultError, match="steps must increase, got"):
         report(4, 0.6)
 
 
