@@ -156,3 +156,25 @@ def test_exit_codes(tmp_path, storage_url, capsys):
     assert "no such study file" in capsys.readouterr().err
     assert status.main(["--storage", "not-a-url"]) == 2
     assert status.main(["--storage", storage_url, "--grace-period", "0"]) == 2
+
+
+def test_reasons_alike_but_for_their_values_count_as_one():
+    from search.sweep.standing import failure_reasons
+
+    study = optuna.create_study()
+    reasons = [
+        "UserResultError: net.py:train called report(): step must be an integer, got 36.0",
+        "UserResultError: net.py:train called report(): step must be an integer, got 7.5",
+        "UserResultError: net.py:train called report(): step must be an integer, got 1e3",
+        "ValueError: width too large",
+    ]
+    for r in reasons:
+        study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"reason": r}))
+    assert failure_reasons(study) == [
+        (
+            "UserResultError: net.py:train called report(): step must be an integer, got 1e3"
+            " (values vary)",
+            3,
+        ),
+        ("ValueError: width too large", 1),
+    ]
