@@ -216,13 +216,19 @@ class Stopper:
         if not self.asked:
             return "stop rule: not asked (no trial waited once the stage had run two)"
         if self.last is None:
-            return "stop rule: the search ran to its target; the model had too few runs to fit"
-        where = "below" if self.last.below_noise else "above"
-        return (
-            f"stop rule: the search ran to its target; the last bound on its expected gain, "
-            f"{100 * self.last.bound:.2f} points, was {where} the seed noise of one run "
+            return (
+                "stop rule: the search ran to its target; the model of the landscape could "
+                f"not be fitted (fewer than {surrogate.MIN_RUNS} runs, or runs that all "
+                "scored the same)"
+            )
+        said = (
+            f"the last bound on its expected gain, {100 * self.last.bound:.2f} points, was "
+            f"{'below' if self.last.below_noise else 'above'} the seed noise of one run "
             f"({100 * self.last.noise:.2f}) over {self.last.runs} runs"
         )
+        if self.last.below_noise:  # it fired when the workers had taken every trial
+            said += ", but no trial was left waiting to stop"
+        return f"stop rule: the search ran to its target; {said}"
 
     def _finished(self) -> int:
         """Finished trials of the study, from the progress line's cache when it has one

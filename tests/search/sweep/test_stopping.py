@@ -276,3 +276,25 @@ def test_fine_stops_by_the_rule_then_races_final_chooses_and_a_rerun_adds_nothin
     assert code == 0, out
     assert "the search stopped at" in out and "0 newly queued" in out
     assert len(st.open_study(spec, "fine").get_trials()) == n
+
+
+def test_the_closing_line_says_why_a_rule_below_the_noise_did_not_stop(tmp_path, monkeypatch):
+    study = _flat(tmp_path)
+    monkeypatch.setattr(stopping, "stop", lambda study, gain: None)  # the workers took them
+    stopper = stopping.Stopper(study, ETA, None, log=lambda *a, **k: None)
+    stopper()
+    said = stopper.summary()
+    assert said is not None and "was below the seed noise of one run" in said
+    assert said.endswith("but no trial was left waiting to stop")
+
+
+def test_the_closing_line_of_runs_that_all_scored_the_same(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'same.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    for eta in np.geomspace(1e-3, 1.0, 8):
+        _add(study, float(eta), 0.5)
+    study.enqueue_trial({})
+    stopper = stopping.Stopper(study, ETA, None)
+    stopper()
+    said = stopper.summary()
+    assert said is not None and "could not be fitted" in said and "all scored the same" in said
