@@ -83,6 +83,14 @@ def narrowing_text(attrs: dict[str, Any]) -> str:
             f"Ranges around the {attrs['top_k']} best coarse configurations, widened by "
             f"{margin} decades on each side (no replicates: no estimate of the seed noise)."
         )
+    elif n.get("noise_from") == "model":
+        text = (
+            f"Ranges cover the {len(n['within'])} coarse configuration(s) the model of the "
+            "landscape predicts within noise of the best (one standard error of the "
+            "difference; the model's seed noise of one run is "
+            f"{n['sigma']:.4f}) and the {attrs['top_k']} best means, widened by {margin} "
+            "decades on each side."
+        )
     else:
         text = (
             f"Ranges cover the {len(n['within'])} coarse configuration(s) within the seed "

@@ -54,6 +54,7 @@ class Narrowing:
     extended: dict[str, str] = field(default_factory=dict)  # parameter -> what was done
     notes: list[str] = field(default_factory=list)
     dropped: dict[str, list] = field(default_factory=dict)  # choice -> levels dropped
+    noise_from: str = "replicates"  # where sigma comes from: "model" or "replicates"
 
     def as_dict(self) -> dict:
         """What the fine study records (user attr ``narrowing``), for status and report."""
@@ -65,6 +66,7 @@ class Narrowing:
             "extended": self.extended,
             "notes": self.notes,
             "dropped": {k: [sp.describe_value(v) for v in vs] for k, vs in self.dropped.items()},
+            "noise_from": self.noise_from,
         }
 
 
@@ -181,7 +183,8 @@ def narrow(
         else:
             extended[name] = "kept at the coarse edge: past it the training settings are invalid"
     notes += [_flat_note(coarse[name], values(name, within), sigma or 0.0) for name in flat]
-    return Narrowing(ranges, sigma, within, chosen, flat, extended, notes, dropped)
+    noise_from = "model" if mode == "model" else "replicates"
+    return Narrowing(ranges, sigma, within, chosen, flat, extended, notes, dropped, noise_from)
 
 
 def _narrow_choice(

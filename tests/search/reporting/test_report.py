@@ -108,7 +108,9 @@ def test_report_md_has_ranges_tables_counts_and_test_accuracy(ran):
     # the final's wall time: its seeds' runs
     assert result["wall_time"] == round(sum(r["wall_time"] for r in result["runs"].values()), 2)
     # how fine narrowed, with the noise estimate
-    assert "within the seed noise of the best" in md
+    # (by the model of the landscape, the default: its noise, not a pooled sd of replicates)
+    assert "the model of the landscape predicts within noise of the best" in md
+    assert "pooled over the replicated configurations" not in md
     # the final result over 2 seeds
     assert result["n_seeds"] == 2 and len(result["test_accs"]) == 2
     assert f"test accuracy **{result['test_acc']:.4f} +- {result['test_acc_sd']:.4f}" in md
@@ -273,3 +275,15 @@ def test_figures_have_log_axes_labels_and_pruned_trials_apart(ran, tmp_path, sav
         for c in complete:
             r, g, b, _ = c.get_facecolor()[0]
             assert max(r, g, b) - min(r, g, b) > 0.2
+
+
+def test_the_fine_ranges_text_names_where_its_noise_came_from():
+    from search.reporting.tables import narrowing_text
+
+    base = {"sigma": 0.0093, "within": [1, 2], "extended": {}, "notes": []}
+    attrs = {"top_k": 3, "margin": 0.5}
+    by_model = narrowing_text({**attrs, "narrowing": {**base, "noise_from": "model"}})
+    assert "the model's seed noise of one run is 0.0093" in by_model
+    by_replicates = narrowing_text({**attrs, "narrowing": {**base, "noise_from": "replicates"}})
+    assert "0.0093 pooled over the replicated configurations" in by_replicates
+    assert narrowing_text({**attrs, "narrowing": base}) == by_replicates  # recorded before
