@@ -191,6 +191,15 @@ def run_trial(
         warning = "never called report(): no learning curve and no pruning"
         more["warning"] = warning
         warn_once("no-report", f"warning: {entry} {warning}", log)
+    elif reporter.curves["step"][-1] > (total := config.total_steps(n_train)):
+        warning = (
+            f"called report() at step {reporter.curves['step'][-1]}, past the {total} update "
+            "steps the study's settings give a run: report(step) takes the update steps "
+            "done so far (mini-batches), not samples or another count; pruning and the "
+            "curves' epochs are counted in them"
+        )
+        more["warning"] = warning
+        warn_once("past-total", f"warning: {entry} {warning}", log)
     record(trial, reporter, time.perf_counter() - t0, seed=seed, more=more)
     return value, metrics
 

@@ -320,6 +320,23 @@ def test_a_function_that_never_reports_runs_with_one_warning(tmp_path, capfd):
     assert err.count("never called report()") == 1, err
 
 
+def test_report_steps_past_the_runs_steps_are_warned_of_once(tmp_path, capfd):
+    code = """
+        def train(hp, data, report):
+            report(step=1000 * 400, val_acc=0.5)  # samples seen, not update steps
+            return 0.5
+    """
+    path = user_study(tmp_path, code, coarse={"trials": 2})
+    assert coarse.main(["--study", str(path)]) == 0
+    trials = load(load_spec(path)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(
+        "called report() at step 400000, past the" in t.user_attrs["warning"] for t in trials
+    )
+    err = capfd.readouterr().err
+    assert err.count("past the") == 1 and "update steps done so far" in err, err
+
+
 @pytest.mark.parametrize(
     "train, code, words",
     [
