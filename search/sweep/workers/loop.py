@@ -230,7 +230,7 @@ def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None])
         except optuna.TrialPruned:
             state = TrialState.PRUNED
         except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
-            log(f"dropped trial {trial.number}: another worker finished it meanwhile")
+            log(f"dropped trial {trial.number}: {_ended_elsewhere(sweep, tid)}")
             return False
         except StorageUnavailable as exc:
             log(f"dropped trial {trial.number}: {exc}")
@@ -261,12 +261,25 @@ def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None])
             # UpdateFinishedTrialError at it): another worker took this one for lost.
             if not sweep.history.get_trial(tid).state.is_finished():
                 raise
-            log(f"dropped trial {trial.number}: another worker finished it meanwhile")
+            log(f"dropped trial {trial.number}: {_ended_elsewhere(sweep, tid)}")
             return False
     except StorageUnavailable as exc:
         log(f"dropped trial {trial.number}: {exc}")
         return False
     return True
+
+
+def _ended_elsewhere(sweep: Sweep, tid: int) -> str:
+    """Why this worker's trial was finished by another process, as the trial says it."""
+    with contextlib.suppress(Exception):  # only words for a log line
+        frozen = sweep.history.get_trial(tid)
+        if bookkeeping.kind(frozen) is bookkeeping.Kind.REQUEUED:
+            why = str(frozen.user_attrs.get("reason", "")).splitlines()[0]
+            return (
+                f"another process took it for lost and queued a copy ({why}); its result "
+                "is not kept"
+            )
+    return "another worker finished it meanwhile"
 
 
 def _give_back(storage: ResilientStorage, study_id: int, tid: int, stop: StopFlag) -> None:

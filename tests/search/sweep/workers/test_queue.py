@@ -234,7 +234,10 @@ def test_a_worker_whose_trial_was_finished_elsewhere_goes_on(any_storage_url, wa
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL
     assert ran == 3 and sum(t.state == TrialState.COMPLETE for t in trials) == 3
-    assert lines == ["dropped trial 0: another worker finished it meanwhile"]
+    assert lines == [
+        "dropped trial 0: another process took it for lost and queued a copy (worker lost: "
+        "test); its result is not kept"
+    ]
 
 
 def trial_id_of(trial) -> int:
