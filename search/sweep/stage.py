@@ -53,6 +53,7 @@ def open_stage(
     study = st.open_study(spec, stage, storage, create=create)
     st.record_data(study, prepared)
     st.record_seed_mode(study, spec)
+    st.check_settings(study, spec, stage)
     if space is not None:
         study.set_user_attr("ranges", sp.to_record(space))
     st.record_files(study, spec)

@@ -10,7 +10,9 @@ of machines run exactly the target between them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import socket
@@ -456,6 +458,57 @@ def record_files(study: optuna.Study, spec: StudySpec) -> None:
         study.set_user_attr("data_dir", os.path.relpath(data_dir, spec.base_dir))
     if spec.data.n_val is not None:
         study.set_user_attr("n_val", spec.data.n_val)
+
+
+SETTINGS = "settings"  # study attr: the fixed settings its trials trained with
+
+
+def settings_of(spec: StudySpec, stage: str) -> dict[str, Any]:
+    """What every trial of the stage trains with but its searched parameters: the stage's
+    [training] (overrides applied), the network's fields, the function and its own keys'
+    defaults. A trial's result means nothing beside another's trained otherwise."""
+    searched = set(spec.search)
+
+    def fixed(values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in sorted(values.items())
+            if k not in searched
+        }
+
+    network = {f.name: getattr(spec.network, f.name) for f in dataclasses.fields(spec.network)}
+    return {
+        "training": fixed(spec.stage_training(stage)),
+        "network": {} if spec.model.train else fixed(network),
+        "model": {"train": spec.model.train, "params": fixed(dict(spec.model.params))},
+    }
+
+
+def check_settings(study: optuna.Study, spec: StudySpec, stage: str) -> None:
+    """Record the stage's fixed settings on a study that has none; refuse a study file
+    whose settings differ from those its trials trained with
+    (:class:`~search.config.study.StudyDefinitionError`: their results would be ranked
+    together, and the report would give the new settings for every one)."""
+    now = json.loads(json.dumps(settings_of(spec, stage)))  # as the storage gives it back
+    recorded = study.user_attrs.get(SETTINGS)
+    if recorded is None:
+        study.set_user_attr(SETTINGS, now)
+        return
+    changed = [
+        f"[{section}] {key} = {new!r} (its trials ran with {old!r})"
+        for section in sorted(set(now) | set(recorded))
+        for key in sorted(set(now.get(section, {})) | set(recorded.get(section, {})))
+        if (old := recorded.get(section, {}).get(key)) != (new := now.get(section, {}).get(key))
+    ]
+    if changed:
+        raise StudyDefinitionError(
+            spec.path,
+            changed[0].split("]")[0].strip("["),
+            f"the study file changed since {study.study_name} began: "
+            + "; ".join(changed)
+            + ". Put the old value back to go on with it, or give the study a new `name` to "
+            "start another (the results so far stay under the old name)",
+        )
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:

@@ -480,3 +480,25 @@ def test_the_report_names_the_commands_as_the_user_runs_them(quick_study, monkey
         spec, {"coarse": coarse_study, "fine": st.open_study(spec, "fine")}
     )
     assert f"Not run yet: `c2f final --study {spec.path}`." in md
+
+
+def test_a_study_file_whose_fixed_settings_changed_is_refused_until_put_back(quick_study, capsys):
+    """Trials trained with 1 cycle and with 2 must not be ranked together, nor reported
+    under the new settings: the command refuses, names what changed, and gives the fix."""
+    path = quick_study(coarse={"trials": 2}, training={"n_cycles": 1})
+    assert coarse.main(["--study", str(path)]) == 0
+    quick_study(coarse={"trials": 3}, training={"n_cycles": 2})  # edited in place
+    capsys.readouterr()
+    assert coarse.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[training] n_cycles = 2 (its trials ran with 1)" in err
+    assert "Put the old value back" in err and "new `name`" in err
+    spec = load_spec(path)
+    study = optuna.load_study(study_name=f"{spec.name}-coarse", storage=spec.storage_url())
+    assert len(study.trials) == 2  # nothing queued or run under the new settings
+    quick_study(coarse={"trials": 3}, training={"n_cycles": 1})  # put back
+    assert coarse.main(["--study", str(path)]) == 0
+    assert (
+        len(optuna.load_study(study_name=f"{spec.name}-coarse", storage=spec.storage_url()).trials)
+        == 3
+    )
