@@ -244,6 +244,7 @@ def join(args: argparse.Namespace) -> int:
             f"belongs to {prefix!r}; pass the study file it was created from"
         )
     study = st.open_study(spec, stage, storage, create=False)
+    st.check_settings(study, spec, stage)  # a machine with an edited study file: refused
     prepared = prepare_data(spec, args.cache_dir)
     stage_driver.space_of(spec, stage, study)  # a fine study without ranges: refused here
     target = study.user_attrs.get("target")
