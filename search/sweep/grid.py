@@ -232,6 +232,7 @@ def run(experiment: Experiment, *, log=print) -> optuna.Study:
             "--storage sqlite:///runs/experiments-<data>.db"
         ) from None
     check_grid_change(experiment, study)
+    studies.check_settings(study, spec, "coarse", varied=list(experiment.grid))
     splits = prepared.open()
     cut = restrict(splits, experiment.n_train)
     study.set_user_attr(

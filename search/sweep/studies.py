@@ -463,11 +463,12 @@ def record_files(study: optuna.Study, spec: StudySpec) -> None:
 SETTINGS = "settings"  # study attr: the fixed settings its trials trained with
 
 
-def settings_of(spec: StudySpec, stage: str) -> dict[str, Any]:
-    """What every trial of the stage trains with but its searched parameters: the stage's
-    [training] (overrides applied), the network's fields, the function and its own keys'
-    defaults. A trial's result means nothing beside another's trained otherwise."""
-    searched = set(spec.search)
+def settings_of(spec: StudySpec, stage: str, varied: Sequence[str] = ()) -> dict[str, Any]:
+    """What every trial of the stage trains with but its searched parameters (and those
+    ``varied`` by an experiment's grid): the stage's [training] (overrides applied), the
+    network's fields, the function and its own keys' defaults. A trial's result means
+    nothing beside another's trained otherwise."""
+    searched = set(spec.search) | set(varied)
 
     def fixed(values: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -484,31 +485,42 @@ def settings_of(spec: StudySpec, stage: str) -> dict[str, Any]:
     }
 
 
-def check_settings(study: optuna.Study, spec: StudySpec, stage: str) -> None:
+def check_settings(
+    study: optuna.Study, spec: StudySpec, stage: str, *, varied: Sequence[str] = ()
+) -> None:
     """Record the stage's fixed settings on a study that has none; refuse a study file
     whose settings differ from those its trials trained with
     (:class:`~search.config.study.StudyDefinitionError`: their results would be ranked
     together, and the report would give the new settings for every one)."""
-    now = json.loads(json.dumps(settings_of(spec, stage)))  # as the storage gives it back
+    now = json.loads(json.dumps(settings_of(spec, stage, varied)))  # as the storage keeps it
     recorded = study.user_attrs.get(SETTINGS)
     if recorded is None:
         study.set_user_attr(SETTINGS, now)
         return
     changed = [
-        f"[{section}] {key} = {new!r} (its trials ran with {old!r})"
+        (section, key, recorded.get(section, {}).get(key), now.get(section, {}).get(key))
         for section in sorted(set(now) | set(recorded))
         for key in sorted(set(now.get(section, {})) | set(recorded.get(section, {})))
-        if (old := recorded.get(section, {}).get(key)) != (new := now.get(section, {}).get(key))
+        if recorded.get(section, {}).get(key) != now.get(section, {}).get(key)
     ]
-    if changed:
-        raise StudyDefinitionError(
-            spec.path,
-            changed[0].split("]")[0].strip("["),
-            f"the study file changed since {study.study_name} began: "
-            + "; ".join(changed)
-            + ". Put the old value back to go on with it, or give the study a new `name` to "
-            "start another (the results so far stay under the old name)",
-        )
+    if not changed:
+        return
+    first = changed[0][0]
+
+    def said(section: str, key: str, old: Any, new: Any) -> str:
+        where = "" if section == first else f"[{section}] "
+        now_text = "is unset" if new is None else f"= {new!r}"
+        was = "without it" if old is None else f"with {old!r}"
+        return f"{where}{key} {now_text}, but the trials of {study.study_name} ran {was}"
+
+    raise StudyDefinitionError(
+        spec.path,
+        first,
+        "; ".join(said(*c) for c in changed)
+        + ". Put the old value back (in the study file, or the flag that set it, such as "
+        "--n-s) to go on with them, or give the study a new `name` to start another (the "
+        "results so far stay under the old name)",
+    )
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:

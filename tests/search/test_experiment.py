@@ -416,3 +416,17 @@ def test_a_changed_categorical_grid_is_refused_with_the_fix(tmp_path, capsys):
     assert ex.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "[grid] batch_norm was" in err and "another database" in err
+
+
+def test_an_experiment_run_again_after_its_settings_changed_is_refused(tmp_path, capsys):
+    """Its old runs would be shown (and reported) as the edited file's."""
+    source = EXPERIMENTS / "bn_vs_none.toml"
+    path = tiny_copy(source, tmp_path)
+    assert ex.main([str(path)]) == 0
+    tiny_copy(source, tmp_path, training={"train_eval_size": 300})  # edited in place
+    capsys.readouterr()
+    assert ex.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "[training] train_eval_size = 300, but the trials of bn_vs_none-grid ran with 200" in err
+    )

@@ -491,7 +491,7 @@ def test_a_study_file_whose_fixed_settings_changed_is_refused_until_put_back(qui
     capsys.readouterr()
     assert coarse.main(["--study", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "[training] n_cycles = 2 (its trials ran with 1)" in err
+    assert "[training] n_cycles = 2, but the trials of qs-coarse ran with 1" in err
     assert "Put the old value back" in err and "new `name`" in err
     spec = load_spec(path)
     study = optuna.load_study(study_name=f"{spec.name}-coarse", storage=spec.storage_url())
