@@ -252,6 +252,19 @@ def load_experiment(
     """
     path = Path(path)
     raw = read_toml(path, missing="no such file; see studies/experiments/")
+    if "search" in raw or ("grid" not in raw and "experiment" not in raw):
+        study_file = "search" in raw
+        raise StudyDefinitionError(
+            path,
+            "search" if study_file else "grid",
+            (
+                "a study file, not an experiment: run it with c2f coarse --study "
+                f"{path} (an experiment file has [grid] and [experiment], no [search])"
+                if study_file
+                else "not an experiment file: it has no [grid] or [experiment] table; see "
+                "studies/experiments/"
+            ),
+        )
     grid_raw = raw.pop("grid", {})
     options = _parse_experiment_table(path, raw.pop("experiment", {}))
     if data:

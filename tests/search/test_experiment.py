@@ -430,3 +430,17 @@ def test_an_experiment_run_again_after_its_settings_changed_is_refused(tmp_path,
     assert (
         "[training] train_eval_size = 300, but the trials of bn_vs_none-grid ran with 200" in err
     )
+
+
+def test_a_study_file_given_as_an_experiment_is_refused_with_the_right_command(tmp_path, capsys):
+    study = REPO / "studies" / "quickstart.toml"
+    assert ex.main([str(study), "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert "a study file, not an experiment: run it with c2f coarse --study" in err
+    assert not (tmp_path / "x.db").exists()  # nothing created
+    plain = tmp_path / "plain.toml"
+    plain.write_text('name = "p"\n[data]\nname = "digits"\n')
+    assert ex.main([str(plain)]) == 2
+    assert (
+        "not an experiment file: it has no [grid] or [experiment] table" in capsys.readouterr().err
+    )
