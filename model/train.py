@@ -500,6 +500,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") 
     from model import data as data_mod
 
     args = build_parser(prog).parse_args(argv)
+    loaded = None
     try:
         config = TrainConfig(
             l2_lambda=args.l2_lambda,
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") 
             train_metrics=args.train_metrics,
             seed=args.seed,
         )
-        splits = data_mod.load(
+        splits = loaded = data_mod.load(
             args.dataset, args.data_dir, split=args.split, n_val=args.n_val, seed=args.seed
         )
         net = Network(
@@ -529,15 +530,19 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") 
             sigma=args.sigma,
             seed=args.seed,
         )
+        steps = config.total_steps(splits.train.n)  # a batch larger than the set: refused
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sizes = ""
+        if loaded is not None and "training set" in str(exc):
+            held, n = loaded.val.n, loaded.train.n + loaded.val.n
+            sizes = f" ({held} of the {n} images are held out for validation; fewer: --n-val)"
+        print(f"error: {exc}{sizes}", file=sys.stderr)
         return 2
     log = None if args.quiet else (lambda line: print(line, flush=True))
     print(
         f"training {args.dataset}: {splits.train.n} train / {splits.val.n} val, "
         f"network {net.d_in}-{'-'.join(map(str, net.hidden))}-{net.n_classes}"
-        f"{' with BN' if net.batch_norm else ''}, "
-        f"{config.total_steps(splits.train.n)} steps",
+        f"{' with BN' if net.batch_norm else ''}, {steps} steps",
         flush=True,
     )
     try:

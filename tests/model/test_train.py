@@ -116,6 +116,11 @@ def test_cli_trains_and_writes_curves(tmp_path, capsys):
 def test_cli_reports_bad_values(capsys):
     assert main(["--dataset", "digits", "--eta-min", "1", "--eta-max", "0.1"]) == 2
     assert "eta_max" in capsys.readouterr().err
+    # a batch larger than the training set: one line with the split's sizes, no traceback
+    assert main(["--dataset", "digits", "--schedule", "step", "--batch-size", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: batch_size=2000 is larger than the training set (1197)")
+    assert "300 of the 1497 images are held out for validation; fewer: --n-val" in err
 
 
 def test_two_layer_cifar_subset_matches_reference_accuracy(cifar_dir):
