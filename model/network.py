@@ -322,6 +322,7 @@ class Network:
         self, X: np.ndarray, y: np.ndarray, *, l2_lambda: float = 0.0
     ) -> dict[str, float]:
         """Loss, cost and accuracy on (X, y) in evaluation mode."""
+        self.check_labels(y)
         scores = self.predict_scores(X)
         accuracy = float(np.mean(scores.argmax(axis=1) == y))
         loss, _ = layers.softmax_cross_entropy(scores, y, need_grad=False, overwrite=True)
@@ -330,6 +331,19 @@ class Network:
             "cost": loss + l2_lambda * self.l2_penalty(),
             "accuracy": accuracy,
         }
+
+    def check_labels(self, y: np.ndarray, what: str = "labels") -> None:
+        """A :class:`SettingError` unless every label is a class of this network: the loss
+        reads the score at each label, and one out of range would read another row's."""
+        y = np.asarray(y)
+        if y.size and (y.min() < 0 or y.max() >= self.n_classes):
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise SettingError(
+                f"{what} must be classes 0..{self.n_classes - 1} of this network "
+                f"(n_classes={self.n_classes}), got {bad}: build the network with as many "
+                "classes as the data has",
+                field="n_classes",
+            )
 
     # ------------------------------------------------------------- persistence
 

@@ -333,6 +333,8 @@ def fit(
         raise SettingError(
             f"blas_threads must be >= 1 or None, got {blas_threads=}", field="blas_threads"
         )
+    net.check_labels(splits.train.y, "training labels")
+    net.check_labels(splits.val.y, "validation labels")
     with _blas_thread_limit(blas_threads):
         return _fit(net, splits, config, on_evaluate=on_evaluate, log=log)
 

@@ -148,3 +148,17 @@ def test_evaluation_in_chunks_is_one_forward_pass_in_evaluation_mode(rng, bn):
     loss = -np.mean(shifted[np.arange(23), y] - np.log(np.exp(shifted).sum(axis=1)))
     assert result["loss"] == pytest.approx(loss, rel=1e-12)
     assert result["cost"] == pytest.approx(loss + 0.1 * net.l2_penalty(), rel=1e-12)
+
+
+def test_labels_outside_the_networks_classes_are_refused():
+    """The loss reads the score at each label: a label >= n_classes read a neighbour row's
+    score and returned a wrong loss without a word."""
+    from model.errors import SettingError
+
+    net = Network(4, [5], 3, seed=0)
+    X = np.zeros((3, 4))
+    with pytest.raises(SettingError, match=r"labels must be classes 0..2 .*got 11"):
+        net.evaluate(X, np.array([0, 11, 2]))
+    with pytest.raises(SettingError, match="got -1"):
+        net.evaluate(X, np.array([0, -1, 2]))
+    assert 0.0 <= net.evaluate(X, np.array([0, 1, 2]))["accuracy"] <= 1.0

@@ -321,3 +321,14 @@ def test_every_point_reports_validation_and_every_curve_either_way(tiny_splits):
     for m in ("val_loss", "val_cost", "val_acc"):
         assert running[m] == full[m]
     assert running["train_loss"] != full["train_loss"]
+
+
+def test_fit_refuses_data_with_more_classes_than_the_network():
+    from model.data import load
+    from model.errors import SettingError
+    from model.network import Network
+
+    splits = load("digits")
+    net = Network(splits.train.d, [10], 5, seed=0)
+    with pytest.raises(SettingError, match=r"training labels must be classes 0..4 .*got 9"):
+        fit(net, splits, TrainConfig(n_cycles=1))
