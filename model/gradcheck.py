@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from model import layers
+from model.errors import SettingError
 from model.network import Network
 
 
@@ -129,14 +130,25 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m model.gradchec
         hidden = [int(s) for s in args.hidden.split(",") if s.strip()]
     except ValueError:
         p.error(f"--hidden takes sizes separated by commas, like 50,50; got {args.hidden!r}")
-    errors = check_network(
-        hidden,
-        batch_norm=args.bn,
-        l2_lambda=args.l2_lambda,
-        d_in=args.d_in,
-        n_samples=args.samples,
-        seed=args.seed,
-    )
+    if args.l2_lambda < 0:
+        p.error(f"--lambda must be >= 0, got {args.l2_lambda}")
+    # Batch norm over one sample normalises every unit to 0: both gradients are noise.
+    least = 2 if args.bn else 1
+    if args.samples < least:
+        p.error(
+            f"--samples must be >= {least}{' with --bn' if args.bn else ''}, got {args.samples}"
+        )
+    try:
+        errors = check_network(
+            hidden,
+            batch_norm=args.bn,
+            l2_lambda=args.l2_lambda,
+            d_in=args.d_in,
+            n_samples=args.samples,
+            seed=args.seed,
+        )
+    except SettingError as exc:  # a size the network refuses: --hidden 0, --d-in 0
+        p.error(str(exc))
     print(
         f"gradient check: {args.d_in}-{'-'.join(map(str, hidden))}-10"
         f"{' with BN' if args.bn else ''}, lambda={args.l2_lambda}, float64"

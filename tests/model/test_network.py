@@ -162,3 +162,21 @@ def test_labels_outside_the_networks_classes_are_refused():
     with pytest.raises(SettingError, match="got -1"):
         net.evaluate(X, np.array([0, -1, 2]))
     assert 0.0 <= net.evaluate(X, np.array([0, 1, 2]))["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--hidden", "0"], "hidden sizes must all be >= 1"),
+        (["--d-in", "0"], "d_in must be >= 1"),
+        (["--samples", "0"], "--samples must be >= 1"),
+        (["--samples", "1", "--bn"], "--samples must be >= 2 with --bn"),
+        (["--lambda", "-1"], "--lambda must be >= 0"),
+    ],
+)
+def test_gradcheck_refuses_what_it_cannot_check_in_one_line(args, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gradcheck_main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
