@@ -738,3 +738,21 @@ def _return_freed_memory() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def n_val_arg(text: str) -> int | float:
+    """The ``--n-val`` flag of every command: a number of images >= 1 or a fraction in
+    (0, 1), as ``[data] n_val`` takes it."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(
+        f"must be a number of images >= 1 or a fraction in (0, 1), got {text!r}"
+    )

@@ -467,7 +467,14 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
     p.add_argument("--dataset", default="digits", help="cifar10, digits or fashion_mnist")
     p.add_argument("--data-dir", default=None, help="directory of the dataset files")
     p.add_argument("--split", default="batch1", help="cifar10: batch1 or all")
-    p.add_argument("--n-val", type=int, default=None, help="validation images held out")
+    from model.data import n_val_arg
+
+    p.add_argument(
+        "--n-val",
+        type=n_val_arg,
+        default=None,
+        help="validation images held out, or a fraction such as 0.1",
+    )
     p.add_argument("--hidden", type=_parse_hidden, default=[50], help="e.g. 50 or 50,50")
     p.add_argument("--bn", action="store_true", help="batch normalisation before each ReLU")
     p.add_argument("--init", default="he", choices=["he", "xavier", "sigma"])

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import optuna
 
+from model.data import n_val_arg
 from search.config.space import Range
 from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
 from search.sweep import replicates as rep
@@ -156,21 +157,6 @@ def whole_number_arg(text: str) -> int:
             f"{text!r} is not a whole number in digits; write {int(value)}"
         ) from None
     raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-
-
-def n_val_arg(text: str) -> int | float:
-    """--n-val: a number of images >= 1 or a fraction in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if 0 < value < 1:
-        return value
-    if value >= 1 and value == int(value):
-        return int(value)
-    raise argparse.ArgumentTypeError(
-        f"must be a number of images >= 1 or a fraction in (0, 1), got {text!r}"
-    )
 
 
 def check_trials(trials: int | None, flag: str = "--trials") -> None:

@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="override [data] name")
     p.add_argument("--data-dir", default=None, help="override [data] dir")
     p.add_argument("--split", default=None, help="override [data] split (cifar10: batch1, all)")
-    p.add_argument("--n-val", type=int, default=None, help="override [data] n_val")
+    p.add_argument(
+        "--n-val",
+        type=cli.n_val_arg,
+        default=None,
+        help="validation images, or a fraction such as 0.1 (overrides [data] n_val)",
+    )
     p.add_argument("--n-s", type=int, default=None, help="fix the half-cycle n_s (steps)")
     p.add_argument("--out", default=None, help="also draw the figures into this directory")
     return p

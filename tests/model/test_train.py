@@ -332,3 +332,11 @@ def test_fit_refuses_data_with_more_classes_than_the_network():
     net = Network(splits.train.d, [10], 5, seed=0)
     with pytest.raises(SettingError, match=r"training labels must be classes 0..4 .*got 9"):
         fit(net, splits, TrainConfig(n_cycles=1))
+
+
+def test_cli_takes_n_val_as_a_fraction_as_the_study_files_do(tmp_path, capsys):
+    assert main(["--n-val", "0.1", "--cycles", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    assert "1317 train / 180 val" in capsys.readouterr().out  # a tenth of the 1,497
+    with pytest.raises(SystemExit):
+        main(["--n-val", "1.5"])
+    assert "a fraction in (0, 1)" in capsys.readouterr().err

@@ -444,3 +444,8 @@ def test_a_study_file_given_as_an_experiment_is_refused_with_the_right_command(t
     assert (
         "not an experiment file: it has no [grid] or [experiment] table" in capsys.readouterr().err
     )
+
+
+def test_n_val_as_a_fraction_is_taken_as_by_the_other_commands():
+    assert ex.build_parser().parse_args(["x.toml", "--n-val", "0.1"]).n_val == 0.1
+    assert ex.build_parser().parse_args(["x.toml", "--n-val", "500"]).n_val == 500
