@@ -105,7 +105,10 @@ def study_status(
         data_dir=data_dir_flag(study, spec, study_path),
         n_val=n_val_flag(study, spec),
     )
-    return standing(study, grace_period=grace_period, resume=resume)
+    # Ranked as the stage's own table ranks them: by its replicates, when the file is known.
+    stage = "fine" if name.endswith("-fine") else "coarse"
+    replicates = 2 if spec is None else spec.search_stage(stage).replicates
+    return standing(study, grace_period=grace_period, resume=resume, replicates=replicates)
 
 
 def format_status(s: StudyStatus) -> str:

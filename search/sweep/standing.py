@@ -119,14 +119,17 @@ VARY = " (values vary)"  # said of a reason whose trials named different values
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-def standing(study: optuna.Study, *, grace_period: float, resume: str) -> StudyStatus:
+def standing(
+    study: optuna.Study, *, grace_period: float, resume: str, replicates: int = 2
+) -> StudyStatus:
     """Where ``study`` stands; ``resume`` is the command that resumes it (said in the
-    verdict of a stale or incomplete study)."""
+    verdict of a stale or incomplete study). Its best is ranked as the stage's table ranks
+    configurations with ``replicates`` (:func:`search.sweep.replicates.configurations`)."""
     name = study.study_name
     trials = study.get_trials(deepcopy=False)
     every = st.counts(study)
     counts = {s: every[s] for s in STATES}
-    configs = rep.configurations(trials, replicates=2)
+    configs = rep.configurations(trials, replicates=replicates)
     best = configs[0] if configs else None
     n_replicates = sum(rep.is_replicate(t) for t in trials if t.state in st.FINISHED)
     running = [t for t in trials if t.state == TrialState.RUNNING]

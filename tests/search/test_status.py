@@ -178,3 +178,30 @@ def test_reasons_alike_but_for_their_values_count_as_one():
         ),
         ("ValueError: width too large", 1),
     ]
+
+
+def test_status_ranks_the_best_as_the_stages_table_does(tmp_path):
+    """With the stage's replicates (1 in the fine stage by default), as its table and the
+    report rank them; 2 when the study file is not known."""
+    from search.config.study import load_spec
+    from search.sweep import replicates as rep
+    from search.sweep import studies as st
+
+    spec = load_spec(write_study(tmp_path, fine={"replicates": 1}))
+    study = st.open_study(spec, "fine")
+    dist = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
+    for lam, value, index in [(1e-3, 0.99, 0), (1e-2, 0.97, 0), (1e-2, 0.98, 1)]:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"l2_lambda": lam},
+                distributions=dist,
+                value=value,
+                user_attrs={rep.REPLICATE: index},
+            )
+        )
+    storage = st.storage_for(spec)
+    name = study.study_name
+    by_table = status.study_status(storage, name, grace_period=30, spec=spec)
+    assert by_table.best_params == {"l2_lambda": 1e-3} and by_table.best_n == 1
+    unknown = status.study_status(storage, name, grace_period=30)
+    assert unknown.best_params == {"l2_lambda": 1e-2} and unknown.best_n == 2
