@@ -508,7 +508,16 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") 
     """The command line; ``prog`` is how it was started (``c2f train``), for --help."""
     from model import data as data_mod
 
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    # Flags that would otherwise be ignored without a word.
+    if args.sigma is not None and args.init != "sigma":
+        parser.error(f"--sigma is used with --init sigma only (got --init {args.init})")
+    if args.n_val is not None and args.dataset == "cifar10" and args.split != "all":
+        parser.error(
+            f"--n-val applies to --split all (with --split {args.split} the validation set "
+            "is data_batch_2)"
+        )
     loaded = None
     try:
         config = TrainConfig(

@@ -340,3 +340,16 @@ def test_cli_takes_n_val_as_a_fraction_as_the_study_files_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--n-val", "1.5"])
     assert "a fraction in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--sigma", "0.1"], "--sigma is used with --init sigma only"),
+        (["--dataset", "cifar10", "--n-val", "100"], "--n-val applies to --split all"),
+    ],
+)
+def test_cli_refuses_flags_it_would_ignore(args, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and words in capsys.readouterr().err
