@@ -170,7 +170,7 @@ def _check_held_out(name: str, value: int | float, total: int, what: str) -> int
     if not 0 < value < total:
         raise SettingError(
             f"{name} must satisfy 0 < {name} < {total} (the {what}), got {name}={value}; "
-            "hold out fewer images, at least one",
+            + ("hold out at least one image" if value < 1 else "hold out fewer images"),
             field=name,
         )
     return int(value)

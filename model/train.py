@@ -143,7 +143,8 @@ class TrainConfig:
                 )
         if self.n_cycles < 1 or self.n_epochs < 1:
             raise SettingError(
-                f"n_cycles and n_epochs must be >= 1, got {self.n_cycles=}, {self.n_epochs=}",
+                f"n_cycles and n_epochs must be >= 1, got n_cycles={self.n_cycles}, "
+                f"n_epochs={self.n_epochs}",
                 field=None,
             )
         if self.evals_per_cycle < 1:
@@ -477,20 +478,22 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
     )
     p.add_argument("--hidden", type=_parse_hidden, default=[50], help="e.g. 50 or 50,50")
     p.add_argument("--bn", action="store_true", help="batch normalisation before each ReLU")
-    p.add_argument("--init", default="he", choices=["he", "xavier", "sigma"])
+    p.add_argument(
+        "--init", default="he", choices=["he", "xavier", "sigma"], help="initialisation"
+    )
     p.add_argument("--sigma", type=float, default=None, help="std of init='sigma'")
-    p.add_argument("--lambda", dest="l2_lambda", type=float, default=0.0)
+    p.add_argument("--lambda", dest="l2_lambda", type=float, default=0.0, help="L2 penalty")
     p.add_argument("--schedule", default="cyclical", choices=list(SCHEDULES))
     p.add_argument("--eta", type=float, default=0.01, help="constant/step learning rate")
-    p.add_argument("--eta-min", type=float, default=1e-5)
-    p.add_argument("--eta-max", type=float, default=1e-1)
+    p.add_argument("--eta-min", type=float, default=1e-5, help="cyclical: lowest rate")
+    p.add_argument("--eta-max", type=float, default=1e-1, help="cyclical: highest rate")
     p.add_argument("--n-s", type=int, default=None, help="half-cycle steps (default 2N/B)")
-    p.add_argument("--cycles", type=int, default=2)
+    p.add_argument("--cycles", type=int, default=2, help="cyclical: cycles")
     p.add_argument("--epochs", type=int, default=10, help="constant/step schedules")
     p.add_argument("--decay", type=float, default=1.0, help="step decay factor per epoch")
     p.add_argument("--rho", type=float, default=0.0, help="momentum")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--evals-per-cycle", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=100, help="mini-batch size")
+    p.add_argument("--evals-per-cycle", type=int, default=10, help="evaluation points")
     p.add_argument(
         "--train-metrics",
         default="running",
@@ -498,9 +501,11 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
         help="training curve: running (the mini-batches since the last point, free) or "
         "full (an evaluation pass over the training set at every point)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/train", help="directory for the PNG, npz and json")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    p.add_argument(
+        "--out", default="runs/train", help="directory for network.npz and history.json"
+    )
+    p.add_argument("--quiet", action="store_true", help="no line per evaluation point")
     return p
 
 

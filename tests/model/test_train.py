@@ -353,3 +353,15 @@ def test_cli_refuses_flags_it_would_ignore(args, words, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_messages_name_settings_as_the_user_writes_them(capsys):
+    assert main(["--schedule", "step", "--epochs", "0"]) == 2
+    assert "got n_cycles=2, n_epochs=0" in capsys.readouterr().err  # not self.n_epochs
+    from model.data import load
+    from model.errors import SettingError
+
+    with pytest.raises(SettingError, match="got n_val=0; hold out at least one image"):
+        load("digits", n_val=0)
+    with pytest.raises(SettingError, match="hold out fewer images"):
+        load("digits", n_val=5000)
