@@ -467,8 +467,8 @@ def all_report(
         try:
             section, pngs = draw_experiment(path, out, storage=storage)
         except LookupError as exc:
-            how = str(exc).strip("'\"") or f"run python -m search.experiment {path}"
-            parts += [f"### Experiment `{path.stem}`", "", f"Not run yet: {how}", ""]
+            how = str(exc).strip("'\"").split(": ", 1)[-1] or f"{path}"
+            parts += [f"### Experiment `{path.stem}`", "", f"Not run yet: `{how}`", ""]
             continue
         figures += pngs
         parts += [section.rstrip(), ""]

@@ -294,9 +294,12 @@ def results(
 
 
 def _finished_study(experiment: Experiment, spec_path: str | Path) -> optuna.Study:
+    from search.cli import command, flags_text
+
+    storage_flag = flags_text(storage=experiment.spec.optuna.storage)
     hint = (
-        f"experiment {experiment.name} has not been run; "
-        f"run: python -m search.experiment {spec_path}"
+        f"experiment {experiment.name} has not been run: "
+        f"{command('experiment')} {spec_path}{storage_flag}"
     )
     url = experiment.spec.storage_url()
     db = sqlite_path(url)

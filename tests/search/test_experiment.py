@@ -190,8 +190,11 @@ def test_a_diverged_run_is_recorded_and_drawn(tmp_path):
 
 def test_draw_before_running_raises_and_creates_no_database(tmp_path):
     path = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
-    with pytest.raises(LookupError, match="has not been run; run: python -m search.experiment"):
+    with pytest.raises(LookupError, match="has not been run: python -m search.experiment"):
         figures.draw(path, tmp_path / "out")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(LookupError, match=f"search.experiment {path} --storage {other}$"):
+        figures.draw(path, tmp_path / "out", storage=other)  # the hint keeps the flag
     assert not list(tmp_path.glob("*.db"))
     # A study that exists but has no finished trial is not drawn either.
     experiment = cfg.load_experiment(path)
