@@ -251,7 +251,12 @@ class TrainConfig:
 
 @dataclass
 class History:
-    """Metrics at every evaluation point: ``step``, ``epoch``, ``eta`` and METRICS."""
+    """Metrics at every evaluation point: ``step``, ``epoch``, ``eta`` and METRICS.
+
+    ``step`` counts the updates done; ``eta`` is the rate the last of them used,
+    ``schedule.lr_at(step - 1)`` (update k, from 0, uses ``lr_at(k)``): at step n_s
+    of a cyclical schedule that is one update short of eta_max, and the schedule's own
+    values (``lr_at(0) = eta_min``, ``lr_at(n_s) = eta_max``) are exact."""
 
     step: list[int] = field(default_factory=list)
     epoch: list[float] = field(default_factory=list)
