@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from search.config.experiment import Experiment
 from search.reporting.tables import label, table
-from search.sweep.grid import Row, results
+from search.sweep.grid import NotRun, Row, results
 from search.sweep.objective import curves_of
 
 DPI = 90
@@ -32,7 +32,12 @@ def draw(
 
     Raises LookupError if the experiment's study is missing or has no finished trial.
     """
-    experiment, study, table_rows = results(spec_path, storage=storage)
+    try:
+        experiment, study, table_rows = results(spec_path, storage=storage)
+    except NotRun as exc:  # the command as the user runs them (c2f or python -m)
+        from search.cli import command
+
+        raise LookupError(exc.said(command("experiment"))) from None
     info = study.user_attrs.get("experiment", {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

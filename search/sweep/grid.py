@@ -293,25 +293,36 @@ def results(
     return experiment, study, rows(experiment, study)
 
 
-def _finished_study(experiment: Experiment, spec_path: str | Path) -> optuna.Study:
-    from search.cli import command, flags_text
+class NotRun(LookupError):
+    """An experiment with no finished run; says the command that runs it (the reporting
+    layer names it as the user runs commands: :func:`search.cli.command`)."""
 
-    storage_flag = flags_text(storage=experiment.spec.optuna.storage)
-    hint = (
-        f"experiment {experiment.name} has not been run: "
-        f"{command('experiment')} {spec_path}{storage_flag}"
-    )
+    def __init__(self, name: str, spec_path: str | Path, storage: str | None) -> None:
+        import shlex
+
+        self.name = name
+        self.arguments = " ".join(
+            shlex.quote(str(a)) for a in (spec_path, *(("--storage", storage) if storage else ()))
+        )
+        super().__init__(self.said("python -m search.experiment"))
+
+    def said(self, command: str) -> str:
+        return f"experiment {self.name} has not been run: {command} {self.arguments}"
+
+
+def _finished_study(experiment: Experiment, spec_path: str | Path) -> optuna.Study:
+    not_run = NotRun(experiment.name, spec_path, experiment.spec.optuna.storage)
     url = experiment.spec.storage_url()
     db = sqlite_path(url)
     if db is not None and not db.exists():
-        raise LookupError(hint)
+        raise not_run
     storage = st.storage_for(experiment.spec)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if experiment.study_name not in names:
-        raise LookupError(hint)
+        raise not_run
     study = optuna.load_study(study_name=experiment.study_name, storage=storage)
     if not study.get_trials(deepcopy=False, states=st.FINISHED):
-        raise LookupError(hint)
+        raise not_run
     return study
 
 
