@@ -154,8 +154,6 @@ def _reason(exc: BaseException) -> str:
             f"SystemExit: the trial's code called sys.exit({exc.code!r}) (or exit()); "
             "return the result instead"
         )
-    if isinstance(exc, KeyboardInterrupt):  # a signal to this worker raises Interrupted
-        return "KeyboardInterrupt: raised by the trial's code, not by a signal"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -239,10 +237,11 @@ def _run_one(sweep: Sweep, tid: int, stop: StopFlag, log: Callable[[str], None])
             # The storage, not the trial, failed (a full disk): the worker stops; the trial
             # stays RUNNING and is retried, with the same parameters, as a lost one.
             raise
-        # A failed trial must not stop the sweep. SystemExit and KeyboardInterrupt too: the
-        # user's code calling sys.exit() would end the worker, and its trial would be
-        # retried, and fail, again and again
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+        # A failed trial must not stop the sweep. SystemExit too: the user's code calling
+        # sys.exit() would end the worker, and its trial would be retried, and fail, again
+        # and again. Not KeyboardInterrupt: code that put Python's own SIGINT handler back
+        # turns a real Ctrl-C into one, and that trial must be given back, not failed.
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             state = TrialState.FAIL
             try:
                 storage.set_trial_user_attr(tid, "reason", _reason(exc))
