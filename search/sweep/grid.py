@@ -232,7 +232,13 @@ def run(experiment: Experiment, *, log=print) -> optuna.Study:
             "--storage sqlite:///runs/experiments-<data>.db"
         ) from None
     check_grid_change(experiment, study)
-    studies.check_settings(study, spec, "coarse", varied=list(experiment.grid))
+    studies.check_settings(
+        study,
+        spec,
+        "coarse",
+        varied=list(experiment.grid),
+        extra={"n_s_epochs": experiment.n_s_epochs, "n_train": experiment.n_train},
+    )
     splits = prepared.open()
     cut = restrict(splits, experiment.n_train)
     study.set_user_attr(

@@ -320,6 +320,8 @@ def plan_fine(
             f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
             f"run {coarse_command} first"
         )
+    # The coarse runs narrow the ranges and are carried over: not under changed settings.
+    st.check_settings(coarse, spec, "coarse")
     existing = st.load_existing(spec, "fine")
     recorded = existing.user_attrs.get("ranges") if existing is not None else None
     if recorded and existing is not None and existing.get_trials(deepcopy=False):

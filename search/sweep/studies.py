@@ -461,40 +461,66 @@ def record_files(study: optuna.Study, spec: StudySpec) -> None:
 
 
 SETTINGS = "settings"  # study attr: the fixed settings its trials trained with
+# Settings that change what is measured along the way, not what a trial trains to.
+MEASURING = ("seed", "train_metrics", "train_eval_size")
 
 
-def settings_of(spec: StudySpec, stage: str, varied: Sequence[str] = ()) -> dict[str, Any]:
+def settings_of(
+    spec: StudySpec,
+    stage: str,
+    varied: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What every trial of the stage trains with but its searched parameters (and those
-    ``varied`` by an experiment's grid): the stage's [training] (overrides applied), the
-    network's fields, the function and its own keys' defaults. A trial's result means
-    nothing beside another's trained otherwise."""
-    searched = set(spec.search) | set(varied)
+    ``varied`` by an experiment's grid), as JSON text per key: the stage's training
+    settings in effect (defaults included, so a default written out or left out is the
+    same), the network's, the user's function and its own keys, and ``extra`` (an
+    experiment's own). A trial's result means nothing beside another's trained otherwise."""
+    left_out = set(spec.search) | set(varied) | set(MEASURING)
 
-    def fixed(values: dict[str, Any]) -> dict[str, Any]:
+    def fixed(values: dict[str, Any]) -> dict[str, str]:
+        # JSON text: NaN equals NaN, and a date or a tuple is kept as it prints
         return {
-            k: list(v) if isinstance(v, tuple) else v
+            k: json.dumps(v, sort_keys=True, default=str)
             for k, v in sorted(values.items())
-            if k not in searched
+            if k not in left_out
         }
 
+    training = dataclasses.asdict(spec.train_config(stage))
     network = {f.name: getattr(spec.network, f.name) for f in dataclasses.fields(spec.network)}
     return {
-        "training": fixed(spec.stage_training(stage)),
+        "training": fixed(training),
         "network": {} if spec.model.train else fixed(network),
-        "model": {"train": spec.model.train, "params": fixed(dict(spec.model.params))},
+        "model": fixed({"train": spec.model.train, **spec.own_params(stage)}),
+        **({"experiment": fixed(extra)} if extra else {}),
     }
 
 
 def check_settings(
-    study: optuna.Study, spec: StudySpec, stage: str, *, varied: Sequence[str] = ()
+    study: optuna.Study,
+    spec: StudySpec,
+    stage: str,
+    *,
+    varied: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Record the stage's fixed settings on a study that has none; refuse a study file
-    whose settings differ from those its trials trained with
+    """Record the stage's fixed settings on the study; refuse a study file (or flags) whose
+    settings differ from those its trials ran with
     (:class:`~search.config.study.StudyDefinitionError`: their results would be ranked
-    together, and the report would give the new settings for every one)."""
-    now = json.loads(json.dumps(settings_of(spec, stage, varied)))  # as the storage keeps it
+    together, and the report would give the new settings for every one). A study none of
+    whose trials ran yet (a command stopped in its first trial, ``worker --create``) takes
+    the new settings."""
+    now = settings_of(spec, stage, varied, extra)
     recorded = study.user_attrs.get(SETTINGS)
-    if recorded is None:
+    if recorded == now:
+        return
+    ran = any(
+        FROM_COARSE_ATTR in t.user_attrs
+        or t.state in FINISHED
+        or (t.state == TrialState.FAIL and bookkeeping.kind(t) is None)
+        for t in study.get_trials(deepcopy=False)
+    )
+    if recorded is None or not ran:
         study.set_user_attr(SETTINGS, now)
         return
     changed = [
@@ -503,24 +529,25 @@ def check_settings(
         for key in sorted(set(now.get(section, {})) | set(recorded.get(section, {})))
         if recorded.get(section, {}).get(key) != now.get(section, {}).get(key)
     ]
-    if not changed:
-        return
     first = changed[0][0]
 
-    def said(section: str, key: str, old: Any, new: Any) -> str:
+    def said(section: str, key: str, old: str | None, new: str | None) -> str:
         where = "" if section == first else f"[{section}] "
-        now_text = "is unset" if new is None else f"= {new!r}"
-        was = "without it" if old is None else f"with {old!r}"
+        now_text = "is unset" if new is None else f"= {new}"
+        was = "without it" if old is None else f"with {old}"
         return f"{where}{key} {now_text}, but the trials of {study.study_name} ran {was}"
 
     raise StudyDefinitionError(
         spec.path,
         first,
         "; ".join(said(*c) for c in changed)
-        + ". Put the old value back (in the study file, or the flag that set it, such as "
-        "--n-s) to go on with them, or give the study a new `name` to start another (the "
-        "results so far stay under the old name)",
+        + ". Put the old value back (in the study file, or the flag that set it) to go on "
+        "with them, or give the study a new `name` to start another (the results so far "
+        "stay under the old name)",
     )
+
+
+FROM_COARSE_ATTR = "from_coarse"  # search.sweep.narrowing.FROM_COARSE (it imports this module)
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:

@@ -426,13 +426,19 @@ def test_an_experiment_run_again_after_its_settings_changed_is_refused(tmp_path,
     source = EXPERIMENTS / "bn_vs_none.toml"
     path = tiny_copy(source, tmp_path)
     assert ex.main([str(path)]) == 0
-    tiny_copy(source, tmp_path, training={"train_eval_size": 300})  # edited in place
+    tiny_copy(source, tmp_path, training={"l2_lambda": 0.05})  # edited in place
     capsys.readouterr()
     assert ex.main([str(path)]) == 2
     err = capsys.readouterr().err
-    assert (
-        "[training] train_eval_size = 300, but the trials of bn_vs_none-grid ran with 200" in err
-    )
+    assert "[training] l2_lambda = 0.05, but the trials of bn_vs_none-grid ran with 0.005" in err
+    # what is measured along the way may change: the runs train the same
+    tiny_copy(source, tmp_path, training={"train_eval_size": 300})
+    assert ex.main([str(path)]) == 0
+    # the experiment's own settings may not: its half-cycle is the runs' n_s
+    tiny_copy(source, tmp_path, experiment={"n_s_epochs": 2}, training={"train_eval_size": 300})
+    capsys.readouterr()
+    assert ex.main([str(path)]) == 2
+    assert "[experiment] n_s_epochs = 2" in capsys.readouterr().err
 
 
 def test_a_study_file_given_as_an_experiment_is_refused_with_the_right_command(tmp_path, capsys):

@@ -502,3 +502,28 @@ def test_a_study_file_whose_fixed_settings_changed_is_refused_until_put_back(qui
         len(optuna.load_study(study_name=f"{spec.name}-coarse", storage=spec.storage_url()).trials)
         == 3
     )
+
+
+def test_settings_in_effect_are_compared_and_a_study_none_of_whose_trials_ran_takes_new_ones(
+    quick_study, capsys
+):
+    spec = load_spec(quick_study(coarse={"trials": 2}, training={"n_cycles": 3}))
+    study = st.open_study(spec, "coarse")
+    st.check_settings(study, spec, "coarse")  # as worker --create records them
+    st.top_up(study, 2)  # queued, none ran: a fixed file takes the new settings
+    fixed = load_spec(quick_study(coarse={"trials": 2}, training={"n_cycles": 1}))
+    st.check_settings(study, fixed, "coarse")
+    assert coarse.main(["--study", str(fixed.path)]) == 0
+    # A default written out is the default left out; what is measured may change.
+    same = load_spec(
+        quick_study(
+            coarse={"trials": 2},
+            training={"n_cycles": 1, "train_metrics": "running", "train_eval_size": 500},
+        )
+    )
+    st.check_settings(st.open_study(same, "coarse"), same, "coarse")
+    # The fine stage refuses coarse runs that ran under other settings than the file's.
+    edited = quick_study(coarse={"trials": 2}, training={"n_cycles": 2})
+    capsys.readouterr()
+    assert fine.main(["--study", str(edited)]) == 2
+    assert "n_cycles = 2, but the trials of qs-coarse ran with 1" in capsys.readouterr().err
