@@ -306,19 +306,21 @@ def failed_lines(
 
     again = f"{command(stage)}{same_flags(args)}"
     s = standing(study, grace_period=spec.optuna.grace_period, resume=again)
-    if not s.failures:
-        return
+    if not s.failures or not s.verdict.startswith("incomplete"):
+        return  # none failed, or trials run since took their place
     finished = s.counts["COMPLETE"] + s.counts["PRUNED"] - s.replicates
-    print(
-        f"\n{study.study_name}: {s.counts['FAIL']} trial(s) failed; {finished} of the target "
-        f"{s.target} finished"
+    done = (
+        f"{finished} of the target {s.target} finished"
+        if s.steps is None
+        else f"{s.steps:.1f} of the target {s.target} trials' steps spent"
     )
+    print(f"\n{study.study_name}: {s.counts['FAIL']} trial(s) failed; {done}")
     for i, (reason, n) in enumerate(s.failures):
         print(f"  failed   {n} x {reason}")
         if i < len(s.failed_at) and s.failed_at[i]:
             print(f"           at {s.failed_at[i]}")
     print(
-        f"fix the cause and run {again} again: it runs new trials in their place; or go "
+        f"fix the cause and run {again} again: it runs the stage on to its target; or go "
         "on with the trials that finished:"
     )
 
