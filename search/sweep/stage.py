@@ -229,6 +229,10 @@ CARRIED = "carried"  # study attr: how many coarse runs the fine study was given
 CARRY_WAIT_S = 30.0
 
 
+CARRYING = "carrying"  # study attr: the process adding the carried runs (an owner record)
+CARRY_CLAIM_S = 3.0  # a creator records itself within this of creating the study
+
+
 def carry_over(
     study: optuna.Study,
     warm: Sequence[optuna.trial.FrozenTrial],
@@ -237,31 +241,46 @@ def carry_over(
     log: Callable[..., None] = print,
 ) -> None:
     """Put the ``warm`` trials in a new study, once, whatever the number of commands that
-    open it at the same moment: the one that created it adds them; the others wait until
-    it recorded that it did (:data:`CARRIED`) before they count or queue anything.
+    open it at the same moment: the one that created it records itself (:data:`CARRYING`),
+    adds them and records that it did (:data:`CARRIED`); the others wait for that before
+    they count or queue anything.
 
-    After ``wait`` seconds in vain (its creator was stopped before it recorded it), a
-    study with trials is left as it is and one without gets them.
+    They stop waiting, and add the runs themselves if the study has none, when the creator
+    is known to be gone: it never recorded itself within :data:`CARRY_CLAIM_S` seconds, or
+    its process on this machine has exited (a command stopped while it created the
+    study); else after ``wait`` seconds (a creator on another machine that went silent).
     """
     if CARRIED in study.user_attrs:
         return
     # A trial of the stage's own comes after the carried ones are in (a study made by an
     # earlier version of this tool, which did not record them): nothing to wait for.
     own = any(FROM_COARSE not in t.user_attrs for t in study.get_trials(deepcopy=False))
-    if not st.created_here(study) and not own:
-        deadline = time.monotonic() + wait
-        log(f"{study.study_name}: another command is creating it; waiting", flush=True)
-        while time.monotonic() < deadline:
+    if st.created_here(study):
+        study.set_user_attr(CARRYING, lost.owner_record())
+    elif not own:
+        t0 = time.monotonic()
+        said = False
+        while time.monotonic() - t0 < wait:
+            attrs = study.user_attrs  # read from the storage each time
+            if CARRIED in attrs:
+                return
+            owner = attrs.get(CARRYING)
+            if owner is None and time.monotonic() - t0 > CARRY_CLAIM_S:
+                break  # its creator stopped before it could record itself
+            if owner is not None and lost.owner_gone(owner):
+                break  # its creator's process has exited
+            if not said:
+                log(f"{study.study_name}: another command is creating it; waiting", flush=True)
+                said = True
             checkpoint()
             time.sleep(0.2)
-            if CARRIED in study.user_attrs:  # read from the storage each time
-                return
     trials = study.get_trials(deepcopy=False)
-    if not trials:
-        study.add_trials(list(warm))
-    study.set_user_attr(
-        CARRIED, len(warm) if not trials else sum(FROM_COARSE in t.user_attrs for t in trials)
-    )
+    if not any(FROM_COARSE not in t.user_attrs for t in trials):
+        # none of its own yet: those a stopped creator had not added yet go in now
+        present = {t.user_attrs[FROM_COARSE] for t in trials}
+        study.add_trials([t for t in warm if t.user_attrs.get(FROM_COARSE) not in present])
+    carried = study.get_trials(deepcopy=False)
+    study.set_user_attr(CARRIED, sum(FROM_COARSE in t.user_attrs for t in carried))
 
 
 def create_stage(spec: StudySpec, *, target: int, prepared: Prepared) -> tuple[optuna.Study, int]:

@@ -527,3 +527,23 @@ def test_settings_in_effect_are_compared_and_a_study_none_of_whose_trials_ran_ta
     capsys.readouterr()
     assert fine.main(["--study", str(edited)]) == 2
     assert "n_cycles = 2, but the trials of qs-coarse ran with 1" in capsys.readouterr().err
+
+
+def test_a_fine_study_whose_creator_exited_mid_carry_is_completed_without_the_long_wait(
+    quick_study,
+):
+    from search.sweep import stage
+    from search.sweep.workers import lost
+
+    spec = load_spec(quick_study())
+    made = st.open_study(spec, "fine")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process of this machine that has exited
+    made.set_user_attr(stage.CARRYING, {**lost.owner_record(), "pid": gone.pid, "start": ""})
+    made.add_trials(_warm(3)[:1])  # it had added one of three when it was stopped
+    other = st.open_study(spec, "fine")
+    t0 = time.monotonic()
+    stage.carry_over(other, _warm(3), wait=30, log=lambda *a, **k: None)
+    assert time.monotonic() - t0 < 5  # not the 30 s for a creator elsewhere
+    numbers = sorted(t.user_attrs["from_coarse"] for t in other.get_trials())
+    assert numbers == [0, 1, 2] and other.user_attrs[stage.CARRIED] == 3
