@@ -388,15 +388,16 @@ class SpendSaved:
     trial left buy a trial while the other workers still run, not after them. Then the
     wrapped callback.
 
-    Only a pruned trial leaves steps (:func:`search.sweep.studies.spent`), so between
-    top-ups it asks the storage two counts, never for every trial."""
+    Only a pruned trial leaves part of its steps (:func:`search.sweep.studies.spent`) and a
+    failed one all of them (it counts for nothing), so between top-ups it asks the storage
+    counts, never for every trial."""
 
     def __init__(self, study: optuna.Study, inner: Any, *, every: float = 2.0) -> None:
         self.study = study
         self.inner = inner
         self.every = every
         self.next = 0.0
-        self.pruned = -1  # pruned trials at the last top-up; -1: none done yet
+        self.pruned = -1  # pruned and failed trials at the last top-up; -1: none done yet
 
     def __call__(self) -> None:
         now = time.monotonic()
@@ -410,7 +411,9 @@ class SpendSaved:
     def _top_up(self) -> None:
         storage = storage_of(self.study)
         study_id = storage.get_study_id_from_name(self.study.study_name)
-        pruned = storage.get_n_trials(study_id, optuna.trial.TrialState.PRUNED)
+        pruned = storage.get_n_trials(
+            study_id, (optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        )
         if pruned == self.pruned or storage.get_n_trials(
             study_id, optuna.trial.TrialState.WAITING
         ):

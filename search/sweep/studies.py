@@ -87,19 +87,33 @@ class SeededDraws(optuna.samplers.BaseSampler):
         self._alone = True
         self._number: int | None = None  # the trial the inner sampler draws for
 
-    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+    def _for(self, trial: FrozenTrial, study: optuna.Study) -> optuna.samplers.BaseSampler:
         if trial.number != self._number:
             self._number = trial.number
-            self._alone = self._alone and trial.number == self._next
+            self._alone = self._alone and (
+                trial.number == self._next or self._skipped(study, self._next, trial.number)
+            )
             self._next = trial.number + 1
             if not self._alone:
                 self._inner = make_sampler(self._spec, PER_TRIAL_OFFSET + 7919 * trial.number)
         return self._inner
 
+    @staticmethod
+    def _skipped(study: optuna.Study, first: int, last: int) -> bool:
+        """Whether the trials numbered ``first`` to ``last - 1`` were never run by anyone:
+        retired from the queue (a lowered target, a double), not taken by a process."""
+        between = [t for t in study.get_trials(deepcopy=False) if first <= t.number < last]
+        return len(between) == last - first and all(
+            t.state == TrialState.FAIL
+            and bookkeeping.kind(t) is bookkeeping.Kind.RETIRED
+            and not t.params
+            for t in between
+        )
+
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
     ) -> dict[str, optuna.distributions.BaseDistribution]:
-        return self._for(trial).infer_relative_search_space(study, trial)
+        return self._for(trial, study).infer_relative_search_space(study, trial)
 
     def sample_relative(
         self,
@@ -107,7 +121,7 @@ class SeededDraws(optuna.samplers.BaseSampler):
         trial: FrozenTrial,
         search_space: dict[str, optuna.distributions.BaseDistribution],
     ) -> dict[str, Any]:
-        return self._for(trial).sample_relative(study, trial, search_space)
+        return self._for(trial, study).sample_relative(study, trial, search_space)
 
     def sample_independent(
         self,
@@ -116,10 +130,12 @@ class SeededDraws(optuna.samplers.BaseSampler):
         param_name: str,
         param_distribution: optuna.distributions.BaseDistribution,
     ) -> Any:
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+        return self._for(trial, study).sample_independent(
+            study, trial, param_name, param_distribution
+        )
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._for(trial).before_trial(study, trial)
+        self._for(trial, study).before_trial(study, trial)
 
     def after_trial(
         self,
@@ -128,7 +144,7 @@ class SeededDraws(optuna.samplers.BaseSampler):
         state: TrialState,
         values: Sequence[float] | None,
     ) -> None:
-        self._for(trial).after_trial(study, trial, state, values)
+        self._for(trial, study).after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
         self._inner.reseed_rng()
@@ -187,8 +203,12 @@ def open_study(
                 study.set_metric_names([METRIC])
     else:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
-    n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
-    study.sampler = SeededDraws(spec, 1000 * worker + 7919 * n_sampled, n_sampled)
+    trials = study.get_trials(deepcopy=False)
+    n_sampled = sum(bool(t.params) for t in trials)
+    # A lone process takes the waiting trials in order, from the first one.
+    waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+    first = min(waiting) if waiting else len(trials)
+    study.sampler = SeededDraws(spec, 1000 * worker + 7919 * n_sampled, first)
     return study
 
 

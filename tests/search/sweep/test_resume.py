@@ -238,3 +238,22 @@ def test_processes_that_open_a_study_at_once_draw_different_configurations(quick
     for _ in range(4):
         plain.enqueue_trial({})
     assert [_draw(alone, space)[1] for _ in range(4)] == [_draw(plain, space)[1] for _ in range(4)]
+
+
+def test_a_lone_resume_past_retired_trials_draws_from_one_stream(quick_study):
+    """Trials retired from the queue (a lowered target) were run by nobody: a lone
+    process taking the trials after them is still alone, and draws as one seeded sampler
+    does, not from per-trial seeds."""
+    spec = load_spec(quick_study())
+    space = spec.search
+    study = st.open_study(spec, "coarse")
+    st.top_up(study, 4)
+    st.top_up(study, 2)  # trials 2 and 3 retired
+    st.top_up(study, 4)  # trials 4 and 5 queued
+    alone = st.open_study(spec, "coarse")
+    plain = optuna.create_study(sampler=st.make_sampler(spec), direction="maximize")
+    for _ in range(4):
+        plain.enqueue_trial({})
+    drawn = [_draw(alone, space) for _ in range(4)]
+    assert [n for n, _ in drawn] == [0, 1, 4, 5]
+    assert [p for _, p in drawn] == [_draw(plain, space)[1] for _ in range(4)]
