@@ -265,7 +265,7 @@ class FinePlan:
     warm: list[FrozenTrial] = field(default_factory=list)
 
 
-FROM_COARSE = "from_coarse"  # user attr of a fine trial copied from the coarse study: its number
+FROM_COARSE = st.FROM_COARSE_ATTR  # user attr of a fine trial copied from coarse: its number
 CARRIED_ATTRS = ("seed", "diverged", "reason", rep.REPLICATE)
 
 

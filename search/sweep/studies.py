@@ -567,7 +567,9 @@ def check_settings(
     )
 
 
-FROM_COARSE_ATTR = "from_coarse"  # search.sweep.narrowing.FROM_COARSE (it imports this module)
+# User attr of a fine trial copied from the coarse study (its number): here, as
+# search.sweep.narrowing.FROM_COARSE imports this module.
+FROM_COARSE_ATTR = "from_coarse"
 
 
 def load_existing(spec: StudySpec, stage: str) -> optuna.Study | None:
