@@ -151,6 +151,8 @@ def test_a_worker_command_on_a_dask_cluster_runs_exactly_the_target(cluster, pg_
     assert proc.returncode == 0, err
     assert f"2 worker(s) on the Dask cluster at {address} joined dk-coarse" in out, out
     assert "queue of dk-coarse empty: 4 finished of target 4 (0 failed)" in out, out
+    # the last to end the stage says what comes next, with the flags that name the study
+    assert f"next: python -m search.fine --study {path} --storage {pg_url}" in out, out
     ts = trials(pg_url, "dk-coarse")
     assert len(ts) == 4 and all(t.state in st.FINISHED for t in ts)
     # Run by the cluster's tasks: each said it started, on a run's topic.
