@@ -339,8 +339,26 @@ def top_up(study: optuna.Study, target: int, *, enqueue: Sequence[dict[str, floa
         checkpoint()  # Ctrl-C while a large target is queued: stop here, any prefix will do
         study.enqueue_trial(params, skip_if_exists=True)
     enqueue_blank(storage, study_id, max(0, missing) - len(starts), between=checkpoint)
+    if enqueue:  # starting points: another command may have queued the same at once
+        _unfix_double_starts(storage, study)
     study.set_user_attr("target", target)
     return max(0, missing)
+
+
+def _unfix_double_starts(storage: optuna.storages.BaseStorage, study: optuna.Study) -> None:
+    """Two commands that top a new study up at once both queue its starting points: the
+    later copy of each, while it waits, becomes a blank trial (the sampler draws it), so
+    the target's count stays and no configuration runs twice. Any process doing the
+    same picks the same copies."""
+    seen: set[tuple] = set()
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        params = t.params or t.system_attrs.get("fixed_params") or {}
+        if not params or is_replicate(t) or t.state == TrialState.FAIL:
+            continue
+        key = tuple(sorted(params.items()))
+        if key in seen and t.state == TrialState.WAITING and t.system_attrs.get("fixed_params"):
+            storage.set_trial_system_attr(trial_id(t), "fixed_params", {})
+        seen.add(key)
 
 
 def _trim(

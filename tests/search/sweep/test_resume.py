@@ -257,3 +257,19 @@ def test_a_lone_resume_past_retired_trials_draws_from_one_stream(quick_study):
     drawn = [_draw(alone, space) for _ in range(4)]
     assert [n for n, _ in drawn] == [0, 1, 4, 5]
     assert [p for _, p in drawn] == [_draw(plain, space)[1] for _ in range(4)]
+
+
+def test_starting_points_queued_twice_by_two_commands_run_once(quick_study):
+    spec = load_spec(quick_study())
+    study = st.open_study(spec, "coarse")
+    start = {"l2_lambda": 1e-3, "eta_max": 0.05}
+    for _ in range(2):  # each command queued the same start before seeing the other's
+        study.enqueue_trial(start)
+    study.enqueue_trial({})
+    st.top_up(study, 3, enqueue=[start])  # the second command's top-up: nothing more
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 3  # the target's count stays
+    fixed = [t.system_attrs.get("fixed_params") for t in waiting]
+    assert fixed[0] == start and not fixed[1] and not fixed[2]  # the copy drawn afresh
+    drawn = [_draw(study, spec.search)[1] for _ in range(3)]
+    assert drawn[0] == start and len({tuple(sorted(p.items())) for p in drawn}) == 3
