@@ -200,6 +200,13 @@ def run_trial(
         )
         more["warning"] = warning
         warn_once("past-total", f"warning: {entry} {warning}", log)
+    if math.isfinite(value) and value > 1:
+        warning = (
+            f"returned val_acc={value:g}, above 1: val_acc is a fraction of correct answers "
+            "(0.95, not 95); the seed noise the search estimates from it assumes one"
+        )
+        more["warning"] = warning
+        warn_once("percent", f"warning: {entry} {warning}", log)
     record(trial, reporter, time.perf_counter() - t0, seed=seed, more=more)
     return value, metrics
 

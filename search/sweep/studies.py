@@ -203,12 +203,11 @@ def open_study(
                 study.set_metric_names([METRIC])
     else:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
-    trials = study.get_trials(deepcopy=False)
-    n_sampled = sum(bool(t.params) for t in trials)
-    # A lone process takes the waiting trials in order, from the first one.
-    waiting = [t.number for t in trials if t.state == TrialState.WAITING]
-    first = min(waiting) if waiting else len(trials)
-    study.sampler = SeededDraws(spec, 1000 * worker + 7919 * n_sampled, first)
+    n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
+    # Alone, it takes trial n_sampled next (or the next one after trials retired unrun).
+    # Not "the first one waiting": a process that opens after another took that one, but
+    # before it drew, would have the same seed and take the next as if alone.
+    study.sampler = SeededDraws(spec, 1000 * worker + 7919 * n_sampled, n_sampled)
     return study
 
 

@@ -706,3 +706,15 @@ def test_the_curves_figure_draws_what_the_function_reported(
     assert loss_ax.get_ylabel() == ylabel and loss_ax.get_title().startswith(title)
     drawn = [line for line in loss_ax.lines if len(line.get_xdata())]
     assert len(drawn) == (2 if reported else 0)
+
+
+def test_a_percentage_as_val_acc_is_warned_of_once(tmp_path, capfd):
+    code = """
+        def train(hp, data, report):
+            return 95.0
+    """
+    path = user_study(tmp_path, code, coarse={"trials": 2})
+    assert coarse.main(["--study", str(path)]) == 0
+    trials = load(load_spec(path)).get_trials()
+    assert all("val_acc=95, above 1" in t.user_attrs["warning"] for t in trials)
+    assert capfd.readouterr().err.count("above 1: val_acc is a fraction") == 1
