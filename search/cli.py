@@ -249,7 +249,7 @@ class StageFailed(RuntimeError):
 def finish(spec: StudySpec, study: optuna.Study, space: dict[str, Range], k: int = 10) -> bool:
     """The stage's best configurations and the dashboard; whether a trial completed
     (something to go on with). :class:`StageFailed` if every trial failed."""
-    stage_spec = spec.fine if study.study_name.endswith("-fine") else spec.coarse
+    stage_spec = spec.search_stage(st.stage_of(study.study_name))
     best = rep.study_configurations(study, stage_spec.replicates)[:k]
     if best:
         print(f"\ntop {len(best)} configurations of {study.study_name} (mean over seeds):")
@@ -278,10 +278,8 @@ def end_stage(
     other command or machine still has work of the stage: the last one to end says it)."""
     if not finish(spec, study, space):
         return
-    stage = "fine" if study.study_name.endswith("-fine") else "coarse"
-    left = st.pending(spec, stage, study) or rep.race_pending(
-        study, spec.search_stage(stage).race_runs
-    )
+    stage = st.stage_of(study.study_name)
+    left = st.unfinished(spec, stage, study)
     if left:
         print(
             f"\n{study.study_name}: {left}, by another command or machine: the table above "

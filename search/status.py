@@ -35,6 +35,7 @@ import optuna
 from search import cli
 from search.config.space import table_value as value_text
 from search.config.study import StudySpec, load_spec
+from search.sweep import studies as st
 from search.sweep.standing import StudyStatus, standing
 from search.sweep.workers import bookkeeping
 from search.sweep.workers.storage import make_storage, safe_url, sqlite_path
@@ -106,8 +107,7 @@ def study_status(
         n_val=n_val_flag(study, spec),
     )
     # Ranked as the stage's own table ranks them: by its replicates, when the file is known.
-    stage = "fine" if name.endswith("-fine") else "coarse"
-    replicates = 2 if spec is None else spec.search_stage(stage).replicates
+    replicates = 2 if spec is None else spec.search_stage(st.stage_of(name)).replicates
     return standing(study, grace_period=grace_period, resume=resume, replicates=replicates)
 
 

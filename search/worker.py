@@ -47,7 +47,6 @@ import optuna
 
 from search import cli
 from search.config.study import StudySpec, load_spec
-from search.sweep import replicates as rep
 from search.sweep import stage as stage_driver
 from search.sweep import studies as st
 from search.sweep import user_train
@@ -268,10 +267,7 @@ def join(args: argparse.Namespace) -> int:
         )
     print(f"queue of {args.study_name} empty: {st.finished_text(study, target)}", flush=True)
     # The last process to end a stage says what comes next (the commands say it too).
-    left = st.pending(spec, stage, study) or rep.race_pending(
-        study, spec.search_stage(stage).race_runs
-    )
-    if left is None:
+    if st.unfinished(spec, stage, study) is None:
         after = "fine" if stage == "coarse" else "final"
         study_flag = cli.flags_text(study=spec.path, storage=args.storage)
         print(f"next: {cli.command(after)}{study_flag}", flush=True)

@@ -54,7 +54,7 @@ def study_note(
     stage printed on its ``next:`` line.
     """
     configs = rep.study_configurations(study, replicates)
-    stage = "fine" if study.study_name.endswith("-fine") else "coarse"
+    stage = st.stage_of(study.study_name)
     title = f"{stage.capitalize()} search `{study.study_name}`"
     lines = [f"## {title}: the service's choice" if final is None else f"## {title}: final", ""]
     if final is not None:

@@ -187,26 +187,25 @@ def run_trial(
     more: dict[str, Any] = {}
     if metrics and spec.model.train:
         more["result"] = metrics
+    warnings: dict[str, str] = {}  # key of warn_once -> the warning
     if not reporter.calls:
-        warning = "never called report(): no learning curve and no pruning"
-        more["warning"] = warning
-        warn_once("no-report", f"warning: {entry} {warning}", log)
+        warnings["no-report"] = "never called report(): no learning curve and no pruning"
     elif reporter.curves["step"][-1] > (total := config.total_steps(n_train)):
-        warning = (
+        warnings["past-total"] = (
             f"called report() at step {reporter.curves['step'][-1]}, past the {total} update "
             "steps the study's settings give a run: report(step) takes the update steps "
             "done so far (mini-batches), not samples or another count; pruning and the "
             "curves' epochs are counted in them"
         )
-        more["warning"] = warning
-        warn_once("past-total", f"warning: {entry} {warning}", log)
     if math.isfinite(value) and value > 1:
-        warning = (
+        warnings["percent"] = (
             f"returned val_acc={value:g}, above 1: val_acc is a fraction of correct answers "
             "(0.95, not 95); the seed noise the search estimates from it assumes one"
         )
-        more["warning"] = warning
-        warn_once("percent", f"warning: {entry} {warning}", log)
+    for key, warning in warnings.items():
+        warn_once(key, f"warning: {entry} {warning}", log)
+    if warnings:
+        more["warning"] = "; ".join(warnings.values())
     record(trial, reporter, time.perf_counter() - t0, seed=seed, more=more)
     return value, metrics
 

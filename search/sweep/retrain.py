@@ -82,7 +82,7 @@ def chosen_configuration(
         stage_spec = spec.search_stage(stage)
         configs = rep.study_configurations(study, stage_spec.replicates) if study else []
         if study is not None and configs:
-            why = st.pending(spec, stage, study) or rep.race_pending(study, stage_spec.race_runs)
+            why = st.unfinished(spec, stage, study)
             if why:
                 raise ValueError(
                     f"{study.study_name} is not finished ({why}); final chooses from all of "

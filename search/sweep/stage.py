@@ -227,8 +227,6 @@ def run_stage(
 
 CARRIED = "carried"  # study attr: how many coarse runs the fine study was given
 CARRY_WAIT_S = 30.0
-
-
 CARRYING = "carrying"  # study attr: the process adding the carried runs (an owner record)
 CARRY_CLAIM_S = 3.0  # a creator records itself within this of creating the study
 
@@ -275,12 +273,13 @@ def carry_over(
             checkpoint()
             time.sleep(0.2)
     trials = study.get_trials(deepcopy=False)
-    if not any(FROM_COARSE not in t.user_attrs for t in trials):
+    present = {t.user_attrs[FROM_COARSE] for t in trials if FROM_COARSE in t.user_attrs}
+    if len(present) == len(trials):
         # none of its own yet: those a stopped creator had not added yet go in now
-        present = {t.user_attrs[FROM_COARSE] for t in trials}
-        study.add_trials([t for t in warm if t.user_attrs.get(FROM_COARSE) not in present])
-    carried = study.get_trials(deepcopy=False)
-    study.set_user_attr(CARRIED, sum(FROM_COARSE in t.user_attrs for t in carried))
+        missing = [t for t in warm if t.user_attrs.get(FROM_COARSE) not in present]
+        study.add_trials(missing)
+        present |= {t.user_attrs.get(FROM_COARSE) for t in missing}
+    study.set_user_attr(CARRIED, len(present))
 
 
 def create_stage(spec: StudySpec, *, target: int, prepared: Prepared) -> tuple[optuna.Study, int]:

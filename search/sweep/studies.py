@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.config import space as sp
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep.prepared import Prepared, prepare
-from search.sweep.replicates import is_replicate, missing_replicates
+from search.sweep.replicates import is_replicate, missing_replicates, race_pending
 from search.sweep.workers import bookkeeping, lost
 from search.sweep.workers.signals import checkpoint
 from search.sweep.workers.storage import (
@@ -185,24 +185,15 @@ def open_study(
     """
     storage = storage if storage is not None else storage_for(spec)
     name = study_name(spec, stage)
-    if create:
-        created = with_retries(lambda: _create(storage, name))
-        study = with_retries(
-            lambda: optuna.create_study(
-                storage=storage,
-                study_name=name,
-                direction="maximize",
-                pruner=make_pruner(spec),
-                load_if_exists=True,
-            )
-        )
-        setattr(study, _CREATED, created)
-        if study.metric_names != [METRIC]:
-            with warnings.catch_warnings():  # experimental since Optuna 3.2, and in use
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([METRIC])
-    else:
-        study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
+    created = create and with_retries(lambda: _create(storage, name))
+    study = with_retries(
+        lambda: optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
+    )
+    setattr(study, _CREATED, created)
+    if create and study.metric_names != [METRIC]:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and in use
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC])
     n_sampled = sum(bool(t.params) for t in study.get_trials(deepcopy=False))
     # Alone, it takes trial n_sampled next (or the next one after trials retired unrun).
     # Not "the first one waiting": a process that opens after another took that one, but
@@ -633,3 +624,14 @@ def pending(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:
     if missing:
         return f"{missing} replicate run(s) of its best configurations not yet queued"
     return None
+
+
+def unfinished(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:
+    """What the stage still has to do, its race included (:func:`pending`, then
+    :func:`search.sweep.replicates.race_pending`), or None when it is done."""
+    return pending(spec, stage, study) or race_pending(study, spec.search_stage(stage).race_runs)
+
+
+def stage_of(study_name: str) -> str:
+    """The stage of a search study, by its name (``<name>-coarse``, ``<name>-fine``)."""
+    return "fine" if study_name.endswith("-fine") else "coarse"

@@ -462,8 +462,8 @@ def _open(url: str, *, connections: int = 1) -> BaseStorage:
 # has just made. Opened again, the storage finds them there and creates nothing.
 _MADE_BY_ANOTHER_WORDS = (
     "already exists",  # SQLite, PostgreSQL, MySQL: a table (or PostgreSQL's type) made
-    "duplicate key value",  # PostgreSQL: an enum type or a version row made
-    "unique constraint failed",  # SQLite: a version row made
+    "duplicate key value",  # PostgreSQL: an enum type or a version row (alembic's) made
+    "unique constraint failed",  # SQLite: a version row (alembic's) made
     "duplicate entry",  # MySQL: a version row made
 )
 CREATION_TRIES = 8
@@ -1100,10 +1100,7 @@ _TRANSIENT_WORDS = (
     # A server at its connection limit: a slot frees when another process ends. Named
     # (with the fixes) by describe_failure when the retries run out.
     *_TOO_MANY_WORDS,
-    # Two processes creating the tables of a new database at once: the second one's
-    # try fails on the version row; tried again, it finds the tables made.
-    "constraint failed: alembic_version",
-    'duplicate key value violates unique constraint "alembic_version_pkc"',
+    # (Two processes creating the tables of a new database at once: _made_by_another.)
 )
 
 
