@@ -123,21 +123,10 @@ def chosen_section(
     ]
 
 
-def final_rule(
-    choose: str | None, value: str, *, moved: str | None = None, moved_by: str | None = None
-) -> str:
+def final_rule(choose: str | None, value: str, *, moved: str | None = None) -> str:
     """How final chose, by the ``[final] choose`` its result recorded (``value``: the
     predicted value, as " (0.8731)"; ``moved``: the note final printed when the robust
-    rule passed the model's best over; ``moved_by``: what it kept away from, "diverged"
-    or "ranges", None in a result of a version that did not record it, which kept away
-    only from diverged runs)."""
-    if choose == "robust" and moved and moved_by == "ranges":
-        return (
-            f"final chose by the model of the landscape{value}, and of the configurations "
-            "it predicts alike within the seed noise, the best inside the study's [search] "
-            "ranges, where the model's best lay past them "
-            '([final] choose = "robust", the default)'
-        )
+    rule passed the model's best over)."""
     if choose == "robust" and moved:
         return (
             f"final chose by the model of the landscape{value}, and of the configurations "
@@ -147,8 +136,8 @@ def final_rule(
     if choose == "robust":
         return (
             f"final chose the best prediction of the model of the landscape{value} "
-            '([final] choose = "robust", the default, which takes another configuration '
-            "alike only to keep away from diverged runs or inside the study's ranges)"
+            '([final] choose = "robust", the default; no configuration alike sat further '
+            "from a diverged run)"
         )
     if choose in RULES:
         shown = "" if choose == "best" else value  # the mean it chose by is in the table
@@ -195,14 +184,7 @@ def best_run_section(
     if final is not None and chosen is not configs[0]:
         smoothed = (final.get("search_val_acc") or {}).get("smoothed")
         value = f" ({smoothed:.4f})" if isinstance(smoothed, float) else ""
-        why.append(
-            final_rule(
-                final.get("choose"),
-                value,
-                moved=final.get("kept_off_the_edge"),
-                moved_by=final.get("kept_off_by"),
-            )
-        )
+        why.append(final_rule(final.get("choose"), value, moved=final.get("kept_off_the_edge")))
     return [
         f"{head}; the service chose configuration {chosen.number} instead: "
         + "; ".join(why)

@@ -105,43 +105,18 @@ def chosen_configuration(
 
 def kept_off_the_edge(spec: StudySpec, choice: Chosen) -> str | None:
     """What the robust choice did, when it took another configuration than the model's
-    best: a line naming both and what it kept away from, the diverged runs or the
-    outside of the study's ranges (None otherwise)."""
+    best: a line naming both and the diverged runs it kept away from (None otherwise)."""
     if spec.final.choose != "robust" or choice.passed_over is None:
         return None
     chosen = choice.config
     plain, value = choice.passed_over
     failures, _ = _failures(spec)
-    if failures:
-        why = (
-            f"further from the {len(failures)} diverged run(s) of the search, where a test "
-            "seed is more likely to fall off"
-        )
-    else:
-        past = ", ".join(
-            f"{name} = {plain.params[name]:.3g}"
-            for name, r in spec.search.items()
-            if not surrogate.inside({name: plain.params.get(name)}, {name: r})
-        )
-        why = (
-            f"inside the study's [search] ranges, where {plain.number} lies past them "
-            f"({past}: the fine stage looked past an edge the best coarse runs sat on, and "
-            "the model's reach out there is not a better answer)"
-        )
     return (
         f"note: chose configuration {chosen.number} over {plain.number} (predicted "
-        f"{value:.4f}): alike within one run's seed noise, and {why}; "
-        '[final] choose = "model" takes the best prediction'
+        f"{value:.4f}): alike within one run's seed noise, and further from the "
+        f"{len(failures)} diverged run(s) of the search, where a test seed is more likely "
+        'to fall off; [final] choose = "model" takes the best prediction'
     )
-
-
-def kept_off_by(spec: StudySpec, choice: Chosen) -> str | None:
-    """What the robust choice kept away from, when it passed the model's best over:
-    "diverged" (runs of the search that diverged) or "ranges" (the outside of the
-    study's ranges); None when it took the model's best, or by another rule."""
-    if spec.final.choose != "robust" or choice.passed_over is None:
-        return None
-    return "diverged" if _failures(spec)[0] else "ranges"
 
 
 def _failures(spec: StudySpec) -> tuple[list[dict[str, Any]], dict[str, sp.Range]]:
@@ -172,10 +147,9 @@ def model_choice(
     (:func:`search.sweep.surrogate.rank` over every run of the study, in its recorded
     ranges); after a race, the best of the contenders still in it. ``robust`` (the
     diverged runs of the search and the coarse ranges): of those within one run's seed
-    noise of the best, the one furthest from a diverged run, or with none diverged the
-    best inside the coarse ranges (:func:`search.sweep.surrogate.rank`); then the third
-    item is the model's best it passed over and its prediction (None when it took that
-    one), from the same fit."""
+    noise of the best, the one furthest from a diverged run; then the third item is the
+    model's best it passed over and its prediction (None when it took that one), from
+    the same fit."""
     space = sp.from_record(study.user_attrs.get("ranges", {}))
     trials = study.get_trials(deepcopy=False)
     failures, failure_space = robust if robust is not None else ([], None)
@@ -315,7 +289,6 @@ def retrain(
         "configuration": best.number,
         "choose": spec.final.choose,
         "kept_off_the_edge": moved,  # the note, when the robust rule passed the model's best over
-        "kept_off_by": kept_off_by(spec, choice),  # "diverged", "ranges" or None
         "trials": sorted(t.number for t in best.trials),
         "params": best.params,
         "search_val_acc": {

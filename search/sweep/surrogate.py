@@ -165,16 +165,6 @@ def fit(
     return Surrogate(gp, encode, math.sqrt(noise), len(values))
 
 
-def inside(params: Mapping[str, Any], space: Mapping[str, sp.Range]) -> bool:
-    """Whether every number of ``params`` lies within its range of ``space`` (a choice,
-    or a parameter ``space`` does not have, counts as inside)."""
-    for name, r in space.items():
-        value = params.get(name)
-        if r.kind != "choice" and isinstance(value, int | float) and not r.low <= value <= r.high:
-            return False
-    return True
-
-
 @dataclass
 class Ranked:
     """A configuration with the model's posterior mean and sd of its expected value."""
@@ -196,25 +186,16 @@ def rank(
 ) -> tuple[list[Ranked], Surrogate | None]:
     """The configurations best first by the model's posterior mean (by their own means,
     with the standard error as sd, when there is no model); and the model. ``robust``:
-    the configurations whose posterior mean is within one run's seed noise of the best
-    come first, and among them (each keeps its posterior mean, and the rest follow by
-    it):
-
-    - when a run diverged (``failures``: the parameters of every diverged run of the
-      search, the coarse stage's included; by default those of ``trials``), the one
-      furthest from the nearest diverged run first (distances in the unit cube of
-      ``failure_space``, the coarse ranges; by default ``space``);
-    - with none diverged, those inside ``failure_space`` (the ranges the study file
-      declares) first, by their posterior mean: a fine range goes past a coarse edge
-      the best runs sat on, and a configuration out there that the model cannot tell
-      from one inside is the model's reach past what coarse measured, not a better
-      answer.
-
-    A test seed moves a run by the seed noise, so the configurations alike promise
-    alike, and differ in how close they sit to where training breaks down, or to where
-    the model extrapolates. With no run diverged and every configuration alike inside
-    the ranges, by the posterior mean alone (on a landscape without a cliff, keeping away
-    from every slope gives up the best region when it is narrow or at a range's edge)."""
+    when a run diverged (``failures``: the parameters of every diverged run of the
+    search, the coarse stage's included; by default those of ``trials``), the
+    configurations whose posterior mean is within one run's seed noise of the best come
+    first, the one furthest from the nearest diverged run first (distances in the unit
+    cube of ``failure_space``, the coarse ranges; by default ``space``); each keeps its
+    posterior mean, and the rest follow by it. A test seed moves a run by the seed noise,
+    so these are alike in what they promise and differ in how close they sit to where
+    training breaks down. With no run diverged, by the posterior mean alone (on a
+    landscape without a cliff, keeping away from every slope gives up the best region
+    when it is narrow or at a range's edge)."""
     model = fit(trials, space, n_val=n_val)
     if model is None:
         out = [Ranked(c, c.mean, c.sd / math.sqrt(c.n) if c.n > 1 else math.nan) for c in configs]
@@ -227,18 +208,14 @@ def rank(
         broke = robust and (
             list(failures) or [dict(t.params) for t in trials if is_diverged(t) and t.params]
         )
-        top = int(np.argmax(mu))
-        alike = [i for i in range(len(points)) if mu[i] >= mu[top] - model.noise_sd]
         if broke:
+            top = int(np.argmax(mu))
             encode = encoder(failure_space or space)
             F = np.array([encode(f) for f in broke], dtype=float)
-            for i in alike:  # alike, one test seed apart
-                away = float(np.min(np.linalg.norm(F - np.array(encode(points[i])), axis=1)))
-                score[i] = (1, away)
-        elif robust and failure_space is not None:
-            for i in alike:
-                if inside(points[i], failure_space):
-                    score[i] = (1, float(mu[i]))
+            for i, p in enumerate(points):
+                if mu[i] >= mu[top] - model.noise_sd:  # alike, one test seed apart
+                    away = float(np.min(np.linalg.norm(F - np.array(encode(p)), axis=1)))
+                    score[i] = (1, away)
     order = sorted(
         range(len(out)),
         key=lambda i: (score[i], out[i].config.n, -out[i].config.number),

@@ -23,7 +23,7 @@ from search.sweep import narrowing, surrogate
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.objective import pruning_window
-from search.sweep.retrain import chosen_configuration, kept_off_by, kept_off_the_edge
+from search.sweep.retrain import chosen_configuration, kept_off_the_edge
 
 ETA = {"eta_max": sp.parse_range("eta_max", [1e-3, 1.0])}
 
@@ -118,66 +118,6 @@ def test_the_robust_choice_keeps_away_from_the_edge_of_a_cliff():
     by_mean, _ = surrogate.rank(configs, slope.get_trials(), ETA, n_val=5000)
     robust, _ = surrogate.rank(configs, slope.get_trials(), ETA, n_val=5000, robust=True)
     assert [r.config.number for r in robust] == [r.config.number for r in by_mean]
-
-
-def _past_the_edge_study(top: float):
-    """A fine study whose eta_max range went past the declared [1e-3, 0.5] up to 2 (its
-    best coarse runs sat at the edge): flat within the noise from 0.1 on, with its best
-    run past the edge (``top`` at eta_max 1.5), no run diverged."""
-    wide = {"eta_max": sp.parse_range("eta_max", [1e-3, 2.0])}
-    values = {0.01: 0.93, 0.03: 0.95, 0.1: 0.965, 0.2: 0.968, 0.3: 0.968, 0.45: 0.969}
-    values.update({0.8: 0.969, 1.0: 0.970, 1.5: top})
-    return _study([({"eta_max": e}, v, 0) for e, v in values.items()], space=wide), wide
-
-
-def test_the_robust_choice_stays_inside_the_declared_ranges_among_configurations_alike():
-    """No run diverged, and the model's best lies past the study's declared range (the
-    fine stage extended it): of the configurations alike within one run's seed noise,
-    the best inside the declared range is chosen. A clear peak out there is still taken,
-    and without the declared ranges the choice is the model's."""
-    declared = {"eta_max": sp.parse_range("eta_max", [1e-3, 0.5])}
-    study, wide = _past_the_edge_study(0.973)
-    configs, trials = rep.study_configurations(study), study.get_trials()
-    by_mean, model = surrogate.rank(configs, trials, wide, n_val=300)
-    assert model is not None and by_mean[0].config.params["eta_max"] > 0.5
-    robust, _ = surrogate.rank(
-        configs, trials, wide, n_val=300, robust=True, failure_space=declared
-    )
-    chosen = robust[0]
-    assert chosen.config.params["eta_max"] <= 0.5
-    assert chosen.mean >= by_mean[0].mean - model.noise_sd  # alike: one seed apart
-    # it is the best prediction inside, and keeps its own posterior mean
-    inside = [r for r in by_mean if r.config.params["eta_max"] <= 0.5]
-    assert chosen.config is inside[0].config and chosen.mean == inside[0].mean
-    # the declared ranges not given: every configuration counts as inside
-    robust, _ = surrogate.rank(configs, trials, wide, n_val=300, robust=True)
-    assert [r.config.number for r in robust] == [r.config.number for r in by_mean]
-    # a peak past the edge the model can tell from the rest is still chosen
-    peak, wide = _past_the_edge_study(0.995)
-    configs, trials = rep.study_configurations(peak), peak.get_trials()
-    by_mean, model = surrogate.rank(configs, trials, wide, n_val=300)
-    assert model is not None and by_mean[0].config.params["eta_max"] == 1.5
-    assert all(
-        r.mean < by_mean[0].mean - model.noise_sd
-        for r in by_mean[1:]
-        if r.config.params["eta_max"] <= 0.5
-    )
-    robust, _ = surrogate.rank(
-        configs, trials, wide, n_val=300, robust=True, failure_space=declared
-    )
-    assert robust[0].config.params["eta_max"] == 1.5
-
-
-def test_surrogate_inside_counts_numbers_past_a_bound_and_never_a_choice():
-    space = {
-        "eta_max": sp.parse_range("eta_max", [1e-3, 0.5]),
-        "batch_size": sp.parse_range("batch_size", {"int": [16, 128]}),
-        "batch_norm": sp.parse_range("batch_norm", {"choice": [False, True]}),
-    }
-    assert surrogate.inside({"eta_max": 0.5, "batch_size": 16, "batch_norm": True}, space)
-    assert not surrogate.inside({"eta_max": 0.51, "batch_size": 16}, space)
-    assert not surrogate.inside({"eta_max": 0.1, "batch_size": 200}, space)
-    assert surrogate.inside({"eta_max": 0.1, "other": 1e9}, space)  # not in the space
 
 
 def test_the_robust_choice_keeps_a_peak_the_model_can_tell_from_the_rest():
@@ -451,34 +391,3 @@ def test_final_keeps_off_a_cliff_edge_by_default_and_says_which_it_passed_over(q
     assert f"chose configuration {chosen.number} over {best.number}" in note
     assert "2 diverged run(s)" in note and 'choose = "model"' in note
     assert by_model.passed_over is None and kept_off_the_edge(model, by_model) is None
-
-
-def test_final_stays_inside_the_study_ranges_by_default_and_says_which_it_passed_over(
-    quick_study,
-):
-    """With no run diverged, the default choice takes, of the configurations alike within
-    the seed noise, the best inside the study file's [search] ranges, where the model's
-    best lay past them (a fine range extended past an edge); the note and the result say
-    so, and the report names the rule."""
-    path = quick_study(search={"eta_max": [1e-3, 0.5]}, coarse={"trials": 8})
-    spec = load_spec(path)
-    study = st.open_study(spec, "coarse")
-    made, wide = _past_the_edge_study(0.973)
-    study.set_user_attr("ranges", sp.to_record(wide))
-    study.set_user_attr("data_sizes", {"val": 300})
-    for t in made.trials:
-        study.add_trial(t)
-    choice = chosen_configuration(spec)
-    model = dataclasses.replace(spec, final=dataclasses.replace(spec.final, choose="model"))
-    by_model = chosen_configuration(model)
-    assert by_model.config.params["eta_max"] > 0.5
-    assert choice.config.params["eta_max"] <= 0.5
-    assert choice.passed_over is not None and choice.passed_over[0] is not None
-    assert choice.passed_over[0].number == by_model.config.number
-    note = kept_off_the_edge(spec, choice)
-    assert note is not None
-    assert f"chose configuration {choice.config.number} over {by_model.config.number}" in note
-    assert "inside the study's [search] ranges" in note
-    assert f"eta_max = {by_model.config.params['eta_max']:.3g}" in note
-    assert "diverged" not in note
-    assert kept_off_by(spec, choice) == "ranges" and kept_off_by(model, by_model) is None
