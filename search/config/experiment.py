@@ -35,6 +35,7 @@ from search.config.study import (
     TRAIN_FIELDS,
     StudyDefinitionError,
     StudySpec,
+    ignored_settings,
     parse_spec,
     read_toml,
 )
@@ -286,11 +287,22 @@ def load_experiment(
             path, "experiment.kind", "kind = 'lambda' needs l2_lambda in [grid]"
         )
     points = grid_points(grid)
+    ignored: dict[str, str] | None = None  # field -> why, at the first point
     for point in points:
         try:
-            parse_spec(merge(raw, point), path)
+            at = parse_spec(merge(raw, point), path)
         except StudyDefinitionError as exc:
             raise StudyDefinitionError(path, "grid", f"at point {point}: {exc}") from None
+        # a setting is ignored when no point reads it (a grid can vary the schedule)
+        found = dict(ignored_settings(at))
+        ignored = found if ignored is None else {k: v for k, v in ignored.items() if k in found}
+    if ignored and n_s is not None and "training.n_s" in ignored:
+        raise ValueError(
+            f"--n-s {n_s}: no point of {path} trains with the cyclical schedule, the one "
+            "that reads n_s; drop --n-s"
+        )
+    if ignored:
+        raise StudyDefinitionError(path, *next(iter(ignored.items())))
     spec = parse_spec(merge(raw, points[0]), path).with_overrides(storage=storage, workers=workers)
     return Experiment(spec=spec, raw=raw, grid=grid, **options)
 

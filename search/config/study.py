@@ -869,6 +869,68 @@ def _unused_search(spec: StudySpec) -> tuple[str, str] | None:
     return None
 
 
+# What each schedule reads of [training] (the rest of TrainConfig is read by all of them).
+SCHEDULE_READS = {
+    "cyclical": ("eta_min", "eta_max", "n_s", "n_s_epochs", "n_cycles", "evals_per_cycle"),
+    "step": ("eta", "decay", "n_epochs"),
+    "constant": ("eta", "n_epochs"),
+}
+SCHEDULE_FIELDS = frozenset(k for reads in SCHEDULE_READS.values() for k in reads)
+
+
+def ignored_settings(spec: StudySpec) -> list[tuple[str, str]]:
+    """The fixed settings of a study file that the built-in network and its schedules
+    never read, as (field, why and the fix): a schedule's field another schedule reads
+    (``eta`` with the cyclical schedule, ``n_epochs`` with it, ``eta_max`` with "step"),
+    and ``[network] sigma`` without ``init = "sigma"``. Where ``schedule`` (or ``init``)
+    is searched, each value reads its own fields, and none is ignored. A user's own
+    training code is given every [training] value, so nothing is ignored for it."""
+    if spec.model.train:
+        return []
+    out: list[tuple[str, str]] = []
+    default = TrainConfig.schedule
+    if "schedule" not in spec.search:
+        tables = (
+            ("training", spec.training, ("coarse", "fine", "final")),
+            ("fine.training", spec.fine.training, ("fine",)),
+            ("final.training", spec.final.training, ("final",)),
+        )
+        for table, values, stages in tables:
+            schedules = sorted({spec.stage_training(s).get("schedule", default) for s in stages})
+            reads = {k for sch in schedules for k in SCHEDULE_READS.get(sch, ())}
+            for name in sorted(set(values) & SCHEDULE_FIELDS - reads):
+                readers = [f'"{sch}"' for sch, r in SCHEDULE_READS.items() if name in r]
+                out.append(
+                    (
+                        f"{table}.{name}",
+                        f"{name} = {values[name]!r} is not read by the {' or '.join(schedules)} "
+                        f"schedule, which reads {', '.join(SCHEDULE_READS.get(schedules[0], ()))}"
+                        f": remove it, or set schedule = {' or '.join(readers)}, "
+                        f"which read{'s' if len(readers) == 1 else ''} it",
+                    )
+                )
+    if "init" not in spec.search and spec.network.init != "sigma":
+        said = f'init is "{spec.network.init}"'
+        if spec.network.sigma is not None:
+            out.append(
+                (
+                    "network.sigma",
+                    f'sigma = {spec.network.sigma!r} is read only with init = "sigma" '
+                    f'({said}): set init = "sigma" to draw the weights from '
+                    "normal(0, sigma^2), or remove sigma",
+                )
+            )
+        if "sigma" in spec.search:
+            out.append(
+                (
+                    "search.sigma",
+                    f'sigma is read only with init = "sigma" ({said}): set [network] '
+                    'init = "sigma", or stop searching sigma',
+                )
+            )
+    return out
+
+
 def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
     """A TOML file's contents; a missing, unreadable or broken file is a StudyDefinitionError."""
     if path.is_dir():
@@ -902,4 +964,8 @@ def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
     path = Path(path)
     raw = read_toml(path, missing=MISSING_STUDY)
-    return parse_spec(raw, path)
+    spec = parse_spec(raw, path)
+    ignored = ignored_settings(spec)
+    if ignored:
+        raise StudyDefinitionError(path, *ignored[0])
+    return spec

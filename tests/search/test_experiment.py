@@ -205,10 +205,15 @@ def test_draw_before_running_raises_and_creates_no_database(tmp_path):
 
 def test_data_and_n_s_overrides(tmp_path, capsys):
     path = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path, grid={"batch_norm": [False]})
-    assert ex.main([str(path), "--n-val", "200", "--n-s", "7"]) == 0
+    # overfit trains with the constant schedule, which does not read n_s
+    assert ex.main([str(path), "--n-val", "200", "--n-s", "7"]) == 2
+    assert "--n-s 7: no point of" in capsys.readouterr().err
+    assert ex.main([str(path), "--n-val", "200"]) == 0
     assert "(100 train / 200 val / 300 test)" in capsys.readouterr().out
-    experiment = cfg.load_experiment(path, data={"n_val": 200}, n_s=7)
+    experiment = cfg.load_experiment(path, data={"n_val": 200})
     assert experiment.spec.data.n_val == 200
+    cyclical = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
+    experiment = cfg.load_experiment(cyclical, n_s=7)
     assert experiment.train_config(experiment.points()[0], 100, seed=0).n_s == 7
     # A study refuses other data: runs on other data need their own database.
     assert ex.main([str(path), "--n-val", "250"]) == 2
@@ -458,3 +463,23 @@ def test_a_study_file_given_as_an_experiment_is_refused_with_the_right_command(t
 def test_n_val_as_a_fraction_is_taken_as_by_the_other_commands():
     assert ex.build_parser().parse_args(["x.toml", "--n-val", "0.1"]).n_val == 0.1
     assert ex.build_parser().parse_args(["x.toml", "--n-val", "500"]).n_val == 500
+
+
+def test_a_setting_no_point_of_the_grid_reads_is_refused(tmp_path):
+    """A grid can vary what reads a setting (init, the schedule): sigma set in [network]
+    is kept while some point draws with init = "sigma", and refused, with the fix, when
+    no point does."""
+    path = tiny_copy(EXPERIMENTS / "sensitivity_init.toml", tmp_path)
+    doc = tomllib.loads(path.read_text())
+    doc["grid"] = {"init": ["he", "sigma"]}
+    doc["network"]["sigma"] = 1e-3
+    del doc["network"]["init"]
+    path.write_text(dump_toml(doc))
+    assert {p["init"] for p in cfg.load_experiment(path).points()} == {"he", "sigma"}
+    doc["grid"] = {"init": ["he", "xavier"]}
+    path.write_text(dump_toml(doc))
+    with pytest.raises(StudyDefinitionError) as info:
+        cfg.load_experiment(path)
+    assert info.value.field == "network.sigma"
+    assert 'read only with init = "sigma"' in str(info.value)
+    assert ex.main([str(path)]) == 2

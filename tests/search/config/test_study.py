@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from search.config.study import StudyDefinitionError, load_spec, parse_spec
+from tests.search.conftest import dump_toml
 
 STUDIES = sorted((Path(__file__).resolve().parents[3] / "studies").glob("*.toml"))
 
@@ -172,3 +173,54 @@ def test_unreadable_study_files_are_named(tmp_path):
         load_spec(tmp_path)
     with pytest.raises(StudyDefinitionError, match="c2f init"):
         load_spec(tmp_path / "studies" / "quickstart.toml")
+
+
+@pytest.mark.parametrize(
+    "change,field,words",
+    [
+        ({"training": {"eta": 0.05}}, "training.eta", "not read by the cyclical schedule"),
+        ({"training": {"n_epochs": 20}}, "training.n_epochs", 'set schedule = "step" or "c'),
+        ({"training": {"schedule": "step", "eta_max": 0.1}}, "training.eta_max", "cyclical"),
+        ({"training": {"schedule": "constant", "decay": 0.9}}, "training.decay", '= "step"'),
+        ({"fine": {"training": {"n_epochs": 5}}}, "fine.training.n_epochs", "cyclical"),
+        ({"network": {"sigma": 0.01}}, "network.sigma", 'only with init = "sigma" (init is "he'),
+        ({"search": {"sigma": [1e-3, 1e-1]}}, "search.sigma", 'set [network] init = "sigma"'),
+    ],
+)
+def test_settings_nothing_reads_are_refused_with_the_fix(tmp_path, change, field, words):
+    """A fixed setting that the built-in network and its schedule never read (eta with the
+    cyclical schedule, sigma without init = "sigma") would pass unseen, the student
+    believing it trained with it: the study file is refused, naming the field and the
+    fix."""
+    raw = {**BASE, **change}
+    raw["network"] = {"init": "he", **raw.get("network", {})}
+    parse_spec(raw, "studies/t.toml")  # each is a valid document; only load_spec refuses
+    path = tmp_path / "t.toml"
+    path.write_text(dump_toml(raw))
+    with pytest.raises(StudyDefinitionError) as info:
+        load_spec(path)
+    msg = str(info.value)
+    assert f"[{field}]" in msg and words in msg, msg
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # final trains with a step schedule, which reads the eta of [training]
+        {"training": {"eta": 0.05}, "final": {"training": {"schedule": "step"}}},
+        # the schedule is searched: each value reads its own fields
+        {"training": {"eta": 0.05}, "search": {"schedule": {"choice": ["cyclical", "step"]}}},
+        {"network": {"init": "sigma", "sigma": 0.01}},
+        {"network": {"sigma": 0.01}, "search": {"init": {"choice": ["he", "sigma"]}}},
+        # a user's own training code is given every [training] value
+        {"training": {"eta": 0.05}, "model": {"train": "mine.py:train"}},
+    ],
+)
+def test_settings_some_stage_or_choice_reads_are_accepted(tmp_path, change):
+    raw = {**BASE, **change}
+    if "search" in change:
+        raw["search"] = {**BASE["search"], **change["search"]}
+    (tmp_path / "mine.py").write_text("def train(params, data):\n    return 0.5\n")
+    path = tmp_path / "t.toml"
+    path.write_text(dump_toml(raw))
+    load_spec(path)
