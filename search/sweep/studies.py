@@ -551,8 +551,19 @@ def check_settings(
     if recorded is None or not ran:
         study.set_user_attr(SETTINGS, now)
         return
+    overrides = {"fine": spec.fine.training, "final": spec.final.training}.get(stage, {})
+
+    def table(section: str, key: str) -> str:
+        # the table the study file sets it in: a stage's own [fine.training] overrides
+        return f"{stage}.training" if section == "training" and key in overrides else section
+
     changed = [
-        (section, key, recorded.get(section, {}).get(key), now.get(section, {}).get(key))
+        (
+            table(section, key),
+            key,
+            recorded.get(section, {}).get(key),
+            now.get(section, {}).get(key),
+        )
         for section in sorted(set(now) | set(recorded))
         for key in sorted(set(now.get(section, {})) | set(recorded.get(section, {})))
         if recorded.get(section, {}).get(key) != now.get(section, {}).get(key)

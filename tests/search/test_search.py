@@ -536,6 +536,28 @@ def test_settings_in_effect_are_compared_and_a_study_none_of_whose_trials_ran_ta
     assert "n_cycles = 2, but the trials of qs-coarse ran with 1" in capsys.readouterr().err
 
 
+def test_a_changed_stage_override_is_named_in_its_own_table(quick_study):
+    """A setting the fine stage takes from [fine.training] is named there, not in
+    [training], when a rerun changed it."""
+    from search.config.study import StudyDefinitionError
+
+    spec = load_spec(quick_study(fine={"trials": 2, "training": {"n_cycles": 2}}))
+    study = st.open_study(spec, "fine")
+    st.check_settings(study, spec, "fine")
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=0.9,
+            params={"l2_lambda": 1e-3},
+            distributions={"l2_lambda": optuna.distributions.FloatDistribution(1e-5, 1e-1)},
+        )
+    )
+    edited = load_spec(quick_study(fine={"trials": 2, "training": {"n_cycles": 3}}))
+    with pytest.raises(StudyDefinitionError) as info:
+        st.check_settings(study, edited, "fine")
+    assert info.value.field == "fine.training"
+    assert "[fine.training] n_cycles = 3, but the trials of qs-fine ran with 2" in str(info.value)
+
+
 def test_a_fine_study_whose_creator_exited_mid_carry_is_completed_without_the_long_wait(
     quick_study,
 ):
