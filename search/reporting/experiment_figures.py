@@ -30,14 +30,17 @@ def draw(
 ) -> tuple[str, list[Path]]:
     """A markdown section (a table of the grid points) and the PNGs of one experiment.
 
-    Raises LookupError if the experiment's study is missing or has no finished trial.
+    Raises :class:`search.sweep.grid.NotRun` (naming the command as the user runs
+    commands, ``c2f`` or ``python -m``) if the experiment's study is missing or has no
+    finished trial.
     """
     try:
         experiment, study, table_rows = results(spec_path, storage=storage)
-    except NotRun as exc:  # the command as the user runs them (c2f or python -m)
+    except NotRun as exc:
         from search.cli import command
 
-        raise LookupError(exc.said(command("experiment"))) from None
+        exc.command = command("experiment")
+        raise
     info = study.user_attrs.get("experiment", {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from search.reporting.tables import (
 from search.sweep import replicates as rep
 from search.sweep import stopping
 from search.sweep import studies as st
+from search.sweep.grid import NotRun
 from search.sweep.narrowing import FROM_COARSE
 from search.sweep.workers import bookkeeping
 from search.sweep.workers.storage import relative_url, sqlite_path
@@ -466,9 +467,8 @@ def all_report(
     for path in found:
         try:
             section, pngs = draw_experiment(path, out, storage=storage)
-        except LookupError as exc:
-            how = str(exc).strip("'\"").split(": ", 1)[-1] or f"{path}"
-            parts += [f"### Experiment `{path.stem}`", "", f"Not run yet: `{how}`", ""]
+        except NotRun as exc:
+            parts += [f"### Experiment `{path.stem}`", "", f"Not run yet: `{exc.run_line()}`", ""]
             continue
         figures += pngs
         parts += [section.rstrip(), ""]

@@ -303,17 +303,31 @@ class NotRun(LookupError):
     """An experiment with no finished run; says the command that runs it (the reporting
     layer names it as the user runs commands: :func:`search.cli.command`)."""
 
-    def __init__(self, name: str, spec_path: str | Path, storage: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec_path: str | Path,
+        storage: str | None,
+        command: str = "python -m search.experiment",
+    ) -> None:
         import shlex
 
         self.name = name
         self.arguments = " ".join(
             shlex.quote(str(a)) for a in (spec_path, *(("--storage", storage) if storage else ()))
         )
-        super().__init__(self.said("python -m search.experiment"))
+        self.command = command
+        super().__init__(self.said())
 
-    def said(self, command: str) -> str:
-        return f"experiment {self.name} has not been run: {command} {self.arguments}"
+    def run_line(self) -> str:
+        """The command line that runs it."""
+        return f"{self.command} {self.arguments}"
+
+    def said(self) -> str:
+        return f"experiment {self.name} has not been run: {self.run_line()}"
+
+    def __str__(self) -> str:
+        return self.said()
 
 
 def _finished_study(experiment: Experiment, spec_path: str | Path) -> optuna.Study:

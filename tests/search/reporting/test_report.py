@@ -15,6 +15,7 @@ from search import coarse, final, fine, report
 from search.config.study import load_spec
 from search.reporting import figures, markdown
 from search.sweep import replicates as rep
+from search.sweep.grid import NotRun
 from tests.search.conftest import write_study
 
 # One worker runs this module: its module-scoped fixture is built once.
@@ -175,7 +176,7 @@ def _fake_experiments(tmp_path: Path, calls: list, monkeypatch) -> None:
     def draw(spec_path, out_dir, *, storage=None):
         calls.append((Path(spec_path), Path(out_dir), storage))
         if Path(spec_path) == pending:
-            raise LookupError("run python -m search.experiment --study bn_depth.toml first")
+            raise NotRun("bn_depth", "bn_depth.toml", None, command="c2f experiment")
         png = Path(out_dir) / f"{Path(spec_path).stem}.png"
         png.write_bytes(PNG_MAGIC)
         return f"## Experiment {Path(spec_path).stem}\n\nresult table\n", [png]
@@ -229,7 +230,7 @@ def test_all_flag_combines_gradcheck_experiments_and_study(ran, tmp_path, monkey
     ]
     positions = [md.index(h) for h in order]
     assert positions == sorted(positions)
-    assert "Not run yet: run python -m search.experiment --study bn_depth.toml first" in md
+    assert "Not run yet: `c2f experiment bn_depth.toml`" in md
     assert (out / "qs_history.png").stat().st_size > 10_000
 
 
