@@ -404,7 +404,8 @@ def draw_curves(
     )
     for ax in (acc_ax, loss_ax):
         ax.grid(True, alpha=0.3)
-    acc_ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.13), fontsize=7)  # below the curves
+    if acc_ax.get_legend_handles_labels()[0]:  # below the curves
+        acc_ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.13), fontsize=7)
     loss_ax.plot([], [], color="black", lw=1.6, label="validation")
     loss_ax.plot([], [], color="black", lw=1.2, ls="--", label="training")
     loss_ax.legend(loc="upper right", fontsize=7, ncol=2)
@@ -438,8 +439,9 @@ def draw_final(
                 ax.fill_between(
                     steps, [min(c) for c in cols], [max(c) for c in cols], color=colour, alpha=0.2
                 )
-        if what == "acc" and test_accs and histories:
-            last = max(h.step[-1] for h in histories if h.step)
+        if what == "acc" and test_accs:
+            # at the last step of the curves; at 0 for a function that reported none
+            last = max((h.step[-1] for h in histories if h.step), default=0)
             ax.scatter(
                 [last] * len(test_accs), test_accs, marker="_", s=200, c="tab:red", zorder=5
             )

@@ -39,6 +39,7 @@ from search.config.study import StudySpec, check_point
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep import surrogate
+from search.sweep.objective import CURVES
 from search.sweep.replicates import Configuration, pooled_sd
 
 FLAT_SHARE = 2 / 3
@@ -285,17 +286,18 @@ def carried_over(trials: Sequence[FrozenTrial], ranges: dict[str, sp.Range]) -> 
             continue
         if not all(ranges[k].contains(v) for k, v in t.params.items()):
             continue
-        attrs = {k: t.user_attrs[k] for k in CARRIED_ATTRS if k in t.user_attrs}
-        out.append(
-            optuna.trial.create_trial(
-                state=t.state,
-                value=t.value if t.state == TrialState.COMPLETE else None,
-                params=dict(t.params),
-                distributions=distributions,
-                intermediate_values=dict(t.intermediate_values),
-                user_attrs={**attrs, FROM_COARSE: t.number},
-            )
+        attrs = {k: t.user_attrs[k] for k in CARRIED_ATTRS + ("curves",) if k in t.user_attrs}
+        copy = optuna.trial.create_trial(
+            state=t.state,
+            value=t.value if t.state == TrialState.COMPLETE else None,
+            params=dict(t.params),
+            distributions=distributions,
+            intermediate_values=dict(t.intermediate_values),
+            user_attrs={**attrs, FROM_COARSE: t.number},
+            # the learning curves the figures draw
+            system_attrs={CURVES: t.system_attrs[CURVES]} if CURVES in t.system_attrs else None,
         )
+        out.append(copy)
     return out
 
 

@@ -307,7 +307,8 @@ def test_a_stage_where_some_trials_failed_says_why_and_how_to_resume(
 def test_a_function_that_never_reports_runs_with_one_warning(tmp_path, capfd):
     code = """
         def train(hp, data, report):
-            return 0.25 + hp["l2_lambda"]
+            value = 0.25 + hp["l2_lambda"]
+            return value if data.test is None else {"val_acc": value, "test_acc": 0.5}
     """
     path = user_study(
         tmp_path,
@@ -324,6 +325,13 @@ def test_a_function_that_never_reports_runs_with_one_warning(tmp_path, capfd):
         assert "never called report()" in t.user_attrs["warning"]
     err = capfd.readouterr().err
     assert err.count("never called report()") == 1, err
+    # final and the report run without curves: no figure of them fails, nor warns
+    assert final.main(["--study", str(path)]) == 0
+    spec = load_spec(path)
+    assert json.loads((spec.out_dir() / "final" / "result.json").read_text())["test_acc"] == 0.5
+    assert report.main(["--study", str(path)]) == 0
+    err = capfd.readouterr().err
+    assert "Warning" not in err, err
 
 
 def test_report_steps_past_the_runs_steps_are_warned_of_once(tmp_path, capfd):

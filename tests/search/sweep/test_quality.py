@@ -22,7 +22,7 @@ from search.config.study import load_spec
 from search.sweep import narrowing, surrogate
 from search.sweep import replicates as rep
 from search.sweep import studies as st
-from search.sweep.objective import pruning_window
+from search.sweep.objective import CURVES, pruning_window
 from search.sweep.retrain import chosen_configuration, kept_off_the_edge
 
 ETA = {"eta_max": sp.parse_range("eta_max", [1e-3, 1.0])}
@@ -292,8 +292,12 @@ def test_the_fine_stage_carries_over_the_coarse_runs_inside_its_ranges_only():
         ({"eta_max": 0.07}, 0.81, 1),
     ]
     trials = _study(points).get_trials()
+    curves = {"step": [10, 20], "val_acc": [0.7, 0.8], "wall_time": 1.0}
+    trials[1]._system_attrs[CURVES] = curves  # as the objective records them
     ranges = {"eta_max": ETA["eta_max"].narrowed(0.04, 0.1)}
     copies = narrowing.carried_over(trials, ranges)
+    # their curves come with them: the fine stage's figures draw them
+    assert next(t for t in copies if t.params["eta_max"] == 0.05).system_attrs[CURVES] == curves
     assert sorted(t.params["eta_max"] for t in copies) == [0.05, 0.06, 0.07, 0.08]
     assert {t.user_attrs[narrowing.FROM_COARSE] for t in copies} == {1, 2, 3, 4}
     diverged = next(t for t in copies if t.params["eta_max"] == 0.06)
