@@ -180,7 +180,10 @@ def run_on_cluster(
         if lost:  # the cluster lost the task itself (its machine, every try): no worker said so
             roll.hear(index, FAILED, f"worker {index} on the cluster: {type(lost).__name__}")
             result.codes[index] = 1
-    result.errors = roll.errors(result.codes, lambda i: f"worker {i} on the cluster")
+    # a task kills its own worker when told to stop; a worker lost otherwise its task says
+    result.errors = roll.errors(
+        result.codes, lambda i: f"worker {i} on the cluster", killed=set(result.codes)
+    )
     result.signum = stop.signum
     return result
 

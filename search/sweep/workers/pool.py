@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,6 +90,7 @@ class PoolResult:
     signum: int | None = None
     errors: list[str] = field(default_factory=list)
     killed: int = 0
+    killed_pids: set[int] = field(default_factory=set)  # the workers the pool itself killed
     started: int = 0
     not_started: list[str] = field(default_factory=list)
     codes: dict[int, int | None] = field(default_factory=dict)  # exit code by worker index
@@ -126,19 +127,43 @@ class Roll:
             self.say(f"{result.started} of the {self.workers} workers run")
             self._told = True
 
-    def errors(self, codes: dict[int, int | None], name: Callable[[int], str]) -> list[str]:
+    def errors(
+        self,
+        codes: dict[int, int | None],
+        name: Callable[[int], str],
+        killed: Collection[int] = (),
+    ) -> list[str]:
         """The line of each worker whose exit code says it failed (not a stop, not a kill
-        by its pool); ``name(index)`` names one that said no line."""
+        by its pool: the indices in ``killed``); ``name(index)`` names one that said no
+        line."""
         errors = []
         for index, code in codes.items():
             if index in self.not_started and self.result.started:
                 continue  # said when it happened; the others did the work
-            if code is None or code in (0, -signal.SIGKILL) or code - 128 in STOP_SIGNALS:
+            if code is None or code == 0 or code - 128 in STOP_SIGNALS:
                 continue
-            errors.append(self.lines.get(index) or f"{name(index)} exited with code {code}")
+            if code == -signal.SIGKILL and index in killed:
+                continue
+            errors.append(self.lines.get(index) or _died(name(index), code))
         if self.not_started and not self.result.started:
             errors = [f"none of the {self.workers} workers could start: {e}" for e in errors]
         return errors
+
+
+def _died(who: str, code: int, *, others: bool = False) -> str:
+    """The line of a worker that exited with ``code`` and said nothing (``others``: the
+    other workers went on)."""
+    if code == -signal.SIGKILL:
+        then = (
+            "its trial is re-queued, and the other workers went on"
+            if others
+            else "its trial is re-queued: run the command again to go on"
+        )
+        why = "SIGKILL: out of memory, or killed from outside the command"
+        return f"{who} was killed ({why}); {then}"
+    if code < 0:
+        return f"{who} was killed by signal {signal.Signals(-code).name}"
+    return f"{who} exited with code {code}"
 
 
 def say_on_stderr(line: str) -> None:
@@ -206,6 +231,7 @@ class ForkBackend(ParallelBackendBase):
             "fork" if sys.platform == "linux" else "spawn"
         )
         self.processes: list[Any] = []  # every child started, in the order of the tasks
+        self.killed_pids: set[int] = set()  # the children it killed (terminate's last resort)
         self._running: dict[Any, tuple[Any, concurrent.futures.Future, Any]] = {}
         self._lock = threading.Lock()
         self._watch: threading.Thread | None = None
@@ -281,6 +307,7 @@ class ForkBackend(ParallelBackendBase):
         for p in alive:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.exitcode is None:
+                self.killed_pids.add(p.pid)
                 p.kill()
                 p.join()
 
@@ -435,7 +462,20 @@ def run_forked(
     reader.close()
     result.codes = dict(zip(range(first, first + workers), codes, strict=True))
     pids = {first + i: p.pid for i, p in enumerate(procs)}
-    result.errors = roll.errors(result.codes, lambda i: f"worker {i} (pid {pids[i]})")
+    by_pool = result.killed_pids | backend.killed_pids
+    killed = {i for i, pid in pids.items() if pid in by_pool}
+    outside = [
+        i for i, code in result.codes.items() if code == -signal.SIGKILL and i not in killed
+    ]
+    if outside and reap is not None:
+        reap()  # a worker killed from outside: its trial is lost, its PID gone
+    if len(outside) < workers:
+        # The others went on with the queue, the killed one's trial re-queued for them
+        # (their own look for lost trials, or the reap above): said, not a failure.
+        for i in outside:
+            say(_died(f"worker {i} (pid {pids[i]})", -signal.SIGKILL, others=True))
+        killed |= set(outside)
+    result.errors = roll.errors(result.codes, lambda i: f"worker {i} (pid {pids[i]})", killed)
     result.signum = stop.signum
     return result
 
@@ -515,6 +555,7 @@ def _supervise(
                     os.kill(p.pid, stop.signum or signal.SIGTERM)
         if deadline is not None and (stop.presses > 1 or time.monotonic() > deadline):
             for p in alive:
+                result.killed_pids.add(p.pid)
                 p.kill()
             for p in alive:
                 p.join()
