@@ -302,7 +302,7 @@ def failed_lines(
     bookkeeping): how many, why and where, as ``c2f status`` says it, and how to resume."""
     from search.sweep.standing import standing
 
-    again = f"{command(stage)}{same_flags(args)}"
+    again = f"{command(stage)}{same_flags(args)}{st.trials_flag(study, spec, stage)}"
     s = standing(study, grace_period=spec.optuna.grace_period, resume=again)
     if not s.failures or not s.verdict.startswith("incomplete"):
         return  # none failed, or trials run since took their place

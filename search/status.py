@@ -106,6 +106,8 @@ def study_status(
         data_dir=data_dir_flag(study, spec, study_path),
         n_val=n_val_flag(study, spec),
     )
+    if name.rsplit("-", 1)[-1] in COMMANDS:  # a search stage's, not an experiment's
+        resume += st.trials_flag(study, spec, st.stage_of(name))
     # Ranked as the stage's own table ranks them: by its replicates, when the file is known.
     replicates = 2 if spec is None else spec.search_stage(st.stage_of(name)).replicates
     return standing(study, grace_period=grace_period, resume=resume, replicates=replicates)

@@ -332,7 +332,8 @@ def plan_fine(
         if why := st.pending(spec, "coarse", coarse):
             raise ValueError(
                 f"{coarse.study_name} is not finished ({why}); the fine ranges need all of it: "
-                f"run {coarse_command} again to finish it, or wait for the workers running it"
+                f"run {coarse_command}{st.trials_flag(coarse, spec, 'coarse')} again to finish "
+                "it, or wait for the workers running it"
             )
         plan = _new_plan(
             spec,

@@ -86,7 +86,8 @@ def chosen_configuration(
             if why:
                 raise ValueError(
                     f"{study.study_name} is not finished ({why}); final chooses from all of "
-                    f"it: run {command(stage)} again to finish it, "
+                    f"it: run {command(stage)}{st.trials_flag(study, spec, stage)} again to "
+                    "finish it, "
                     "or wait for the workers running it"
                 )
             if spec.final.choose == "model":

@@ -643,6 +643,16 @@ def unfinished(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:
     return pending(spec, stage, study) or race_pending(study, spec.search_stage(stage).race_runs)
 
 
+def trials_flag(study: optuna.Study, spec: StudySpec | None, stage: str) -> str:
+    """`` --trials N`` when the stage's recorded target is not the study file's (it was
+    given with ``--trials``), else "": the command that resumes it must keep that target
+    (run without it, the file's lower target would retire the trials still waiting)."""
+    target = study.user_attrs.get("target")
+    if target is None or (spec is not None and spec.search_stage(stage).trials == target):
+        return ""
+    return f" --trials {target}"
+
+
 def stage_of(study_name: str) -> str:
     """The stage of a search study, by its name (``<name>-coarse``, ``<name>-fine``)."""
     return "fine" if study_name.endswith("-fine") else "coarse"

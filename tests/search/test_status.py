@@ -205,3 +205,23 @@ def test_status_ranks_the_best_as_the_stages_table_does(tmp_path):
     assert by_table.best_params == {"l2_lambda": 1e-3} and by_table.best_n == 1
     unknown = status.study_status(storage, name, grace_period=30)
     assert unknown.best_params == {"l2_lambda": 1e-2} and unknown.best_n == 2
+
+
+def test_the_resume_command_keeps_a_target_given_with_trials(tmp_path):
+    """A stage run with --trials 300 and stopped resumes with --trials 300: the study
+    file's lower target would retire the trials still waiting."""
+    from search.config.study import load_spec
+    from search.sweep import studies as st
+
+    path = write_study(tmp_path, "tg")  # [coarse] trials of the file
+    spec = load_spec(path)
+    study = st.open_study(spec, "coarse")
+    own = spec.coarse.trials
+    st.top_up(study, own + 7)  # as `--trials` more than the file's
+    storage = make_storage(spec.storage_url())
+    s = status.study_status(storage, "tg-coarse", grace_period=30, study_path=str(path), spec=spec)
+    assert s.verdict.startswith("incomplete (resume with") and f"--trials {own + 7}" in s.verdict
+    assert st.trials_flag(study, spec, "coarse") == f" --trials {own + 7}"
+    st.top_up(study, own)  # the file's own target: no flag needed
+    assert st.trials_flag(study, spec, "coarse") == ""
+    assert st.trials_flag(study, None, "coarse") == f" --trials {own}"  # the file unknown
