@@ -18,6 +18,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 
 from search import cli
 from search.sweep import stage
+from search.sweep import studies as st
 from search.sweep.narrowing import plan_fine
 
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     spec = cli.load(args)
     again = f"{cli.command('coarse')}{cli.same_flags(args)}"
+    # before the plan is said: the coarse runs it narrows around are on the same data
+    st.check_coarse_data(spec, st.prepare_for(spec))
     plan = plan_fine(spec, top_k=args.top_k, margin=args.margin, coarse_command=again)
     for line in plan.lines:
         print(line)

@@ -50,6 +50,8 @@ def open_stage(
 ) -> optuna.Study:
     """The stage's study, with its data checksum, seed mode, ranges (``space``), study
     file and ``attrs`` recorded (or checked against what it recorded)."""
+    if stage == "fine":
+        st.check_coarse_data(spec, prepared)
     study = st.open_study(spec, stage, storage, create=create)
     st.record_data(study, prepared)
     st.record_seed_mode(study, spec)

@@ -400,6 +400,27 @@ def record_data(study: optuna.Study, prepared: Prepared) -> None:
         )
 
 
+def check_coarse_data(spec: StudySpec, prepared: Prepared) -> None:
+    """Refuse (:class:`DataMismatchError`) a fine stage whose data are not the data its
+    coarse runs trained on (another ``--n-val`` or ``--data-dir``, an edited [data]): it
+    narrows around those runs and carries them over, so they would be ranked beside runs
+    scored on another validation set."""
+    coarse = load_existing(spec, "coarse")
+    recorded = coarse.user_attrs.get("data_checksum") if coarse is not None else None
+    if coarse is None or recorded is None or recorded == prepared.checksum:
+        return
+    sizes, now = coarse.user_attrs.get("data_sizes") or {}, prepared.sizes()
+    was = f" ({sizes['train']} train / {sizes['val']} val)" if "val" in sizes else ""
+    n_val = coarse.user_attrs.get("n_val")
+    flag = f" (--n-val {n_val})" if n_val is not None and n_val != spec.data.n_val else ""
+    raise DataMismatchError(
+        f"the runs of {coarse.study_name} trained on other data{was} than this command "
+        f"prepared ({now['train']} train / {now['val']} val), and the fine stage narrows "
+        "around them and carries them over: run it with the coarse stage's [data] and "
+        f"flags{flag}, or give the study a new `name` to start another"
+    )
+
+
 def prepare_for(spec: StudySpec, *, log=print, cache_dir: str | None = None) -> Prepared:
     """The study's prepared data, cached under ``cache/`` beside the study file, or
     under ``cache_dir`` / ``$C2F_CACHE_DIR`` (the containers' shared volume).

@@ -576,3 +576,17 @@ def test_a_fine_study_whose_creator_exited_mid_carry_is_completed_without_the_lo
     assert time.monotonic() - t0 < 5  # not the 30 s for a creator elsewhere
     numbers = sorted(t.user_attrs["from_coarse"] for t in other.get_trials())
     assert numbers == [0, 1, 2] and other.user_attrs[stage.CARRIED] == 3
+
+
+def test_fine_refuses_coarse_runs_made_on_other_data_and_names_the_flag(quick_study, capsys):
+    """coarse ran with --n-val 200; fine without it would rank the coarse runs, scored on
+    200 validation images, beside its own on 300: refused (exit 2), naming the flag."""
+    path = quick_study(coarse={"trials": 2}, fine={"trials": 1})
+    assert coarse.main(["--study", str(path), "--n-val", "200"]) == 0
+    capsys.readouterr()
+    assert fine.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "trained on other data" in err and "(--n-val 200)" in err, err
+    spec = load_spec(path)
+    assert st.load_existing(spec, "fine") is None  # nothing made on the wrong data
+    assert fine.main(["--study", str(path), "--n-val", "200"]) == 0
