@@ -449,6 +449,7 @@ def _outcome(main_body, argv: list[str] | None, debug: bool, stop: StopFlag) -> 
         return 0
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
+        stop.acted = True  # said here: not again as a signal that came after the work
         print(
             f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
             "stored, running ones re-queued. Run the same command again to resume.",
