@@ -25,7 +25,7 @@ from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.prepared import CacheWriteError
 from search.sweep.standing import failure_reasons
-from search.sweep.user_train import FinalDiverged
+from search.sweep.user_train import FinalDiverged, UserCodeFailed
 from search.sweep.workers.pool import WorkersFailed, check_workers
 from search.sweep.workers.signals import (
     STOP_SIGNALS,
@@ -440,6 +440,7 @@ def _outcome(main_body, argv: list[str] | None, debug: bool, stop: StopFlag) -> 
         StageFailed,
         CacheWriteError,
         FinalDiverged,
+        UserCodeFailed,
     ) as exc:
         _error(exc, debug)
         return 1

@@ -593,7 +593,15 @@ def run_final(
     except UserResultError:
         raise
     except (Exception, SystemExit) as exc:  # a sys.exit() in the function must not end final
-        raise UserCodeFailed(f"{entry} raised {type(exc).__name__}: {exc}") from exc
+        import traceback
+
+        from search.sweep.standing import raised_at
+
+        where = raised_at("".join(traceback.format_exception(exc)))
+        at = f" (at {where})" if where else ""
+        raise UserCodeFailed(
+            f"{entry} raised {type(exc).__name__}: {exc}{at}; fix it and run final again"
+        ) from exc
     wall = time.perf_counter() - t0
     value, metrics = parse_result(entry, result, final=True)
     return FinalRun(

@@ -726,3 +726,23 @@ def test_a_percentage_as_val_acc_is_warned_of_once(tmp_path, capfd):
     trials = load(load_spec(path)).get_trials()
     assert all("val_acc=95, above 1" in t.user_attrs["warning"] for t in trials)
     assert capfd.readouterr().err.count("above 1: val_acc is a fraction") == 1
+
+
+def test_an_exception_in_the_final_run_is_one_line_naming_where(tmp_path, capsys):
+    """The user's function raises in final only: exit 1, one line that names the
+    exception and the line of the user's file that raised it, not an "unexpected" error
+    of the service's."""
+    code = """
+        def train(hp, data, report):
+            if data.test is not None:
+                raise MemoryError("final set too large")
+            return 0.5
+    """
+    path = user_study(tmp_path, code, coarse={"trials": 1})
+    assert coarse.main(["--study", str(path)]) == 0
+    capsys.readouterr()
+    assert final.main(["--study", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "unexpected" not in err and len(err.splitlines()) == 1, err
+    assert "raised MemoryError: final set too large (at " in err
+    assert ".py:4 in train: raise MemoryError" in err and "run final again" in err
