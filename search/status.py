@@ -134,11 +134,39 @@ def format_status(s: StudyStatus) -> str:
         f"  trials   {done}{more}; {counts}",
         f"  best     {best}",
     ]
+    if s.final and isinstance(s.final.get("test_acc"), float):
+        f = s.final
+        sd = f" +- {f['test_acc_sd']:.4f}" if f.get("test_acc_sd") is not None else ""
+        val = f.get("search_val_acc") or {}
+        chose = f"configuration {f.get('configuration')}"
+        if isinstance(val.get("mean"), float):
+            vsd = f" +- {val['sd']:.4f}" if val.get("sd") is not None else ""
+            chose += f" (val acc {val['mean']:.4f}{vsd}, n={val.get('n')})"
+        params = ", ".join(f"{k}={value_text(v)}" for k, v in (f.get("params") or {}).items())
+        rule = RULE.get(str(f.get("choose")), "its rule")
+        why = (
+            "the best above"
+            if f.get("params") == s.best_params
+            else f"chosen by {rule}, not the best above"
+        )
+        lines.append(
+            f"  final    {chose}; {params}: test acc {f['test_acc']:.4f}{sd} "
+            f"(n={f.get('n_seeds')}); {why}"
+        )
     for i, (reason, n) in enumerate(s.failures):
         lines.append(f"  failed   {n} x {reason}")
         if i < len(s.failed_at) and s.failed_at[i]:
             lines.append(f"           at {s.failed_at[i]}")
     return "\n".join(lines)
+
+
+# How [final] choose chose, in a few words (search.reporting.note says it at length).
+RULE = {
+    "robust": "the model of the landscape",
+    "model": "the model of the landscape",
+    "best": "the best mean over seeds",
+    "smoothed": "the best mean smoothed over neighbours",
+}
 
 
 def _spec_or_none(path: str) -> StudySpec | None:

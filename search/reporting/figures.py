@@ -79,9 +79,9 @@ def _clipped(ax, xs: list[float], ys: list[float], lo: float, *, marker: str = "
             [lo] * len(low),
             s=30,
             marker=marker,
-            c="tab:red",
+            c="tab:gray",
             clip_on=False,
-            label=f"below the axis ({len(low)}: diverged or far off)",
+            label=f"below the axis ({len(low)}: further below the best than it shows)",
             zorder=6,
         )
 

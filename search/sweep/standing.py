@@ -50,6 +50,9 @@ class StudyStatus:
     retired: int = 0
     # With a budget in steps: the finished search trials' steps, in whole trials' worth.
     steps: float | None = None
+    # What final chose from this study and its test accuracy (the study's user attr
+    # ``final``: result.json without the runs), None before final ran on it.
+    final: dict[str, Any] | None = None
 
 
 def liveness(
@@ -174,4 +177,5 @@ def standing(
         requeued=every[bookkeeping.Kind.REQUEUED.name],
         retired=every[bookkeeping.Kind.RETIRED.name],
         steps=steps,
+        final=study.user_attrs.get("final"),
     )

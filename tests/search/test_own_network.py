@@ -332,6 +332,10 @@ def test_a_function_that_never_reports_runs_with_one_warning(tmp_path, capfd):
     assert report.main(["--study", str(path)]) == 0
     err = capfd.readouterr().err
     assert "Warning" not in err, err
+    # status names what final chose and its test accuracy beside the stage's best run
+    assert status.main(["--study", str(path)]) == 0
+    out = capfd.readouterr().out
+    assert "  final    configuration " in out and "test acc 0.5000 (n=1); " in out, out
 
 
 def test_report_steps_past_the_runs_steps_are_warned_of_once(tmp_path, capfd):
