@@ -590,12 +590,24 @@ def check_settings(
         if recorded.get(section, {}).get(key) != now.get(section, {}).get(key)
     ]
     first = changed[0][0]
+    searched_then = {k for t in study.get_trials(deepcopy=False) for k in t.params}
 
     def said(section: str, key: str, old: str | None, new: str | None) -> str:
         where = "" if section == first else f"[{section}] "
+        name = study.study_name
+        if old is None and key in searched_then:
+            return (
+                f"{where}{key} = {new} is fixed now, but the trials of {name} searched it "
+                "(put it back in [search])"
+            )
+        if new is None and key in spec.search:
+            return (
+                f"{key} is searched now, but the trials of {name} ran with it fixed at "
+                f"{old} (take it out of [search] and set it back)"
+            )
         now_text = "is unset" if new is None else f"= {new}"
         was = "without it" if old is None else f"with {old}"
-        return f"{where}{key} {now_text}, but the trials of {study.study_name} ran {was}"
+        return f"{where}{key} {now_text}, but the trials of {name} ran {was}"
 
     raise StudyDefinitionError(
         spec.path,

@@ -536,6 +536,26 @@ def test_settings_in_effect_are_compared_and_a_study_none_of_whose_trials_ran_ta
     assert "n_cycles = 2, but the trials of qs-coarse ran with 1" in capsys.readouterr().err
 
 
+def test_a_parameter_searched_then_fixed_or_fixed_then_searched_is_named_so(quick_study, capsys):
+    """The message names what changed: a parameter no longer searched is to be put back
+    in [search], not given an "old value" it never had; one newly searched, the reverse."""
+    rho = {"rho": {"low": 0.0, "high": 0.9}}
+    path = quick_study(coarse={"trials": 2}, search=rho)
+    assert coarse.main(["--study", str(path)]) == 0
+    quick_study(coarse={"trials": 2})  # rho taken out of [search]
+    capsys.readouterr()
+    assert coarse.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "rho = 0.0 is fixed now, but the trials of qs-coarse searched it (put it back" in err
+    other = quick_study("fixed", coarse={"trials": 2})
+    assert coarse.main(["--study", str(other)]) == 0
+    quick_study("fixed", coarse={"trials": 2}, search=rho)
+    capsys.readouterr()
+    assert coarse.main(["--study", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "rho is searched now, but the trials of fixed-coarse ran with it fixed at 0.0" in err
+
+
 def test_a_changed_stage_override_is_named_in_its_own_table(quick_study):
     """A setting the fine stage takes from [fine.training] is named there, not in
     [training], when a rerun changed it."""
