@@ -141,12 +141,11 @@ class TrainConfig:
                     f"n_s_epochs must be > 0 epochs, got n_s_epochs={self.n_s_epochs!r}",
                     field="n_s_epochs",
                 )
-        if self.n_cycles < 1 or self.n_epochs < 1:
-            raise SettingError(
-                f"n_cycles and n_epochs must be >= 1, got n_cycles={self.n_cycles}, "
-                f"n_epochs={self.n_epochs}",
-                field=None,
-            )
+        for name in ("n_cycles", "n_epochs"):
+            if getattr(self, name) < 1:
+                raise SettingError(
+                    f"{name} must be >= 1, got {name}={getattr(self, name)}", field=name
+                )
         if self.evals_per_cycle < 1:
             raise SettingError(
                 f"evals_per_cycle must be >= 1, got {self.evals_per_cycle!r}",

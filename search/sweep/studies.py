@@ -480,14 +480,30 @@ def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
             point["batch_size"] = max(spec.search["batch_size"].corners())
         config = spec.train_config(stage, point)
         if config.batch_size > n_train:
-            field_name = section if "batch_size" in _stage_values(spec, stage) else "training"
+            searched = "batch_size" in spec.search and "batch_size" not in _stage_values(
+                spec, stage
+            )
+            field_name = (
+                "search"
+                if searched
+                else section
+                if "batch_size" in _stage_values(spec, stage)
+                else "training"
+            )
+            # a smaller n_val helps only where it can make the training set large enough
+            room = sizes["train"] + sizes["val"] - 1 if stage != "final" else n_final
+            fix = f"use a smaller batch_size{' range' if searched else ''}" + (
+                " or a smaller [data] n_val (e.g. n_val = 0.1)"
+                if config.batch_size <= room and stage != "final"
+                else f" (the data hold {sizes['train'] + sizes['val']} images for "
+                "training and validation)"
+            )
             raise StudyDefinitionError(
                 spec.path,
                 f"{field_name}.batch_size",
                 f"batch_size = {config.batch_size} is larger than the "
                 f"{'final ' if stage == 'final' else ''}training set "
-                f"({n_train} images{where if stage != 'final' else ''}); "
-                "use a smaller batch_size or a smaller [data] n_val (e.g. n_val = 0.1)",
+                f"({n_train} images{where if stage != 'final' else ''}); {fix}",
             )
 
 

@@ -357,7 +357,7 @@ def test_cli_refuses_flags_it_would_ignore(args, words, capsys):
 
 def test_messages_name_settings_as_the_user_writes_them(capsys):
     assert main(["--schedule", "step", "--epochs", "0"]) == 2
-    assert "got n_cycles=2, n_epochs=0" in capsys.readouterr().err  # not self.n_epochs
+    assert "n_epochs must be >= 1, got n_epochs=0" in capsys.readouterr().err  # not self.
     from model.data import load
     from model.errors import SettingError
 

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import tomllib
 
 import optuna
 import pytest
@@ -23,7 +24,7 @@ from search.sweep.objective import SEED_STRIDE, curves_of
 from search.sweep.workers import lost
 from search.sweep.workers.loop import take
 from search.sweep.workers.storage import storage_of
-from tests.search.conftest import REPO
+from tests.search.conftest import REPO, dump_toml
 
 DIST = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True)}
 # One cycle a stage: these tests are about what is chosen, not how well it trains.
@@ -256,6 +257,21 @@ def test_settings_the_data_cannot_hold_are_refused_before_any_trial(quick_study,
     err = capsys.readouterr().err
     assert f"{path}: [training.batch_size] batch_size = 5000 is larger than the training" in err
     assert "(1197 images after n_val = 300)" in err
+    assert "the data hold 1497 images" in err  # no n_val makes 5000 fit: not offered
+    # a searched batch size is named in [search], and a smaller n_val offered where it helps
+    path = quick_study(name="drawn", search={"batch_size": {"choice": [50, 1400]}})
+    doc = tomllib.loads(path.read_text())
+    del doc["training"]["batch_size"]  # searched, not fixed
+    path.write_text(dump_toml(doc))
+    assert coarse.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[search.batch_size] batch_size = 1400 is larger than the training set" in err
+    assert "use a smaller batch_size range or a smaller [data] n_val" in err
+    path = quick_study(name="cycles", search={"n_cycles": {"int": [0, 3]}})
+    assert coarse.main(["--study", str(path)]) == 2
+    assert "[search.n_cycles] n_cycles = 0 cannot run: n_cycles must be >= 1" in (
+        capsys.readouterr().err
+    )
     path = quick_study(name="big", data={"n_val": 5000})
     assert coarse.main(["--study", str(path)]) == 2
     err = capsys.readouterr().err
