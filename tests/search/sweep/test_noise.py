@@ -268,6 +268,9 @@ def test_settings_the_data_cannot_hold_are_refused_before_any_trial(quick_study,
     assert "[search.batch_size] batch_size = 1400 is larger than the training set" in err
     assert "use a smaller batch_size range or a smaller [data] n_val" in err
     path = quick_study(name="cycles", search={"n_cycles": {"int": [0, 3]}})
+    doc = tomllib.loads(path.read_text())
+    del doc["training"]["n_cycles"], doc["final"]["training"]["n_cycles"]
+    path.write_text(dump_toml(doc))
     assert coarse.main(["--study", str(path)]) == 2
     assert "[search.n_cycles] n_cycles = 0 cannot run: n_cycles must be >= 1" in (
         capsys.readouterr().err
