@@ -27,6 +27,8 @@ given the test set, returns its accuracy and saves what it wants in ``hp["out_di
 
 from __future__ import annotations
 
+import json
+
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
 
@@ -74,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['configuration']} ({n_seeds} seeds):"
         )
         print(f"test accuracy {describe_accs(r['test_accs'])} (use --force to retrain)")
+        result_file = out / "result.json"
+        if not result_file.exists():  # the out folder deleted or moved: the record stays
+            out.mkdir(parents=True, exist_ok=True)
+            kept = {k: v for k, v in r.items() if k != "key"}
+            result_file.write_text(json.dumps(kept, indent=2))
+            made = [out / "curves.png"] + ([] if spec.model.train else [out / "network.npz"])
+            gone = [f.name for f in made if not f.exists()]
+            print(
+                f"wrote {result_file} again from the study's record (without each seed's "
+                "run and the training settings)"
+                + (f"; {', '.join(gone)} only a retraining makes (--force)" if gone else "")
+            )
     else:
         print(f"test accuracy {describe_accs(r['test_accs'])}")
         for note in done.notes:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,14 @@ def test_coarse_fine_final_end_to_end(quick_study, capsys):
     # Running it again does not retrain.
     assert final.main(["--study", str(path)]) == 0
     assert "already recorded" in capsys.readouterr().out
+    # Its out folder deleted: result.json is written again from the record, and the
+    # files only a retraining makes are named
+    shutil.rmtree(spec.out_dir() / "final")
+    assert final.main(["--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    again = json.loads((spec.out_dir() / "final" / "result.json").read_text())
+    assert again["test_accs"] == result["test_accs"] and again["params"] == result["params"]
+    assert "again from the study's record" in out and "network.npz" in out and "--force" in out
 
 
 # The same and a larger target again: test_noise's stage run again (the suite's time budget).
