@@ -451,9 +451,17 @@ def _outcome(main_body, argv: list[str] | None, debug: bool, stop: StopFlag) -> 
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signum", stop.signum or signal.SIGINT)
         stop.acted = True  # said here: not again as a signal that came after the work
+        # final trains seeds, not trials: each seed is kept as it ends (its module's name,
+        # also when it runs as `python -m search.final`, is in its globals' __spec__)
+        module = getattr(getattr(main_body, "__globals__", {}).get("__spec__"), "name", "")
+        kept = (
+            "finished seeds are stored"
+            if module == "search.final"
+            else "finished trials are stored, running ones re-queued"
+        )
         print(
-            f"\ninterrupted ({signal.Signals(signum).name}): finished trials are "
-            "stored, running ones re-queued. Run the same command again to resume.",
+            f"\ninterrupted ({signal.Signals(signum).name}): {kept}. Run the same command "
+            "again to resume.",
             file=sys.stderr,
         )
         return 128 + signum

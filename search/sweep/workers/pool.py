@@ -186,7 +186,8 @@ def check_workers(workers: int, *, where: str = "--workers") -> None:
         raise ValueError(
             f"{where} {workers}: at most {MAX_WORKERS_PER_CORE * n} worker processes on the "
             f"{n} core(s) here ({MAX_WORKERS_PER_CORE} per core); each trains on one core, "
-            f"so past {n} they share them. On many machines, start search.worker on each"
+            f"so past {n} they share them. On many machines, start c2f worker "
+            "(python -m search.worker) on each"
         )
     if workers > n:
         print(

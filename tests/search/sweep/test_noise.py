@@ -243,6 +243,25 @@ def test_an_interrupted_final_resumes_with_the_seeds_it_has_not_done(quick_study
     assert code == 0 and "already recorded" in out
 
 
+def test_an_interrupted_final_says_its_seeds_are_kept_not_trials(quick_study, capsys, monkeypatch):
+    import signal as signals
+
+    from search.sweep.workers.signals import Interrupted
+
+    path = quick_study(coarse={"trials": 2})
+    assert quiet(coarse.main, ["--study", str(path)])[0] == 0
+
+    def stopped(*args, **kwargs):
+        raise Interrupted(signals.SIGINT)
+
+    monkeypatch.setattr(final, "retrain", stopped)
+    capsys.readouterr()
+    assert final.main(["--study", str(path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT): finished seeds are stored. Run the same" in err, err
+    assert "re-queued" not in err
+
+
 def test_a_holdout_larger_than_val_is_refused_not_clipped(quick_study, capsys):
     path = quick_study(final={"holdout": 300})  # val has 300 images
     assert coarse.main(["--study", str(path)]) == 2
