@@ -96,10 +96,15 @@ class Progress:
             self.first, self.failed_before = done, c["FAIL"]
         failed = c["FAIL"] - self.failed_before
         total = done + c["RUNNING"] + c["WAITING"] + failed
-        if self.closing:  # replicates another command queued as this pool's queue ran dry
-            if self.dry:  # this pool's workers found no trial waiting and stopped
+        if self.closing:  # the workers have stopped: the counts hold still
+            if self.dry:  # replicates another command queued as this pool's queue ran dry
                 total -= c["WAITING"]
-            total = max(done, min(total, self.total))
+            total = max(done, total)
+        else:
+            # The finished trials come from the history and the others from the database,
+            # a moment apart: a trial that finished in between is in neither, and the
+            # total would dip below the target. It grows with the queue, never dips.
+            total = max(total, self.total)
         self.total = total or self.target
         study_id = self.history.get_study_id_from_name(self.study.study_name)
         best = f"{self.history.get_best_trial(study_id).value:.4f}" if c["COMPLETE"] else "-"
@@ -114,7 +119,21 @@ class Progress:
             + bookkeeping.shown(c)
         )
         if self.tty:
-            self._draw(done, f"{rate_text(per_second)} ETA {eta}, {states}, best {best}")
+            shown = [f"{c['COMPLETE']} complete"] + [
+                text
+                for text in [f"{c['PRUNED']} pruned", f"{c['FAIL']} failed"] + bookkeeping.shown(c)
+                if not text.startswith("0 ")
+            ]
+            rate = f"{rate_text(per_second)} ETA {eta}"
+            # the longest that fits the terminal; the best value is kept to the last
+            texts = [
+                f"{rate}, {states}, best {best}",
+                f"{rate}, {', '.join(shown)}, best {best}",
+                f"{rate}, best {best}",
+                f"best {best}",
+            ]
+            room = self._width() - 1 - len(f"{done}/{self.total} ")
+            self._draw(done, next((t for t in texts if len(t) <= room), texts[-1]))
             return
         self.last = (
             f"{done}/{self.total} finished ({states}, {c['RUNNING']} running), "

@@ -73,8 +73,39 @@ def test_the_line_fits_the_terminal_and_says_everything(study, monkeypatch, colu
         assert re.match(r"40/50 \|#+\.+\| ", last), last  # 80 %
         # 40 trials in the 30 s since it began: the rate of this run, and the ETA of 10 more
         assert last.endswith("| 1.3/s ETA 00:07, 20 complete, 20 pruned, 1 failed, best 0.6900")
-    else:  # cut at the edge, never wrapped
-        assert last.startswith("40/50 1.3/s ETA 00:07, 20 complete") and len(last) == columns - 1
+    else:  # shortened to fit, never wrapped, and the best value kept
+        assert last.startswith("40/50") and last.endswith(" 1.3/s ETA 00:07, best 0.6900"), last
+
+
+def test_a_narrow_line_drops_the_states_at_zero_first(study, monkeypatch):
+    term = Terminal(50)
+    monkeypatch.setattr(Progress, "_width", lambda self: term.columns)
+    queue(study, 50)
+    p = Progress(study, 50, stream=term)
+    add(study, TrialState.COMPLETE, 0.7)
+    p()
+    last = term.lines()[-1]
+    assert last.endswith(", 1 complete, best 0.7000") and "0 pruned" not in last, last
+
+
+def test_the_total_never_dips_below_the_queue_while_it_runs(study, monkeypatch):
+    """The finished trials come from the history and the rest from the database: a
+    trial that finished between the two reads is in neither, and the total must not
+    dip below the target for it."""
+    term = io.StringIO()
+    queue(study, 10)
+    p = Progress(study, 10, stream=term, every=0)
+    p()
+    real = p.counts
+
+    def a_moment_apart():
+        c = real()
+        c["WAITING"] -= 1  # taken and finished since the history was read
+        return c
+
+    monkeypatch.setattr(p, "counts", a_moment_apart)
+    p()
+    assert p.total == 10 and "0/10 finished" in term.getvalue().splitlines()[-1]
 
 
 def test_the_bar_follows_a_resized_terminal(study, monkeypatch):
