@@ -96,10 +96,12 @@ class Progress:
             self.first, self.failed_before = done, c["FAIL"]
         failed = c["FAIL"] - self.failed_before
         total = done + c["RUNNING"] + c["WAITING"] + failed
-        if self.closing:  # the workers have stopped: the counts hold still
-            if self.dry:  # replicates another command queued as this pool's queue ran dry
+        if self.closing:  # replicates another command queued as this pool's queue ran dry
+            if self.dry:  # this pool's workers found no trial waiting and stopped
                 total -= c["WAITING"]
-            total = max(done, total)
+            # trials queued after the last look are not this run's (the total as of then
+            # never dipped below the queue: see below)
+            total = max(done, min(total, self.total))
         else:
             # The finished trials come from the history and the others from the database,
             # a moment apart: a trial that finished in between is in neither, and the
