@@ -107,7 +107,9 @@ def study_status(
         n_val=n_val_flag(study, spec),
     )
     if name.rsplit("-", 1)[-1] in COMMANDS:  # a search stage's, not an experiment's
-        resume += st.trials_flag(study, spec, st.stage_of(name))
+        # the file it ran from, when it is here to read: is its target lower?
+        known = spec or (_spec_or_none(study_path) if study_path else None)
+        resume += st.trials_flag(study, known, st.stage_of(name))
     # Ranked as the stage's own table ranks them: by its replicates, when the file is known.
     replicates = 2 if spec is None else spec.search_stage(st.stage_of(name)).replicates
     return standing(study, grace_period=grace_period, resume=resume, replicates=replicates)

@@ -693,13 +693,23 @@ def unfinished(spec: StudySpec, stage: str, study: optuna.Study) -> str | None:
 
 
 def trials_flag(study: optuna.Study, spec: StudySpec | None, stage: str) -> str:
-    """`` --trials N`` when the stage's recorded target is not the study file's (it was
-    given with ``--trials``), else "": the command that resumes it must keep that target
-    (run without it, the file's lower target would retire the trials still waiting)."""
+    """`` --trials N`` when the stage's recorded target is above the study file's (it was
+    given with ``--trials``), else "" (also when the file is not known): the command that
+    resumes it must keep that target, or the file's lower one would retire the trials
+    still waiting. A file edited to a higher target since is the file's to keep. The fine
+    stage's recorded target counts the coarse runs it carried over on top; ``--trials``
+    does not."""
     target = study.user_attrs.get("target")
-    if target is None or (spec is not None and spec.search_stage(stage).trials == target):
+    if target is None or spec is None:
         return ""
-    return f" --trials {target}"
+    carried = sum(
+        FROM_COARSE_ATTR in t.user_attrs and not is_replicate(t)
+        for t in study.get_trials(deepcopy=False)
+    )
+    own = int(target) - carried
+    if own <= spec.search_stage(stage).trials:
+        return ""
+    return f" --trials {own}"
 
 
 def stage_of(study_name: str) -> str:

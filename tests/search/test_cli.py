@@ -168,9 +168,9 @@ def test_status_resume_hint_keeps_the_data_dir(tmp_path, capsys, cifar_dir):
     resume = re.search(r"resume with (.*)\)", out).group(1)
     assert shlex.split(resume) == [
         "python", "-m", "search.coarse", "--study", str(path), "--data-dir", str(cifar_dir),
-        "--n-val", "0.1", "--trials", "3",  # the target recorded, not the file's
+        "--n-val", "0.1",  # no --trials: the target recorded is below the file's
     ]  # fmt: skip
-    assert spec.coarse.trials != 3
+    assert spec.coarse.trials > 3
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 
@@ -224,4 +225,23 @@ def test_the_resume_command_keeps_a_target_given_with_trials(tmp_path):
     assert st.trials_flag(study, spec, "coarse") == f" --trials {own + 7}"
     st.top_up(study, own)  # the file's own target: no flag needed
     assert st.trials_flag(study, spec, "coarse") == ""
-    assert st.trials_flag(study, None, "coarse") == f" --trials {own}"  # the file unknown
+    st.top_up(study, own + 7)
+    assert st.trials_flag(study, None, "coarse") == ""  # the file unknown: nothing to add
+    # a file edited to a higher target since: its own target is kept, not the old one
+    higher = dataclasses.replace(spec, coarse=dataclasses.replace(spec.coarse, trials=own + 20))
+    assert st.trials_flag(study, higher, "coarse") == ""
+    # the fine stage counts the coarse runs it carried over on top of its target
+    fine = st.open_study(spec, "fine")
+    for number in range(5):
+        fine.add_trial(
+            optuna.trial.create_trial(
+                value=0.9,
+                params={"x": float(number)},
+                distributions={"x": FloatDistribution(0, 10)},
+                user_attrs={st.FROM_COARSE_ATTR: number},
+            )
+        )
+    fine.set_user_attr("target", spec.fine.trials + 5)  # as run_stage records it
+    assert st.trials_flag(fine, spec, "fine") == ""
+    fine.set_user_attr("target", spec.fine.trials + 5 + 30)  # --trials (file's + 30)
+    assert st.trials_flag(fine, spec, "fine") == f" --trials {spec.fine.trials + 30}"
