@@ -551,14 +551,40 @@ def settings_of(
             if k not in left_out
         }
 
-    training = dataclasses.asdict(spec.train_config(stage))
-    network = {f.name: getattr(spec.network, f.name) for f in dataclasses.fields(spec.network)}
+    unread = _unread(spec, stage, varied)
+    training = {
+        k: v for k, v in dataclasses.asdict(spec.train_config(stage)).items() if k not in unread
+    }
+    network = {
+        f.name: getattr(spec.network, f.name)
+        for f in dataclasses.fields(spec.network)
+        if f.name not in unread
+    }
     return {
         "training": fixed(training),
         "network": {} if spec.model.train else fixed(network),
         "model": fixed({"train": spec.model.train, **spec.own_params(stage)}),
         **({"experiment": fixed(extra)} if extra else {}),
     }
+
+
+def _unread(spec: StudySpec, stage: str, varied: Sequence[str] = ()) -> set[str]:
+    """The settings the stage's training never reads, so they cannot change what its
+    trials trained to: another schedule's fields (``eta`` with "cyclical"), and ``sigma``
+    without init = "sigma"; none where the schedule (or init) is searched or ``varied``
+    by an experiment's grid. A user's function is given every value: none for it."""
+    from search.config.study import SCHEDULE_FIELDS, SCHEDULE_READS
+
+    if spec.model.train:
+        return set()
+    searched = set(spec.search) | set(varied)
+    out: set[str] = set()
+    if "schedule" not in searched:
+        schedule = spec.train_config(stage).schedule
+        out |= set(SCHEDULE_FIELDS) - set(SCHEDULE_READS.get(schedule, ()))
+    if "init" not in searched and spec.network.init != "sigma":
+        out.add("sigma")
+    return out - searched
 
 
 def check_settings(
@@ -577,6 +603,16 @@ def check_settings(
     the new settings."""
     now = settings_of(spec, stage, varied, extra)
     recorded = study.user_attrs.get(SETTINGS)
+    if recorded is not None:
+        # recorded by an earlier version with settings the training never read (eta with
+        # the cyclical schedule): not a change when they go
+        unread = _unread(spec, stage, varied)
+        recorded = {
+            section: {k: v for k, v in values.items() if k not in unread}
+            if section in ("training", "network")
+            else values
+            for section, values in recorded.items()
+        }
     if recorded == now:
         return
     ran = any(
@@ -594,44 +630,50 @@ def check_settings(
         # the table the study file sets it in: a stage's own [fine.training] overrides
         return f"{stage}.training" if section == "training" and key in overrides else section
 
-    changed = [
-        (
-            table(section, key),
-            key,
-            recorded.get(section, {}).get(key),
-            now.get(section, {}).get(key),
-        )
-        for section in sorted(set(now) | set(recorded))
-        for key in sorted(set(now.get(section, {})) | set(recorded.get(section, {})))
-        if recorded.get(section, {}).get(key) != now.get(section, {}).get(key)
-    ]
-    first = changed[0][0]
     searched_then = {k for t in study.get_trials(deepcopy=False) for k in t.params}
 
-    def said(section: str, key: str, old: str | None, new: str | None) -> str:
-        where = "" if section == first else f"[{section}] "
-        name = study.study_name
+    def kind(key: str, old: str | None, new: str | None) -> str:
         if old is None and key in searched_then:
-            return (
-                f"{where}{key} = {new} is fixed now, but the trials of {name} searched it "
-                "(put it back in [search])"
-            )
+            return "unsearched"  # taken out of [search]
         if new is None and key in spec.search:
-            return (
-                f"{key} is searched now, but the trials of {name} ran with it fixed at "
-                f"{old} (take it out of [search] and set it back)"
-            )
+            return "searched"  # put in [search]
+        return "value"
+
+    changed = [
+        (section, key, old, new, kind(key, old, new))
+        for section in sorted(set(now) | set(recorded))
+        for key in sorted(set(now.get(section, {})) | set(recorded.get(section, {})))
+        if (old := recorded.get(section, {}).get(key)) != (new := now.get(section, {}).get(key))
+    ]
+    # the table each is about: [search] for what it searches, a stage's own overrides
+    tables = ["search" if k != "value" else table(sec, key) for sec, key, _, _, k in changed]
+    first = tables[0]
+    name = study.study_name
+
+    def said(where: str, key: str, old: str | None, new: str | None, how: str) -> str:
+        at = "" if where == first else f"[{where}] "
+        if how == "unsearched":
+            return f"{at}{key} = {new} is fixed now, but the trials of {name} searched it"
+        if how == "searched":
+            return f"{at}{key} is searched now, but the trials of {name} ran with it at {old}"
         now_text = "is unset" if new is None else f"= {new}"
         was = "without it" if old is None else f"with {old}"
-        return f"{where}{key} {now_text}, but the trials of {name} ran {was}"
+        return f"{at}{key} {now_text}, but the trials of {name} ran {was}"
 
+    kinds = {c[4] for c in changed}
+    fixes = []
+    if "value" in kinds:
+        fixes.append("put the old values back (in the study file, or the flag that set them)")
+    if "unsearched" in kinds:
+        fixes.append("put what they searched back in [search]")
+    if "searched" in kinds:
+        fixes.append("take what they ran with out of [search] and set it back")
     raise StudyDefinitionError(
         spec.path,
         first,
-        "; ".join(said(*c) for c in changed)
-        + ". Put the old value back (in the study file, or the flag that set it) to go on "
-        "with them, or give the study a new `name` to start another (the results so far "
-        "stay under the old name)",
+        "; ".join(said(t, *c[1:]) for t, c in zip(tables, changed, strict=True))
+        + f". To go on with them, {' and '.join(fixes)}; or give the study a new `name` to "
+        "start another (the results so far stay under the old name)",
     )
 
 

@@ -508,7 +508,7 @@ def test_a_study_file_whose_fixed_settings_changed_is_refused_until_put_back(qui
     assert coarse.main(["--study", str(path)]) == 2
     err = capsys.readouterr().err
     assert "[training] n_cycles = 2, but the trials of qs-coarse ran with 1" in err
-    assert "Put the old value back" in err and "new `name`" in err
+    assert "put the old values back" in err and "new `name`" in err
     spec = load_spec(path)
     study = optuna.load_study(study_name=f"{spec.name}-coarse", storage=spec.storage_url())
     assert len(study.trials) == 2  # nothing queued or run under the new settings
@@ -555,14 +555,34 @@ def test_a_parameter_searched_then_fixed_or_fixed_then_searched_is_named_so(quic
     capsys.readouterr()
     assert coarse.main(["--study", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "rho = 0.0 is fixed now, but the trials of qs-coarse searched it (put it back" in err
+    assert "[search] rho = 0.0 is fixed now, but the trials of qs-coarse searched it. " in err
+    assert "To go on with them, put what they searched back in [search]; or give" in err
+    assert "old value" not in err
     other = quick_study("fixed", coarse={"trials": 2})
     assert coarse.main(["--study", str(other)]) == 0
     quick_study("fixed", coarse={"trials": 2}, search=rho)
     capsys.readouterr()
     assert coarse.main(["--study", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "rho is searched now, but the trials of fixed-coarse ran with it fixed at 0.0" in err
+    assert "[search] rho is searched now, but the trials of fixed-coarse ran with it at 0.0" in err
+    assert "take what they ran with out of [search] and set it back; or give" in err
+    assert "old value" not in err
+
+
+def test_a_study_recorded_with_a_setting_nothing_read_goes_on_once_it_is_removed(
+    quick_study,
+):
+    """A study run by an earlier version with eta in [training] beside the cyclical
+    schedule (which never read it) recorded eta = 0.05 with its settings; the file, with
+    eta taken out as the refusal asks, goes on with those trials."""
+    path = quick_study(coarse={"trials": 2})
+    assert coarse.main(["--study", str(path)]) == 0
+    spec = load_spec(path)
+    study = load(spec, "coarse")
+    old = study.user_attrs[st.SETTINGS]
+    study.set_user_attr(st.SETTINGS, {**old, "training": {**old["training"], "eta": "0.05"}})
+    assert "eta" not in old["training"]  # nothing the schedule never reads is recorded now
+    assert coarse.main(["--study", str(path), "--trials", "3"]) == 0
 
 
 def test_a_changed_stage_override_is_named_in_its_own_table(quick_study):
