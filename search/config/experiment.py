@@ -302,7 +302,10 @@ def load_experiment(
             "that reads n_s; drop --n-s"
         )
     if ignored:
-        raise StudyDefinitionError(path, *next(iter(ignored.items())))
+        where, why = next(iter(ignored.items()))
+        key = where.rsplit(".", 1)[-1]
+        # a value the grid gives is the grid's to change
+        raise StudyDefinitionError(path, f"grid.{key}" if key in grid else where, why)
     spec = parse_spec(merge(raw, points[0]), path).with_overrides(storage=storage, workers=workers)
     return Experiment(spec=spec, raw=raw, grid=grid, **options)
 

@@ -904,7 +904,8 @@ def ignored_settings(spec: StudySpec) -> list[tuple[str, str]]:
                     (
                         f"{table}.{name}",
                         f"{name} = {values[name]!r} is not read by the {' or '.join(schedules)} "
-                        f"schedule, which reads {', '.join(SCHEDULE_READS.get(schedules[0], ()))}"
+                        f"schedule, which read{'s' if len(schedules) == 1 else ''} "
+                        f"{', '.join(sorted(reads))}"
                         f": remove it, or set schedule = {' or '.join(readers)}, "
                         f"which read{'s' if len(readers) == 1 else ''} it",
                     )

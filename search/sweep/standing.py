@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sysconfig
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -71,10 +72,25 @@ _FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func
 _SERVICE = str(Path(__file__).resolve().parents[1]) + os.sep
 
 
+# Python's own library and the installed packages (NumPy...): a frame there is where an
+# error surfaced, not the line of the user's that caused it.
+_LIBRARIES = tuple(
+    {
+        os.path.realpath(p) + os.sep
+        for k in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (p := sysconfig.get_paths().get(k))
+    }
+)
+
+
 def raised_at(traceback_text: str) -> str:
     """``"my_net.py:31 in train: raise ValueError(...)"``: the last frame of a stored
-    traceback outside the search package (the user's code), or "" if there is none."""
+    traceback in the user's code (outside the search package, Python's library and the
+    installed packages; else the last one outside the search package), or "" if there
+    is none."""
     frames = [m for m in _FRAME.finditer(traceback_text) if not m["file"].startswith(_SERVICE)]
+    own = [m for m in frames if not os.path.realpath(m["file"]).startswith(_LIBRARIES)]
+    frames = own or frames
     if not frames:
         return ""
     m = frames[-1]

@@ -493,7 +493,7 @@ def check_fits(spec: StudySpec, sizes: dict[str, int]) -> None:
             # a smaller n_val helps only where it can make the training set large enough
             room = sizes["train"] + sizes["val"] - 1 if stage != "final" else n_final
             fix = f"use a smaller batch_size{' range' if searched else ''}" + (
-                " or a smaller [data] n_val (e.g. n_val = 0.1)"
+                f" or a smaller [data] n_val (at most {room + 1 - config.batch_size} images)"
                 if config.batch_size <= room and stage != "final"
                 else f" (the data hold {sizes['train'] + sizes['val']} images for "
                 "training and validation)"

@@ -483,3 +483,10 @@ def test_a_setting_no_point_of_the_grid_reads_is_refused(tmp_path):
     assert info.value.field == "network.sigma"
     assert 'read only with init = "sigma"' in str(info.value)
     assert ex.main([str(path)]) == 2
+    # a value the grid itself gives is named in [grid]
+    doc["grid"] = {"eta": [0.01, 0.1]}  # the file's schedule is cyclical
+    del doc["network"]["sigma"]
+    path.write_text(dump_toml(doc))
+    with pytest.raises(StudyDefinitionError) as info:
+        cfg.load_experiment(path)
+    assert info.value.field == "grid.eta" and "not read by the cyclical" in str(info.value)

@@ -245,3 +245,26 @@ def test_the_resume_command_keeps_a_target_given_with_trials(tmp_path):
     assert st.trials_flag(fine, spec, "fine") == ""
     fine.set_user_attr("target", spec.fine.trials + 5 + 30)  # --trials (file's + 30)
     assert st.trials_flag(fine, spec, "fine") == f" --trials {spec.fine.trials + 30}"
+
+
+def test_where_a_failure_was_raised_is_the_users_line_not_a_librarys():
+    """A user's call into NumPy that fails: the line named is the user's call, not the
+    NumPy frame where the error surfaced; with only library frames, the last of them."""
+    import sysconfig
+
+    from search.sweep.standing import _SERVICE, raised_at
+
+    lib = sysconfig.get_paths()["purelib"]
+    text = (
+        "Traceback (most recent call last):\n"
+        f'  File "{_SERVICE}sweep/user_train.py", line 10, in run\n'
+        "    result = train(hp, data, reporter)\n"
+        '  File "/home/me/nr.py", line 4, in train\n'
+        "    np.reshape(data.test.X, (7, 7, 7))\n"
+        f'  File "{lib}/numpy/core/fromnumeric.py", line 54, in _wrapfunc\n'
+        "    return bound(*args, **kwds)\n"
+        "ValueError: cannot reshape array\n"
+    )
+    assert raised_at(text) == "nr.py:4 in train: np.reshape(data.test.X, (7, 7, 7))"
+    only = text.replace('"/home/me/nr.py"', f'"{lib}/pkg/nr.py"')
+    assert raised_at(only) == "fromnumeric.py:54 in _wrapfunc: return bound(*args, **kwds)"
