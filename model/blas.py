@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import UsageError
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
@@ -68,11 +70,11 @@ def gemm_update(C: np.ndarray, A: np.ndarray, B: np.ndarray, *, alpha: float, be
     n, d = A.shape
     m = C.shape[1]
     if B.shape[0] != n or C.shape != (d, B.shape[1]):
-        raise ValueError(f"shapes do not fit C = A^T B: A {A.shape}, B {B.shape}, C {C.shape}")
+        raise UsageError(f"shapes do not fit C = A^T B: A {A.shape}, B {B.shape}, C {C.shape}")
     if not (A.flags.c_contiguous and B.flags.c_contiguous and C.flags.c_contiguous):
-        raise ValueError("gemm_update needs C-contiguous arrays; pass np.ascontiguousarray(...)")
+        raise UsageError("gemm_update needs C-contiguous arrays; pass np.ascontiguousarray(...)")
     if not A.dtype == B.dtype == C.dtype:
-        raise ValueError(f"one dtype for all, got {A.dtype}, {B.dtype}, {C.dtype}")
+        raise UsageError(f"one dtype for all, got {A.dtype}, {B.dtype}, {C.dtype}")
     entry = _GEMM.get(C.dtype)
     if entry is None:
         product = A.T @ B

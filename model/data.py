@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from model.errors import SettingError
+from model.errors import SettingError, UsageError
 
 __all__ = [
     "DATASETS",
@@ -72,7 +72,7 @@ _FASHION_HOWTO = (
 _CHUNK_ELEMENTS = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data file or directory is missing, corrupt or not what it should be."""
 
 
@@ -96,31 +96,31 @@ class Dataset:
         X, y = self.X, self.y
         if not isinstance(X, np.ndarray) or X.ndim != 2:
             shape = getattr(X, "shape", None)
-            raise ValueError(f"X must be a 2-D array (N, d), got shape {shape}")
+            raise UsageError(f"X must be a 2-D array (N, d), got shape {shape}")
         if not np.issubdtype(X.dtype, np.floating):
-            raise ValueError(f"X must be floating (float32 or float64), got dtype {X.dtype}")
+            raise UsageError(f"X must be floating (float32 or float64), got dtype {X.dtype}")
         if not isinstance(y, np.ndarray) or y.ndim != 1:
             shape = getattr(y, "shape", None)
-            raise ValueError(f"y must be a 1-D array (N,), got shape {shape}")
+            raise UsageError(f"y must be a 1-D array (N,), got shape {shape}")
         if y.dtype.kind not in "iu":
-            raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
+            raise UsageError(f"y must hold integer labels, got dtype {y.dtype}")
         if len(y) != len(X):
-            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels; they must match")
+            raise UsageError(f"X has {len(X)} rows but y has {len(y)} labels; they must match")
         if isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int | np.integer):
-            raise ValueError(f"n_classes must be an int, got {self.n_classes!r}")
+            raise UsageError(f"n_classes must be an int, got {self.n_classes!r}")
         if self.n_classes < 1:
-            raise ValueError(f"n_classes must be >= 1, got {self.n_classes=}")
+            raise UsageError(f"n_classes must be >= 1, got {self.n_classes=}")
         if len(y):
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= self.n_classes:
                 bad = lo if lo < 0 else hi
-                raise ValueError(
+                raise UsageError(
                     f"label {bad} is outside [0, {self.n_classes}); "
                     f"labels must be 0..{self.n_classes - 1}"
                 )
         names = tuple(str(name) for name in self.label_names)
         if names and len(names) != self.n_classes:
-            raise ValueError(
+            raise UsageError(
                 f"label_names has {len(names)} names for {self.n_classes} classes; "
                 "give one per class or none"
             )
@@ -153,7 +153,7 @@ class Splits:
 def _float_dtype(dtype: Any) -> np.dtype:
     dt = np.dtype(dtype)
     if not np.issubdtype(dt, np.floating):
-        raise ValueError(f"dtype must be a floating type such as float32, got {dtype=}")
+        raise UsageError(f"dtype must be a floating type such as float32, got {dtype=}")
     return dt
 
 
@@ -447,7 +447,7 @@ def load_cifar10(
     format (pickle or .mat) is detected from the files present. Not normalised.
     """
     if split not in CIFAR10_SPLITS:
-        raise ValueError(f"unknown CIFAR-10 split {split!r}; allowed: {', '.join(CIFAR10_SPLITS)}")
+        raise UsageError(f"unknown CIFAR-10 split {split!r}; allowed: {', '.join(CIFAR10_SPLITS)}")
     dt = _float_dtype(dtype)
     data_dir = Path(data_dir)
     suffix = _cifar_format(data_dir)
@@ -635,7 +635,7 @@ def _train_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     n, d = X.shape
     if n == 0:
-        raise ValueError("cannot normalise: the training set has no rows")
+        raise UsageError("cannot normalise: the training set has no rows")
     step = max(1, _CHUNK_ELEMENTS // max(d, 1))
     total = np.zeros(d, dtype=np.float64)
     for start in range(0, n, step):
@@ -664,7 +664,7 @@ def normalise(splits: Splits) -> Splits:
     d = splits.train.d
     for which, ds in zip(("val", "test"), datasets[1:], strict=True):
         if ds.d != d:
-            raise ValueError(f"{which} has {ds.d} features but train has {d}; they must match")
+            raise UsageError(f"{which} has {ds.d} features but train has {d}; they must match")
     mean, std = _train_stats(splits.train.X)
     out: list[Dataset] = []
     for i, ds in enumerate(datasets):
@@ -705,9 +705,9 @@ def load(
     int64; with normalize=True, standardised by :func:`normalise`.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     if name != "cifar10" and split != "batch1":
-        raise ValueError(f"split={split!r} applies to cifar10 only; leave it out for {name}")
+        raise UsageError(f"split={split!r} applies to cifar10 only; leave it out for {name}")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if n_val is not None:
         kwargs["n_val"] = n_val
@@ -717,7 +717,7 @@ def load(
         splits = load_cifar10(data_dir, split=split, **kwargs)
     elif name == "digits":
         if data_dir is not None:
-            raise ValueError(
+            raise UsageError(
                 f"digits ships with scikit-learn and reads no files; got {data_dir=}, pass None"
             )
         splits = load_digits(seed=seed, **kwargs)

@@ -28,7 +28,7 @@ from typing import Any, cast
 import numpy as np
 
 from model import layers
-from model.errors import SettingError
+from model.errors import SettingError, UsageError
 
 INITS = ("he", "xavier", "sigma")
 
@@ -173,7 +173,7 @@ class Network:
         :meth:`train_gradients`.
         """
         if X.ndim != 2 or X.shape[1] != self.d_in:
-            raise ValueError(f"X must have shape (N, {self.d_in}), got {X.shape}")
+            raise UsageError(f"X must have shape (N, {self.d_in}), got {X.shape}")
         p = self.params
         caches: list[tuple] = []
         H = X
@@ -372,13 +372,13 @@ class Network:
                 meta = json.loads(str(f["meta"]))
                 arrays = {k: f[k] for k in f.files if k != "meta"}
         except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: not a network saved by Network.save ({exc})") from exc
+            raise UsageError(f"{path}: not a network saved by Network.save ({exc})") from exc
         net = cls(**meta["architecture"])
         for key, value in arrays.items():
             kind, name = key.split("/", 1)
             target = net.params if kind == "param" else net.bn_state
             if name not in target or target[name].shape != value.shape:
-                raise ValueError(f"{path}: array {key} does not fit the saved architecture")
+                raise UsageError(f"{path}: array {key} does not fit the saved architecture")
             # In place: the vectors and statistics are views into flat arrays.
             target[name][...] = value
         net.bn_updates = int(meta.get("bn_updates", 0))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from model import blas
+from model.errors import UsageError
 from model.network import Network
 
 
@@ -54,7 +55,7 @@ def sgd_step(
     non-finite loss still takes the step: the caller stops training on it.
     """
     if rho and velocity is None:
-        raise ValueError(f"rho={rho} needs a velocity; create one with init_velocity(net)")
+        raise UsageError(f"rho={rho} needs a velocity; create one with init_velocity(net)")
     X = np.ascontiguousarray(X, dtype=net.dtype)
     loss, n_correct, dS1 = net.train_gradients(X, y, grad_scale=eta)
     # dS1 and flat_grads are eta times the true gradients of the loss.

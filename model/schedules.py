@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.errors import SettingError
+from model.errors import SettingError, UsageError
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class StepDecay:
         if not 0 < self.decay <= 1:
             raise SettingError(f"decay must be in (0, 1], got decay={self.decay!r}", field="decay")
         if self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch!r}")
+            raise UsageError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch!r}")
 
     def lr_at(self, step: int) -> float:
         return self.eta * self.decay ** (step // self.steps_per_epoch)
@@ -59,7 +59,7 @@ class Cyclical:
                 f"eta_min must be > 0, got eta_min={self.eta_min!r}", field="eta_min"
             )
         if not self.eta_max > self.eta_min:
-            raise ValueError(
+            raise UsageError(
                 f"eta_max must be > eta_min, "
                 f"got eta_min={self.eta_min!r}, eta_max={self.eta_max!r}"
             )

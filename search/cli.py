@@ -19,8 +19,9 @@ from typing import Any, NoReturn
 import optuna
 
 from model.data import n_val_arg
+from model.errors import UsageError
 from search.config.space import Range
-from search.config.study import MAX_TRIALS, StudyDefinitionError, StudySpec, load_spec
+from search.config.study import MAX_TRIALS, StudySpec, load_spec
 from search.sweep import replicates as rep
 from search.sweep import studies as st
 from search.sweep.prepared import CacheWriteError
@@ -162,7 +163,7 @@ def whole_number_arg(text: str) -> int:
 def check_trials(trials: int | None, flag: str = "--trials") -> None:
     """A target from the command line: 1 to MAX_TRIALS (the queue is filled before training)."""
     if trials is not None and not 1 <= trials <= MAX_TRIALS:
-        raise ValueError(
+        raise UsageError(
             f"{flag} must be between 1 and {MAX_TRIALS:,} (the trials of a stage are queued "
             f"before training starts), got {trials:,}"
         )
@@ -176,7 +177,7 @@ def with_data_dir(spec: StudySpec, data_dir: str | None) -> StudySpec:
     if not data_dir:
         return spec
     if spec.data.name == "digits":
-        raise ValueError(
+        raise UsageError(
             f"--data-dir {data_dir}: {spec.path} uses the digits dataset, which ships with "
             "scikit-learn and reads no files; drop --data-dir"
         )
@@ -193,7 +194,7 @@ def load(args: argparse.Namespace) -> StudySpec:
         spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, n_val=args.n_val))
     workers, trials = getattr(args, "workers", None), getattr(args, "trials", None)
     if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise UsageError(f"--workers must be >= 1, got {workers}")
     check_trials(trials)
     spec = spec.with_overrides(storage=args.storage, workers=workers)
     if hasattr(args, "workers"):
@@ -430,7 +431,7 @@ def _outcome(main_body, argv: list[str] | None, debug: bool, stop: StopFlag) -> 
     """The exit code of ``main_body(argv)``, its error or its interruption said in one line."""
     try:
         code = main_body(argv)
-    except (StudyDefinitionError, ValueError, st.DataMismatchError) as exc:
+    except (UsageError, st.DataMismatchError) as exc:  # a study file's errors among them
         _error(exc, debug)
         return 2
     except (

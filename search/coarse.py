@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from model.errors import UsageError
+
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
 
@@ -19,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     spec = cli.load(args)
     if not spec.search:
-        raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
+        raise UsageError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     target = args.trials or spec.coarse_trials
     study = stage.run_stage(spec, "coarse", target=target, space=dict(spec.search))
     cli.end_stage(

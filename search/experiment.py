@@ -17,6 +17,8 @@ finished run (each named with its cause), 2 a bad file or flag.
 
 from __future__ import annotations
 
+from model.errors import UsageError
+
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
 
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     files_only()
     args = build_parser().parse_args(argv)
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.n_s is not None and args.n_s < 1:
-        raise ValueError(f"--n-s must be >= 1, got {args.n_s}")
+        raise UsageError(f"--n-s must be >= 1, got {args.n_s}")
     experiment = load_experiment(
         args.path,
         data=data_overrides(args),

@@ -19,6 +19,8 @@ for up to five minutes. optuna-dashboard reads the database itself (the URL give
 
 from __future__ import annotations
 
+from model.errors import UsageError
+
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
 
@@ -84,13 +86,13 @@ def check_served(url: str) -> None:
     """Refuse a storage the proxy cannot serve (ValueError, exit 2): another proxy, or a
     journal file (Optuna's proxy serves databases only)."""
     if proxy_address(url) is not None:
-        raise ValueError(
+        raise UsageError(
             f"--storage {url}: that is a proxy; give the database the proxy should serve, "
             "e.g. postgresql+psycopg2://user@host/db"
         )
     check_url(url)
     if url.startswith("journal://") or "://" not in url:
-        raise ValueError(
+        raise UsageError(
             f"--storage {url}: Optuna's storage proxy serves databases, not journal files; "
             "give a database (sqlite:///x.db, postgresql+psycopg2://user@host/db)"
         )
@@ -104,18 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     args = build_parser().parse_args(argv)
     if not args.storage:
-        raise ValueError(
+        raise UsageError(
             "--storage is required: the database to serve, e.g. "
             "postgresql+psycopg2://user@host/db (or set C2F_STORAGE)"
         )
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be 0 to 65535, got {args.port}")
+        raise UsageError(f"--port must be 0 to 65535, got {args.port}")
     if args.connections < 1:
-        raise ValueError(f"--connections must be >= 1, got {args.connections}")
+        raise UsageError(f"--connections must be >= 1, got {args.connections}")
     try:
         check_served(args.storage)
     except StorageURLError as exc:
-        raise ValueError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     check_storage(args.storage)  # a database that cannot be used: one line, before serving
 
     from search.sweep.workers.proxy import STOP_GRACE_S, serve

@@ -12,6 +12,8 @@ The figures and Markdown are made in :mod:`search.reporting`.
 
 from __future__ import annotations
 
+from model.errors import UsageError
+
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.experiments_dir:
                 exp_dir = Path(args.experiments_dir)
                 if not exp_dir.is_dir():
-                    raise ValueError(
+                    raise UsageError(
                         f"--experiments-dir {exp_dir} is not a directory; pass the folder that "
                         "holds the experiment files (studies/experiments in this repository)"
                     )
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             md, figures = markdown.all_report(spec, out, storage=args.storage, exp_dir=exp_dir)
         else:
             if not any(st.load_existing(spec, stage) for stage in st.STAGES):
-                raise ValueError(
+                raise UsageError(
                     f"no coarse or fine study of {spec.name} in {safe_url(spec.storage_url())}; "
                     f"run {cli.command('coarse')}{cli.same_flags(args)} first"
                 )

@@ -22,6 +22,8 @@ to show (no database yet, or none in it).
 
 from __future__ import annotations
 
+from model.errors import UsageError
+
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
 
@@ -200,16 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     if grace is None:
         grace = spec.optuna.grace_period if spec is not None else 30
     if grace <= 0:
-        raise ValueError(f"--grace-period must be > 0, got {grace}")
+        raise UsageError(f"--grace-period must be > 0, got {grace}")
     named = args.study if spec is not None and args.study != cli.DEFAULT_STUDY else None
     start = f"run {cli.command('coarse')}{cli.flags_text(study=named, storage=args.storage)} first"
     db = sqlite_path(url)
     if db is not None and not db.exists():
-        raise ValueError(f"no database at {db}: no study has run yet; {start}")
+        raise UsageError(f"no database at {db}: no study has run yet; {start}")
     storage = make_storage(url)
     names = sorted(optuna.get_all_study_names(storage))
     if not names:
-        raise ValueError(f"no studies in {safe_url(url)}; {start}")
+        raise UsageError(f"no studies in {safe_url(url)}; {start}")
     print(f"storage {safe_url(url)}")
     for name in names:
         mine = spec is not None and name.startswith(spec.name + "-")

@@ -30,6 +30,8 @@ containers in ``docker/compose.yaml`` are configured; a flag wins over the varia
 
 from __future__ import annotations
 
+from model.errors import UsageError
+
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
 
@@ -150,7 +152,7 @@ def split_name(name: str) -> tuple[str, str]:
     for stage in st.STAGES:
         if name.endswith(f"-{stage}") and len(name) > len(stage) + 1:
             return name[: -len(stage) - 1], stage
-    raise ValueError(
+    raise UsageError(
         f"study name {name!r} must end in "
         + " or ".join(f"-{s}" for s in st.STAGES)
         + " (e.g. quickstart-coarse)"
@@ -173,18 +175,18 @@ def prepare_data(spec: StudySpec, cache_dir: str | None) -> Prepared:
 def create(args: argparse.Namespace) -> int:
     """Create the coarse study (or load it), record data and ranges, queue its target."""
     if not args.study:
-        raise ValueError("--create needs --study PATH (the study file to create the study from)")
+        raise UsageError("--create needs --study PATH (the study file to create the study from)")
     spec = load_worker_spec(args, args.study)
     name = args.study_name or st.study_name(spec, "coarse")
     prefix, stage = split_name(name)
     if stage != "coarse" or prefix != spec.name:
-        raise ValueError(
+        raise UsageError(
             f"--create makes the coarse study of {spec.path}, named "
             f"{st.study_name(spec, 'coarse')!r}, got --study-name {name!r}; "
             "a fine study is set up by python -m search.fine"
         )
     if not spec.search:
-        raise ValueError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
+        raise UsageError(f"{spec.path}: [search] is empty; give at least l2_lambda = [low, high]")
     cli.check_trials(args.trials)
     check_storage(spec.storage_url())  # a bad storage: refused before anything is written
     prepared = prepare_data(spec, args.cache_dir)
@@ -204,24 +206,24 @@ def create(args: argparse.Namespace) -> int:
 def join(args: argparse.Namespace) -> int:
     """Load the existing study, check the data, run its queue until it is empty."""
     if not args.study_name:
-        raise ValueError("--study-name is required (the study to join, e.g. quickstart-coarse)")
+        raise UsageError("--study-name is required (the study to join, e.g. quickstart-coarse)")
     prefix, stage = split_name(args.study_name)
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.backend == "dask":
         check_cluster_flags(args)
     else:
         check_workers(args.workers)
     if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     db = sqlite_path(args.storage)
     if db is not None and not db.is_file():
-        raise ValueError(f"no database file {db}; a worker only joins an existing study")
+        raise UsageError(f"no database file {db}; a worker only joins an existing study")
     check_storage(args.storage)
     storage = make_storage(args.storage)
     names = sorted(s.study_name for s in storage.get_all_studies())
     if args.study_name not in names:
-        raise ValueError(
+        raise UsageError(
             f"no study {args.study_name!r} in {safe_url(args.storage)}; it holds "
             f"{names or 'no studies'}. A worker only joins a study; create it first with "
             f"{cli.command('worker')} --create --study PATH{cli.flags_text(storage=args.storage)}"
@@ -233,13 +235,13 @@ def join(args: argparse.Namespace) -> int:
         args.n_val = recorded["n_val"]  # the --n-val the study was created with
     path = args.study or recorded_file
     if not path:
-        raise ValueError(
+        raise UsageError(
             f"study {args.study_name!r} records no study file; pass --study PATH "
             "(the same study file it was created from)"
         )
     spec = load_worker_spec(args, path)
     if spec.name != prefix:
-        raise ValueError(
+        raise UsageError(
             f"study file {spec.path} defines study {spec.name!r}, but {args.study_name!r} "
             f"belongs to {prefix!r}; pass the study file it was created from"
         )
@@ -278,11 +280,11 @@ def check_cluster_flags(args: argparse.Namespace) -> None:
     """``--backend dask`` needs a scheduler, Dask installed, and a storage that every
     machine of the cluster reaches: ValueError naming the fix otherwise."""
     if not args.scheduler:
-        raise ValueError(
+        raise UsageError(
             "--backend dask needs --scheduler tcp://HOST:8786 (the Dask scheduler's address)"
         )
     if sqlite_path(args.storage) is not None or args.storage.startswith("journal:"):
-        raise ValueError(
+        raise UsageError(
             f"--backend dask cannot use --storage {safe_url(args.storage)}: a file on this "
             "machine, which the cluster's machines do not share; give a server they all "
             "reach, postgresql+psycopg2://USER@HOST/DB (or a c2f proxy, grpc://HOST:PORT)"
@@ -297,7 +299,7 @@ def cluster_module() -> Any:
     except ImportError as exc:
         if (exc.name or "").split(".")[0] not in ("dask", "distributed"):
             raise
-        raise ValueError(f"--backend dask needs Dask, an optional extra: {DASK_EXTRA}") from None
+        raise UsageError(f"--backend dask needs Dask, an optional extra: {DASK_EXTRA}") from None
     return cluster
 
 
@@ -324,7 +326,7 @@ def on_cluster(scheduler: str, workers: int) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.storage:
-        raise ValueError("--storage is required (or C2F_STORAGE), e.g. postgresql+psycopg2://...")
+        raise UsageError("--storage is required (or C2F_STORAGE), e.g. postgresql+psycopg2://...")
     # Storage failures (an unreachable server, ...) are one line from cli.guarded, exit 1.
     return create(args) if args.create else join(args)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution
 
+from model.errors import UsageError
 from model.train import TrainConfig
 from search.config import space as sp
 from search.config.study import (
@@ -275,7 +276,7 @@ def load_experiment(
     grid = _parse_grid(path, raw, grid_raw)
     if n_s is not None:
         if "n_s" in grid:
-            raise ValueError(f"--n-s {n_s} conflicts with the grid over n_s in {path}")
+            raise UsageError(f"--n-s {n_s} conflicts with the grid over n_s in {path}")
         raw.setdefault("training", {})["n_s"] = n_s
         options["n_s_epochs"] = None
     if options["n_s_epochs"] is not None and "n_s" in raw.get("training", {}):
@@ -297,7 +298,7 @@ def load_experiment(
         found = dict(ignored_settings(at))
         ignored = found if ignored is None else {k: v for k, v in ignored.items() if k in found}
     if ignored and n_s is not None and "training.n_s" in ignored:
-        raise ValueError(
+        raise UsageError(
             f"--n-s {n_s}: no point of {path} trains with the cyclical schedule, the one "
             "that reads n_s; drop --n-s"
         )

@@ -36,6 +36,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from model.errors import UsageError
+
 KINDS = ("float", "int", "choice")
 TABLE_KEYS = {"low", "high", "log", "step", "int", "choice"}
 # A decade on a linear axis, for narrowing's margin and extension (given in decades): this
@@ -45,7 +47,7 @@ LINEAR_DECADE = 0.4
 Space = dict[str, "Range"]
 
 
-class RangeError(ValueError):
+class RangeError(UsageError):
     """A ``[search]`` entry is not a range: the message says what is allowed."""
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from model.data import CIFAR10_SPLITS, DATASETS
-from model.errors import SettingError
+from model.errors import SettingError, UsageError
 from model.network import Network
 from model.train import TrainConfig
 from search.config.space import (
@@ -74,7 +74,7 @@ MAX_TRIALS = 10_000
 MAX_NAME_LENGTH = 100
 
 
-class StudyDefinitionError(ValueError):
+class StudyDefinitionError(UsageError):
     """A study file is wrong: names the file, the field and what is allowed."""
 
     def __init__(self, path: str | Path, field_name: str, message: str) -> None:

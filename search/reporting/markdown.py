@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import optuna
 
+from model.errors import UsageError
 from search.config import space as sp
 from search.config.experiment import list_experiments
 from search.config.study import StudySpec
@@ -43,7 +44,7 @@ from search.sweep.workers.storage import relative_url, sqlite_path
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
 
-class NoStudyError(ValueError):
+class NoStudyError(UsageError):
     """The study file's searches have not been run yet."""
 
 

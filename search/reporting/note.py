@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 
+from model.errors import UsageError
 from search.config import space as sp
 from search.config.study import StudySpec
 from search.reporting.tables import (
@@ -275,7 +276,7 @@ def final_note(
     stage = "fine" if result.get("study") == st.study_name(spec, "fine") else "coarse"
     study = st.load_existing(spec, stage)
     if study is None:
-        raise ValueError(f"no study {result.get('study')!r} in {spec.storage_url()}")
+        raise UsageError(f"no study {result.get('study')!r} in {spec.storage_url()}")
     replicates = spec.fine.replicates if stage == "fine" else spec.coarse.replicates
     text = study_note(study, replicates=replicates, next_command=next_command, final=result)
     return study, text

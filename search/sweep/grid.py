@@ -24,6 +24,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from model.data import Dataset, Splits
+from model.errors import UsageError
 from search.config import space as sp
 from search.config.experiment import Experiment, load_experiment
 from search.sweep import studies, user_train
@@ -69,7 +70,7 @@ def check_grid_change(experiment: Experiment, study: optuna.Study) -> None:
             continue
         before = recorded.get(name)
         if before is not None and list(before) != list(dist.choices):
-            raise ValueError(
+            raise UsageError(
                 f"{experiment.spec.path}: [grid] {name} was {before} when study "
                 f"{study.study_name} ran and is {list(dist.choices)} now; a study cannot "
                 f"change the choices of {name!r}. Run the changed grid in another database "
@@ -142,7 +143,7 @@ def restrict(splits: Splits, n_train: int | None) -> Splits:
         return splits
     train = splits.train
     if n_train > train.n:
-        raise ValueError(f"n_train={n_train} exceeds the {train.n} training samples")
+        raise UsageError(f"n_train={n_train} exceeds the {train.n} training samples")
     cut = Dataset(train.X[:n_train], train.y[:n_train], train.n_classes, train.label_names)
     return Splits(cut, splits.val, splits.test)
 

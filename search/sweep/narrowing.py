@@ -34,6 +34,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from model.errors import UsageError
 from search.config import space as sp
 from search.config.study import StudySpec, check_point
 from search.sweep import replicates as rep
@@ -107,7 +108,7 @@ def narrow(
     invalid is given up and the range stays at the coarse edge.
     """
     if not configs:
-        raise ValueError("no completed coarse trials to narrow around; run search.coarse first")
+        raise UsageError("no completed coarse trials to narrow around; run search.coarse first")
     configs = list(configs)
     within: list[Configuration] | None = None
     sigma = None
@@ -313,12 +314,12 @@ def plan_fine(
     ranges it was started with. ``top_k`` and ``margin`` override the study file's;
     ``coarse_command`` is named in the errors that ask to finish the coarse stage."""
     if top_k is not None and top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
     if margin is not None and not margin >= 0:
-        raise ValueError(f"--margin must be >= 0 decades, got {margin}")
+        raise UsageError(f"--margin must be >= 0 decades, got {margin}")
     coarse = st.load_existing(spec, "coarse")
     if coarse is None or not rep.study_configurations(coarse):
-        raise ValueError(
+        raise UsageError(
             f"no completed coarse trials of {spec.name} in {spec.storage_url()}; "
             f"run {coarse_command} first"
         )
@@ -330,7 +331,7 @@ def plan_fine(
         plan = _resumed_plan(coarse, existing, top_k=top_k, margin=margin)
     else:
         if why := st.pending(spec, "coarse", coarse):
-            raise ValueError(
+            raise UsageError(
                 f"{coarse.study_name} is not finished ({why}); the fine ranges need all of it: "
                 f"run {coarse_command}{st.trials_flag(coarse, spec, 'coarse')} again to finish "
                 "it, or wait for the workers running it"
@@ -362,7 +363,7 @@ def _resumed_plan(
     was = (existing.user_attrs.get("top_k"), existing.user_attrs.get("margin"))
     asked = (was[0] if top_k is None else top_k, was[1] if margin is None else margin)
     if asked != was:
-        raise ValueError(
+        raise UsageError(
             f"study {existing.study_name} was started with top_k={was[0]}, "
             f"margin={was[1]}; got top_k={asked[0]}, margin={asked[1]}. Its ranges are "
             "fixed once it has trials: drop --top-k/--margin to resume it, or use "

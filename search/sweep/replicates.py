@@ -21,6 +21,8 @@ from typing import cast
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from model.errors import UsageError
+
 REPLICATE = "replicate"
 
 
@@ -261,7 +263,7 @@ def choose(configs: Sequence[Configuration]) -> tuple[Configuration, float]:
     over 6 searches, 0.50 against 0.57 in another 6: within the bench's noise).
     """
     if not configs:
-        raise ValueError("no completed configurations to choose from")
+        raise UsageError("no completed configurations to choose from")
     return smoothed(configs)[0]
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import optuna
 
 from model.data import Dataset, Splits
+from model.errors import UsageError
 from model.train import History, TrainingDiverged
 from search.config import space as sp
 from search.config.study import StudySpec
@@ -84,7 +85,7 @@ def chosen_configuration(
         if study is not None and configs:
             why = st.unfinished(spec, stage, study)
             if why:
-                raise ValueError(
+                raise UsageError(
                     f"{study.study_name} is not finished ({why}); final chooses from all of "
                     f"it: run {command(stage)}{st.trials_flag(study, spec, stage)} again to "
                     "finish it, "
@@ -98,7 +99,7 @@ def chosen_configuration(
                 value = next(v for c, v in rep.smoothed(configs) if c is configs[0])
                 return Chosen(study, configs[0], value)
             return Chosen(study, *rep.choose(configs))
-    raise ValueError(
+    raise UsageError(
         f"no completed trials of {spec.name} in the fine or coarse study of "
         f"{spec.storage_url()}; run {command('coarse')} first"
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 import optuna
 
+from model.errors import UsageError
 from search.config import space as sp
 from search.config.study import StudySpec
 from search.sweep import replicates as rep
@@ -334,11 +335,11 @@ def space_of(spec: StudySpec, stage: str, study: optuna.Study) -> dict[str, sp.R
     """The ranges a stage searches: the study file's for coarse, the recorded ones for fine."""
     if stage == "coarse":
         if not spec.search:
-            raise ValueError(f"{spec.path}: [search] is empty; nothing to search")
+            raise UsageError(f"{spec.path}: [search] is empty; nothing to search")
         return dict(spec.search)
     recorded = study.user_attrs.get("ranges")
     if not recorded:
-        raise ValueError(
+        raise UsageError(
             f"study {study.study_name} records no search ranges (user attr 'ranges'); "
             "it must be set up by python -m search.fine"
         )

@@ -84,7 +84,7 @@ _LIBRARIES = tuple(
 
 
 def raised_at(traceback_text: str) -> str:
-    """``"my_net.py:31 in train: raise ValueError(...)"``: the last frame of a stored
+    """``"my_net.py:31 in train: raise UsageError(...)"``: the last frame of a stored
     traceback in the user's code (outside the search package, Python's library and the
     installed packages; else the last one outside the search package), or "" if there
     is none."""

@@ -25,6 +25,7 @@ from typing import Any, cast
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from model.errors import UsageError
 from search.config import space as sp
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep.prepared import Prepared, prepare
@@ -379,7 +380,7 @@ def record_seed_mode(study: optuna.Study, spec: StudySpec) -> None:
             study.set_user_attr("seed_mode", mode)
             return
     if recorded != mode:
-        raise ValueError(
+        raise UsageError(
             f"{spec.path}: [optuna.seed_mode] study {study.study_name} was run with "
             f'seed_mode = "{recorded}", the study file now says "{mode}"; trials seeded two '
             f'ways cannot be compared: set seed_mode = "{recorded}" to resume it, or use '

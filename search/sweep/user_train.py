@@ -102,6 +102,7 @@ import optuna
 from threadpoolctl import threadpool_limits
 
 from model.data import Dataset, Splits
+from model.errors import UsageError
 from model.train import METRICS, History, TrainConfig
 from search.config.study import StudyDefinitionError, StudySpec
 from search.sweep import builtin
@@ -109,7 +110,7 @@ from search.sweep import builtin
 UserTrain = Callable[[dict[str, Any], "Data", "Reporter"], Any]
 
 
-class UserResultError(ValueError):
+class UserResultError(UsageError):
     """The user's function returned (or reported) something that is not a usable result."""
 
 

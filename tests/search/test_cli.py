@@ -259,3 +259,29 @@ def test_importing_the_commands_leaves_optunas_logging_alone(study):
         assert optuna.logging.get_verbosity() == optuna.logging.DEBUG  # put back after it
     finally:
         optuna.logging.set_verbosity(optuna.logging.INFO)
+
+
+def test_a_valueerror_of_the_service_is_unexpected_not_a_usage_error(
+    quick_study, capsys, monkeypatch
+):
+    """Only a value the user gave is exit 2 (UsageError, a study file's errors among
+    them); a ValueError the service's own code raised (a bug, a library) is said as
+    unexpected, exit 1, with the hint to the traceback."""
+    from model.errors import UsageError
+
+    path = quick_study(coarse={"trials": 1})
+
+    def crash(*args, **kwargs):
+        raise ValueError("max() arg is an empty sequence")
+
+    monkeypatch.setattr(final, "retrain", crash)
+    assert final.main(["--study", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: unexpected ValueError: max() arg is an empty sequence (--debug" in err
+
+    def refused(*args, **kwargs):
+        raise UsageError("--seeds 0: give 1 or more")
+
+    monkeypatch.setattr(final, "retrain", refused)
+    assert final.main(["--study", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --seeds 0: give 1 or more"

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import joblib
 from joblib.parallel import ParallelBackendBase, get_active_backend
 
+from model.errors import UsageError
 from search.sweep.workers.loop import Sweep, run_queue
 from search.sweep.workers.signals import (
     STOP_SIGNALS,
@@ -183,7 +184,7 @@ def check_workers(workers: int, *, where: str = "--workers") -> None:
     the flag or the study file's field); warn on stderr when there are more than cores."""
     n = cores()
     if workers > MAX_WORKERS_PER_CORE * n:
-        raise ValueError(
+        raise UsageError(
             f"{where} {workers}: at most {MAX_WORKERS_PER_CORE * n} worker processes on the "
             f"{n} core(s) here ({MAX_WORKERS_PER_CORE} per core); each trains on one core, "
             f"so past {n} they share them. On many machines, start c2f worker "
@@ -240,7 +241,7 @@ class ForkBackend(ParallelBackendBase):
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
-            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+            raise UsageError("n_jobs == 0 in Parallel has no meaning")
         n = 1 if n_jobs is None else n_jobs if n_jobs > 0 else max(cores() + 1 + n_jobs, 1)
         # Never 1: joblib runs a lone job in the calling process, and a worker must not run
         # in the command's.

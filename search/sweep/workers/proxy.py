@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 from optuna.storages import BaseStorage
 
+from model.errors import UsageError
 from search.sweep.workers.storage import (
     QUEUE_SERVICE,
     enqueue_blank,
@@ -77,7 +78,7 @@ def _queue_handler(storage: BaseStorage) -> grpc.GenericRpcHandler:
     )
 
 
-class ProxyBindError(ValueError):
+class ProxyBindError(UsageError):
     """The proxy cannot listen where it was asked to (a setting to fix: exit 2)."""
 
 

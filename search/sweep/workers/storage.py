@@ -40,6 +40,8 @@ from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from model.errors import UsageError
+
 T = TypeVar("T")
 # A server at its connection limit (PostgreSQL's max_connections or a role's CONNECTION
 # LIMIT; MySQL's max_connections).
@@ -410,7 +412,7 @@ def _proxy_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("grpc", "google.protobuf"))
 
 
-class StorageURLError(ValueError):
+class StorageURLError(UsageError):
     """A storage URL that names no storage this tool can use (a setting to fix: exit 2)."""
 
 
