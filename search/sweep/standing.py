@@ -165,7 +165,13 @@ def standing(
     )
     failures = failure_reasons(study)
     if alive:
-        verdict = f"running ({alive} trial(s) with live workers)"
+        verdict = f"running ({alive} trial(s) with live workers"
+        if stale:  # a worker killed while the others go on: they retry its trial
+            verdict += (
+                f"; {stale} RUNNING without one, which the running workers or {resume} "
+                "retry"
+            )
+        verdict += ")"
     elif stale:
         verdict = (
             f"stale ({stale} RUNNING trial(s) without a live worker: run {resume} "

@@ -119,6 +119,11 @@ def test_running_and_stale_trials(storage_url, capsys):
     assert _line(out, "live-coarse").startswith("live-coarse: running")
     # killed-coarse has one trial just taken (alive) and one stale: still running
     assert _line(out, "killed-coarse").startswith("killed-coarse: running (1 trial")
+    # ... and the stale one is said, not hidden behind the live one
+    assert "; 1 RUNNING without one, which the running workers or python -m search.coarse" in (
+        _line(out, "killed-coarse")
+    )
+    assert "without one" not in _line(out, "live-coarse")
     silent_line = _line(out, "silent-fine")
     assert silent_line.startswith("silent-fine: stale (1 RUNNING trial(s)")
     assert "run python -m search.fine --study studies/silent.toml" in silent_line
