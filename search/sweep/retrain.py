@@ -230,7 +230,7 @@ def retrain(
         if not force:
             return Retrained(recorded, recorded=True)
     user_train.check(spec)
-    st.record_data(source, prepared)
+    st.record_data(source, prepared, spec)
     splits = final_split(data, holdout)
     log(
         f"final: {source.study_name} configuration {best.number} (val acc {best.describe()}, "

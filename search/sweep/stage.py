@@ -54,7 +54,7 @@ def open_stage(
     if stage == "fine":
         st.check_coarse_data(spec, prepared)
     study = st.open_study(spec, stage, storage, create=create)
-    st.record_data(study, prepared)
+    st.record_data(study, prepared, spec)
     st.record_seed_mode(study, spec)
     st.check_settings(study, spec, stage)
     if space is not None:

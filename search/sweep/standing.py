@@ -168,8 +168,7 @@ def standing(
         verdict = f"running ({alive} trial(s) with live workers"
         if stale:  # a worker killed while the others go on: they retry its trial
             verdict += (
-                f"; {stale} RUNNING without one, which the running workers or {resume} "
-                "retry"
+                f"; {stale} RUNNING without one, which the running workers or {resume} retry"
             )
         verdict += ")"
     elif stale:

@@ -388,16 +388,23 @@ def record_seed_mode(study: optuna.Study, spec: StudySpec) -> None:
         )
 
 
-def record_data(study: optuna.Study, prepared: Prepared) -> None:
-    """Record the data checksum on the study, or refuse if it differs."""
+def record_data(study: optuna.Study, prepared: Prepared, spec: StudySpec | None = None) -> None:
+    """Record the data checksum on the study, or refuse if it differs (naming the
+    ``--n-val`` it ran with, when ``spec``'s is another)."""
     recorded = study.user_attrs.get("data_checksum")
     if recorded is None:
         study.set_user_attr("data_checksum", prepared.checksum)
     elif recorded != prepared.checksum:
+        n_val = study.user_attrs.get("n_val")
+        fix = (
+            f"it ran with --n-val {n_val}: give this command the same"
+            if spec is not None and n_val is not None and n_val != spec.data.n_val
+            else "give every machine the same data and study file"
+        )
         raise DataMismatchError(
             f"study {study.study_name} was created with data {recorded[:16]} but this "
             f"machine prepared {prepared.checksum[:16]}: the source files or the [data] "
-            "settings differ; give every machine the same data and study file"
+            f"settings differ; {fix}"
         )
 
 

@@ -638,4 +638,7 @@ def test_fine_refuses_coarse_runs_made_on_other_data_and_names_the_flag(quick_st
     assert "trained on other data" in err and "(--n-val 200)" in err, err
     spec = load_spec(path)
     assert st.load_existing(spec, "fine") is None  # nothing made on the wrong data
+    # final, on the coarse study, names the flag too
+    assert final.main(["--study", str(path)]) == 2
+    assert "it ran with --n-val 200: give this command the same" in capsys.readouterr().err
     assert fine.main(["--study", str(path), "--n-val", "200"]) == 0
