@@ -65,6 +65,26 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
 
 
+def _env_number(p: argparse.ArgumentParser, name: str, kind: type, default: Any) -> Any:
+    """``C2F_<NAME>`` as an int or a float, ``default`` when unset or empty; a value that
+    is not one is a usage error naming the variable (exit 2)."""
+    raw = _env(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        hint = ""
+        try:
+            as_float = float(raw)
+            if kind is int and as_float.is_integer():
+                hint = f" (write {int(as_float)})"
+        except ValueError:
+            pass
+        what = "an integer" if kind is int else "a number"
+        p.error(f"{ENV_PREFIX}{name.upper()}={raw!r}: must be {what}{hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The worker's flags; defaults come from ``C2F_*`` environment variables."""
     p = cli.parser(
@@ -104,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        default=int(_env("workers", "1") or 1),
+        default=_env_number(p, "workers", int, 1),
         help="worker processes on this machine (default 1)",
     )
     p.add_argument(
@@ -123,13 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        default=int(_env("threads", "0") or 0) or None,
+        default=_env_number(p, "threads", int, 0) or None,
         help="BLAS threads per worker (default 1: measured fastest on a shared machine)",
     )
     p.add_argument(
         "--poll",
         type=float,
-        default=float(_env("poll", "1.0") or 1.0),
+        default=_env_number(p, "poll", float, 1.0),
         help="seconds between looks at the queue while others finish (default 1)",
     )
     p.add_argument(
@@ -141,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trials",
         type=int,
-        default=int(_env("trials", "0") or 0) or None,
+        default=_env_number(p, "trials", int, 0) or None,
         help="with --create: target number of trials (default: the study file's [coarse])",
     )
     return p

@@ -285,3 +285,20 @@ def test_a_valueerror_of_the_service_is_unexpected_not_a_usage_error(
     monkeypatch.setattr(final, "retrain", refused)
     assert final.main(["--study", str(path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --seeds 0: give 1 or more"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("C2F_WORKERS", "two", "C2F_WORKERS='two': must be an integer"),
+        ("C2F_TRIALS", "1e3", "C2F_TRIALS='1e3': must be an integer (write 1000)"),
+        ("C2F_POLL", "fast", "C2F_POLL='fast': must be a number"),
+    ],
+)
+def test_a_bad_worker_environment_variable_is_a_usage_error_naming_it(
+    variable, value, words, monkeypatch, capsys
+):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exc:
+        worker.main(["--storage", "sqlite:///x.db", "--study-name", "a-coarse"])
+    assert exc.value.code == 2 and words in capsys.readouterr().err

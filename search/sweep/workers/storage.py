@@ -671,6 +671,15 @@ def _check_scheme(url: str) -> None:
         ) from None
     except ArgumentError as exc:
         raise StorageURLError(f"storage {safe_url(url)!r} is not a valid URL ({exc})") from None
+    except ValueError:  # the port: SQLAlchemy reads it with int()
+        raise StorageURLError(
+            f"storage {safe_url(url)!r}: the port must be a number 1 to 65535 "
+            "(postgresql+psycopg2://USER@HOST:5432/DB)"
+        ) from None
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise StorageURLError(
+            f"storage {safe_url(url)!r}: the port must be 1 to 65535, got {parsed.port}"
+        )
     try:
         dialect.import_dbapi()
     except ImportError as exc:
@@ -822,6 +831,15 @@ def describe_failure(exc: BaseException, url: str) -> str | None:
             # The database's own error, passed on by the proxy: said of that database.
             where = f"the database behind {where}"
             check_url_text = check_login = "check the database and the --storage of c2f proxy"
+    if url.startswith("journal://") or "://" not in url:
+        # A journal file is JSON lines: a line that is not (another program's file, a
+        # binary one) stops Optuna's reading of it.
+        broken = [e for e in _chain(exc) if isinstance(e, json.JSONDecodeError | UnicodeError)]
+        if broken:
+            return (
+                f"{where} is not a journal file Optuna can read ({_one_line(broken[0])}): "
+                "give --storage another file, or move this one away to start afresh"
+            )
     # Only the errors of a database, its driver or the file system say what the storage
     # did: a KeyError("Record does not exist.") is Optuna's answer about a study.
     chain = [e for e in _chain(exc) if _from_storage(e)]

@@ -58,6 +58,8 @@ def test_a_url_that_names_no_storage_is_a_setting(qs, capsys):
         ("sqlite:///", "in-memory SQLite database keeps nothing"),
         ("sqlite:///:memory:", "in-memory SQLite database keeps nothing"),
         ("not-a-url", "storage must be a URL like sqlite:///PATH.db"),
+        ("postgresql+psycopg2://postgres@127.0.0.1:notaport/test", "port must be a number 1"),
+        ("postgresql+psycopg2://postgres@127.0.0.1:99999/test", "1 to 65535, got 99999"),
     ]:
         assert coarse.main(["--study", qs, "--storage", url]) == 2, url
         line = one_line(capsys)
@@ -70,9 +72,13 @@ def test_a_storage_that_cannot_be_used_is_one_line_and_exit_1(qs, tmp_path, caps
     )  # no waits to retry
     a_file = tmp_path / "notes.txt"
     a_file.write_text("some notes, not a database\n" * 100)
+    binary = tmp_path / "binary.log"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
     pg_down = "postgresql+psycopg2://root@127.0.0.1:1/test"
     for url, words in [
         (f"sqlite:///{a_file}", f"{a_file} is not an SQLite database"),
+        (f"journal:///{a_file}", f"{a_file} is not a journal file Optuna can read"),
+        (f"journal:///{binary}", f"{binary} is not a journal file Optuna can read"),
         (f"sqlite:///{a_file}/x.db", f"cannot create or open {a_file}/x.db"),
         (pg_down, "PostgreSQL at 127.0.0.1:1/test does not answer"),
     ]:
