@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gzip
+import math
 import os
 import pickle
 import sys
@@ -751,7 +752,7 @@ def n_val_arg(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if 0 < value < 1:
         return value
-    if value >= 1 and value == int(value):
+    if value >= 1 and math.isfinite(value) and value == int(value):
         return int(value)
     raise argparse.ArgumentTypeError(
         f"must be a number of images >= 1 or a fraction in (0, 1), got {text!r}"

@@ -456,13 +456,16 @@ def _outcome(main_body, argv: list[str] | None, debug: bool, stop: StopFlag) -> 
         # also when it runs as `python -m search.final`, is in its globals' __spec__)
         module = getattr(getattr(main_body, "__globals__", {}).get("__spec__"), "name", "")
         kept = (
-            "finished seeds are stored"
-            if module == "search.final"
-            else "finished trials are stored, running ones re-queued"
+            "finished trials are stored, running ones re-queued"
+            if module != "search.final"
+            else "finished seeds are stored"
+            if "--force" not in (argv if argv is not None else sys.argv[1:])
+            # --force trains every seed again: the seeds kept are for a run without it
+            else "finished seeds are stored: run it again without --force to go on from them"
         )
         print(
-            f"\ninterrupted ({signal.Signals(signum).name}): {kept}. Run the same command "
-            "again to resume.",
+            f"\ninterrupted ({signal.Signals(signum).name}): {kept}"
+            + (". Run the same command again to resume." if "--force" not in kept else "."),
             file=sys.stderr,
         )
         return 128 + signum

@@ -260,6 +260,11 @@ def test_an_interrupted_final_says_its_seeds_are_kept_not_trials(quick_study, ca
     err = capsys.readouterr().err
     assert "interrupted (SIGINT): finished seeds are stored. Run the same" in err, err
     assert "re-queued" not in err
+    # with --force, the same command would train every seed again
+    assert final.main(["--study", str(path), "--force"]) == 130
+    err = capsys.readouterr().err
+    assert "finished seeds are stored: run it again without --force to go on from them" in err
+    assert "Run the same command" not in err
 
 
 def test_a_holdout_larger_than_val_is_refused_not_clipped(quick_study, capsys):
@@ -311,6 +316,13 @@ def test_n_val_as_a_fraction_and_the_n_val_flag(quick_study, capsys):
     with pytest.raises(SystemExit):
         coarse.main(["--study", str(other), "--n-val", "1.5"])
     assert "--n-val: must be a number of images >= 1 or a fraction" in capsys.readouterr().err
+    for text in ("inf", "1e400", "nan"):  # one line, not a crash on int(inf)
+        with pytest.raises(SystemExit) as exc:
+            coarse.main(["--study", str(other), "--n-val", text])
+        assert exc.value.code == 2
+        assert f"must be a number of images >= 1 or a fraction in (0, 1), got '{text}'" in (
+            capsys.readouterr().err
+        )
 
 
 @pytest.mark.parametrize(
