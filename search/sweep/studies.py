@@ -569,11 +569,25 @@ def settings_of(
         if f.name not in unread
     }
     return {
+        # how each searched parameter is drawn, as far as Optuna cannot mix two in a study
+        # (its kind, log or not, the choices; the bounds may change)
+        "search": {
+            name: json.dumps(_drawn_as(r), sort_keys=True, default=str)
+            for name, r in sorted(spec.search.items())
+        },
         "training": fixed(training),
         "network": {} if spec.model.train else fixed(network),
         "model": fixed({"train": spec.model.train, **spec.own_params(stage)}),
         **({"experiment": fixed(extra)} if extra else {}),
     }
+
+
+def _drawn_as(r: sp.Range) -> Any:
+    """What of a range Optuna keeps alike over a study's trials: the choices of a choice,
+    else the kind and whether it is log."""
+    if r.kind == "choice":
+        return {"choice": [list(c) if isinstance(c, tuple) else c for c in r.choices]}
+    return f"{r.kind}{', log' if r.log else ''}"
 
 
 def _unread(spec: StudySpec, stage: str, varied: Sequence[str] = ()) -> set[str]:
@@ -609,9 +623,10 @@ def check_settings(
     together, and the report would give the new settings for every one). A study none of
     whose trials ran yet (a command stopped in its first trial, ``worker --create``) takes
     the new settings."""
-    now = settings_of(spec, stage, varied, extra)
-    recorded = study.user_attrs.get(SETTINGS)
-    if recorded is not None:
+    full = settings_of(spec, stage, varied, extra)
+    raw = study.user_attrs.get(SETTINGS)
+    recorded, now = raw, full
+    if raw is not None:
         # recorded by an earlier version with settings the training never read (eta with
         # the cyclical schedule): not a change when they go
         unread = _unread(spec, stage, varied)
@@ -619,19 +634,28 @@ def check_settings(
             section: {k: v for k, v in values.items() if k not in unread}
             if section in ("training", "network")
             else values
-            for section, values in recorded.items()
+            for section, values in raw.items()
         }
-    if recorded == now:
-        return
+        # how the searched parameters were drawn: compared where both records have one
+        # (a parameter put in [search] or taken out is said by its fixed value's change)
+        then, drawn = recorded.get("search") or {}, full.get("search", {})
+        both = sorted(set(then) & set(drawn))
+        recorded = {**recorded, "search": {k: then[k] for k in both}}
+        now = {**full, "search": {k: drawn[k] for k in both}}
+        if recorded == now:
+            if raw != full:  # the same settings, recorded as this version records them
+                study.set_user_attr(SETTINGS, full)
+            return
     ran = any(
         FROM_COARSE_ATTR in t.user_attrs
         or t.state in FINISHED
         or (t.state == TrialState.FAIL and bookkeeping.kind(t) is None)
         for t in study.get_trials(deepcopy=False)
     )
-    if recorded is None or not ran:
-        study.set_user_attr(SETTINGS, now)
+    if raw is None or not ran:
+        study.set_user_attr(SETTINGS, full)
         return
+    assert recorded is not None
     overrides = {"fine": spec.fine.training, "final": spec.final.training}.get(stage, {})
 
     def table(section: str, key: str) -> str:
@@ -640,7 +664,9 @@ def check_settings(
 
     searched_then = {k for t in study.get_trials(deepcopy=False) for k in t.params}
 
-    def kind(key: str, old: str | None, new: str | None) -> str:
+    def kind(section: str, key: str, old: str | None, new: str | None) -> str:
+        if section == "search":
+            return "drawn"  # the kind, log or choices of a range changed
         if old is None and key in searched_then:
             return "unsearched"  # taken out of [search]
         if new is None and key in spec.search:
@@ -648,7 +674,7 @@ def check_settings(
         return "value"
 
     changed = [
-        (section, key, old, new, kind(key, old, new))
+        (section, key, old, new, kind(section, key, old, new))
         for section in sorted(set(now) | set(recorded))
         for key in sorted(set(now.get(section, {})) | set(recorded.get(section, {})))
         if (old := recorded.get(section, {}).get(key)) != (new := now.get(section, {}).get(key))
@@ -664,6 +690,8 @@ def check_settings(
             return f"{at}{key} = {new} is fixed now, but the trials of {name} searched it"
         if how == "searched":
             return f"{at}{key} is searched now, but the trials of {name} ran with it at {old}"
+        if how == "drawn":
+            return f"{at}{key} is drawn as {new} now, but the trials of {name} drew it as {old}"
         now_text = "is unset" if new is None else f"= {new}"
         was = "without it" if old is None else f"with {old}"
         return f"{at}{key} {now_text}, but the trials of {name} ran {was}"
@@ -676,6 +704,9 @@ def check_settings(
         fixes.append("put what they searched back in [search]")
     if "searched" in kinds:
         fixes.append("take what they ran with out of [search] and set it back")
+    if "drawn" in kinds:
+        # Optuna refuses a parameter drawn two ways in one study: every trial would fail
+        fixes.append("give the ranges back their kind, log and choices (bounds may change)")
     raise StudyDefinitionError(
         spec.path,
         first,

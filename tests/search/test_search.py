@@ -569,6 +569,24 @@ def test_a_parameter_searched_then_fixed_or_fixed_then_searched_is_named_so(quic
     assert "old value" not in err
 
 
+def test_a_range_drawn_another_way_is_refused_and_new_bounds_are_not(quick_study, capsys):
+    """Optuna cannot mix a parameter drawn log and not log (or as other choices) in one
+    study: every new trial would fail. The rerun is refused, naming the range; bounds that
+    moved are the user's to move."""
+    path = quick_study(coarse={"trials": 2})
+    assert coarse.main(["--study", str(path)]) == 0
+    quick_study(coarse={"trials": 3}, search={"l2_lambda": {"low": 1e-5, "high": 1e-1}})
+    capsys.readouterr()
+    assert coarse.main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        '[search] l2_lambda is drawn as "float" now, but the trials of qs-coarse drew it ' in err
+    )
+    assert 'as "float, log"' in err and "give the ranges back their kind, log" in err
+    quick_study(coarse={"trials": 3}, search={"l2_lambda": [1e-6, 1e-1]})  # wider, still log
+    assert coarse.main(["--study", str(path)]) == 0
+
+
 def test_a_study_recorded_with_a_setting_nothing_read_goes_on_once_it_is_removed(
     quick_study,
 ):
