@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from model import optim
-from model.errors import SettingError
+from model.errors import SettingError, check_out_dir
 from model.network import Network
 from model.schedules import Constant, Cyclical, StepDecay
 
@@ -529,6 +529,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m model.train") 
         )
     loaded = None
     try:
+        check_out_dir(args.out, "--out")  # before the training whose network it keeps
         config = TrainConfig(
             l2_lambda=args.l2_lambda,
             batch_size=args.batch_size,

@@ -12,7 +12,7 @@ The figures and Markdown are made in :mod:`search.reporting`.
 
 from __future__ import annotations
 
-from model.errors import UsageError
+from model.errors import UsageError, check_out_dir
 
 if __name__ == "__main__":  # before the slow imports: a signal now ends it at once
     from search.sweep.workers.signals import exit_at_once_while_starting
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         "study file)",
     )
     args = p.parse_args(argv)
+    if args.out:
+        check_out_dir(args.out, "--out")
     if args.experiment:
         # An experiment file stands alone: no study file needed; figures beside it.
         exp_path = Path(args.experiment)

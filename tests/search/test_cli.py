@@ -302,3 +302,16 @@ def test_a_bad_worker_environment_variable_is_a_usage_error_naming_it(
     with pytest.raises(SystemExit) as exc:
         worker.main(["--storage", "sqlite:///x.db", "--study-name", "a-coarse"])
     assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys):
+    from model import train
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    study = tmp_path / "s.toml"
+    assert report.main(["--study", str(study), "--out", str(a_file / "x")]) == 2
+    assert f"--out {a_file / 'x'}: {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert train.main(["--out", str(a_file / "x"), "--cycles", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{a_file} is a file, not a folder" in err and "training" not in err
