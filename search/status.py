@@ -29,6 +29,7 @@ if __name__ == "__main__":  # before the slow imports: a signal now ends it at o
 
     exit_at_once_while_starting()
 
+import math
 import os
 from typing import cast
 
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     grace = args.grace_period
     if grace is None:
         grace = spec.optuna.grace_period if spec is not None else 30
-    if grace <= 0:
-        raise UsageError(f"--grace-period must be > 0, got {grace}")
+    if not 0 < grace < math.inf:  # NaN too: no worker would ever be taken for lost
+        raise UsageError(f"--grace-period must be a number of seconds > 0, got {grace}")
     named = args.study if spec is not None and args.study != cli.DEFAULT_STUDY else None
     start = f"run {cli.command('coarse')}{cli.flags_text(study=named, storage=args.storage)} first"
     db = sqlite_path(url)

@@ -162,6 +162,9 @@ def test_exit_codes(tmp_path, storage_url, capsys):
     assert "no such study file" in capsys.readouterr().err
     assert status.main(["--storage", "not-a-url"]) == 2
     assert status.main(["--storage", storage_url, "--grace-period", "0"]) == 2
+    capsys.readouterr()
+    assert status.main(["--storage", storage_url, "--grace-period", "nan"]) == 2
+    assert "--grace-period must be a number of seconds > 0, got nan" in capsys.readouterr().err
 
 
 def test_reasons_alike_but_for_their_values_count_as_one():
