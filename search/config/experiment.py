@@ -271,8 +271,14 @@ def load_experiment(
     options = _parse_experiment_table(path, raw.pop("experiment", {}))
     if data:
         raw["data"] = {**raw.get("data", {}), **data}
-        if raw["data"].get("name") != "cifar10":
-            raw["data"].pop("split", None)
+        name = raw["data"].get("name")
+        if name != "cifar10" and "split" in data:  # given as a flag: not to pass unseen
+            raise UsageError(
+                f"--split {data['split']}: only cifar10 has splits, and {path} runs on "
+                f"{name}; drop --split (or add --cifar DIR)"
+            )
+        if name != "cifar10":
+            raw["data"].pop("split", None)  # the file's, for CIFAR-10: not for --dataset
     grid = _parse_grid(path, raw, grid_raw)
     if n_s is not None:
         if "n_s" in grid:

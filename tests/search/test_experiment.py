@@ -215,6 +215,9 @@ def test_data_and_n_s_overrides(tmp_path, capsys):
     cyclical = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
     experiment = cfg.load_experiment(cyclical, n_s=7)
     assert experiment.train_config(experiment.points()[0], 100, seed=0).n_s == 7
+    # --split on data without splits would be ignored: refused, naming the flag
+    assert ex.main([str(path), "--split", "batch1"]) == 2
+    assert "--split batch1: only cifar10 has splits" in capsys.readouterr().err
     # A study refuses other data: runs on other data need their own database.
     assert ex.main([str(path), "--n-val", "250"]) == 2
     assert "--storage" in capsys.readouterr().err
