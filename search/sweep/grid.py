@@ -27,6 +27,7 @@ from model.data import Dataset, Splits
 from model.errors import UsageError
 from search.config import space as sp
 from search.config.experiment import Experiment, load_experiment
+from search.config.study import StudyDefinitionError
 from search.sweep import studies, user_train
 from search.sweep import studies as st
 from search.sweep.objective import run_trial
@@ -137,13 +138,19 @@ def queue_grid(study: optuna.Study, experiment: Experiment) -> int:
 # ----------------------------------------------------------------------------- one trial
 
 
-def restrict(splits: Splits, n_train: int | None) -> Splits:
-    """The splits with the training set cut to its first ``n_train`` samples."""
+def restrict(splits: Splits, n_train: int | None, path: str | None = None) -> Splits:
+    """The splits with the training set cut to its first ``n_train`` samples (``path``:
+    the experiment file that asks for it, named in the error)."""
     if n_train is None:
         return splits
     train = splits.train
     if n_train > train.n:
-        raise UsageError(f"n_train={n_train} exceeds the {train.n} training samples")
+        message = (
+            f"n_train = {n_train} exceeds the {train.n} training samples; give at most {train.n}"
+        )
+        if path:
+            raise StudyDefinitionError(path, "experiment.n_train", message)
+        raise UsageError(message)
     cut = Dataset(train.X[:n_train], train.y[:n_train], train.n_classes, train.label_names)
     return Splits(cut, splits.val, splits.test)
 
@@ -161,7 +168,7 @@ class GridObjective:
 
     def __init__(self, experiment: Experiment, splits: Splits) -> None:
         self.experiment = experiment
-        self.splits = restrict(splits, experiment.n_train)
+        self.splits = restrict(splits, experiment.n_train, experiment.spec.path)
         spec = experiment.spec
         self.train = user_train.train_function(spec)
         self.data = user_train.user_data(self.splits, user_train.layout_of(spec), test=True)
@@ -241,7 +248,7 @@ def run(experiment: Experiment, *, log=print) -> optuna.Study:
         extra={"n_s_epochs": experiment.n_s_epochs, "n_train": experiment.n_train},
     )
     splits = prepared.open()
-    cut = restrict(splits, experiment.n_train)
+    cut = restrict(splits, experiment.n_train, spec.path)
     study.set_user_attr(
         "experiment",
         {

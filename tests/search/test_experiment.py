@@ -215,6 +215,13 @@ def test_data_and_n_s_overrides(tmp_path, capsys):
     cyclical = tiny_copy(EXPERIMENTS / "bn_vs_none.toml", tmp_path)
     experiment = cfg.load_experiment(cyclical, n_s=7)
     assert experiment.train_config(experiment.points()[0], 100, seed=0).n_s == 7
+    # an n_train the data cannot hold: the file and its field named
+    (tmp_path / "big").mkdir()
+    big = tiny_copy(EXPERIMENTS / "overfit.toml", tmp_path / "big", experiment={"n_train": 10**5})
+    assert ex.main([str(big)]) == 2
+    assert "[experiment.n_train] n_train = 100000 exceeds the 1197 training samples" in (
+        capsys.readouterr().err
+    )
     # --split on data without splits would be ignored: refused, naming the flag
     assert ex.main([str(path), "--split", "batch1"]) == 2
     assert "--split batch1: only cifar10 has splits" in capsys.readouterr().err
