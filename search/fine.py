@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = cli.load(args)
     again = f"{cli.command('coarse')}{cli.same_flags(args)}"
     # before the plan is said: the coarse runs it narrows around are on the same data
-    st.check_coarse_data(spec, st.prepare_for(spec))
+    prepared = st.prepare_for(spec)
+    st.check_coarse_data(spec, prepared)
     plan = plan_fine(spec, top_k=args.top_k, margin=args.margin, coarse_command=again)
     for line in plan.lines:
         print(line)
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         enqueue=plan.starts,
         warm=plan.warm,
         attrs=plan.attrs,
+        prepared=prepared,
     )
     cli.end_stage(
         spec, study, plan.ranges, args, next_name="final", replicates=spec.fine.replicates

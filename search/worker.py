@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 from typing import Any
 
@@ -74,14 +75,12 @@ def _env_number(p: argparse.ArgumentParser, name: str, kind: type, default: Any)
     try:
         return kind(raw)
     except ValueError:
-        hint = ""
-        try:
-            as_float = float(raw)
-            if kind is int and as_float.is_integer():
-                hint = f" (write {int(as_float)})"
-        except ValueError:
-            pass
         what = "an integer" if kind is int else "a number"
+        # an integer written as a float (1e3): say how to write it
+        whole = (
+            re.fullmatch(r"[0-9]+(?:\.[0-9]*)?(?:[eE]\+?[0-9]+)?", raw) and float(raw).is_integer()
+        )
+        hint = f" (write {int(float(raw))})" if kind is int and whole else ""
         p.error(f"{ENV_PREFIX}{name.upper()}={raw!r}: must be {what}{hint}")
 
 

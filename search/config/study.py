@@ -30,6 +30,7 @@ import dataclasses
 import math
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -878,6 +879,24 @@ SCHEDULE_READS = {
 SCHEDULE_FIELDS = frozenset(k for reads in SCHEDULE_READS.values() for k in reads)
 
 
+def unread_fields(spec: StudySpec, stage: str, varied: Sequence[str] = ()) -> set[str]:
+    """The settings the stage's built-in training never reads, so they cannot change what
+    its trials trained to: another schedule's fields (``eta`` with "cyclical"), and
+    ``sigma`` without init = "sigma"; none where the schedule (or init) is searched or
+    ``varied`` by an experiment's grid. A user's function is given every value: none for
+    it."""
+    if spec.model.train:
+        return set()
+    searched = set(spec.search) | set(varied)
+    out: set[str] = set()
+    if "schedule" not in searched:
+        schedule = spec.stage_training(stage).get("schedule", TrainConfig.schedule)
+        out |= SCHEDULE_FIELDS - set(SCHEDULE_READS.get(schedule, ()))
+    if "init" not in searched and spec.network.init != "sigma":
+        out.add("sigma")
+    return out - searched
+
+
 def ignored_settings(spec: StudySpec) -> list[tuple[str, str]]:
     """The fixed settings of a study file that the built-in network and its schedules
     never read, as (field, why and the fix): a schedule's field another schedule reads
@@ -898,7 +917,8 @@ def ignored_settings(spec: StudySpec) -> list[tuple[str, str]]:
         for table, values, stages in tables:
             schedules = sorted({spec.stage_training(s).get("schedule", default) for s in stages})
             reads = {k for sch in schedules for k in SCHEDULE_READS.get(sch, ())}
-            for name in sorted(set(values) & SCHEDULE_FIELDS - reads):
+            unread = set.intersection(*(unread_fields(spec, stage) for stage in stages))
+            for name in sorted(set(values) & unread):
                 readers = [f'"{sch}"' for sch, r in SCHEDULE_READS.items() if name in r]
                 out.append(
                     (
@@ -912,7 +932,7 @@ def ignored_settings(spec: StudySpec) -> list[tuple[str, str]]:
                 )
     if "init" not in spec.search and spec.network.init != "sigma":
         said = f'init is "{spec.network.init}"'
-        if spec.network.sigma is not None:
+        if spec.network.sigma is not None and "sigma" in unread_fields(spec, "coarse"):
             out.append(
                 (
                     "network.sigma",

@@ -195,16 +195,20 @@ def run_stage(
     warm: Sequence[optuna.trial.FrozenTrial] = (),
     attrs: dict[str, Any] | None = None,
     log: Callable[..., None] = print,
+    prepared: Prepared | None = None,
 ) -> optuna.Study:
     """Create or resume the stage's study, top it up to ``target``, run the workers and
     the replicate rounds and the race (``coarse`` and ``fine``).
+
+    ``prepared``: the stage's data, when the command prepared them already (their
+    checksum reads every source file).
 
     ``warm``: finished trials to put in a new study first (the coarse runs a fine stage
     carries over); they count towards ``target`` on top of it, being no new runs.
     """
     user_train.check(spec)  # a user's function that cannot run is refused before any trial
     check_storage(spec.storage_url())  # a bad storage: refused before anything is written
-    prepared = st.prepare_for(spec)
+    prepared = prepared or st.prepare_for(spec)
     study = open_stage(spec, stage, prepared, space=space, attrs=attrs)
     reap(spec, stage)  # trials left RUNNING by a killed run are failed and re-queued first
     if warm:

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from model.errors import UsageError
 from search.config import space as sp
-from search.config.study import StudyDefinitionError, StudySpec
+from search.config.study import StudyDefinitionError, StudySpec, unread_fields
 from search.sweep.prepared import Prepared, prepare
 from search.sweep.replicates import is_replicate, missing_replicates, race_pending
 from search.sweep.workers import bookkeeping, lost
@@ -559,7 +559,7 @@ def settings_of(
             if k not in left_out
         }
 
-    unread = _unread(spec, stage, varied)
+    unread = unread_fields(spec, stage, varied)
     training = {
         k: v for k, v in dataclasses.asdict(spec.train_config(stage)).items() if k not in unread
     }
@@ -590,25 +590,6 @@ def _drawn_as(r: sp.Range) -> Any:
     return f"{r.kind}{', log' if r.log else ''}"
 
 
-def _unread(spec: StudySpec, stage: str, varied: Sequence[str] = ()) -> set[str]:
-    """The settings the stage's training never reads, so they cannot change what its
-    trials trained to: another schedule's fields (``eta`` with "cyclical"), and ``sigma``
-    without init = "sigma"; none where the schedule (or init) is searched or ``varied``
-    by an experiment's grid. A user's function is given every value: none for it."""
-    from search.config.study import SCHEDULE_FIELDS, SCHEDULE_READS
-
-    if spec.model.train:
-        return set()
-    searched = set(spec.search) | set(varied)
-    out: set[str] = set()
-    if "schedule" not in searched:
-        schedule = spec.train_config(stage).schedule
-        out |= set(SCHEDULE_FIELDS) - set(SCHEDULE_READS.get(schedule, ()))
-    if "init" not in searched and spec.network.init != "sigma":
-        out.add("sigma")
-    return out - searched
-
-
 def check_settings(
     study: optuna.Study,
     spec: StudySpec,
@@ -629,7 +610,7 @@ def check_settings(
     if raw is not None:
         # recorded by an earlier version with settings the training never read (eta with
         # the cyclical schedule): not a change when they go
-        unread = _unread(spec, stage, varied)
+        unread = unread_fields(spec, stage, varied)
         recorded = {
             section: {k: v for k, v in values.items() if k not in unread}
             if section in ("training", "network")
